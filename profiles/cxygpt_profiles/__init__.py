@@ -1,0 +1,10 @@
+"""CxyGPT profiles: the table (data), model facts, VRAM fit estimate and profile selection."""
+from .engine import engine_args
+from .fit import FitEstimate, estimate_fit
+from .select import AUTO, GpuNode, NoFit, Selection, select_profile
+from .table import (Limits, ModelCatalog, ModelFacts, Profile, ProfileTable, ProfileTableError, default_catalog,
+                    default_table, load_catalog, load_table)
+
+__all__ = ["AUTO", "FitEstimate", "GpuNode", "Limits", "ModelCatalog", "ModelFacts", "NoFit", "Profile",
+           "ProfileTable", "ProfileTableError", "Selection", "default_catalog", "default_table", "engine_args",
+           "estimate_fit", "load_catalog", "load_table", "select_profile"]

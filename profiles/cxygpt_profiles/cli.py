@@ -1,0 +1,128 @@
+"""`cxygpt-profile`: the profile, limits and exact vLLM command for this machine's (or a given) GPU."""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+
+from .engine import engine_args
+from .select import AUTO, GpuNode, NoFit, Selection, select_profile
+from .table import ProfileTableError, load_catalog, load_table
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(gib|gb|g|mib|mb|m)?\s*$", re.IGNORECASE)
+
+
+def parse_memory_mib(text: str) -> int:
+    """'32GiB', '32G', '32GB' (vendors' GB are GiB) → MiB; a bare number is MiB, as nvidia-smi prints."""
+    m = _SIZE.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"cannot read GPU memory {text!r}: use e.g. 32GiB, 80G or 81559 (MiB)")
+    value, unit = float(m.group(1)), (m.group(2) or "mib").lower()
+    mib = value * 1024 if unit in ("gib", "gb", "g") else value
+    if mib <= 0:
+        raise argparse.ArgumentTypeError("GPU memory must be positive")
+    return int(mib)
+
+
+def read_nvidia_smi() -> list[GpuNode]:
+    """This machine's GPUs grouped as one node; an explanatory error when nvidia-smi is missing or fails."""
+    exe = shutil.which("nvidia-smi")
+    if not exe:
+        raise SystemExit("cxygpt-profile: nvidia-smi not found (no NVIDIA driver here): "
+                         "pass --gpu-memory, e.g. --gpu-memory 32GiB")
+    out = subprocess.run([exe, "--query-gpu=memory.total,name", "--format=csv,noheader,nounits"],
+                         capture_output=True, text=True, timeout=20)
+    if out.returncode != 0 or not out.stdout.strip():
+        raise SystemExit(f"cxygpt-profile: nvidia-smi failed: {out.stderr.strip() or 'no GPUs listed'}; "
+                         "pass --gpu-memory instead")
+    gpus = [line.split(",", 1) for line in out.stdout.strip().splitlines()]
+    memory = min(int(float(mem)) for mem, _ in gpus)
+    return [GpuNode(memory_mib=memory, count=len(gpus), name="nvidia-smi", product=gpus[0][1].strip())]
+
+
+def describe(sel: Selection, model: str, served: str, port: int) -> dict:
+    args = engine_args(sel, model=model, served_name=served, port=port)
+    return {
+        "profile": sel.profile.name,
+        "description": sel.profile.description,
+        "mode": sel.mode,
+        "forced": sel.forced,
+        "gpu": {"memory_mib": sel.node.memory_mib, "count": sel.gpu_count, "product": sel.node.product},
+        "weights": sel.profile.weights,
+        "model": model,
+        "served_model_name": served,
+        "engine_args": args,
+        "command": ["vllm", "serve", *args],
+        "limits": sel.limits.model_dump(),
+        "fit": sel.fit.as_dict() if sel.fit else None,
+        "notes": list(sel.notes),
+    }
+
+
+def render_text(d: dict) -> str:
+    lim = d["limits"]
+    rate = ("no rate limit" if lim["rate_qps"] is None and lim["rate_tpm"] is None
+            else f"{lim['rate_qps']} QPS, {lim['rate_tpm']} tokens/min")
+    lines = [
+        f"profile   {d['profile']} ({d['mode']}-user{', forced' if d['forced'] else ''}): {d['description']}",
+        f"gpu       {d['gpu']['count']} x {d['gpu']['memory_mib']} MiB {d['gpu']['product']}",
+        f"weights   {d['weights']}: {d['model']}",
+        f"limits    input {lim['max_input_tokens']} tokens, output {lim['max_output_tokens']} "
+        f"(degraded {lim['degraded_max_output_tokens']}), {rate}, queue {lim['queue_size']}, "
+        f"concurrency {lim['max_concurrency']}",
+    ]
+    if d["fit"]:
+        lines.append(f"fit       {d['fit']['message']}")
+    lines += [f"note      {n}" for n in d["notes"]]
+    lines += ["command", "  " + shlex.join(d["command"])]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="cxygpt-profile", description=__doc__)
+    ap.add_argument("--gpu-memory", type=parse_memory_mib, help="memory per GPU (32GiB, 80G, 81559); "
+                    "default: read from nvidia-smi")
+    ap.add_argument("--gpu-count", type=int, default=1, help="GPUs on the machine (default 1)")
+    ap.add_argument("--mode", choices=["single", "multi"], default="multi", help="single-user quality or "
+                    "multi-user throughput (default multi)")
+    ap.add_argument("--profile", default=AUTO, help="force a profile by name (default auto)")
+    ap.add_argument("--model", default="Qwen/Qwen3-14B", help="Hugging Face id or path (default Qwen/Qwen3-14B)")
+    ap.add_argument("--int4", metavar="MODEL", help="4-bit variant to use for int4 profiles "
+                    "(default: the catalog's variant of --model)")
+    ap.add_argument("--served-model-name", help="OpenAI model name (default: the catalog alias or --model)")
+    ap.add_argument("--port", type=int, default=None, help="engine port (default: the table's)")
+    ap.add_argument("--table", help="profiles.yaml to use")
+    ap.add_argument("--json", action="store_true", help="machine-readable output")
+    a = ap.parse_args(argv)
+
+    try:
+        table, catalog = load_table(a.table), load_catalog()
+    except ProfileTableError as e:
+        print(f"cxygpt-profile: {e}", file=sys.stderr)
+        return 2
+    if a.gpu_count < 1:
+        ap.error("--gpu-count must be at least 1")
+    nodes = ([GpuNode(memory_mib=a.gpu_memory, count=a.gpu_count, name="given")] if a.gpu_memory
+             else read_nvidia_smi())
+    found = catalog.entry(a.model)
+    facts = catalog.lookup(a.model)
+    int4 = a.int4 or (found[1].variants.get("int4") if found else None)
+    variants = frozenset({"bf16", *(["int4"] if int4 else [])})
+    served = a.served_model_name or (found[1].aliases[0] if found and found[1].aliases else a.model)
+    try:
+        sel = select_profile(table, mode=a.mode, requested=a.profile, nodes=nodes, facts=facts, variants=variants)
+    except NoFit as e:
+        print(f"cxygpt-profile: {e.reason}: {e.message}", file=sys.stderr)
+        return 1
+    model = int4 if sel.profile.weights == "int4" else a.model
+    d = describe(sel, model, served, a.port or table.vllm.port)
+    print(json.dumps(d, indent=2) if a.json else render_text(d))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,231 @@
+"""The profile table and model catalog: pydantic schemas, loading, and errors that name the bad field."""
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.alias_generators import to_camel
+
+PROFILES_DIR = Path(__file__).resolve().parent.parent
+DEFAULT_TABLE = PROFILES_DIR / "profiles.yaml"
+DEFAULT_CATALOG = PROFILES_DIR / "models.yaml"
+TABLE_ENV = "CXYGPT_PROFILES"
+CATALOG_ENV = "CXYGPT_MODELS"
+
+Mode = Literal["single", "multi"]
+WeightFormat = Literal["bf16", "int4"]
+
+
+class ProfileTableError(ValueError):
+    """A profile table or model catalog that cannot be used; the message names file and field."""
+
+
+class Strict(BaseModel):
+    # snake_case in the YAML files; camelCase (by_alias) where Kubernetes status carries the same data
+    model_config = ConfigDict(extra="forbid", frozen=True, alias_generator=to_camel, populate_by_name=True)
+
+
+class GpuRequirement(Strict):
+    min_memory_mib: int = Field(gt=0, description="memory of each GPU, MiB")
+    min_count: int = Field(1, ge=1)
+    max_count: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _count_range(self):
+        if self.max_count < self.min_count:
+            raise ValueError(f"max_count {self.max_count} is below min_count {self.min_count}")
+        return self
+
+
+class EngineSettings(Strict):
+    dtype: str
+    kv_cache_dtype: str
+    max_model_len: int = Field(gt=0)
+    gpu_memory_utilization: float = Field(gt=0, le=1)
+    max_num_seqs: int = Field(gt=0)
+    tensor_parallel_size: int | Literal["gpu-count"] = 1
+
+
+class Timeouts(Strict):
+    connect_s: float = Field(gt=0)
+    ttft_s: float = Field(gt=0)
+    total_s: float = Field(gt=0)
+    queue_s: float = Field(gt=0)
+
+
+class DegradeThresholds(Strict):
+    p95_ttft_ms: float = Field(gt=0)
+    queue_depth: int = Field(ge=1)
+    hold_s: float = Field(ge=0)
+    recover_s: float = Field(ge=0)
+
+
+class Limits(Strict):
+    max_input_tokens: int = Field(gt=0)
+    max_output_tokens: int = Field(gt=0)
+    degraded_max_output_tokens: int = Field(gt=0)
+    rate_qps: float | None = Field(None, gt=0)
+    rate_tpm: int | None = Field(None, gt=0)
+    queue_size: int = Field(ge=0)
+    max_concurrency: int = Field(ge=1)
+    timeouts: Timeouts
+    degrade: DegradeThresholds
+
+    @model_validator(mode="after")
+    def _degraded_not_larger(self):
+        if self.degraded_max_output_tokens > self.max_output_tokens:
+            raise ValueError("degraded_max_output_tokens must not exceed max_output_tokens")
+        return self
+
+
+class Profile(Strict):
+    name: str = Field(pattern=r"^[A-Z][A-Z0-9_]*$")
+    description: str = ""
+    mode: Mode
+    gpu: GpuRequirement
+    weights: WeightFormat
+    swap_space_gib_intent: int | None = Field(None, description="recorded only: vLLM >= 0.18 has no --swap-space")
+    engine: EngineSettings
+    limits: Limits
+
+    @model_validator(mode="after")
+    def _fits_context(self):
+        total = self.limits.max_input_tokens + self.limits.max_output_tokens
+        if total > self.engine.max_model_len:
+            raise ValueError(
+                f"limits.max_input_tokens + limits.max_output_tokens = {total} exceeds "
+                f"engine.max_model_len {self.engine.max_model_len}")
+        tp = self.engine.tensor_parallel_size
+        if isinstance(tp, int) and not self.gpu.min_count <= tp <= self.gpu.max_count:
+            raise ValueError(f"engine.tensor_parallel_size {tp} is outside gpu count "
+                             f"{self.gpu.min_count}..{self.gpu.max_count}")
+        return self
+
+
+class VllmPin(Strict):
+    version: str
+    image: str
+    command: list[str] = Field(min_length=1)
+    port: int = Field(gt=0, lt=65536)
+
+
+class FitConstants(Strict):
+    weight_bytes_per_param: dict[str, float]
+    kv_bytes_per_element: dict[str, float]
+    engine_overhead_mib: int = Field(ge=0)
+
+
+class ProfileTable(Strict):
+    vllm: VllmPin
+    fit: FitConstants
+    profiles: list[Profile] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        names = [p.name for p in self.profiles]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"duplicate profile names: {', '.join(dupes)}")
+        for p in self.profiles:
+            if p.weights not in self.fit.weight_bytes_per_param:
+                raise ValueError(f"profile {p.name}: weights {p.weights!r} missing from fit.weight_bytes_per_param")
+            if p.engine.kv_cache_dtype not in self.fit.kv_bytes_per_element:
+                raise ValueError(f"profile {p.name}: kv_cache_dtype {p.engine.kv_cache_dtype!r} "
+                                 "missing from fit.kv_bytes_per_element")
+        return self
+
+    def get(self, name: str) -> Profile:
+        for p in self.profiles:
+            if p.name == name:
+                return p
+        raise KeyError(name)
+
+    @property
+    def names(self) -> list[str]:
+        return [p.name for p in self.profiles]
+
+
+class ModelFacts(Strict):
+    parameters: int = Field(gt=0)
+    layers: int = Field(gt=0)
+    attention_heads: int = Field(gt=0)
+    kv_heads: int = Field(gt=0)
+    head_dim: int = Field(gt=0)
+    hidden_size: int = Field(gt=0)
+    vocab_size: int = Field(gt=0)
+    tied_embeddings: bool = False
+    max_context: int = Field(gt=0)
+
+
+class CatalogEntry(ModelFacts):
+    aliases: list[str] = []
+    variants: dict[WeightFormat, str] = {}
+
+
+class ModelCatalog(Strict):
+    models: dict[str, CatalogEntry]
+
+    def entry(self, *keys: str) -> tuple[str, CatalogEntry] | None:
+        """The first model that a key names: repository id, alias or variant (case-insensitive)."""
+        index = {}
+        for repo, entry in self.models.items():
+            for name in (repo, *entry.aliases, *entry.variants.values()):
+                index[name.lower()] = (repo, entry)
+        for key in keys:
+            if key and key.lower() in index:
+                return index[key.lower()]
+        return None
+
+    def lookup(self, *keys: str) -> ModelFacts | None:
+        found = self.entry(*keys)
+        return ModelFacts(**found[1].model_dump(include=set(ModelFacts.model_fields))) if found else None
+
+
+def _field_path(loc: tuple, data) -> str:
+    """pydantic's loc as a dotted path, with profile names shown beside list indexes."""
+    parts, node = [], data
+    for item in loc:
+        if isinstance(item, int) and isinstance(node, list) and item < len(node):
+            node = node[item]
+            name = node.get("name") if isinstance(node, dict) else None
+            parts[-1] += f"[{item}]" + (f"({name})" if name else "")
+            continue
+        parts.append(str(item))
+        node = node.get(item) if isinstance(node, dict) else None
+    return ".".join(parts) or "<root>"
+
+
+def _parse(model: type[BaseModel], path: Path):
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise ProfileTableError(f"{path}: cannot read: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ProfileTableError(f"{path}: not valid YAML: {e}") from None
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        problems = "; ".join(f"{_field_path(err['loc'], data)}: {err['msg']}" for err in e.errors())
+        raise ProfileTableError(f"{path}: {problems}") from None
+
+
+def load_table(path: str | os.PathLike | None = None) -> ProfileTable:
+    return _parse(ProfileTable, Path(path or os.environ.get(TABLE_ENV) or DEFAULT_TABLE))
+
+
+def load_catalog(path: str | os.PathLike | None = None) -> ModelCatalog:
+    return _parse(ModelCatalog, Path(path or os.environ.get(CATALOG_ENV) or DEFAULT_CATALOG))
+
+
+@lru_cache(maxsize=1)
+def default_table() -> ProfileTable:
+    return load_table()
+
+
+@lru_cache(maxsize=1)
+def default_catalog() -> ModelCatalog:
+    return load_catalog()

