@@ -1,0 +1,381 @@
+"""In-memory Kubernetes API over real HTTP (kmock 0.8 plus what kopf, kubectl and client-go need)."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import copy
+import datetime
+import itertools
+import json
+import logging
+import signal
+import uuid
+from pathlib import Path
+
+import kmock
+import yaml
+from kmock._internal import enums, parsing
+
+from .crdcheck import CrdValidator
+
+log = logging.getLogger("cxygpt.kubeapi")
+_resource_versions = itertools.count(1)
+
+# kmock 0.8 crashes on GET /api/v1/namespaces and mis-parses /api/v1/namespaces/<name>:
+# treat 'namespaces' as a namespace prefix only when a '<plural>' follows it.
+_kmock_parse_path = parsing.parse_path
+
+
+def _parse_path(path):
+    parts = path.strip("/").split("/")
+    head = 2 if parts[:1] == ["api"] else 3 if parts[:1] == ["apis"] else None
+    if head is not None and parts[head:head + 1] == ["namespaces"] and len(parts) - head <= 2:
+        name = parts[head + 1] if len(parts) - head == 2 else None
+        return parsing.ParsedPath("" if head == 2 else parts[1], parts[head - 1], "namespaces", None, name, None)
+    return _kmock_parse_path(path)
+
+
+parsing.parse_path = _parse_path
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _selector_matches(selector: str, labels: dict) -> bool:
+    """Equality-based label selectors: k=v, k==v, k!=v, k (exists), !k."""
+    for term in filter(None, (t.strip() for t in selector.split(","))):
+        if "!=" in term:
+            key, value = term.split("!=", 1)
+            if labels.get(key.strip()) == value.strip():
+                return False
+        elif "=" in term:
+            key, value = term.replace("==", "=").split("=", 1)
+            if labels.get(key.strip()) != value.strip():
+                return False
+        elif term.startswith("!"):
+            if term[1:] in labels:
+                return False
+        elif term not in labels:
+            return False
+    return True
+
+
+class Invalid(kmock.KubernetesError):
+    """422: the object breaks its CRD schema."""
+
+
+class KubeAPI(kmock.KubernetesEmulator):
+    """kmock's emulator with server-set metadata, CRDs that register and validate, generation,
+    status subresources, ownerReference garbage collection and client-go-compatible discovery/watches."""
+
+    def __attrs_post_init__(self):
+        super().__attrs_post_init__()
+        self.resources.load_bundled()
+        self.validators: dict[tuple[str, str, str], CrdValidator] = {}
+        self.status_subresources: set[tuple[str, str, str]] = set()
+        self.printer_columns: dict[tuple[str, str, str], list[dict]] = {}
+        # client-go refuses watch streams served as application/octet-stream (kmock's default)
+        (self.fallback ** 1)[enums.action.WATCH] << kmock.headers("Content-Type: application/json") << self._serve_watch
+        for ns in ("default", "kube-system"):
+            self.objects["v1/namespaces", None, ns] = {
+                "apiVersion": "v1", "kind": "Namespace",
+                "metadata": {"name": ns, "uid": str(uuid.uuid4()), "creationTimestamp": _now(),
+                             "resourceVersion": str(next(_resource_versions))}}
+
+    # --- request handling ---------------------------------------------------------------------------------
+
+    async def _handle(self, request):
+        # A long-running server must not keep every request and error (kmock keeps them for assertions).
+        if len(self._requests) > 2000:
+            del self._requests[:-100]
+        if self._errors:
+            self._errors[-1].clear()
+        res = request.resource
+        key = (res.group, res.version, res.plural) if res is not None else None
+        data = request.data if isinstance(request.data, dict) else None
+        if request.action == enums.action.CREATE and data is not None:
+            self._prepare_create(request, key, data)
+        elif request.action == enums.action.UPDATE and data is not None:
+            self._prepare_update(request, key, data)
+        deleting = request.action == enums.action.DELETE and request.name is not None
+        owner_uid = self._uid_of(request) if deleting else None
+        response = await super()._handle(request)
+        if request.action == enums.action.CREATE and response.status == 200 and not response.prepared:
+            response.set_status(201)  # the kubernetes client returns None for a 200 on create
+        if owner_uid and response.status < 300:
+            await self._collect_garbage(owner_uid)
+        return response
+
+    def _prepare_create(self, request, key, data):
+        md = data.setdefault("metadata", {})
+        if not md.get("name") and md.get("generateName"):
+            md["name"] = md["generateName"] + uuid.uuid4().hex[:5]
+        if not md.get("name"):
+            raise Invalid(status=422, reason="Invalid", message="metadata.name: Required value: name or generateName is required")
+        if key in self.validators:
+            defaulted, errors = self.validators[key].check(data)
+            if errors:
+                raise self._invalid(data, errors)
+            data.clear()
+            data.update(defaulted)
+            md = data["metadata"]
+        md.setdefault("uid", str(uuid.uuid4()))
+        md.setdefault("creationTimestamp", _now())
+        md["generation"] = 1
+        md["resourceVersion"] = str(next(_resource_versions))
+        if request.namespace and "namespace" not in md:
+            md["namespace"] = request.namespace  # else namespace-filtered watches miss the object
+        if request.resource.plural == "customresourcedefinitions":
+            self.register_crd(data)
+
+    def _prepare_update(self, request, key, data):
+        current = self._current(request)
+        if current is None:
+            return  # kmock answers 404
+        status_only = request.subresource == "status"
+        if status_only:
+            for field in list(data):  # the status subresource changes status only
+                if field != "status":
+                    del data[field]
+        elif key in self.status_subresources:
+            data.pop("status", None)  # ...and the main resource never changes status
+        if key in self.validators and not status_only:
+            merged = _merge(copy.deepcopy(current), data)
+            defaulted, errors = self.validators[key].check(merged)
+            if errors:
+                raise self._invalid(merged, errors)
+            if defaulted.get("spec") != merged.get("spec"):
+                data["spec"] = defaulted.get("spec")
+        md = data.setdefault("metadata", {})
+        if "spec" in data and not status_only and _merge(copy.deepcopy(current.get("spec", {})), data["spec"]) != current.get("spec", {}):
+            md["generation"] = current.get("metadata", {}).get("generation", 1) + 1
+        md["resourceVersion"] = str(next(_resource_versions))
+
+    def _current(self, request) -> dict | None:
+        obj_key = (request.resource, request.namespace, request.name)
+        if obj_key not in self.objects or self.objects[obj_key].deleted:
+            return None
+        return dict(self.objects[obj_key].raw)
+
+    def _uid_of(self, request) -> str | None:
+        current = self._current(request)
+        return current.get("metadata", {}).get("uid") if current else None
+
+    async def _collect_garbage(self, owner_uid: str):
+        """Background cascading deletion: delete every object whose ownerReferences name the deleted uid."""
+        doomed = []
+        async with self._lock:
+            for (resource, namespace, name), obj in list(self.objects.items()):
+                if obj.deleted:
+                    continue
+                refs = obj.raw.get("metadata", {}).get("ownerReferences") or []
+                if any(ref.get("uid") == owner_uid for ref in refs):
+                    doomed.append((resource, namespace, name, obj.raw.get("metadata", {}).get("uid")))
+            for resource, namespace, name, _ in doomed:
+                obj = self.objects[resource, namespace, name]
+                raw = dict(obj.raw)
+                obj.delete()
+                await self._buses[resource].put({"type": "DELETED", "object": raw})
+        for *_, uid in doomed:
+            if uid:
+                await self._collect_garbage(uid)
+
+    @staticmethod
+    def _invalid(obj: dict, errors: list[str]):
+        kind, name = obj.get("kind", "object"), obj.get("metadata", {}).get("name", "")
+        causes = [dict(zip(("field", "message"), e.split(": ", 1))) for e in errors]
+        return Invalid(status=422, reason="Invalid",
+                       message=f'{kind}.{obj.get("apiVersion", "").split("/")[0]} "{name}" is invalid: ' + ", ".join(errors),
+                       details={"name": name, "kind": kind, "causes": causes})
+
+    # --- CRDs -----------------------------------------------------------------------------------------------
+
+    def register_crd(self, crd: dict):
+        spec = crd.get("spec", {})
+        names = spec.get("names", {})
+        for version in spec.get("versions", []):
+            key = (spec["group"], version["name"], names["plural"])
+            subresources = version.get("subresources", {}) or {}
+            self.resources[f"{spec['group']}/{version['name']}/{names['plural']}"] = kmock.ResourceInfo(
+                kind=names.get("kind"), singular=names.get("singular"),
+                namespaced=spec.get("scope", "Namespaced") == "Namespaced",
+                shortnames=set(names.get("shortNames", [])), categories=set(names.get("categories", [])),
+                verbs={"create", "delete", "get", "list", "patch", "update", "watch"},
+                subresources={s for s in ("status", "scale") if s in subresources})
+            if "status" in subresources:
+                self.status_subresources.add(key)
+            if version.get("additionalPrinterColumns"):
+                self.printer_columns[key] = version["additionalPrinterColumns"]
+            schema = (version.get("schema") or {}).get("openAPIV3Schema")
+            if schema:
+                self.validators[key] = CrdValidator(schema)
+
+    # --- reads ----------------------------------------------------------------------------------------------
+
+    async def _serve_list(self, request):
+        data = await super()._serve_list(request)
+        selector = request.params.get("labelSelector", "")
+        data["items"] = [o for o in data["items"] if _selector_matches(selector, o.get("metadata", {}).get("labels") or {})]
+        data["metadata"] = {"resourceVersion": str(next(_resource_versions))}
+        res = request.resource
+        info = self.resources[res] if res in self.resources else None
+        group_version = f"{res.group}/{res.version}" if res.group else res.version
+        kind = f"{info.kind}List" if info and info.kind else "List"
+        return self._as_table(request, data["items"]) or {"apiVersion": group_version, "kind": kind, **data}
+
+    async def _serve_fetch(self, request):
+        obj = await super()._serve_fetch(request)
+        return self._as_table(request, [obj]) or obj
+
+    def _as_table(self, request, items: list) -> dict | None:
+        """Server-side printing (kubectl asks for `as=Table`) with the CRD's additionalPrinterColumns."""
+        res = request.resource
+        columns = self.printer_columns.get((res.group, res.version, res.plural)) if res else None
+        if not columns or "as=Table" not in request.headers.get("Accept", ""):
+            return None
+        definitions = [{"name": "Name", "type": "string", "format": "name", "description": "Name", "priority": 0}]
+        definitions += [{"name": c["name"], "type": c.get("type", "string"), "format": "", "priority": c.get("priority", 0),
+                         "description": c.get("description", "")} for c in columns]
+        rows = [{"cells": [o["metadata"]["name"], *(_printed(o, c) for c in columns)],
+                 "object": {"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1", "metadata": o["metadata"]}}
+                for o in items]
+        return {"kind": "Table", "apiVersion": "meta.k8s.io/v1", "metadata": {"resourceVersion": "1"},
+                "columnDefinitions": definitions, "rows": rows}
+
+    async def _serve_watch(self, request):
+        selector = request.params.get("labelSelector", "")
+
+        def matches(obj):
+            return _selector_matches(selector, obj.get("metadata", {}).get("labels") or {})
+
+        check = self._KubernetesEmulator__check
+        yield b""
+        async with self._lock:
+            objs = [o for o in self._KubernetesEmulator__get_objs(request, strict=False) if not o.deleted]
+            events = [{"type": "ADDED", "object": o.raw} for o in objs if matches(o.raw)]
+        for event in events:
+            yield event
+        if request.params.get("sendInitialEvents") == "true":
+            # client-go's watch-list waits for this bookmark before it trusts the initial state
+            res = request.resource
+            info = self.resources[res] if res in self.resources else None
+            yield {"type": "BOOKMARK", "object": {
+                "apiVersion": f"{res.group}/{res.version}" if res.group else res.version,
+                "kind": info.kind if info and info.kind else "Unknown",
+                "metadata": {"resourceVersion": str(next(_resource_versions)),
+                             "annotations": {"k8s.io/initial-events-end": "true"}}}}
+        async for event in self._buses[request.resource]:
+            md = event.get("object", {}).get("metadata", {})
+            if check(request, request.resource, md.get("namespace"), md.get("name"), strict=False) and matches(event["object"]):
+                yield event
+
+    async def _serve_version(self, request):
+        data = await super()._serve_version(request)
+        # kmock says '/v1' for the core group; client-go then drops every core kind
+        data["groupVersion"] = data["groupVersion"].lstrip("/")
+        for r in data["resources"]:
+            if "/" in r["name"]:  # subresources carry no short names (kubectl warns otherwise)
+                r["shortNames"], r["categories"] = [], []
+        return data
+
+    async def _render_error(self, exc):
+        response = await super()._render_error(exc)
+        body = json.loads(response.body)
+        body.pop("details", None) if body.get("reason") != "Invalid" else None
+        body["reason"] = {404: "NotFound", 409: "AlreadyExists", 422: "Invalid"}.get(response.status, body.get("reason"))
+        if response.status == 409 and "exists" not in str(body.get("message", "")):
+            body["message"] = "object already exists"
+        response.body = json.dumps(body).encode()
+        return response
+
+
+def _printed(obj: dict, column: dict):
+    """A printer column's cell: a simple .a.b.c JSONPath; dates as ages, like the API server prints them."""
+    value = obj
+    for part in column["jsonPath"].strip(".").split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    if value is None:
+        return None
+    if column.get("type") == "date":
+        then = datetime.datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.UTC)
+        seconds = int((datetime.datetime.now(datetime.UTC) - then).total_seconds())
+        return f"{seconds}s" if seconds < 120 else f"{seconds // 60}m" if seconds < 7200 else f"{seconds // 3600}h"
+    return value
+
+
+def _merge(base: dict, patch: dict) -> dict:
+    """JSON merge patch (RFC 7386), as the emulator applies it."""
+    for k, v in patch.items():
+        if v is None:
+            base.pop(k, None)
+        elif isinstance(v, dict) and isinstance(base.get(k), dict):
+            _merge(base[k], v)
+        else:
+            base[k] = copy.deepcopy(v)
+    return base
+
+
+def kubeconfig(url: str, context: str = "cxygpt-dev") -> dict:
+    return {
+        "apiVersion": "v1", "kind": "Config", "current-context": context,
+        "clusters": [{"name": context, "cluster": {"server": url}}],
+        "users": [{"name": context, "user": {"token": "dev"}}],
+        "contexts": [{"name": context, "context": {"cluster": context, "user": context, "namespace": "default"}}],
+    }
+
+
+def write_kubeconfig(path: Path, url: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(kubeconfig(url)))
+    return path
+
+
+def load_manifests(api: KubeAPI, paths: list[Path]):
+    """Preload CRDs (and any other objects) from YAML files or folders, as if applied."""
+    for path in paths:
+        files = sorted(path.glob("*.yaml")) if path.is_dir() else [path]
+        for file in files:
+            for doc in yaml.safe_load_all(file.read_text()):
+                if doc and doc.get("kind") == "CustomResourceDefinition":
+                    api.register_crd(doc)
+                    doc.setdefault("metadata", {}).update(uid=str(uuid.uuid4()), creationTimestamp=_now(),
+                                                          resourceVersion=str(next(_resource_versions)), generation=1)
+                    api.objects["apiextensions.k8s.io/v1/customresourcedefinitions", None, doc["metadata"]["name"]] = doc
+
+
+async def serve(host: str, port: int, preload: list[Path], ready: asyncio.Event | None = None,
+                stop: asyncio.Event | None = None):
+    api = KubeAPI()
+    load_manifests(api, preload)
+    async with api, kmock.Server(api, host=host, port=port) as server:
+        log.info("kube API listening on %s", server.url)
+        print(f"kube API listening on {server.url}", flush=True)
+        if ready:
+            ready.set()
+        await (stop or asyncio.Event()).wait()
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m cxygpt_dev.kubeapi", description=__doc__)
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=18080)
+    ap.add_argument("--preload", type=Path, action="append", default=[], help="CRD YAML file or folder")
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+
+    async def run():
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(a.host, a.port, a.preload, stop=stop)
+
+    try:
+        asyncio.run(run())
+    except BaseExceptionGroup:  # kmock re-raises request errors it recorded; they were answered already
+        pass
+
+
+if __name__ == "__main__":
+    main()

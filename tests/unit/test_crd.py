@@ -1,0 +1,91 @@
+"""The ModelDeployment CRD: examples pass it, bad specs fail with human messages, it agrees with profiles.yaml."""
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cxygpt_dev.crdcheck import CrdValidator
+from cxygpt_profiles import default_table
+
+REPO = Path(__file__).resolve().parents[2]
+CRD = yaml.safe_load((REPO / "deploy/crds/modeldeployments.cxygpt.io.yaml").read_text())
+VERSION = CRD["spec"]["versions"][0]
+SCHEMA = VERSION["schema"]["openAPIV3Schema"]
+VALIDATOR = CrdValidator(SCHEMA)
+
+
+def examples():
+    for path in sorted((REPO / "examples").glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc and doc.get("kind") == "ModelDeployment":
+                yield pytest.param(doc, id=path.name)
+
+
+@pytest.mark.parametrize("doc", list(examples()))
+def test_every_example_passes_the_schema(doc):
+    _, errors = VALIDATOR.check(doc)
+    assert errors == []
+
+
+def _md(**spec):
+    base = {"model": {"name": "m", "source": "hf://Org/Model"}}
+    base.update(spec)
+    return {"apiVersion": "cxygpt.io/v1alpha1", "kind": "ModelDeployment",
+            "metadata": {"name": "m", "namespace": "default"}, "spec": base}
+
+
+def test_defaults_are_applied():
+    obj, errors = VALIDATOR.check(_md())
+    assert errors == []
+    assert obj["spec"]["mode"] == "multi" and obj["spec"]["profile"] == "auto" and obj["spec"]["replicas"] == 1
+    assert obj["spec"]["engine"] == {"kind": "vllm"}
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"replicas": -1}, "spec.replicas: Invalid value: replicas must be >= 0"),
+    ({"profile": "SRV_99G"}, "spec.profile: Invalid value: profile must be auto or one of"),
+    ({"model": {"name": "m", "source": "s3://b/k"}}, "spec.model.source: Invalid value: source must be hf://"),
+    ({"model": {"name": "m", "source": "pvc://Bad_Claim/x"}}, "source must be hf://<org>/<repo> or pvc://"),
+    ({"mode": "solo"}, "spec.mode: Invalid value: 'solo' is not one of ['single', 'multi']"),
+    ({"modee": "single"}, "'modee' was unexpected"),
+    ({"engine": {"kind": "tgi"}}, "spec.engine.kind"),
+    ({"model": {"name": "m"}}, "'source' is a required property"),
+    ({"model": {"name": "m", "source": "hf://a/b", "variants": {"int4": "ftp://x"}}}, "variants.int4 must be"),
+])
+def test_bad_specs_fail_with_a_message_naming_the_field(spec, message):
+    _, errors = VALIDATOR.check(_md(**spec))
+    assert any(message in e for e in errors), errors
+
+
+def test_name_must_be_a_dns_label():
+    doc = _md()
+    doc["metadata"]["name"] = "Qwen3.14B"
+    _, errors = VALIDATOR.check(doc)
+    assert errors and "DNS-1035" in errors[0]
+
+
+def test_profile_rule_lists_exactly_the_table():
+    rule = SCHEMA["properties"]["spec"]["properties"]["profile"]["x-kubernetes-validations"][0]
+    names = ["auto", *default_table().names]
+    assert rule["rule"] == "self in [" + ", ".join(f"'{n}'" for n in names) + "]"
+    assert rule["message"].endswith(", ".join(default_table().names))
+
+
+def _walk(schema, path):
+    yield path, schema
+    for name, sub in (schema.get("properties") or {}).items():
+        yield from _walk(sub, f"{path}.{name}")
+    if isinstance(schema.get("items"), dict):
+        yield from _walk(schema["items"], f"{path}[]")
+
+
+def test_every_spec_field_is_documented():
+    missing = [p for p, s in _walk(SCHEMA["properties"]["spec"], "spec") if not s.get("description")]
+    assert missing == []
+
+
+def test_subresources_printer_columns_and_short_name():
+    assert VERSION["subresources"]["status"] == {}
+    assert VERSION["subresources"]["scale"]["specReplicasPath"] == ".spec.replicas"
+    assert [c["name"] for c in VERSION["additionalPrinterColumns"]] == ["Model", "Profile", "GPU", "Ready", "Phase", "Age"]
+    assert CRD["spec"]["names"]["shortNames"] == ["md"]
