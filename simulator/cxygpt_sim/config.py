@@ -1,0 +1,257 @@
+"""The vLLM command line plus the simulator's own knobs, parsed (pure) into a SimConfig and a KV budget."""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from cxygpt_profiles import default_catalog, default_table, estimate_fit
+
+from .engine import DEFAULT_SPEED_PROFILE, SPEED_PROFILES, Capacity, Speed
+from .text import DEFAULT_VOCAB_SIZE
+
+DEFAULT_GPU_MEMORY_MIB = 81559  # an H100 80GB as GPU Feature Discovery reports it
+DEFAULT_MAX_MODEL_LEN = 8192    # when neither the flag nor the model catalog says
+
+# Simulator knob -> environment variable, so a Deployment can set speed without touching the vLLM args.
+ENV = {
+    "speed_profile": "CXYGPT_SIM_SPEED_PROFILE",
+    "ttft_ms": "CXYGPT_SIM_TTFT_MS",
+    "itl_ms": "CXYGPT_SIM_ITL_MS",
+    "prefill_ms_per_1k": "CXYGPT_SIM_PREFILL_MS_PER_1K",
+    "itl_batch_slope": "CXYGPT_SIM_ITL_BATCH_SLOPE",
+    "jitter": "CXYGPT_SIM_JITTER",
+    "sim_seed": "CXYGPT_SIM_SEED",
+    "gpu_memory_mib": "CXYGPT_SIM_GPU_MEMORY_MIB",
+    "text": "CXYGPT_SIM_TEXT",
+}
+
+# vLLM flags of this shape take no value; any other unknown flag followed by a non-flag takes that value.
+_BOOLEAN_FLAG = re.compile(r"--(enable|disable|no)-[\w-]+|--(trust-remote-code|enforce-eager|"
+                           r"skip-tokenizer-init|async-scheduling|tokens-only)")
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    model: str
+    served_model_names: tuple[str, ...]
+    host: str
+    port: int
+    max_model_len: int
+    max_num_seqs: int
+    kv_tokens: int
+    kv_explanation: str
+    block_size: int
+    vocab_size: int
+    api_key: str | None
+    speed: Speed
+    speed_profile: str
+    seed: int | None
+    text: str
+
+    @property
+    def served_name(self) -> str:
+        return self.served_model_names[0]
+
+    @property
+    def capacity(self) -> Capacity:
+        return Capacity(max_num_seqs=self.max_num_seqs, kv_blocks=self.kv_tokens // self.block_size,
+                        block_size=self.block_size)
+
+
+class ConfigError(ValueError):
+    """A command line the simulator cannot run with (vLLM would refuse it too)."""
+
+
+def human_readable_int(value: str) -> int:
+    """vLLM's spelling of sizes: 16384, 16k (x1000) or 16K (x1024)."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([kmgKMG]?)", value.strip())
+    if not m:
+        raise argparse.ArgumentTypeError(f"invalid size {value!r} (use e.g. 16384, 16k or 16K)")
+    number, suffix = float(m.group(1)), m.group(2)
+    scale = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "K": 2**10, "M": 2**20, "G": 2**30}[suffix]
+    return int(number * scale)
+
+
+def _max_model_len(value: str) -> int | None:
+    if value.strip() in ("-1", "auto"):
+        return None  # vLLM: the model's own maximum
+    return human_readable_int(value)
+
+
+def _positive(kind):
+    def parse(value: str):
+        number = kind(value)
+        if number <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+        return number
+    return parse
+
+
+def _non_negative(value: str) -> float:
+    number = float(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
+    return number
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="cxygpt-sim",
+        usage="cxygpt-sim [serve] [model_tag] [options]",
+        description="vLLM-compatible engine simulator: vLLM's command line and OpenAI HTTP API, no GPU. "
+                    "Other vLLM flags are accepted and ignored with one warning line.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    v = p.add_argument_group("vLLM flags the simulator models")
+    v.add_argument("model_tag", nargs="?", help="model (vLLM's positional; wins over --model)")
+    v.add_argument("--model", default=None)
+    v.add_argument("--served-model-name", nargs="+", default=None,
+                   help="names the API answers to; the first is reported (default: the model)")
+    v.add_argument("--host", default="0.0.0.0")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--api-key", default=None, help="require this bearer token on /v1 routes")
+    v.add_argument("--dtype", default="auto")
+    v.add_argument("--kv-cache-dtype", default="auto")
+    v.add_argument("--quantization", "-q", default=None, help="any value means 4-bit weights for the fit")
+    v.add_argument("--max-model-len", type=_max_model_len, default=None)
+    v.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    v.add_argument("--tensor-parallel-size", "-tp", type=_positive(int), default=1)
+    v.add_argument("--pipeline-parallel-size", "-pp", type=_positive(int), default=1)
+    v.add_argument("--max-num-seqs", type=_positive(int), default=256)
+    v.add_argument("--block-size", type=_positive(int), default=16)
+    v.add_argument("--num-gpu-blocks-override", type=_positive(int), default=None)
+    v.add_argument("--seed", type=int, default=None, help="accepted; the simulator's seed is --sim-seed")
+    s = p.add_argument_group("simulator knobs (flag > environment variable > speed profile)")
+    s.add_argument("--speed-profile", choices=sorted(SPEED_PROFILES), default=None,
+                   help=f"[{ENV['speed_profile']}] step timings; default {DEFAULT_SPEED_PROFILE}")
+    s.add_argument("--ttft-ms", type=_non_negative, default=None,
+                   help=f"[{ENV['ttft_ms']}] first-token time of a short prompt on an idle engine")
+    s.add_argument("--itl-ms", type=_non_negative, default=None,
+                   help=f"[{ENV['itl_ms']}] decode step time with one running sequence; 0 = instant")
+    s.add_argument("--sim-prefill-ms-per-1k", type=_non_negative, default=None,
+                   help=f"[{ENV['prefill_ms_per_1k']}] extra prefill per 1000 prompt tokens "
+                        "(scales with --ttft-ms when unset)")
+    s.add_argument("--sim-itl-batch-slope", type=_non_negative, default=None,
+                   help=f"[{ENV['itl_batch_slope']}] decode step grows by this fraction per extra running sequence")
+    s.add_argument("--sim-jitter", type=_non_negative, default=None,
+                   help=f"[{ENV['jitter']}] each step varies by up to ± this fraction")
+    s.add_argument("--sim-seed", type=int, default=None,
+                   help=f"[{ENV['sim_seed']}] seed for jitter and reply text, for deterministic runs")
+    s.add_argument("--sim-gpu-memory-mib", type=_positive(int), default=None,
+                   help=f"[{ENV['gpu_memory_mib']}] simulated memory per GPU for the KV budget "
+                        f"(default {DEFAULT_GPU_MEMORY_MIB})")
+    s.add_argument("--sim-text", choices=("corpus", "echo"), default=None,
+                   help=f"[{ENV['text']}] reply with corpus sentences or echo the prompt (default corpus)")
+    return p
+
+
+def split_unknown(argv: Sequence[str], parser: argparse.ArgumentParser) -> tuple[list[str], list[str]]:
+    """Separate flags the parser does not know (with their values) so a positional model is never eaten."""
+    known_flags = {o for a in parser._actions for o in a.option_strings}
+    known, unknown = [], []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        name = arg.split("=", 1)[0]
+        if arg.startswith("-") and name not in known_flags and not re.fullmatch(r"-\d.*", arg):
+            unknown.append(arg)
+            takes_value = "=" not in arg and not _BOOLEAN_FLAG.fullmatch(name)
+            if takes_value and i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+                unknown.append(argv[i + 1])
+                i += 1
+        else:
+            known.append(arg)
+        i += 1
+    return known, unknown
+
+
+def _env_value(env: Mapping[str, str], key: str, parse):
+    raw = env.get(ENV[key])
+    if raw is None or raw == "":
+        return None
+    try:
+        return parse(raw)
+    except (ValueError, argparse.ArgumentTypeError) as e:
+        raise ConfigError(f"{ENV[key]}={raw!r}: {e}") from None
+
+
+def kv_budget(*, model: str, served_name: str, max_model_len: int | None, dtype: str, quantization: str | None,
+              kv_cache_dtype: str, gpu_memory_utilization: float, gpu_count: int, gpu_memory_mib: int,
+              max_num_seqs: int, block_size: int, num_gpu_blocks_override: int | None) -> tuple[int, int, str]:
+    """(max_model_len, KV-token budget, how it was derived): vLLM's override, else the VRAM fit estimate
+    for a catalogued model, else room for every sequence at full length."""
+    catalog = default_catalog()
+    found = catalog.entry(model, served_name)
+    facts = catalog.lookup(model, served_name)
+    if max_model_len is None:
+        max_model_len = facts.max_context if facts else DEFAULT_MAX_MODEL_LEN
+    if num_gpu_blocks_override:
+        return (max_model_len, num_gpu_blocks_override * block_size,
+                f"--num-gpu-blocks-override {num_gpu_blocks_override} x --block-size {block_size}")
+    if facts is None:
+        return (max_model_len, max_num_seqs * max_model_len,
+                f"model {model!r} is not in the catalog: --max-num-seqs {max_num_seqs} x "
+                f"--max-model-len {max_model_len}")
+    variant_int4 = found[1].variants.get("int4", "").lower() == model.lower()
+    weights = "int4" if quantization or variant_int4 else "bf16"
+    consts = default_table().fit
+    kv_dtype = kv_cache_dtype if kv_cache_dtype in consts.kv_bytes_per_element else "auto"
+    fit = estimate_fit(facts, weights=weights, kv_cache_dtype=kv_dtype, max_model_len=max_model_len,
+                       gpu_memory_utilization=gpu_memory_utilization, gpu_memory_mib=gpu_memory_mib,
+                       gpu_count=gpu_count, consts=consts)
+    tokens = fit.kv_token_capacity
+    note = f"fit estimate on {gpu_count}x{gpu_memory_mib} MiB ({dtype}, {weights} weights, kv {kv_dtype}): {fit.message}"
+    if not fit.fits:
+        # vLLM would refuse to start; the simulator keeps serving so demos and tests still run
+        tokens = max(tokens, max_model_len)
+        note += f"; WOULD NOT FIT on real GPUs, budget raised to max-model-len {max_model_len}"
+    return max_model_len, tokens, note
+
+
+def parse_config(argv: Sequence[str], env: Mapping[str, str] | None = None) -> tuple[SimConfig, list[str]]:
+    """SimConfig and the ignored vLLM flags; argparse exits on bad known flags like vLLM does."""
+    env = os.environ if env is None else env
+    argv = list(argv)
+    if argv and argv[0] == "serve":
+        argv = argv[1:]
+    parser = build_parser()
+    known, unknown = split_unknown(argv, parser)
+    a = parser.parse_args(known)
+    model = a.model_tag or a.model
+    if not model:
+        parser.error("a model is required (positional model_tag or --model)")
+    served = tuple(a.served_model_name or [model])
+    gpu_memory_mib = a.sim_gpu_memory_mib or _env_value(env, "gpu_memory_mib", _positive(int)) \
+        or DEFAULT_GPU_MEMORY_MIB
+    max_model_len, kv_tokens, explanation = kv_budget(
+        model=model, served_name=served[0], max_model_len=a.max_model_len, dtype=a.dtype,
+        quantization=a.quantization, kv_cache_dtype=a.kv_cache_dtype,
+        gpu_memory_utilization=a.gpu_memory_utilization,
+        gpu_count=a.tensor_parallel_size * a.pipeline_parallel_size, gpu_memory_mib=gpu_memory_mib,
+        max_num_seqs=a.max_num_seqs, block_size=a.block_size, num_gpu_blocks_override=a.num_gpu_blocks_override)
+    if kv_tokens // a.block_size * a.block_size < max_model_len:
+        raise ConfigError(f"KV budget of {kv_tokens} tokens cannot hold one sequence of max-model-len "
+                          f"{max_model_len}; raise --num-gpu-blocks-override")
+    profile = a.speed_profile or _env_value(env, "speed_profile", str) or DEFAULT_SPEED_PROFILE
+    if profile not in SPEED_PROFILES:
+        raise ConfigError(f"{ENV['speed_profile']}={profile!r}: choose one of {', '.join(sorted(SPEED_PROFILES))}")
+
+    def knob(key: str, given, parse=_non_negative):
+        return given if given is not None else _env_value(env, key, parse)
+
+    speed = SPEED_PROFILES[profile].with_overrides(
+        ttft_ms=knob("ttft_ms", a.ttft_ms), itl_ms=knob("itl_ms", a.itl_ms),
+        prefill_ms_per_1k=knob("prefill_ms_per_1k", a.sim_prefill_ms_per_1k),
+        itl_batch_slope=knob("itl_batch_slope", a.sim_itl_batch_slope), jitter=knob("jitter", a.sim_jitter))
+    text = a.sim_text or _env_value(env, "text", str) or "corpus"
+    if text not in ("corpus", "echo"):
+        raise ConfigError(f"{ENV['text']}={text!r}: choose corpus or echo")
+    facts = default_catalog().lookup(model, served[0])
+    config = SimConfig(
+        model=model, served_model_names=served, host=a.host, port=a.port, max_model_len=max_model_len,
+        max_num_seqs=a.max_num_seqs, kv_tokens=kv_tokens, kv_explanation=explanation, block_size=a.block_size,
+        vocab_size=facts.vocab_size if facts else DEFAULT_VOCAB_SIZE, api_key=a.api_key, speed=speed,
+        speed_profile=profile, seed=knob("sim_seed", a.sim_seed, int), text=text)
+    return config, unknown

@@ -1,0 +1,50 @@
+"""`cxygpt-sim [serve] MODEL [vLLM flags]`: log the derived setup and serve until SIGTERM."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+
+from aiohttp import web
+
+from .config import ConfigError, SimConfig, parse_config
+from .server import create_app
+
+log = logging.getLogger("cxygpt_sim")
+
+
+def describe(config: SimConfig) -> list[str]:
+    s = config.speed
+    return [
+        f"serving {config.model} as {', '.join(config.served_model_names)} on {config.host}:{config.port}",
+        f"max-model-len {config.max_model_len}, max-num-seqs {config.max_num_seqs}",
+        f"KV budget {config.kv_tokens} tokens ({config.capacity.kv_blocks} blocks of {config.block_size}): "
+        f"{config.kv_explanation}",
+        f"speed profile {config.speed_profile}: ttft {s.ttft_ms} ms + {s.prefill_ms_per_1k} ms per 1k prompt "
+        f"tokens, itl {s.itl_ms} ms x (1 + {s.itl_batch_slope} per extra running sequence), jitter {s.jitter}, "
+        f"seed {config.seed}, text {config.text}",
+    ]
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config, ignored = parse_config(sys.argv[1:] if argv is None else argv)
+    except ConfigError as e:
+        sys.exit(f"cxygpt-sim: error: {e}")
+    if ignored:
+        log.warning("ignoring vLLM flags the simulator does not model: %s", " ".join(ignored))
+    for line in describe(config):
+        log.info(line)
+    try:
+        import uvloop
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    except ImportError:
+        pass  # the standard loop is only slower
+    # handler_cancellation: a client that disconnects cancels its handler, which frees the engine slot
+    web.run_app(create_app(config), host=config.host, port=config.port, access_log=None,
+                handler_cancellation=True, print=None)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""Prometheus metrics under vLLM's names, types and labels, kept as plain numbers for a lean hot path."""
+from __future__ import annotations
+
+from bisect import bisect_left
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+from .engine import Progress, Scheduler, Sequence
+
+# Bucket boundaries copied from vLLM 0.33 (vllm/v1/metrics/buckets.py).
+REQUEST_LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
+                           120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+TIME_TO_FIRST_TOKEN_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+                               7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+INTER_TOKEN_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+                               10.0, 20.0, 40.0, 80.0)
+FINISH_REASONS = ("stop", "length", "abort")  # vLLM's FinishReason values that this engine can produce
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class Histogram:
+    """Counts per bucket; observe(value, n) records n equal observations in one call."""
+
+    def __init__(self, name: str, documentation: str, buckets: tuple[float, ...]):
+        self.name, self.documentation, self.bounds = name, documentation, buckets
+        self.counts = [0] * (len(buckets) + 1)
+        self.total = 0.0
+
+    def observe(self, value: float, n: int = 1) -> None:
+        self.counts[bisect_left(self.bounds, value)] += n
+        self.total += value * n
+
+    def family(self, labels: list[str], values: list[str]) -> HistogramMetricFamily:
+        cumulative, running = [], 0
+        for bound, count in zip((*map(str, self.bounds), "+Inf"), self.counts):
+            running += count
+            cumulative.append((bound, running))
+        family = HistogramMetricFamily(self.name, self.documentation, labels=labels)
+        family.add_metric(values, cumulative, self.total)
+        return family
+
+
+class EngineMetrics:
+    """A prometheus_client collector: gauges read the scheduler at scrape time, the rest are event counts."""
+
+    def __init__(self, scheduler: Scheduler, model_name: str):
+        self.scheduler = scheduler
+        self.labels, self.values = ["model_name", "engine"], [model_name, "0"]
+        self.prompt_tokens = 0
+        self.generation_tokens = 0
+        self.success = dict.fromkeys(FINISH_REASONS, 0)
+        self.ttft = Histogram("vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.",
+                              TIME_TO_FIRST_TOKEN_BUCKETS)
+        self.inter_token = Histogram("vllm:inter_token_latency_seconds",
+                                     "Histogram of inter-token latency in seconds.", INTER_TOKEN_LATENCY_BUCKETS)
+        # The issue and vLLM < 0.11 name this per-token histogram vllm:time_per_output_token_seconds;
+        # vLLM 0.33 exports vllm:inter_token_latency_seconds instead. Both are served, with equal data.
+        self.time_per_output_token = Histogram("vllm:time_per_output_token_seconds",
+                                               "Histogram of time per output token in seconds.",
+                                               INTER_TOKEN_LATENCY_BUCKETS)
+        self.request_tpot = Histogram("vllm:request_time_per_output_token_seconds",
+                                      "Histogram of time_per_output_token_seconds per request.",
+                                      INTER_TOKEN_LATENCY_BUCKETS)
+        self.e2e = Histogram("vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.",
+                             REQUEST_LATENCY_BUCKETS)
+        self.queue_time = Histogram("vllm:request_queue_time_seconds",
+                                    "Histogram of time spent in WAITING phase for request.", REQUEST_LATENCY_BUCKETS)
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(self)
+
+    def record_step(self, progress: list[Progress], now: float) -> None:
+        generated = 0
+        for p in progress:
+            seq = p.seq
+            generated += p.new_tokens
+            later_tokens = p.new_tokens
+            if p.gap_s is None:
+                self.ttft.observe(now - seq.arrived)
+                self.queue_time.observe(seq.scheduled_at - seq.arrived)
+                self.prompt_tokens += seq.prompt_tokens
+                later_tokens -= 1
+            else:
+                self._inter_token(p.gap_s, 1)
+                later_tokens -= 1
+            if later_tokens:
+                self._inter_token(0.0, later_tokens)  # instant decode: the rest arrive in the same step
+            if p.done:
+                self.e2e.observe(now - seq.arrived)
+                if seq.generated > 1:
+                    self.request_tpot.observe((now - seq.first_token_at) / (seq.generated - 1))
+        self.generation_tokens += generated
+
+    def record_finish(self, reason: str) -> None:
+        self.success[reason] += 1
+
+    def record_abort(self, seq: Sequence, now: float) -> None:
+        self.success["abort"] += 1
+        self.e2e.observe(now - seq.arrived)
+
+    def _inter_token(self, value: float, n: int) -> None:
+        self.inter_token.observe(value, n)
+        self.time_per_output_token.observe(value, n)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def collect(self):
+        s, labels, values = self.scheduler, self.labels, self.values
+        for name, doc, value in (
+                ("vllm:num_requests_running", "Number of requests in model execution batches.", len(s.running)),
+                ("vllm:num_requests_waiting", "Number of requests waiting to be processed.", len(s.waiting)),
+                ("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", s.kv_usage)):
+            gauge = GaugeMetricFamily(name, doc, labels=labels)
+            gauge.add_metric(values, value)
+            yield gauge
+        for name, doc, value in (
+                ("vllm:prompt_tokens", "Number of prefill tokens processed.", self.prompt_tokens),
+                ("vllm:generation_tokens", "Number of generation tokens processed.", self.generation_tokens),
+                ("vllm:num_preemptions", "Cumulative number of preemption from the engine.",
+                 s.preemptions_total)):
+            counter = CounterMetricFamily(name, doc, labels=labels)
+            counter.add_metric(values, value)
+            yield counter
+        success = CounterMetricFamily("vllm:request_success", "Count of successfully processed requests.",
+                                      labels=[*labels, "finished_reason"])
+        for reason, count in self.success.items():
+            success.add_metric([*values, reason], count)
+        yield success
+        for histogram in (self.ttft, self.inter_token, self.time_per_output_token, self.request_tpot, self.e2e,
+                          self.queue_time):
+            yield histogram.family(labels, values)

@@ -1,0 +1,138 @@
+"""Scheduler core with a fake clock: slots, KV blocks, waiting queue, preemption, cancel and the speed model."""
+import pytest
+
+from cxygpt_sim.engine import SPEED_PROFILES, Capacity, Scheduler, Sequence, Speed
+
+STEADY = Speed(ttft_ms=100, itl_ms=10, prefill_ms_per_1k=0, itl_batch_slope=0)
+
+
+def run(scheduler: Scheduler, now: float = 0.0, until=lambda s: not s.has_work) -> float:
+    """Drive the engine like the server loop does, with time advancing by each step's duration."""
+    while not until(scheduler):
+        now += scheduler.begin_step(now)
+        scheduler.end_step(now)
+    return now
+
+
+def seqs(n, prompt=8, output=10):
+    return [Sequence(id=str(i), prompt_tokens=prompt, output_tokens=output, arrived=0.0) for i in range(n)]
+
+
+def test_at_most_max_num_seqs_run_and_the_rest_wait():
+    s = Scheduler(Capacity(max_num_seqs=4, kv_blocks=1000), STEADY)
+    for q in seqs(12):
+        s.submit(q)
+    s.begin_step(0.0)
+    assert (len(s.running), len(s.waiting)) == (4, 8)
+
+
+def test_waves_of_ttft_follow_queueing():
+    s = Scheduler(Capacity(max_num_seqs=4, kv_blocks=1000), STEADY)
+    all_seqs = seqs(12)
+    for q in all_seqs:
+        s.submit(q)
+    run(s)
+    # a wave: 100 ms prefill (first token) + 9 decode steps of 10 ms; the next wave starts after it
+    for wave in range(3):
+        for q in all_seqs[wave * 4:(wave + 1) * 4]:
+            assert q.first_token_at == pytest.approx(0.1 * (wave + 1) + 0.09 * wave)
+            assert q.generated == 10 and q.state == "finished"
+
+
+def test_prefill_grows_with_prompt_and_decode_with_batch():
+    speed = SPEED_PROFILES["h100-80g"]
+    assert speed.prefill_s(4000) > speed.prefill_s(100) > 0
+    assert speed.decode_s(64) > speed.decode_s(1) > 0
+
+
+def test_a_request_without_kv_blocks_waits_at_the_head():
+    # 3 blocks of 16: a 20-token prompt needs 2 blocks to start, so only one runs
+    s = Scheduler(Capacity(max_num_seqs=4, kv_blocks=3, block_size=16), STEADY)
+    a, b = seqs(2, prompt=20, output=5)
+    s.submit(a)
+    s.submit(b)
+    s.begin_step(0.0)
+    assert s.running == [a] and list(s.waiting) == [b]
+    run(s)
+    assert a.state == b.state == "finished"
+    assert b.scheduled_at > a.first_token_at
+
+
+def test_the_newest_sequence_is_preempted_when_blocks_run_out_and_resumes_later():
+    s = Scheduler(Capacity(max_num_seqs=4, kv_blocks=4, block_size=4), STEADY)
+    a, b = seqs(2, prompt=3, output=8)
+    s.submit(a)
+    s.submit(b)
+    run(s)
+    assert a.state == b.state == "finished" and a.generated == b.generated == 8
+    assert b.preemptions >= 1 and s.preemptions_total == b.preemptions + a.preemptions
+    assert s.free_blocks == 4
+
+
+def test_cancel_frees_the_slot_at_once():
+    s = Scheduler(Capacity(max_num_seqs=1, kv_blocks=100), STEADY)
+    a, b = seqs(2)
+    s.submit(a)
+    s.submit(b)
+    now = s.begin_step(0.0)
+    s.end_step(now)
+    s.cancel(a)
+    assert (len(s.running), len(s.waiting), s.kv_usage) == (0, 1, 0)
+    s.begin_step(now)
+    assert s.running == [b] and a.state == "cancelled"
+
+
+def test_cancel_during_a_step_drops_the_sequence_from_that_step():
+    s = Scheduler(Capacity(max_num_seqs=2, kv_blocks=100), STEADY)
+    a, b = seqs(2)
+    s.submit(a)
+    s.submit(b)
+    now = s.begin_step(0.0)
+    s.cancel(a)
+    assert [p.seq for p in s.end_step(now)] == [b]
+
+
+def test_instant_decode_finishes_a_request_in_one_step():
+    s = Scheduler(Capacity(max_num_seqs=8, kv_blocks=100), SPEED_PROFILES["instant"])
+    (a,) = seqs(1, output=50)
+    s.submit(a)
+    assert s.begin_step(0.0) == 0
+    (p,) = s.end_step(0.0)
+    assert (p.new_tokens, p.done, a.generated) == (50, True, 50)
+
+
+def test_progress_reports_gaps_between_tokens():
+    s = Scheduler(Capacity(max_num_seqs=1, kv_blocks=100), STEADY)
+    (a,) = seqs(1, output=2)
+    s.submit(a)
+    t = s.begin_step(0.0)
+    (first,) = s.end_step(t)
+    t2 = t + s.begin_step(t)
+    (second,) = s.end_step(t2)
+    assert first.gap_s is None and second.gap_s == pytest.approx(0.01) and second.done
+
+
+def test_jitter_is_deterministic_with_a_seed():
+    speed = Speed(ttft_ms=100, itl_ms=10, prefill_ms_per_1k=0, itl_batch_slope=0, jitter=0.5)
+
+    def durations(seed):
+        s = Scheduler(Capacity(max_num_seqs=2, kv_blocks=100), speed, seed=seed)
+        for q in seqs(2):
+            s.submit(q)
+        out, now = [], 0.0
+        while s.has_work:
+            d = s.begin_step(now)
+            out.append(d)
+            now += d
+            s.end_step(now)
+        return out
+
+    assert durations(7) == durations(7) != durations(8)
+    assert all(0.05 <= d <= 0.15 for d in durations(7)[:1])
+
+
+def test_overrides_scale_prefill_with_ttft_so_zero_means_instant():
+    base = SPEED_PROFILES["h100-80g"]
+    assert base.with_overrides(ttft_ms=0, itl_ms=0).prefill_s(10_000) == 0
+    assert base.with_overrides(ttft_ms=base.ttft_ms * 2).prefill_ms_per_1k == base.prefill_ms_per_1k * 2
+    assert base.with_overrides(ttft_ms=0, prefill_ms_per_1k=5).prefill_ms_per_1k == 5
