@@ -1,0 +1,76 @@
+"""Automatic degradation: enter when p95 TTFT or queue depth stays high for a hold time, leave with hysteresis."""
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+
+from cxygpt_profiles.table import DegradeThresholds
+
+# leaving needs the signals clearly below the entry thresholds, so the state does not flap at the edge
+RECOVER_RATIO = 0.8
+
+
+def p95(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[max(math.ceil(0.95 * len(ordered)) - 1, 0)]
+
+
+class DegradeMonitor:
+    """Pure state machine over TTFT samples and queue-depth observations, on an injectable clock.
+    `update()` is called on the request path and on reads of the state, so nothing polls."""
+
+    def __init__(self, thresholds: DegradeThresholds, *, window_s: float = 30.0, clock: Callable[[], float] = time.monotonic,
+                 on_change: Callable[[bool, str], None] = lambda degraded, why: None):
+        self.thresholds, self.window_s, self.clock, self.on_change = thresholds, window_s, clock, on_change
+        self.degraded = False
+        self.reason = ""
+        self._ttft: deque[tuple[float, float]] = deque()
+        self._queue_depth = 0
+        self._above_since: float | None = None
+        self._below_since: float | None = None
+
+    def observe_ttft(self, seconds: float) -> None:
+        self._ttft.append((self.clock(), seconds * 1000.0))
+
+    def observe_queue_depth(self, depth: int) -> None:
+        self._queue_depth = depth
+
+    def p95_ttft_ms(self) -> float | None:
+        horizon = self.clock() - self.window_s
+        while self._ttft and self._ttft[0][0] < horizon:
+            self._ttft.popleft()
+        return p95([v for _, v in self._ttft]) if self._ttft else None
+
+    def update(self) -> bool:
+        now = self.clock()
+        ttft = self.p95_ttft_ms()
+        t = self.thresholds
+        ttft_high = ttft is not None and ttft > t.p95_ttft_ms
+        queue_high = self._queue_depth > t.queue_depth
+        if not self.degraded:
+            if ttft_high or queue_high:
+                self._above_since = now if self._above_since is None else self._above_since
+                if now - self._above_since >= t.hold_s:
+                    why = (f"p95 TTFT {ttft:.0f} ms > {t.p95_ttft_ms:g} ms" if ttft_high
+                           else f"queue depth {self._queue_depth} > {t.queue_depth}")
+                    self._switch(True, f"{why} for {t.hold_s:g} s")
+            else:
+                self._above_since = None
+        else:
+            calm = ((ttft is None or ttft < t.p95_ttft_ms * RECOVER_RATIO)
+                    and self._queue_depth < t.queue_depth * RECOVER_RATIO)
+            if calm:
+                self._below_since = now if self._below_since is None else self._below_since
+                if now - self._below_since >= t.recover_s:
+                    self._switch(False, f"p95 TTFT and queue depth below {RECOVER_RATIO:.0%} of thresholds "
+                                        f"for {t.recover_s:g} s")
+            else:
+                self._below_since = None
+        return self.degraded
+
+    def _switch(self, degraded: bool, why: str) -> None:
+        self.degraded, self.reason = degraded, why
+        self._above_since = self._below_since = None
+        self.on_change(degraded, why)

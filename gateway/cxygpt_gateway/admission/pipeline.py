@@ -1,0 +1,179 @@
+"""Admission as FastAPI dependencies: auth → body → model → schema → rate → input tokens → output cap → queue."""
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import orjson
+from fastapi import Request
+
+from ..errors import GatewayError
+from .auth import Caller
+from .ratelimit import Rate, Scope
+from .request import (Kind, OpenAIRequest, cannot_exceed, decode, estimate_tokens, model_name, token_id_count,
+                      tokenize_payloads, validate)
+
+if TYPE_CHECKING:
+    from ..app import Gateway
+    from ..routing import ModelRoute
+    from .queue import Slot
+
+
+@dataclass
+class Admitted:
+    """Everything the relay needs; it owns `slot` and must release it."""
+    gateway: "Gateway"
+    request_id: str
+    caller: Caller
+    route: "ModelRoute"            # the model the client asked for
+    target: "ModelRoute"           # the model that serves it (a fallback when needed)
+    req: OpenAIRequest
+    upstream_body: bytes
+    scopes: list[Scope]
+    degraded: bool
+    input_tokens: int | None       # None: certainly within the limit, not counted
+    max_tokens: int
+    slot: "Slot"
+    arrived: float
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise GatewayError(400, f"request body of {declared} bytes is over the limit of {limit} bytes",
+                           code="body_too_large", reason="body_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise GatewayError(400, f"request body is over the limit of {limit} bytes", code="body_too_large",
+                               reason="body_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _rate_scopes(route: "ModelRoute", caller: Caller) -> list[Scope]:
+    if route.mode == "single":  # one user: nothing to share out
+        return []
+    return [Scope(f"model:{route.name}", f"model {route.name}", Rate(route.limits.rate_qps, route.limits.rate_tpm)),
+            Scope(f"key:{caller.key_id}", f"key {caller.key_id}", Rate(caller.tier.rate_qps, caller.tier.rate_tpm))]
+
+
+async def count_input(gw: "Gateway", req: OpenAIRequest, target: "ModelRoute", limit: int) -> int | None:
+    """Exact from the upstream's /tokenize, skipped when the input cannot be over `limit`;
+    the documented estimate when the upstream cannot count."""
+    ids = token_id_count(req)
+    if ids is not None:
+        return ids
+    mode = gw.settings.tokenize
+    if mode == "auto" and cannot_exceed(req, limit, gw.settings.tokenize_skip_margin):
+        return None
+    if mode == "never" or target.spec.external:
+        return estimate_tokens(req)
+    backends = target.queue.routable()
+    if backends:
+        base = min(backends, key=lambda b: b.outstanding).url
+        counts = await asyncio.gather(*(gw.upstream.tokenize(base, payload, target.limits.timeouts.connect_s)
+                                        for payload in tokenize_payloads(req, target.spec.served_name)))
+        if all(c is not None for c in counts):
+            return max(counts)
+    return estimate_tokens(req)
+
+
+def _fallback(gw: "Gateway", route: "ModelRoute") -> "ModelRoute | None":
+    fb = gw.registry.get(route.spec.fallback) if route.spec.fallback else None
+    return fb if fb is not None and fb is not route and fb.routable() else None
+
+
+def _upstream_body(gw: "Gateway", req: OpenAIRequest, target: "ModelRoute", max_tokens: int, degraded: bool) -> bytes:
+    body = dict(req.body)
+    body["model"] = target.spec.served_name
+    body["max_tokens"] = max_tokens
+    if "max_completion_tokens" in body:
+        body["max_completion_tokens"] = max_tokens
+    if req.stream:  # always ask for usage so tokens are counted exactly; stripped again if not wanted
+        body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+    if degraded:
+        s = gw.settings
+        if s.degraded_temperature_max is not None:
+            body["temperature"] = min(body.get("temperature", 1.0), s.degraded_temperature_max)
+        if s.degraded_top_p_max is not None:
+            body["top_p"] = min(body.get("top_p", 1.0), s.degraded_top_p_max)
+    return orjson.dumps(body)
+
+
+async def admit(request: Request, kind: Kind) -> Admitted:
+    gw: Gateway = request.app.state.gateway
+    arrived = time.monotonic()
+    request_id = request.headers.get("x-request-id") or os.urandom(8).hex()
+    request.state.request_id = request_id
+    caller = gw.keys.authenticate(request.headers.get("authorization"))
+    request.state.key_id = caller.key_id
+    raw = await read_body(request, gw.settings.max_body_bytes)
+    body = decode(raw)
+    name = model_name(body)
+    route = gw.registry.get(name)
+    if route is None:
+        raise GatewayError(404, f"model {name!r} does not exist or is not served here; see GET /v1/models",
+                           code="model_not_found", param="model", reason="unknown_model")
+    request.state.model = route.name
+    req = validate(body, kind, len(raw))
+    degraded = route.is_degraded()
+    request.state.degraded = degraded
+
+    target = route
+    if not route.routable():
+        target = _fallback(gw, route)
+        if target is None:
+            raise GatewayError(503, f"model {route.name} has no ready backend", code="no_backend",
+                               reason="no_backend", retry_after=5)
+    scopes = _rate_scopes(route, caller)
+    if scopes:
+        await gw.limiter.admit(scopes)
+
+    limit = target.limits.max_input_tokens
+    long_limit = int(limit * gw.settings.degraded_long_input_fraction) if degraded else limit
+    input_tokens = await count_input(gw, req, target, long_limit)
+    if input_tokens is not None and input_tokens > long_limit:
+        fb = _fallback(gw, route) if target is route else None
+        fb_tokens = await count_input(gw, req, fb, fb.limits.max_input_tokens) if fb else None
+        if fb is not None and (fb_tokens is None or fb_tokens <= fb.limits.max_input_tokens):
+            target, input_tokens = fb, fb_tokens
+        elif input_tokens <= limit:
+            raise GatewayError(503, f"model {route.name} is degraded under load: inputs over {long_limit} tokens "
+                                    f"are refused until it recovers (this one has {input_tokens})",
+                               code="degraded_input_too_long", reason="degraded_long_input",
+                               retry_after=max(route.limits.degrade.recover_s, 1))
+        else:
+            raise GatewayError(413, f"input is {input_tokens} tokens, over the limit of {limit} tokens "
+                                    f"for model {route.name}", code="context_length_exceeded",
+                               param="messages" if kind == "chat" else "prompt", reason="input_too_long")
+
+    target_degraded = degraded if target is route else target.is_degraded()
+    cap = target.limits.degraded_max_output_tokens if target_degraded else target.limits.max_output_tokens
+    if caller.tier.max_output_tokens:
+        cap = min(cap, caller.tier.max_output_tokens)
+    max_tokens = min(req.requested_max_tokens or cap, cap)
+    upstream_body = _upstream_body(gw, req, target, max_tokens, target_degraded)
+
+    try:
+        async with asyncio.timeout(target.limits.timeouts.queue_s):
+            slot = await target.queue.acquire(priority=caller.tier.priority)
+    except TimeoutError:
+        raise GatewayError(503, f"waited {target.limits.timeouts.queue_s:g} s in the queue of model {target.name} "
+                                "without a free slot", code="queue_timeout", reason="queue_timeout",
+                           retry_after=target.queue.retry_after()) from None
+    return Admitted(gateway=gw, request_id=request_id, caller=caller, route=route, target=target, req=req,
+                    upstream_body=upstream_body, scopes=scopes, degraded=degraded, input_tokens=input_tokens,
+                    max_tokens=max_tokens, slot=slot, arrived=arrived)
+
+
+async def admit_chat(request: Request) -> Admitted:
+    return await admit(request, "chat")
+
+
+async def admit_completions(request: Request) -> Admitted:
+    return await admit(request, "completions")

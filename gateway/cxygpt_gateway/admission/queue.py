@@ -1,0 +1,128 @@
+"""Bounded per-model wait queue in front of backends with a concurrency cap each (least outstanding first)."""
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import time
+from collections.abc import Callable, Iterable
+
+from ..errors import GatewayError
+
+
+class Backend:
+    """One upstream replica and the requests it is serving for this gateway."""
+    __slots__ = ("url", "outstanding", "healthy")
+
+    def __init__(self, url: str):
+        self.url, self.outstanding, self.healthy = url, 0, True
+
+    def __repr__(self):
+        return f"Backend({self.url!r}, outstanding={self.outstanding}, healthy={self.healthy})"
+
+
+class Slot:
+    """The right to send one request to `backend`; release it exactly once (idempotent)."""
+    __slots__ = ("queue", "backend", "started", "queued_s", "_released")
+
+    def __init__(self, queue: "ModelQueue", backend: Backend, started: float, queued_s: float):
+        self.queue, self.backend, self.started, self.queued_s, self._released = queue, backend, started, queued_s, False
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self.queue._release(self)
+
+
+class _Waiter:
+    __slots__ = ("future", "cancelled")
+
+    def __init__(self, future: asyncio.Future):
+        self.future, self.cancelled = future, False
+
+
+class ModelQueue:
+    """FIFO within a priority (lower first); waiting is bounded by `queue_size` and overflow fails at once;
+    a freed slot is handed straight to the next waiter (futures, no polling)."""
+
+    def __init__(self, *, queue_size: int, max_concurrency: int, clock: Callable[[], float] = time.monotonic):
+        self.queue_size, self.max_concurrency, self.clock = queue_size, max_concurrency, clock
+        self.backends: dict[str, Backend] = {}
+        self._heap: list[tuple[int, int, _Waiter]] = []
+        self._seq = itertools.count()
+        self.waiting = 0
+        self.service_s_ewma = 1.0  # seed for Retry-After before any request finished
+
+    def set_backends(self, urls: Iterable[str]) -> None:
+        """Replace the replica set; requests in flight on a removed replica finish and release normally."""
+        urls = list(dict.fromkeys(urls))
+        self.backends = {u: self.backends.get(u) or Backend(u) for u in urls}
+        self._dispatch()
+
+    def set_limits(self, *, queue_size: int, max_concurrency: int) -> None:
+        self.queue_size, self.max_concurrency = queue_size, max_concurrency
+        self._dispatch()
+
+    @property
+    def in_flight(self) -> int:
+        return sum(b.outstanding for b in self.backends.values())
+
+    def routable(self) -> list[Backend]:
+        return [b for b in self.backends.values() if b.healthy]
+
+    def _free_backend(self) -> Backend | None:
+        free = [b for b in self.backends.values() if b.healthy and b.outstanding < self.max_concurrency]
+        return min(free, key=lambda b: b.outstanding) if free else None
+
+    def retry_after(self) -> float:
+        """Seconds until a place is likely free: the queue ahead drained at the observed service rate."""
+        capacity = max(len(self.routable()) * self.max_concurrency, 1)
+        return max(1.0, self.service_s_ewma * (self.waiting + 1) / capacity)
+
+    async def acquire(self, priority: int = 0) -> Slot:
+        """A slot now, or after waiting in line; 503 at once when the line is full or nothing is routable.
+        The caller bounds the wait (asyncio.timeout); a cancelled wait leaves the line."""
+        if not self.routable():
+            raise GatewayError(503, "no ready backend for this model", code="no_backend", reason="no_backend",
+                               retry_after=5)
+        arrived = self.clock()
+        backend = self._free_backend() if not self.waiting else None  # never overtake those waiting
+        if backend is not None:
+            backend.outstanding += 1
+            return Slot(self, backend, arrived, 0.0)
+        if self.waiting >= self.queue_size:
+            raise GatewayError(503, f"queue full ({self.waiting} waiting, {self.in_flight} in flight); retry later",
+                               code="queue_full", reason="queue_full", retry_after=self.retry_after())
+        waiter = _Waiter(asyncio.get_running_loop().create_future())
+        heapq.heappush(self._heap, (priority, next(self._seq), waiter))
+        self.waiting += 1
+        try:
+            backend = await waiter.future
+        except asyncio.CancelledError:
+            if waiter.future.done() and not waiter.future.cancelled():
+                # handed a slot in the same instant the wait was cancelled: give it on
+                slot = Slot(self, waiter.future.result(), arrived, 0.0)
+                slot.release()
+            else:
+                waiter.cancelled = True
+                self.waiting -= 1
+            raise
+        now = self.clock()
+        return Slot(self, backend, now, now - arrived)
+
+    def _release(self, slot: Slot) -> None:
+        slot.backend.outstanding -= 1
+        self.service_s_ewma += 0.2 * ((self.clock() - slot.started) - self.service_s_ewma)
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        while self._heap:
+            backend = self._free_backend()
+            if backend is None:
+                return
+            _, _, waiter = heapq.heappop(self._heap)
+            if waiter.cancelled:
+                continue
+            self.waiting -= 1
+            backend.outstanding += 1
+            waiter.future.set_result(backend)

@@ -1,0 +1,144 @@
+"""The request body, parsed once: the fields admission needs, checked precisely (pure)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import orjson
+
+from ..errors import GatewayError
+
+Kind = Literal["chat", "completions"]
+# the documented estimate when the upstream cannot count: ~4 bytes of text per token plus role markers
+ESTIMATE_BYTES_PER_TOKEN = 4
+ESTIMATE_TOKENS_PER_MESSAGE = 4
+
+
+def _bad(message: str, param: str | None = None) -> GatewayError:
+    return GatewayError(400, message, code="invalid_request", param=param, reason="invalid_request")
+
+
+def decode(raw: bytes) -> dict:
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as e:
+        raise _bad(f"request body is not valid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise _bad("request body must be a JSON object")
+    return body
+
+
+def model_name(body: dict) -> str:
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise _bad("'model' is required and must be a non-empty string", "model")
+    return model
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass
+class OpenAIRequest:
+    kind: Kind
+    body: dict
+    raw_size: int
+    model: str
+    stream: bool
+    client_wants_usage: bool
+    requested_max_tokens: int | None
+
+
+def validate(body: dict, kind: Kind, raw_size: int) -> OpenAIRequest:
+    """Only what admission relies on is checked; the upstream validates the rest and its 400 is relayed."""
+    if kind == "chat":
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise _bad("'messages' must be a non-empty array", "messages")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+                raise _bad(f"messages[{i}] must be an object with a string 'role'", f"messages[{i}]")
+    else:
+        prompt = body.get("prompt")
+        if not _valid_prompt(prompt):
+            raise _bad("'prompt' must be a string, an array of strings, or token ids", "prompt")
+    stream = body.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise _bad("'stream' must be a boolean", "stream")
+    options = body.get("stream_options")
+    if options is not None and (not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool)):
+        raise _bad("'stream_options' must be an object with a boolean 'include_usage'", "stream_options")
+    requested = None
+    for param in ("max_completion_tokens", "max_tokens"):
+        value = body.get(param)
+        if value is not None:
+            if not _is_int(value) or value < 1:
+                raise _bad(f"'{param}' must be a positive integer", param)
+            requested = value if requested is None else min(requested, value)
+    for param in ("temperature", "top_p"):
+        value = body.get(param)
+        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)):
+            raise _bad(f"'{param}' must be a number", param)
+    return OpenAIRequest(kind=kind, body=body, raw_size=raw_size, model=body["model"], stream=stream,
+                         client_wants_usage=bool(options and options.get("include_usage")),
+                         requested_max_tokens=requested)
+
+
+def _valid_prompt(prompt) -> bool:
+    if isinstance(prompt, str):
+        return True
+    if not isinstance(prompt, list) or not prompt:
+        return False
+    if all(isinstance(p, str) for p in prompt) or all(_is_int(p) for p in prompt):
+        return True
+    return all(isinstance(p, list) and p and all(_is_int(t) for t in p) for p in prompt)
+
+
+def token_id_count(req: OpenAIRequest) -> int | None:
+    """Prompts given as token ids count themselves (the longest of a batch)."""
+    prompt = req.body.get("prompt") if req.kind == "completions" else None
+    if isinstance(prompt, list) and prompt and _is_int(prompt[0]):
+        return len(prompt)
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], list):
+        return max(len(p) for p in prompt)
+    return None
+
+
+def cannot_exceed(req: OpenAIRequest, limit: int, template_margin: int) -> bool:
+    """True when the input is certainly within `limit` tokens without counting: real tokenizers never
+    make more tokens than UTF-8 bytes, the raw body is at least as long as its texts, and a chat template
+    adds at most `template_margin` tokens."""
+    return req.raw_size + template_margin <= limit
+
+
+def _text_bytes(content) -> int:
+    if isinstance(content, str):
+        return len(content.encode())
+    if isinstance(content, list):  # content parts: count their texts
+        return sum(_text_bytes(p.get("text")) for p in content if isinstance(p, dict))
+    return 0
+
+
+def estimate_tokens(req: OpenAIRequest) -> int:
+    """Used only when the upstream has no /tokenize (external providers) or it failed."""
+    if req.kind == "chat":
+        texts = sum(_text_bytes(m.get("content")) for m in req.body["messages"])
+        return math.ceil(texts / ESTIMATE_BYTES_PER_TOKEN) + ESTIMATE_TOKENS_PER_MESSAGE * len(req.body["messages"])
+    prompt = req.body["prompt"]
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    return max(math.ceil(_text_bytes(p) / ESTIMATE_BYTES_PER_TOKEN) for p in prompts)
+
+
+def tokenize_payloads(req: OpenAIRequest, upstream_model: str) -> list[dict]:
+    """Bodies for the upstream's /tokenize: one for a chat, one per prompt of a completion batch."""
+    if req.kind == "chat":
+        payload = {"model": upstream_model, "messages": req.body["messages"]}
+        if req.body.get("tools"):
+            payload["tools"] = req.body["tools"]
+        return [payload]
+    prompt = req.body["prompt"]
+    return [{"model": upstream_model, "prompt": p} for p in ([prompt] if isinstance(prompt, str) else prompt)]

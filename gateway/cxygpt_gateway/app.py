@@ -1,0 +1,137 @@
+"""The gateway app: create_app() wires settings, discovery, admission and relay; the lifespan owns clients."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import aiohttp
+from cxygpt_profiles import ProfileTable, load_table
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
+from starlette.responses import Response
+
+from .admission.auth import KeyStore
+from .admission.ratelimit import RateLimiter, open_storage
+from .discovery.base import Discovery
+from .errors import GatewayError
+from .logs import REQUEST_LOGGER, log_request
+from .metrics import GatewayMetrics
+from .routes import health, limits, openai
+from .routing import Registry
+from .settings import GatewaySettings
+from .upstream import HealthChecker, Upstream
+
+log = logging.getLogger("cxygpt.gateway")
+
+
+@dataclass
+class Gateway:
+    """The app's services; routes and admission reach them through app.state.gateway."""
+    settings: GatewaySettings
+    table: ProfileTable
+    registry: Registry
+    keys: KeyStore
+    metrics: GatewayMetrics
+    discovery: Discovery
+    limiter: RateLimiter | None = None
+    upstream: Upstream | None = None
+    health_checker: HealthChecker | None = None
+    request_log: logging.Logger = logging.getLogger(REQUEST_LOGGER)
+
+
+def make_discovery(settings: GatewaySettings, table: ProfileTable) -> Discovery:
+    if settings.kubernetes:
+        from .discovery.kubernetes import KubernetesDiscovery
+        return KubernetesDiscovery(namespace=settings.namespace, kubeconfig=settings.kubeconfig)
+    from .discovery.static import StaticDiscovery
+    return StaticDiscovery(settings.models, table)
+
+
+def create_app(settings: GatewaySettings, *, table: ProfileTable | None = None,
+               discovery: Discovery | None = None) -> FastAPI:
+    """Everything that can be wrong in the configuration fails here, before the server listens."""
+    table = table or load_table()
+    if settings.force_profile:
+        try:
+            table.get(settings.force_profile)
+        except KeyError:
+            raise ValueError(f"FORCE_PROFILE={settings.force_profile!r} is not one of {', '.join(table.names)}") from None
+    # the metrics read the registry at scrape time; the registry reports degradation into the metrics
+    metrics = GatewayMetrics(lambda: registry.routes.values())
+
+    def on_degrade(model: str, degraded: bool, why: str) -> None:
+        if degraded:
+            metrics.degrade_transitions.labels(model).inc()
+        log.warning("model %s %s: %s", model, "degraded" if degraded else "recovered", why,
+                    extra={"fields": {"event": "degrade", "model": model, "degraded": degraded}})
+
+    registry = Registry(table, single_user=settings.single_user, force_profile=settings.force_profile,
+                        auto_degrade=settings.auto_degrade, degrade_window_s=settings.degrade_window_s,
+                        on_degrade=on_degrade)
+    gw = Gateway(settings=settings, table=table, registry=registry,
+                 keys=KeyStore.from_file(settings.keys_file), metrics=metrics,
+                 discovery=discovery or make_discovery(settings, table))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        storage = open_storage(settings.redis_url)
+        gw.limiter = RateLimiter(storage, on_storage_error=gw.metrics.ratelimit_storage_errors.inc)
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=30, keepalive_timeout=30)
+        async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as session:
+            gw.upstream = Upstream(session)
+            await gw.discovery.start(registry)
+            tasks = []
+            if not settings.kubernetes:
+                gw.health_checker = HealthChecker(registry, gw.upstream, settings.health_interval_s)
+                await gw.health_checker.check_once()
+                tasks.append(asyncio.create_task(gw.health_checker.run()))
+            try:
+                yield
+            finally:
+                for task in tasks:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+                await gw.discovery.stop()
+
+    app = FastAPI(title="CxyGPT gateway", version="0.1.0", lifespan=lifespan,
+                  description="One OpenAI-compatible endpoint in front of every self-hosted model.")
+    app.state.gateway = gw
+    app.include_router(openai.router)
+    app.include_router(limits.router)
+    app.include_router(health.router)
+    install_error_handlers(app)
+    return app
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    def answer(request: Request, error: GatewayError) -> Response:
+        gw: Gateway = request.app.state.gateway
+        model = getattr(request.state, "model", "-")
+        gw.metrics.requests.labels(model, str(error.status)).inc()
+        gw.metrics.rejections.labels(model, error.reason).inc()
+        if gw.settings.log_requests:
+            log_request(gw.request_log, request_id=getattr(request.state, "request_id", None),
+                        key_id=getattr(request.state, "key_id", None), model=model, status=error.status,
+                        error=error.message, reason=error.reason,
+                        degraded=getattr(request.state, "degraded", False))
+        return Response(error.body(), status_code=error.status, headers=error.headers, media_type="application/json")
+
+    @app.exception_handler(GatewayError)
+    async def gateway_error(request: Request, error: GatewayError):
+        return answer(request, error)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, error: RequestValidationError):
+        return answer(request, GatewayError(400, str(error.errors()[:3]), code="invalid_request",
+                                            reason="invalid_request"))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, error: HTTPException):
+        body = GatewayError(error.status_code, str(error.detail), code=None).body()
+        return Response(body, status_code=error.status_code, headers=error.headers, media_type="application/json")

@@ -1,0 +1,39 @@
+"""What a discovery source reports about a model, and the interface both sources implement."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+from cxygpt_profiles import Limits
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str                                  # the OpenAI model name clients send
+    urls: tuple[str, ...]                      # base URLs of the replicas (no /v1)
+    limits: Limits
+    mode: Literal["single", "multi"]
+    profile: str | None = None
+    fallback: str | None = None
+    upstream_model: str | None = None          # the name the upstream expects, when it differs
+    api_key: str | None = field(default=None, repr=False)
+    external: bool = False                     # external provider: no /tokenize, no /health
+
+    @property
+    def served_name(self) -> str:
+        return self.upstream_model or self.name
+
+
+class ModelSink(Protocol):
+    """Where a discovery source puts what it finds (the gateway's route registry)."""
+
+    def upsert(self, spec: ModelSpec) -> None: ...
+
+    def remove(self, name: str) -> None: ...
+
+
+class Discovery(Protocol):
+    async def start(self, sink: ModelSink) -> None:
+        """Report the current models, then keep reporting changes until stop()."""
+
+    async def stop(self) -> None: ...

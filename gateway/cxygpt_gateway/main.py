@@ -1,0 +1,40 @@
+"""`cxygpt-gateway`: serve the OpenAI-compatible gateway (static backend file or Kubernetes discovery)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import uvicorn
+from pydantic import ValidationError
+
+from . import logs
+from .app import create_app
+from .settings import load_settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="cxygpt-gateway", description=__doc__)
+    ap.add_argument("--config", help="YAML settings file (models, keys_file, ...); environment variables override it")
+    ap.add_argument("--host", help="listen address (default 127.0.0.1)")
+    ap.add_argument("--port", type=int, help="listen port (default 8080)")
+    ap.add_argument("--kubernetes", action="store_true", default=None,
+                    help="route to Ready ModelDeployments instead of the config's models")
+    ap.add_argument("--kubeconfig", help="kubeconfig file (default $KUBECONFIG, else in-cluster)")
+    ap.add_argument("--namespace", help="namespace to watch (default all)")
+    ap.add_argument("--keys-file", help="API keys and tiers (YAML)")
+    a = ap.parse_args(argv)
+    try:
+        settings = load_settings(a.config, host=a.host, port=a.port, kubernetes=a.kubernetes,
+                                 kubeconfig=a.kubeconfig, namespace=a.namespace, keys_file=a.keys_file)
+        logs.configure(settings.log_level)
+        app = create_app(settings)
+    except (OSError, ValueError, ValidationError) as e:
+        print(f"cxygpt-gateway: {e}", file=sys.stderr)
+        return 2
+    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
+                loop="uvloop", http="httptools", timeout_graceful_shutdown=5)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

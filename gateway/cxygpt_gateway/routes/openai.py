@@ -1,0 +1,32 @@
+"""OpenAI API: chat and text completions (relayed), and the models routable right now."""
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, Depends, Request
+from . import json_response
+
+from ..admission.pipeline import Admitted, admit_chat, admit_completions
+from ..upstream import RelayResponse
+
+router = APIRouter(tags=["openai"])
+STARTED = int(time.time())
+
+
+@router.post("/v1/chat/completions", summary="Chat completion (stream or not), relayed to the model's engine")
+async def chat_completions(admitted: Admitted = Depends(admit_chat)):
+    return RelayResponse(admitted)
+
+
+@router.post("/v1/completions", summary="Text completion (stream or not), relayed to the model's engine")
+async def completions(admitted: Admitted = Depends(admit_completions)):
+    return RelayResponse(admitted)
+
+
+@router.get("/v1/models", summary="Models with at least one routable backend")
+async def models(request: Request):
+    registry = request.app.state.gateway.registry
+    data = [{"id": r.name, "object": "model", "created": STARTED, "owned_by": "cxygpt",
+             "max_input_tokens": r.limits.max_input_tokens, "max_output_tokens": r.limits.max_output_tokens}
+            for r in registry.routable()]
+    return json_response({"object": "list", "data": data})

@@ -1,0 +1,83 @@
+"""Routes: per model its limits in force, queue, degradation monitor; updated by discovery."""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from cxygpt_profiles import Limits, ProfileTable
+
+from .admission.degrade import DegradeMonitor
+from .admission.policy import effective
+from .admission.queue import ModelQueue
+from .discovery.base import ModelSpec
+
+log = logging.getLogger("cxygpt.gateway")
+
+
+class ModelRoute:
+    def __init__(self, spec: ModelSpec, limits: Limits, mode: str, profile: str | None, *, auto_degrade: bool,
+                 degrade_window_s: float, clock: Callable[[], float], on_degrade: Callable[[str, bool, str], None]):
+        self.name = spec.name
+        self.queue = ModelQueue(queue_size=limits.queue_size, max_concurrency=limits.max_concurrency, clock=clock)
+        self.degrade = DegradeMonitor(limits.degrade, window_s=degrade_window_s, clock=clock,
+                                      on_change=lambda degraded, why: on_degrade(self.name, degraded, why))
+        self.auto_degrade = auto_degrade
+        self.configure(spec, limits, mode, profile)
+
+    def configure(self, spec: ModelSpec, limits: Limits, mode: str, profile: str | None) -> None:
+        self.spec, self.limits, self.mode, self.profile = spec, limits, mode, profile
+        self.queue.set_limits(queue_size=limits.queue_size, max_concurrency=limits.max_concurrency)
+        self.queue.set_backends(spec.urls)
+        self.degrade.thresholds = limits.degrade
+
+    @property
+    def degrade_enabled(self) -> bool:
+        return self.auto_degrade and self.mode == "multi"
+
+    def is_degraded(self) -> bool:
+        if not self.degrade_enabled:
+            return False
+        self.degrade.observe_queue_depth(self.queue.waiting)
+        return self.degrade.update()
+
+    def routable(self) -> bool:
+        return bool(self.queue.routable())
+
+
+class Registry:
+    """The ModelSink discovery writes into; effective limits are applied here, once per change."""
+
+    def __init__(self, table: ProfileTable, *, single_user: bool | None = None, force_profile: str | None = None,
+                 auto_degrade: bool = False, degrade_window_s: float = 30.0,
+                 clock: Callable[[], float] = time.monotonic,
+                 on_degrade: Callable[[str, bool, str], None] = lambda model, degraded, why: None):
+        self.table, self.single_user, self.force_profile = table, single_user, force_profile
+        self.auto_degrade, self.degrade_window_s, self.clock, self.on_degrade = (
+            auto_degrade, degrade_window_s, clock, on_degrade)
+        self.routes: dict[str, ModelRoute] = {}
+
+    def upsert(self, spec: ModelSpec) -> None:
+        eff = effective(spec.limits, spec.mode, spec.profile, table=self.table, single_user=self.single_user,
+                        force_profile=self.force_profile)
+        route = self.routes.get(spec.name)
+        if route is None:
+            self.routes[spec.name] = ModelRoute(spec, eff.limits, eff.mode, eff.profile,
+                                                auto_degrade=self.auto_degrade,
+                                                degrade_window_s=self.degrade_window_s, clock=self.clock,
+                                                on_degrade=self.on_degrade)
+            log.info("model %s routed to %s (profile %s, %s-user)", spec.name, ", ".join(spec.urls) or "-",
+                     eff.profile, eff.mode)
+        elif route.spec != spec:
+            route.configure(spec, eff.limits, eff.mode, eff.profile)
+            log.info("model %s updated: %s", spec.name, ", ".join(spec.urls) or "-")
+
+    def remove(self, name: str) -> None:
+        if self.routes.pop(name, None) is not None:
+            log.info("model %s removed", name)
+
+    def get(self, name: str) -> ModelRoute | None:
+        return self.routes.get(name)
+
+    def routable(self) -> list[ModelRoute]:
+        return [r for r in self.routes.values() if r.routable()]

@@ -1,0 +1,90 @@
+"""Gateway settings: a YAML config file, overridden by environment variables, overridden by the command line."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
+
+
+class ModelConfig(BaseModel):
+    """One model of the static backend file."""
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, description="the OpenAI model name clients send")
+    url: str | None = Field(None, description="base URL of one upstream (no /v1)")
+    urls: list[str] = Field(default_factory=list, description="base URLs of several replicas")
+    profile: str | None = Field(None, description="profiles.yaml entry whose limits apply")
+    limits: dict = Field(default_factory=dict, description="overrides of the profile's limits (snake or camelCase)")
+    mode: Literal["single", "multi"] | None = Field(None, description="default: the profile's mode")
+    fallback: str | None = Field(None, description="another model name to use when this one cannot serve")
+    upstream_model: str | None = Field(None, description="model name the upstream expects, when it differs")
+    api_key_env: str | None = Field(None, description="environment variable holding the upstream's API key")
+    api_key_file: str | None = Field(None, description="file (e.g. a mounted Secret) holding the upstream's API key")
+    external: bool = Field(False, description="an external OpenAI-compatible provider: no /tokenize, no /health")
+
+    @model_validator(mode="after")
+    def _has_upstream(self):
+        if not self.url and not self.urls:
+            raise ValueError(f"model {self.name!r}: set url or urls")
+        return self
+
+    @property
+    def base_urls(self) -> list[str]:
+        return [u.rstrip("/") for u in ([self.url] if self.url else []) + self.urls]
+
+
+class GatewaySettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CXYGPT_", extra="forbid", populate_by_name=True)
+
+    host: str = "127.0.0.1"
+    port: int = Field(8080, gt=0, lt=65536)
+    models: list[ModelConfig] = Field(default_factory=list)
+    kubernetes: bool = Field(False, description="discover ModelDeployments instead of the static models list")
+    namespace: str | None = Field(None, description="namespace to watch; default all namespaces")
+    kubeconfig: str | None = Field(None, validation_alias=AliasChoices("kubeconfig", "KUBECONFIG"))
+    keys_file: str | None = Field(None, description="API keys and tiers (YAML); none: every caller is anonymous")
+    redis_url: str | None = Field(None, validation_alias=AliasChoices("redis_url", "REDIS_URL"))
+    single_user: bool | None = Field(None, validation_alias=AliasChoices("single_user", "SINGLE_USER"))
+    force_profile: str | None = Field(None, validation_alias=AliasChoices("force_profile", "FORCE_PROFILE"))
+    auto_degrade: bool = Field(False, validation_alias=AliasChoices("auto_degrade", "AUTO_DEGRADE"))
+    max_body_bytes: int = Field(1 << 20, gt=0)
+    tokenize: Literal["auto", "always", "never"] = Field(
+        "auto", description="auto: ask the upstream's /tokenize only when the input might be over the limit")
+    tokenize_skip_margin: int = Field(
+        128, ge=0, description="tokens a chat template may add (default system prompt, role markers) "
+                               "when judging from byte length that an input cannot be over the limit")
+    degrade_window_s: float = Field(30.0, gt=0, description="rolling window of the p95 TTFT")
+    degraded_long_input_fraction: float = Field(
+        0.5, gt=0, le=1, description="while degraded, inputs over this share of max_input_tokens are long")
+    degraded_temperature_max: float | None = Field(None, ge=0)
+    degraded_top_p_max: float | None = Field(None, gt=0, le=1)
+    health_interval_s: float = Field(5.0, gt=0, description="how often static upstreams' /health is checked")
+    log_requests: bool = True
+    log_level: str = "info"
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource, dotenv_settings, file_secret_settings):
+        return init_settings, env_settings, YamlConfigSettingsSource(settings_cls)
+
+
+def load_settings(config: str | Path | None = None, **overrides) -> GatewaySettings:
+    """Settings from `config` (YAML) under environment variables under `overrides`; relative paths in the
+    file are taken relative to the file."""
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if config is None:
+        return GatewaySettings(**overrides)
+    path = Path(config)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} not found")
+    configured = type("ConfiguredGatewaySettings", (GatewaySettings,),
+                      {"model_config": {**GatewaySettings.model_config, "yaml_file": path}})
+    settings = configured(**overrides)
+    if settings.keys_file and not Path(settings.keys_file).is_absolute():
+        settings.keys_file = str(path.parent / settings.keys_file)
+    for model in settings.models:
+        if model.api_key_file and not Path(model.api_key_file).is_absolute():
+            model.api_key_file = str(path.parent / model.api_key_file)
+    return settings

@@ -1,0 +1,317 @@
+"""Gateway admission logic, pure, on a fake clock: auth, body checks, rate limits, queue, degradation, policy."""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+
+import limits.aio.storage.memory
+import limits.aio.strategies
+import orjson
+import pytest
+from cxygpt_profiles import default_table
+from cxygpt_profiles.table import DegradeThresholds
+
+from cxygpt_gateway.admission.auth import KeyStore, KeysFile
+from cxygpt_gateway.admission.degrade import DegradeMonitor
+from cxygpt_gateway.admission.policy import effective
+from cxygpt_gateway.admission.queue import ModelQueue
+from cxygpt_gateway.admission.ratelimit import RateLimiter, Rate, Scope, qps_item
+from cxygpt_gateway.admission.request import cannot_exceed, decode, estimate_tokens, token_id_count, validate
+from cxygpt_gateway.discovery.static import spec_from_config
+from cxygpt_gateway.errors import GatewayError
+from cxygpt_gateway.settings import ModelConfig
+from cxygpt_gateway.upstream import scan_stream
+
+
+class FakeClock:
+    def __init__(self, start: float = 1_000_000.0):
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    time = __call__  # stands in for the `time` module the limits library reads
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock(monkeypatch) -> FakeClock:
+    fake = FakeClock()
+    # the limits library reads time.time() itself: give it the same fake clock
+    monkeypatch.setattr(limits.aio.storage.memory, "time", fake)
+    monkeypatch.setattr(limits.aio.strategies, "time", fake)
+    return fake
+
+
+# ---- auth -------------------------------------------------------------------------------------------------
+
+def keystore(allow_anonymous=False) -> KeyStore:
+    return KeyStore(KeysFile.model_validate({
+        "allow_anonymous": allow_anonymous,
+        "tiers": {"gold": {"rate_qps": 10, "priority": 0}, "free": {"rate_qps": 1, "priority": 5}},
+        "keys": [{"id": "team-a", "key_sha256": hashlib.sha256(b"sk-a").hexdigest(), "tier": "gold"}]}))
+
+
+def test_auth_maps_keys_to_tiers_and_refuses_others():
+    keys = keystore()
+    caller = keys.authenticate("Bearer sk-a")
+    assert (caller.key_id, caller.tier_name, caller.tier.rate_qps) == ("team-a", "gold", 10)
+    for header in (None, "Bearer sk-wrong", "Basic sk-a", "Bearer "):
+        with pytest.raises(GatewayError) as e:
+            keys.authenticate(header)
+        assert e.value.status == 401 and e.value.code == "invalid_api_key"
+
+
+def test_anonymous_only_when_allowed_and_everyone_without_a_keys_file():
+    assert keystore(allow_anonymous=True).authenticate(None).key_id == "anonymous"
+    open_door = KeyStore(None)
+    assert open_door.authenticate(None).key_id == "anonymous"
+    assert open_door.authenticate("Bearer anything").key_id == "anonymous"
+
+
+def test_keys_file_names_unknown_tiers():
+    with pytest.raises(ValueError, match="unknown tier"):
+        KeysFile.model_validate({"keys": [{"id": "x", "key_sha256": "a" * 64, "tier": "nope"}]})
+
+
+# ---- body -------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("raw, param", [
+    (b"{not json", None), (b"[1]", None),
+    (b'{"model": "m", "messages": []}', "messages"),
+    (b'{"model": "m", "messages": [{"content": "x"}]}', "messages[0]"),
+    (b'{"model": "m", "messages": [{"role": "user"}], "max_tokens": 0}', "max_tokens"),
+    (b'{"model": "m", "messages": [{"role": "user"}], "max_tokens": true}', "max_tokens"),
+    (b'{"model": "m", "messages": [{"role": "user"}], "stream": "yes"}', "stream"),
+    (b'{"model": "m", "messages": [{"role": "user"}], "stream_options": {"include_usage": 1}}', "stream_options"),
+])
+def test_bad_bodies_get_a_precise_400(raw, param):
+    with pytest.raises(GatewayError) as e:
+        validate(decode(raw), "chat", len(raw))
+    assert e.value.status == 400 and e.value.param == param
+
+
+def test_prompts_and_token_counting_shortcuts():
+    raw = orjson.dumps({"model": "m", "prompt": [1, 2, 3, 4]})
+    req = validate(decode(raw), "completions", len(raw))
+    assert token_id_count(req) == 4
+    raw = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "x" * 400}]})
+    req = validate(decode(raw), "chat", len(raw))
+    assert token_id_count(req) is None
+    assert cannot_exceed(req, 1000, template_margin=128)          # 450 bytes + 128 ≤ 1000
+    assert not cannot_exceed(req, 500, template_margin=128)       # might be over: ask the upstream
+    assert estimate_tokens(req) == 100 + 4
+    with pytest.raises(GatewayError):
+        validate(decode(b'{"model": "m", "prompt": [1, "a"]}'), "completions", 10)
+
+
+# ---- rate limits --------------------------------------------------------------------------------------------
+
+async def test_qps_limit_per_scope_with_retry_after_from_the_window(clock):
+    limiter = RateLimiter(limits.aio.storage.MemoryStorage(), clock=clock)
+    model = Scope("model:m", "model m", Rate(qps=2))
+    key_a, key_b = (Scope(f"key:{k}", f"key {k}", Rate(qps=1)) for k in "ab")
+    await limiter.admit([model, key_a])
+    with pytest.raises(GatewayError) as e:  # key a's own limit
+        await limiter.admit([model, key_a])
+    assert e.value.status == 429 and "key a" in e.value.message and e.value.headers["Retry-After"] == "1"
+    await limiter.admit([model, key_b])
+    with pytest.raises(GatewayError) as e:  # the model's global limit, whoever asks
+        await limiter.admit([model, Scope("key:c", "key c", Rate())])
+    assert "model m" in e.value.message
+    clock.advance(1.01)
+    await limiter.admit([model, key_a])
+
+
+async def test_rejected_requests_cost_nothing(clock):
+    limiter = RateLimiter(limits.aio.storage.MemoryStorage(), clock=clock)
+    scope = Scope("key:a", "key a", Rate(qps=1))
+    await limiter.admit([scope])
+    for _ in range(5):
+        with pytest.raises(GatewayError):
+            await limiter.admit([scope])
+    clock.advance(1.01)
+    await limiter.admit([scope])
+
+
+async def test_tokens_settle_after_the_response_and_block_until_the_minute_turns(clock):
+    limiter = RateLimiter(limits.aio.storage.MemoryStorage(), clock=clock)
+    scope = Scope("model:m", "model m", Rate(tpm=1000))
+    await limiter.admit([scope])
+    await limiter.settle([scope], 1500)  # a long answer is paid in full, even past the budget
+    clock.advance(20)
+    with pytest.raises(GatewayError) as e:
+        await limiter.admit([scope])
+    assert "1000 tokens per minute" in e.value.message
+    assert int(e.value.headers["Retry-After"]) == 40
+    clock.advance(41)
+    await limiter.admit([scope])
+
+
+def test_fractional_qps_keeps_its_rate():
+    item = qps_item(2.5)
+    assert (item.amount, item.get_expiry()) == (25, 10)
+
+
+async def test_storage_failure_fails_open_and_is_counted():
+    class Broken(limits.aio.storage.MemoryStorage):
+        async def acquire_entry(self, *a, **k):
+            raise ConnectionError("redis down")
+
+        async def get_moving_window(self, *a, **k):
+            raise ConnectionError("redis down")
+
+    failures = []
+    limiter = RateLimiter(Broken(), on_storage_error=lambda: failures.append(1))
+    await limiter.admit([Scope("key:a", "key a", Rate(qps=1))])
+    assert failures == [1]
+
+
+# ---- queue --------------------------------------------------------------------------------------------------
+
+async def test_least_outstanding_backend_and_concurrency_cap(clock):
+    q = ModelQueue(queue_size=0, max_concurrency=2, clock=clock)
+    q.set_backends(["http://a", "http://b"])
+    slots = [await q.acquire() for _ in range(4)]
+    assert sorted(s.backend.url for s in slots) == ["http://a", "http://a", "http://b", "http://b"]
+    with pytest.raises(GatewayError) as e:  # no room to wait: fail at once
+        await q.acquire()
+    assert e.value.status == 503 and e.value.code == "queue_full" and "Retry-After" in e.value.headers
+    slots[0].release()
+    slots[0].release()  # idempotent
+    assert (await q.acquire()).backend is slots[0].backend
+
+
+async def test_waiters_are_served_fifo_within_priority_and_handed_slots_directly(clock):
+    q = ModelQueue(queue_size=3, max_concurrency=1, clock=clock)
+    q.set_backends(["http://a"])
+    held = await q.acquire()
+    order = []
+
+    async def wait(name, priority):
+        slot = await q.acquire(priority)
+        order.append(name)
+        return slot
+
+    tasks = [asyncio.create_task(wait(n, p)) for n, p in (("low-1", 5), ("low-2", 5), ("high", 0))]
+    await asyncio.sleep(0)
+    assert q.waiting == 3
+    with pytest.raises(GatewayError):  # line full
+        await q.acquire()
+    clock.advance(2)
+    held.release()
+    first = await tasks[2]
+    assert order == ["high"] and first.queued_s == 2
+    first.release()
+    (await tasks[0]).release()
+    (await tasks[1]).release()
+    assert order == ["high", "low-1", "low-2"] and q.waiting == 0 and q.in_flight == 0
+
+
+async def test_a_cancelled_wait_leaves_the_line(clock):
+    q = ModelQueue(queue_size=1, max_concurrency=1, clock=clock)
+    q.set_backends(["http://a"])
+    held = await q.acquire()
+    waiter = asyncio.create_task(q.acquire())
+    await asyncio.sleep(0)
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert q.waiting == 0
+    held.release()
+    assert q.in_flight == 0
+    held = await q.acquire()
+    with pytest.raises(TimeoutError):  # the caller bounds the wait; timing out is a cancellation too
+        async with asyncio.timeout(0):
+            await q.acquire()
+    assert q.waiting == 0
+
+
+async def test_no_routable_backend_is_503(clock):
+    q = ModelQueue(queue_size=4, max_concurrency=1, clock=clock)
+    q.set_backends(["http://a"])
+    q.backends["http://a"].healthy = False
+    with pytest.raises(GatewayError) as e:
+        await q.acquire()
+    assert e.value.code == "no_backend"
+
+
+# ---- degradation --------------------------------------------------------------------------------------------
+
+def monitor(clock, changes):
+    thresholds = DegradeThresholds(p95_ttft_ms=1000, queue_depth=4, hold_s=10, recover_s=20)
+    return DegradeMonitor(thresholds, window_s=5, clock=clock, on_change=lambda d, why: changes.append((d, why)))
+
+
+def test_degrades_only_when_ttft_stays_high_for_the_hold_time(clock):
+    changes = []
+    m = monitor(clock, changes)
+    for _ in range(10):
+        m.observe_ttft(0.1)
+    m.observe_ttft(3.0)
+    assert m.update() is False  # one slow request in 11 is under the p95
+    for step in range(11):
+        for _ in range(5):
+            m.observe_ttft(2.0)
+        assert m.update() is (step == 10)
+        clock.advance(1)
+    assert changes[0][0] is True and "p95 TTFT" in changes[0][1]
+
+
+def test_recovers_with_hysteresis(clock):
+    changes = []
+    m = monitor(clock, changes)
+    m.observe_queue_depth(9)
+    m.update()
+    clock.advance(10)
+    assert m.update() is True and "queue depth 9 > 4" in m.reason
+    m.observe_queue_depth(4)  # at the threshold, not clearly below it: stays degraded
+    clock.advance(30)
+    assert m.update() is True
+    m.observe_queue_depth(3)  # below 80 %
+    m.update()
+    clock.advance(19)
+    assert m.update() is True
+    clock.advance(1)
+    assert m.update() is False and changes[-1][0] is False
+
+
+# ---- policy, config, stream scanning ------------------------------------------------------------------------
+
+def test_single_user_mode_drops_rate_limits_and_takes_the_larger_output_cap():
+    table = default_table()
+    dev = table.get("DEV_32G")
+    eff = effective(dev.limits, "multi", "DEV_32G", table=table, single_user=True)
+    assert eff.mode == "single"
+    assert (eff.limits.rate_qps, eff.limits.rate_tpm, eff.limits.queue_size) == (None, None, 1)
+    assert eff.limits.max_output_tokens == 512
+    assert eff.limits.max_input_tokens + 512 == dev.limits.max_input_tokens + dev.limits.max_output_tokens
+    forced = effective(dev.limits, "multi", "DEV_32G", table=table, force_profile="SRV_80G")
+    assert (forced.profile, forced.limits) == ("SRV_80G", table.get("SRV_80G").limits)
+    assert effective(dev.limits, "multi", "DEV_32G", table=table, single_user=False).limits == dev.limits
+
+
+def test_static_entry_overrides_profile_limits_in_either_case():
+    spec = spec_from_config(ModelConfig(name="m", url="http://x/", profile="DEV_32G",
+                                        limits={"maxInputTokens": 100, "degrade": {"holdS": 1}, "queue_size": 3}),
+                            default_table())
+    assert spec.urls == ("http://x",)
+    assert (spec.limits.max_input_tokens, spec.limits.degrade.hold_s, spec.limits.queue_size) == (100, 1, 3)
+    with pytest.raises(ValueError, match="profile 'NOPE'"):
+        spec_from_config(ModelConfig(name="m", url="http://x", profile="NOPE"), default_table())
+
+
+USAGE_CHUNK = b'data: {"id":"c","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}\n\n'
+TOKEN_CHUNK = b'data: {"id":"c","choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
+
+
+def test_stream_scan_passes_bytes_through_and_takes_the_usage_chunk():
+    out, usage, done = scan_stream(TOKEN_CHUNK, strip_usage=True)
+    assert (out, usage, done) == (TOKEN_CHUNK, None, False)
+    batch = TOKEN_CHUNK + USAGE_CHUNK + b"data: [DONE]\n\n"
+    out, usage, done = scan_stream(batch, strip_usage=True)
+    assert out == TOKEN_CHUNK + b"data: [DONE]\n\n" and usage["total_tokens"] == 5 and done
+    out, usage, _ = scan_stream(batch, strip_usage=False)
+    assert out == batch and usage["completion_tokens"] == 2
