@@ -12,6 +12,7 @@ import signal
 import uuid
 from pathlib import Path
 
+import aiohttp.web
 import kmock
 import yaml
 from kmock._internal import enums, parsing
@@ -94,18 +95,33 @@ class KubeAPI(kmock.KubernetesEmulator):
         res = request.resource
         key = (res.group, res.version, res.plural) if res is not None else None
         data = request.data if isinstance(request.data, dict) else None
+        if (request.action == enums.action.UPDATE and request.subresource is None and data is not None
+                and "apply-patch" in request.headers.get("Content-Type", "") and self._current(request) is None):
+            return await self._apply_create(request, key, data)
         if request.action == enums.action.CREATE and data is not None:
             self._prepare_create(request, key, data)
         elif request.action == enums.action.UPDATE and data is not None:
             self._prepare_update(request, key, data)
-        deleting = request.action == enums.action.DELETE and request.name is not None
-        owner_uid = self._uid_of(request) if deleting else None
+        # An object is gone after a DELETE, or after the PATCH that removes its last finalizer.
+        may_vanish = request.name is not None and request.action in (enums.action.DELETE, enums.action.UPDATE)
+        uid = self._uid_of(request) if may_vanish else None
         response = await super()._handle(request)
         if request.action == enums.action.CREATE and response.status == 200 and not response.prepared:
             response.set_status(201)  # the kubernetes client returns None for a 200 on create
-        if owner_uid and response.status < 300:
-            await self._collect_garbage(owner_uid)
+        if uid and self._current(request) is None:
+            await self._collect_garbage(uid)
         return response
+
+    async def _apply_create(self, request, key, data):
+        """Server-side apply of an object that does not exist yet creates it."""
+        data.setdefault("metadata", {}).update(name=request.name)
+        self._prepare_create(request, key, data)
+        async with self._lock:
+            object_key = (request.resource, request.namespace, request.name)
+            self._objects[object_key] = data
+            raw = self._objects[object_key].last.raw
+            await self._buses[request.resource].put({"type": "ADDED", "object": raw})
+        return aiohttp.web.json_response(dict(raw), status=201)
 
     def _prepare_create(self, request, key, data):
         md = data.setdefault("metadata", {})

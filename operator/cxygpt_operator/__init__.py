@@ -1,0 +1,6 @@
+"""CxyGPT operator: ModelDeployments become GPU-scheduled vLLM Deployments sized from node GPU memory."""
+GROUP = "cxygpt.io"
+VERSION = "v1alpha1"
+PLURAL = "modeldeployments"
+KIND = "ModelDeployment"
+MANAGER = "cxygpt-operator"

@@ -111,6 +111,7 @@ class VllmPin(Strict):
     image: str
     command: list[str] = Field(min_length=1)
     port: int = Field(gt=0, lt=65536)
+    shm_size: str = Field(pattern=r"^[0-9]+(Mi|Gi)$")
 
 
 class FitConstants(Strict):

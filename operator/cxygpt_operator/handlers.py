@@ -1,0 +1,143 @@
+"""kopf handlers: GPU node index, wake-ups on node/Deployment/ModelDeployment events, one reconcile loop per model."""
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+import os
+from dataclasses import dataclass, field
+
+import kopf
+from kubernetes.client.rest import ApiException
+
+from . import GROUP, MANAGER, PLURAL, VERSION
+from .build import MODEL_DEPLOYMENT_LABEL
+from .nodes import gpu_node
+from .reconcile import Context, reconcile
+
+RETRY_BACKOFF_S = (1, 2, 5, 10, 30, 60)
+log = logging.getLogger("cxygpt.operator")
+
+
+@dataclass
+class Shared:
+    """Operator-wide state (kopf gives each object a shallow copy of the memo; this object is shared)."""
+    wakeups: dict = field(default_factory=dict)
+    reconciled_generation: dict = field(default_factory=dict)
+    inventory: list | None = None
+
+    def wake(self, key) -> None:
+        if key in self.wakeups:
+            self.wakeups[key].set()
+
+
+class ObjectLog(logging.LoggerAdapter):
+    """Our own messages, prefixed with the object (kopf's per-object logger also reports every handler run)."""
+
+    def process(self, msg, kwargs):
+        return f"[{self.extra['key']}] {msg}", kwargs
+
+
+@kopf.on.login()
+def login(**kwargs):
+    """Credentials read when the operator starts (not when the client library is imported)."""
+    if os.environ.get("KUBERNETES_SERVICE_HOST"):
+        return kopf.login_with_service_account(**kwargs)
+    return kopf.login_with_kubeconfig(**kwargs)
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_):
+    # kopf's bookkeeping lives under our API group, not kopf.zalando.org
+    settings.persistence.finalizer = f"{GROUP}/finalizer"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP, key="last-handled-configuration")
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+
+
+@kopf.index("nodes")
+def gpu_nodes(body: kopf.Body, name: str, **_):
+    node = gpu_node(dict(body))
+    return {name: node} if node else None
+
+
+def _inventory(index) -> list:
+    return sorted(node for nodes in index.values() for node in nodes)
+
+
+@kopf.on.event("nodes")
+def node_changed(memo: kopf.Memo, gpu_nodes: kopf.Index, **_):
+    shared: Shared = memo.shared
+    inventory = _inventory(gpu_nodes)
+    if inventory != shared.inventory:
+        shared.inventory = inventory
+        log.info("GPU inventory: %s", ", ".join(f"{n.name}={n.count}x{n.memory_mib}MiB" for n in inventory) or "none")
+        for key in list(shared.wakeups):
+            shared.wake(key)
+
+
+@kopf.on.event("apps", "v1", "deployments", labels={"app.kubernetes.io/managed-by": MANAGER})
+def engine_deployment_changed(memo: kopf.Memo, namespace: str, labels, **_):
+    owner = labels.get(MODEL_DEPLOYMENT_LABEL)
+    if owner:
+        memo.shared.wake((namespace, owner))
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL)
+def model_deployment_changed(memo: kopf.Memo, namespace: str, name: str, meta, **_):
+    # Status-only events (our own writes) keep the generation: they need no reconcile.
+    shared: Shared = memo.shared
+    key = (namespace, name)
+    if meta.get("generation") != shared.reconciled_generation.get(key):
+        shared.wake(key)
+
+
+async def _sleep(wake: asyncio.Event, stopped, timeout: float | None) -> None:
+    waiters = {asyncio.ensure_future(wake.wait()), asyncio.ensure_future(stopped.wait())}
+    try:
+        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+
+
+@kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=10)
+async def keep_reconciled(stopped, namespace: str, name: str, body: kopf.Body, memo: kopf.Memo,
+                          gpu_nodes: kopf.Index, **_):
+    """Level-triggered: reconcile now, then whenever the spec, the GPU inventory or the engine Deployment
+    changes; retry failures with backoff; never poll while waiting."""
+    ctx: Context = memo.context
+    shared: Shared = memo.shared
+    key = (namespace, name)
+    logger = ObjectLog(log, {"key": f"{namespace}/{name}"})
+    wake = shared.wakeups.setdefault(key, asyncio.Event())
+    failures = 0
+    try:
+        while not stopped:
+            wake.clear()
+            snapshot = copy.deepcopy(dict(body))  # the live body changes under us; decide on one version
+            delay = None
+            try:
+                await reconcile(snapshot, _inventory(gpu_nodes), ctx, logger)
+                failures = 0
+            except kopf.TemporaryError as e:
+                logger.info("waiting: %s", e)
+                delay, failures = e.delay, 0
+            except kopf.PermanentError as e:
+                logger.warning("cannot run until the spec changes: %s", e)
+                failures = 0
+            except (ApiException, OSError) as e:
+                delay = RETRY_BACKOFF_S[min(failures, len(RETRY_BACKOFF_S) - 1)]
+                failures += 1
+                logger.warning("reconcile failed (retry in %ss): %s", delay, getattr(e, "reason", e))
+            shared.reconciled_generation[key] = snapshot["metadata"].get("generation")
+            await _sleep(wake, stopped, delay)
+    finally:
+        shared.wakeups.pop(key, None)
+        shared.reconciled_generation.pop(key, None)
+
+
+@kopf.on.probe(id="gpuNodes")
+def gpu_node_count(gpu_nodes: kopf.Index, **_):
+    return len(gpu_nodes)

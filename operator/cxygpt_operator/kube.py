@@ -1,0 +1,70 @@
+"""All Kubernetes API I/O of the operator: reads as plain dicts, server-side apply, status patches."""
+from __future__ import annotations
+
+import json
+import os
+
+from kubernetes import client, config
+from kubernetes.client.rest import ApiException
+
+from . import GROUP, MANAGER, PLURAL, VERSION
+
+MERGE_PATCH = "application/merge-patch+json"
+APPLY_PATCH = "application/apply-patch+yaml"
+
+
+def api_client(kubeconfig: str | None = None) -> client.ApiClient:
+    """In-cluster credentials when running in a pod, else the kubeconfig (given, $KUBECONFIG or ~/.kube/config).
+    $KUBECONFIG is read here, not at import time (the client library reads it when imported)."""
+    if kubeconfig is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
+        cfg = client.Configuration()
+        config.load_incluster_config(client_configuration=cfg)
+        return client.ApiClient(cfg)
+    path = kubeconfig or os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
+    return config.new_client_from_config(config_file=path)
+
+
+def _raw(response) -> dict:
+    return json.loads(response.data)
+
+
+class Kube:
+    """Blocking calls (run them in a thread); objects in and out are the API's own JSON as dicts."""
+
+    def __init__(self, api: client.ApiClient):
+        self.apps = client.AppsV1Api(api)
+        self.core = client.CoreV1Api(api)
+        self.custom = client.CustomObjectsApi(api)
+
+    def get_deployment(self, namespace: str, name: str) -> dict | None:
+        try:
+            return _raw(self.apps.read_namespaced_deployment(name, namespace, _preload_content=False))
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+
+    def get_service(self, namespace: str, name: str) -> dict | None:
+        try:
+            return _raw(self.core.read_namespaced_service(name, namespace, _preload_content=False))
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+
+    def apply_deployment(self, body: dict) -> dict:
+        md = body["metadata"]
+        return _raw(self.apps.patch_namespaced_deployment(
+            md["name"], md["namespace"], body, field_manager=MANAGER, force=True,
+            _content_type=APPLY_PATCH, _preload_content=False))
+
+    def apply_service(self, body: dict) -> dict:
+        md = body["metadata"]
+        return _raw(self.core.patch_namespaced_service(
+            md["name"], md["namespace"], body, field_manager=MANAGER, force=True,
+            _content_type=APPLY_PATCH, _preload_content=False))
+
+    def patch_status(self, namespace: str, name: str, patch: dict) -> None:
+        self.custom.patch_namespaced_custom_object_status(
+            GROUP, VERSION, namespace, PLURAL, name, {"status": patch},
+            _content_type=MERGE_PATCH, _preload_content=False)

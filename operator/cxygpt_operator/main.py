@@ -1,0 +1,70 @@
+"""`cxygpt-operator`: runs the kopf operator (namespaced or cluster-wide) with a liveness endpoint."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from cxygpt_profiles import ProfileTableError, load_catalog, load_table
+
+DEFAULT_VLLM_IMAGE = None  # the profile table pins it
+DEFAULT_SIM_IMAGE = "cxygpt/cxygpt-sim:0.1.0"
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(prog="cxygpt-operator", description=__doc__)
+    scope = ap.add_mutually_exclusive_group()
+    scope.add_argument("-n", "--namespace", action="append", default=[],
+                       help="watch this namespace (repeatable; globs allowed); default: all namespaces")
+    scope.add_argument("-A", "--all-namespaces", action="store_true", help="watch the whole cluster (default)")
+    ap.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster, $KUBECONFIG or ~/.kube/config)")
+    ap.add_argument("--liveness", default="http://0.0.0.0:8080/healthz",
+                    help="liveness endpoint URL (default http://0.0.0.0:8080/healthz; 'off' disables)")
+    ap.add_argument("--peering", metavar="NAME",
+                    help="kopf peering object for several replicas (one active at a time); default standalone")
+    ap.add_argument("--profiles", help="profiles.yaml (default: the packaged table or $CXYGPT_PROFILES)")
+    ap.add_argument("--models", help="models.yaml catalog (default: the packaged catalog or $CXYGPT_MODELS)")
+    ap.add_argument("--vllm-image", help="engine image for kind vllm (default: the table's pinned image)")
+    ap.add_argument("--sim-image", default=os.environ.get("CXYGPT_SIM_IMAGE", DEFAULT_SIM_IMAGE),
+                    help=f"engine image for kind sim (default {DEFAULT_SIM_IMAGE})")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not a.verbose:  # kopf reports every handler run at INFO; ours say what changed
+        logging.getLogger("kopf").setLevel(logging.WARNING)
+    try:  # a broken table stops the operator here, with the field named
+        table, catalog = load_table(a.profiles), load_catalog(a.models)
+    except ProfileTableError as e:
+        print(f"cxygpt-operator: {e}", file=sys.stderr)
+        return 2
+    if a.kubeconfig:
+        os.environ["KUBECONFIG"] = a.kubeconfig
+
+    import kopf  # imported after the environment is settled
+
+    from .handlers import Shared  # importing registers the handlers
+    from .build import EngineImages
+    from .kube import Kube, api_client
+    from .reconcile import Context
+
+    context = Context(table=table, catalog=catalog, kube=Kube(api_client(a.kubeconfig)),
+                      images=EngineImages(vllm=a.vllm_image or table.vllm.image, sim=a.sim_image))
+    kopf.run(
+        clusterwide=not a.namespace,
+        namespaces=a.namespace,
+        standalone=a.peering is None,
+        peering_name=a.peering,
+        liveness_endpoint=None if a.liveness == "off" else a.liveness,
+        memo=kopf.Memo(context=context, shared=Shared()),
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""One reconcile of a ModelDeployment: resolve, compare, apply what changed, write status if it changed."""
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+from dataclasses import dataclass
+
+import kopf
+
+from cxygpt_profiles import GpuNode, ModelCatalog, NoFit, ProfileTable, Selection
+
+from .build import (CONFIG_HASH, EngineImages, Owner, build_deployment, build_service, build_status)
+from .kube import Kube
+from .resolve import SpecError, parse_spec, resolve
+
+# Pending models are re-evaluated on every node change; this slow retry is only a safety net.
+PENDING_RETRY_S = 600
+
+
+@dataclass
+class Context:
+    table: ProfileTable
+    catalog: ModelCatalog
+    kube: Kube
+    images: EngineImages
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _owned_by(obj: dict, owner: Owner) -> bool:
+    return any(ref.get("uid") == owner.uid for ref in obj.get("metadata", {}).get("ownerReferences") or [])
+
+
+def status_patch(previous: dict, desired: dict) -> dict:
+    """A merge patch turning `previous` into `desired` (null removes keys that are gone)."""
+    return {**{k: None for k in previous if k not in desired}, **desired}
+
+
+async def _apply_if_changed(ctx: Context, current: dict | None, desired: dict, apply, logger) -> dict:
+    annotations = (current or {}).get("metadata", {}).get("annotations") or {}
+    same = (current is not None and annotations.get(CONFIG_HASH) == desired["metadata"]["annotations"][CONFIG_HASH]
+            and (current.get("spec") or {}).get("replicas") == desired["spec"].get("replicas"))
+    if same:
+        return current
+    logger.info("applying %s %s (config %s)", desired["kind"], desired["metadata"]["name"],
+                desired["metadata"]["annotations"][CONFIG_HASH])
+    applied = await asyncio.to_thread(apply, desired)
+    # keep the observed status: an apply answers with the object as stored, status included
+    return applied
+
+
+async def reconcile(body: dict, nodes: list[GpuNode], ctx: Context, logger: logging.Logger) -> dict:
+    """Returns the status written (or kept). Raises kopf.TemporaryError when no GPU fits yet and
+    kopf.PermanentError when only a spec change can help."""
+    meta, previous = body["metadata"], body.get("status") or {}
+    owner = Owner(meta["name"], meta["namespace"], meta["uid"], meta.get("generation") or 1)
+    try:
+        spec = parse_spec(body.get("spec") or {})
+    except SpecError as e:
+        await _write_status(ctx, owner, previous, _failed(owner, previous, "InvalidSpec", str(e)))
+        raise kopf.PermanentError(str(e)) from None
+
+    try:
+        outcome: Selection | NoFit = resolve(spec, nodes, ctx.table, ctx.catalog)
+    except NoFit as e:
+        outcome = e
+
+    deployment = await asyncio.to_thread(ctx.kube.get_deployment, owner.namespace, owner.name)
+    service = await asyncio.to_thread(ctx.kube.get_service, owner.namespace, owner.name)
+    for obj in (deployment, service):
+        if obj is not None and not _owned_by(obj, owner):
+            message = f"a {obj['kind']} named {owner.name} exists and is not owned by this ModelDeployment"
+            await _write_status(ctx, owner, previous, _failed(owner, previous, "ResourceConflict", message))
+            raise kopf.PermanentError(message)
+
+    image = args = None
+    if isinstance(outcome, Selection):
+        desired = build_deployment(owner, spec, outcome, ctx.table, ctx.images)
+        container = desired["spec"]["template"]["spec"]["containers"][0]
+        image, args = container["image"], container["args"]
+        deployment = await _apply_if_changed(ctx, deployment, desired, ctx.kube.apply_deployment, logger)
+        await _apply_if_changed(ctx, service, build_service(owner, spec, outcome, ctx.table),
+                                ctx.kube.apply_service, logger)
+    # With no profile fitting, running engines are left alone: a node that flaps must not take a model down.
+
+    status = build_status(owner, spec, outcome, table=ctx.table, deployment=deployment, image=image, args=args,
+                          previous=previous, now=_now())
+    await _write_status(ctx, owner, previous, status)
+    if isinstance(outcome, NoFit):
+        if outcome.permanent:
+            raise kopf.PermanentError(f"{outcome.reason}: {outcome.message}")
+        raise kopf.TemporaryError(f"{outcome.reason}: {outcome.message}", delay=PENDING_RETRY_S)
+    return status
+
+
+def _failed(owner: Owner, previous: dict, reason: str, message: str) -> dict:
+    now, gen = _now(), owner.generation
+    before = previous.get("conditions") or []
+    kept = [c for c in before if c.get("type") not in ("ProfileSelected", "Degraded")]
+    since = lambda t, s: next((c["lastTransitionTime"] for c in before  # noqa: E731
+                               if c.get("type") == t and c.get("status") == s and c.get("lastTransitionTime")), now)
+    return {**previous, "phase": "Failed", "observedGeneration": gen, "conditions": [
+        {"type": "ProfileSelected", "status": "False", "reason": reason, "message": message,
+         "observedGeneration": gen, "lastTransitionTime": since("ProfileSelected", "False")},
+        *kept,
+        {"type": "Degraded", "status": "True", "reason": reason, "message": message,
+         "observedGeneration": gen, "lastTransitionTime": since("Degraded", "True")}]}
+
+
+async def _write_status(ctx: Context, owner: Owner, previous: dict, status: dict) -> None:
+    if status != previous:
+        await asyncio.to_thread(ctx.kube.patch_status, owner.namespace, owner.name, status_patch(previous, status))
