@@ -18,6 +18,7 @@ log = logging.getLogger("cxygpt_sim")
 
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 DONE = b"data: [DONE]\n\n"
+MAX_CATCH_UP_S = 0.05  # how far the engine timeline may run ahead of a late event loop
 
 
 class Flight:
@@ -67,16 +68,24 @@ class Engine:
             self.metrics.record_abort(flight.seq, self._clock())
 
     async def run(self) -> None:
+        deadline = None
         while True:
             if not self.scheduler.has_work:
                 self._wake.clear()
                 await self._wake.wait()
-            start = self._clock()
-            duration = self.scheduler.begin_step(start)
+                deadline = None
+            now = self._clock()
+            waiting_before = len(self.scheduler.waiting)
+            duration = self.scheduler.begin_step(now)
             if not self.scheduler.running:
                 continue  # everything was cancelled meanwhile
-            # sleep to the step's deadline, not for its duration, so loop overhead does not add up
-            await asyncio.sleep(max(start + duration - self._clock(), 0))
+            # Decode steps follow each other on the engine's own timeline, so the time this process spends
+            # between steps (CPU contention, scrapes) does not stretch the configured ITL; a step that admits
+            # requests starts now, so their TTFT is never shortened.
+            admitted = len(self.scheduler.waiting) < waiting_before
+            start = now if deadline is None or admitted else max(deadline, now - MAX_CATCH_UP_S)
+            deadline = start + duration
+            await asyncio.sleep(max(deadline - self._clock(), 0))
             now = self._clock()
             progress = self.scheduler.end_step(now)
             self.metrics.record_step(progress, now)
