@@ -101,7 +101,12 @@ class KubeAPI(kmock.KubernetesEmulator):
         if request.action == enums.action.CREATE and data is not None:
             self._prepare_create(request, key, data)
         elif request.action == enums.action.UPDATE and data is not None:
+            current = self._current(request)
             self._prepare_update(request, key, data)
+            if current is not None and _merge(copy.deepcopy(current), {**data, "metadata": {
+                    **data.get("metadata", {}), "resourceVersion": None}}) == {
+                    **current, "metadata": {k: v for k, v in current["metadata"].items() if k != "resourceVersion"}}:
+                return aiohttp.web.json_response(current)  # a no-op write changes nothing, as in the API server
         # An object is gone after a DELETE, or after the PATCH that removes its last finalizer.
         may_vanish = request.name is not None and request.action in (enums.action.DELETE, enums.action.UPDATE)
         uid = self._uid_of(request) if may_vanish else None

@@ -1,0 +1,253 @@
+"""The real cxygpt-operator process against the in-memory Kubernetes API over HTTP, driven with real kubectl."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from kubernetes import client
+
+from harness import REPO, ServerProcess, console_script, free_port, wait_until
+
+NODES = {
+    "gpu-32g": {"nvidia.com/gpu.memory": "32607", "nvidia.com/gpu.count": "1",
+                "nvidia.com/gpu.product": "NVIDIA-GeForce-RTX-5090"},
+    "gpu-80g": {"nvidia.com/gpu.memory": "81559", "nvidia.com/gpu.count": "1",
+                "nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
+    "gpu-2x80g": {"nvidia.com/gpu.memory": "81559", "nvidia.com/gpu.count": "2",
+                  "nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
+}
+
+
+class Cluster:
+    def __init__(self, kube_api, tmp: Path):
+        self.kube_api, self.tmp = kube_api, tmp
+        self.api = kube_api.api_client()
+        self.core, self.apps = client.CoreV1Api(self.api), client.AppsV1Api(self.api)
+        self.custom = client.CustomObjectsApi(self.api)
+        self.operator = None
+
+    def kubectl(self, *args, check=True, stdin=None) -> subprocess.CompletedProcess:
+        out = subprocess.run([console_script("kubectl"), "--kubeconfig", str(self.kube_api.kubeconfig),
+                              "--cache-dir", str(self.tmp / "kubectl-cache"), *args],
+                             capture_output=True, text=True, input=stdin, timeout=30)
+        if check and out.returncode != 0:
+            raise AssertionError(f"kubectl {' '.join(args)} failed: {out.stderr}")
+        return out
+
+    def apply(self, docs: list[dict] | dict, check=True):
+        docs = docs if isinstance(docs, list) else [docs]
+        return self.kubectl("apply", "--validate=false", "-f", "-", stdin=yaml.safe_dump_all(docs), check=check)
+
+    def add_node(self, name):
+        self.apply({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": NODES[name]}})
+
+    def start_operator(self):
+        port = free_port()
+        self.operator = ServerProcess(
+            [console_script("cxygpt-operator"), "--kubeconfig", str(self.kube_api.kubeconfig),
+             "--liveness", f"http://127.0.0.1:{port}/healthz"],
+            port=port, log_path=self.tmp / "operator.log", health="/healthz").start()
+
+    def md(self, name, ns="default"):
+        return self.custom.get_namespaced_custom_object("cxygpt.io", "v1alpha1", ns, "modeldeployments", name)
+
+    def wait_status(self, name, predicate, ns="default", timeout=15, what="status"):
+        def check():
+            status = self.md(name, ns).get("status") or {}
+            return status if predicate(status) else None
+        try:
+            return wait_until(check, timeout=timeout, what=f"{name} {what}")
+        except AssertionError:
+            raise AssertionError(f"{what}: {json.dumps(self.md(name, ns).get('status'), indent=1)}\n"
+                                 f"operator log:\n{self.operator.log() if self.operator else ''}") from None
+
+    def deployment(self, name, ns="default"):
+        return self.api.sanitize_for_serialization(self.apps.read_namespaced_deployment(name, ns))
+
+    def args(self, name, ns="default"):
+        return self.deployment(name, ns)["spec"]["template"]["spec"]["containers"][0]["args"]
+
+
+def md(name, *, mode="multi", profile="auto", replicas=1, source="hf://Qwen/Qwen3-14B", int4=True, **extra):
+    model = {"name": name, "source": source}
+    if int4:
+        model["variants"] = {"int4": "hf://Qwen/Qwen3-14B-GPTQ-Int4"}
+    return {"apiVersion": "cxygpt.io/v1alpha1", "kind": "ModelDeployment", "metadata": {"name": name, "namespace": "default"},
+            "spec": {"model": model, "mode": mode, "profile": profile, "replicas": replicas, **extra}}
+
+
+def flag(args, name):
+    return args[args.index(name) + 1]
+
+
+@pytest.fixture
+def cluster(kube_api, tmp_path):
+    c = Cluster(kube_api, tmp_path)
+    yield c
+    if c.operator:
+        c.operator.stop()
+
+
+def test_create_update_and_delete(cluster):
+    cluster.add_node("gpu-80g")
+    cluster.start_operator()
+    cluster.apply(md("chat"))
+    status = cluster.wait_status("chat", lambda s: s.get("phase") == "Starting")
+    assert status["profile"] == "SRV_80G" and status["mode"] == "multi"
+    assert status["gpu"] == {"product": "NVIDIA-H100-80GB-HBM3", "memoryMiB": 81559, "count": 1,
+                             "node": "gpu-80g", "summary": "1x79GiB"}
+    assert status["fit"]["fits"] and status["fit"]["kvBytesPerToken"] == 81920
+    assert status["limits"]["maxInputTokens"] == 16128 and status["endpoint"] == "http://chat.default.svc:8000"
+    assert {c["type"]: c["status"] for c in status["conditions"]} == {
+        "ProfileSelected": "True", "Available": "False", "Progressing": "True", "Degraded": "False"}
+
+    dep = cluster.deployment("chat")
+    args = dep["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args == status["engineArgs"] and flag(args, "--max-model-len") == "16384"
+    assert dep["metadata"]["ownerReferences"][0]["uid"] == cluster.md("chat")["metadata"]["uid"]
+    assert dep["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"] == {"nvidia.com/gpu": "1"}
+    svc = cluster.core.read_namespaced_service("chat", "default")
+    assert svc.spec.ports[0].port == 8000 and svc.spec.selector == dep["spec"]["selector"]["matchLabels"]
+
+    # the printer columns, as a user sees them
+    table = cluster.kubectl("get", "md", "chat").stdout.split("\n")
+    assert table[0].split() == ["NAME", "MODEL", "PROFILE", "GPU", "READY", "PHASE", "AGE"]
+    assert table[1].split()[:6] == ["chat", "chat", "SRV_80G", "1x79GiB", "0/1", "Starting"]
+
+    # the engine reports ready (the Deployment controller's job on a real cluster)
+    cluster.apps.patch_namespaced_deployment_status("chat", "default", {"status": {"replicas": 1, "readyReplicas": 1}})
+    status = cluster.wait_status("chat", lambda s: s.get("phase") == "Ready")
+    assert status["ready"] == "1/1"
+
+    # a spec update rolls the Deployment with the new profile's args
+    old_hash = dep["metadata"]["annotations"]["cxygpt.io/config-hash"]
+    cluster.kubectl("patch", "md", "chat", "--type=merge", "-p", '{"spec": {"mode": "single"}}')
+    status = cluster.wait_status("chat", lambda s: s.get("observedGeneration") == 2 and s.get("profile") == "SINGLE_32G")
+    dep = cluster.deployment("chat")
+    assert dep["metadata"]["annotations"]["cxygpt.io/config-hash"] != old_hash
+    assert flag(cluster.args("chat"), "--max-model-len") == "3072"
+    assert flag(cluster.args("chat"), "--gpu-memory-utilization") == "0.95"
+
+    # kubectl scale goes through the scale subresource's spec path
+    cluster.kubectl("patch", "md", "chat", "--type=merge", "-p", '{"spec": {"replicas": 3}}')
+    wait_until(lambda: cluster.deployment("chat")["spec"]["replicas"] == 3, what="scaled Deployment")
+    assert cluster.deployment("chat")["metadata"]["annotations"]["cxygpt.io/config-hash"] == \
+        dep["metadata"]["annotations"]["cxygpt.io/config-hash"]  # scaling does not roll pods
+
+    # delete: kopf releases its finalizer, ownerReferences take the engine objects with it
+    cluster.kubectl("delete", "md", "chat", "--timeout=20s")
+    assert cluster.kubectl("get", "deployment,service", "-o", "name").stdout.strip() == ""
+
+
+def test_pending_until_a_node_fits_then_scheduled(cluster):
+    cluster.start_operator()
+    cluster.apply(md("wait"))
+    status = cluster.wait_status("wait", lambda s: s.get("phase") == "Pending")
+    cond = next(c for c in status["conditions"] if c["type"] == "ProfileSelected")
+    assert cond["reason"] == "NoMatchingGPU" and "no schedulable GPU node" in cond["message"]
+    assert cluster.kubectl("get", "deployment", "-o", "name").stdout.strip() == ""
+
+    cluster.add_node("gpu-2x80g")  # a node event, not a timer, wakes the waiting model
+    status = cluster.wait_status("wait", lambda s: s.get("phase") == "Starting", timeout=10)
+    assert status["profile"] == "SRV_MULTI_80G"
+    assert flag(cluster.args("wait"), "--tensor-parallel-size") == "2"
+
+
+def test_profile_follows_hardware(cluster):
+    for node in NODES:
+        cluster.add_node(node)
+    cluster.start_operator()
+    cluster.apply([md("multi"), md("single", mode="single"), md("forced", profile="SRV_48G", int4=False)])
+    cluster.wait_status("multi", lambda s: s.get("profile") == "SRV_MULTI_80G")
+    cluster.wait_status("single", lambda s: s.get("profile") == "SINGLE_32G")
+    # a forced profile needs a matching node: no 48 GB node, but 80 GB ones satisfy its minimum
+    cluster.wait_status("forced", lambda s: s.get("profile") == "SRV_48G")
+
+    cluster.kubectl("delete", "node", "gpu-2x80g")
+    cluster.wait_status("multi", lambda s: s.get("profile") == "SRV_80G")
+    cluster.kubectl("delete", "node", "gpu-80g")
+    status = cluster.wait_status("multi", lambda s: s.get("profile") == "DEV_32G")
+    assert status["engineArgs"][0] == "Qwen/Qwen3-14B-GPTQ-Int4"
+    assert flag(status["engineArgs"], "--max-model-len") == "4096"
+    # the forced 48 GB profile has nowhere to go: Pending, its running engine left alone
+    status = cluster.wait_status("forced", lambda s: s.get("phase") == "Pending")
+    assert status["profile"] == "SRV_48G"
+
+
+def test_operator_restart_changes_nothing(cluster):
+    cluster.add_node("gpu-80g")
+    cluster.start_operator()
+    cluster.apply(md("steady"))
+    cluster.wait_status("steady", lambda s: s.get("phase") == "Starting")
+    before = {
+        "md": cluster.md("steady")["metadata"]["resourceVersion"],
+        "deployment": cluster.deployment("steady")["metadata"]["resourceVersion"],
+        "service": cluster.core.read_namespaced_service("steady", "default").metadata.resource_version,
+    }
+    cluster.operator.stop()
+    cluster.start_operator()
+    # a model created after the restart is reconciled after the existing ones were resumed
+    cluster.apply(md("sentinel"))
+    cluster.wait_status("sentinel", lambda s: s.get("phase") == "Starting")
+    after = {
+        "md": cluster.md("steady")["metadata"]["resourceVersion"],
+        "deployment": cluster.deployment("steady")["metadata"]["resourceVersion"],
+        "service": cluster.core.read_namespaced_service("steady", "default").metadata.resource_version,
+    }
+    assert after == before
+    assert sorted(cluster.kubectl("get", "deployments", "-o", "name").stdout.split()) == [
+        "deployment.apps/sentinel", "deployment.apps/steady"]
+
+
+def test_bad_specs_are_rejected_or_explained(cluster):
+    cluster.add_node("gpu-32g")
+    cluster.start_operator()
+    bad = md("bad", replicas=-1, profile="SRV_99G")
+    out = cluster.apply(bad, check=False)
+    assert out.returncode != 0
+    assert "replicas must be >= 0" in out.stderr and "profile must be auto or one of" in out.stderr
+    typo = md("typo")
+    typo["spec"]["modee"] = "single"
+    assert "'modee' was unexpected" in cluster.apply(typo, check=False).stderr
+
+    # valid but impossible: a forced profile the weights cannot fit
+    cluster.apply(md("huge", mode="single", profile="SINGLE_32G", source="hf://Qwen/Qwen3-32B", int4=False))
+    status = cluster.wait_status("huge", lambda s: s.get("phase") == "Failed")
+    cond = next(c for c in status["conditions"] if c["type"] == "ProfileSelected")
+    assert cond["reason"] == "InsufficientGPUMemory" and "weights need" in cond["message"]
+    assert status["fit"]["fits"] is False
+
+    # a name taken by someone else's Deployment is not overwritten
+    cluster.apply({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "taken", "namespace": "default"},
+                   "spec": {"selector": {"matchLabels": {"a": "b"}},
+                            "template": {"metadata": {"labels": {"a": "b"}}, "spec": {"containers": [{"name": "c", "image": "x"}]}}}})
+    cluster.apply(md("taken"))
+    status = cluster.wait_status("taken", lambda s: s.get("phase") == "Failed")
+    assert next(c for c in status["conditions"] if c["type"] == "Degraded")["reason"] == "ResourceConflict"
+    assert cluster.deployment("taken")["spec"]["template"]["spec"]["containers"][0]["image"] == "x"
+
+
+def test_examples_apply_with_kubectl(cluster):
+    for node in NODES:
+        cluster.add_node(node)
+    cluster.start_operator()
+    cluster.kubectl("apply", "--validate=false", "-f", str(REPO / "examples"))
+    names = {"llm": ["my-llm", "qwen3-14b", "qwen3-14b-solo"], "default": ["qwen3-small"]}
+    for ns, items in names.items():
+        for name in items:
+            cluster.wait_status(name, lambda s: s.get("phase") == "Starting", ns=ns)
+    rows = cluster.kubectl("get", "md", "-A", "--no-headers").stdout.strip().split("\n")
+    assert len(rows) == 4 and all("Starting" in r for r in rows)
+
+
+def test_broken_profile_table_stops_the_operator_with_the_field_named(tmp_path):
+    table = yaml.safe_load((REPO / "profiles/profiles.yaml").read_text())
+    table["profiles"][2]["engine"]["max_model_len"] = -5
+    path = tmp_path / "profiles.yaml"
+    path.write_text(yaml.safe_dump(table))
+    out = subprocess.run([console_script("cxygpt-operator"), "--profiles", str(path)], capture_output=True, text=True,
+                         timeout=30)
+    assert out.returncode == 2
+    assert "profiles[2](SRV_48G).engine.max_model_len: Input should be greater than 0" in out.stderr
