@@ -89,3 +89,12 @@ def test_subresources_printer_columns_and_short_name():
     assert VERSION["subresources"]["scale"]["specReplicasPath"] == ".spec.replicas"
     assert [c["name"] for c in VERSION["additionalPrinterColumns"]] == ["Model", "Profile", "GPU", "Ready", "Phase", "Age"]
     assert CRD["spec"]["names"]["shortNames"] == ["md"]
+
+
+def test_crd_reference_doc_is_generated_from_the_schema():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("crd_reference", REPO / "scripts/crd_reference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert (REPO / "docs/crd-reference.md").read_text() == module.render(), \
+        "docs/crd-reference.md is stale: run python scripts/crd_reference.py"
