@@ -7,7 +7,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from cxygpt_profiles import default_catalog, default_table, estimate_fit
+from cxygpt_profiles import ProfileTableError, default_catalog, default_table, estimate_fit
 
 from .engine import DEFAULT_SPEED_PROFILE, SPEED_PROFILES, Capacity, Speed
 from .text import DEFAULT_VOCAB_SIZE
@@ -103,25 +103,30 @@ def build_parser() -> argparse.ArgumentParser:
         usage="cxygpt-sim [serve] [model_tag] [options]",
         description="vLLM-compatible engine simulator: vLLM's command line and OpenAI HTTP API, no GPU. "
                     "Other vLLM flags are accepted and ignored with one warning line.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        epilog="speed profiles (ttft ms / itl ms / prefill ms per 1k prompt tokens / itl batch slope): " + "; ".join(
+            f"{name} {s.ttft_ms:g}/{s.itl_ms:g}/{s.prefill_ms_per_1k:g}/{s.itl_batch_slope:g}"
+            for name, s in SPEED_PROFILES.items()))
     v = p.add_argument_group("vLLM flags the simulator models")
     v.add_argument("model_tag", nargs="?", help="model (vLLM's positional; wins over --model)")
     v.add_argument("--model", default=None)
     v.add_argument("--served-model-name", nargs="+", default=None,
                    help="names the API answers to; the first is reported (default: the model)")
-    v.add_argument("--host", default="0.0.0.0")
-    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--host", default="0.0.0.0", help="default 0.0.0.0")
+    v.add_argument("--port", type=int, default=8000, help="default 8000")
     v.add_argument("--api-key", default=None, help="require this bearer token on /v1 routes")
     v.add_argument("--dtype", default="auto")
     v.add_argument("--kv-cache-dtype", default="auto")
     v.add_argument("--quantization", "-q", default=None, help="any value means 4-bit weights for the fit")
-    v.add_argument("--max-model-len", type=_max_model_len, default=None)
-    v.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    v.add_argument("--max-model-len", type=_max_model_len, default=None,
+                   help="16384, 16k or 16K; default: the model's context from the catalog, else "
+                        f"{DEFAULT_MAX_MODEL_LEN}")
+    v.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="default 0.9")
     v.add_argument("--tensor-parallel-size", "-tp", type=_positive(int), default=1)
     v.add_argument("--pipeline-parallel-size", "-pp", type=_positive(int), default=1)
-    v.add_argument("--max-num-seqs", type=_positive(int), default=256)
-    v.add_argument("--block-size", type=_positive(int), default=16)
-    v.add_argument("--num-gpu-blocks-override", type=_positive(int), default=None)
+    v.add_argument("--max-num-seqs", type=_positive(int), default=256, help="running slots; default 256")
+    v.add_argument("--block-size", type=_positive(int), default=16, help="KV block size in tokens; default 16")
+    v.add_argument("--num-gpu-blocks-override", type=_positive(int), default=None,
+                   help="KV budget = this x block size (else the fit estimate for the model)")
     v.add_argument("--seed", type=int, default=None, help="accepted; the simulator's seed is --sim-seed")
     s = p.add_argument_group("simulator knobs (flag > environment variable > speed profile)")
     s.add_argument("--speed-profile", choices=sorted(SPEED_PROFILES), default=None,
@@ -140,10 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sim-seed", type=int, default=None,
                    help=f"[{ENV['sim_seed']}] seed for jitter and reply text, for deterministic runs")
     s.add_argument("--sim-gpu-memory-mib", type=_positive(int), default=None,
-                   help=f"[{ENV['gpu_memory_mib']}] simulated memory per GPU for the KV budget "
-                        f"(default {DEFAULT_GPU_MEMORY_MIB})")
+                   help=f"[{ENV['gpu_memory_mib']}] simulated memory per GPU for the KV budget, "
+                        f"default {DEFAULT_GPU_MEMORY_MIB}")
     s.add_argument("--sim-text", choices=("corpus", "echo"), default=None,
-                   help=f"[{ENV['text']}] reply with corpus sentences or echo the prompt (default corpus)")
+                   help=f"[{ENV['text']}] reply with corpus sentences or echo the prompt; default corpus")
     return p
 
 
@@ -177,37 +182,54 @@ def _env_value(env: Mapping[str, str], key: str, parse):
         raise ConfigError(f"{ENV[key]}={raw!r}: {e}") from None
 
 
+@dataclass(frozen=True)
+class KvBudget:
+    max_model_len: int
+    tokens: int
+    vocab_size: int
+    explanation: str
+
+
+def _catalog():
+    """The model catalog and fit constants, or the reason they cannot be loaded (the sim then still serves)."""
+    try:
+        return default_catalog(), default_table().fit, ""
+    except ProfileTableError as e:
+        return None, None, f"model catalog unavailable ({e})"
+
+
 def kv_budget(*, model: str, served_name: str, max_model_len: int | None, dtype: str, quantization: str | None,
               kv_cache_dtype: str, gpu_memory_utilization: float, gpu_count: int, gpu_memory_mib: int,
-              max_num_seqs: int, block_size: int, num_gpu_blocks_override: int | None) -> tuple[int, int, str]:
-    """(max_model_len, KV-token budget, how it was derived): vLLM's override, else the VRAM fit estimate
-    for a catalogued model, else room for every sequence at full length."""
-    catalog = default_catalog()
-    found = catalog.entry(model, served_name)
-    facts = catalog.lookup(model, served_name)
+              max_num_seqs: int, block_size: int, num_gpu_blocks_override: int | None) -> KvBudget:
+    """vLLM's --num-gpu-blocks-override, else the VRAM fit estimate for a catalogued model, else room for
+    every sequence at full length."""
+    catalog, consts, problem = _catalog()
+    found = catalog.entry(model, served_name) if catalog else None
+    facts = catalog.lookup(model, served_name) if catalog else None
     if max_model_len is None:
         max_model_len = facts.max_context if facts else DEFAULT_MAX_MODEL_LEN
+    vocab_size = facts.vocab_size if facts else DEFAULT_VOCAB_SIZE
     if num_gpu_blocks_override:
-        return (max_model_len, num_gpu_blocks_override * block_size,
-                f"--num-gpu-blocks-override {num_gpu_blocks_override} x --block-size {block_size}")
+        return KvBudget(max_model_len, num_gpu_blocks_override * block_size, vocab_size,
+                        f"--num-gpu-blocks-override {num_gpu_blocks_override} x --block-size {block_size}")
     if facts is None:
-        return (max_model_len, max_num_seqs * max_model_len,
-                f"model {model!r} is not in the catalog: --max-num-seqs {max_num_seqs} x "
-                f"--max-model-len {max_model_len}")
+        reason = problem or f"model {model!r} is not in the catalog"
+        return KvBudget(max_model_len, max_num_seqs * max_model_len, vocab_size,
+                        f"{reason}: --max-num-seqs {max_num_seqs} x --max-model-len {max_model_len}")
     variant_int4 = found[1].variants.get("int4", "").lower() == model.lower()
     weights = "int4" if quantization or variant_int4 else "bf16"
-    consts = default_table().fit
     kv_dtype = kv_cache_dtype if kv_cache_dtype in consts.kv_bytes_per_element else "auto"
     fit = estimate_fit(facts, weights=weights, kv_cache_dtype=kv_dtype, max_model_len=max_model_len,
                        gpu_memory_utilization=gpu_memory_utilization, gpu_memory_mib=gpu_memory_mib,
                        gpu_count=gpu_count, consts=consts)
     tokens = fit.kv_token_capacity
-    note = f"fit estimate on {gpu_count}x{gpu_memory_mib} MiB ({dtype}, {weights} weights, kv {kv_dtype}): {fit.message}"
+    note = (f"fit estimate on {gpu_count}x{gpu_memory_mib} MiB ({dtype}, {weights} weights, kv {kv_dtype}): "
+            f"{fit.message}")
     if not fit.fits:
         # vLLM would refuse to start; the simulator keeps serving so demos and tests still run
         tokens = max(tokens, max_model_len)
         note += f"; WOULD NOT FIT on real GPUs, budget raised to max-model-len {max_model_len}"
-    return max_model_len, tokens, note
+    return KvBudget(max_model_len, tokens, vocab_size, note)
 
 
 def parse_config(argv: Sequence[str], env: Mapping[str, str] | None = None) -> tuple[SimConfig, list[str]]:
@@ -223,24 +245,23 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str] | None = None) -> t
     if not model:
         parser.error("a model is required (positional model_tag or --model)")
     served = tuple(a.served_model_name or [model])
-    gpu_memory_mib = a.sim_gpu_memory_mib or _env_value(env, "gpu_memory_mib", _positive(int)) \
-        or DEFAULT_GPU_MEMORY_MIB
-    max_model_len, kv_tokens, explanation = kv_budget(
+
+    def knob(key: str, given, parse=_non_negative):
+        return given if given is not None else _env_value(env, key, parse)
+
+    gpu_memory_mib = knob("gpu_memory_mib", a.sim_gpu_memory_mib, _positive(int)) or DEFAULT_GPU_MEMORY_MIB
+    budget = kv_budget(
         model=model, served_name=served[0], max_model_len=a.max_model_len, dtype=a.dtype,
         quantization=a.quantization, kv_cache_dtype=a.kv_cache_dtype,
         gpu_memory_utilization=a.gpu_memory_utilization,
         gpu_count=a.tensor_parallel_size * a.pipeline_parallel_size, gpu_memory_mib=gpu_memory_mib,
         max_num_seqs=a.max_num_seqs, block_size=a.block_size, num_gpu_blocks_override=a.num_gpu_blocks_override)
-    if kv_tokens // a.block_size * a.block_size < max_model_len:
-        raise ConfigError(f"KV budget of {kv_tokens} tokens cannot hold one sequence of max-model-len "
-                          f"{max_model_len}; raise --num-gpu-blocks-override")
+    if budget.tokens // a.block_size * a.block_size < budget.max_model_len:
+        raise ConfigError(f"KV budget of {budget.tokens} tokens cannot hold one sequence of max-model-len "
+                          f"{budget.max_model_len}; raise --num-gpu-blocks-override")
     profile = a.speed_profile or _env_value(env, "speed_profile", str) or DEFAULT_SPEED_PROFILE
     if profile not in SPEED_PROFILES:
         raise ConfigError(f"{ENV['speed_profile']}={profile!r}: choose one of {', '.join(sorted(SPEED_PROFILES))}")
-
-    def knob(key: str, given, parse=_non_negative):
-        return given if given is not None else _env_value(env, key, parse)
-
     speed = SPEED_PROFILES[profile].with_overrides(
         ttft_ms=knob("ttft_ms", a.ttft_ms), itl_ms=knob("itl_ms", a.itl_ms),
         prefill_ms_per_1k=knob("prefill_ms_per_1k", a.sim_prefill_ms_per_1k),
@@ -248,10 +269,9 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str] | None = None) -> t
     text = a.sim_text or _env_value(env, "text", str) or "corpus"
     if text not in ("corpus", "echo"):
         raise ConfigError(f"{ENV['text']}={text!r}: choose corpus or echo")
-    facts = default_catalog().lookup(model, served[0])
     config = SimConfig(
-        model=model, served_model_names=served, host=a.host, port=a.port, max_model_len=max_model_len,
-        max_num_seqs=a.max_num_seqs, kv_tokens=kv_tokens, kv_explanation=explanation, block_size=a.block_size,
-        vocab_size=facts.vocab_size if facts else DEFAULT_VOCAB_SIZE, api_key=a.api_key, speed=speed,
+        model=model, served_model_names=served, host=a.host, port=a.port, max_model_len=budget.max_model_len,
+        max_num_seqs=a.max_num_seqs, kv_tokens=budget.tokens, kv_explanation=budget.explanation,
+        block_size=a.block_size, vocab_size=budget.vocab_size, api_key=a.api_key, speed=speed,
         speed_profile=profile, seed=knob("sim_seed", a.sim_seed, int), text=text)
     return config, unknown

@@ -8,11 +8,12 @@ import time
 
 import orjson
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from . import protocol, text
 from .config import SimConfig
 from .engine import Scheduler, Sequence
-from .metrics import CONTENT_TYPE, EngineMetrics
+from .metrics import EngineMetrics
 
 log = logging.getLogger("cxygpt_sim")
 
@@ -127,7 +128,7 @@ class Api:
         return web.Response()
 
     async def metrics(self, request: web.Request) -> web.Response:
-        return web.Response(body=self.engine.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE})
+        return web.Response(body=self.engine.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def models(self, request: web.Request) -> web.Response:
         c = self.config

@@ -1,7 +1,8 @@
 """The vLLM command line the operator generates, sim knobs from flags and environment, and the KV budget."""
 import pytest
 
-from cxygpt_profiles import GpuNode, default_catalog, default_table, engine_args, select_profile
+from cxygpt_profiles import GpuNode, ProfileTableError, default_catalog, default_table, engine_args, select_profile
+from cxygpt_sim import config as sim_config
 from cxygpt_sim.config import ConfigError, build_parser, parse_config, split_unknown
 from cxygpt_sim.engine import SPEED_PROFILES
 
@@ -114,3 +115,11 @@ def test_help_documents_every_sim_knob_and_its_environment_variable():
 def test_split_unknown_keeps_negative_numbers_as_values():
     known, unknown = split_unknown(["m", "--max-model-len", "-1", "--foo", "--bar", "x"], build_parser())
     assert known == ["m", "--max-model-len", "-1"] and unknown == ["--foo", "--bar", "x"]
+
+
+def test_a_missing_catalog_falls_back_to_full_length_sequences(monkeypatch):
+    def unavailable():
+        raise ProfileTableError("models.yaml: cannot read: No such file or directory")
+    monkeypatch.setattr(sim_config, "default_catalog", unavailable)
+    config, _ = parse_config(["Qwen/Qwen3-8B", "--max-model-len", "1024", "--max-num-seqs", "4"], env={})
+    assert config.kv_tokens == 4096 and "catalog unavailable" in config.kv_explanation
