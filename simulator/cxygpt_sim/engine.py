@@ -72,6 +72,12 @@ class Sequence:
 
 
 @dataclass(frozen=True)
+class Step:
+    duration_s: float
+    admitted: int               # sequences that start (or restart) prefill in this step
+
+
+@dataclass(frozen=True)
 class Progress:
     seq: Sequence
     new_tokens: int
@@ -113,8 +119,8 @@ class Scheduler:
         if seq.state != "finished":
             seq.state = "cancelled"
 
-    def begin_step(self, now: float) -> float:
-        """Admit what fits and return how long this step takes, in seconds."""
+    def begin_step(self, now: float) -> Step:
+        """Admit what fits and say how long this step takes."""
         decoding = len(self.running)
         prefill_tokens = 0
         while self.waiting and len(self.running) < self.capacity.max_num_seqs:
@@ -136,7 +142,7 @@ class Scheduler:
                    (self.speed.decode_s(len(self.running)) if decoding else 0.0)
         if self.speed.jitter and duration:
             duration *= 1 + self.speed.jitter * self._rng.uniform(-1, 1)
-        return duration
+        return Step(duration, admitted)
 
     def end_step(self, now: float) -> list[Progress]:
         """Every sequence still running gets its next token (all remaining ones when decode is instant)."""

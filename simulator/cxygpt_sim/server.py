@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import secrets
 import time
 
 import orjson
@@ -48,13 +49,15 @@ class Engine:
         self.metrics = EngineMetrics(self.scheduler, config.served_name)
         self.writer = text.ReplyWriter(config.text, seed=config.seed or 0)
         self.flights: dict[str, Flight] = {}
-        self._ids = itertools.count()
+        # ids unique across restarts too, cheaper than a uuid per request
+        self._ids = (f"{secrets.token_hex(6)}{n:x}" for n in itertools.count())
+        self.healthy = True
         self._wake = asyncio.Event()
         self._clock = time.monotonic
 
     def submit(self, g: protocol.Generation, max_tokens: int) -> Flight:
         pieces, reason = self.writer.reply(g.reply_source, max_tokens, g.ignore_eos)
-        seq = Sequence(id=str(next(self._ids)), prompt_tokens=g.prompt_tokens, output_tokens=len(pieces),
+        seq = Sequence(id=next(self._ids), prompt_tokens=g.prompt_tokens, output_tokens=len(pieces),
                        arrived=self._clock())
         flight = self.flights[seq.id] = Flight(seq, pieces, reason, g.stream)
         self.scheduler.submit(seq)
@@ -69,6 +72,15 @@ class Engine:
             self.metrics.record_abort(flight.seq, self._clock())
 
     async def run(self) -> None:
+        try:
+            await self._steps()
+        except Exception:
+            # a bug here would hang every request: fail /health so the pod is restarted
+            self.healthy = False
+            log.exception("engine loop failed")
+            raise
+
+    async def _steps(self) -> None:
         deadline = None
         while True:
             if not self.scheduler.has_work:
@@ -76,16 +88,14 @@ class Engine:
                 await self._wake.wait()
                 deadline = None
             now = self._clock()
-            waiting_before = len(self.scheduler.waiting)
-            duration = self.scheduler.begin_step(now)
+            step = self.scheduler.begin_step(now)
             if not self.scheduler.running:
                 continue  # everything was cancelled meanwhile
             # Decode steps follow each other on the engine's own timeline, so the time this process spends
             # between steps (CPU contention, scrapes) does not stretch the configured ITL; a step that admits
             # requests starts now, so their TTFT is never shortened.
-            admitted = len(self.scheduler.waiting) < waiting_before
-            start = now if deadline is None or admitted else max(deadline, now - MAX_CATCH_UP_S)
-            deadline = start + duration
+            start = now if deadline is None or step.admitted else max(deadline, now - MAX_CATCH_UP_S)
+            deadline = start + step.duration_s
             await asyncio.sleep(max(deadline - self._clock(), 0))
             now = self._clock()
             progress = self.scheduler.end_step(now)
@@ -125,7 +135,7 @@ class Api:
         self.config = engine.config
 
     async def health(self, request: web.Request) -> web.Response:
-        return web.Response()
+        return web.Response(status=200 if self.engine.healthy else 503)
 
     async def metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=self.engine.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -203,24 +213,28 @@ class Api:
         unfinished = b'"finish_reason":null,"stop_reason":null}]}\n\n'
         finished = b'"finish_reason":"' + flight.finish_reason.encode() + b'","stop_reason":null}]}\n\n'
         seq, pieces, sent = flight.seq, flight.pieces, 0
-        while sent < len(pieces):
-            await flight.wait()
-            ready = seq.generated
-            if ready <= sent:
-                continue
-            out = [opening] if sent == 0 else []
-            for i in range(sent, ready):
-                out.append(before + orjson.dumps(pieces[i]) + after + (finished if i == len(pieces) - 1 else unfinished))
-            sent = ready
-            # all tokens of a step go out in one write (with instant decode that is the whole reply)
-            await response.write(b"".join(out))
-        tail = []
-        if g.include_usage:
-            tail.append(b"data: " + head + b',"choices":[],"usage":' +
-                        orjson.dumps(_usage(g.prompt_tokens, len(pieces))) + b"}\n\n")
-        tail.append(DONE)
-        await response.write(b"".join(tail))
-        await response.write_eof()
+        last = len(pieces) - 1
+        try:
+            while sent < len(pieces):
+                await flight.wait()
+                ready = seq.generated
+                if ready <= sent:
+                    continue
+                out = [opening] if sent == 0 else []
+                out.extend(before + orjson.dumps(pieces[i]) + after + (finished if i == last else unfinished)
+                           for i in range(sent, ready))
+                sent = ready
+                # all tokens of a step go out in one write (with instant decode that is the whole reply)
+                await response.write(b"".join(out))
+            tail = []
+            if g.include_usage:
+                tail.append(b"data: " + head + b',"choices":[],"usage":' +
+                            orjson.dumps(_usage(g.prompt_tokens, len(pieces))) + b"}\n\n")
+            tail.append(DONE)
+            await response.write(b"".join(tail))
+            await response.write_eof()
+        except ConnectionResetError:
+            pass  # the client left; release() aborts the request
         return response
 
 
@@ -246,10 +260,13 @@ async def bad_requests_stay_small(request: web.Request, handler):
         return _json(protocol.ApiError(e.status, e.reason, e.reason.replace(" ", "") + "Error").body(), e.status)
 
 
+ENGINE = web.AppKey("engine", Engine)
+
+
 def create_app(config: SimConfig) -> web.Application:
     middlewares = [bad_requests_stay_small] + ([_require_api_key(config.api_key)] if config.api_key else [])
     app = web.Application(middlewares=middlewares, client_max_size=64 * 1024 * 1024)
-    engine = app["engine"] = Engine(config)
+    engine = app[ENGINE] = Engine(config)
     api = Api(engine)
     app.router.add_get("/health", api.health)
     app.router.add_get("/metrics", api.metrics)

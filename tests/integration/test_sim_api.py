@@ -31,7 +31,8 @@ def count(sim, **body) -> int:
     return httpx.post(sim.url + "/tokenize", json={"model": MODEL, **body}, timeout=5).json()["count"]
 
 
-MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "What is continuous batching?"}]
+MESSAGES = [{"role": "system", "content": "You are terse."},
+            {"role": "user", "content": "What is continuous batching?"}]
 
 
 def test_chat_usage_matches_tokenize(sim, client):

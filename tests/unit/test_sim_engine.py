@@ -9,7 +9,7 @@ STEADY = Speed(ttft_ms=100, itl_ms=10, prefill_ms_per_1k=0, itl_batch_slope=0)
 def run(scheduler: Scheduler, now: float = 0.0, until=lambda s: not s.has_work) -> float:
     """Drive the engine like the server loop does, with time advancing by each step's duration."""
     while not until(scheduler):
-        now += scheduler.begin_step(now)
+        now += scheduler.begin_step(now).duration_s
         scheduler.end_step(now)
     return now
 
@@ -22,8 +22,8 @@ def test_at_most_max_num_seqs_run_and_the_rest_wait():
     s = Scheduler(Capacity(max_num_seqs=4, kv_blocks=1000), STEADY)
     for q in seqs(12):
         s.submit(q)
-    s.begin_step(0.0)
-    assert (len(s.running), len(s.waiting)) == (4, 8)
+    step = s.begin_step(0.0)
+    assert (len(s.running), len(s.waiting), step.admitted) == (4, 8, 4)
 
 
 def test_waves_of_ttft_follow_queueing():
@@ -74,7 +74,7 @@ def test_cancel_frees_the_slot_at_once():
     a, b = seqs(2)
     s.submit(a)
     s.submit(b)
-    now = s.begin_step(0.0)
+    now = s.begin_step(0.0).duration_s
     s.end_step(now)
     s.cancel(a)
     assert (len(s.running), len(s.waiting), s.kv_usage) == (0, 1, 0)
@@ -87,7 +87,7 @@ def test_cancel_during_a_step_drops_the_sequence_from_that_step():
     a, b = seqs(2)
     s.submit(a)
     s.submit(b)
-    now = s.begin_step(0.0)
+    now = s.begin_step(0.0).duration_s
     s.cancel(a)
     assert [p.seq for p in s.end_step(now)] == [b]
 
@@ -96,7 +96,7 @@ def test_instant_decode_finishes_a_request_in_one_step():
     s = Scheduler(Capacity(max_num_seqs=8, kv_blocks=100), SPEED_PROFILES["instant"])
     (a,) = seqs(1, output=50)
     s.submit(a)
-    assert s.begin_step(0.0) == 0
+    assert s.begin_step(0.0).duration_s == 0
     (p,) = s.end_step(0.0)
     assert (p.new_tokens, p.done, a.generated) == (50, True, 50)
 
@@ -105,9 +105,9 @@ def test_progress_reports_gaps_between_tokens():
     s = Scheduler(Capacity(max_num_seqs=1, kv_blocks=100), STEADY)
     (a,) = seqs(1, output=2)
     s.submit(a)
-    t = s.begin_step(0.0)
+    t = s.begin_step(0.0).duration_s
     (first,) = s.end_step(t)
-    t2 = t + s.begin_step(t)
+    t2 = t + s.begin_step(t).duration_s
     (second,) = s.end_step(t2)
     assert first.gap_s is None and second.gap_s == pytest.approx(0.01) and second.done
 
@@ -121,7 +121,7 @@ def test_jitter_is_deterministic_with_a_seed():
             s.submit(q)
         out, now = [], 0.0
         while s.has_work:
-            d = s.begin_step(now)
+            d = s.begin_step(now).duration_s
             out.append(d)
             now += d
             s.end_step(now)

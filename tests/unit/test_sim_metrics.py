@@ -37,13 +37,13 @@ def test_gauges_read_the_scheduler_and_events_feed_counters_and_histograms():
     a, b = (Sequence(id=str(i), prompt_tokens=20, output_tokens=3, arrived=0.0) for i in range(2))
     s.submit(a)
     s.submit(b)
-    now = s.begin_step(0.0)
+    now = s.begin_step(0.0).duration_s
     f = families(m)
     assert (sample(f["vllm:num_requests_running"]), sample(f["vllm:num_requests_waiting"])) == (1, 1)
     assert sample(f["vllm:kv_cache_usage_perc"]) == 0.2
     m.record_step(s.end_step(now), now)
     while a.state != "finished":
-        now += s.begin_step(now)
+        now += s.begin_step(now).duration_s
         m.record_step(s.end_step(now), now)
     m.record_finish("length")
     s.cancel(b)
