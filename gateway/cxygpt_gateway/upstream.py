@@ -244,6 +244,10 @@ class RelayResponse(Response):
         except (aiohttp.ClientError, ConnectionError) as e:
             error = GatewayError(502, f"upstream {target.name} failed: {e.__class__.__name__}: {e}",
                                  code="upstream_error", reason="upstream_broken")
+        except Exception as e:  # a gateway bug must still end in an answer, and be visible
+            log.exception("relay of %s failed", a.request_id)
+            error = GatewayError(502, f"gateway failed to relay the request: {e.__class__.__name__}",
+                                 code="gateway_error", reason="gateway_error")
         except asyncio.CancelledError:
             status = 499  # the client closed the connection: nothing left to send
             if resp is not None:

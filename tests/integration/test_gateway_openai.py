@@ -18,6 +18,7 @@ def stack(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("gateway")
     fast = start_sim(tmp, ttft_ms=20, itl_ms=2)
     slow = start_sim(tmp, "slow", ttft_ms=20, itl_ms=50)
+    sluggish = start_sim(tmp, "sluggish", ttft_ms=5000, itl_ms=5)
     config = {
         "keys_file": str(write_keys(tmp)),
         "models": [
@@ -27,11 +28,15 @@ def stack(tmp_path_factory):
              "limits": {"rate_qps": 0.2}},
             {"name": "slow", "url": slow.url, "profile": "DEV_32G",
              "limits": {"max_concurrency": 1, "queue_size": 0, "rate_qps": 1000}},
+            {"name": "sluggish", "url": sluggish.url, "profile": "DEV_32G",
+             "limits": {"rate_qps": 1000, "timeouts": {"ttft_s": 0.3}}},
+            {"name": "deadline", "url": slow.url, "upstream_model": "slow", "profile": "DEV_32G",
+             "limits": {"rate_qps": 1000, "timeouts": {"total_s": 0.6}}},
         ],
     }
     gateway = start_gateway(tmp, config)
-    yield {"gateway": gateway, "fast": fast, "slow": slow}
-    for proc in (gateway, fast, slow):
+    yield {"gateway": gateway, "fast": fast, "slow": slow, "sluggish": sluggish}
+    for proc in (gateway, fast, slow, sluggish):
         proc.stop()
 
 
@@ -142,11 +147,31 @@ def test_503_queue_full_at_once_and_cancel_frees_the_upstream_slot(client, stack
     client.chat.completions.create(model="slow", messages=MESSAGES, max_tokens=2)  # the slot is usable again
 
 
+def test_504_before_the_stream_starts_and_an_error_event_after(client, stack):
+    started = time.monotonic()
+    with pytest.raises(openai.APIStatusError) as e:  # no first token within ttft_s 0.3
+        client.chat.completions.create(model="sluggish", messages=MESSAGES, max_tokens=5, stream=True)
+    assert e.value.status_code == 504 and time.monotonic() - started < 3
+    assert error_of(e.value)["code"] == "upstream_timeout"
+    with pytest.raises(openai.APIStatusError) as e:  # whole answer not within total_s 0.6 (100 × 50 ms)
+        client.chat.completions.create(model="deadline", messages=MESSAGES, max_tokens=100)
+    assert e.value.status_code == 504
+    stream = client.chat.completions.create(model="deadline", messages=MESSAGES, max_tokens=100, stream=True)
+    got = []
+    with pytest.raises(openai.APIError) as e:
+        for chunk in stream:
+            got.append(chunk)
+    assert got and "did not finish within 0.6 s" in e.value.message
+    wait_until(lambda: metric(stack["sluggish"].url, "vllm:num_requests_running") +
+               metric(stack["sluggish"].url, "vllm:num_requests_waiting") == 0, timeout=3,
+               what="timed-out request aborted upstream")
+
+
 def test_models_limits_health_docs_and_metrics(stack):
     url = stack["gateway"].url
     headers = {"Authorization": f"Bearer {OTHER_KEY}"}
     models = httpx.get(url + "/v1/models", headers=headers).json()
-    assert sorted(m["id"] for m in models["data"]) == ["qwen3-14b", "rate-limited", "slow"]
+    assert sorted(m["id"] for m in models["data"]) == ["deadline", "qwen3-14b", "rate-limited", "slow", "sluggish"]
     limits = httpx.get(url + "/v1/limits", headers=headers).json()
     assert {"max_input_tokens", "max_output_tokens", "rate_qps", "rate_tpm", "queue_size", "single_user",
             "profile", "degraded", "key", "models"} <= set(limits)

@@ -16,12 +16,13 @@ OTHER_KEY = "sk-cxygpt-bronze"
 
 
 def start_sim(tmp: Path, name: str = "qwen3-14b", *, extra_names: tuple[str, ...] = (), max_num_seqs: int = 8,
-              ttft_ms: float = 20, itl_ms: float = 5, max_model_len: int = 4096) -> ServerProcess:
+              ttft_ms: float = 20, itl_ms: float = 5, max_model_len: int = 4096,
+              extra_args: tuple[str, ...] = ()) -> ServerProcess:
     port = free_port()
     argv = [console_script("cxygpt-sim"), "serve", "Qwen/Qwen3-14B", "--served-model-name", name, *extra_names,
             "--host", "127.0.0.1", "--port", str(port), "--max-model-len", str(max_model_len),
             "--max-num-seqs", str(max_num_seqs), "--ttft-ms", str(ttft_ms), "--itl-ms", str(itl_ms),
-            "--sim-jitter", "0", "--sim-seed", "1"]
+            "--sim-jitter", "0", "--sim-seed", "1", *extra_args]
     return ServerProcess(argv, port=port, log_path=tmp / f"sim-{port}.log").start()
 
 

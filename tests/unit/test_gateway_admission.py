@@ -315,3 +315,37 @@ def test_stream_scan_passes_bytes_through_and_takes_the_usage_chunk():
     assert out == TOKEN_CHUNK + b"data: [DONE]\n\n" and usage["total_tokens"] == 5 and done
     out, usage, _ = scan_stream(batch, strip_usage=False)
     assert out == batch and usage["completion_tokens"] == 2
+
+
+# ---- Kubernetes discovery (pure part) -----------------------------------------------------------------------
+
+def modeldeployment(name="qwen3-14b", phase="Ready", namespace="llm", **status):
+    limits = default_table().get("DEV_32G").limits.model_dump(by_alias=True)
+    return {"metadata": {"name": name, "namespace": namespace},
+            "spec": {"model": {"name": name}, "fallbackModel": "small"},
+            "status": {"phase": phase, "mode": "multi", "profile": "DEV_32G", "limits": limits,
+                       "endpoint": f"http://{name}.{namespace}.svc:8000", **status}}
+
+
+def endpointslice(service, namespace="llm", port=8000, endpoints=()):
+    return {"metadata": {"name": f"{service}-x", "namespace": namespace,
+                         "labels": {"kubernetes.io/service-name": service}},
+            "ports": [{"port": port}], "endpoints": list(endpoints)}
+
+
+def test_ready_modeldeployments_route_to_ready_endpoints_or_the_service():
+    from cxygpt_gateway.discovery.kubernetes import desired_routes
+    mds = {("llm", "qwen3-14b"): modeldeployment(), ("llm", "other"): modeldeployment("other", phase="Starting")}
+    routes = desired_routes(mds, {})
+    assert list(routes) == ["qwen3-14b"]
+    spec = routes["qwen3-14b"]
+    assert (spec.urls, spec.fallback, spec.limits.max_output_tokens) == (("http://qwen3-14b.llm.svc:8000",), "small", 256)
+    slices = {("llm", "s"): endpointslice("qwen3-14b", endpoints=[
+        {"addresses": ["10.0.0.2"], "conditions": {"ready": True}},
+        {"addresses": ["10.0.0.1"]},
+        {"addresses": ["10.0.0.3"], "conditions": {"ready": False}},
+        {"addresses": ["fd00::1"], "conditions": {"ready": True}}])}
+    assert desired_routes(mds, slices)["qwen3-14b"].urls == (
+        "http://10.0.0.1:8000", "http://10.0.0.2:8000", "http://[fd00::1]:8000")
+    broken = {("llm", "qwen3-14b"): modeldeployment(limits={"maxInputTokens": "many"})}
+    assert desired_routes(broken, {}) == {}
