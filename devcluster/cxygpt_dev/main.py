@@ -1,0 +1,343 @@
+"""`cxygpt-dev`: the whole system on one machine — Kubernetes API, operator, engines, gateway — no cluster, no GPU."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import yaml
+
+from .kubeapi import write_kubeconfig
+from .podrunner import PodRunner, free_port
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+STATE_DIR = Path(".cxygpt-dev")
+GROUP_PATH = "/apis/cxygpt.io/v1alpha1/modeldeployments"
+
+
+def tool(name: str) -> str:
+    """A console script of this environment (the venv's), else one on PATH."""
+    local = BIN / name
+    return str(local) if local.exists() else (shutil.which(name) or name)
+
+
+class Output:
+    """Every component's lines in one place, prefixed by component, on the terminal and in a log file."""
+
+    def __init__(self, log_file: Path, quiet: set[str] = frozenset()):
+        self.file = open(log_file, "a", buffering=1)
+        self.quiet = quiet
+
+    def __call__(self, component: str, line: str):
+        text = f"[{component}] {line}"
+        self.file.write(text + "\n")
+        if not any(component.startswith(q) for q in self.quiet):
+            print(text, flush=True)
+
+    def say(self, line: str = ""):
+        self.file.write(line + "\n")
+        print(line, flush=True)
+
+
+class OutputHandler(logging.Handler):
+    """Python log records (the pod runner's) into the same prefixed output."""
+
+    def __init__(self, out: Output, component: str):
+        super().__init__()
+        self.out, self.component = out, component
+
+    def emit(self, record):
+        self.out(self.component, self.format(record))
+
+
+class Component:
+    """A child process whose output is prefixed and which stops with the cluster."""
+
+    def __init__(self, name: str, argv: list[str], out: Output, env: dict | None = None):
+        self.name, self.argv, self.out, self.env = name, argv, out, env
+        self.process: asyncio.subprocess.Process | None = None
+
+    async def start(self):
+        self.process = await asyncio.create_subprocess_exec(
+            *self.argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            env={**os.environ, **(self.env or {})}, start_new_session=True)
+        self._pump = asyncio.create_task(self._pump_lines())
+
+    async def _pump_lines(self):
+        async for line in self.process.stdout:
+            self.out(self.name, line.decode(errors="replace").rstrip())
+
+    async def stop(self):
+        if self.process and self.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                await asyncio.wait_for(self.process.wait(), 10)
+            except asyncio.TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.process.pid, signal.SIGKILL)
+                await self.process.wait()
+
+
+async def wait_http(session: aiohttp.ClientSession, url: str, what: str, component: Component | None = None,
+                    timeout: float = 30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if component and component.process.returncode is not None:
+            raise SystemExit(f"cxygpt-dev: {what} exited with {component.process.returncode} (see its log lines above)")
+        try:
+            async with session.get(url, timeout=aiohttp.ClientTimeout(total=2)) as resp:
+                if resp.status == 200:
+                    return
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            pass
+        await asyncio.sleep(0.1)
+    raise SystemExit(f"cxygpt-dev: {what} did not answer at {url} within {timeout:.0f}s")
+
+
+def gpu_nodes_from_kind_config(path: Path) -> list[dict]:
+    """The GPU workers of kind-config.yaml as Node objects (one source for both clusters)."""
+    config = yaml.safe_load(path.read_text())
+    workers = [n for n in config.get("nodes", []) if n.get("role") == "worker"]
+    name = config.get("name", "kind")
+    return [{"apiVersion": "v1", "kind": "Node",
+             "metadata": {"name": f"{name}-worker{i + 1 if i else ''}", "labels": node.get("labels", {})},
+             "status": {"conditions": [{"type": "Ready", "status": "True"}]}}
+            for i, node in enumerate(workers)]
+
+
+class DevCluster:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.state = Path(args.state_dir)
+        self.state.mkdir(parents=True, exist_ok=True)
+        self.out = Output(self.state / "cxygpt-dev.log", quiet=set(args.quiet or []))
+        self.kubeconfig = Path(args.kubeconfig or self.state / "kubeconfig").resolve()
+        logging.getLogger("cxygpt.pods").addHandler(OutputHandler(self.out, "pods"))
+        self.components: list[Component] = []
+        self.runner: PodRunner | None = None
+        self.runner_task: asyncio.Task | None = None
+
+    async def _start(self, name: str, argv: list[str], health: str, session, env=None) -> Component:
+        component = Component(name, argv, self.out, env)
+        await component.start()
+        self.components.append(component)
+        await wait_http(session, health, name, component)
+        return component
+
+    async def up(self, stop: asyncio.Event):
+        a = self.args
+        async with aiohttp.ClientSession() as session:
+            api_port = free_port()
+            api_url = f"http://127.0.0.1:{api_port}"
+            await self._start("kubeapi", [sys.executable, "-m", "cxygpt_dev.kubeapi", "--port", str(api_port),
+                                          "--preload", str(REPO / "deploy" / "crds")], api_url + "/version", session)
+            write_kubeconfig(self.kubeconfig, api_url)
+            for node in gpu_nodes_from_kind_config(REPO / "kind-config.yaml"):
+                async with session.post(api_url + "/api/v1/nodes", json=node) as resp:
+                    resp.raise_for_status()
+            op_port = free_port()
+            await self._start("operator", [tool("cxygpt-operator"), "--kubeconfig", str(self.kubeconfig),
+                                           "--liveness", f"http://127.0.0.1:{op_port}/healthz"],
+                              f"http://127.0.0.1:{op_port}/healthz", session)
+            self.runner = PodRunner(api_url, output=lambda label, line: self.out(f"engine {label}", line))
+            self.runner_task = asyncio.create_task(self.runner.run())
+            gateway = f"http://127.0.0.1:{a.gateway_port}"
+            await self._start("gateway", [tool("cxygpt-gateway"), "--kubernetes", "--kubeconfig", str(self.kubeconfig),
+                                          "--host", "127.0.0.1", "--port", str(a.gateway_port)],
+                              gateway + "/healthz", session)
+            self._print_next_steps(gateway)
+            if not a.no_examples:
+                await self._apply_examples()
+                await self._wait_ready(session, api_url, stop)
+                if not stop.is_set():
+                    await self._first_chat(session, gateway)
+            self.out.say("cxygpt-dev: up. Ctrl-C (or `cxygpt-dev down`) stops everything.")
+            (self.state / "ready").write_text(json.dumps({"gateway": gateway, "kubeconfig": str(self.kubeconfig),
+                                                          "api": api_url}))
+            await stop.wait()
+
+    def _kubectl(self) -> str:
+        return f"{tool('kubectl')} --kubeconfig {self.kubeconfig}"
+
+    def _print_next_steps(self, gateway: str):
+        k = self._kubectl()
+        self.out.say("")
+        self.out.say("cxygpt-dev: Kubernetes API, operator, pod runner and gateway are running. Next:")
+        self.out.say(f"  {k} apply --validate=false -f {REPO / 'examples'}/")
+        self.out.say(f"  {k} get md -A")
+        self.out.say(f"  curl -N {gateway}/v1/chat/completions -H 'Content-Type: application/json' "
+                     "-d '{\"model\": \"qwen3-0.6b\", \"stream\": true, \"messages\": [{\"role\": \"user\", \"content\": \"Hello\"}]}'")
+        self.out.say(f"  python -c \"import openai; c = openai.OpenAI(base_url='{gateway}/v1', api_key='none'); "
+                     "print(c.chat.completions.create(model='qwen3-0.6b', messages=[{'role': 'user', 'content': 'Hi'}])"
+                     ".choices[0].message.content)\"")
+        self.out.say("")
+
+    async def _apply_examples(self):
+        argv = [tool("kubectl"), "--kubeconfig", str(self.kubeconfig), "--cache-dir", str(self.state / "kubectl-cache"),
+                "apply", "--validate=false", "-f", str(REPO / "examples")]
+        proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        output, _ = await proc.communicate()
+        for line in output.decode().splitlines():
+            self.out("kubectl", line)
+        if proc.returncode != 0:
+            raise SystemExit("cxygpt-dev: applying examples/ failed (see above)")
+
+    async def _wait_ready(self, session, api_url: str, stop: asyncio.Event, timeout: float = 120):
+        deadline, last = time.monotonic() + timeout, None
+        while time.monotonic() < deadline and not stop.is_set():
+            async with session.get(api_url + GROUP_PATH) as resp:
+                items = (await resp.json())["items"]
+            states = {i["metadata"]["name"]: (i.get("status") or {}).get("phase", "New") for i in items}
+            line = "waiting for models: " + ", ".join(f"{n} {p}" for n, p in sorted(states.items()))
+            if line != last:
+                self.out.say(line)
+                last = line
+            if states and all(p in ("Ready", "Failed") for p in states.values()):
+                return
+            await asyncio.sleep(0.25)
+        self.out.say("cxygpt-dev: not every model became Ready in time; the system keeps running")
+
+    async def _first_chat(self, session, gateway: str):
+        """One streamed chat through the gateway, as a client would send it."""
+        body = {"model": "qwen3-0.6b", "stream": True, "max_tokens": 24,
+                "messages": [{"role": "user", "content": "Say hello to the dev cluster."}]}
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            async with session.post(gateway + "/v1/chat/completions", json=body) as resp:
+                if resp.status == 200:
+                    text = []
+                    async for raw in resp.content:
+                        line = raw.decode().strip()
+                        if line.startswith("data: ") and line != "data: [DONE]":
+                            for choice in json.loads(line[6:]).get("choices", []):
+                                text.append(choice.get("delta", {}).get("content") or "")
+                    self.out.say(f"first streamed chat via the gateway (qwen3-0.6b): {''.join(text).strip()}")
+                    return
+                error = await resp.text()
+            await asyncio.sleep(0.3)  # the gateway may not have discovered the engines yet
+        self.out.say(f"cxygpt-dev: the first chat did not succeed: {error[:300]}")
+
+    async def down(self):
+        if self.runner_task:
+            self.runner_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.runner_task
+        for component in reversed(self.components):
+            await component.stop()
+        (self.state / "ready").unlink(missing_ok=True)
+
+
+def _up(args) -> int:
+    cluster = DevCluster(args)
+
+    async def run():
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        task = asyncio.create_task(cluster.up(stop))
+        waiter = asyncio.create_task(stop.wait())
+        try:
+            await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            if task.done():
+                task.result()  # raises what went wrong while starting
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, SystemExit):
+                await task
+            cluster.out.say("cxygpt-dev: stopping")
+            await cluster.down()
+            cluster.out.say("cxygpt-dev: stopped")
+
+    try:
+        asyncio.run(run())
+    except SystemExit as e:
+        print(e, file=sys.stderr)
+        return 1
+    return 0
+
+
+def _detach(args) -> int:
+    state = Path(args.state_dir)
+    state.mkdir(parents=True, exist_ok=True)
+    (state / "ready").unlink(missing_ok=True)
+    argv = [sys.executable, "-m", "cxygpt_dev.main", "up", "--state-dir", str(state), "--gateway-port", str(args.gateway_port)]
+    argv += ["--kubeconfig", args.kubeconfig] if args.kubeconfig else []
+    argv += ["--no-examples"] if args.no_examples else []
+    with open(state / "detached.log", "ab") as log_file:
+        proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    (state / "pid").write_text(str(proc.pid))
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if (state / "ready").exists():
+            print(f"cxygpt-dev: up in the background (pid {proc.pid}); logs in {state / 'cxygpt-dev.log'}; "
+                  f"`cxygpt-dev down` stops it.")
+            print(json.loads((state / "ready").read_text()))
+            return 0
+        if proc.poll() is not None:
+            print(f"cxygpt-dev: exited with {proc.returncode}; see {state / 'detached.log'}", file=sys.stderr)
+            return 1
+        time.sleep(0.2)
+    print("cxygpt-dev: not ready after 180 s; still starting in the background", file=sys.stderr)
+    return 1
+
+
+def _down(args) -> int:
+    pid_file = Path(args.state_dir) / "pid"
+    if not pid_file.exists():
+        print("cxygpt-dev: nothing to stop (no detached run here)")
+        return 0
+    pid = int(pid_file.read_text())
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pid_file.unlink()
+        print("cxygpt-dev: it had already stopped")
+        return 0
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            pid_file.unlink()
+            print("cxygpt-dev: stopped")
+            return 0
+        time.sleep(0.2)
+    print(f"cxygpt-dev: pid {pid} did not stop within 30 s", file=sys.stderr)
+    return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="cxygpt-dev", description=__doc__)
+    sub = ap.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help="start everything (foreground; Ctrl-C stops)")
+    up.add_argument("--gateway-port", type=int, default=8001, help="gateway port on 127.0.0.1 (default 8001)")
+    up.add_argument("--kubeconfig", help="where to write the kubeconfig (default .cxygpt-dev/kubeconfig)")
+    up.add_argument("--no-examples", action="store_true", help="do not apply examples/ nor send the first chat")
+    up.add_argument("--detach", action="store_true", help="run in the background; `cxygpt-dev down` stops it")
+    up.add_argument("--quiet", action="append", metavar="COMPONENT",
+                    help="keep this component's lines out of the terminal (still in the log file); repeatable")
+    down = sub.add_parser("down", help="stop a detached run")
+    for p in (up, down):
+        p.add_argument("--state-dir", default=str(STATE_DIR), help="kubeconfig, logs and pid file (default .cxygpt-dev)")
+    args = ap.parse_args(argv)
+    logging.getLogger("cxygpt.pods").setLevel(logging.INFO)
+    if args.command == "down":
+        return _down(args)
+    return _detach(args) if args.detach else _up(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
