@@ -46,6 +46,7 @@ class SimConfig:
     block_size: int
     vocab_size: int
     api_key: str | None
+    shutdown_timeout: float
     speed: Speed
     speed_profile: str
     seed: int | None
@@ -128,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--num-gpu-blocks-override", type=_positive(int), default=None,
                    help="KV budget = this x block size (else the fit estimate for the model)")
     v.add_argument("--seed", type=int, default=None, help="accepted; the simulator's seed is --sim-seed")
+    v.add_argument("--shutdown-timeout", type=_non_negative, default=0,
+                   help="seconds in-flight requests may finish after SIGTERM; default 0 (abort them)")
     s = p.add_argument_group("simulator knobs (flag > environment variable > speed profile)")
     s.add_argument("--speed-profile", choices=sorted(SPEED_PROFILES), default=None,
                    help=f"[{ENV['speed_profile']}] step timings; default {DEFAULT_SPEED_PROFILE}")
@@ -272,6 +275,7 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str] | None = None) -> t
     config = SimConfig(
         model=model, served_model_names=served, host=a.host, port=a.port, max_model_len=budget.max_model_len,
         max_num_seqs=a.max_num_seqs, kv_tokens=budget.tokens, kv_explanation=budget.explanation,
-        block_size=a.block_size, vocab_size=budget.vocab_size, api_key=a.api_key, speed=speed,
+        block_size=a.block_size, vocab_size=budget.vocab_size, api_key=a.api_key,
+        shutdown_timeout=a.shutdown_timeout, speed=speed,
         speed_profile=profile, seed=knob("sim_seed", a.sim_seed, int), text=text)
     return config, unknown

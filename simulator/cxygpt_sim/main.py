@@ -41,9 +41,10 @@ def main(argv: list[str] | None = None) -> None:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     except ImportError:
         pass  # the standard loop is only slower
-    # handler_cancellation: a client that disconnects cancels its handler, which frees the engine slot
+    # handler_cancellation: a client that disconnects cancels its handler, which frees the engine slot.
+    # aiohttp reads a shutdown timeout of 0 as "wait forever"; vLLM's 0 means abort in-flight requests.
     web.run_app(create_app(config), host=config.host, port=config.port, access_log=None,
-                handler_cancellation=True, print=None)
+                handler_cancellation=True, shutdown_timeout=max(config.shutdown_timeout, 0.01), print=None)
 
 
 if __name__ == "__main__":

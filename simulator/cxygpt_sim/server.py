@@ -25,10 +25,11 @@ MAX_CATCH_UP_S = 0.05  # how far the engine timeline may run ahead of a late eve
 
 class Flight:
     """A request between its handler and the engine loop; the handler waits, the loop notifies."""
-    __slots__ = ("seq", "pieces", "finish_reason", "stream", "_event")
+    __slots__ = ("seq", "response_id", "pieces", "finish_reason", "stream", "_event")
 
-    def __init__(self, seq: Sequence, pieces: list[str], finish_reason: str, stream: bool):
-        self.seq, self.pieces, self.finish_reason, self.stream = seq, pieces, finish_reason, stream
+    def __init__(self, seq: Sequence, response_id: str, pieces: list[str], finish_reason: str, stream: bool):
+        self.seq, self.response_id, self.pieces = seq, response_id, pieces
+        self.finish_reason, self.stream = finish_reason, stream
         self._event = asyncio.Event()
 
     def notify(self, done: bool) -> None:
@@ -55,11 +56,12 @@ class Engine:
         self._wake = asyncio.Event()
         self._clock = time.monotonic
 
-    def submit(self, g: protocol.Generation, max_tokens: int) -> Flight:
+    def submit(self, g: protocol.Generation, max_tokens: int, request_id: str | None) -> Flight:
+        """request_id: the caller's X-Request-Id, which vLLM puts into the response id."""
         pieces, reason = self.writer.reply(g.reply_source, max_tokens, g.ignore_eos)
         seq = Sequence(id=next(self._ids), prompt_tokens=g.prompt_tokens, output_tokens=len(pieces),
                        arrived=self._clock())
-        flight = self.flights[seq.id] = Flight(seq, pieces, reason, g.stream)
+        flight = self.flights[seq.id] = Flight(seq, request_id or seq.id, pieces, reason, g.stream)
         self.scheduler.submit(seq)
         self._wake.set()
         return flight
@@ -170,7 +172,7 @@ class Api:
             max_tokens = protocol.output_budget(g, self.config.max_model_len)
         except protocol.ApiError as e:
             return _error(e)
-        flight = self.engine.submit(g, max_tokens)
+        flight = self.engine.submit(g, max_tokens, request.headers.get("X-Request-Id"))
         try:
             if g.stream:
                 return await self._stream(request, flight, g, chat)
@@ -187,11 +189,11 @@ class Api:
             choice = {"index": 0, "message": {"role": "assistant", "content": content, "refusal": None,
                                               "tool_calls": [], "reasoning_content": None},
                       "logprobs": None, "finish_reason": flight.finish_reason, "stop_reason": None}
-            return {"id": f"chatcmpl-{flight.seq.id}", "object": "chat.completion", "created": int(time.time()),
+            return {"id": f"chatcmpl-{flight.response_id}", "object": "chat.completion", "created": int(time.time()),
                     "model": self.config.served_name, "choices": [choice], "usage": usage, "prompt_logprobs": None}
         choice = {"index": 0, "text": content, "logprobs": None, "finish_reason": flight.finish_reason,
                   "stop_reason": None, "prompt_logprobs": None}
-        return {"id": f"cmpl-{flight.seq.id}", "object": "text_completion", "created": int(time.time()),
+        return {"id": f"cmpl-{flight.response_id}", "object": "text_completion", "created": int(time.time()),
                 "model": self.config.served_name, "choices": [choice], "usage": usage}
 
     async def _stream(self, request: web.Request, flight: Flight, g: protocol.Generation,
@@ -200,13 +202,13 @@ class Api:
         await response.prepare(request)
         # Every chunk is the same JSON around one piece of text: build the bytes once, splice per token.
         if chat:
-            head = orjson.dumps({"id": f"chatcmpl-{flight.seq.id}", "object": "chat.completion.chunk",
+            head = orjson.dumps({"id": f"chatcmpl-{flight.response_id}", "object": "chat.completion.chunk",
                                  "created": int(time.time()), "model": self.config.served_name})[:-1]
             opening = b"data: " + head + b',"choices":[{"index":0,"delta":{"role":"assistant","content":""},' \
                                          b'"logprobs":null,"finish_reason":null}]}\n\n'
             before, after = b"data: " + head + b',"choices":[{"index":0,"delta":{"content":', b'},"logprobs":null,'
         else:
-            head = orjson.dumps({"id": f"cmpl-{flight.seq.id}", "object": "text_completion",
+            head = orjson.dumps({"id": f"cmpl-{flight.response_id}", "object": "text_completion",
                                  "created": int(time.time()), "model": self.config.served_name})[:-1]
             opening = b""
             before, after = b"data: " + head + b',"choices":[{"index":0,"text":', b',"logprobs":null,'

@@ -58,3 +58,15 @@ async def test_health_fails_when_the_engine_loop_dies():
     finally:
         stuck.cancel()
         await client.close()
+
+
+async def test_x_request_id_becomes_the_response_id_like_vllm():
+    client = await client_for()
+    try:
+        r = await client.post("/v1/chat/completions", json=CHAT, headers={"X-Request-Id": "abc123"})
+        assert (await r.json())["id"] == "chatcmpl-abc123"
+        r = await client.post("/v1/completions", json={"prompt": "x", "max_tokens": 2, "stream": True},
+                              headers={"X-Request-Id": "s1"})
+        assert b'"id":"cmpl-s1"' in await r.read()
+    finally:
+        await client.close()

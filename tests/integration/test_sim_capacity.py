@@ -103,3 +103,19 @@ def test_a_client_disconnect_frees_its_slot(sim):
     wait_until(lambda: (s := engine_state(sim))["vllm:num_requests_running"] == 0
                and s["vllm:kv_cache_usage_perc"] == 0, timeout=5, what="all slots and KV blocks free")
     assert httpx.get(sim.url + "/health", timeout=5).status_code == 200
+
+
+def test_sigterm_aborts_in_flight_requests_by_default(tmp_path):
+    port = free_port()
+    argv = [console_script("cxygpt-sim"), MODEL, "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "4096",
+            "--itl-ms", "50"]
+    proc = ServerProcess(argv, port=port, log_path=tmp_path / "sim.log").start()
+    try:
+        sock = open_raw(proc, stream=True)
+        wait_until(lambda: engine_state(proc)["vllm:num_requests_running"] == 1, timeout=5, what="a running stream")
+        started = time.monotonic()
+        proc.stop()
+        assert proc.proc.returncode is not None and time.monotonic() - started < 5, proc.log()
+        sock.close()
+    finally:
+        proc.kill()
