@@ -113,14 +113,16 @@ def install_error_handlers(app: FastAPI) -> None:
     def answer(request: Request, error: GatewayError) -> Response:
         gw: Gateway = request.app.state.gateway
         model = getattr(request.state, "model", "-")
+        request_id = getattr(request.state, "request_id", None)
         gw.metrics.requests.labels(model, str(error.status)).inc()
         gw.metrics.rejections.labels(model, error.reason).inc()
         if gw.settings.log_requests:
-            log_request(gw.request_log, request_id=getattr(request.state, "request_id", None),
+            log_request(gw.request_log, request_id=request_id,
                         key_id=getattr(request.state, "key_id", None), model=model, status=error.status,
                         error=error.message, reason=error.reason,
                         degraded=getattr(request.state, "degraded", False))
-        return Response(error.body(), status_code=error.status, headers=error.headers, media_type="application/json")
+        headers = {**error.headers, "x-request-id": request_id} if request_id else error.headers
+        return Response(error.body(), status_code=error.status, headers=headers, media_type="application/json")
 
     @app.exception_handler(GatewayError)
     async def gateway_error(request: Request, error: GatewayError):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+import prometheus_client
 import uvicorn
 from pydantic import ValidationError
 
@@ -27,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings(a.config, host=a.host, port=a.port, kubernetes=a.kubernetes,
                                  kubeconfig=a.kubeconfig, namespace=a.namespace, keys_file=a.keys_file)
         logs.configure(settings.log_level)
+        prometheus_client.disable_created_metrics()  # *_created series only double every counter's size
         app = create_app(settings)
     except (OSError, ValueError, ValidationError) as e:
         print(f"cxygpt-gateway: {e}", file=sys.stderr)

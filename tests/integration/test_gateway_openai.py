@@ -124,7 +124,7 @@ def test_429_with_retry_after_from_the_limiter(client):
         client.chat.completions.create(model="rate-limited", messages=MESSAGES, max_tokens=2)
     with pytest.raises(openai.RateLimitError) as e:
         client.chat.completions.create(model="rate-limited", messages=MESSAGES, max_tokens=2)
-    assert 1 <= int(e.value.response.headers["retry-after"]) <= 10
+    assert 1 <= int(e.value.response.headers["retry-after"]) <= 10 and e.value.response.headers["x-request-id"]
     assert error_of(e.value)["code"] == "rate_limit_exceeded"
 
 

@@ -1,0 +1,1 @@
+"""Where models are served: a static file or Kubernetes ModelDeployments, behind one interface."""
