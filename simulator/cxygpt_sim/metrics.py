@@ -73,17 +73,14 @@ class EngineMetrics:
         for p in progress:
             seq = p.seq
             generated += p.new_tokens
-            later_tokens = p.new_tokens
             if p.gap_s is None:
                 self.ttft.observe(now - seq.arrived)
                 self.queue_time.observe(seq.scheduled_at - seq.arrived)
                 self.prompt_tokens += seq.prompt_tokens
-                later_tokens -= 1
             else:
                 self._inter_token(p.gap_s, 1)
-                later_tokens -= 1
-            if later_tokens:
-                self._inter_token(0.0, later_tokens)  # instant decode: the rest arrive in the same step
+            if p.new_tokens > 1:
+                self._inter_token(0.0, p.new_tokens - 1)  # instant decode: the rest arrive in the same step
             if p.done:
                 self.e2e.observe(now - seq.arrived)
                 if seq.generated > 1:

@@ -39,9 +39,8 @@ def unknown_model(requested: str, served: tuple[str, ...]) -> ApiError:
 @dataclass(frozen=True)
 class Generation:
     """A validated /v1/chat/completions or /v1/completions request."""
-    prompt_text: str            # what the engine "reads": the rendered chat template or the raw prompt
-    prompt_tokens: int
-    reply_source: str           # what the reply is derived from (the last user message for chat)
+    prompt_tokens: int          # of the rendered chat template or the raw prompt
+    reply_source: str           # what the reply is derived from: the last user message, or the prompt
     max_tokens: int | None
     max_tokens_param: str
     stream: bool
@@ -97,7 +96,7 @@ def parse_chat(body, served: tuple[str, ...]) -> Generation:
         raise validation_error(e.loc, "value_error", f"Value error, {e}") from None
     stream, include_usage, ignore_eos = _common(body, served)
     max_tokens, param = _max_tokens(body, "max_completion_tokens", "max_tokens")
-    return Generation(prompt_text=rendered, prompt_tokens=text.count_tokens(rendered),
+    return Generation(prompt_tokens=text.count_tokens(rendered),
                       reply_source=text.last_user_text(body["messages"]) or rendered, max_tokens=max_tokens,
                       max_tokens_param=param, stream=stream, include_usage=include_usage, ignore_eos=ignore_eos)
 
@@ -115,9 +114,9 @@ def parse_completion(body, served: tuple[str, ...]) -> Generation:
     if isinstance(prompt, list) and len(prompt) == 1 and (isinstance(prompt[0], str) or _is_token_ids(prompt[0])):
         prompt = prompt[0]  # a batch of one
     if isinstance(prompt, str):
-        prompt_text, prompt_tokens = prompt, text.count_tokens(prompt)
+        source, prompt_tokens = prompt, text.count_tokens(prompt)
     elif _is_token_ids(prompt) and prompt:
-        prompt_text, prompt_tokens = " ".join(map(str, prompt)), len(prompt)
+        source, prompt_tokens = " ".join(map(str, prompt)), len(prompt)
     elif isinstance(prompt, list) and len(prompt) > 1:
         raise ApiError(400, "the engine simulator takes one prompt per request; send a batch as separate requests",
                        param="prompt")
@@ -127,7 +126,7 @@ def parse_completion(body, served: tuple[str, ...]) -> Generation:
                                prompt)
     stream, include_usage, ignore_eos = _common(body, served)
     max_tokens, param = _max_tokens(body, "max_tokens")
-    return Generation(prompt_text=prompt_text, prompt_tokens=prompt_tokens, reply_source=prompt_text,
+    return Generation(prompt_tokens=prompt_tokens, reply_source=source,
                       max_tokens=max_tokens, max_tokens_param=param, stream=stream, include_usage=include_usage,
                       ignore_eos=ignore_eos)
 

@@ -59,7 +59,7 @@ def test_unknown_model_is_404_listing_the_served_names():
 
 
 def gen(prompt_tokens, max_tokens):
-    return protocol.Generation("", prompt_tokens, "", max_tokens, "max_tokens", False, False, False)
+    return protocol.Generation(prompt_tokens, "", max_tokens, "max_tokens", False, False, False)
 
 
 def test_output_budget_defaults_to_the_rest_of_the_context():
