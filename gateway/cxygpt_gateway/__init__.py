@@ -1,0 +1,1 @@
+"""CxyGPT gateway: one OpenAI-compatible endpoint in front of every self-hosted model."""

@@ -98,10 +98,10 @@ def _upstream_body(gw: "Gateway", req: OpenAIRequest, target: "ModelRoute", max_
         body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
     if degraded:
         s = gw.settings
-        if s.degraded_temperature_max is not None:
-            body["temperature"] = min(body.get("temperature", 1.0), s.degraded_temperature_max)
-        if s.degraded_top_p_max is not None:
-            body["top_p"] = min(body.get("top_p", 1.0), s.degraded_top_p_max)
+        for param, cap in (("temperature", s.degraded_temperature_max), ("top_p", s.degraded_top_p_max)):
+            if cap is not None:
+                given = body.get(param)
+                body[param] = min(1.0 if given is None else given, cap)  # unset means the engine's 1.0
     return orjson.dumps(body)
 
 
