@@ -105,10 +105,43 @@ def _upstream_body(gw: "Gateway", req: OpenAIRequest, target: "ModelRoute", max_
     return orjson.dumps(body)
 
 
+async def _admit_input(gw: "Gateway", req: OpenAIRequest, route: "ModelRoute", target: "ModelRoute",
+                       degraded: bool) -> tuple["ModelRoute", int | None]:
+    """The model that can take this input and its count: the target, else the fallback; else 413, or 503 for
+    an input that is only too long for a degraded model."""
+    limit = target.limits.max_input_tokens
+    long_limit = int(limit * gw.settings.degraded_long_input_fraction) if degraded else limit
+    input_tokens = await count_input(gw, req, target, long_limit)
+    if input_tokens is None or input_tokens <= long_limit:
+        return target, input_tokens
+    fb = _fallback(gw, route) if target is route else None
+    fb_tokens = await count_input(gw, req, fb, fb.limits.max_input_tokens) if fb else None
+    if fb is not None and (fb_tokens is None or fb_tokens <= fb.limits.max_input_tokens):
+        return fb, fb_tokens
+    if input_tokens <= limit:
+        raise GatewayError(503, f"model {route.name} is degraded under load: inputs over {long_limit} tokens "
+                                f"are refused until it recovers (this one has {input_tokens})",
+                           code="degraded_input_too_long", reason="degraded_long_input",
+                           retry_after=max(route.limits.degrade.recover_s, 1))
+    raise GatewayError(413, f"input is {input_tokens} tokens, over the limit of {limit} tokens "
+                            f"for model {target.name}", code="context_length_exceeded",
+                       param="messages" if req.kind == "chat" else "prompt", reason="input_too_long")
+
+
+def _output_cap(target: "ModelRoute", caller: Caller, degraded: bool, requested: int | None) -> int:
+    """min(requested, the model's cap — the degraded one while degraded — and the tier's cap)."""
+    cap = target.limits.degraded_max_output_tokens if degraded else target.limits.max_output_tokens
+    if caller.tier.max_output_tokens:
+        cap = min(cap, caller.tier.max_output_tokens)
+    return min(requested or cap, cap)
+
+
 async def admit(request: Request, kind: Kind) -> Admitted:
     gw: Gateway = request.app.state.gateway
     arrived = time.monotonic()
-    request_id = request.headers.get("x-request-id") or os.urandom(8).hex()
+    request_id = request.headers.get("x-request-id", "")
+    if not 0 < len(request_id) <= 128:  # a caller's id is kept for tracing, within reason
+        request_id = os.urandom(8).hex()
     request.state.request_id = request_id
     caller = gw.keys.authenticate(request.headers.get("authorization"))
     request.state.key_id = caller.key_id
@@ -134,29 +167,9 @@ async def admit(request: Request, kind: Kind) -> Admitted:
     if scopes:
         await gw.limiter.admit(scopes)
 
-    limit = target.limits.max_input_tokens
-    long_limit = int(limit * gw.settings.degraded_long_input_fraction) if degraded else limit
-    input_tokens = await count_input(gw, req, target, long_limit)
-    if input_tokens is not None and input_tokens > long_limit:
-        fb = _fallback(gw, route) if target is route else None
-        fb_tokens = await count_input(gw, req, fb, fb.limits.max_input_tokens) if fb else None
-        if fb is not None and (fb_tokens is None or fb_tokens <= fb.limits.max_input_tokens):
-            target, input_tokens = fb, fb_tokens
-        elif input_tokens <= limit:
-            raise GatewayError(503, f"model {route.name} is degraded under load: inputs over {long_limit} tokens "
-                                    f"are refused until it recovers (this one has {input_tokens})",
-                               code="degraded_input_too_long", reason="degraded_long_input",
-                               retry_after=max(route.limits.degrade.recover_s, 1))
-        else:
-            raise GatewayError(413, f"input is {input_tokens} tokens, over the limit of {limit} tokens "
-                                    f"for model {route.name}", code="context_length_exceeded",
-                               param="messages" if kind == "chat" else "prompt", reason="input_too_long")
-
+    target, input_tokens = await _admit_input(gw, req, route, target, degraded)
     target_degraded = degraded if target is route else target.is_degraded()
-    cap = target.limits.degraded_max_output_tokens if target_degraded else target.limits.max_output_tokens
-    if caller.tier.max_output_tokens:
-        cap = min(cap, caller.tier.max_output_tokens)
-    max_tokens = min(req.requested_max_tokens or cap, cap)
+    max_tokens = _output_cap(target, caller, target_degraded, req.requested_max_tokens)
     upstream_body = _upstream_body(gw, req, target, max_tokens, target_degraded)
 
     try:
