@@ -180,6 +180,7 @@ def test_models_limits_health_docs_and_metrics(stack):
                              "priority": 10, "max_output_tokens": None}
     assert limits["models"]["slow"]["max_concurrency"] == 1
     assert httpx.get(url + "/v1/limits").status_code == 401
+    assert httpx.get(url + "/v1/models").status_code == 401
     assert httpx.get(url + "/readyz").json()["ready"] is True
     assert httpx.get(url + "/docs").status_code == 200
     text = httpx.get(url + "/metrics").text

@@ -184,6 +184,11 @@ async def admit(request: Request, kind: Kind) -> Admitted:
                     max_tokens=max_tokens, slot=slot, arrived=arrived)
 
 
+async def authenticated(request: Request) -> Caller:
+    """The caller of a read-only route (models, limits), or a 401."""
+    return request.app.state.gateway.keys.authenticate(request.headers.get("authorization"))
+
+
 async def admit_chat(request: Request) -> Admitted:
     return await admit(request, "chat")
 

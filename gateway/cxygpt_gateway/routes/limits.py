@@ -1,10 +1,12 @@
 """GET /v1/limits: the limits in force, per model and for the caller's key, and degradation state."""
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
-from . import json_response
+from fastapi import APIRouter, Depends, Request
 
+from ..admission.auth import Caller
+from ..admission.pipeline import authenticated
 from ..errors import GatewayError
+from . import json_response
 
 router = APIRouter(tags=["limits"])
 
@@ -26,9 +28,8 @@ def model_view(route) -> dict:
 
 
 @router.get("/v1/limits", summary="Limits in force: the default (or ?model=) model's, every model's, the key's")
-async def limits(request: Request, model: str | None = None):
+async def limits(request: Request, model: str | None = None, caller: Caller = Depends(authenticated)):
     gw = request.app.state.gateway
-    caller = gw.keys.authenticate(request.headers.get("authorization"))
     routes = gw.registry.routes
     if model is not None and model not in routes:
         raise GatewayError(404, f"model {model!r} is not served here", code="model_not_found", param="model",

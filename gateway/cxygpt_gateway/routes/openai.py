@@ -6,7 +6,7 @@ import time
 from fastapi import APIRouter, Depends, Request
 from . import json_response
 
-from ..admission.pipeline import Admitted, admit_chat, admit_completions
+from ..admission.pipeline import Admitted, admit_chat, admit_completions, authenticated
 from ..upstream import RelayResponse
 
 router = APIRouter(tags=["openai"])
@@ -23,7 +23,8 @@ async def completions(admitted: Admitted = Depends(admit_completions)):
     return RelayResponse(admitted)
 
 
-@router.get("/v1/models", summary="Models with at least one routable backend")
+@router.get("/v1/models", summary="Models with at least one routable backend",
+            dependencies=[Depends(authenticated)])
 async def models(request: Request):
     registry = request.app.state.gateway.registry
     data = [{"id": r.name, "object": "model", "created": STARTED, "owned_by": "cxygpt",
