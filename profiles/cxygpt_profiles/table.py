@@ -10,9 +10,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
 
-PROFILES_DIR = Path(__file__).resolve().parent.parent
-DEFAULT_TABLE = PROFILES_DIR / "profiles.yaml"
-DEFAULT_CATALOG = PROFILES_DIR / "models.yaml"
+PACKAGE_DIR = Path(__file__).parent  # profiles.yaml and models.yaml ship inside the package
+DEFAULT_TABLE = PACKAGE_DIR / "profiles.yaml"
+DEFAULT_CATALOG = PACKAGE_DIR / "models.yaml"
 TABLE_ENV = "CXYGPT_PROFILES"
 CATALOG_ENV = "CXYGPT_MODELS"
 

@@ -43,11 +43,11 @@ class Cluster:
     def add_node(self, name):
         self.apply({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": NODES[name]}})
 
-    def start_operator(self):
+    def start_operator(self, *extra):
         port = free_port()
         self.operator = ServerProcess(
             [console_script("cxygpt-operator"), "--kubeconfig", str(self.kube_api.kubeconfig),
-             "--liveness", f"http://127.0.0.1:{port}/healthz"],
+             "--liveness", f"http://127.0.0.1:{port}/healthz", *extra],
             port=port, log_path=self.tmp / "operator.log", health="/healthz").start()
 
     def md(self, name, ns="default"):
@@ -240,6 +240,20 @@ def test_examples_apply_with_kubectl(cluster):
             cluster.wait_status(name, lambda s: s.get("phase") == "Starting", ns=ns)
     rows = cluster.kubectl("get", "md", "-A", "--no-headers").stdout.strip().split("\n")
     assert len(rows) == 4 and all("Starting" in r for r in rows)
+
+
+def test_namespaced_operator_leaves_other_namespaces_alone(cluster):
+    cluster.add_node("gpu-80g")
+    cluster.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "team-a"}})
+    cluster.start_operator("--namespace", "team-a")
+    mine = md("mine")
+    mine["metadata"]["namespace"] = "team-a"
+    cluster.apply([mine, md("theirs")])
+    cluster.wait_status("mine", lambda s: s.get("phase") == "Starting", ns="team-a")
+    cluster.apply(md("sentinel-b"))  # in default, too: never reconciled
+    cluster.wait_status("mine", lambda s: s.get("profile") == "SRV_80G", ns="team-a")
+    assert "status" not in cluster.md("theirs") and "status" not in cluster.md("sentinel-b")
+    assert cluster.kubectl("get", "deployments", "-A", "-o", "name").stdout.split() == ["deployment.apps/mine"]
 
 
 def test_broken_profile_table_stops_the_operator_with_the_field_named(tmp_path):
