@@ -10,6 +10,8 @@ from cxygpt_profiles.table import DegradeThresholds
 
 # leaving needs the signals clearly below the entry thresholds, so the state does not flap at the edge
 RECOVER_RATIO = 0.8
+# the p95 is taken over at most this many recent samples: bounded work per request at any request rate
+MAX_SAMPLES = 512
 
 
 def p95(values: list[float]) -> float:
@@ -26,13 +28,16 @@ class DegradeMonitor:
         self.thresholds, self.window_s, self.clock, self.on_change = thresholds, window_s, clock, on_change
         self.degraded = False
         self.reason = ""
-        self._ttft: deque[tuple[float, float]] = deque()
+        self._ttft: deque[tuple[float, float]] = deque(maxlen=MAX_SAMPLES)
+        self._p95: float | None = None
+        self._p95_stale = False
         self._queue_depth = 0
         self._above_since: float | None = None
         self._below_since: float | None = None
 
     def observe_ttft(self, seconds: float) -> None:
         self._ttft.append((self.clock(), seconds * 1000.0))
+        self._p95_stale = True
 
     def observe_queue_depth(self, depth: int) -> None:
         self._queue_depth = depth
@@ -41,7 +46,11 @@ class DegradeMonitor:
         horizon = self.clock() - self.window_s
         while self._ttft and self._ttft[0][0] < horizon:
             self._ttft.popleft()
-        return p95([v for _, v in self._ttft]) if self._ttft else None
+            self._p95_stale = True
+        if self._p95_stale:  # sorted again only when a sample came or went
+            self._p95 = p95([v for _, v in self._ttft]) if self._ttft else None
+            self._p95_stale = False
+        return self._p95
 
     def update(self) -> bool:
         now = self.clock()

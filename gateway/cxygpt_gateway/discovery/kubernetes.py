@@ -78,11 +78,15 @@ class ApiServer:
         from kubernetes import client, config
         self.configuration = client.Configuration()
         try:
-            config.load_kube_config(config_file=kubeconfig, client_configuration=self.configuration)
-        except (config.ConfigException, OSError, TypeError):
-            if kubeconfig:
-                raise
-            config.load_incluster_config(client_configuration=self.configuration)
+            try:
+                config.load_kube_config(config_file=kubeconfig, client_configuration=self.configuration)
+            except (config.ConfigException, OSError, TypeError):
+                if kubeconfig:
+                    raise
+                config.load_incluster_config(client_configuration=self.configuration)
+        except (config.ConfigException, OSError, TypeError) as e:
+            raise ValueError(f"no Kubernetes API to watch (kubeconfig {kubeconfig or '$KUBECONFIG'} "
+                             f"or in-cluster): {e}") from None
 
     @property
     def host(self) -> str:
