@@ -147,9 +147,10 @@ class DevCluster:
             for node in gpu_nodes_from_kind_config(REPO / "kind-config.yaml"):
                 async with session.post(api_url + "/api/v1/nodes", json=node) as resp:
                     resp.raise_for_status()
-            op_port = free_port()
+            op_port, self.operator_metrics = free_port(), free_port()
             await self._start("operator", [tool("cxygpt-operator"), "--kubeconfig", str(self.kubeconfig),
-                                           "--liveness", f"http://127.0.0.1:{op_port}/healthz"],
+                                           "--liveness", f"http://127.0.0.1:{op_port}/healthz",
+                                           "--metrics-host", "127.0.0.1", "--metrics-port", str(self.operator_metrics)],
                               f"http://127.0.0.1:{op_port}/healthz", session)
             self.runner = PodRunner(api_url, output=lambda label, line: self.out(f"engine {label}", line))
             self.runner_task = asyncio.create_task(self.runner.run())
@@ -164,8 +165,9 @@ class DevCluster:
                 if not stop.is_set():
                     await self._first_chat(session, gateway)
             self.out.say("cxygpt-dev: up. Ctrl-C (or `cxygpt-dev down`) stops everything.")
-            (self.state / "ready").write_text(json.dumps({"gateway": gateway, "kubeconfig": str(self.kubeconfig),
-                                                          "api": api_url}))
+            (self.state / "ready").write_text(json.dumps({
+                "gateway": gateway, "kubeconfig": str(self.kubeconfig), "api": api_url,
+                "operator_metrics": f"http://127.0.0.1:{self.operator_metrics}/metrics"}))
             await stop.wait()
 
     def _kubectl(self) -> str:

@@ -13,7 +13,8 @@ from kubernetes.client.rest import ApiException
 from . import GROUP, MANAGER, PLURAL, VERSION
 from .build import MODEL_DEPLOYMENT_LABEL
 from .nodes import gpu_node
-from .reconcile import Context, reconcile
+from .metrics import OperatorMetrics
+from .reconcile import CannotRun, Context, NotYet, reconcile
 
 RETRY_BACKOFF_S = (1, 2, 5, 10, 30, 60)
 log = logging.getLogger("cxygpt.operator")
@@ -25,6 +26,7 @@ class Shared:
     wakeups: dict = field(default_factory=dict)
     reconciled_generation: dict = field(default_factory=dict)
     inventory: list | None = None
+    metrics: OperatorMetrics = field(default_factory=OperatorMetrics)
 
     def wake(self, key) -> None:
         if key in self.wakeups:
@@ -71,7 +73,7 @@ def node_changed(memo: kopf.Memo, gpu_nodes: kopf.Index, **_):
     shared: Shared = memo.shared
     inventory = _inventory(gpu_nodes)
     if inventory != shared.inventory:
-        shared.inventory = inventory
+        shared.inventory = shared.metrics.observed.gpu_nodes = inventory
         log.info("GPU inventory: %s", ", ".join(f"{n.name}={n.count}x{n.memory_mib}MiB" for n in inventory) or "none")
         for key in list(shared.wakeups):
             shared.wake(key)
@@ -113,29 +115,35 @@ async def keep_reconciled(stopped, namespace: str, name: str, body: kopf.Body, m
     logger = ObjectLog(log, {"key": f"{namespace}/{name}"})
     wake = shared.wakeups.setdefault(key, asyncio.Event())
     failures = 0
+    metrics = shared.metrics
     try:
         while not stopped:
             wake.clear()
             snapshot = copy.deepcopy(dict(body))  # the live body changes under us; decide on one version
-            delay = None
-            try:
-                await reconcile(snapshot, _inventory(gpu_nodes), ctx, logger)
-                failures = 0
-            except kopf.TemporaryError as e:
-                logger.info("waiting: %s", e)
-                delay, failures = e.delay, 0
-            except kopf.PermanentError as e:
-                logger.warning("cannot run until the spec changes: %s", e)
-                failures = 0
-            except (ApiException, OSError) as e:
-                delay = RETRY_BACKOFF_S[min(failures, len(RETRY_BACKOFF_S) - 1)]
-                failures += 1
-                logger.warning("reconcile failed (retry in %ss): %s", delay, getattr(e, "reason", e))
+            delay, result, status = None, "ok", None
+            with metrics.duration.time():
+                try:
+                    status = await reconcile(snapshot, _inventory(gpu_nodes), ctx, logger)
+                    failures = 0
+                except NotYet as e:
+                    logger.info("waiting: %s", e)
+                    delay, failures, result, status = e.delay, 0, "waiting", e.status
+                except CannotRun as e:
+                    logger.warning("cannot run until the spec changes: %s", e)
+                    failures, result, status = 0, "failed", e.status
+                except (ApiException, OSError) as e:
+                    delay = RETRY_BACKOFF_S[min(failures, len(RETRY_BACKOFF_S) - 1)]
+                    failures, result = failures + 1, "error"
+                    logger.warning("reconcile failed (retry in %ss): %s", delay, getattr(e, "reason", e))
+            metrics.reconciles.labels(result).inc()
+            if status is not None:
+                metrics.model_seen(key, snapshot, status)
             shared.reconciled_generation[key] = snapshot["metadata"].get("generation")
             await _sleep(wake, stopped, delay)
     finally:
         shared.wakeups.pop(key, None)
         shared.reconciled_generation.pop(key, None)
+        metrics.model_gone(key)
 
 
 @kopf.on.probe(id="gpuNodes")

@@ -21,6 +21,8 @@ def parse_args(argv):
     ap.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster, $KUBECONFIG or ~/.kube/config)")
     ap.add_argument("--liveness", default="http://0.0.0.0:8080/healthz",
                     help="liveness endpoint URL (default http://0.0.0.0:8080/healthz; 'off' disables)")
+    ap.add_argument("--metrics-port", type=int, default=8081, help="Prometheus /metrics port (default 8081; 0 disables)")
+    ap.add_argument("--metrics-host", default="0.0.0.0", help="Prometheus listen address (default 0.0.0.0)")
     ap.add_argument("--peering", metavar="NAME",
                     help="kopf peering object for several replicas (one active at a time); default standalone")
     ap.add_argument("--profiles", help="profiles.yaml (default: the packaged table or $CXYGPT_PROFILES)")
@@ -53,15 +55,20 @@ def main(argv: list[str] | None = None) -> int:
     from .kube import Kube, api_client
     from .reconcile import Context
 
+    from prometheus_client import start_http_server
+
     context = Context(table=table, catalog=catalog, kube=Kube(api_client(a.kubeconfig)),
                       images=EngineImages(vllm=a.vllm_image or table.vllm.image, sim=a.sim_image))
+    shared = Shared()
+    if a.metrics_port:
+        start_http_server(a.metrics_port, addr=a.metrics_host, registry=shared.metrics.registry)
     kopf.run(
         clusterwide=not a.namespace,
         namespaces=a.namespace,
         standalone=a.peering is None,
         peering_name=a.peering,
         liveness_endpoint=None if a.liveness == "off" else a.liveness,
-        memo=kopf.Memo(context=context, shared=Shared()),
+        memo=kopf.Memo(context=context, shared=shared),
     )
     return 0
 

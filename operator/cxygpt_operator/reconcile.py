@@ -18,6 +18,22 @@ from .resolve import SpecError, parse_spec, resolve
 PENDING_RETRY_S = 600
 
 
+class NotYet(kopf.TemporaryError):
+    """No GPU fits yet; carries the status that was written."""
+
+    def __init__(self, message: str, *, delay: float, status: dict):
+        super().__init__(message, delay=delay)
+        self.status = status
+
+
+class CannotRun(kopf.PermanentError):
+    """Only a spec change can help; carries the status that was written."""
+
+    def __init__(self, message: str, *, status: dict):
+        super().__init__(message)
+        self.status = status
+
+
 @dataclass
 class Context:
     table: ProfileTable
@@ -53,15 +69,16 @@ async def _apply_if_changed(ctx: Context, current: dict | None, desired: dict, a
 
 
 async def reconcile(body: dict, nodes: list[GpuNode], ctx: Context, logger: logging.Logger) -> dict:
-    """Returns the status written (or kept). Raises kopf.TemporaryError when no GPU fits yet and
-    kopf.PermanentError when only a spec change can help."""
+    """Returns the status written (or kept). Raises NotYet (a kopf.TemporaryError) when no GPU fits yet
+    and CannotRun (a kopf.PermanentError) when only a spec change can help."""
     meta, previous = body["metadata"], body.get("status") or {}
     owner = Owner(meta["name"], meta["namespace"], meta["uid"], meta.get("generation") or 1)
     try:
         spec = parse_spec(body.get("spec") or {})
     except SpecError as e:
-        await _write_status(ctx, owner, previous, _failed(owner, previous, "InvalidSpec", str(e)))
-        raise kopf.PermanentError(str(e)) from None
+        status = _failed(owner, previous, "InvalidSpec", str(e))
+        await _write_status(ctx, owner, previous, status)
+        raise CannotRun(str(e), status=status) from None
 
     try:
         outcome: Selection | NoFit = resolve(spec, nodes, ctx.table, ctx.catalog)
@@ -73,8 +90,9 @@ async def reconcile(body: dict, nodes: list[GpuNode], ctx: Context, logger: logg
     for obj in (deployment, service):
         if obj is not None and not _owned_by(obj, owner):
             message = f"a {obj['kind']} named {owner.name} exists and is not owned by this ModelDeployment"
-            await _write_status(ctx, owner, previous, _failed(owner, previous, "ResourceConflict", message))
-            raise kopf.PermanentError(message)
+            status = _failed(owner, previous, "ResourceConflict", message)
+            await _write_status(ctx, owner, previous, status)
+            raise CannotRun(message, status=status)
 
     image = args = None
     if isinstance(outcome, Selection):
@@ -91,8 +109,8 @@ async def reconcile(body: dict, nodes: list[GpuNode], ctx: Context, logger: logg
     await _write_status(ctx, owner, previous, status)
     if isinstance(outcome, NoFit):
         if outcome.permanent:
-            raise kopf.PermanentError(f"{outcome.reason}: {outcome.message}")
-        raise kopf.TemporaryError(f"{outcome.reason}: {outcome.message}", delay=PENDING_RETRY_S)
+            raise CannotRun(f"{outcome.reason}: {outcome.message}", status=status)
+        raise NotYet(f"{outcome.reason}: {outcome.message}", delay=PENDING_RETRY_S, status=status)
     return status
 
 

@@ -204,7 +204,8 @@ def test_faults(dev, tmp_path):
         port = free_port()
         with open(tmp_path / "operator2.log", "wb") as log:
             op = subprocess.Popen([console_script("cxygpt-operator"), "--kubeconfig", dev.kubeconfig, "--liveness",
-                                   f"http://127.0.0.1:{port}/healthz"], stdout=log, stderr=subprocess.STDOUT)
+                                   f"http://127.0.0.1:{port}/healthz", "--metrics-port", "0"],
+                                  stdout=log, stderr=subprocess.STDOUT)
             try:
                 wait_until(lambda: dev.md("ha")["status"].get("replicas") == 3 and dev.md("ha")["status"]["phase"] == "Ready",
                            timeout=60, what="converged to 3 replicas")
@@ -228,3 +229,22 @@ def test_faults(dev, tmp_path):
                 gw.wait(timeout=20)
     finally:
         dev.kubectl("delete", "md", "ha", "--timeout=30s", check=False)
+
+
+def test_detached_run_and_down(tmp_path):
+    state, port = tmp_path / "state", free_port()
+    up = subprocess.run([console_script("cxygpt-dev"), "up", "--detach", "--no-examples", "--state-dir", str(state),
+                         "--gateway-port", str(port)], capture_output=True, text=True, timeout=90, cwd=tmp_path)
+    assert up.returncode == 0, up.stdout + up.stderr + (state / "detached.log").read_text()
+    assert "up in the background" in up.stdout
+    kubeconfig = json.loads((state / "ready").read_text())["kubeconfig"]
+    assert httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200
+    log = (state / "cxygpt-dev.log").read_text()
+    assert "[kubeapi]" in log and "[operator]" in log and "[gateway]" in log  # every component, one place
+    down = subprocess.run([console_script("cxygpt-dev"), "down", "--state-dir", str(state)], capture_output=True,
+                          text=True, timeout=60)
+    assert down.returncode == 0 and "stopped" in down.stdout
+    left = subprocess.run(["pgrep", "-f", "--", f"--kubeconfig {kubeconfig}"], capture_output=True, text=True).stdout
+    assert left.strip() == ""
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"http://127.0.0.1:{port}/healthz")

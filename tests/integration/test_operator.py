@@ -1,9 +1,11 @@
 """The real cxygpt-operator process against the in-memory Kubernetes API over HTTP, driven with real kubectl."""
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
 from kubernetes import client
@@ -44,10 +46,11 @@ class Cluster:
         self.apply({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": NODES[name]}})
 
     def start_operator(self, *extra):
-        port = free_port()
+        port, self.metrics_port = free_port(), free_port()
         self.operator = ServerProcess(
             [console_script("cxygpt-operator"), "--kubeconfig", str(self.kube_api.kubeconfig),
-             "--liveness", f"http://127.0.0.1:{port}/healthz", *extra],
+             "--liveness", f"http://127.0.0.1:{port}/healthz", "--metrics-host", "127.0.0.1",
+             "--metrics-port", str(self.metrics_port), *extra],
             port=port, log_path=self.tmp / "operator.log", health="/healthz").start()
 
     def md(self, name, ns="default"):
@@ -120,6 +123,17 @@ def test_create_update_and_delete(cluster):
     cluster.apps.patch_namespaced_deployment_status("chat", "default", {"status": {"replicas": 1, "readyReplicas": 1}})
     status = cluster.wait_status("chat", lambda s: s.get("phase") == "Ready")
     assert status["ready"] == "1/1"
+
+    metrics = wait_until(lambda: (m := httpx.get(f"http://127.0.0.1:{cluster.metrics_port}/metrics").text)
+                         and 'phase="Ready"' in m and m, what="operator metrics")
+    assert 'cxygpt_operator_model_deployments{phase="Ready",profile="SRV_80G"} 1.0' in metrics
+    assert 'cxygpt_operator_gpu_nodes{memory_class="79GiB"} 1.0' in metrics
+    assert 'cxygpt_operator_gpus{memory_class="79GiB"} 1.0' in metrics
+    assert "cxygpt_operator_time_to_ready_seconds_count 1.0" in metrics
+    assert float(metrics.split('cxygpt_operator_reconciles_total{result="ok"} ')[1].split()[0]) >= 2
+    if shutil.which("promtool"):
+        check = subprocess.run(["promtool", "check", "metrics"], input=metrics, capture_output=True, text=True)
+        assert check.returncode == 0, check.stdout + check.stderr
 
     # a spec update rolls the Deployment with the new profile's args
     old_hash = dep["metadata"]["annotations"]["cxygpt.io/config-hash"]

@@ -1,0 +1,77 @@
+"""Operator metrics: reconciles, models by phase and profile, GPU nodes by memory class, time to Ready."""
+from __future__ import annotations
+
+import datetime
+from collections import Counter as Tally
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+
+RESULTS = ("ok", "waiting", "failed", "error")
+
+
+@dataclass
+class Observed:
+    """What the reconcile loops last saw, read at scrape time (gauges derive from it, never drift)."""
+    models: dict = field(default_factory=dict)   # (namespace, name) -> (phase, profile)
+    gpu_nodes: list = field(default_factory=list)
+    ready_seen: set = field(default_factory=set)  # uids already timed to Ready
+
+
+def memory_class(memory_mib: int) -> str:
+    """Bounded label values: whole GiB of the per-GPU memory (e.g. 31GiB for an RTX 5090, 79GiB for an H100)."""
+    return f"{memory_mib // 1024}GiB"
+
+
+class OperatorMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        self.observed = Observed()
+        self.reconciles = Counter("cxygpt_operator_reconciles_total", "ModelDeployment reconciles by result",
+                                  ["result"], registry=self.registry)
+        for result in RESULTS:
+            self.reconciles.labels(result)
+        self.duration = Histogram("cxygpt_operator_reconcile_duration_seconds", "Time of one reconcile",
+                                  buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=self.registry)
+        self.time_to_ready = Histogram("cxygpt_operator_time_to_ready_seconds",
+                                       "From ModelDeployment creation to its first Ready",
+                                       buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600), registry=self.registry)
+        self.registry.register(self)
+
+    def collect(self):
+        phases = GaugeMetricFamily("cxygpt_operator_model_deployments", "ModelDeployments by phase and profile",
+                                   labels=["phase", "profile"])
+        for (phase, profile), count in sorted(Tally(self.observed.models.values()).items()):
+            phases.add_metric([phase, profile], count)
+        yield phases
+        nodes = GaugeMetricFamily("cxygpt_operator_gpu_nodes", "Schedulable GPU nodes by memory per GPU",
+                                  labels=["memory_class"])
+        gpus = GaugeMetricFamily("cxygpt_operator_gpus", "GPUs on schedulable nodes by memory per GPU",
+                                 labels=["memory_class"])
+        by_class: dict[str, list[int]] = {}
+        for node in self.observed.gpu_nodes:
+            by_class.setdefault(memory_class(node.memory_mib), []).append(node.count)
+        for cls, counts in sorted(by_class.items()):
+            nodes.add_metric([cls], len(counts))
+            gpus.add_metric([cls], sum(counts))
+        yield nodes
+        yield gpus
+
+    def describe(self):
+        return []  # collected at scrape time only
+
+    def model_seen(self, key, body: dict, status: dict | None):
+        status = status or {}
+        phase = status.get("phase", "Pending")
+        self.observed.models[key] = (phase, status.get("profile", "none"))
+        uid = body["metadata"].get("uid")
+        if phase == "Ready" and uid not in self.observed.ready_seen:
+            self.observed.ready_seen.add(uid)
+            created = body["metadata"].get("creationTimestamp")
+            if created:
+                start = datetime.datetime.strptime(created, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.UTC)
+                self.time_to_ready.observe(max((datetime.datetime.now(datetime.UTC) - start).total_seconds(), 0))
+
+    def model_gone(self, key):
+        self.observed.models.pop(key, None)
