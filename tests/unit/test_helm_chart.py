@@ -1,0 +1,500 @@
+"""The Helm chart, rendered by the real helm binary: lint, Kubernetes schemas, hardening, RBAC, single sources."""
+from __future__ import annotations
+
+import functools
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+from harness import REPO
+
+CHART = REPO / "deploy" / "helm" / "cxygpt"
+CI = CHART / "ci"
+RELEASE, NAMESPACE = "cxygpt", "cxygpt"
+SERVICE_MONITOR_API = "monitoring.coreos.com/v1/ServiceMonitor"
+# custom resources kubernetes-validate has no schema for (it only warns): checked by the tests below
+CUSTOM_KINDS = {"ServiceMonitor", "KopfPeering", "ClusterKopfPeering"}
+REQUIRED_SCENARIOS = {"defaults", "ha", "redis-apikeys", "servicemonitor", "openwebui", "watch-namespace"}
+
+
+def helm_binary() -> str:
+    found = shutil.which("helm") or (str(REPO / ".tools" / "bin" / "helm") if (REPO / ".tools" / "bin" / "helm").exists() else None)
+    if not found:
+        pytest.skip("no helm binary (run `make bootstrap`)")
+    return found
+
+
+def helm(*args, check=True) -> subprocess.CompletedProcess:
+    out = subprocess.run([helm_binary(), *args], capture_output=True, text=True, timeout=60)
+    if check and out.returncode != 0:
+        raise AssertionError(f"helm {' '.join(args)} failed:\n{out.stderr}")
+    return out
+
+
+SCENARIOS = {"defaults": None, **{p.name.removesuffix("-values.yaml"): p for p in sorted(CI.glob("*-values.yaml"))}}
+
+
+def template_args(values: Path | None = None, *extra: str, chart: Path = CHART) -> list[str]:
+    return ["template", RELEASE, str(chart), "--namespace", NAMESPACE, "--api-versions", SERVICE_MONITOR_API,
+            *(["-f", str(values)] if values else []), *extra]
+
+
+@functools.lru_cache(maxsize=None)
+def rendered_text(scenario: str, *extra: str) -> str:
+    return helm(*template_args(SCENARIOS[scenario], *extra)).stdout
+
+
+def render(scenario: str = "defaults", *extra: str) -> list[dict]:
+    return [d for d in yaml.safe_load_all(rendered_text(scenario, *extra)) if d]
+
+
+def render_values(tmp_path: Path, values: dict, *extra: str, check=True):
+    path = tmp_path / "values.yaml"
+    path.write_text(yaml.safe_dump(values))
+    out = helm(*template_args(path, *extra), check=check)
+    return out if not check else [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+def find(docs, kind, name=None) -> list[dict]:
+    return [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
+
+
+def one(docs, kind, name=None) -> dict:
+    found = find(docs, kind, name)
+    assert len(found) == 1, f"{kind}/{name}: {len(found)} rendered"
+    return found[0]
+
+
+def is_hook(doc) -> bool:
+    return "helm.sh/hook" in (doc["metadata"].get("annotations") or {})
+
+
+def pod_specs(docs):
+    """(owner, pod spec, is_hook) for every pod the chart runs."""
+    for d in docs:
+        if d["kind"] in ("Deployment", "StatefulSet", "DaemonSet", "Job"):
+            yield f"{d['kind']}/{d['metadata']['name']}", d["spec"]["template"]["spec"], is_hook(d)
+        elif d["kind"] == "Pod":
+            yield f"Pod/{d['metadata']['name']}", d["spec"], is_hook(d)
+
+
+def container(docs, component) -> dict:
+    dep = one(docs, "Deployment", f"{RELEASE}-{component}")
+    return dep["spec"]["template"]["spec"]["containers"][0]
+
+
+def env(c) -> dict:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in c.get("env", [])}
+
+
+def test_the_required_scenarios_exist():
+    assert REQUIRED_SCENARIOS <= set(SCENARIOS)
+
+
+# --- helm lint, Kubernetes schemas, values schema -------------------------------------------------------
+
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_lint_strict(scenario):
+    values = SCENARIOS[scenario]
+    out = helm("lint", "--strict", str(CHART), *(["-f", str(values)] if values else []))
+    assert "0 chart(s) failed" in out.stdout
+    assert "[WARNING]" not in out.stdout and "[ERROR]" not in out.stdout, out.stdout
+
+
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_every_rendered_object_passes_kubernetes_validate(scenario, tmp_path):
+    manifest = tmp_path / f"{scenario}.yaml"
+    manifest.write_text(rendered_text(scenario))
+    out = subprocess.run([str(Path(sys.executable).parent / "kubernetes-validate"), "-k", "1.31.0", "--strict",
+                          str(manifest)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    unknown = set(re.findall(r"Couldn't find schema for kind (\w+)", out.stdout + out.stderr))
+    assert unknown <= CUSTOM_KINDS, unknown
+    passed = len(re.findall(r"passed for resource", out.stdout + out.stderr))
+    assert passed == len([d for d in render(scenario) if d["kind"] not in CUSTOM_KINDS])
+
+
+@pytest.mark.parametrize("values, complaint", [
+    ({"gatway": {"replicaCount": 2}}, "gatway"),                                   # typo'd top-level key
+    ({"gateway": {"replicas": 2}}, "replicas"),                                    # typo'd nested key
+    ({"gateway": {"replicaCount": "two"}}, "replicaCount"),                        # wrong type
+    ({"crds": {"enabled": "yes"}}, "enabled"),                                     # wrong type
+    ({"operator": {"watchNamespaces": ["team-*"]}}, "watchNamespaces"),            # globs need RBAC it cannot give
+    ({"operator": {"image": {"pullPolicy": "Sometimes"}}}, "pullPolicy"),          # not an enum value
+    ({"gateway": {"redis": {"url": "localhost:6379"}}}, "url"),                    # not a redis:// URL
+])
+def test_bad_values_fail_on_the_schema(values, complaint, tmp_path):
+    out = render_values(tmp_path, values, check=False)
+    assert out.returncode != 0
+    assert "schema" in out.stderr and complaint in out.stderr, out.stderr
+    lint = helm("lint", "--strict", str(CHART), "-f", str(tmp_path / "values.yaml"), check=False)
+    assert lint.returncode != 0
+
+
+@pytest.mark.parametrize("values, complaint", [
+    ({"gateway": {"apiKeys": {"enabled": True}}}, "needs existingSecret"),
+    ({"gateway": {"apiKeys": {"enabled": True, "existingSecret": "k", "keys": {"keys": []}}}}, "not both"),
+    ({"gateway": {"apiKeys": {"existingSecret": "k"}}}, "apiKeys.enabled is false"),
+    ({"gateway": {"redis": {"url": "redis://r:6379/0", "existingSecret": "r"}}}, "not both"),
+    ({"gateway": {"autoscaling": {"enabled": True, "minReplicas": 4, "maxReplicas": 2}}}, "greater than maxReplicas"),
+    ({"gateway": {"podDisruptionBudget": {"minAvailable": 1}}}, "block every node drain"),
+    ({"openWebUI": {"enabled": True}, "gateway": {"apiKeys": {"enabled": True, "existingSecret": "k"}}},
+     "openWebUI.apiKeySecret.name"),
+])
+def test_bad_combinations_fail_fast(values, complaint, tmp_path):
+    out = render_values(tmp_path, values, check=False)
+    assert out.returncode != 0 and complaint in out.stderr, out.stderr
+
+
+def schema_paths(schema, prefix=()):
+    for key, sub in schema.get("properties", {}).items():
+        yield prefix + (key,), sub
+        yield from schema_paths(sub, prefix + (key,))
+
+
+def values_key_lines() -> dict[tuple, int]:
+    """Path of every key in values.yaml → its line index (block-style YAML, two-space indents)."""
+    lines, stack, paths = (CHART / "values.yaml").read_text().splitlines(), [], {}
+    for n, line in enumerate(lines):
+        m = re.match(r"^( *)([A-Za-z][\w-]*):", line)
+        if not m:
+            continue
+        depth = len(m.group(1)) // 2
+        stack = stack[:depth] + [m.group(2)]
+        paths[tuple(stack)] = n
+    return paths
+
+
+def test_every_value_is_documented_and_typed():
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    lines = (CHART / "values.yaml").read_text().splitlines()
+    key_lines = values_key_lines()
+    assert schema["additionalProperties"] is False
+
+    def commented(path) -> bool:
+        return path in key_lines and lines[key_lines[path] - 1].strip().startswith("#")
+
+    for path, sub in schema_paths(schema):
+        name = ".".join(path)
+        assert sub.get("description"), f"{name}: no description in values.schema.json"
+        if sub.get("type") == "object" and "properties" in sub:
+            assert sub.get("additionalProperties") is False, f"{name}: additionalProperties"
+        if any(commented(path[:n]) for n in range(1, len(path))):
+            continue  # inside a block documented as a whole (e.g. resources)
+        assert path in key_lines, f"{name}: in the schema but not in values.yaml"
+        if not (sub.get("type") == "object" and "properties" in sub):  # a section: its keys carry the docs
+            assert commented(path), f"{name}: no comment above it in values.yaml"
+    # and nothing in values.yaml escapes the schema (the defaults themselves validate)
+    helm("lint", "--strict", str(CHART))
+
+
+# --- single sources: the CRDs and the profile table -----------------------------------------------------
+
+def test_crds_are_the_ones_in_deploy_crds():
+    docs = render()
+    sources = [yaml.safe_load(p.read_text()) for p in sorted((REPO / "deploy" / "crds").glob("*.yaml"))]
+    rendered = {d["metadata"]["name"]: d for d in find(docs, "CustomResourceDefinition")}
+    assert set(rendered) == {s["metadata"]["name"] for s in sources}  # no kopf peering CRDs with one replica
+    for source in sources:
+        crd = rendered[source["metadata"]["name"]]
+        assert crd["spec"] == source["spec"] and crd["apiVersion"] == source["apiVersion"]
+        assert source["metadata"].get("labels", {}).items() <= crd["metadata"]["labels"].items()
+        assert crd["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
+
+
+def test_crds_enabled_and_keep(tmp_path):
+    assert not find(render_values(tmp_path, {"crds": {"enabled": False}}), "CustomResourceDefinition")
+    kept = find(render_values(tmp_path, {"crds": {"keep": False}}), "CustomResourceDefinition")
+    assert kept and all("annotations" not in c["metadata"] for c in kept)
+
+
+def test_the_chart_reads_its_single_sources_through_symlinks(tmp_path):
+    assert (CHART / "files" / "crds").is_symlink()
+    assert (CHART / "files" / "crds").resolve() == (REPO / "deploy" / "crds").resolve()
+    assert (CHART / "files" / "profiles.yaml").is_symlink()
+    assert (CHART / "files" / "profiles.yaml").resolve() == (REPO / "profiles" / "profiles.yaml").resolve()
+    # `helm package` stores the content (a packaged chart needs no repository)
+    helm("package", str(CHART), "--destination", str(tmp_path))
+    [package] = tmp_path.glob("cxygpt-*.tgz")
+    with tarfile.open(package) as tar:
+        names = set(tar.getnames())
+        assert "cxygpt/ci/ha-values.yaml" not in names
+        stored = tar.extractfile("cxygpt/files/profiles.yaml").read()
+        assert stored == (REPO / "profiles" / "profiles.yaml").read_bytes()
+        for crd in (REPO / "deploy" / "crds").glob("*.yaml"):
+            assert tar.extractfile(f"cxygpt/files/crds/{crd.name}").read() == crd.read_bytes()
+
+
+def test_the_profile_configmap_is_the_profile_table_byte_for_byte():
+    cm = one(render(), "ConfigMap", f"{RELEASE}-profiles")
+    assert cm["data"]["profiles.yaml"] == (REPO / "profiles" / "profiles.yaml").read_text()
+    for component in ("operator", "gateway"):
+        dep = one(render(), "Deployment", f"{RELEASE}-{component}")
+        volumes = {v["name"]: v for v in dep["spec"]["template"]["spec"]["volumes"]}
+        assert volumes["profiles"]["configMap"]["name"] == cm["metadata"]["name"]
+
+
+# --- hardening and RBAC on every scenario ---------------------------------------------------------------
+
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_every_pod_is_hardened(scenario):
+    pods = list(pod_specs(render(scenario)))
+    assert pods
+    for owner, spec, hook in pods:
+        psc = spec.get("securityContext") or {}
+        assert psc.get("runAsNonRoot") is True, owner
+        assert psc.get("seccompProfile") == {"type": "RuntimeDefault"}, owner
+        for c in spec.get("initContainers", []) + spec["containers"]:
+            where = f"{owner} container {c['name']}"
+            sc = c.get("securityContext") or {}
+            assert sc.get("readOnlyRootFilesystem") is True, where
+            assert sc.get("allowPrivilegeEscalation") is False, where
+            assert sc.get("capabilities") == {"drop": ["ALL"]}, where
+            assert sc.get("runAsNonRoot", psc.get("runAsNonRoot")) is True, where
+            assert sc.get("seccompProfile", psc.get("seccompProfile")) == {"type": "RuntimeDefault"}, where
+            for kind in ("requests", "limits"):
+                assert {"cpu", "memory"} <= set((c.get("resources") or {}).get(kind) or {}), f"{where}: {kind}"
+            image = c["image"]
+            assert ":" in image.rsplit("/", 1)[-1] and not image.endswith((":latest", ":main")), where
+            if not hook:  # long-running containers; the test hook pod runs once
+                assert c.get("livenessProbe") and c.get("readinessProbe"), f"{where}: probes"
+
+
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_no_wildcard_or_dangerous_rbac(scenario):
+    roles = [d for d in render(scenario) if d["kind"] in ("Role", "ClusterRole")]
+    assert roles
+    for role in roles:
+        for rule in role["rules"]:
+            for field in ("apiGroups", "resources", "verbs", "resourceNames", "nonResourceURLs"):
+                assert "*" not in rule.get(field, []), f"{role['metadata']['name']}: {rule}"
+            assert not {"escalate", "bind", "impersonate", "delete", "deletecollection"} & set(rule["verbs"]), rule
+            assert not {"secrets", "pods/exec", "serviceaccounts/token"} & set(rule["resources"]), rule
+
+
+def grants(role) -> set[tuple]:
+    return {(g, r, v, ",".join(rule.get("resourceNames", [])))
+            for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
+
+
+def expand(*rules) -> set[tuple]:
+    return {(g, r, v, names) for g, resources, verbs, names in rules for r in resources.split() for v in verbs.split()}
+
+
+OPERATOR_CLUSTER = expand(("", "nodes", "list watch", ""),
+                          ("apiextensions.k8s.io", "customresourcedefinitions", "list watch", ""))
+OPERATOR_NAMESPACED = expand(("cxygpt.io", "modeldeployments", "get list watch patch", ""),
+                             ("cxygpt.io", "modeldeployments/status", "patch", ""),
+                             ("cxygpt.io", "modeldeployments/finalizers", "update", ""),
+                             ("apps", "deployments", "get list watch create patch", ""),
+                             ("", "services", "get create patch", ""),
+                             ("", "events", "create", ""))
+GATEWAY = expand(("cxygpt.io", "modeldeployments", "get list watch", ""),
+                 ("discovery.k8s.io", "endpointslices", "get list watch", ""))
+
+
+def test_rbac_cluster_wide_is_exactly_what_the_operator_and_gateway_use():
+    docs = render()
+    assert grants(one(docs, "ClusterRole", f"{RELEASE}-operator")) == OPERATOR_CLUSTER | OPERATOR_NAMESPACED
+    assert grants(one(docs, "ClusterRole", f"{RELEASE}-gateway")) == GATEWAY
+    assert not find(docs, "Role")
+    for binding in find(docs, "ClusterRoleBinding"):
+        [subject] = binding["subjects"]
+        assert subject == {"kind": "ServiceAccount", "name": binding["roleRef"]["name"], "namespace": NAMESPACE}
+
+
+def test_rbac_watch_namespace_keeps_models_namespaced():
+    docs = render("watch-namespace")
+    assert grants(one(docs, "ClusterRole", f"{RELEASE}-operator")) == OPERATOR_CLUSTER
+    roles = {(r["metadata"]["namespace"], r["metadata"]["name"]): r for r in find(docs, "Role")}
+    assert grants(roles["llm", f"{RELEASE}-operator"]) == OPERATOR_NAMESPACED
+    assert grants(roles["llm", f"{RELEASE}-gateway"]) == GATEWAY
+    assert not find(docs, "ClusterRole", f"{RELEASE}-gateway")
+    bindings = {(b["metadata"]["namespace"], b["metadata"]["name"]) for b in find(docs, "RoleBinding")}
+    assert bindings == set(roles)
+    assert "--namespace=llm" in container(docs, "operator")["args"]
+    assert "--namespace=llm" in container(docs, "gateway")["args"]
+
+
+def test_ha_operator_peers_through_kopf():
+    docs = render("ha")
+    op = one(docs, "Deployment", f"{RELEASE}-operator")
+    assert op["spec"]["replicas"] == 2 and "strategy" not in op["spec"]  # rolling: the peers hand over
+    peering = f"{RELEASE}-operator"
+    assert f"--peering={peering}" in op["spec"]["template"]["spec"]["containers"][0]["args"]
+    obj = one(docs, "ClusterKopfPeering", peering)
+    assert obj["apiVersion"] == "kopf.dev/v1"
+    assert obj["metadata"]["annotations"]["helm.sh/hook"] == "post-install,post-upgrade"
+    crds = {c["metadata"]["name"] for c in find(docs, "CustomResourceDefinition")}
+    assert {"clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev"} <= crds
+    assert grants(one(docs, "ClusterRole", peering)) == OPERATOR_CLUSTER | OPERATOR_NAMESPACED | expand(
+        ("kopf.dev", "clusterkopfpeerings", "list watch", ""), ("kopf.dev", "clusterkopfpeerings", "get patch", peering))
+    # the gateway: no replicas field under the HPA, which targets it; the PDB selects its pods
+    gw = one(docs, "Deployment", f"{RELEASE}-gateway")
+    assert "replicas" not in gw["spec"]
+    hpa = one(docs, "HorizontalPodAutoscaler")
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": gw["metadata"]["name"]}
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (3, 6)
+    pdb = one(docs, "PodDisruptionBudget")
+    assert pdb["spec"] == {"minAvailable": 2, "selector": gw["spec"]["selector"]}
+    assert env(container(docs, "gateway"))["REDIS_URL"] == "redis://redis.cxygpt.svc:6379/0"
+
+
+def test_ha_in_watched_namespaces_uses_namespaced_peering_objects():
+    docs = render("watch-namespaces-ha")
+    peering = f"{RELEASE}-operator"
+    assert {p["metadata"]["namespace"] for p in find(docs, "KopfPeering", peering)} == {"llm", "team-b"}
+    assert not find(docs, "ClusterKopfPeering")
+    for role in find(docs, "Role", peering):
+        assert grants(role) == OPERATOR_NAMESPACED | expand(
+            ("kopf.dev", "kopfpeerings", "list watch", ""), ("kopf.dev", "kopfpeerings", "get patch", peering))
+    # two namespaces: the gateway (one --namespace at most) reads models cluster-wide
+    assert grants(one(docs, "ClusterRole", f"{RELEASE}-gateway")) == GATEWAY
+    assert not any(a.startswith("--namespace") for a in container(docs, "gateway")["args"])
+
+
+# --- selector labels ------------------------------------------------------------------------------------
+
+def selectors(docs) -> dict:
+    return {d["metadata"]["name"]: d["spec"]["selector"]["matchLabels"] for d in find(docs, "Deployment")}
+
+
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_selectors_are_the_stable_subset_and_select_the_pods(scenario):
+    docs = render(scenario)
+    for name, selector in selectors(docs).items():
+        component = name.removeprefix(f"{RELEASE}-")
+        assert selector == {"app.kubernetes.io/name": "cxygpt", "app.kubernetes.io/instance": RELEASE,
+                            "app.kubernetes.io/component": component}
+        pod_labels = one(docs, "Deployment", name)["spec"]["template"]["metadata"]["labels"]
+        assert selector.items() <= pod_labels.items()
+        assert pod_labels["app.kubernetes.io/version"]  # the full set is on the pods, not in the selector
+    for svc in find(docs, "Service"):
+        assert svc["spec"]["selector"] in selectors(docs).values(), svc["metadata"]["name"]
+
+
+def test_selectors_do_not_change_on_upgrade(tmp_path):
+    """A new chart version, app version and extra labels leave every selector as it was (selectors are immutable)."""
+    before = selectors(render())
+    upgraded = tmp_path / "cxygpt"
+    shutil.copytree(CHART, upgraded, symlinks=False)  # the copy carries the symlinks' content
+    chart = yaml.safe_load((upgraded / "Chart.yaml").read_text())
+    chart.update(version="9.9.9", appVersion="9.9.9")
+    (upgraded / "Chart.yaml").write_text(yaml.safe_dump(chart))
+    out = helm(*template_args(None, "--set", "commonLabels.team=ml", "--set", "operator.podLabels.tier=control",
+                              "--set", "gateway.podLabels.tier=edge", chart=upgraded)).stdout
+    after_docs = [d for d in yaml.safe_load_all(out) if d]
+    assert selectors(after_docs) == before
+    assert one(after_docs, "Deployment", f"{RELEASE}-gateway")["metadata"]["labels"]["app.kubernetes.io/version"] == "9.9.9"
+
+
+# --- what each component is given -----------------------------------------------------------------------
+
+def test_operator_args_are_flags_the_operator_has():
+    from cxygpt_operator.main import parse_args
+
+    for scenario in SCENARIOS:
+        args = container(render(scenario), "operator")["args"]
+        parsed = parse_args(args)  # argparse exits on an unknown flag
+        assert parsed.sim_image == "cxygpt/cxygpt-sim:0.1.0" and parsed.profiles == "/etc/cxygpt/profiles/profiles.yaml"
+        assert parsed.liveness == "http://0.0.0.0:8080/healthz" and parsed.vllm_image is None
+    op = container(render(), "operator")
+    assert op["command"] == ["cxygpt-operator"]
+    assert {"mountPath": "/etc/cxygpt/profiles", "name": "profiles", "readOnly": True} in op["volumeMounts"]
+    assert one(render(), "Deployment", f"{RELEASE}-operator")["spec"]["strategy"] == {"type": "Recreate"}
+
+
+def test_engine_images_from_values(tmp_path):
+    docs = render_values(tmp_path, {"operator": {"simImage": {"repository": "reg.example/sim", "tag": "t1"},
+                                                 "vllmImage": "vllm/vllm-openai:v0.33.0"}})
+    args = container(docs, "operator")["args"]
+    assert "--sim-image=reg.example/sim:t1" in args and "--vllm-image=vllm/vllm-openai:v0.33.0" in args
+
+
+def test_gateway_args_env_and_keys():
+    gw = container(render(), "gateway")
+    assert gw["command"] == ["cxygpt-gateway"]
+    assert gw["args"] == ["--kubernetes", "--host=0.0.0.0", "--port=8080"]
+    assert "REDIS_URL" not in env(gw) and env(gw)["CXYGPT_PROFILES"] == "/etc/cxygpt/profiles/profiles.yaml"
+    help_text = subprocess.run([str(Path(sys.executable).parent / "cxygpt-gateway"), "--help"],
+                               capture_output=True, text=True, timeout=30).stdout
+    for flag in ("--kubernetes", "--host", "--port", "--namespace", "--keys-file"):
+        assert flag in help_text
+
+    docs = render("redis-apikeys")
+    gw = container(docs, "gateway")
+    assert env(gw)["REDIS_URL"] == {"secretKeyRef": {"name": "cxygpt-redis", "key": "url"}}
+    assert "--keys-file=/etc/cxygpt/keys/keys.yaml" in gw["args"]
+    assert {"name": "keys", "mountPath": "/etc/cxygpt/keys", "readOnly": True} in gw["volumeMounts"]
+    secret = one(docs, "Secret", f"{RELEASE}-gateway-keys")
+    keys = yaml.safe_load(secret["stringData"]["keys.yaml"])
+    assert keys["allow_anonymous"] is False and keys["keys"][0]["id"] == "team-a"
+    volumes = {v["name"]: v for v in one(docs, "Deployment", f"{RELEASE}-gateway")["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["keys"]["secret"]["secretName"] == secret["metadata"]["name"]
+
+    docs = render("existing-keys")
+    volumes = {v["name"]: v for v in one(docs, "Deployment", f"{RELEASE}-gateway")["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["keys"]["secret"]["secretName"] == "team-keys" and not find(docs, "Secret")
+
+
+def test_service_monitor_or_scrape_annotations():
+    annotations = one(render(), "Deployment", f"{RELEASE}-gateway")["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true" and annotations["prometheus.io/port"] == "8080"
+    assert not find(render(), "ServiceMonitor")
+
+    docs = render("servicemonitor")
+    sm = one(docs, "ServiceMonitor")
+    assert sm["spec"]["selector"]["matchLabels"] == selectors(docs)[f"{RELEASE}-gateway"]
+    assert sm["spec"]["endpoints"] == [{"port": "http", "path": "/metrics", "interval": "15s"}]
+    assert sm["metadata"]["labels"]["release"] == "prometheus"
+    assert one(docs, "Service", f"{RELEASE}-gateway")["spec"]["ports"][0]["name"] == "http"
+    annotations = one(docs, "Deployment", f"{RELEASE}-gateway")["spec"]["template"]["metadata"]["annotations"]
+    assert "prometheus.io/scrape" not in annotations
+
+    # without the Prometheus Operator's API the chart falls back to the annotations
+    out = helm("template", RELEASE, str(CHART), "-n", NAMESPACE, "-f", str(SCENARIOS["servicemonitor"])).stdout
+    docs = [d for d in yaml.safe_load_all(out) if d]
+    assert not find(docs, "ServiceMonitor")
+    assert "prometheus.io/scrape" in one(docs, "Deployment", f"{RELEASE}-gateway")["spec"]["template"]["metadata"]["annotations"]
+
+
+def test_open_webui_points_at_the_gateway():
+    assert not find(render(), "Deployment", f"{RELEASE}-openwebui")
+    docs = render("openwebui")
+    ui = container(docs, "openwebui")
+    svc = one(docs, "Service", f"{RELEASE}-gateway")
+    assert env(ui)["OPENAI_API_BASE_URL"] == f"http://{svc['metadata']['name']}.{NAMESPACE}.svc:{svc['spec']['ports'][0]['port']}/v1"
+    assert env(ui)["ENABLE_OLLAMA_API"] == "false"
+    assert re.fullmatch(r"ghcr\.io/open-webui/open-webui:v\d+\.\d+\.\d+", ui["image"])
+    pvc = one(docs, "PersistentVolumeClaim", f"{RELEASE}-openwebui")
+    assert pvc["spec"]["resources"]["requests"]["storage"] == "5Gi"
+    assert pvc["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    assert one(docs, "Secret", f"{RELEASE}-openwebui")["data"]["webui-secret-key"]
+    assert one(docs, "Service", f"{RELEASE}-openwebui")["spec"]["ports"][0]["targetPort"] == "http"
+
+
+def test_helm_test_hook_calls_healthz_and_models():
+    pod = one(render(), "Pod", f"{RELEASE}-test")
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    c = pod["spec"]["containers"][0]
+    script, url = c["args"]
+    assert url == f"http://{RELEASE}-gateway.{NAMESPACE}.svc:80"
+    assert '"/healthz"' in script and '"/v1/models"' in script
+    assert c["image"] == container(render(), "gateway")["image"]
+
+
+def test_notes_give_the_next_commands():
+    out = helm("install", RELEASE, str(CHART), "-n", NAMESPACE, "--dry-run=client", "-f", str(SCENARIOS["openwebui"])).stdout
+    notes = out.split("NOTES:", 1)[1]
+    assert f"deployment/{RELEASE}-operator deployment/{RELEASE}-gateway" in notes
+    assert f"port-forward service/{RELEASE}-gateway 8080:80" in notes
+    assert f"port-forward service/{RELEASE}-openwebui" in notes
+    assert f"helm test {RELEASE} -n {NAMESPACE}" in notes
+    assert "engine: {kind: sim}" in notes
