@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
 from .admission.auth import KeyStore
-from .admission.ratelimit import RateLimiter, open_storage
+from .admission.ratelimit import RateLimiter, open_windows
 from .discovery.base import Discovery
 from .errors import GatewayError
 from .logs import REQUEST_LOGGER, log_request
@@ -78,8 +78,8 @@ def create_app(settings: GatewaySettings, *, table: ProfileTable | None = None,
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        storage = open_storage(settings.redis_url)
-        gw.limiter = RateLimiter(storage, on_storage_error=gw.metrics.ratelimit_storage_errors.inc)
+        gw.limiter = RateLimiter(open_windows(settings.redis_url),
+                                 on_storage_error=gw.metrics.ratelimit_storage_errors.inc)
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=30, keepalive_timeout=30)
         async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as session:
             gw.upstream = Upstream(session)

@@ -24,9 +24,10 @@ def test_two_gateways_share_one_limit_and_fail_open_without_redis(tmp_path, redi
     env = {"REDIS_URL": f"redis://127.0.0.1:{redis.port}/0"}
     gateways = [start_gateway(tmp_path, config, env=env) for _ in range(2)]
     try:
-        codes = [httpx.post(gateways[i % 2].url + "/v1/chat/completions", json=BODY, timeout=10).status_code
-                 for i in range(12)]
+        answers = [httpx.post(gateways[i % 2].url + "/v1/chat/completions", json=BODY, timeout=10) for i in range(12)]
+        codes = [r.status_code for r in answers]
         assert codes.count(200) == 5 and codes.count(429) == 7, codes
+        assert all(1 <= int(r.headers["retry-after"]) <= 10 for r in answers if r.status_code == 429)
         assert {codes[i] for i in (0, 1)} == {200}  # both gateways served before the shared budget ran out
 
         redis.kill()

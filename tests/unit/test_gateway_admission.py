@@ -4,8 +4,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 
-import limits.aio.storage.memory
-import limits.aio.strategies
 import orjson
 import pytest
 from cxygpt_profiles import default_table
@@ -15,7 +13,7 @@ from cxygpt_gateway.admission.auth import KeyStore, KeysFile
 from cxygpt_gateway.admission.degrade import DegradeMonitor
 from cxygpt_gateway.admission.policy import effective
 from cxygpt_gateway.admission.queue import ModelQueue
-from cxygpt_gateway.admission.ratelimit import RateLimiter, Rate, Scope, qps_item
+from cxygpt_gateway.admission.ratelimit import LocalWindows, Rate, RateLimiter, Scope, Window, request_window
 from cxygpt_gateway.admission.request import cannot_exceed, decode, estimate_tokens, token_id_count, validate
 from cxygpt_gateway.discovery.static import spec_from_config
 from cxygpt_gateway.errors import GatewayError
@@ -30,19 +28,13 @@ class FakeClock:
     def __call__(self) -> float:
         return self.now
 
-    time = __call__  # stands in for the `time` module the limits library reads
-
     def advance(self, seconds: float) -> None:
         self.now += seconds
 
 
 @pytest.fixture
-def clock(monkeypatch) -> FakeClock:
-    fake = FakeClock()
-    # the limits library reads time.time() itself: give it the same fake clock
-    monkeypatch.setattr(limits.aio.storage.memory, "time", fake)
-    monkeypatch.setattr(limits.aio.strategies, "time", fake)
-    return fake
+def clock() -> FakeClock:
+    return FakeClock()
 
 
 # ---- auth -------------------------------------------------------------------------------------------------
@@ -110,7 +102,7 @@ def test_prompts_and_token_counting_shortcuts():
 # ---- rate limits --------------------------------------------------------------------------------------------
 
 async def test_qps_limit_per_scope_with_retry_after_from_the_window(clock):
-    limiter = RateLimiter(limits.aio.storage.MemoryStorage(), clock=clock)
+    limiter = RateLimiter(LocalWindows(clock))
     model = Scope("model:m", "model m", Rate(qps=2))
     key_a, key_b = (Scope(f"key:{k}", f"key {k}", Rate(qps=1)) for k in "ab")
     await limiter.admit([model, key_a])
@@ -126,7 +118,7 @@ async def test_qps_limit_per_scope_with_retry_after_from_the_window(clock):
 
 
 async def test_rejected_requests_cost_nothing(clock):
-    limiter = RateLimiter(limits.aio.storage.MemoryStorage(), clock=clock)
+    limiter = RateLimiter(LocalWindows(clock))
     scope = Scope("key:a", "key a", Rate(qps=1))
     await limiter.admit([scope])
     for _ in range(5):
@@ -137,7 +129,7 @@ async def test_rejected_requests_cost_nothing(clock):
 
 
 async def test_tokens_settle_after_the_response_and_block_until_the_minute_turns(clock):
-    limiter = RateLimiter(limits.aio.storage.MemoryStorage(), clock=clock)
+    limiter = RateLimiter(LocalWindows(clock))
     scope = Scope("model:m", "model m", Rate(tpm=1000))
     await limiter.admit([scope])
     await limiter.settle([scope], 1500)  # a long answer is paid in full, even past the budget
@@ -150,21 +142,24 @@ async def test_tokens_settle_after_the_response_and_block_until_the_minute_turns
     await limiter.admit([scope])
 
 
-def test_fractional_qps_keeps_its_rate():
-    item = qps_item(2.5)
-    assert (item.amount, item.get_expiry()) == (25, 10)
+async def test_fractional_qps_keeps_its_rate(clock):
+    assert request_window(2.5) == Window(25, 10)
+    limiter = RateLimiter(LocalWindows(clock))
+    scope = Scope("key:a", "key a", Rate(qps=0.5))  # 5 per 10 s
+    for _ in range(5):
+        await limiter.admit([scope])
+    with pytest.raises(GatewayError) as e:
+        await limiter.admit([scope])
+    assert e.value.headers["Retry-After"] == "10"
 
 
-async def test_storage_failure_fails_open_and_is_counted():
-    class Broken(limits.aio.storage.MemoryStorage):
-        async def acquire_entry(self, *a, **k):
-            raise ConnectionError("redis down")
-
-        async def get_moving_window(self, *a, **k):
+async def test_storage_failure_fails_open_and_is_counted(clock):
+    class Unreachable(LocalWindows):
+        async def requests_free(self, key, w):
             raise ConnectionError("redis down")
 
     failures = []
-    limiter = RateLimiter(Broken(), on_storage_error=lambda: failures.append(1))
+    limiter = RateLimiter(Unreachable(clock), on_storage_error=lambda: failures.append(1))
     await limiter.admit([Scope("key:a", "key a", Rate(qps=1))])
     assert failures == [1]
 
