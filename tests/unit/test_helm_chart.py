@@ -405,6 +405,7 @@ def test_operator_args_are_flags_the_operator_has():
         parsed = parse_args(args)  # argparse exits on an unknown flag
         assert parsed.sim_image == "cxygpt/cxygpt-sim:0.1.0" and parsed.profiles == "/etc/cxygpt/profiles/profiles.yaml"
         assert parsed.liveness == "http://0.0.0.0:8080/healthz" and parsed.vllm_image is None
+        assert parsed.metrics_port == 8081
     op = container(render(), "operator")
     assert op["command"] == ["cxygpt-operator"]
     assert {"mountPath": "/etc/cxygpt/profiles", "name": "profiles", "readOnly": True} in op["volumeMounts"]
@@ -444,25 +445,37 @@ def test_gateway_args_env_and_keys():
     assert volumes["keys"]["secret"]["secretName"] == "team-keys" and not find(docs, "Secret")
 
 
-def test_service_monitor_or_scrape_annotations():
-    annotations = one(render(), "Deployment", f"{RELEASE}-gateway")["spec"]["template"]["metadata"]["annotations"]
-    assert annotations["prometheus.io/scrape"] == "true" and annotations["prometheus.io/port"] == "8080"
-    assert not find(render(), "ServiceMonitor")
+def pod_annotations(docs, component) -> dict:
+    return one(docs, "Deployment", f"{RELEASE}-{component}")["spec"]["template"]["metadata"]["annotations"]
+
+
+def test_service_monitors_or_scrape_annotations():
+    docs = render()
+    for component, port in (("operator", "8081"), ("gateway", "8080")):
+        assert pod_annotations(docs, component)["prometheus.io/scrape"] == "true"
+        assert pod_annotations(docs, component)["prometheus.io/port"] == port
+    assert not find(docs, "ServiceMonitor")
 
     docs = render("servicemonitor")
-    sm = one(docs, "ServiceMonitor")
-    assert sm["spec"]["selector"]["matchLabels"] == selectors(docs)[f"{RELEASE}-gateway"]
-    assert sm["spec"]["endpoints"] == [{"port": "http", "path": "/metrics", "interval": "15s"}]
-    assert sm["metadata"]["labels"]["release"] == "prometheus"
-    assert one(docs, "Service", f"{RELEASE}-gateway")["spec"]["ports"][0]["name"] == "http"
-    annotations = one(docs, "Deployment", f"{RELEASE}-gateway")["spec"]["template"]["metadata"]["annotations"]
-    assert "prometheus.io/scrape" not in annotations
+    services = {s["metadata"]["name"]: s for s in find(docs, "Service")}
+    for component, port_name in (("operator", "metrics"), ("gateway", "http")):
+        sm = one(docs, "ServiceMonitor", f"{RELEASE}-{component}")
+        assert sm["spec"]["endpoints"] == [{"port": port_name, "path": "/metrics", "interval": "15s"}]
+        assert sm["metadata"]["labels"]["release"] == "prometheus"
+        # the Service it selects exposes that port, and selects this component's pods
+        [svc] = [s for s in services.values() if sm["spec"]["selector"]["matchLabels"].items() <= s["metadata"]["labels"].items()]
+        assert port_name in [p["name"] for p in svc["spec"]["ports"]]
+        assert svc["spec"]["selector"] == selectors(docs)[f"{RELEASE}-{component}"]
+        assert "prometheus.io/scrape" not in pod_annotations(docs, component)
+    ports = {p["name"]: p["containerPort"] for p in container(docs, "operator")["ports"]}
+    assert ports == {"health": 8080, "metrics": 8081}
+    assert "--metrics-port=8081" in container(docs, "operator")["args"]
 
     # without the Prometheus Operator's API the chart falls back to the annotations
     out = helm("template", RELEASE, str(CHART), "-n", NAMESPACE, "-f", str(SCENARIOS["servicemonitor"])).stdout
     docs = [d for d in yaml.safe_load_all(out) if d]
-    assert not find(docs, "ServiceMonitor")
-    assert "prometheus.io/scrape" in one(docs, "Deployment", f"{RELEASE}-gateway")["spec"]["template"]["metadata"]["annotations"]
+    assert not find(docs, "ServiceMonitor") and not find(docs, "Service", f"{RELEASE}-operator-metrics")
+    assert "prometheus.io/scrape" in pod_annotations(docs, "gateway")
 
 
 def test_open_webui_points_at_the_gateway():

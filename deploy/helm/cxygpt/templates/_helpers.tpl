@@ -99,7 +99,7 @@ helm.sh/chart: {{ printf "%s-%s" $root.Chart.Name $root.Chart.Version | replace 
 {{- toYaml .Values.containerSecurityContext }}
 {{- end }}
 
-{{/* "true" when the gateway's ServiceMonitor is rendered: asked for, and the cluster serves the kind. */}}
-{{- define "cxygpt.gateway.serviceMonitor" -}}
-{{- if and .Values.gateway.metrics.serviceMonitor.enabled (.Capabilities.APIVersions.Has "monitoring.coreos.com/v1/ServiceMonitor") }}true{{ end }}
+{{/* "true" when ServiceMonitors are rendered: asked for, and the cluster serves the kind. */}}
+{{- define "cxygpt.serviceMonitor" -}}
+{{- if and .Values.metrics.serviceMonitor.enabled (.Capabilities.APIVersions.Has "monitoring.coreos.com/v1/ServiceMonitor") }}true{{ end }}
 {{- end }}
