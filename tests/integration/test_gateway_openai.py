@@ -28,6 +28,8 @@ def stack(tmp_path_factory):
              "limits": {"rate_qps": 0.2}},
             {"name": "slow", "url": slow.url, "profile": "DEV_32G",
              "limits": {"max_concurrency": 1, "queue_size": 0, "rate_qps": 1000}},
+            {"name": "queued", "url": slow.url, "upstream_model": "slow", "profile": "DEV_32G",
+             "limits": {"max_concurrency": 1, "queue_size": 1, "rate_qps": 1000}},
             {"name": "sluggish", "url": sluggish.url, "profile": "DEV_32G",
              "limits": {"rate_qps": 1000, "timeouts": {"ttft_s": 0.3}}},
             {"name": "deadline", "url": slow.url, "upstream_model": "slow", "profile": "DEV_32G",
@@ -147,6 +149,20 @@ def test_503_queue_full_at_once_and_cancel_frees_the_upstream_slot(client, stack
     client.chat.completions.create(model="slow", messages=MESSAGES, max_tokens=2)  # the slot is usable again
 
 
+def test_a_client_that_leaves_the_queue_frees_its_place_at_once(client, stack):
+    gateway = stack["gateway"].url
+    stream = client.chat.completions.create(model="queued", messages=MESSAGES, max_tokens=256, stream=True)
+    it = iter(stream)
+    next(it), next(it)  # the one slot is busy for ~13 s
+    with pytest.raises(httpx.ReadTimeout):  # waits in line, then gives up
+        httpx.post(gateway + "/v1/chat/completions", timeout=0.5, headers={"Authorization": f"Bearer {API_KEY}"},
+                   json={"model": "queued", "messages": MESSAGES, "max_tokens": 2})
+    wait_until(lambda: metric(gateway, "cxygpt_gateway_queue_depth", model="queued") == 0, timeout=3,
+               what="the queue place given up")
+    assert metric(gateway, "cxygpt_gateway_rejections_total", model="queued", reason="client_gone_while_queued") == 1
+    stream.close()
+
+
 def test_504_before_the_stream_starts_and_an_error_event_after(client, stack):
     started = time.monotonic()
     with pytest.raises(openai.APIStatusError) as e:  # no first token within ttft_s 0.3
@@ -171,7 +187,8 @@ def test_models_limits_health_docs_and_metrics(stack):
     url = stack["gateway"].url
     headers = {"Authorization": f"Bearer {OTHER_KEY}"}
     models = httpx.get(url + "/v1/models", headers=headers).json()
-    assert sorted(m["id"] for m in models["data"]) == ["deadline", "qwen3-14b", "rate-limited", "slow", "sluggish"]
+    assert sorted(m["id"] for m in models["data"]) == ["deadline", "queued", "qwen3-14b", "rate-limited", "slow",
+                                                          "sluggish"]
     limits = httpx.get(url + "/v1/limits", headers=headers).json()
     assert {"max_input_tokens", "max_output_tokens", "rate_qps", "rate_tpm", "queue_size", "single_user",
             "profile", "degraded", "key", "models"} <= set(limits)

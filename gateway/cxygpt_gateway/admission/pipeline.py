@@ -136,6 +136,35 @@ def _output_cap(target: "ModelRoute", caller: Caller, degraded: bool, requested:
     return min(requested or cap, cap)
 
 
+async def _client_gone(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _wait_in_line(request: Request, target: "ModelRoute", priority: int) -> "Slot":
+    """The next free slot, within the queue timeout; a client that leaves meanwhile leaves the line at once."""
+    waiting = asyncio.ensure_future(target.queue.wait(priority))
+    gone = asyncio.ensure_future(_client_gone(request))
+    try:
+        async with asyncio.timeout(target.limits.timeouts.queue_s):
+            await asyncio.wait((waiting, gone), return_when=asyncio.FIRST_COMPLETED)
+    except TimeoutError:
+        pass
+    finally:
+        gone.cancel()
+        if not waiting.done():
+            waiting.cancel()
+        await asyncio.gather(waiting, gone, return_exceptions=True)
+    if not waiting.cancelled() and waiting.exception() is None:
+        return waiting.result()
+    if gone.done() and not gone.cancelled():
+        raise GatewayError(499, "client closed the request while it waited in the queue",
+                           code="client_closed_request", reason="client_gone_while_queued")
+    raise GatewayError(503, f"waited {target.limits.timeouts.queue_s:g} s in the queue of model {target.name} "
+                            "without a free slot", code="queue_timeout", reason="queue_timeout",
+                       retry_after=target.queue.retry_after())
+
+
 async def admit(request: Request, kind: Kind) -> Admitted:
     gw: Gateway = request.app.state.gateway
     arrived = time.monotonic()
@@ -172,13 +201,7 @@ async def admit(request: Request, kind: Kind) -> Admitted:
     max_tokens = _output_cap(target, caller, target_degraded, req.requested_max_tokens)
     upstream_body = _upstream_body(gw, req, target, max_tokens, target_degraded)
 
-    try:
-        async with asyncio.timeout(target.limits.timeouts.queue_s):
-            slot = await target.queue.acquire(priority=caller.tier.priority)
-    except TimeoutError:
-        raise GatewayError(503, f"waited {target.limits.timeouts.queue_s:g} s in the queue of model {target.name} "
-                                "without a free slot", code="queue_timeout", reason="queue_timeout",
-                           retry_after=target.queue.retry_after()) from None
+    slot = target.queue.try_take() or await _wait_in_line(request, target, caller.tier.priority)
     return Admitted(gateway=gw, request_id=request_id, caller=caller, route=route, target=target, req=req,
                     upstream_body=upstream_body, scopes=scopes, degraded=degraded, input_tokens=input_tokens,
                     max_tokens=max_tokens, slot=slot, arrived=arrived)

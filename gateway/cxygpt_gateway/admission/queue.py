@@ -79,20 +79,24 @@ class ModelQueue:
         capacity = max(len(self.routable()) * self.max_concurrency, 1)
         return max(1.0, self.service_s_ewma * (self.waiting + 1) / capacity)
 
-    async def acquire(self, priority: int = 0) -> Slot:
-        """A slot now, or after waiting in line; 503 at once when the line is full or nothing is routable.
-        The caller bounds the wait (asyncio.timeout); a cancelled wait leaves the line."""
+    def try_take(self) -> Slot | None:
+        """A slot now; None when the caller must wait in line; 503 when nothing is routable or the line is full."""
         if not self.routable():
             raise GatewayError(503, "no ready backend for this model", code="no_backend", reason="no_backend",
                                retry_after=5)
-        arrived = self.clock()
         backend = self._free_backend() if not self.waiting else None  # never overtake those waiting
         if backend is not None:
             backend.outstanding += 1
-            return Slot(self, backend, arrived, 0.0)
+            return Slot(self, backend, self.clock(), 0.0)
         if self.waiting >= self.queue_size:
             raise GatewayError(503, f"queue full ({self.waiting} waiting, {self.in_flight} in flight); retry later",
                                code="queue_full", reason="queue_full", retry_after=self.retry_after())
+        return None
+
+    async def wait(self, priority: int = 0) -> Slot:
+        """Wait in line for the next free slot. The caller bounds the wait (asyncio.timeout); a cancelled wait
+        leaves the line."""
+        arrived = self.clock()
         waiter = _Waiter(asyncio.get_running_loop().create_future())
         heapq.heappush(self._heap, (priority, next(self._seq), waiter))
         self.waiting += 1
@@ -109,6 +113,10 @@ class ModelQueue:
             raise
         now = self.clock()
         return Slot(self, backend, now, now - arrived)
+
+    async def acquire(self, priority: int = 0) -> Slot:
+        """A slot now, or after waiting in line (see try_take and wait)."""
+        return self.try_take() or await self.wait(priority)
 
     def _release(self, slot: Slot) -> None:
         slot.backend.outstanding -= 1
