@@ -145,6 +145,9 @@ class RelayResponse(Response):
         self.admitted = admitted
         self.background = None
         self.status_code = 200
+        self.sent_head = False
+        self.usage: dict | None = None
+        self.ttft: float | None = None
 
     async def __call__(self, scope, receive, send) -> None:
         a = self.admitted
@@ -172,70 +175,17 @@ class RelayResponse(Response):
 
     async def _relay(self, send) -> None:
         a = self.admitted
-        gw, target, backend = a.gateway, a.target, a.slot.backend
-        timeouts = target.limits.timeouts
+        target, timeouts = a.target, a.target.limits.timeouts
         started = time.monotonic()
-        status, usage, ttft, error, sent_head, resp = 500, None, None, None, False, None
-        headers = dict(JSON_HEADERS)
-        if target.spec.api_key:
-            headers["Authorization"] = f"Bearer {target.spec.api_key}"
+        status, error, resp = 500, None, None
         try:
             async with asyncio.timeout(timeouts.total_s):
-                try:
-                    resp = await gw.upstream.session.post(
-                        backend.url + PATHS[a.req.kind], data=a.upstream_body, headers=headers,
-                        timeout=aiohttp.ClientTimeout(total=None, connect=timeouts.connect_s,
-                                                      sock_connect=timeouts.connect_s))
-                except aiohttp.ClientConnectorError as e:
-                    eject(backend, restore_after=None if gw.health_checker else EJECT_S)
-                    raise GatewayError(502, f"upstream {target.name} unreachable: {e.strerror or e}",
-                                       code="upstream_unreachable", reason="upstream_unreachable") from None
-                except (aiohttp.ServerTimeoutError, aiohttp.ConnectionTimeoutError):
-                    raise GatewayError(504, f"upstream {target.name} did not accept the connection within "
-                                            f"{timeouts.connect_s:g} s", code="upstream_timeout",
-                                       reason="upstream_timeout") from None
+                resp = await self._open()
                 async with resp:
                     if resp.status != 200:
                         raise upstream_error(resp.status, await resp.read())
-                    if not a.req.stream:
-                        data = await resp.read()
-                        usage = _usage(data)
-                        await send({"type": "http.response.start", "status": 200,
-                                    "headers": self._headers(b"application/json",
-                                                             {"content-length": len(data)})})
-                        sent_head = True
-                        await send({"type": "http.response.body", "body": data})
-                        status = 200
-                    else:
-                        events = complete_events(resp.content)
-                        try:
-                            async with asyncio.timeout(timeouts.ttft_s):
-                                first = await anext(events)
-                        except TimeoutError:
-                            raise GatewayError(504, f"no first token from {target.name} within "
-                                                    f"{timeouts.ttft_s:g} s", code="upstream_timeout",
-                                               reason="ttft_timeout") from None
-                        ttft = time.monotonic() - started
-                        await send({"type": "http.response.start", "status": 200,
-                                    "headers": self._headers(b"text/event-stream", {"cache-control": "no-cache"})})
-                        sent_head = True
-                        status = 200
-                        done = False
-                        strip = not a.req.client_wants_usage
-                        batch = first
-                        while True:
-                            out, found, seen_done = scan_stream(batch, strip)
-                            usage, done = found or usage, done or seen_done
-                            if out:
-                                await send({"type": "http.response.body", "body": out, "more_body": True})
-                            try:
-                                batch = await anext(events)
-                            except StopAsyncIteration:
-                                break
-                        if not done:
-                            raise GatewayError(502, f"upstream {target.name} ended the stream early",
-                                               code="upstream_error", reason="upstream_stream_broken")
-                        await send({"type": "http.response.body", "body": b"", "more_body": False})
+                    await (self._relay_stream(resp, send, started) if a.req.stream else self._relay_whole(resp, send))
+                    status = 200
         except TimeoutError:
             error = GatewayError(504, f"{target.name} did not finish within {timeouts.total_s:g} s",
                                  code="upstream_timeout", reason="total_timeout")
@@ -256,8 +206,66 @@ class RelayResponse(Response):
         finally:
             a.slot.release()
             if error is not None:
-                status = await self._send_error(send, error, sent_head)
-            await self._account(status, usage, ttft, started, error)
+                status = await self._send_error(send, error, self.sent_head)
+            await self._account(status, started, error)
+
+    async def _open(self) -> aiohttp.ClientResponse:
+        a = self.admitted
+        gw, target, backend = a.gateway, a.target, a.slot.backend
+        timeouts = target.limits.timeouts
+        headers = dict(JSON_HEADERS)
+        if target.spec.api_key:
+            headers["Authorization"] = f"Bearer {target.spec.api_key}"
+        try:
+            return await gw.upstream.session.post(
+                backend.url + PATHS[a.req.kind], data=a.upstream_body, headers=headers,
+                timeout=aiohttp.ClientTimeout(total=None, connect=timeouts.connect_s, sock_connect=timeouts.connect_s))
+        except aiohttp.ClientConnectorError as e:
+            eject(backend, restore_after=None if gw.health_checker else EJECT_S)
+            raise GatewayError(502, f"upstream {target.name} unreachable: {e.strerror or e}",
+                               code="upstream_unreachable", reason="upstream_unreachable") from None
+        except (aiohttp.ServerTimeoutError, aiohttp.ConnectionTimeoutError):
+            raise GatewayError(504, f"upstream {target.name} did not accept the connection within "
+                                    f"{timeouts.connect_s:g} s", code="upstream_timeout",
+                               reason="upstream_timeout") from None
+
+    async def _relay_whole(self, resp: aiohttp.ClientResponse, send) -> None:
+        data = await resp.read()
+        self.usage = _usage(data)
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": self._headers(b"application/json", {"content-length": len(data)})})
+        self.sent_head = True
+        await send({"type": "http.response.body", "body": data})
+
+    async def _relay_stream(self, resp: aiohttp.ClientResponse, send, started: float) -> None:
+        """Nothing is sent before the first event, so a TTFT timeout is still a real 504."""
+        a = self.admitted
+        events = complete_events(resp.content)
+        try:
+            async with asyncio.timeout(a.target.limits.timeouts.ttft_s):
+                batch = await anext(events)
+        except TimeoutError:
+            raise GatewayError(504, f"no first token from {a.target.name} within "
+                                    f"{a.target.limits.timeouts.ttft_s:g} s", code="upstream_timeout",
+                               reason="ttft_timeout") from None
+        self.ttft = time.monotonic() - started
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": self._headers(b"text/event-stream", {"cache-control": "no-cache"})})
+        self.sent_head = True
+        done, strip = False, not a.req.client_wants_usage
+        while True:
+            out, usage, seen_done = scan_stream(batch, strip)
+            self.usage, done = usage or self.usage, done or seen_done
+            if out:
+                await send({"type": "http.response.body", "body": out, "more_body": True})
+            try:
+                batch = await anext(events)
+            except StopAsyncIteration:
+                break
+        if not done:
+            raise GatewayError(502, f"upstream {a.target.name} ended the stream early", code="upstream_error",
+                               reason="upstream_stream_broken")
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _send_error(self, send, error: GatewayError, sent_head: bool) -> int:
         a = self.admitted
@@ -274,9 +282,9 @@ class RelayResponse(Response):
             pass  # the client is gone as well
         return error.status
 
-    async def _account(self, status: int, usage: dict | None, ttft: float | None, started: float,
-                       error: GatewayError | None) -> None:
+    async def _account(self, status: int, started: float, error: GatewayError | None) -> None:
         a = self.admitted
+        usage, ttft = self.usage, self.ttft
         gw, name = a.gateway, a.target.name
         m = gw.metrics
         now = time.monotonic()
