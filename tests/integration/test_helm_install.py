@@ -1,0 +1,163 @@
+"""The rendered chart applied with real kubectl to the in-memory API; the operator and gateway run as it configures them."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from harness import REPO, ServerProcess, console_script, free_port, wait_until
+
+CHART = REPO / "deploy" / "helm" / "cxygpt"
+SIM_IMAGE = "cxygpt/cxygpt-sim:it-1"
+NODE = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": "kind-worker2", "labels": {
+    "nvidia.com/gpu.memory": "81559", "nvidia.com/gpu.count": "1", "nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}}}
+
+
+def helm(*args) -> subprocess.CompletedProcess:
+    binary = shutil.which("helm") or REPO / ".tools" / "bin" / "helm"
+    if not shutil.which("helm") and not binary.exists():
+        pytest.skip("no helm binary (run `make bootstrap`)")
+    out = subprocess.run([str(binary), *args], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, f"helm {' '.join(args)}: {out.stderr}"
+    return out
+
+
+def is_hook(doc) -> bool:
+    return "helm.sh/hook" in (doc["metadata"].get("annotations") or {})
+
+
+class Install:
+    """`helm install` as far as the in-memory API allows: the release's objects (not its hooks) applied with kubectl."""
+
+    def __init__(self, kube_api, tmp, namespace: str, *sets: str):
+        self.kube_api, self.tmp, self.namespace = kube_api, tmp, namespace
+        out = helm("template", "cxygpt", str(CHART), "--namespace", namespace,
+                   "--set", "operator.simImage.tag=it-1", *[a for s in sets for a in ("--set", s)]).stdout
+        docs = [d for d in yaml.safe_load_all(out) if d]
+        # hooks are not part of the release: helm runs them later (post-install) or on `helm test`
+        self.objects = [d for d in docs if not is_hook(d)]
+        self.hooks = [d for d in docs if is_hook(d)]
+        self.processes: list[ServerProcess] = []
+
+    def kubectl(self, *args, stdin=None) -> str:
+        out = subprocess.run([console_script("kubectl"), "--kubeconfig", str(self.kube_api.kubeconfig),
+                              "--cache-dir", str(self.tmp / "kubectl-cache"), *args],
+                             capture_output=True, text=True, input=stdin, timeout=30)
+        assert out.returncode == 0, f"kubectl {' '.join(args)}: {out.stderr}"
+        return out.stdout
+
+    def apply(self, docs: list[dict]) -> str:
+        # the in-memory API serves no /openapi, hence --validate=false (kubernetes-validate covers schemas)
+        return self.kubectl("apply", "--validate=false", "-f", "-", stdin=yaml.safe_dump_all(docs))
+
+    def get(self, kind: str, name: str, namespace: str | None = None) -> dict:
+        return json.loads(self.kubectl("get", kind, name, "-o", "json", *(["-n", namespace] if namespace else [])))
+
+    def container(self, component: str) -> dict:
+        dep = self.get("deployment", f"cxygpt-{component}", self.namespace)
+        return dep["spec"]["template"]["spec"]["containers"][0]
+
+    def mounted_profiles(self) -> str:
+        """The profile table as the pods see it: the applied ConfigMap's data, written where the args expect it."""
+        cm = self.get("configmap", "cxygpt-profiles", self.namespace)
+        path = self.tmp / "profiles.yaml"
+        path.write_text(cm["data"]["profiles.yaml"])
+        return str(path)
+
+    def start(self, argv: list[str], *, port: int, health: str, name: str, env: dict | None = None) -> ServerProcess:
+        proc = ServerProcess(argv, port=port, health=health, log_path=self.tmp / f"{name}.log", env=env).start()
+        self.processes.append(proc)
+        return proc
+
+    def stop(self):
+        for proc in reversed(self.processes):
+            proc.stop()
+
+
+def local_args(args: list[str], replace: dict[str, str]) -> list[str]:
+    """The container's args with in-cluster addresses and paths swapped for local ones (same flags)."""
+    out = []
+    for arg in args:
+        flag = arg.split("=", 1)[0]
+        out.append(f"{flag}={replace[flag]}" if flag in replace else arg)
+    return out
+
+
+@pytest.fixture
+def install(kube_api, tmp_path, request):
+    inst = Install(kube_api, tmp_path, *request.param)
+    yield inst
+    inst.stop()
+
+
+@pytest.mark.parametrize("install", [("cxygpt",), ("llm", "operator.watchNamespaces={llm}")],
+                         ids=["cluster-wide", "watch-namespace"], indirect=True)
+def test_the_installed_operator_reconciles_a_model_deployment(install):
+    # `helm install --create-namespace` (the in-memory API knows only default and kube-system)
+    install.apply([{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": install.namespace}}])
+    applied = install.apply(install.objects)
+    for obj in install.objects:  # every object of the release exists in the API afterwards
+        kind = obj["kind"].lower()
+        install.get(kind, obj["metadata"]["name"], obj["metadata"].get("namespace"))
+        assert obj["metadata"]["name"] in applied
+    assert {h["kind"] for h in install.hooks} == {"Pod"}  # only the `helm test` pod
+
+    # the operator process, run with the installed Deployment's own args
+    op = install.container("operator")
+    assert op["image"] == "cxygpt/cxygpt-operator:0.1.0"
+    profiles = install.mounted_profiles()
+    assert profiles and open(profiles).read() == (REPO / "profiles" / "profiles.yaml").read_text()
+    health, metrics = free_port(), free_port()
+    args = local_args(op["args"], {"--liveness": f"http://127.0.0.1:{health}/healthz", "--profiles": profiles,
+                                   "--metrics-port": str(metrics)})
+    install.start([console_script(op["command"][0]), *args, "--metrics-host", "127.0.0.1",
+                   "--kubeconfig", str(install.kube_api.kubeconfig)],
+                  port=health, health="/healthz", name="operator")
+
+    model_ns = install.namespace if install.namespace == "llm" else "default"
+    install.apply([NODE, {
+        "apiVersion": "cxygpt.io/v1alpha1", "kind": "ModelDeployment",
+        "metadata": {"name": "qwen3-small", "namespace": model_ns},
+        "spec": {"model": {"name": "qwen3-0.6b", "source": "hf://Qwen/Qwen3-0.6B"}, "mode": "multi",
+                 "engine": {"kind": "sim"}}}])
+
+    def engine_deployment():
+        out = subprocess.run([console_script("kubectl"), "--kubeconfig", str(install.kube_api.kubeconfig),
+                              "--cache-dir", str(install.tmp / "kubectl-cache"), "get", "deployment",
+                              "qwen3-small", "-n", model_ns, "-o", "json"], capture_output=True, text=True, timeout=30)
+        return json.loads(out.stdout) if out.returncode == 0 else None
+
+    try:
+        dep = wait_until(engine_deployment, timeout=20, what="the engine Deployment")
+    except AssertionError:
+        raise AssertionError("no engine Deployment; operator log:\n" + install.processes[0].log()) from None
+    engine = dep["spec"]["template"]["spec"]["containers"][0]
+    assert engine["image"] == SIM_IMAGE  # the chart's operator.simImage reached the engine
+    assert engine["command"] == ["cxygpt-sim", "serve"]
+    md = install.get("md", "qwen3-small", model_ns)
+    assert md["status"]["profile"] == "SRV_80G" and md["status"]["image"] == SIM_IMAGE
+
+    # the engine becomes ready (the Deployment controller's job in a real cluster)
+    install.kubectl("patch", "deployment", "qwen3-small", "-n", model_ns, "--subresource=status", "--type=merge",
+                    "-p", json.dumps({"status": {"replicas": 1, "readyReplicas": 1}}))
+    wait_until(lambda: install.get("md", "qwen3-small", model_ns)["status"].get("phase") == "Ready", timeout=15,
+               what="the ModelDeployment Ready")
+
+    # the gateway process with the installed args, then the `helm test` hook's own check against it
+    gw = install.container("gateway")
+    port = free_port()
+    env = {e["name"]: e["value"] for e in gw["env"] if "value" in e}
+    env["CXYGPT_PROFILES"] = profiles
+    gateway = install.start([console_script(gw["command"][0]), *local_args(gw["args"], {"--host": "127.0.0.1",
+                                                                                        "--port": str(port)}),
+                             "--kubeconfig", str(install.kube_api.kubeconfig)],
+                            port=port, health="/healthz", name="gateway", env=env)
+    [test_pod] = install.hooks
+    script, url = test_pod["spec"]["containers"][0]["args"]
+    assert url == f"http://cxygpt-gateway.{install.namespace}.svc:80"
+    check = subprocess.run([sys.executable, "-c", script, gateway.url], capture_output=True, text=True, timeout=30)
+    assert check.returncode == 0 and check.stdout.strip() == "ok: ['qwen3-0.6b']", check.stdout + check.stderr
