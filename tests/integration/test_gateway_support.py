@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import re
 import shutil
+import socket
 import subprocess
 from pathlib import Path
 
@@ -48,22 +49,24 @@ def start_gateway(tmp: Path, config: dict, *, env: dict | None = None, extra_arg
                          env=env).start()
 
 
+class RedisProcess(ServerProcess):
+    """redis-server on a free port, no persistence; healthy when it answers PING (RESP, not HTTP)."""
+
+    def _healthy(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"exited with {self.proc.returncode}:\n{self.log()}")
+        with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(16).startswith(b"+PONG")
+
+
 def start_redis(tmp: Path) -> ServerProcess | None:
     exe = shutil.which("redis-server")
     if exe is None:
         return None
     port = free_port()
-    proc = ServerProcess([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-                         port=port, log_path=tmp / f"redis-{port}.log", health="")
-    proc._healthy = lambda: _redis_ping(port)  # redis speaks RESP, not HTTP
-    return proc.start()
-
-
-def _redis_ping(port: int) -> bool:
-    import socket
-    with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
-        s.sendall(b"PING\r\n")
-        return s.recv(16).startswith(b"+PONG")
+    return RedisProcess([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+                        port=port, log_path=tmp / f"redis-{port}.log").start()
 
 
 def metric(url: str, name: str, **labels) -> float:

@@ -13,12 +13,25 @@ router = APIRouter(tags=["openai"])
 STARTED = int(time.time())
 
 
-@router.post("/v1/chat/completions", summary="Chat completion (stream or not), relayed to the model's engine")
+def _body_doc(example: dict) -> dict:
+    """Swagger's request body: the body is read raw by admission, so FastAPI cannot infer it."""
+    return {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"type": "object", "required": ["model"], "additionalProperties": True}, "example": example}}}}
+
+
+CHAT_EXAMPLE = {"model": "qwen3-14b", "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 64,
+                "stream": False}
+COMPLETION_EXAMPLE = {"model": "qwen3-14b", "prompt": "Once upon a time", "max_tokens": 64, "stream": False}
+
+
+@router.post("/v1/chat/completions", summary="Chat completion (stream or not), relayed to the model's engine",
+             openapi_extra=_body_doc(CHAT_EXAMPLE))
 async def chat_completions(admitted: Admitted = Depends(admit_chat)):
     return RelayResponse(admitted)
 
 
-@router.post("/v1/completions", summary="Text completion (stream or not), relayed to the model's engine")
+@router.post("/v1/completions", summary="Text completion (stream or not), relayed to the model's engine",
+             openapi_extra=_body_doc(COMPLETION_EXAMPLE))
 async def completions(admitted: Admitted = Depends(admit_completions)):
     return RelayResponse(admitted)
 
