@@ -154,14 +154,29 @@ async def test_fractional_qps_keeps_its_rate(clock):
 
 
 async def test_storage_failure_fails_open_and_is_counted(clock):
-    class Unreachable(LocalWindows):
+    class Flaky(LocalWindows):
+        down = True
+
         async def requests_free(self, key, w):
-            raise ConnectionError("redis down")
+            if self.down:
+                raise ConnectionError("redis down")
+            return await super().requests_free(key, w)
 
     failures = []
-    limiter = RateLimiter(Unreachable(clock), on_storage_error=lambda: failures.append(1))
-    await limiter.admit([Scope("key:a", "key a", Rate(qps=1))])
+    windows = Flaky(clock)
+    limiter = RateLimiter(windows, clock=clock, on_storage_error=lambda: failures.append(1))
+    scope = Scope("key:a", "key a", Rate(qps=1))
+    await limiter.admit([scope])
     assert failures == [1]
+    windows.down = False  # back, but not asked again for a while
+    await limiter.admit([scope])
+    await limiter.admit([scope])
+    assert failures == [1, 1, 1]
+    clock.advance(2)
+    await limiter.admit([scope])
+    with pytest.raises(GatewayError):
+        await limiter.admit([scope])
+    assert len(failures) == 3
 
 
 # ---- queue --------------------------------------------------------------------------------------------------

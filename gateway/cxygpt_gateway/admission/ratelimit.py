@@ -149,13 +149,20 @@ def open_windows(redis_url: str | None) -> Windows:
 
 class RateLimiter:
     """Requests are checked and counted on arrival; tokens are checked on arrival (is any budget left?) and
-    charged after the response with the exact usage. Counter failures fail open, counted by `on_storage_error`."""
+    charged after the response with the exact usage. Counter failures fail open, counted by `on_storage_error`;
+    after one, the counters are left alone for a pause so a black-holed Redis does not slow every request."""
 
-    def __init__(self, windows: Windows, *, on_storage_error: Callable[[], None] = lambda: None):
-        self.windows, self.on_storage_error = windows, on_storage_error
+    def __init__(self, windows: Windows, *, clock: Callable[[], float] = time.monotonic,
+                 on_storage_error: Callable[[], None] = lambda: None, retry_storage_after_s: float = 2.0):
+        self.windows, self.clock, self.on_storage_error = windows, clock, on_storage_error
+        self.retry_storage_after_s = retry_storage_after_s
+        self._storage_down_until = float("-inf")
 
     async def admit(self, scopes: list[Scope]) -> None:
         """Count one request in every scope or raise a 429 with Retry-After from the limiting window."""
+        if self.clock() < self._storage_down_until:
+            self.on_storage_error()
+            return
         w = self.windows
         try:
             for scope in scopes:
@@ -180,7 +187,7 @@ class RateLimiter:
 
     async def settle(self, scopes: list[Scope], tokens: int) -> None:
         """Charge the tokens a finished request used to every scope with a token budget."""
-        if tokens <= 0:
+        if tokens <= 0 or self.clock() < self._storage_down_until:
             return
         try:
             for scope in scopes:
@@ -191,7 +198,9 @@ class RateLimiter:
 
     def _storage_failed(self, error: Exception) -> None:
         self.on_storage_error()
-        log.warning("rate limit storage failed, admitting without limits: %s", error)
+        self._storage_down_until = self.clock() + self.retry_storage_after_s
+        log.warning("rate limit storage failed, admitting without limits for %g s: %s",
+                    self.retry_storage_after_s, error)
 
 
 def _limited(scope: Scope, what: str, retry_after: float) -> GatewayError:
