@@ -70,7 +70,7 @@ class HealthChecker:
 
 
 def eject(backend: "Backend", *, restore_after: float | None) -> None:
-    """Take a replica that refused us out of rotation; without a health checker it comes back after a pause."""
+    """Take a replica that refused us out of rotation; one no health check watches comes back after a pause."""
     if backend.healthy:
         log.warning("upstream %s unreachable, out of rotation", backend.url)
     backend.healthy = False
@@ -221,7 +221,8 @@ class RelayResponse(Response):
                 backend.url + PATHS[a.req.kind], data=a.upstream_body, headers=headers,
                 timeout=aiohttp.ClientTimeout(total=None, connect=timeouts.connect_s, sock_connect=timeouts.connect_s))
         except aiohttp.ClientConnectorError as e:
-            eject(backend, restore_after=None if gw.health_checker else EJECT_S)
+            checked = gw.health_checker is not None and not target.spec.external
+            eject(backend, restore_after=None if checked else EJECT_S)
             raise GatewayError(502, f"upstream {target.name} unreachable: {e.strerror or e}",
                                code="upstream_unreachable", reason="upstream_unreachable") from None
         except (aiohttp.ServerTimeoutError, aiohttp.ConnectionTimeoutError):
