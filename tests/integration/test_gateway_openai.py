@@ -1,6 +1,7 @@
 """The official openai SDK against cxygpt-gateway in front of real cxygpt-sim processes."""
 from __future__ import annotations
 
+import json
 import time
 
 import httpx
@@ -207,6 +208,17 @@ def test_models_limits_health_docs_and_metrics(stack):
                  "cxygpt_gateway_rejections_total", "cxygpt_gateway_degraded"):
         assert name in text, name
     promtool_check(text)
+
+
+def test_one_json_log_line_per_request_without_the_key(client, stack):
+    client.chat.completions.create(model="qwen3-14b", messages=MESSAGES, max_tokens=2)
+    log = stack["gateway"].log_path.read_text()
+    assert API_KEY not in log and OTHER_KEY not in log
+    lines = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    served = [line for line in lines if line.get("msg") == "request" and line.get("status") == 200]
+    assert served and {"request_id", "key_id", "model", "status", "queue_time", "upstream_time", "ttft",
+                       "prompt_tokens", "completion_tokens", "degraded"} <= set(served[-1])
+    assert served[-1]["key_id"] == "team-gold"
 
 
 def test_upstream_killed_mid_stream_gives_an_error_event_and_the_gateway_keeps_serving(tmp_path, stack):
