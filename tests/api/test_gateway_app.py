@@ -64,7 +64,10 @@ async def gateway(tmp_path):
         models=[{"name": "m", "url": f"http://127.0.0.1:{port}", "profile": "DEV_32G",
                  "limits": {"max_input_tokens": 100, "max_concurrency": 1, "queue_size": 1,
                             "timeouts": {"queue_s": 0.2},
-                            "degrade": {"p95_ttft_ms": 100, "hold_s": 0, "recover_s": 60}}}])
+                            "degrade": {"p95_ttft_ms": 100, "hold_s": 0, "recover_s": 60}}},
+                {"name": "with-fallback", "url": f"http://127.0.0.1:{port}", "profile": "DEV_32G", "fallback": "big",
+                 "limits": {"max_input_tokens": 100}},
+                {"name": "big", "url": f"http://127.0.0.1:{port}", "profile": "SRV_80G"}])
     gw_app = create_app(settings)
     async with gw_app.router.lifespan_context(gw_app):
         transport = httpx.ASGITransport(app=gw_app)
@@ -113,3 +116,14 @@ async def test_waiting_past_the_queue_timeout_is_a_503(gateway):
     upstream.release.set()
     assert (await first).status_code == 200
     assert gw.registry.get("m").queue.in_flight == 0
+
+
+async def test_over_long_input_is_413_naming_both_numbers_or_goes_to_the_fallback(gateway):
+    client, upstream, _ = gateway
+    r = await client.post("/v1/chat/completions", json=chat("word " * 150))
+    assert r.status_code == 413
+    assert r.json()["error"]["message"] == "input is 150 tokens, over the limit of 100 tokens for model m"
+    r = await client.post("/v1/chat/completions", json={**chat("word " * 150), "model": "with-fallback"})
+    assert r.status_code == 200
+    assert (r.headers["x-cxygpt-model"], r.headers["x-cxygpt-fallback-from"]) == ("big", "with-fallback")
+    assert upstream.bodies[-1]["model"] == "big"
