@@ -19,6 +19,7 @@ SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 WATCH_TIMEOUT_S = 300      # the server ends each watch after this; the loop re-lists and watches again
 INITIAL_SYNC_S = 10.0      # how long start() waits for the first lists before serving anyway
 MAX_BACKOFF_S = 30.0
+LIST_TIMEOUT_S = 30.0
 
 
 def _endpoint_urls(slices: list[dict]) -> list[str]:
@@ -150,8 +151,8 @@ class KubernetesDiscovery:
         params = {"labelSelector": selector} if selector else {}
         while True:
             try:
-                async with self.session.get(url, params=params, ssl=self.api.ssl_context(),
-                                            headers=self.api.headers()) as r:
+                async with self.session.get(url, params=params, ssl=self.api.ssl_context(), headers=self.api.headers(),
+                                            timeout=aiohttp.ClientTimeout(total=LIST_TIMEOUT_S)) as r:
                     r.raise_for_status()
                     listed = orjson.loads(await r.read())
                 self.objects[plural] = {_key(o): o for o in listed.get("items") or []}
