@@ -359,3 +359,14 @@ def test_ready_modeldeployments_route_to_ready_endpoints_or_the_service():
         "http://10.0.0.1:8000", "http://10.0.0.2:8000", "http://[fd00::1]:8000")
     broken = {("llm", "qwen3-14b"): modeldeployment(limits={"maxInputTokens": "many"})}
     assert desired_routes(broken, {}) == {}
+
+
+def test_the_shipped_examples_load(monkeypatch):
+    from harness import REPO
+
+    from cxygpt_gateway.app import create_app
+    from cxygpt_gateway.settings import load_settings
+    monkeypatch.setenv("CLOUD_API_KEY", "sk-test")
+    settings = load_settings(REPO / "gateway" / "examples" / "gateway.yaml")
+    assert settings.keys_file.endswith("keys.yaml") and settings.auto_degrade
+    create_app(settings)
