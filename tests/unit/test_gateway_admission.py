@@ -370,3 +370,22 @@ def test_the_shipped_examples_load(monkeypatch):
     settings = load_settings(REPO / "gateway" / "examples" / "gateway.yaml")
     assert settings.keys_file.endswith("keys.yaml") and settings.auto_degrade
     create_app(settings)
+
+
+async def test_registry_keeps_queues_and_in_flight_counts_across_discovery_updates(clock):
+    from cxygpt_gateway.discovery.base import ModelSpec
+    from cxygpt_gateway.routing import Registry
+    table = default_table()
+    registry = Registry(table, clock=clock)
+    limits = table.get("DEV_32G").limits
+    registry.upsert(ModelSpec(name="m", urls=("http://a",), limits=limits, mode="multi", profile="DEV_32G"))
+    route = registry.get("m")
+    slot = await route.queue.acquire()
+    registry.upsert(ModelSpec(name="m", urls=("http://a", "http://b"), limits=limits.model_copy(
+        update={"max_concurrency": 1}), mode="multi", profile="DEV_32G"))
+    assert registry.get("m") is route and route.limits.max_concurrency == 1
+    assert route.queue.backends["http://a"].outstanding == 1
+    assert (await route.queue.acquire()).backend.url == "http://b"  # the new replica, least outstanding
+    registry.remove("m")
+    slot.release()  # a request in flight on a removed model still ends cleanly
+    assert registry.get("m") is None and registry.routable() == []
