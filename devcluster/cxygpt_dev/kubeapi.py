@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextvars
 import copy
 import datetime
 import itertools
@@ -20,6 +21,7 @@ from kmock._internal import enums, parsing
 from .crdcheck import CrdValidator
 
 log = logging.getLogger("cxygpt.kubeapi")
+_handled: contextvars.ContextVar[list] = contextvars.ContextVar("handled")
 _resource_versions = itertools.count(1)
 
 # kmock 0.8 crashes on GET /api/v1/namespaces and mis-parses /api/v1/namespaces/<name>:
@@ -86,12 +88,22 @@ class KubeAPI(kmock.KubernetesEmulator):
 
     # --- request handling ---------------------------------------------------------------------------------
 
+    async def __call__(self, raw_request):
+        handled = []
+        token = _handled.set(handled)
+        try:
+            return await super().__call__(raw_request)
+        finally:
+            _handled.reset(token)
+            # kmock records every request for test assertions and matches each new request against that
+            # history (O(history) per request); a server keeps only the requests still in flight.
+            done = {id(r) for r in handled}
+            self._requests[:] = [r for r in self._requests if id(r) not in done]
+            if self._errors:
+                self._errors[-1].clear()
+
     async def _handle(self, request):
-        # A long-running server must not keep every request and error (kmock keeps them for assertions).
-        if len(self._requests) > 2000:
-            del self._requests[:-100]
-        if self._errors:
-            self._errors[-1].clear()
+        _handled.get([]).append(request)
         res = request.resource
         key = (res.group, res.version, res.plural) if res is not None else None
         data = request.data if isinstance(request.data, dict) else None
@@ -245,9 +257,25 @@ class KubeAPI(kmock.KubernetesEmulator):
         kind = f"{info.kind}List" if info and info.kind else "List"
         return self._as_table(request, data["items"]) or {"apiVersion": group_version, "kind": kind, **data}
 
+    # kmock finds an object by scanning every stored object; these look it up by key (O(1)).
+    def _stored(self, request, name: str | None = None):
+        key = (request.resource, request.namespace, name or request.name)
+        return self.objects[key] if key in self.objects else None
+
     async def _serve_fetch(self, request):
-        obj = await super()._serve_fetch(request)
-        return self._as_table(request, [obj]) or obj
+        obj = self._stored(request)
+        if obj is None or obj.deleted:
+            raise kmock.KubernetesObjectNotFoundError()
+        return self._as_table(request, [obj.raw]) or obj.raw
+
+    async def _serve_create(self, request):
+        return self._stored(request, request.data.get("metadata", {}).get("name")).raw
+
+    async def _serve_update(self, request):
+        return self._stored(request).last.raw
+
+    async def _serve_delete(self, request):
+        return self._stored(request).last.raw
 
     def _as_table(self, request, items: list) -> dict | None:
         """Server-side printing (kubectl asks for `as=Table`) with the CRD's additionalPrinterColumns."""
