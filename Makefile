@@ -23,3 +23,13 @@ profile: bootstrap
 
 clean:
 	rm -rf $(VENV) $(TOOLS) .pytest_cache
+
+# Container images of the operator, gateway and simulator, tagged with the chart's appVersion (needs a
+# Docker engine; not part of `make test`). IMAGE_PREFIX=registry/org changes the repository prefix.
+.PHONY: images
+images:
+	@command -v docker >/dev/null || { echo "make images: needs docker" >&2; exit 1; }
+	@tag=$$(sed -n 's/^appVersion: *"*\([^"]*\)"*$$/\1/p' deploy/helm/cxygpt/Chart.yaml); \
+	for image in operator:operator gateway:gateway simulator:sim; do \
+	  docker build -f $${image%%:*}/Dockerfile -t $${IMAGE_PREFIX:-cxygpt}/cxygpt-$${image##*:}:$$tag . || exit 1; \
+	done
