@@ -36,21 +36,20 @@ class Kube:
         self.core = client.CoreV1Api(api)
         self.custom = client.CustomObjectsApi(api)
 
-    def get_deployment(self, namespace: str, name: str) -> dict | None:
+    @staticmethod
+    def _read(read, namespace: str, name: str) -> dict | None:
         try:
-            return _raw(self.apps.read_namespaced_deployment(name, namespace, _preload_content=False))
+            return _raw(read(name, namespace, _preload_content=False))
         except ApiException as e:
             if e.status == 404:
                 return None
             raise
 
+    def get_deployment(self, namespace: str, name: str) -> dict | None:
+        return self._read(self.apps.read_namespaced_deployment, namespace, name)
+
     def get_service(self, namespace: str, name: str) -> dict | None:
-        try:
-            return _raw(self.core.read_namespaced_service(name, namespace, _preload_content=False))
-        except ApiException as e:
-            if e.status == 404:
-                return None
-            raise
+        return self._read(self.core.read_namespaced_service, namespace, name)
 
     def apply_deployment(self, body: dict) -> dict:
         md = body["metadata"]

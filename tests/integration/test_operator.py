@@ -195,22 +195,18 @@ def test_operator_restart_changes_nothing(cluster):
     cluster.start_operator()
     cluster.apply(md("steady"))
     cluster.wait_status("steady", lambda s: s.get("phase") == "Starting")
-    before = {
-        "md": cluster.md("steady")["metadata"]["resourceVersion"],
-        "deployment": cluster.deployment("steady")["metadata"]["resourceVersion"],
-        "service": cluster.core.read_namespaced_service("steady", "default").metadata.resource_version,
-    }
+
+    def versions():
+        return {"md": cluster.md("steady")["metadata"]["resourceVersion"],
+                "deployment": cluster.deployment("steady")["metadata"]["resourceVersion"],
+                "service": cluster.core.read_namespaced_service("steady", "default").metadata.resource_version}
+    before = versions()
     cluster.operator.stop()
     cluster.start_operator()
     # a model created after the restart is reconciled after the existing ones were resumed
     cluster.apply(md("sentinel"))
     cluster.wait_status("sentinel", lambda s: s.get("phase") == "Starting")
-    after = {
-        "md": cluster.md("steady")["metadata"]["resourceVersion"],
-        "deployment": cluster.deployment("steady")["metadata"]["resourceVersion"],
-        "service": cluster.core.read_namespaced_service("steady", "default").metadata.resource_version,
-    }
-    assert after == before
+    assert versions() == before
     assert sorted(cluster.kubectl("get", "deployments", "-o", "name").stdout.split()) == [
         "deployment.apps/sentinel", "deployment.apps/steady"]
 
