@@ -8,12 +8,13 @@ import os
 from dataclasses import dataclass, field
 
 import kopf
+import urllib3
 from kubernetes.client.rest import ApiException
 
 from . import GROUP, MANAGER, PLURAL, VERSION
 from .build import MODEL_DEPLOYMENT_LABEL
-from .nodes import gpu_node
 from .metrics import OperatorMetrics
+from .nodes import gpu_node
 from .reconcile import CannotRun, Context, NotYet, reconcile
 
 RETRY_BACKOFF_S = (1, 2, 5, 10, 30, 60)
@@ -42,14 +43,15 @@ class ObjectLog(logging.LoggerAdapter):
 
 @kopf.on.login()
 def login(**kwargs):
-    """Credentials read when the operator starts (not when the client library is imported)."""
-    if os.environ.get("KUBERNETES_SERVICE_HOST"):
+    """Credentials read when the operator starts (not when the client library is imported); an explicit
+    kubeconfig wins over the pod's service account, as in kube.api_client."""
+    if os.environ.get("KUBERNETES_SERVICE_HOST") and not os.environ.get("KUBECONFIG"):
         return kopf.login_with_service_account(**kwargs)
     return kopf.login_with_kubeconfig(**kwargs)
 
 
 @kopf.on.startup()
-def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_):
+def configure(settings: kopf.OperatorSettings, **_):
     # kopf's bookkeeping lives under our API group, not kopf.zalando.org
     settings.persistence.finalizer = f"{GROUP}/finalizer"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
@@ -95,6 +97,10 @@ def model_deployment_changed(memo: kopf.Memo, namespace: str, name: str, meta, *
         shared.wake(key)
 
 
+def _backoff(failures_before: int) -> float:
+    return RETRY_BACKOFF_S[min(failures_before, len(RETRY_BACKOFF_S) - 1)]
+
+
 async def _sleep(wake: asyncio.Event, stopped, timeout: float | None) -> None:
     waiters = {asyncio.ensure_future(wake.wait()), asyncio.ensure_future(stopped.wait())}
     try:
@@ -131,10 +137,12 @@ async def keep_reconciled(stopped, namespace: str, name: str, body: kopf.Body, m
                 except CannotRun as e:
                     logger.warning("cannot run until the spec changes: %s", e)
                     failures, result, status = 0, "failed", e.status
-                except (ApiException, OSError) as e:
-                    delay = RETRY_BACKOFF_S[min(failures, len(RETRY_BACKOFF_S) - 1)]
-                    failures, result = failures + 1, "error"
+                except (ApiException, OSError, urllib3.exceptions.HTTPError) as e:
+                    failures, result, delay = failures + 1, "error", _backoff(failures)
                     logger.warning("reconcile failed (retry in %ss): %s", delay, getattr(e, "reason", e))
+                except Exception:  # a bug must not stop this model's loop for good: log it, back off, retry
+                    failures, result, delay = failures + 1, "error", _backoff(failures)
+                    logger.exception("reconcile crashed (retry in %ss)", delay)
             metrics.reconciles.labels(result).inc()
             if status is not None:
                 metrics.model_seen(key, snapshot, status)

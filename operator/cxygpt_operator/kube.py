@@ -16,7 +16,7 @@ APPLY_PATCH = "application/apply-patch+yaml"
 def api_client(kubeconfig: str | None = None) -> client.ApiClient:
     """In-cluster credentials when running in a pod, else the kubeconfig (given, $KUBECONFIG or ~/.kube/config).
     $KUBECONFIG is read here, not at import time (the client library reads it when imported)."""
-    if kubeconfig is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
+    if kubeconfig is None and not os.environ.get("KUBECONFIG") and os.environ.get("KUBERNETES_SERVICE_HOST"):
         cfg = client.Configuration()
         config.load_incluster_config(client_configuration=cfg)
         return client.ApiClient(cfg)

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 
 from cxygpt_profiles import ProfileTableError, load_catalog, load_table
+
+from . import logs
+from .logs import FORMATS
 
 DEFAULT_VLLM_IMAGE = None  # the profile table pins it
 DEFAULT_SIM_IMAGE = "cxygpt/cxygpt-sim:0.1.0"
@@ -30,16 +32,15 @@ def parse_args(argv):
     ap.add_argument("--vllm-image", help="engine image for kind vllm (default: the table's pinned image)")
     ap.add_argument("--sim-image", default=os.environ.get("CXYGPT_SIM_IMAGE", DEFAULT_SIM_IMAGE),
                     help=f"engine image for kind sim (default {DEFAULT_SIM_IMAGE})")
+    ap.add_argument("--log-format", choices=FORMATS, default="json",
+                    help="json (default: one object per line, as the gateway's) or text")
     ap.add_argument("-v", "--verbose", action="store_true")
     return ap.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not a.verbose:  # kopf reports every handler run at INFO; ours say what changed
-        logging.getLogger("kopf").setLevel(logging.WARNING)
+    logs.configure(a.log_format, a.verbose)
     try:  # a broken table stops the operator here, with the field named
         table, catalog = load_table(a.profiles), load_catalog(a.models)
     except ProfileTableError as e:
