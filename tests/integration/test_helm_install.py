@@ -68,6 +68,40 @@ class Install:
         path.write_text(cm["data"]["profiles.yaml"])
         return str(path)
 
+    def install(self):
+        # `helm install --create-namespace` (the in-memory API knows only default and kube-system)
+        self.apply([{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": self.namespace}}])
+        return self.apply(self.objects)
+
+    def start_operator(self, name: str = "operator") -> ServerProcess:
+        """The operator process, run with the installed Deployment's own args (local ports, the mounted table)."""
+        op = self.container("operator")
+        health, metrics = free_port(), free_port()
+        args = local_args(op["args"], {"--liveness": f"http://127.0.0.1:{health}/healthz",
+                                       "--profiles": self.mounted_profiles(), "--metrics-port": str(metrics)})
+        return self.start([console_script(op["command"][0]), *args, "--metrics-host", "127.0.0.1",
+                           "--kubeconfig", str(self.kube_api.kubeconfig)], port=health, health="/healthz", name=name)
+
+    def add_model(self, namespace: str):
+        self.apply([NODE, {
+            "apiVersion": "cxygpt.io/v1alpha1", "kind": "ModelDeployment",
+            "metadata": {"name": "qwen3-small", "namespace": namespace},
+            "spec": {"model": {"name": "qwen3-0.6b", "source": "hf://Qwen/Qwen3-0.6B"}, "mode": "multi",
+                     "engine": {"kind": "sim"}}}])
+
+    def engine_deployment(self, namespace: str) -> dict | None:
+        out = subprocess.run([console_script("kubectl"), "--kubeconfig", str(self.kube_api.kubeconfig),
+                              "--cache-dir", str(self.tmp / "kubectl-cache"), "get", "deployment", "qwen3-small",
+                              "-n", namespace, "-o", "json"], capture_output=True, text=True, timeout=30)
+        return json.loads(out.stdout) if out.returncode == 0 else None
+
+    def wait_engine(self, namespace: str, timeout: float = 20) -> dict:
+        try:
+            return wait_until(lambda: self.engine_deployment(namespace), timeout=timeout, what="the engine Deployment")
+        except AssertionError:
+            logs = "\n".join(f"--- {p.argv[0]}:\n{p.log()}" for p in self.processes)
+            raise AssertionError(f"no engine Deployment after {timeout}s; logs:\n{logs}") from None
+
     def start(self, argv: list[str], *, port: int, health: str, name: str, env: dict | None = None) -> ServerProcess:
         proc = ServerProcess(argv, port=port, health=health, log_path=self.tmp / f"{name}.log", env=env).start()
         self.processes.append(proc)
@@ -97,9 +131,7 @@ def install(kube_api, tmp_path, request):
 @pytest.mark.parametrize("install", [("cxygpt",), ("llm", "operator.watchNamespaces={llm}")],
                          ids=["cluster-wide", "watch-namespace"], indirect=True)
 def test_the_installed_operator_reconciles_a_model_deployment(install):
-    # `helm install --create-namespace` (the in-memory API knows only default and kube-system)
-    install.apply([{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": install.namespace}}])
-    applied = install.apply(install.objects)
+    applied = install.install()
     for obj in install.objects:  # every object of the release exists in the API afterwards
         kind = obj["kind"].lower()
         install.get(kind, obj["metadata"]["name"], obj["metadata"].get("namespace"))
@@ -107,34 +139,14 @@ def test_the_installed_operator_reconciles_a_model_deployment(install):
     assert {h["kind"] for h in install.hooks} == {"Pod"}  # only the `helm test` pod
 
     # the operator process, run with the installed Deployment's own args
-    op = install.container("operator")
-    assert op["image"] == "cxygpt/cxygpt-operator:0.1.0"
+    assert install.container("operator")["image"] == "cxygpt/cxygpt-operator:0.1.0"
     profiles = install.mounted_profiles()
-    assert profiles and open(profiles).read() == (REPO / "profiles" / "profiles.yaml").read_text()
-    health, metrics = free_port(), free_port()
-    args = local_args(op["args"], {"--liveness": f"http://127.0.0.1:{health}/healthz", "--profiles": profiles,
-                                   "--metrics-port": str(metrics)})
-    install.start([console_script(op["command"][0]), *args, "--metrics-host", "127.0.0.1",
-                   "--kubeconfig", str(install.kube_api.kubeconfig)],
-                  port=health, health="/healthz", name="operator")
+    assert open(profiles).read() == (REPO / "profiles" / "profiles.yaml").read_text()
+    install.start_operator()
 
     model_ns = install.namespace if install.namespace == "llm" else "default"
-    install.apply([NODE, {
-        "apiVersion": "cxygpt.io/v1alpha1", "kind": "ModelDeployment",
-        "metadata": {"name": "qwen3-small", "namespace": model_ns},
-        "spec": {"model": {"name": "qwen3-0.6b", "source": "hf://Qwen/Qwen3-0.6B"}, "mode": "multi",
-                 "engine": {"kind": "sim"}}}])
-
-    def engine_deployment():
-        out = subprocess.run([console_script("kubectl"), "--kubeconfig", str(install.kube_api.kubeconfig),
-                              "--cache-dir", str(install.tmp / "kubectl-cache"), "get", "deployment",
-                              "qwen3-small", "-n", model_ns, "-o", "json"], capture_output=True, text=True, timeout=30)
-        return json.loads(out.stdout) if out.returncode == 0 else None
-
-    try:
-        dep = wait_until(engine_deployment, timeout=20, what="the engine Deployment")
-    except AssertionError:
-        raise AssertionError("no engine Deployment; operator log:\n" + install.processes[0].log()) from None
+    install.add_model(model_ns)
+    dep = install.wait_engine(model_ns)
     engine = dep["spec"]["template"]["spec"]["containers"][0]
     assert engine["image"] == SIM_IMAGE  # the chart's operator.simImage reached the engine
     assert engine["command"] == ["cxygpt-sim", "serve"]
@@ -161,3 +173,23 @@ def test_the_installed_operator_reconciles_a_model_deployment(install):
     assert url == f"http://cxygpt-gateway.{install.namespace}.svc:80"
     check = subprocess.run([sys.executable, "-c", script, gateway.url], capture_output=True, text=True, timeout=30)
     assert check.returncode == 0 and check.stdout.strip() == "ok: ['qwen3-0.6b']", check.stdout + check.stderr
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "cxygpt-operator passes no kopf priority: replicas peering at the same priority (0) all pause "
+    "('Possibly conflicting operators with the same priority'), so nothing reconciles. Needs a --priority "
+    "flag or a unique priority per replica when --peering is given; then this test passes and the marker goes."))
+@pytest.mark.parametrize("install", [("cxygpt", "operator.replicaCount=2")], ids=["ha"], indirect=True)
+def test_two_peering_operators_reconcile_with_one_active(install):
+    install.install()
+    # kopf's peering CRDs came with the release; the peering object is the post-install hook
+    peering = [h for h in install.hooks if h["kind"] == "ClusterKopfPeering"]
+    assert len(peering) == 1
+    install.apply(peering)
+    first = install.start_operator("operator-1")
+    install.start_operator("operator-2")
+    install.add_model("default")
+    install.wait_engine("default", timeout=6)
+    first.stop()  # the standby takes over: a model in another namespace is reconciled by the other replica
+    install.add_model("llm")
+    install.wait_engine("llm", timeout=6)
