@@ -496,13 +496,19 @@ def test_open_webui_points_at_the_gateway():
     ui = container(docs, "openwebui")
     svc = one(docs, "Service", f"{RELEASE}-gateway")
     assert env(ui)["OPENAI_API_BASE_URL"] == f"http://{svc['metadata']['name']}.{NAMESPACE}.svc:{svc['spec']['ports'][0]['port']}/v1"
-    assert env(ui)["ENABLE_OLLAMA_API"] == "false"
+    assert env(ui)["ENABLE_OLLAMA_API"] == "false" and env(ui)["OPENAI_API_KEY"] == "none"
     assert re.fullmatch(r"ghcr\.io/open-webui/open-webui:v\d+\.\d+\.\d+", ui["image"])
     pvc = one(docs, "PersistentVolumeClaim", f"{RELEASE}-openwebui")
     assert pvc["spec"]["resources"]["requests"]["storage"] == "5Gi"
     assert pvc["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
     assert one(docs, "Secret", f"{RELEASE}-openwebui")["data"]["webui-secret-key"]
     assert one(docs, "Service", f"{RELEASE}-openwebui")["spec"]["ports"][0]["targetPort"] == "http"
+
+
+def test_open_webui_sends_its_key_when_the_gateway_wants_keys(tmp_path):
+    docs = render_values(tmp_path, {"openWebUI": {"enabled": True, "apiKeySecret": {"name": "webui-key"}},
+                                    "gateway": {"apiKeys": {"enabled": True, "existingSecret": "keys"}}})
+    assert env(container(docs, "openwebui"))["OPENAI_API_KEY"] == {"secretKeyRef": {"name": "webui-key", "key": "api-key"}}
 
 
 def test_helm_test_hook_calls_healthz_and_models():
