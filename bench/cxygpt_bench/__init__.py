@@ -1,0 +1,1 @@
+"""cxygpt-bench: load generator for OpenAI-compatible endpoints, and the benchmark suite against the peers."""
