@@ -260,6 +260,7 @@ def test_every_pod_is_hardened(scenario):
         psc = spec.get("securityContext") or {}
         assert psc.get("runAsNonRoot") is True, owner
         assert psc.get("seccompProfile") == {"type": "RuntimeDefault"}, owner
+        assert spec.get("enableServiceLinks") is False, owner  # no foreign *_PORT/*_HOST variables
         for c in spec.get("initContainers", []) + spec["containers"]:
             where = f"{owner} container {c['name']}"
             sc = c.get("securityContext") or {}
