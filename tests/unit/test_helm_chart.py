@@ -491,6 +491,26 @@ def test_service_monitors_or_scrape_annotations():
     assert "prometheus.io/scrape" in pod_annotations(docs, "gateway")
 
 
+def metric_names_in_code() -> set[str]:
+    names = set()
+    for path in ("operator/cxygpt_operator/metrics.py", "gateway/cxygpt_gateway/metrics.py"):
+        names |= {n.removesuffix("_total") for n in re.findall(r'"(cxygpt_[a-z_]+)"', (REPO / path).read_text())}
+    return names
+
+
+def test_grafana_dashboard_queries_metrics_that_exist():
+    assert not find(render(), "ConfigMap", f"{RELEASE}-dashboard")
+    cm = one(render("servicemonitor"), "ConfigMap", f"{RELEASE}-dashboard")
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert cm["metadata"]["annotations"] == {"grafana_folder": "LLM"}
+    assert cm["data"]["cxygpt.json"] == (CHART / "files" / "grafana-dashboard.json").read_text()
+    dashboard = json.loads(cm["data"]["cxygpt.json"])
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    used = {re.sub(r"_(bucket|count|sum|total)$", "", n) for e in exprs for n in re.findall(r"cxygpt_[a-z_]+", e)}
+    known = metric_names_in_code()
+    assert used and used <= known, f"the dashboard queries metrics nobody exports: {used - known}"
+
+
 def test_open_webui_points_at_the_gateway():
     assert not find(render(), "Deployment", f"{RELEASE}-openwebui")
     docs = render("openwebui")
