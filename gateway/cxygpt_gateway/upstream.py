@@ -213,7 +213,7 @@ class RelayResponse(Response):
         a = self.admitted
         gw, target, backend = a.gateway, a.target, a.slot.backend
         timeouts = target.limits.timeouts
-        headers = dict(JSON_HEADERS)
+        headers = {**JSON_HEADERS, "X-Request-Id": a.request_id}  # the engine's logs and response id carry it
         if target.spec.api_key:
             headers["Authorization"] = f"Bearer {target.spec.api_key}"
         try:
