@@ -8,8 +8,8 @@ LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 
 
 
 class RouteStateCollector:
-    """Queue depth, in-flight and degraded state read from the routes at scrape time: the hot path
-    keeps no gauges up to date."""
+    """Queue depth and capacity, in-flight, degraded state and routable replicas read from the routes at
+    scrape time: the hot path keeps no gauges up to date."""
 
     def __init__(self, routes):
         self.routes = routes
@@ -21,12 +21,19 @@ class RouteStateCollector:
         degraded = GaugeMetricFamily("cxygpt_gateway_degraded", "1 while the model is degraded", labels=["model"])
         backends = GaugeMetricFamily("cxygpt_gateway_backends_routable", "Routable upstream replicas",
                                      labels=["model"])
+        capacity = GaugeMetricFamily("cxygpt_gateway_queue_capacity", "Places in line (queue_size)",
+                                     labels=["model"])
+        slots = GaugeMetricFamily("cxygpt_gateway_concurrency_limit", "Requests served at once per replica",
+                                  labels=["model"])
         for route in list(self.routes()):
-            depth.add_metric([route.name], route.queue.waiting)
-            in_flight.add_metric([route.name], route.queue.in_flight)
+            queue = route.queue
+            depth.add_metric([route.name], queue.waiting)
+            in_flight.add_metric([route.name], queue.in_flight)
             degraded.add_metric([route.name], 1 if route.is_degraded() else 0)
-            backends.add_metric([route.name], len(route.queue.routable()))
-        yield from (depth, in_flight, degraded, backends)
+            backends.add_metric([route.name], len(queue.routable()))
+            capacity.add_metric([route.name], queue.queue_size)
+            slots.add_metric([route.name], queue.max_concurrency)
+        yield from (depth, in_flight, degraded, backends, capacity, slots)
 
 
 class GatewayMetrics:
