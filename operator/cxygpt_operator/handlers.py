@@ -35,10 +35,12 @@ class Shared:
 
 
 class ObjectLog(logging.LoggerAdapter):
-    """Our own messages, prefixed with the object (kopf's per-object logger also reports every handler run)."""
+    """Our own messages about one object: its namespace/name and the generation being reconciled go with each
+    line as fields (logs.py renders them; kopf's per-object logger also reports every handler run)."""
 
     def process(self, msg, kwargs):
-        return f"[{self.extra['key']}] {msg}", kwargs
+        kwargs["extra"] = {**kwargs.get("extra", {}), "fields": dict(self.extra)}
+        return msg, kwargs
 
 
 @kopf.on.login()
@@ -118,7 +120,7 @@ async def keep_reconciled(stopped, namespace: str, name: str, body: kopf.Body, m
     ctx: Context = memo.context
     shared: Shared = memo.shared
     key = (namespace, name)
-    logger = ObjectLog(log, {"key": f"{namespace}/{name}"})
+    logger = ObjectLog(log, {"object": f"{namespace}/{name}"})
     wake = shared.wakeups.setdefault(key, asyncio.Event())
     failures = 0
     metrics = shared.metrics
@@ -126,6 +128,7 @@ async def keep_reconciled(stopped, namespace: str, name: str, body: kopf.Body, m
         while not stopped:
             wake.clear()
             snapshot = copy.deepcopy(dict(body))  # the live body changes under us; decide on one version
+            logger.extra["generation"] = snapshot["metadata"].get("generation")
             delay, result, status = None, "ok", None
             with metrics.duration.time():
                 try:

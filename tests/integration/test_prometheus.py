@@ -277,3 +277,6 @@ def test_operator_logs_are_json(stack):
     assert records and all({"ts", "level", "logger", "msg"} <= set(r) for r in records)
     assert any(r["logger"] == "cxygpt.operator" and r["msg"].startswith("GPU inventory: gpu-80g=1x81559MiB")
                for r in records)
+    # lines about one ModelDeployment name it and the generation they reconciled
+    applied = [r for r in records if r["msg"].startswith("applying Deployment chat")]
+    assert applied and all(r["object"] == "default/chat" and r["generation"] == 1 for r in applied)
