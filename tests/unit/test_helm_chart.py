@@ -418,7 +418,7 @@ def test_operator_args_are_flags_the_operator_has():
         parsed = parse_args(args)  # argparse exits on an unknown flag
         assert parsed.sim_image == "cxygpt/cxygpt-sim:0.1.0" and parsed.profiles == "/etc/cxygpt/profiles/profiles.yaml"
         assert parsed.liveness == "http://0.0.0.0:8080/healthz" and parsed.vllm_image is None
-        assert parsed.metrics_port == 8081
+        assert parsed.metrics_port == 8081 and parsed.log_format == "json"
     op = container(render(), "operator")
     assert op["command"] == ["cxygpt-operator"]
     assert {"mountPath": "/etc/cxygpt/profiles", "name": "profiles", "readOnly": True} in op["volumeMounts"]
