@@ -118,6 +118,7 @@ def create_app(settings: GatewaySettings, *, table: ProfileTable | None = None,
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
                 await gw.discovery.stop()
+                gw.upstream.pool.close()
 
     app = GatewayApp(title="CxyGPT gateway", version="0.1.0", lifespan=lifespan,
                   description="One OpenAI-compatible endpoint in front of every self-hosted model.")

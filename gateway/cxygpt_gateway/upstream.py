@@ -1,12 +1,15 @@
-"""Upstream I/O on one aiohttp session: /tokenize, /health, and the relay of admitted requests."""
+"""Upstream I/O: /tokenize and /health on an aiohttp session, the relay of admitted requests on a lean HTTP/1.1 pool."""
 from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 import aiohttp
+import httptools
 import orjson
 from starlette.responses import Response
 
@@ -26,8 +29,11 @@ EJECT_S = 5.0
 
 
 class Upstream:
-    def __init__(self, session: aiohttp.ClientSession):
+    """`session` (aiohttp) for /tokenize and /health; `pool` for the relay itself."""
+
+    def __init__(self, session: aiohttp.ClientSession, pool: "UpstreamPool | None" = None):
         self.session = session
+        self.pool = pool or UpstreamPool()
 
     async def tokenize(self, base_url: str, payload: dict, timeout_s: float) -> int | None:
         """The upstream's exact count, or None when it cannot say (old server, error, timeout)."""
@@ -100,10 +106,11 @@ def scan_stream(batch: bytes, strip_usage: bool) -> tuple[bytes, dict | None, bo
     return (b"\n\n".join(kept) + b"\n\n" if kept else b""), usage, done
 
 
-async def complete_events(content: aiohttp.StreamReader):
-    """Upstream bytes regrouped so that every yielded batch ends on an SSE event boundary."""
+async def complete_events(content):
+    """Upstream bytes (an async iterator of whatever arrived) regrouped so that every yielded batch ends on an
+    SSE event boundary."""
     tail = b""
-    async for data in content.iter_any():
+    async for data in content:
         data = tail + data if tail else data
         end = data.rfind(b"\n\n")
         if end < 0:
@@ -209,7 +216,7 @@ class RelayResponse(Response):
                 status = await self._send_error(send, error, self.sent_head)
             await self._account(status, started, error)
 
-    async def _open(self) -> aiohttp.ClientResponse:
+    async def _open(self) -> "UpstreamResponse":
         a = self.admitted
         gw, target, backend = a.gateway, a.target, a.slot.backend
         timeouts = target.limits.timeouts
@@ -217,20 +224,19 @@ class RelayResponse(Response):
         if target.spec.api_key:
             headers["Authorization"] = f"Bearer {target.spec.api_key}"
         try:
-            return await gw.upstream.session.post(
-                backend.url + PATHS[a.req.kind], data=a.upstream_body, headers=headers,
-                timeout=aiohttp.ClientTimeout(total=None, connect=timeouts.connect_s, sock_connect=timeouts.connect_s))
-        except aiohttp.ClientConnectorError as e:
+            return await gw.upstream.pool.post(backend.url, PATHS[a.req.kind], a.upstream_body, headers,
+                                               timeouts.connect_s)
+        except UpstreamUnreachable as e:
             checked = gw.health_checker is not None and not target.spec.external
             eject(backend, restore_after=None if checked else EJECT_S)
             raise GatewayError(502, f"upstream {target.name} unreachable: {e.strerror or e}",
                                code="upstream_unreachable", reason="upstream_unreachable") from None
-        except (aiohttp.ServerTimeoutError, aiohttp.ConnectionTimeoutError):
+        except UpstreamConnectTimeout:
             raise GatewayError(504, f"upstream {target.name} did not accept the connection within "
                                     f"{timeouts.connect_s:g} s", code="upstream_timeout",
                                reason="upstream_timeout") from None
 
-    async def _relay_whole(self, resp: aiohttp.ClientResponse, send) -> None:
+    async def _relay_whole(self, resp: "UpstreamResponse", send) -> None:
         data = await resp.read()
         self.usage = _usage(data)
         await send({"type": "http.response.start", "status": 200,
@@ -238,10 +244,10 @@ class RelayResponse(Response):
         self.sent_head = True
         await send({"type": "http.response.body", "body": data})
 
-    async def _relay_stream(self, resp: aiohttp.ClientResponse, send, started: float) -> None:
+    async def _relay_stream(self, resp: "UpstreamResponse", send, started: float) -> None:
         """Nothing is sent before the first event, so a TTFT timeout is still a real 504."""
         a = self.admitted
-        events = complete_events(resp.content)
+        events = complete_events(resp.iter_any())
         try:
             async with asyncio.timeout(a.target.limits.timeouts.ttft_s):
                 batch = await anext(events)
@@ -317,3 +323,255 @@ def _usage(data: bytes) -> dict | None:
     except orjson.JSONDecodeError:
         return None
     return parsed.get("usage") if isinstance(parsed, dict) else None
+
+
+# --- the relay's HTTP/1.1 client ---------------------------------------------------------------------------
+# aiohttp's client spent ~30 % of the gateway's CPU per relayed request (request/response objects, timeout
+# and header machinery, a write per part); this one keeps a pool of keep-alive connections per upstream,
+# writes each request in one piece and parses answers with httptools (measured, BENCHMARKS.md).
+
+class UpstreamUnreachable(ConnectionError):
+    """No connection could be opened (refused, no route, name not resolved)."""
+
+
+class UpstreamConnectTimeout(Exception):
+    """The connection was not accepted within the connect timeout."""
+
+
+# an idle connection older than this is not reused: servers close idle keep-alive connections (vLLM after 5 s)
+IDLE_S = 4.0
+# buffered but unread upstream bytes above which reading pauses (a slow client must not fill our memory)
+HIGH_WATER = 1 << 18
+
+
+class _Connection(asyncio.Protocol):
+    __slots__ = ("pool", "key", "parser", "transport", "response", "closed", "idle_since", "_paused")
+
+    def __init__(self, pool: "UpstreamPool", key: tuple):
+        self.pool, self.key = pool, key
+        self.parser = httptools.HttpResponseParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.response: UpstreamResponse | None = None
+        self.closed, self.idle_since, self._paused = False, 0.0, False
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def connection_lost(self, exc):
+        self.closed = True
+        r = self.response
+        if r is not None and not r.complete:
+            if r.status and r.until_close:
+                r._finish(keep_alive=False)
+            else:
+                r._fail(ConnectionResetError(f"upstream closed the connection{f': {exc}' if exc else ''}"))
+
+    def data_received(self, data):
+        r = self.response
+        if r is None:  # bytes nobody asked for: the connection is not safe to reuse
+            self.close()
+            return
+        r.received = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as e:
+            r._fail(ConnectionError(f"malformed answer from upstream: {e}"))
+            self.close()
+
+    # httptools callbacks
+    def on_header(self, name: bytes, value: bytes):
+        name = name.lower()
+        if name == b"content-length" or (name == b"transfer-encoding" and b"chunked" in value.lower()):
+            self.response.until_close = False
+
+    def on_headers_complete(self):
+        r = self.response
+        r.status = self.parser.get_status_code()
+        if not r.head.done():
+            r.head.set_result(None)
+
+    def on_body(self, body: bytes):
+        r = self.response
+        r._feed(body)
+        if r.buffered > HIGH_WATER and not self._paused:
+            self._paused = True
+            self.transport.pause_reading()
+
+    def on_message_complete(self):
+        self.response._finish(keep_alive=self.parser.should_keep_alive())
+
+    def resume(self):
+        if self._paused and not self.closed:
+            self._paused = False
+            self.transport.resume_reading()
+
+    def close(self):
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+
+class UpstreamResponse:
+    """One answer: `status`, then `read()` or `iter_any()`; leaving `async with` gives the connection back
+    (only when the answer was read to its end) or closes it."""
+    __slots__ = ("conn", "status", "head", "received", "until_close", "complete", "keep_alive", "buffered",
+                 "_chunks", "_waiter", "_error")
+
+    def __init__(self, conn: _Connection):
+        self.conn, self.status, self.received, self.until_close = conn, 0, False, True
+        self.head = asyncio.get_running_loop().create_future()
+        self.complete, self.keep_alive, self.buffered = False, False, 0
+        self._chunks: list[bytes] = []
+        self._waiter: asyncio.Future | None = None
+        self._error: BaseException | None = None
+
+    def _wake(self):
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def _feed(self, data: bytes):
+        self._chunks.append(data)
+        self.buffered += len(data)
+        self._wake()
+
+    def _finish(self, keep_alive: bool):
+        self.complete, self.keep_alive = True, keep_alive
+        self._wake()
+
+    def _fail(self, error: BaseException):
+        self._error = error
+        if not self.head.done():
+            self.head.set_exception(error)
+            self.head.exception()  # retrieved here; the opener re-raises it
+        self._wake()
+
+    async def _more(self) -> bytes | None:
+        """What arrived since the last call; None at the end."""
+        while not self._chunks:
+            if self._error is not None:
+                raise self._error
+            if self.complete:
+                return None
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+            self._waiter = None
+        data = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
+        self._chunks.clear()
+        self.buffered = 0
+        self.conn.resume()
+        return data
+
+    async def read(self) -> bytes:
+        parts = []
+        while (data := await self._more()) is not None:
+            parts.append(data)
+        return b"".join(parts)
+
+    async def iter_any(self):
+        while (data := await self._more()) is not None:
+            yield data
+
+    def close(self) -> None:
+        """Drop the connection (the upstream sees the client leave and aborts the request)."""
+        self.conn.close()
+
+    def release(self) -> None:
+        conn = self.conn
+        conn.response = None
+        if self.complete and self.keep_alive and self._error is None and not conn.closed:
+            conn.pool._idle(conn)
+        else:
+            conn.close()
+
+    async def __aenter__(self) -> "UpstreamResponse":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.release()
+
+
+class UpstreamPool:
+    """Keep-alive connections per upstream (scheme, host, port); unlimited, like the aiohttp connector it replaced:
+    the per-model queue is what bounds concurrency."""
+
+    def __init__(self):
+        self._idle_conns: dict[tuple, list[_Connection]] = {}
+        self._targets: dict[str, tuple] = {}
+        self._ssl: ssl.SSLContext | None = None
+
+    def _target(self, base_url: str) -> tuple:
+        t = self._targets.get(base_url)
+        if t is None:
+            u = urlsplit(base_url)
+            tls = u.scheme == "https"
+            port = u.port or (443 if tls else 80)
+            host_header = u.hostname if u.port is None else f"{u.hostname}:{u.port}"
+            t = self._targets[base_url] = ((u.scheme, u.hostname, port), host_header.encode(), u.path.rstrip("/"))
+        return t
+
+    def _idle(self, conn: _Connection) -> None:
+        conn.idle_since = time.monotonic()
+        self._idle_conns.setdefault(conn.key, []).append(conn)
+
+    def _reuse(self, key: tuple) -> _Connection | None:
+        conns = self._idle_conns.get(key)
+        horizon = time.monotonic() - IDLE_S
+        while conns:
+            conn = conns.pop()
+            if not conn.closed and conn.idle_since > horizon:
+                return conn
+            conn.close()
+        return None
+
+    async def _connect(self, key: tuple, timeout_s: float) -> _Connection:
+        scheme, host, port = key
+        kwargs = {}
+        if scheme == "https":
+            if self._ssl is None:
+                self._ssl = ssl.create_default_context()
+            kwargs = {"ssl": self._ssl, "server_hostname": host}
+        try:
+            async with asyncio.timeout(timeout_s):
+                _, conn = await asyncio.get_running_loop().create_connection(
+                    lambda: _Connection(self, key), host, port, **kwargs)
+        except TimeoutError:
+            raise UpstreamConnectTimeout() from None
+        except OSError as e:  # refused, unreachable, name not resolved, TLS failure
+            raise UpstreamUnreachable(e.errno, e.strerror or str(e)) from None
+        return conn
+
+    async def post(self, base_url: str, path: str, body: bytes, headers: dict[str, str],
+                   connect_timeout_s: float) -> UpstreamResponse:
+        """Send one POST and wait for the answer's status and headers."""
+        key, host, prefix = self._target(base_url)
+        head = [b"POST ", prefix.encode(), path.encode(), b" HTTP/1.1\r\nHost: ", host,
+                b"\r\nContent-Length: ", str(len(body)).encode(), b"\r\n"]
+        for name, value in headers.items():
+            head += (name.encode(), b": ", value.encode(), b"\r\n")
+        head.append(b"\r\n")
+        request = b"".join(head) + body
+        while True:
+            conn = self._reuse(key)
+            reused = conn is not None
+            if conn is None:
+                conn = await self._connect(key, connect_timeout_s)
+            response = conn.response = UpstreamResponse(conn)
+            conn.transport.write(request)
+            try:
+                await response.head
+                return response
+            except ConnectionError:
+                conn.close()
+                if reused and not response.received:
+                    continue  # a kept-alive connection the upstream had closed: once more on a new one
+                raise
+            except BaseException:
+                conn.close()
+                raise
+
+    def close(self) -> None:
+        for conns in self._idle_conns.values():
+            for conn in conns:
+                conn.close()
+        self._idle_conns.clear()
