@@ -103,3 +103,8 @@ helm.sh/chart: {{ printf "%s-%s" $root.Chart.Name $root.Chart.Version | replace 
 {{- define "cxygpt.serviceMonitor" -}}
 {{- if and .Values.metrics.serviceMonitor.enabled (.Capabilities.APIVersions.Has "monitoring.coreos.com/v1/ServiceMonitor") }}true{{ end }}
 {{- end }}
+
+{{/* "true" when the PrometheusRule is rendered: asked for, and the cluster serves the kind. */}}
+{{- define "cxygpt.prometheusRule" -}}
+{{- if and .Values.metrics.prometheusRule.enabled (.Capabilities.APIVersions.Has "monitoring.coreos.com/v1/PrometheusRule") }}true{{ end }}
+{{- end }}
