@@ -43,7 +43,7 @@ def test_commands_use_the_chart_and_kind_names():
                       f"{values['operator']['simImage']['repository']}:{chart['appVersion']}"}
     assert load.group(4) == kind["name"]
     assert len([n for n in kind["nodes"] if n["role"] == "worker" and "nvidia.com/gpu.memory" in n.get("labels", {})]) == 3
-    for path in re.findall(r"kubectl apply -f (\S+)", SECTION) + ["kind-config.yaml", "deploy/helm/cxygpt/ci"]:
+    for path in re.findall(r"kubectl apply -f ([^\s`]+)", SECTION) + ["kind-config.yaml", "deploy/helm/cxygpt/ci"]:
         assert (REPO / path).exists(), path
     assert f"helm install {RELEASE} deploy/helm/cxygpt" in SECTION
     docs = render()
