@@ -21,8 +21,8 @@ PROMETHEUS = shutil.which("prometheus")
 RULES = REPO / "deploy" / "prometheus" / "cxygpt-rules.yaml"
 DASHBOARD = REPO / "deploy" / "grafana" / "cxygpt-dashboard.json"
 # Grafana's template variables, as Grafana would expand them for "All" over the last hour
-GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "1h", "$model": ".*",
-                     "$engine": ".*"}
+GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "1h", "$namespace": ".*",
+                     "$model": ".*", "$engine": ".*"}
 NODE = {"nvidia.com/gpu.memory": "81559", "nvidia.com/gpu.count": "1", "nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
 
 pytestmark = pytest.mark.skipif(PROMETHEUS is None, reason="needs Debian's prometheus (scripts/bootstrap.sh)")
@@ -240,8 +240,8 @@ def test_every_dashboard_query_is_accepted_by_prometheus(stack):
             errors.append(f"{title}: {expr}: {body.get('error')}")
     assert errors == []
     # and the main panels show the traffic
-    for expr in ('histogram_quantile(0.95, sum by (model, le) (rate(cxygpt_gateway_ttft_seconds_bucket{model=~"$model"}'
-                 '[$__rate_interval])))',
+    for expr in ('histogram_quantile(0.95, sum by (model, le) (rate(cxygpt_gateway_ttft_seconds_bucket'
+                 '{namespace=~"$namespace",model=~"$model"}[$__rate_interval])))',
                  'sum by (model_name) (rate(vllm:generation_tokens_total{model_name=~"$engine"}[$__rate_interval]))'):
         assert expr in [e for _, e in queries]
         wait_until(lambda: prom.query(grafana_expanded(expr)), timeout=10, what=expr)
@@ -252,8 +252,9 @@ def test_every_metric_the_dashboard_and_rules_use_is_exported(stack):
     dashboard = json.loads(DASHBOARD.read_text())
     used = {name: f"panel {title!r}" for title, expr in dashboard_queries() for name in metric_names(expr)}
     for variable in dashboard["templating"]["list"]:
-        if variable["type"] == "query":  # label_values(metric, label)
-            used[re.match(r"label_values\(([^,]+),", variable["definition"]).group(1)] = variable["name"]
+        if variable["type"] == "query":  # label_values(metric{matchers}, label)
+            selector = re.fullmatch(r"label_values\((.+), *\w+\)", variable["definition"]).group(1)
+            used.update(dict.fromkeys(metric_names(selector), variable["name"]))
     recorded = set()
     for group in yaml.safe_load(RULES.read_text())["groups"]:
         for rule in group["rules"]:
