@@ -115,6 +115,10 @@ def build_deployment(owner: Owner, spec: ModelSpec, sel: Selection, table: Profi
         volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": table.vllm.shm_size}})
         mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
     labels = object_labels(owner, spec, sel)
+    hardening = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+    if spec.engine_kind == "sim":
+        # the simulator writes nothing; vLLM's image runs as root and writes its caches, so it keeps those
+        hardening.update(runAsNonRoot=True, readOnlyRootFilesystem=True)
     container = {
         "name": "engine",
         "image": spec.image or (images.vllm if spec.engine_kind == "vllm" else images.sim),
@@ -124,6 +128,7 @@ def build_deployment(owner: Owner, spec: ModelSpec, sel: Selection, table: Profi
         "ports": [{"name": "http", "containerPort": port, "protocol": "TCP"}],
         "resources": resources,
         "volumeMounts": mounts,
+        "securityContext": hardening,
         **_probes(spec.engine_kind),
     }
     template = {
@@ -133,6 +138,7 @@ def build_deployment(owner: Owner, spec: ModelSpec, sel: Selection, table: Profi
             "volumes": sorted(volumes, key=lambda v: v["name"]),
             "affinity": _affinity(sel),
             "tolerations": [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}],
+            "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
             "terminationGracePeriodSeconds": 60,
         },
     }

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import sys
 
 from cxygpt_profiles import ProfileTableError, load_catalog, load_table
@@ -25,6 +26,8 @@ def parse_args(argv):
                     help="liveness endpoint URL (default http://0.0.0.0:8080/healthz; 'off' disables)")
     ap.add_argument("--metrics-port", type=int, default=8081, help="Prometheus /metrics port (default 8081; 0 disables)")
     ap.add_argument("--metrics-host", default="0.0.0.0", help="Prometheus listen address (default 0.0.0.0)")
+    ap.add_argument("--priority", type=int, help="kopf peering priority: the highest live peer runs, others "
+                    "stand by (default with --peering: random per start, so two replicas never tie and all pause)")
     ap.add_argument("--peering", metavar="NAME",
                     help="kopf peering object for several replicas (one active at a time); default standalone")
     ap.add_argument("--profiles", help="profiles.yaml (default: the packaged table or $CXYGPT_PROFILES)")
@@ -68,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         namespaces=a.namespace,
         standalone=a.peering is None,
         peering_name=a.peering,
+        priority=a.priority if a.priority is not None else (secrets.randbelow(2**31 - 1) + 1 if a.peering else 0),
         liveness_endpoint=None if a.liveness == "off" else a.liveness,
         memo=kopf.Memo(context=context, shared=shared),
     )

@@ -135,6 +135,16 @@ def test_manifests_pass_kubernetes_validate_strict(tmp_path):
     assert out.stdout.count(" passed for resource ") == 2 * len(CASES)
 
 
+def test_engine_pods_are_hardened():
+    for case in CASES:
+        pod = _manifests(case)[0]["spec"]["template"]["spec"]
+        ctx = pod["containers"][0]["securityContext"]
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        assert ctx["allowPrivilegeEscalation"] is False and ctx["capabilities"] == {"drop": ["ALL"]}
+        sim = pod["containers"][0]["command"][0] == "cxygpt-sim"
+        assert ctx.get("runAsNonRoot", False) is sim and ctx.get("readOnlyRootFilesystem", False) is sim
+
+
 def test_user_args_come_last_and_hash_follows_the_template():
     dep, _ = _manifests("single-sim-pvc")
     args = dep["spec"]["template"]["spec"]["containers"][0]["args"]

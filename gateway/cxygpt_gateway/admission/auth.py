@@ -76,7 +76,10 @@ class KeyStore:
             raise ValueError(f"keys file {path}: {e}") from None
 
     def authenticate(self, authorization: str | None) -> Caller:
-        """The caller of an `Authorization` header value, or a 401."""
+        """The caller of an `Authorization` header value, or a 401. Without keys every caller is anonymous,
+        whatever it sends (chat UIs send `Bearer ` with an empty or placeholder token)."""
+        if not self.enabled:
+            return self.anonymous
         if not authorization:
             if self.allow_anonymous:
                 return self.anonymous
@@ -87,8 +90,6 @@ class KeyStore:
         if scheme.lower() != "bearer" or not token:
             raise GatewayError(401, "malformed Authorization header: expected 'Bearer <key>'",
                                code="invalid_api_key", reason="auth")
-        if not self.enabled:
-            return self.anonymous
         digest = hashlib.sha256(token.encode()).hexdigest()
         caller = self._by_digest.get(digest)
         if caller is None:
