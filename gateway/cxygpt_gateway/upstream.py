@@ -263,6 +263,10 @@ class RelayResponse(Response):
         while True:
             out, usage, seen_done = scan_stream(batch, strip)
             self.usage, done = usage or self.usage, done or seen_done
+            if done and resp.complete:  # the upstream has ended too: this batch ends the answer, in one write
+                await events.aclose()
+                await send({"type": "http.response.body", "body": out, "more_body": False})
+                return
             if out:
                 await send({"type": "http.response.body", "body": out, "more_body": True})
             try:
