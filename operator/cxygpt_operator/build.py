@@ -132,7 +132,10 @@ def build_deployment(owner: Owner, spec: ModelSpec, sel: Selection, table: Profi
         **_probes(spec.engine_kind),
     }
     template = {
-        "metadata": {"labels": dict(labels)},
+        # vLLM's metrics (the simulator's too), for annotation-based scraping; the chart's PodMonitor otherwise
+        "metadata": {"labels": dict(labels), "annotations": {"prometheus.io/scrape": "true",
+                                                              "prometheus.io/port": str(port),
+                                                              "prometheus.io/path": "/metrics"}},
         "spec": {
             "containers": [container],
             "volumes": sorted(volumes, key=lambda v: v["name"]),
@@ -143,7 +146,7 @@ def build_deployment(owner: Owner, spec: ModelSpec, sel: Selection, table: Profi
         },
     }
     digest = config_hash(template)
-    template["metadata"]["annotations"] = {CONFIG_HASH: digest}
+    template["metadata"]["annotations"][CONFIG_HASH] = digest
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",

@@ -9,14 +9,15 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
 RESULTS = ("ok", "waiting", "failed", "error")
+PHASES = ("Pending", "Starting", "Ready", "Failed")
 
 
 @dataclass
 class Observed:
     """What the reconcile loops last saw, read at scrape time (gauges derive from it, never drift)."""
     models: dict = field(default_factory=dict)   # (namespace, name) -> (phase, profile)
+    profiles: set = field(default_factory=set)   # every profile seen: its phases are reported, zeros too
     gpu_nodes: list = field(default_factory=list)
-    ready_seen: set = field(default_factory=set)  # uids already timed to Ready
 
 
 def memory_class(memory_mib: int) -> str:
@@ -42,8 +43,10 @@ class OperatorMetrics:
     def collect(self):
         phases = GaugeMetricFamily("cxygpt_operator_model_deployments", "ModelDeployments by phase and profile",
                                    labels=["phase", "profile"])
-        for (phase, profile), count in sorted(Tally(self.observed.models.values()).items()):
-            phases.add_metric([phase, profile], count)
+        counts = Tally(self.observed.models.values())
+        for profile in sorted(self.observed.profiles):
+            for phase in PHASES:
+                phases.add_metric([phase, profile], counts[phase, profile])
         yield phases
         nodes = GaugeMetricFamily("cxygpt_operator_gpu_nodes", "Schedulable GPU nodes by memory per GPU",
                                   labels=["memory_class"])
@@ -62,12 +65,14 @@ class OperatorMetrics:
         return []  # collected at scrape time only
 
     def model_seen(self, key, body: dict, status: dict | None):
+        """Record a reconciled model; `body` is the object as it was before this reconcile."""
         status = status or {}
-        phase = status.get("phase", "Pending")
-        self.observed.models[key] = (phase, status.get("profile", "none"))
-        uid = body["metadata"].get("uid")
-        if phase == "Ready" and uid not in self.observed.ready_seen:
-            self.observed.ready_seen.add(uid)
+        phase, profile = status.get("phase", "Pending"), status.get("profile", "none")
+        self.observed.models[key] = (phase, profile)
+        self.observed.profiles.add(profile)
+        before = (body.get("status") or {}).get("phase")
+        # the first Ready of the first spec: decided from the stored status, so restarts never re-time
+        if phase == "Ready" and before != "Ready" and body["metadata"].get("generation", 1) == 1:
             created = body["metadata"].get("creationTimestamp")
             if created:
                 start = datetime.datetime.strptime(created, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.UTC)

@@ -19,9 +19,10 @@ from harness import REPO
 CHART = REPO / "deploy" / "helm" / "cxygpt"
 CI = CHART / "ci"
 RELEASE, NAMESPACE = "cxygpt", "cxygpt"
-MONITORING_APIS = ("monitoring.coreos.com/v1/ServiceMonitor", "monitoring.coreos.com/v1/PrometheusRule")
+MONITORING_APIS = ("monitoring.coreos.com/v1/ServiceMonitor", "monitoring.coreos.com/v1/PodMonitor",
+                   "monitoring.coreos.com/v1/PrometheusRule")
 # custom resources kubernetes-validate has no schema for (it only warns): checked by the tests below
-CUSTOM_KINDS = {"ServiceMonitor", "PrometheusRule", "KopfPeering", "ClusterKopfPeering"}
+CUSTOM_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule", "KopfPeering", "ClusterKopfPeering"}
 REQUIRED_SCENARIOS = {"defaults", "ha", "redis-apikeys", "servicemonitor", "openwebui", "watch-namespace"}
 
 
@@ -486,6 +487,11 @@ def test_service_monitors_or_scrape_annotations():
         assert port_name in [p["name"] for p in svc["spec"]["ports"]]
         assert svc["spec"]["selector"] == selectors(docs)[f"{RELEASE}-{component}"]
         assert "prometheus.io/scrape" not in pod_annotations(docs, component)
+    # the engines the operator creates: selected by the labels build.py gives them, on their http port
+    pm = one(docs, "PodMonitor", f"{RELEASE}-engines")
+    assert pm["spec"]["selector"]["matchLabels"] == {"app.kubernetes.io/name": "cxygpt-engine",
+                                                     "app.kubernetes.io/managed-by": "cxygpt-operator"}
+    assert pm["spec"]["podMetricsEndpoints"][0]["port"] == "http"
     ports = {p["name"]: p["containerPort"] for p in container(docs, "operator")["ports"]}
     assert ports == {"health": 8080, "metrics": 8081}
     assert "--metrics-port=8081" in container(docs, "operator")["args"]
@@ -494,6 +500,7 @@ def test_service_monitors_or_scrape_annotations():
     out = helm("template", RELEASE, str(CHART), "-n", NAMESPACE, "-f", str(SCENARIOS["servicemonitor"])).stdout
     docs = [d for d in yaml.safe_load_all(out) if d]
     assert not find(docs, "ServiceMonitor") and not find(docs, "Service", f"{RELEASE}-operator-metrics")
+    assert not find(docs, "PodMonitor")
     assert "prometheus.io/scrape" in pod_annotations(docs, "gateway")
 
 
