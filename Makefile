@@ -30,6 +30,6 @@ clean:
 images:
 	@command -v docker >/dev/null || { echo "make images: needs docker" >&2; exit 1; }
 	@tag=$$(sed -n 's/^appVersion: *"*\([^"]*\)"*$$/\1/p' deploy/helm/cxygpt/Chart.yaml); \
-	for image in operator:operator gateway:gateway simulator:sim; do \
-	  docker build -f $${image%%:*}/Dockerfile -t $${IMAGE_PREFIX:-cxygpt}/cxygpt-$${image##*:}:$$tag . || exit 1; \
+	for target in operator gateway sim; do \
+	  docker build --target $$target -t $${IMAGE_PREFIX:-cxygpt}/cxygpt-$$target:$$tag . || exit 1; \
 	done
