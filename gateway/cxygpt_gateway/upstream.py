@@ -86,24 +86,26 @@ def eject(backend: "Backend", *, restore_after: float | None) -> None:
 
 def scan_stream(batch: bytes, strip_usage: bool) -> tuple[bytes, dict | None, bool]:
     """(bytes to forward, usage if this batch carried it, [DONE] seen) for a batch of complete SSE events.
-    Only a batch that mentions a usage object is split and parsed; every other byte passes untouched."""
+    Only the event that carries a usage object is parsed (and cut out when `strip_usage` and it is the
+    usage-only chunk); every other byte passes untouched."""
     done = b"data: [DONE]" in batch
-    if b'"usage":{' not in batch and b'"usage": {' not in batch:
+    found = [i for i in (batch.find(b'"usage":{'), batch.find(b'"usage": {')) if i >= 0]
+    if not found:
         return batch, None, done
-    kept, usage = [], None
-    for event in batch.split(b"\n\n"):
-        if not event:
-            continue
-        if usage is None and (b'"usage":{' in event or b'"usage": {' in event):
-            try:
-                chunk = orjson.loads(event[event.index(b"{"):])
-            except (ValueError, orjson.JSONDecodeError):
-                chunk = {}
-            usage = chunk.get("usage") or None
-            if strip_usage and usage and not chunk.get("choices"):
-                continue  # the usage-only chunk the gateway asked for and the client did not
-        kept.append(event)
-    return (b"\n\n".join(kept) + b"\n\n" if kept else b""), usage, done
+    at = min(found)
+    start = batch.rfind(b"\n\n", 0, at)
+    start = 0 if start < 0 else start + 2
+    end = batch.find(b"\n\n", at)
+    end = len(batch) if end < 0 else end + 2
+    event = batch[start:end]
+    try:
+        chunk = orjson.loads(event[event.index(b"{"):])
+    except (ValueError, orjson.JSONDecodeError):
+        chunk = {}
+    usage = (chunk.get("usage") or None) if isinstance(chunk, dict) else None
+    if strip_usage and usage and not chunk.get("choices"):  # the usage-only chunk the gateway asked for
+        return batch[:start] + batch[end:], usage, done
+    return batch, usage, done
 
 
 async def complete_events(content):
@@ -160,14 +162,22 @@ class RelayResponse(Response):
         a = self.admitted
         relay = asyncio.ensure_future(self._relay(send))
         listener = asyncio.ensure_future(_wait_for_disconnect(receive))
+        relay.add_done_callback(lambda _: listener.cancel())  # cheaper than asyncio.wait on both (measured)
         try:
-            await asyncio.wait((relay, listener), return_when=asyncio.FIRST_COMPLETED)
+            await listener  # returns when the client leaves; cancelled as soon as the relay is done
+        except asyncio.CancelledError:
+            if not relay.done():  # this task is cancelled: the server is stopping
+                raise
         finally:
             if not relay.done():  # the client left (or the server is stopping): stop the upstream work now
                 relay.cancel()
-                a.gateway.metrics.client_disconnects.labels(a.target.name).inc()
+                child(a.gateway.metrics.client_disconnects, a.target.name).inc()
             listener.cancel()
-            await asyncio.gather(relay, listener, return_exceptions=True)
+            if relay.done() and listener.done():
+                if not relay.cancelled():
+                    relay.exception()  # _relay answers every error itself; nothing is left to raise
+            else:
+                await asyncio.gather(relay, listener, return_exceptions=True)
 
     def _headers(self, content_type: bytes, extra: dict | None = None) -> list[tuple[bytes, bytes]]:
         a = self.admitted
@@ -299,17 +309,17 @@ class RelayResponse(Response):
         gw, name = a.gateway, a.target.name
         m = gw.metrics
         now = time.monotonic()
-        m.requests.labels(name, str(status)).inc()
-        m.latency.labels(name).observe(now - a.arrived)
-        m.queue_wait.labels(name).observe(a.slot.queued_s)
+        child(m.requests, name, str(status)).inc()
+        child(m.latency, name).observe(now - a.arrived)
+        child(m.queue_wait, name).observe(a.slot.queued_s)
         prompt = completion = None
         if ttft is not None and a.req.stream:
-            m.ttft.labels(name).observe(ttft)
+            child(m.ttft, name).observe(ttft)
             a.target.degrade.observe_ttft(ttft)
         if usage:
             prompt, completion = usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0
-            m.prompt_tokens.labels(name).inc(prompt)
-            m.completion_tokens.labels(name).inc(completion)
+            child(m.prompt_tokens, name).inc(prompt)
+            child(m.completion_tokens, name).inc(completion)
         if gw.settings.log_requests:
             log_request(gw.request_log, request_id=a.request_id, key_id=a.caller.key_id, model=a.route.name,
                         served_by=name, status=status, error=error.message if error else None,
@@ -319,6 +329,18 @@ class RelayResponse(Response):
                         max_tokens=a.max_tokens, degraded=a.degraded)
         if usage and a.scopes:
             await gw.limiter.settle(a.scopes, int(usage.get("total_tokens") or (prompt or 0) + (completion or 0)))
+
+
+_CHILDREN: dict[tuple, object] = {}
+
+
+def child(metric, *labels: str):
+    """`metric.labels(*labels)`, remembered: prometheus_client validates and locks on every labels() call."""
+    key = (metric, labels)
+    found = _CHILDREN.get(key)
+    if found is None:
+        found = _CHILDREN[key] = metric.labels(*labels)
+    return found
 
 
 def _usage(data: bytes) -> dict | None:

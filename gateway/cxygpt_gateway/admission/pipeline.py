@@ -40,8 +40,20 @@ class Admitted:
     arrived: float
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
+# the request headers admission reads (ASGI header names are lower case)
+READ_HEADERS = (b"x-request-id", b"authorization", b"content-length")
+
+
+def read_headers(request: Request) -> dict[bytes, str]:
+    """The headers admission needs, in one pass over the raw list (the first of a repeated name wins)."""
+    found: dict[bytes, str] = {}
+    for name, value in request.scope["headers"]:
+        if name in READ_HEADERS and name not in found:
+            found[name] = value.decode("latin-1")
+    return found
+
+
+async def read_body(request: Request, limit: int, declared: str | None = None) -> bytes:
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise GatewayError(400, f"request body of {declared} bytes is over the limit of {limit} bytes",
                            code="body_too_large", reason="body_too_large")
@@ -168,13 +180,14 @@ async def _wait_in_line(request: Request, target: "ModelRoute", priority: int) -
 async def admit(request: Request, kind: Kind) -> Admitted:
     gw: Gateway = request.app.state.gateway
     arrived = time.monotonic()
-    request_id = request.headers.get("x-request-id", "")
+    headers = read_headers(request)
+    request_id = headers.get(b"x-request-id", "")
     if not 0 < len(request_id) <= 128:  # a caller's id is kept for tracing, within reason
         request_id = os.urandom(8).hex()
     request.state.request_id = request_id
-    caller = gw.keys.authenticate(request.headers.get("authorization"))
+    caller = gw.keys.authenticate(headers.get(b"authorization"))
     request.state.key_id = caller.key_id
-    raw = await read_body(request, gw.settings.max_body_bytes)
+    raw = await read_body(request, gw.settings.max_body_bytes, headers.get(b"content-length"))
     body = decode(raw)
     name = model_name(body)
     route = gw.registry.get(name)
