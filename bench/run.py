@@ -601,6 +601,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=float, default=5.0, help="seconds per relay load point (G1, G2)")
     ap.add_argument("--g3-duration", type=float, default=10.0)
     ap.add_argument("--g4-duration", type=float, default=8.0)
+    ap.add_argument("--g4-queue-s", type=float, default=G4_LIMITS["timeouts"]["queue_s"],
+                    help="the gateway's queue timeout in G4 (its admitted TTFT vs goodput at 1x)")
+    ap.add_argument("--g4-queue-size", type=int, default=G4_LIMITS["queue_size"])
     ap.add_argument("--models", type=int, nargs="+", default=[100, 300, 1000], help="G5 sizes")
     ap.add_argument("--no-peers", action="store_true", help="only direct and cxygpt")
     ap.add_argument("--no-write", action="store_true", help="print, do not write results or BENCHMARKS.md")
@@ -630,7 +633,9 @@ def main(argv: list[str] | None = None) -> int:
         if "G3" in only:
             r.update(g3(logs, peers, notes, a.g3_duration))
         if "G4" in only:
+            G4_LIMITS.update(queue_size=a.g4_queue_size, timeouts={"queue_s": a.g4_queue_s})
             r["g4"] = g4(logs, peers, notes, a.g4_duration)
+            r["g4"]["gateway_limits"] = G4_LIMITS
         if "G6" in only:
             r["g6"] = g6(logs)
             log(f"G6 gateway start to ready {r['g6']['gateway_ready_s']:.2f} s")

@@ -108,22 +108,6 @@ def scan_stream(batch: bytes, strip_usage: bool) -> tuple[bytes, dict | None, bo
     return batch, usage, done
 
 
-async def complete_events(content):
-    """Upstream bytes (an async iterator of whatever arrived) regrouped so that every yielded batch ends on an
-    SSE event boundary."""
-    tail = b""
-    async for data in content:
-        data = tail + data if tail else data
-        end = data.rfind(b"\n\n")
-        if end < 0:
-            tail = data
-            continue
-        tail = data[end + 2:]
-        yield data[:end + 2]
-    if tail.strip():
-        yield tail + b"\n\n"
-
-
 def upstream_error(status: int, body: bytes) -> GatewayError:
     """The upstream's own 4xx (e.g. vLLM's 400 for a context overflow) keeps its status and message;
     5xx becomes 502."""
@@ -159,25 +143,33 @@ class RelayResponse(Response):
         self.ttft: float | None = None
 
     async def __call__(self, scope, receive, send) -> None:
-        a = self.admitted
-        relay = asyncio.ensure_future(self._relay(send))
+        """The relay runs in this task; a listener task cancels it when the client leaves (one task per request
+        less than relaying in a task of its own: measured)."""
+        task = asyncio.current_task()
+        self._relaying, self._client_left = True, False
+
+        def client_left(listener: asyncio.Task) -> None:
+            if self._relaying and not listener.cancelled():
+                self._client_left = True
+                task.cancel()
+
         listener = asyncio.ensure_future(_wait_for_disconnect(receive))
-        relay.add_done_callback(lambda _: listener.cancel())  # cheaper than asyncio.wait on both (measured)
+        listener.add_done_callback(client_left)
         try:
-            await listener  # returns when the client leaves; cancelled as soon as the relay is done
+            await self._relay(send)
         except asyncio.CancelledError:
-            if not relay.done():  # this task is cancelled: the server is stopping
+            if not self._client_left:  # the server is stopping
                 raise
+            task.uncancel()
         finally:
-            if not relay.done():  # the client left (or the server is stopping): stop the upstream work now
-                relay.cancel()
-                child(a.gateway.metrics.client_disconnects, a.target.name).inc()
+            self._relaying = False
             listener.cancel()
-            if relay.done() and listener.done():
-                if not relay.cancelled():
-                    relay.exception()  # _relay answers every error itself; nothing is left to raise
-            else:
-                await asyncio.gather(relay, listener, return_exceptions=True)
+        if self._client_left:
+            child(self.admitted.gateway.metrics.client_disconnects, self.admitted.target.name).inc()
+            try:  # a cancel asked for just as the relay finished is still pending: take it here
+                await asyncio.sleep(0)
+            except asyncio.CancelledError:
+                task.uncancel()
 
     def _headers(self, content_type: bytes, extra: dict | None = None) -> list[tuple[bytes, bytes]]:
         a = self.admitted
@@ -257,32 +249,30 @@ class RelayResponse(Response):
     async def _relay_stream(self, resp: "UpstreamResponse", send, started: float) -> None:
         """Nothing is sent before the first event, so a TTFT timeout is still a real 504."""
         a = self.admitted
-        events = complete_events(resp.iter_any())
         try:
             async with asyncio.timeout(a.target.limits.timeouts.ttft_s):
-                batch = await anext(events)
+                batch = await resp.events()
         except TimeoutError:
             raise GatewayError(504, f"no first token from {a.target.name} within "
                                     f"{a.target.limits.timeouts.ttft_s:g} s", code="upstream_timeout",
                                reason="ttft_timeout") from None
+        if batch is None:
+            raise GatewayError(502, f"upstream {a.target.name} ended the stream before its first event",
+                               code="upstream_error", reason="upstream_stream_broken")
         self.ttft = time.monotonic() - started
         await send({"type": "http.response.start", "status": 200,
                     "headers": self._headers(b"text/event-stream", {"cache-control": "no-cache"})})
         self.sent_head = True
         done, strip = False, not a.req.client_wants_usage
-        while True:
+        while batch is not None:
             out, usage, seen_done = scan_stream(batch, strip)
             self.usage, done = usage or self.usage, done or seen_done
             if done and resp.complete:  # the upstream has ended too: this batch ends the answer, in one write
-                await events.aclose()
                 await send({"type": "http.response.body", "body": out, "more_body": False})
                 return
             if out:
                 await send({"type": "http.response.body", "body": out, "more_body": True})
-            try:
-                batch = await anext(events)
-            except StopAsyncIteration:
-                break
+            batch = await resp.events()
         if not done:
             raise GatewayError(502, f"upstream {a.target.name} ended the stream early", code="upstream_error",
                                reason="upstream_stream_broken")
@@ -438,10 +428,10 @@ class _Connection(asyncio.Protocol):
 
 
 class UpstreamResponse:
-    """One answer: `status`, then `read()` or `iter_any()`; leaving `async with` gives the connection back
+    """One answer: `status`, then `read()` or `events()`; leaving `async with` gives the connection back
     (only when the answer was read to its end) or closes it."""
     __slots__ = ("conn", "status", "head", "received", "until_close", "complete", "keep_alive", "buffered",
-                 "_chunks", "_waiter", "_error")
+                 "_chunks", "_waiter", "_error", "_tail")
 
     def __init__(self, conn: _Connection):
         self.conn, self.status, self.received, self.until_close = conn, 0, False, True
@@ -450,6 +440,7 @@ class UpstreamResponse:
         self._chunks: list[bytes] = []
         self._waiter: asyncio.Future | None = None
         self._error: BaseException | None = None
+        self._tail = b""
 
     def _wake(self):
         w = self._waiter
@@ -494,9 +485,22 @@ class UpstreamResponse:
             parts.append(data)
         return b"".join(parts)
 
-    async def iter_any(self):
-        while (data := await self._more()) is not None:
-            yield data
+    async def events(self) -> bytes | None:
+        """The next run of complete SSE events (ending on a blank line) that arrived; None at the end (an
+        unterminated last event is completed)."""
+        while True:
+            data = await self._more()
+            if data is None:
+                tail, self._tail = self._tail, b""
+                return tail + b"\n\n" if tail.strip() else None
+            if self._tail:
+                data = self._tail + data
+            end = data.rfind(b"\n\n")
+            if end < 0:
+                self._tail = data
+                continue
+            self._tail = data[end + 2:]
+            return data[:end + 2]
 
     def close(self) -> None:
         """Drop the connection (the upstream sees the client leave and aborts the request)."""
