@@ -107,21 +107,19 @@ class KubeAPI(kmock.KubernetesEmulator):
         res = request.resource
         key = (res.group, res.version, res.plural) if res is not None else None
         data = request.data if isinstance(request.data, dict) else None
+        current = self._current(request) if request.name is not None else None
         if (request.action == enums.action.UPDATE and request.subresource is None and data is not None
-                and "apply-patch" in request.headers.get("Content-Type", "") and self._current(request) is None):
+                and "apply-patch" in request.headers.get("Content-Type", "") and current is None):
             return await self._apply_create(request, key, data)
         if request.action == enums.action.CREATE and data is not None:
             self._prepare_create(request, key, data)
-        elif request.action == enums.action.UPDATE and data is not None:
-            current = self._current(request)
-            self._prepare_update(request, key, data)
-            if current is not None and _merge(copy.deepcopy(current), {**data, "metadata": {
-                    **data.get("metadata", {}), "resourceVersion": None}}) == {
-                    **current, "metadata": {k: v for k, v in current["metadata"].items() if k != "resourceVersion"}}:
+        elif request.action == enums.action.UPDATE and data is not None and current is not None:
+            self._prepare_update(request, key, data, current)
+            if _unchanged(current, data):
                 return aiohttp.web.json_response(current)  # a no-op write changes nothing, as in the API server
         # An object is gone after a DELETE, or after the PATCH that removes its last finalizer.
-        may_vanish = request.name is not None and request.action in (enums.action.DELETE, enums.action.UPDATE)
-        uid = self._uid_of(request) if may_vanish else None
+        vanishing = current is not None and request.action in (enums.action.DELETE, enums.action.UPDATE)
+        uid = current["metadata"].get("uid") if vanishing else None
         response = await super()._handle(request)
         if request.action == enums.action.CREATE and response.status == 200 and not response.prepared:
             response.set_status(201)  # the kubernetes client returns None for a 200 on create
@@ -162,10 +160,7 @@ class KubeAPI(kmock.KubernetesEmulator):
         if request.resource.plural == "customresourcedefinitions":
             self.register_crd(data)
 
-    def _prepare_update(self, request, key, data):
-        current = self._current(request)
-        if current is None:
-            return  # kmock answers 404
+    def _prepare_update(self, request, key, data, current: dict):
         status_only = request.subresource == "status"
         if status_only:
             for field in list(data):  # the status subresource changes status only
@@ -190,10 +185,6 @@ class KubeAPI(kmock.KubernetesEmulator):
         if obj_key not in self.objects or self.objects[obj_key].deleted:
             return None
         return dict(self.objects[obj_key].raw)
-
-    def _uid_of(self, request) -> str | None:
-        current = self._current(request)
-        return current.get("metadata", {}).get("uid") if current else None
 
     async def _collect_garbage(self, owner_uid: str):
         """Background cascading deletion: delete every object whose ownerReferences name the deleted uid."""
@@ -351,6 +342,13 @@ def _printed(obj: dict, column: dict):
         seconds = int((datetime.datetime.now(datetime.UTC) - then).total_seconds())
         return f"{seconds}s" if seconds < 120 else f"{seconds // 60}m" if seconds < 7200 else f"{seconds // 3600}h"
     return value
+
+
+def _unchanged(current: dict, patch: dict) -> bool:
+    """Whether a merge patch leaves the object as it is (its resourceVersion aside)."""
+    def without_version(obj: dict) -> dict:
+        return {**obj, "metadata": {k: v for k, v in obj.get("metadata", {}).items() if k != "resourceVersion"}}
+    return without_version(_merge(copy.deepcopy(current), patch)) == without_version(current)
 
 
 def _merge(base: dict, patch: dict) -> dict:
