@@ -76,6 +76,7 @@ class LoadConfig:
     include_usage: bool = True         # streams ask for the usage chunk to count output tokens exactly
     seed: int = 1
     extra_body: dict = field(default_factory=dict)
+    window_start: float | None = None  # with duration: also report the served rate from here to the end
 
 
 class LoadRun:
@@ -91,7 +92,10 @@ class LoadRun:
             self.headers["Authorization"] = f"Bearer {cfg.api_key}"
         self._bodies: dict[tuple[int, int], bytes] = {}
         self.report = Report()
+        if cfg.window_start is not None and cfg.duration:
+            self.report.window = (cfg.window_start, cfg.duration)
         self.in_flight = 0
+        self.started = time.perf_counter()
 
     def body(self) -> bytes:
         key = (self.prompt_dist.sample(self.rng), self.max_dist.sample(self.rng))
@@ -129,6 +133,7 @@ class LoadRun:
             rec = Record(NO_STATUS, None, clock() - started)
         finally:
             self.in_flight -= 1
+        rec.end = clock() - self.started
         self.report.records.append(rec)
 
     async def _stream(self, r: aiohttp.ClientResponse, started: float) -> Record:
@@ -152,7 +157,7 @@ class LoadRun:
         cfg = self.cfg
         connector = aiohttp.TCPConnector(limit=cfg.concurrency, ttl_dns_cache=300)
         timeout = aiohttp.ClientTimeout(total=cfg.timeout)
-        started = time.perf_counter()
+        started = self.started = time.perf_counter()
         deadline = started + cfg.duration if cfg.duration else float("inf")
         ticker = asyncio.ensure_future(self._tick(progress, started)) if progress else None
         async with aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False) as session:

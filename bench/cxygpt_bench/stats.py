@@ -37,13 +37,15 @@ def summarize(values: list[float]) -> dict:
 @dataclass
 class Record:
     """One request: HTTP status (0: none), seconds to the first byte/event and to the end, output tokens
-    (usage when the answer carried it, else streamed events), streamed events, whether Retry-After was sent."""
+    (usage when the answer carried it, else streamed events), streamed events, whether Retry-After was sent,
+    and when it ended (seconds since the run started)."""
     status: int
     ttft: float | None
     total: float
     tokens: int = 0
     chunks: int = 0
     retry_after: bool = False
+    end: float = 0.0
 
 
 @dataclass
@@ -51,6 +53,15 @@ class Report:
     records: list[Record] = field(default_factory=list)
     elapsed_s: float = 0.0
     dropped: int = 0  # open-loop arrivals not sent because the in-flight cap was reached
+    window: tuple[float, float] | None = None  # steady-state part of the run for window_ok_rps
+
+    def window_ok_rps(self) -> float | None:
+        """Successful answers that ended inside `window`, per second of it: the served rate in steady state,
+        without the start (nothing finished yet) or the drain after the last arrival."""
+        if not self.window or self.window[1] <= self.window[0]:
+            return None
+        start, stop = self.window
+        return sum(1 for r in self.records if 200 <= r.status < 300 and start <= r.end <= stop) / (stop - start)
 
     def to_dict(self) -> dict:
         ok = [r for r in self.records if 200 <= r.status < 300]
@@ -65,6 +76,7 @@ class Report:
         ms = lambda xs: {k: (v * 1000 if isinstance(v, float) and k != "n" else v) for k, v in summarize(xs).items()}
         return {
             "requests": n, "ok": len(ok), "elapsed_s": self.elapsed_s, "dropped": self.dropped,
+            "window_ok_rps": self.window_ok_rps(),
             "rps": n / elapsed, "ok_rps": len(ok) / elapsed,
             "output_tokens": out_tokens, "output_tokens_per_s": out_tokens / elapsed,
             "chunks": chunks, "chunks_per_s": chunks / elapsed,

@@ -58,3 +58,12 @@ def test_distributions():
         with pytest.raises(ValueError):
             Dist(bad)
     assert len(prompt_of(50).split()) == 50
+
+
+def test_window_rate_counts_only_successes_that_ended_inside_it():
+    records = ([Record(200, 0.01, 0.5, end=t) for t in (0.5, 1.5, 2.0, 2.5, 3.0, 4.0, 5.5)]
+               + [Record(503, None, 0.03, end=2.2)])
+    report = Report(records, elapsed_s=6.0, window=(2.0, 4.0))
+    assert report.window_ok_rps() == pytest.approx(4 / 2.0)  # 2.0, 2.5, 3.0 and 4.0
+    assert report.to_dict()["window_ok_rps"] == pytest.approx(2.0)
+    assert Report(records, elapsed_s=6.0).to_dict()["window_ok_rps"] is None
