@@ -5,7 +5,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -14,27 +13,11 @@ from pathlib import Path
 
 import aiohttp
 
+from cxygpt_bench.procstat import cpu_s, free_port, rss_mb
+
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 MD_PATH = "/apis/cxygpt.io/v1alpha1/namespaces/default/modeldeployments"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 async def wait_http(session, url, timeout=30.0):
