@@ -259,3 +259,14 @@ def build_status(owner: Owner, spec: ModelSpec, outcome: Selection | NoFit, *, t
     status.update({"observedGeneration": gen, "replicas": replicas, "readyReplicas": ready,
                    "ready": f"{ready}/{spec.replicas}", "selector": selector, "conditions": conditions})
     return {k: v for k, v in status.items() if v is not None}
+
+
+def build_failed_status(owner: Owner, previous: dict, reason: str, message: str, *, now: str) -> dict:
+    """Failed before any decision (a spec the schema should have refused, a name taken by someone else):
+    the rest of the previous status stays as it was."""
+    gen, before = owner.generation, previous.get("conditions") or []
+    kept = [c for c in before if c.get("type") not in ("ProfileSelected", "Degraded")]
+    return {**previous, "phase": "Failed", "observedGeneration": gen, "conditions": [
+        _condition("ProfileSelected", False, reason, message, gen, before, now),
+        *kept,
+        _condition("Degraded", True, reason, message, gen, before, now)]}

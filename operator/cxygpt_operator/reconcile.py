@@ -10,7 +10,8 @@ import kopf
 
 from cxygpt_profiles import GpuNode, ModelCatalog, NoFit, ProfileTable, Selection
 
-from .build import (CONFIG_HASH, EngineImages, Owner, build_deployment, build_service, build_status)
+from .build import (CONFIG_HASH, EngineImages, Owner, build_deployment, build_failed_status, build_service,
+                    build_status)
 from .kube import Kube
 from .resolve import SpecError, parse_spec, resolve
 
@@ -55,7 +56,8 @@ def status_patch(previous: dict, desired: dict) -> dict:
     return {**{k: None for k in previous if k not in desired}, **desired}
 
 
-async def _apply_if_changed(ctx: Context, current: dict | None, desired: dict, apply, logger) -> dict:
+async def _apply_if_changed(current: dict | None, desired: dict, apply, logger) -> dict:
+    """The object as stored: unchanged, or as the apply answered (status included)."""
     annotations = (current or {}).get("metadata", {}).get("annotations") or {}
     same = (current is not None and annotations.get(CONFIG_HASH) == desired["metadata"]["annotations"][CONFIG_HASH]
             and (current.get("spec") or {}).get("replicas") == desired["spec"].get("replicas"))
@@ -63,9 +65,7 @@ async def _apply_if_changed(ctx: Context, current: dict | None, desired: dict, a
         return current
     logger.info("applying %s %s (config %s)", desired["kind"], desired["metadata"]["name"],
                 desired["metadata"]["annotations"][CONFIG_HASH])
-    applied = await asyncio.to_thread(apply, desired)
-    # keep the observed status: an apply answers with the object as stored, status included
-    return applied
+    return await asyncio.to_thread(apply, desired)
 
 
 async def reconcile(body: dict, nodes: list[GpuNode], ctx: Context, logger: logging.Logger) -> dict:
@@ -76,7 +76,7 @@ async def reconcile(body: dict, nodes: list[GpuNode], ctx: Context, logger: logg
     try:
         spec = parse_spec(body.get("spec") or {})
     except SpecError as e:
-        status = _failed(owner, previous, "InvalidSpec", str(e))
+        status = build_failed_status(owner, previous, "InvalidSpec", str(e), now=_now())
         await _write_status(ctx, owner, previous, status)
         raise CannotRun(str(e), status=status) from None
 
@@ -90,7 +90,7 @@ async def reconcile(body: dict, nodes: list[GpuNode], ctx: Context, logger: logg
     for obj in (deployment, service):
         if obj is not None and not _owned_by(obj, owner):
             message = f"a {obj['kind']} named {owner.name} exists and is not owned by this ModelDeployment"
-            status = _failed(owner, previous, "ResourceConflict", message)
+            status = build_failed_status(owner, previous, "ResourceConflict", message, now=_now())
             await _write_status(ctx, owner, previous, status)
             raise CannotRun(message, status=status)
 
@@ -99,8 +99,8 @@ async def reconcile(body: dict, nodes: list[GpuNode], ctx: Context, logger: logg
         desired = build_deployment(owner, spec, outcome, ctx.table, ctx.images)
         container = desired["spec"]["template"]["spec"]["containers"][0]
         image, args = container["image"], container["args"]
-        deployment = await _apply_if_changed(ctx, deployment, desired, ctx.kube.apply_deployment, logger)
-        await _apply_if_changed(ctx, service, build_service(owner, spec, outcome, ctx.table),
+        deployment = await _apply_if_changed(deployment, desired, ctx.kube.apply_deployment, logger)
+        await _apply_if_changed(service, build_service(owner, spec, outcome, ctx.table),
                                 ctx.kube.apply_service, logger)
     # With no profile fitting, running engines are left alone: a node that flaps must not take a model down.
 
@@ -112,20 +112,6 @@ async def reconcile(body: dict, nodes: list[GpuNode], ctx: Context, logger: logg
             raise CannotRun(f"{outcome.reason}: {outcome.message}", status=status)
         raise NotYet(f"{outcome.reason}: {outcome.message}", delay=PENDING_RETRY_S, status=status)
     return status
-
-
-def _failed(owner: Owner, previous: dict, reason: str, message: str) -> dict:
-    now, gen = _now(), owner.generation
-    before = previous.get("conditions") or []
-    kept = [c for c in before if c.get("type") not in ("ProfileSelected", "Degraded")]
-    since = lambda t, s: next((c["lastTransitionTime"] for c in before  # noqa: E731
-                               if c.get("type") == t and c.get("status") == s and c.get("lastTransitionTime")), now)
-    return {**previous, "phase": "Failed", "observedGeneration": gen, "conditions": [
-        {"type": "ProfileSelected", "status": "False", "reason": reason, "message": message,
-         "observedGeneration": gen, "lastTransitionTime": since("ProfileSelected", "False")},
-        *kept,
-        {"type": "Degraded", "status": "True", "reason": reason, "message": message,
-         "observedGeneration": gen, "lastTransitionTime": since("Degraded", "True")}]}
 
 
 async def _write_status(ctx: Context, owner: Owner, previous: dict, status: dict) -> None:

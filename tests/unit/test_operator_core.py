@@ -209,3 +209,12 @@ def test_status_degraded_when_the_deployment_fails():
 
 def test_status_patch_removes_keys_that_are_gone():
     assert status_patch({"fit": {"x": 1}, "phase": "Ready"}, {"phase": "Pending"}) == {"fit": None, "phase": "Pending"}
+
+
+def test_failed_status_keeps_the_rest_and_transition_times():
+    from cxygpt_operator.build import build_failed_status
+    first = build_failed_status(OWNER, {"profile": "SRV_80G", "conditions": []}, "ResourceConflict", "taken", now=NOW)
+    assert first["phase"] == "Failed" and first["profile"] == "SRV_80G"
+    assert [(c["type"], c["status"]) for c in first["conditions"]] == [("ProfileSelected", "False"), ("Degraded", "True")]
+    again = build_failed_status(OWNER, first, "ResourceConflict", "taken", now="later")
+    assert again == first
