@@ -19,6 +19,7 @@ import yaml
 
 from .kubeapi import write_kubeconfig
 from .podrunner import PodRunner, free_port
+from .processes import forward_lines, stop_group
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -72,22 +73,10 @@ class Component:
         self.process = await asyncio.create_subprocess_exec(
             *self.argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
             env={**os.environ, **(self.env or {})}, start_new_session=True)
-        self._pump = asyncio.create_task(self._pump_lines())
-
-    async def _pump_lines(self):
-        async for line in self.process.stdout:
-            self.out(self.name, line.decode(errors="replace").rstrip())
+        self._pump = asyncio.create_task(forward_lines(self.process, lambda line: self.out(self.name, line)))
 
     async def stop(self):
-        if self.process and self.process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                await asyncio.wait_for(self.process.wait(), 10)
-            except asyncio.TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.process.pid, signal.SIGKILL)
-                await self.process.wait()
+        await stop_group(self.process)
 
 
 async def wait_http(session: aiohttp.ClientSession, url: str, what: str, component: Component | None = None,

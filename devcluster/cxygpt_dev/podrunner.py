@@ -5,13 +5,14 @@ import asyncio
 import logging
 import os
 import shutil
-import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
 import orjson
+
+from .processes import forward_lines, stop_group
 
 log = logging.getLogger("cxygpt.pods")
 MANAGED = "app.kubernetes.io/managed-by=cxygpt-operator"
@@ -154,7 +155,8 @@ class PodRunner:
                 start_new_session=True)
             log.info("%s/%s: started engine %s on 127.0.0.1:%d (pid %d)", workload.namespace, workload.name,
                      label, replica.port, replica.process.pid)
-            pump = asyncio.create_task(self._pump(label, replica.process))
+            emit = (lambda line, label=label: self.output(label, line)) if self.output else None
+            pump = asyncio.create_task(forward_lines(replica.process, emit))
             probe = asyncio.create_task(self._probe(workload, replica))
             code = await replica.process.wait()
             probe.cancel()
@@ -169,11 +171,6 @@ class PodRunner:
             log.warning("%s/%s: engine %s exited with %s; restart %d in %ss", workload.namespace, workload.name,
                         label, code, replica.restarts, delay)
             await asyncio.sleep(delay)
-
-    async def _pump(self, label: str, process):
-        async for line in process.stdout:
-            if self.output:
-                self.output(label, line.decode(errors="replace").rstrip())
 
     async def _probe(self, workload: Workload, replica: Replica):
         url = f"http://127.0.0.1:{replica.port}/health"
@@ -190,16 +187,7 @@ class PodRunner:
 
     async def _stop(self, workload: Workload, replica: Replica):
         replica.stopping = True
-        proc = replica.process
-        if proc and proc.returncode is None:
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-                await asyncio.wait_for(proc.wait(), 10)
-            except (ProcessLookupError, asyncio.TimeoutError):
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+        await stop_group(replica.process)
         for task in replica.tasks:
             task.cancel()
         await self._delete_slice(workload, replica)
