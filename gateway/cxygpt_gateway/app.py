@@ -5,7 +5,7 @@ import asyncio
 import contextlib
 import logging
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aiohttp
 from cxygpt_profiles import ProfileTable, load_table
@@ -15,16 +15,17 @@ from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
 from .admission.auth import KeyStore
-from .admission.pipeline import admit
 from .admission.ratelimit import RateLimiter, open_windows
 from .discovery.base import Discovery
 from .errors import GatewayError
-from .logs import REQUEST_LOGGER, log_request
+from .exchange import AsgiExchange, count_rejection
+from .logs import RequestLog
 from .metrics import GatewayMetrics
+from .relay import serve
 from .routes import health, limits, openai
 from .routing import Registry
 from .settings import GatewaySettings
-from .upstream import HealthChecker, RelayResponse, Upstream
+from .upstream import HealthChecker, Upstream
 
 log = logging.getLogger("cxygpt.gateway")
 
@@ -41,27 +42,27 @@ class Gateway:
     limiter: RateLimiter | None = None
     upstream: Upstream | None = None
     health_checker: HealthChecker | None = None
-    request_log: logging.Logger = logging.getLogger(REQUEST_LOGGER)
+    request_log: RequestLog = field(default_factory=lambda: RequestLog(enabled=False))
+
+
+HOT_PATHS = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
 
 
 class GatewayApp(FastAPI):
     """FastAPI for the app factory, docs and every other route; the two relayed POST routes are served
-    straight from here (same admission, same relay, same error answers), skipping the routing, dependency and
-    middleware layers that cost ~20 % of the gateway's CPU per request (measured, BENCHMARKS.md)."""
-
-    HOT_PATHS = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
+    straight from here (same admission, relay and error answers as the gateway's own server, server.py),
+    skipping the routing, dependency and middleware layers that cost ~20 % of the gateway's CPU per request
+    (measured, BENCHMARKS.md)."""
 
     async def __call__(self, scope, receive, send) -> None:
-        kind = self.HOT_PATHS.get(scope.get("path")) if scope["type"] == "http" else None
+        kind = HOT_PATHS.get(scope.get("path")) if scope["type"] == "http" else None
         if kind is None or scope["method"] != "POST":
             return await super().__call__(scope, receive, send)
-        scope["app"] = self
-        request = Request(scope, receive)
+        ex = AsgiExchange(scope, receive, send)
         try:
-            admitted = await admit(request, kind)
-        except GatewayError as error:
-            return await error_response(request, error)(scope, receive, send)
-        await RelayResponse(admitted)(scope, receive, send)
+            await serve(self.state.gateway, ex, kind)
+        finally:
+            ex.close()
 
 
 def make_discovery(settings: GatewaySettings, table: ProfileTable) -> Discovery:
@@ -95,7 +96,8 @@ def create_app(settings: GatewaySettings, *, table: ProfileTable | None = None,
                         on_degrade=on_degrade)
     gw = Gateway(settings=settings, table=table, registry=registry,
                  keys=KeyStore.from_file(settings.keys_file), metrics=metrics,
-                 discovery=discovery or make_discovery(settings, table))
+                 discovery=discovery or make_discovery(settings, table),
+                 request_log=RequestLog(enabled=settings.log_requests))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -119,6 +121,7 @@ def create_app(settings: GatewaySettings, *, table: ProfileTable | None = None,
                         await task
                 await gw.discovery.stop()
                 gw.upstream.pool.close()
+                gw.request_log.close()
 
     app = GatewayApp(title="CxyGPT gateway", version="0.1.0", lifespan=lifespan,
                   description="One OpenAI-compatible endpoint in front of every self-hosted model.")
@@ -132,18 +135,8 @@ def create_app(settings: GatewaySettings, *, table: ProfileTable | None = None,
 
 def error_response(request: Request, error: GatewayError) -> Response:
     """A request the gateway answers itself: counted, logged, the OpenAI error body."""
-    gw: Gateway = request.app.state.gateway
-    model = getattr(request.state, "model", "-")
-    request_id = getattr(request.state, "request_id", None)
-    gw.metrics.requests.labels(model, str(error.status)).inc()
-    gw.metrics.rejections.labels(model, error.reason).inc()
-    if gw.settings.log_requests:
-        log_request(gw.request_log, request_id=request_id,
-                    key_id=getattr(request.state, "key_id", None), model=model, status=error.status,
-                    error=error.message, reason=error.reason,
-                    degraded=getattr(request.state, "degraded", False))
-    headers = {**error.headers, "x-request-id": request_id} if request_id else error.headers
-    return Response(error.body(), status_code=error.status, headers=headers, media_type="application/json")
+    count_rejection(request.app.state.gateway, error, model="-", request_id=None, key_id=None, degraded=False)
+    return Response(error.body(), status_code=error.status, headers=error.headers, media_type="application/json")
 
 
 def install_error_handlers(app: FastAPI) -> None:

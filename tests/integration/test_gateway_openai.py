@@ -211,14 +211,20 @@ def test_models_limits_health_docs_and_metrics(stack):
 
 
 def test_one_json_log_line_per_request_without_the_key(client, stack):
-    client.chat.completions.create(model="qwen3-14b", messages=MESSAGES, max_tokens=2)
-    log = stack["gateway"].log_path.read_text()
+    raw = client.chat.completions.with_raw_response.create(model="qwen3-14b", messages=MESSAGES, max_tokens=2)
+    request_id = raw.headers["x-request-id"]
+
+    def line_of_this_request():  # request lines are written in batches, within ~50 ms
+        log = stack["gateway"].log_path.read_text()
+        lines = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+        served = [line for line in lines if line.get("msg") == "request" and line.get("request_id") == request_id]
+        return (log, served) if served else None
+
+    log, served = wait_until(line_of_this_request, timeout=5, what="the request's log line")
     assert API_KEY not in log and OTHER_KEY not in log
-    lines = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
-    served = [line for line in lines if line.get("msg") == "request" and line.get("status") == 200]
-    assert served and {"request_id", "key_id", "model", "status", "queue_time", "upstream_time", "ttft",
-                       "prompt_tokens", "completion_tokens", "degraded"} <= set(served[-1])
-    assert served[-1]["key_id"] == "team-gold"
+    assert len(served) == 1 and {"request_id", "key_id", "model", "status", "queue_time", "upstream_time", "ttft",
+                                 "prompt_tokens", "completion_tokens", "degraded"} <= set(served[0])
+    assert served[0]["key_id"] == "team-gold" and served[0]["status"] == 200
 
 
 def test_upstream_killed_mid_stream_gives_an_error_event_and_the_gateway_keeps_serving(tmp_path, stack):

@@ -18,7 +18,7 @@ from cxygpt_gateway.admission.request import cannot_exceed, decode, estimate_tok
 from cxygpt_gateway.discovery.static import spec_from_config
 from cxygpt_gateway.errors import GatewayError
 from cxygpt_gateway.settings import ModelConfig
-from cxygpt_gateway.upstream import scan_stream
+from cxygpt_gateway.relay import scan_stream
 
 
 class FakeClock:

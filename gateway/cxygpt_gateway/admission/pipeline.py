@@ -1,4 +1,4 @@
-"""Admission as FastAPI dependencies: auth → body → model → schema → rate → input tokens → output cap → queue."""
+"""Admission: auth → body → model → schema → rate → input tokens → output cap → queue."""
 from __future__ import annotations
 
 import asyncio
@@ -11,6 +11,7 @@ import orjson
 from fastapi import Request
 
 from ..errors import GatewayError
+from ..exchange import ClientLeft, Exchange
 from .auth import Caller
 from .ratelimit import Rate, Scope
 from .request import (Kind, OpenAIRequest, cannot_exceed, decode, estimate_tokens, model_name, token_id_count,
@@ -40,31 +41,25 @@ class Admitted:
     arrived: float
 
 
-# the request headers admission reads (ASGI header names are lower case)
+# the request headers admission reads (lower case, as servers hand them over)
 READ_HEADERS = (b"x-request-id", b"authorization", b"content-length")
 
 
-def read_headers(request: Request) -> dict[bytes, str]:
+def read_headers(headers: list[tuple[bytes, bytes]]) -> dict[bytes, str]:
     """The headers admission needs, in one pass over the raw list (the first of a repeated name wins)."""
     found: dict[bytes, str] = {}
-    for name, value in request.scope["headers"]:
+    for name, value in headers:
         if name in READ_HEADERS and name not in found:
             found[name] = value.decode("latin-1")
     return found
 
 
-async def read_body(request: Request, limit: int, declared: str | None = None) -> bytes:
+def body_over_limit(declared: str | None, limit: int) -> GatewayError | None:
+    """The 400 for a body whose declared length is over the limit (answered before a byte of it is read)."""
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise GatewayError(400, f"request body of {declared} bytes is over the limit of {limit} bytes",
-                           code="body_too_large", reason="body_too_large")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise GatewayError(400, f"request body is over the limit of {limit} bytes", code="body_too_large",
-                               reason="body_too_large")
-        chunks.append(chunk)
-    return b"".join(chunks)
+        return GatewayError(400, f"request body of {declared} bytes is over the limit of {limit} bytes",
+                            code="body_too_large", reason="body_too_large")
+    return None
 
 
 def _rate_scopes(route: "ModelRoute", caller: Caller) -> list[Scope]:
@@ -148,56 +143,45 @@ def _output_cap(target: "ModelRoute", caller: Caller, degraded: bool, requested:
     return min(requested or cap, cap)
 
 
-async def _client_gone(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-async def _wait_in_line(request: Request, target: "ModelRoute", priority: int) -> "Slot":
+async def _wait_in_line(ex: Exchange, target: "ModelRoute", priority: int) -> "Slot":
     """The next free slot, within the queue timeout; a client that leaves meanwhile leaves the line at once."""
-    waiting = asyncio.ensure_future(target.queue.wait(priority))
-    gone = asyncio.ensure_future(_client_gone(request))
     try:
-        async with asyncio.timeout(target.limits.timeouts.queue_s):
-            await asyncio.wait((waiting, gone), return_when=asyncio.FIRST_COMPLETED)
-    except TimeoutError:
-        pass
-    finally:
-        gone.cancel()
-        if not waiting.done():
-            waiting.cancel()
-        await asyncio.gather(waiting, gone, return_exceptions=True)
-    if not waiting.cancelled() and waiting.exception() is None:
-        return waiting.result()
-    if gone.done() and not gone.cancelled():
+        with ex.watched():
+            async with asyncio.timeout(target.limits.timeouts.queue_s):
+                return await target.queue.wait(priority)
+    except ClientLeft:
         raise GatewayError(499, "client closed the request while it waited in the queue",
-                           code="client_closed_request", reason="client_gone_while_queued")
-    raise GatewayError(503, f"waited {target.limits.timeouts.queue_s:g} s in the queue of model {target.name} "
-                            "without a free slot", code="queue_timeout", reason="queue_timeout",
-                       retry_after=target.queue.retry_after())
+                           code="client_closed_request", reason="client_gone_while_queued") from None
+    except TimeoutError:
+        raise GatewayError(503, f"waited {target.limits.timeouts.queue_s:g} s in the queue of model {target.name} "
+                                "without a free slot", code="queue_timeout", reason="queue_timeout",
+                           retry_after=target.queue.retry_after()) from None
 
 
-async def admit(request: Request, kind: Kind) -> Admitted:
-    gw: Gateway = request.app.state.gateway
+async def admit(gw: "Gateway", ex: Exchange, kind: Kind) -> Admitted:
     arrived = time.monotonic()
-    headers = read_headers(request)
+    headers = read_headers(ex.headers)
     request_id = headers.get(b"x-request-id", "")
     if not 0 < len(request_id) <= 128:  # a caller's id is kept for tracing, within reason
         request_id = os.urandom(8).hex()
-    request.state.request_id = request_id
+    ex.request_id = request_id
     caller = gw.keys.authenticate(headers.get(b"authorization"))
-    request.state.key_id = caller.key_id
-    raw = await read_body(request, gw.settings.max_body_bytes, headers.get(b"content-length"))
+    ex.key_id = caller.key_id
+    limit = gw.settings.max_body_bytes
+    error = body_over_limit(headers.get(b"content-length"), limit)
+    if error is not None:
+        raise error
+    raw = await ex.body(limit)
     body = decode(raw)
     name = model_name(body)
     route = gw.registry.get(name)
     if route is None:
         raise GatewayError(404, f"model {name!r} does not exist or is not served here; see GET /v1/models",
                            code="model_not_found", param="model", reason="unknown_model")
-    request.state.model = route.name
+    ex.model = route.name
     req = validate(body, kind, len(raw))
     degraded = route.is_degraded()
-    request.state.degraded = degraded
+    ex.degraded = degraded
 
     target = route
     if not route.routable():
@@ -214,7 +198,7 @@ async def admit(request: Request, kind: Kind) -> Admitted:
     max_tokens = _output_cap(target, caller, target_degraded, req.requested_max_tokens)
     upstream_body = _upstream_body(gw, req, target, max_tokens, target_degraded)
 
-    slot = target.queue.try_take() or await _wait_in_line(request, target, caller.tier.priority)
+    slot = target.queue.try_take() or await _wait_in_line(ex, target, caller.tier.priority)
     return Admitted(gateway=gw, request_id=request_id, caller=caller, route=route, target=target, req=req,
                     upstream_body=upstream_body, scopes=scopes, degraded=degraded, input_tokens=input_tokens,
                     max_tokens=max_tokens, slot=slot, arrived=arrived)
@@ -223,11 +207,3 @@ async def admit(request: Request, kind: Kind) -> Admitted:
 async def authenticated(request: Request) -> Caller:
     """The caller of a read-only route (models, limits), or a 401."""
     return request.app.state.gateway.keys.authenticate(request.headers.get("authorization"))
-
-
-async def admit_chat(request: Request) -> Admitted:
-    return await admit(request, "chat")
-
-
-async def admit_completions(request: Request) -> Admitted:
-    return await admit(request, "completions")

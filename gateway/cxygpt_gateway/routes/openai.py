@@ -6,8 +6,7 @@ import time
 from fastapi import APIRouter, Depends, Request
 from . import json_response
 
-from ..admission.pipeline import Admitted, admit_chat, admit_completions, authenticated
-from ..upstream import RelayResponse
+from ..admission.pipeline import authenticated
 
 router = APIRouter(tags=["openai"])
 STARTED = int(time.time())
@@ -19,6 +18,12 @@ def _body_doc(example: dict) -> dict:
         "schema": {"type": "object", "required": ["model"], "additionalProperties": True}, "example": example}}}}
 
 
+def _served_before_routing() -> RuntimeError:
+    """The relayed routes are declared here for the OpenAPI document and the 405 on other methods; their POSTs
+    are served before routing (GatewayApp, server.py)."""
+    return RuntimeError("POST /v1/(chat/)completions is served by GatewayApp before FastAPI's routing")
+
+
 CHAT_EXAMPLE = {"model": "qwen3-14b", "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 64,
                 "stream": False}
 COMPLETION_EXAMPLE = {"model": "qwen3-14b", "prompt": "Once upon a time", "max_tokens": 64, "stream": False}
@@ -26,14 +31,14 @@ COMPLETION_EXAMPLE = {"model": "qwen3-14b", "prompt": "Once upon a time", "max_t
 
 @router.post("/v1/chat/completions", summary="Chat completion (stream or not), relayed to the model's engine",
              openapi_extra=_body_doc(CHAT_EXAMPLE))
-async def chat_completions(admitted: Admitted = Depends(admit_chat)):
-    return RelayResponse(admitted)
+async def chat_completions():
+    raise _served_before_routing()
 
 
 @router.post("/v1/completions", summary="Text completion (stream or not), relayed to the model's engine",
              openapi_extra=_body_doc(COMPLETION_EXAMPLE))
-async def completions(admitted: Admitted = Depends(admit_completions)):
-    return RelayResponse(admitted)
+async def completions():
+    raise _served_before_routing()
 
 
 @router.get("/v1/models", summary="Models with at least one routable backend",

@@ -1,0 +1,269 @@
+"""The relay of admitted requests to their upstream, and `serve`: admission then relay for one exchange."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import orjson
+
+from .admission.pipeline import Admitted, admit
+from .errors import GatewayError
+from .exchange import ClientLeft, Exchange, answer_error
+from .logs import rounded
+from .upstream import UpstreamConnectTimeout, UpstreamResponse, UpstreamUnreachable
+
+if TYPE_CHECKING:
+    from .admission.queue import Backend
+    from .app import Gateway
+
+log = logging.getLogger("cxygpt.gateway")
+PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
+# how long a replica that refused connections stays out of rotation when nothing re-checks it
+EJECT_S = 5.0
+
+
+async def serve(gw: "Gateway", ex: Exchange, kind: str) -> None:
+    """A chat or text completion: admission, then the relay; every way out answers, counts and logs."""
+    try:
+        admitted = await admit(gw, ex, kind)
+    except GatewayError as error:
+        await answer_error(gw, ex, error)
+        return
+    await Relay(admitted, ex).run()
+
+
+def eject(backend: "Backend", *, restore_after: float | None) -> None:
+    """Take a replica that refused us out of rotation; one no health check watches comes back after a pause."""
+    if backend.healthy:
+        log.warning("upstream %s unreachable, out of rotation", backend.url)
+    backend.healthy = False
+    if restore_after is not None:
+        asyncio.get_running_loop().call_later(restore_after, setattr, backend, "healthy", True)
+
+
+def scan_stream(batch: bytes, strip_usage: bool) -> tuple[bytes, dict | None, bool]:
+    """(bytes to forward, usage if this batch carried it, [DONE] seen) for a batch of complete SSE events.
+    Only the event that carries a usage object is parsed (and cut out when `strip_usage` and it is the
+    usage-only chunk); every other byte passes untouched."""
+    done = b"data: [DONE]" in batch
+    found = [i for i in (batch.find(b'"usage":{'), batch.find(b'"usage": {')) if i >= 0]
+    if not found:
+        return batch, None, done
+    at = min(found)
+    start = batch.rfind(b"\n\n", 0, at)
+    start = 0 if start < 0 else start + 2
+    end = batch.find(b"\n\n", at)
+    end = len(batch) if end < 0 else end + 2
+    event = batch[start:end]
+    try:
+        chunk = orjson.loads(event[event.index(b"{"):])
+    except (ValueError, orjson.JSONDecodeError):
+        chunk = {}
+    usage = (chunk.get("usage") or None) if isinstance(chunk, dict) else None
+    if strip_usage and usage and not chunk.get("choices"):  # the usage-only chunk the gateway asked for
+        return batch[:start] + batch[end:], usage, done
+    return batch, usage, done
+
+
+def upstream_error(status: int, body: bytes) -> GatewayError:
+    """The upstream's own 4xx (e.g. vLLM's 400 for a context overflow) keeps its status and message;
+    5xx becomes 502."""
+    try:
+        parsed = orjson.loads(body)
+        err = parsed.get("error", parsed) if isinstance(parsed, dict) else {}
+        message = err.get("message") if isinstance(err, dict) else None
+    except (ValueError, orjson.JSONDecodeError):
+        message = None
+    message = message or body[:200].decode(errors="replace") or f"HTTP {status}"
+    if 400 <= status < 500:
+        return GatewayError(status, message, code="upstream_rejected", reason="upstream_rejected")
+    return GatewayError(502, f"upstream failed with HTTP {status}: {message}", code="upstream_error",
+                        reason="upstream_error")
+
+
+def _usage(data: bytes) -> dict | None:
+    try:
+        parsed = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    return parsed.get("usage") if isinstance(parsed, dict) else None
+
+
+_CHILDREN: dict[tuple, object] = {}
+
+
+def child(metric, *labels: str):
+    """`metric.labels(*labels)`, remembered: prometheus_client validates and locks on every labels() call."""
+    key = (metric, labels)
+    found = _CHILDREN.get(key)
+    if found is None:
+        found = _CHILDREN[key] = metric.labels(*labels)
+    return found
+
+
+class Relay:
+    """Sends an admitted request upstream and relays the answer. Errors before the first byte are real HTTP
+    errors (504/502/upstream 4xx); after it, a final SSE error event. A client that goes away cancels the
+    upstream request at once. Always: slot released, tokens settled, metrics and one log line."""
+    __slots__ = ("admitted", "ex", "sent_head", "usage", "ttft")
+
+    def __init__(self, admitted: Admitted, ex: Exchange):
+        self.admitted, self.ex = admitted, ex
+        self.sent_head = False
+        self.usage: dict | None = None
+        self.ttft: float | None = None
+
+    async def run(self) -> None:
+        """Only the exchange itself is watched: a client seen leaving after its answer ended is no cancel."""
+        a = self.admitted
+        started = time.monotonic()
+        status, error = 499, None
+        try:
+            with self.ex.watched():
+                status, error = await self._relay(started)
+        except ClientLeft:
+            child(a.gateway.metrics.client_disconnects, a.target.name).inc()
+        finally:
+            a.slot.release()
+            await self._account(status, started, error)
+
+    def _headers(self, content_type: bytes, extra: dict | None = None) -> list[tuple[bytes, bytes]]:
+        a = self.admitted
+        headers = [(b"content-type", content_type), (b"x-request-id", a.request_id.encode()),
+                   (b"x-cxygpt-model", a.target.name.encode()), (b"x-cxygpt-max-tokens", str(a.max_tokens).encode()),
+                   (b"x-cxygpt-degraded", b"1" if a.degraded else b"0")]
+        if a.target is not a.route:
+            headers.append((b"x-cxygpt-fallback-from", a.route.name.encode()))
+        for k, v in (extra or {}).items():
+            headers.append((k.lower().encode(), str(v).encode()))
+        return headers
+
+    async def _relay(self, started: float) -> tuple[int, GatewayError | None]:
+        a = self.admitted
+        target, timeouts = a.target, a.target.limits.timeouts
+        error, resp = None, None
+        try:
+            async with asyncio.timeout(timeouts.total_s):
+                resp = await self._open()
+                async with resp:
+                    if resp.status != 200:
+                        raise upstream_error(resp.status, await resp.read())
+                    await (self._relay_stream(resp, started) if a.req.stream else self._relay_whole(resp))
+                    return 200, None
+        except TimeoutError:
+            error = GatewayError(504, f"{target.name} did not finish within {timeouts.total_s:g} s",
+                                 code="upstream_timeout", reason="total_timeout")
+        except GatewayError as e:
+            error = e
+        except ConnectionError as e:
+            error = GatewayError(502, f"upstream {target.name} failed: {e.__class__.__name__}: {e}",
+                                 code="upstream_error", reason="upstream_broken")
+        except Exception as e:  # a gateway bug must still end in an answer, and be visible
+            log.exception("relay of %s failed", a.request_id)
+            error = GatewayError(502, f"gateway failed to relay the request: {e.__class__.__name__}",
+                                 code="gateway_error", reason="gateway_error")
+        except asyncio.CancelledError:
+            if resp is not None:
+                resp.close()  # drop the upstream connection so the engine aborts the request now
+            raise
+        a.slot.release()  # the engine is done with it; the client may be slow to take the error
+        return await self._send_error(error), error
+
+    async def _open(self) -> UpstreamResponse:
+        a = self.admitted
+        gw, target, backend = a.gateway, a.target, a.slot.backend
+        timeouts = target.limits.timeouts
+        # the engine's logs and response id carry the request id
+        headers = {"Content-Type": "application/json", "X-Request-Id": a.request_id}
+        if target.spec.api_key:
+            headers["Authorization"] = f"Bearer {target.spec.api_key}"
+        try:
+            return await gw.upstream.pool.post(backend.url, PATHS[a.req.kind], a.upstream_body, headers,
+                                               timeouts.connect_s)
+        except UpstreamUnreachable as e:
+            checked = gw.health_checker is not None and not target.spec.external
+            eject(backend, restore_after=None if checked else EJECT_S)
+            raise GatewayError(502, f"upstream {target.name} unreachable: {e.strerror or e}",
+                               code="upstream_unreachable", reason="upstream_unreachable") from None
+        except UpstreamConnectTimeout:
+            raise GatewayError(504, f"upstream {target.name} did not accept the connection within "
+                                    f"{timeouts.connect_s:g} s", code="upstream_timeout",
+                               reason="upstream_timeout") from None
+
+    async def _relay_whole(self, resp: UpstreamResponse) -> None:
+        data = await resp.read()
+        self.usage = _usage(data)
+        self.sent_head = True
+        await self.ex.respond(200, self._headers(b"application/json"), data)
+
+    async def _relay_stream(self, resp: UpstreamResponse, started: float) -> None:
+        """Nothing is sent before the first event, so a TTFT timeout is still a real 504."""
+        a = self.admitted
+        try:
+            async with asyncio.timeout(a.target.limits.timeouts.ttft_s):
+                batch = await resp.events()
+        except TimeoutError:
+            raise GatewayError(504, f"no first token from {a.target.name} within "
+                                    f"{a.target.limits.timeouts.ttft_s:g} s", code="upstream_timeout",
+                               reason="ttft_timeout") from None
+        if batch is None:
+            raise GatewayError(502, f"upstream {a.target.name} ended the stream before its first event",
+                               code="upstream_error", reason="upstream_stream_broken")
+        self.ttft = time.monotonic() - started
+        headers = self._headers(b"text/event-stream", {"cache-control": "no-cache"})
+        done, strip = False, not a.req.client_wants_usage
+        while batch is not None:
+            out, usage, seen_done = scan_stream(batch, strip)
+            self.usage, done = usage or self.usage, done or seen_done
+            last = done and resp.complete  # the upstream has ended too: this batch ends the answer, in one write
+            if not self.sent_head:
+                self.sent_head = True
+                await self.ex.respond(200, headers, out, more=not last)
+            elif out or last:
+                await self.ex.write(out, more=not last)
+            if last:
+                return
+            batch = await resp.events()
+        if not done:
+            raise GatewayError(502, f"upstream {a.target.name} ended the stream early", code="upstream_error",
+                               reason="upstream_stream_broken")
+        await self.ex.write(b"", more=False)
+
+    async def _send_error(self, error: GatewayError) -> int:
+        a, ex = self.admitted, self.ex
+        a.gateway.metrics.upstream_errors.labels(a.target.name, error.reason).inc()
+        try:
+            if self.sent_head:
+                await ex.write(error.sse_event(), more=False)
+                return 200
+            await ex.respond(error.status, self._headers(b"application/json", error.headers), error.body())
+        except OSError:
+            pass  # the client is gone as well
+        return error.status
+
+    async def _account(self, status: int, started: float, error: GatewayError | None) -> None:
+        a = self.admitted
+        usage, ttft = self.usage, self.ttft
+        gw, name = a.gateway, a.target.name
+        m = gw.metrics
+        now = time.monotonic()
+        child(m.requests, name, str(status)).inc()
+        child(m.latency, name).observe(now - a.arrived)
+        child(m.queue_wait, name).observe(a.slot.queued_s)
+        prompt = completion = None
+        if ttft is not None and a.req.stream:
+            child(m.ttft, name).observe(ttft)
+            a.target.degrade.observe_ttft(ttft)
+        if usage:
+            prompt, completion = usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0
+            child(m.prompt_tokens, name).inc(prompt)
+            child(m.completion_tokens, name).inc(completion)
+        gw.request_log.write(request_id=a.request_id, key_id=a.caller.key_id, model=a.route.name, served_by=name,
+                             status=status, error=error.message if error else None, stream=a.req.stream,
+                             queue_time=rounded(a.slot.queued_s), upstream_time=rounded(now - started),
+                             ttft=rounded(ttft), prompt_tokens=prompt, completion_tokens=completion,
+                             counted_input_tokens=a.input_tokens, max_tokens=a.max_tokens, degraded=a.degraded)
+        if usage and a.scopes:
+            await gw.limiter.settle(a.scopes, int(usage.get("total_tokens") or (prompt or 0) + (completion or 0)))
