@@ -17,7 +17,7 @@ class ClientLeft(Exception):
 
 
 class Exchange:
-    """The request's headers, the state its log line needs, and the I/O a server side provides: `body`,
+    """The request's headers, the state its log line needs, and the I/O a server side provides: `read_body`,
     `respond` (status, headers and the first body bytes in one write) and `write`. The server side calls
     `left()` when the client goes away; work in a `watched()` block is then cancelled at once and ends in
     `ClientLeft` (nothing polls for it)."""
@@ -35,7 +35,7 @@ class Exchange:
         self._task: asyncio.Task | None = None
         self._watching = self._cancelled = False
 
-    async def body(self, limit: int) -> bytes:
+    async def read_body(self, limit: int) -> bytes:
         """The whole request body; GatewayError 400 once it is over `limit` bytes."""
         raise NotImplementedError
 
@@ -99,7 +99,7 @@ class AsgiExchange(Exchange):
         self.receive, self.send = receive, send
         self._listener: asyncio.Future | None = None
 
-    async def body(self, limit: int) -> bytes:
+    async def read_body(self, limit: int) -> bytes:
         chunks, size = [], 0
         while True:
             message = await self.receive()

@@ -162,7 +162,8 @@ async def admit(gw: "Gateway", ex: Exchange, kind: Kind) -> Admitted:
     arrived = time.monotonic()
     headers = read_headers(ex.headers)
     request_id = headers.get(b"x-request-id", "")
-    if not 0 < len(request_id) <= 128:  # a caller's id is kept for tracing, within reason
+    # a caller's id is kept for tracing, within reason (it is echoed in a response header)
+    if not (0 < len(request_id) <= 128 and request_id.isascii() and request_id.isprintable()):
         request_id = os.urandom(8).hex()
     ex.request_id = request_id
     caller = gw.keys.authenticate(headers.get(b"authorization"))
@@ -171,7 +172,7 @@ async def admit(gw: "Gateway", ex: Exchange, kind: Kind) -> Admitted:
     error = body_over_limit(headers.get(b"content-length"), limit)
     if error is not None:
         raise error
-    raw = await ex.body(limit)
+    raw = await ex.read_body(limit)
     body = decode(raw)
     name = model_name(body)
     route = gw.registry.get(name)
