@@ -16,17 +16,46 @@ class ClientLeft(Exception):
     """The client closed the connection while its request was waiting or being relayed."""
 
 
+class Deadline:
+    """`with Deadline(loop, seconds):` — like `asyncio.timeout`, for the current task of a known loop: a region
+    that ends in TimeoutError when `seconds` pass. asyncio.timeout asks for the running loop twice, and every such
+    ask is a getpid() system call (CPython 3.11's fork check), expensive where system calls are (measured,
+    BENCHMARKS.md)."""
+    __slots__ = ("loop", "seconds", "task", "_handle", "_fired", "_cancelling")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, seconds: float):
+        self.loop, self.seconds = loop, seconds
+        self._fired = False
+
+    def __enter__(self) -> "Deadline":
+        self.task = asyncio.current_task(self.loop)
+        self._cancelling = self.task.cancelling()
+        self._handle = self.loop.call_at(self.loop.time() + self.seconds, self._fire)
+        return self
+
+    def _fire(self) -> None:
+        self._fired = True
+        self.task.cancel()
+
+    def __exit__(self, kind, error, tb) -> bool:
+        self._handle.cancel()
+        # our own cancel (and no one else's) becomes the timeout; any other cancel goes on
+        if self._fired and kind is asyncio.CancelledError and self.task.uncancel() <= self._cancelling:
+            raise TimeoutError() from None
+        return False
+
+
 class Exchange:
     """The request's headers, the state its log line needs, and the I/O a server side provides: `read_body`,
     `respond` (status, headers and the first body bytes in one write) and `write`. The server side calls
     `left()` when the client goes away; work in a `watched()` block is then cancelled at once and ends in
     `ClientLeft` (nothing polls for it)."""
 
-    __slots__ = ("headers", "request_id", "key_id", "model", "degraded", "client_left", "_task", "_watching",
-                 "_cancelled")
+    __slots__ = ("loop", "headers", "request_id", "key_id", "model", "degraded", "client_left", "_task",
+                 "_watching", "_cancelled", "_cancelling")
 
-    def __init__(self, headers: Headers):
-        self.headers = headers
+    def __init__(self, loop: asyncio.AbstractEventLoop, headers: Headers):
+        self.loop, self.headers = loop, headers
         self.request_id: str | None = None
         self.key_id: str | None = None
         self.model = "-"
@@ -46,6 +75,9 @@ class Exchange:
     async def write(self, body: bytes, *, more: bool) -> None:
         raise NotImplementedError
 
+    def deadline(self, seconds: float) -> Deadline:
+        return Deadline(self.loop, seconds)
+
     def left(self) -> None:
         self.client_left = True
         if self._watching and not self._cancelled:
@@ -58,14 +90,16 @@ class Exchange:
     def __enter__(self) -> None:
         if self.client_left:
             raise ClientLeft()
-        self._task, self._watching = asyncio.current_task(), True
+        self._task, self._watching = asyncio.current_task(self.loop), True
+        self._cancelling = self._task.cancelling()
 
     def __exit__(self, kind, error, tb) -> bool:
         self._watching = False
         if self._cancelled and kind is asyncio.CancelledError:
             self._cancelled = False
-            self._task.uncancel()  # our own cancel, taken here: the caller sees ClientLeft, not a cancelled task
-            raise ClientLeft() from None
+            # our own cancel, taken here: the caller sees ClientLeft, not a cancelled task
+            if self._task.uncancel() <= self._cancelling:
+                raise ClientLeft() from None
         return False
 
 
@@ -95,7 +129,7 @@ class AsgiExchange(Exchange):
     __slots__ = ("receive", "send", "_listener")
 
     def __init__(self, scope: dict, receive, send):
-        super().__init__(scope["headers"])
+        super().__init__(asyncio.get_running_loop(), scope["headers"])
         self.receive, self.send = receive, send
         self._listener: asyncio.Future | None = None
 

@@ -145,7 +145,7 @@ class Relay:
         target, timeouts = a.target, a.target.limits.timeouts
         error, resp = None, None
         try:
-            async with asyncio.timeout(timeouts.total_s):
+            with self.ex.deadline(timeouts.total_s):
                 resp = await self._open()
                 async with resp:
                     if resp.status != 200:
@@ -202,7 +202,7 @@ class Relay:
         """Nothing is sent before the first event, so a TTFT timeout is still a real 504."""
         a = self.admitted
         try:
-            async with asyncio.timeout(a.target.limits.timeouts.ttft_s):
+            with self.ex.deadline(a.target.limits.timeouts.ttft_s):
                 batch = await resp.events()
         except TimeoutError:
             raise GatewayError(504, f"no first token from {a.target.name} within "

@@ -52,7 +52,7 @@ class NativeExchange(Exchange):
                  "disconnected", "keep_alive", "expect_100", "started", "on_response")
 
     def __init__(self, protocol: GatewayHttpProtocol, kind: str, keep_alive: bool):
-        super().__init__(protocol.headers)
+        super().__init__(protocol.loop, protocol.headers)
         self.protocol, self.kind = protocol, kind
         self.transport, self.flow = protocol.transport, protocol.flow
         self.body = bytearray()

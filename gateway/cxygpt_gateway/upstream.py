@@ -86,10 +86,10 @@ HIGH_WATER = 1 << 18
 
 
 class _Connection(asyncio.Protocol):
-    __slots__ = ("pool", "key", "parser", "transport", "response", "closed", "idle_since", "_paused")
+    __slots__ = ("pool", "key", "loop", "parser", "transport", "response", "closed", "idle_since", "_paused")
 
-    def __init__(self, pool: "UpstreamPool", key: tuple):
-        self.pool, self.key = pool, key
+    def __init__(self, pool: "UpstreamPool", key: tuple, loop: asyncio.AbstractEventLoop):
+        self.pool, self.key, self.loop = pool, key, loop
         self.parser = httptools.HttpResponseParser(self)
         self.transport: asyncio.Transport | None = None
         self.response: UpstreamResponse | None = None
@@ -160,7 +160,7 @@ class UpstreamResponse:
 
     def __init__(self, conn: _Connection):
         self.conn, self.status, self.received, self.until_close = conn, 0, False, True
-        self.head = asyncio.get_running_loop().create_future()
+        self.head = conn.loop.create_future()  # not get_running_loop(): a getpid() system call each
         self.complete, self.keep_alive, self.buffered = False, False, 0
         self._chunks: list[bytes] = []
         self._waiter: asyncio.Future | None = None
@@ -195,7 +195,7 @@ class UpstreamResponse:
                 raise self._error
             if self.complete:
                 return None
-            self._waiter = asyncio.get_running_loop().create_future()
+            self._waiter = self.conn.loop.create_future()
             await self._waiter
             self._waiter = None
         data = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
@@ -287,9 +287,9 @@ class UpstreamPool:
                 self._ssl = ssl.create_default_context()
             kwargs = {"ssl": self._ssl, "server_hostname": host}
         try:
+            loop = asyncio.get_running_loop()
             async with asyncio.timeout(timeout_s):
-                _, conn = await asyncio.get_running_loop().create_connection(
-                    lambda: _Connection(self, key), host, port, **kwargs)
+                _, conn = await loop.create_connection(lambda: _Connection(self, key, loop), host, port, **kwargs)
         except TimeoutError:
             raise UpstreamConnectTimeout() from None
         except OSError as e:  # refused, unreachable, name not resolved, TLS failure

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import asyncio
-import os
+import random
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -147,7 +147,7 @@ async def _wait_in_line(ex: Exchange, target: "ModelRoute", priority: int) -> "S
     """The next free slot, within the queue timeout; a client that leaves meanwhile leaves the line at once."""
     try:
         with ex.watched():
-            async with asyncio.timeout(target.limits.timeouts.queue_s):
+            with ex.deadline(target.limits.timeouts.queue_s):
                 return await target.queue.wait(priority)
     except ClientLeft:
         raise GatewayError(499, "client closed the request while it waited in the queue",
@@ -164,7 +164,7 @@ async def admit(gw: "Gateway", ex: Exchange, kind: Kind) -> Admitted:
     request_id = headers.get(b"x-request-id", "")
     # a caller's id is kept for tracing, within reason (it is echoed in a response header)
     if not (0 < len(request_id) <= 128 and request_id.isascii() and request_id.isprintable()):
-        request_id = os.urandom(8).hex()
+        request_id = f"{random.getrandbits(64):016x}"  # unique enough, and no system call (os.urandom is one)
     ex.request_id = request_id
     caller = gw.keys.authenticate(headers.get(b"authorization"))
     ex.key_id = caller.key_id
