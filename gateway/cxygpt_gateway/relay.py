@@ -43,15 +43,25 @@ def eject(backend: "Backend", *, restore_after: float | None) -> None:
         asyncio.get_running_loop().call_later(restore_after, setattr, backend, "healthy", True)
 
 
+def _last_usage_object(batch: bytes) -> int:
+    """Where the last `"usage": {` of the batch starts, or -1; searched from the end, where the usage chunk is
+    (chunks with `"usage": null` are passed over)."""
+    end = len(batch)
+    while (at := batch.rfind(b'"usage":', 0, end)) >= 0:
+        if batch[at + 8:at + 10].lstrip()[:1] == b"{":
+            return at
+        end = at
+    return -1
+
+
 def scan_stream(batch: bytes, strip_usage: bool) -> tuple[bytes, dict | None, bool]:
     """(bytes to forward, usage if this batch carried it, [DONE] seen) for a batch of complete SSE events.
-    Only the event that carries a usage object is parsed (and cut out when `strip_usage` and it is the
+    Only the last event that carries a usage object is parsed (and cut out when `strip_usage` and it is the
     usage-only chunk); every other byte passes untouched."""
-    done = b"data: [DONE]" in batch
-    found = [i for i in (batch.find(b'"usage":{'), batch.find(b'"usage": {')) if i >= 0]
-    if not found:
+    done = b"data: [DONE]" in batch[-64:]  # the terminator is the stream's last event
+    at = _last_usage_object(batch)
+    if at < 0:
         return batch, None, done
-    at = min(found)
     start = batch.rfind(b"\n\n", 0, at)
     start = 0 if start < 0 else start + 2
     end = batch.find(b"\n\n", at)

@@ -329,6 +329,18 @@ def test_stream_scan_passes_bytes_through_and_takes_the_usage_chunk():
     assert out == batch and usage["completion_tokens"] == 2
 
 
+def test_stream_scan_takes_the_last_usage_and_passes_over_null_usage():
+    """vLLM's continuous usage stats put a running usage in every chunk: the last one is the total."""
+    running = b'data: {"id":"c","choices":[{"index":0,"delta":{"content":"a"}}],"usage": {"total_tokens":4}}\n\n'
+    null = b'data: {"id":"c","choices":[{"index":0,"delta":{"content":"b"}}],"usage":null}\n\n'
+    batch = running + USAGE_CHUNK + null + b"data: [DONE]\n\n"
+    out, usage, done = scan_stream(batch, strip_usage=True)
+    assert usage["total_tokens"] == 5 and done and out == running + null + b"data: [DONE]\n\n"
+    out, usage, done = scan_stream(running + null, strip_usage=True)
+    assert (out, usage["total_tokens"], done) == (running + null, 4, False)
+    assert scan_stream(null, strip_usage=True) == (null, None, False)
+
+
 # ---- Kubernetes discovery (pure part) -----------------------------------------------------------------------
 
 def modeldeployment(name="qwen3-14b", phase="Ready", namespace="llm", **status):
