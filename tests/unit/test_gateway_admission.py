@@ -241,6 +241,24 @@ async def test_a_cancelled_wait_leaves_the_line(clock):
     assert q.waiting == 0
 
 
+async def test_a_slot_freed_between_a_waits_cancel_and_its_wake_up_goes_to_the_next_in_line(clock):
+    """A queue timeout or a client leaving cancels the waiter's future at once, but its own accounting runs only
+    when its task next runs; a slot freed in between must neither fail nor leak (it did: 503s for everyone)."""
+    q = ModelQueue(queue_size=4, max_concurrency=1, clock=clock)
+    q.set_backends(["http://a"])
+    held = await q.acquire()
+    first, second = asyncio.create_task(q.acquire()), asyncio.create_task(q.acquire())
+    await asyncio.sleep(0)
+    first.cancel()  # its future is cancelled now, its except block has not run yet
+    held.release()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    slot = await second
+    assert (q.waiting, q.in_flight) == (0, 1)
+    slot.release()
+    assert (q.waiting, q.in_flight) == (0, 0)
+
+
 async def test_no_routable_backend_is_503(clock):
     q = ModelQueue(queue_size=4, max_concurrency=1, clock=clock)
     q.set_backends(["http://a"])

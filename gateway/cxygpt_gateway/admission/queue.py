@@ -129,8 +129,8 @@ class ModelQueue:
             if backend is None:
                 return
             _, _, waiter = heapq.heappop(self._heap)
-            if waiter.cancelled:
-                continue
+            if waiter.cancelled or waiter.future.cancelled():
+                continue  # left the line; a cancelled future whose task has not run yet is counted out by wait()
             self.waiting -= 1
             backend.outstanding += 1
             waiter.future.set_result(backend)
