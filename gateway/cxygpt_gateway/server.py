@@ -6,13 +6,14 @@ import logging
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
+from .app import HOT_PATHS
 from .exchange import Exchange, body_too_large, client_gone_early
 from .relay import serve
 
 log = logging.getLogger("cxygpt.gateway")
 
 # exact request targets only: anything else (a query string, a root path) takes the ASGI route to the same code
-HOT_TARGETS = {b"/v1/chat/completions": "chat", b"/v1/completions": "completions"}
+HOT_TARGETS = {path.encode(): kind for path, kind in HOT_PATHS.items()}
 
 
 class GatewayHttpProtocol(HttpToolsProtocol):
