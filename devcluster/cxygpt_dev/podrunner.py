@@ -65,7 +65,6 @@ class PodRunner:
         self.output = output  # callable(prefix, line) for engine logs
         self.workloads: dict[tuple[str, str], Workload] = {}
         self.session: aiohttp.ClientSession | None = None
-        self._changed = asyncio.Event()
 
     # --- API ---------------------------------------------------------------------------------------------------
 

@@ -169,8 +169,9 @@ class AsgiExchange(Exchange):
             self._listener.cancel()
 
 
-def body_too_large(limit: int) -> GatewayError:
-    return GatewayError(400, f"request body is over the limit of {limit} bytes", code="body_too_large",
+def body_too_large(limit: int, declared: str | None = None) -> GatewayError:
+    size = f" of {declared} bytes" if declared else ""
+    return GatewayError(400, f"request body{size} is over the limit of {limit} bytes", code="body_too_large",
                         reason="body_too_large")
 
 

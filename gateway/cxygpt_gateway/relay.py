@@ -12,7 +12,7 @@ from .admission.pipeline import Admitted, admit
 from .errors import GatewayError
 from .exchange import ClientLeft, Exchange, answer_error
 from .logs import rounded
-from .upstream import UpstreamConnectTimeout, UpstreamResponse, UpstreamUnreachable
+from .upstream import JSON_HEADERS, UpstreamConnectTimeout, UpstreamResponse, UpstreamUnreachable
 
 if TYPE_CHECKING:
     from .admission.queue import Backend
@@ -186,7 +186,7 @@ class Relay:
         gw, target, backend = a.gateway, a.target, a.slot.backend
         timeouts = target.limits.timeouts
         # the engine's logs and response id carry the request id
-        headers = {"Content-Type": "application/json", "X-Request-Id": a.request_id}
+        headers = {**JSON_HEADERS, "X-Request-Id": a.request_id}
         if target.spec.api_key:
             headers["Authorization"] = f"Bearer {target.spec.api_key}"
         try:

@@ -11,7 +11,6 @@ from cxygpt_profiles import ProfileTableError, load_catalog, load_table
 from . import logs
 from .logs import FORMATS
 
-DEFAULT_VLLM_IMAGE = None  # the profile table pins it
 DEFAULT_SIM_IMAGE = "cxygpt/cxygpt-sim:0.1.0"
 
 

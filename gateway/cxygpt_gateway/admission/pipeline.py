@@ -11,7 +11,7 @@ import orjson
 from fastapi import Request
 
 from ..errors import GatewayError
-from ..exchange import ClientLeft, Exchange
+from ..exchange import ClientLeft, Exchange, body_too_large
 from .auth import Caller
 from .ratelimit import Rate, Scope
 from .request import (Kind, OpenAIRequest, cannot_exceed, decode, estimate_tokens, model_name, token_id_count,
@@ -52,14 +52,6 @@ def read_headers(headers: list[tuple[bytes, bytes]]) -> dict[bytes, str]:
         if name in READ_HEADERS and name not in found:
             found[name] = value.decode("latin-1")
     return found
-
-
-def body_over_limit(declared: str | None, limit: int) -> GatewayError | None:
-    """The 400 for a body whose declared length is over the limit (answered before a byte of it is read)."""
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        return GatewayError(400, f"request body of {declared} bytes is over the limit of {limit} bytes",
-                            code="body_too_large", reason="body_too_large")
-    return None
 
 
 def _rate_scopes(route: "ModelRoute", caller: Caller) -> list[Scope]:
@@ -169,9 +161,9 @@ async def admit(gw: "Gateway", ex: Exchange, kind: Kind) -> Admitted:
     caller = gw.keys.authenticate(headers.get(b"authorization"))
     ex.key_id = caller.key_id
     limit = gw.settings.max_body_bytes
-    error = body_over_limit(headers.get(b"content-length"), limit)
-    if error is not None:
-        raise error
+    declared = headers.get(b"content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise body_too_large(limit, declared)  # answered before a byte of the body is read
     raw = await ex.read_body(limit)
     body = decode(raw)
     name = model_name(body)
