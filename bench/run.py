@@ -557,6 +557,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--g4-queue-s", type=float, default=G4_LIMITS["timeouts"]["queue_s"],
                     help="the gateway's queue timeout in G4 (its admitted TTFT vs goodput at 1x)")
     ap.add_argument("--g4-queue-size", type=int, default=G4_LIMITS["queue_size"])
+    ap.add_argument("--g4-max-concurrency", type=int, default=G4_LIMITS["max_concurrency"],
+                    help="the gateway's requests in flight to the engine in G4 (its slots are 8)")
     ap.add_argument("--models", type=int, nargs="+", default=[100, 300, 1000], help="G5 sizes")
     ap.add_argument("--no-peers", action="store_true", help="only direct and cxygpt")
     ap.add_argument("--no-write", action="store_true", help="print, do not write results or BENCHMARKS.md")
@@ -586,7 +588,8 @@ def main(argv: list[str] | None = None) -> int:
         if "G3" in only:
             r.update(g3(logs, peers, notes, a.g3_duration))
         if "G4" in only:
-            G4_LIMITS.update(queue_size=a.g4_queue_size, timeouts={"queue_s": a.g4_queue_s})
+            G4_LIMITS.update(queue_size=a.g4_queue_size, max_concurrency=a.g4_max_concurrency,
+                             timeouts={"queue_s": a.g4_queue_s})
             r["g4"] = g4(logs, peers, notes, a.g4_duration)
             r["g4"]["gateway_limits"] = G4_LIMITS
         if "G6" in only:

@@ -10,6 +10,7 @@ from cxygpt_profiles import Limits, ProfileTable
 from .admission.degrade import DegradeMonitor
 from .admission.policy import effective
 from .admission.queue import ModelQueue
+from .admission.ratelimit import Rate, Scope
 from .discovery.base import ModelSpec
 
 log = logging.getLogger("cxygpt.gateway")
@@ -27,6 +28,7 @@ class ModelRoute:
 
     def configure(self, spec: ModelSpec, limits: Limits, mode: str, profile: str | None) -> None:
         self.spec, self.limits, self.mode, self.profile = spec, limits, mode, profile
+        self.scope = Scope(f"model:{self.name}", f"model {self.name}", Rate(limits.rate_qps, limits.rate_tpm))
         self.queue.set_limits(queue_size=limits.queue_size, max_concurrency=limits.max_concurrency)
         self.queue.set_backends(spec.urls)
         self.degrade.thresholds = limits.degrade

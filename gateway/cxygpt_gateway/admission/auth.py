@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..errors import GatewayError
+from .ratelimit import Rate, Scope
 
 ANONYMOUS = "anonymous"
 
@@ -51,6 +53,11 @@ class Caller:
     key_id: str
     tier_name: str
     tier: Tier
+
+    @cached_property
+    def scope(self) -> Scope:
+        """The key's own rate limits (a caller lives as long as the key store)."""
+        return Scope(f"key:{self.key_id}", f"key {self.key_id}", Rate(self.tier.rate_qps, self.tier.rate_tpm))
 
 
 class KeyStore:

@@ -13,7 +13,7 @@ from fastapi import Request
 from ..errors import GatewayError
 from ..exchange import ClientLeft, Exchange, body_too_large
 from .auth import Caller
-from .ratelimit import Rate, Scope
+from .ratelimit import Scope
 from .request import (Kind, OpenAIRequest, cannot_exceed, decode, estimate_tokens, model_name, token_id_count,
                       tokenize_payloads, validate)
 
@@ -57,8 +57,7 @@ def read_headers(headers: list[tuple[bytes, bytes]]) -> dict[bytes, str]:
 def _rate_scopes(route: "ModelRoute", caller: Caller) -> list[Scope]:
     if route.mode == "single":  # one user: nothing to share out
         return []
-    return [Scope(f"model:{route.name}", f"model {route.name}", Rate(route.limits.rate_qps, route.limits.rate_tpm)),
-            Scope(f"key:{caller.key_id}", f"key {caller.key_id}", Rate(caller.tier.rate_qps, caller.tier.rate_tpm))]
+    return [route.scope, caller.scope]
 
 
 async def count_input(gw: "Gateway", req: OpenAIRequest, target: "ModelRoute", limit: int) -> int | None:

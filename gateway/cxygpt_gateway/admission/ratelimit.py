@@ -6,6 +6,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Protocol
 
 from limits import RateLimitItem, RateLimitItemPerMinute, RateLimitItemPerSecond
@@ -27,13 +28,6 @@ class Rate:
 
 
 @dataclass(frozen=True)
-class Scope:
-    key: str            # counter identifier, e.g. "model:qwen3-14b" or "key:team-a"
-    description: str    # for the 429 message, e.g. "model qwen3-14b"
-    rate: Rate
-
-
-@dataclass(frozen=True)
 class Window:
     amount: int
     period_s: int
@@ -44,6 +38,22 @@ def request_window(qps: float) -> Window:
     if float(qps).is_integer():
         return Window(int(qps), 1)
     return Window(max(1, round(qps * 10)), 10)
+
+
+@dataclass(frozen=True)
+class Scope:
+    """Made once per model and per key (not per request), its windows with it."""
+    key: str            # counter identifier, e.g. "model:qwen3-14b" or "key:team-a"
+    description: str    # for the 429 message, e.g. "model qwen3-14b"
+    rate: Rate
+
+    @cached_property
+    def requests(self) -> Window | None:
+        return None if self.rate.qps is None else request_window(self.rate.qps)
+
+    @cached_property
+    def tokens(self) -> Window | None:
+        return None if self.rate.tpm is None else Window(self.rate.tpm, TOKEN_WINDOW_S)
 
 
 class Windows(Protocol):
@@ -166,20 +176,18 @@ class RateLimiter:
         w = self.windows
         try:
             for scope in scopes:
-                if scope.rate.tpm is not None:
-                    window = Window(scope.rate.tpm, TOKEN_WINDOW_S)
-                    if not await w.tokens_left(scope.key, window):
-                        raise _limited(scope, f"{scope.rate.tpm} tokens per minute",
-                                       await w.tokens_retry_after(scope.key, window))
-            requests = [(s, request_window(s.rate.qps)) for s in scopes if s.rate.qps is not None]
-            for scope, window in requests:  # test all first: a refusal by one scope costs the others nothing
-                if not await w.requests_free(scope.key, window):
+                if scope.tokens is not None and not await w.tokens_left(scope.key, scope.tokens):
+                    raise _limited(scope, f"{scope.rate.tpm} tokens per minute",
+                                   await w.tokens_retry_after(scope.key, scope.tokens))
+            limited = [s for s in scopes if s.requests is not None]
+            for scope in limited:  # test all first: a refusal by one scope costs the others nothing
+                if not await w.requests_free(scope.key, scope.requests):
                     raise _limited(scope, f"{scope.rate.qps:g} requests per second",
-                                   await w.requests_retry_after(scope.key, window))
-            for scope, window in requests:
-                if not await w.take_request(scope.key, window):  # another replica took the last one
+                                   await w.requests_retry_after(scope.key, scope.requests))
+            for scope in limited:
+                if not await w.take_request(scope.key, scope.requests):  # another replica took the last one
                     raise _limited(scope, f"{scope.rate.qps:g} requests per second",
-                                   await w.requests_retry_after(scope.key, window))
+                                   await w.requests_retry_after(scope.key, scope.requests))
         except GatewayError:
             raise
         except Exception as e:  # the counters are unreachable: serving beats refusing everyone
@@ -191,8 +199,8 @@ class RateLimiter:
             return
         try:
             for scope in scopes:
-                if scope.rate.tpm is not None:
-                    await self.windows.charge_tokens(scope.key, Window(scope.rate.tpm, TOKEN_WINDOW_S), tokens)
+                if scope.tokens is not None:
+                    await self.windows.charge_tokens(scope.key, scope.tokens, tokens)
         except Exception as e:
             self._storage_failed(e)
 
