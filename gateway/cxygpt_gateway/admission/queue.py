@@ -71,8 +71,12 @@ class ModelQueue:
         return [b for b in self.backends.values() if b.healthy]
 
     def _free_backend(self) -> Backend | None:
-        free = [b for b in self.backends.values() if b.healthy and b.outstanding < self.max_concurrency]
-        return min(free, key=lambda b: b.outstanding) if free else None
+        """The healthy replica with the fewest requests in flight, if one has a slot free."""
+        best, fewest = None, self.max_concurrency
+        for b in self.backends.values():
+            if b.healthy and b.outstanding < fewest:
+                best, fewest = b, b.outstanding
+        return best
 
     def retry_after(self) -> float:
         """Seconds until a place is likely free: the queue ahead drained at the observed service rate."""
@@ -81,13 +85,13 @@ class ModelQueue:
 
     def try_take(self) -> Slot | None:
         """A slot now; None when the caller must wait in line; 503 when nothing is routable or the line is full."""
-        if not self.routable():
-            raise GatewayError(503, "no ready backend for this model", code="no_backend", reason="no_backend",
-                               retry_after=5)
         backend = self._free_backend() if not self.waiting else None  # never overtake those waiting
         if backend is not None:
             backend.outstanding += 1
             return Slot(self, backend, self.clock(), 0.0)
+        if not self.routable():
+            raise GatewayError(503, "no ready backend for this model", code="no_backend", reason="no_backend",
+                               retry_after=5)
         if self.waiting >= self.queue_size:
             raise GatewayError(503, f"queue full ({self.waiting} waiting, {self.in_flight} in flight); retry later",
                                code="queue_full", reason="queue_full", retry_after=self.retry_after())
