@@ -142,7 +142,9 @@ def vllm_router(logs: Path, upstream: str) -> Proc | None:
     if not exe.exists():
         return None
     port = free_port()
-    argv = [str(exe), "--host", "127.0.0.1", "--port", str(port), "--worker-urls", upstream, "--policy", "round_robin"]
+    # its metrics exporter takes a fixed port unless told otherwise: one left running would make every start fail
+    argv = [str(exe), "--host", "127.0.0.1", "--port", str(port), "--worker-urls", upstream, "--policy", "round_robin",
+            "--prometheus-port", str(free_port())]
     return Proc("vllm-router", argv, port, "/health", logs).start()
 
 
