@@ -115,13 +115,16 @@ class FakeProtocol(asyncio.Protocol):
             self.transport.write(a.not_found)
 
     async def _paced(self, events: list[bytes], tail: bytes):
-        await asyncio.sleep(self.ttft_s)
+        """Token i is due at ttft + i × itl from the request, like an engine's step clock: a late wake-up (this
+        process shares its cores with the front and the load generator) delays one token, not all that follow."""
+        loop = asyncio.get_running_loop()
+        due = loop.time() + self.ttft_s
         for i, event in enumerate(events):
+            await asyncio.sleep(max(0.0, due - loop.time()))
             if self.transport.is_closing():
                 return
-            if i:
-                await asyncio.sleep(self.itl_s)
             self.transport.write(framed(event + (tail if i == len(events) - 1 else b"")))
+            due += self.itl_s
         self.transport.write(b"0\r\n\r\n")
 
 
