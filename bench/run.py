@@ -188,12 +188,13 @@ class Stack:
 
 def measure(target: Target, *, stream: bool, concurrency: int, duration: float, warmup: float = 1.0,
             max_tokens: int = 64, prompt_tokens: int = 16, rate: float | None = None, timeout: float = 60.0,
-            tool: str = "bench", window_start: float | None = None) -> dict:
+            tool: str = "bench", window_start: float | None = None, ramp_up: float = 0.0) -> dict:
     """One load point; the front's CPU per request / per chunk and RSS when it is a process of ours."""
     def cfg(d: float) -> LoadConfig:
         return LoadConfig(url=target.url, concurrency=concurrency, duration=d, stream=stream, model=MODEL,
                           api_key=target.api_key, prompt_tokens=str(prompt_tokens), max_tokens=str(max_tokens),
-                          rate=rate, timeout=timeout, window_start=window_start if d == duration else None)
+                          rate=rate, timeout=timeout, window_start=window_start if d == duration else None,
+                          ramp_up=ramp_up)
     if warmup:
         run_load(cfg(warmup))
     pid = target.proc.pid if target.proc else None
@@ -295,11 +296,14 @@ def g1_g2(logs: Path, peers: bool, notes: list[str], d: float) -> dict:
 
 
 def g3(logs: Path, peers: bool, notes: list[str], d: float) -> dict:
-    """G3 upstream-bound: 10 ms per token, 64 tokens, c64."""
+    """G3 upstream-bound: 10 ms per token, 64 tokens, c64; the users start over one answer's time (640 ms), as
+    users do, rather than in one instant: with answers of one length they would stay in lockstep, and every
+    request would meet the other 63 in a burst."""
     up = fake_upstream(logs, tokens=64, ttft_ms=10, itl_ms=10)
     stack = Stack(logs, up, peers, notes)
     try:
-        return {"g3_paced_c64": each(stack, "G3 10ms/token c64", stream=True, concurrency=64, duration=d, warmup=1.5)}
+        return {"g3_paced_c64": each(stack, "G3 10ms/token c64", stream=True, concurrency=64, duration=d, warmup=1.5,
+                                     ramp_up=0.64)}
     finally:
         stack.stop()
 

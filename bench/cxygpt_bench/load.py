@@ -77,12 +77,22 @@ class LoadConfig:
     seed: int = 1
     extra_body: dict = field(default_factory=dict)
     window_start: float | None = None  # with duration: also report the served rate from here to the end
+    ramp_up: float = 0.0               # closed loop: user i starts i × ramp_up / concurrency seconds in
+
+    def check(self) -> None:
+        """ValueError naming the first setting that cannot work."""
+        if self.rounds is None and self.duration is None:
+            raise ValueError("give rounds or duration")
+        Dist(self.prompt_tokens), Dist(self.max_tokens)
+        if self.ramp_up < 0:
+            raise ValueError(f"--ramp-up must be 0 or more seconds, not {self.ramp_up:g}")
+        if self.ramp_up and self.rate:
+            raise ValueError("--ramp-up is for the closed loop: with --rate, arrivals are spread already")
 
 
 class LoadRun:
     def __init__(self, cfg: LoadConfig):
-        if cfg.rounds is None and cfg.duration is None:
-            raise ValueError("give rounds or duration")
+        cfg.check()
         self.cfg = cfg
         self.rng = random.Random(cfg.seed)
         self.prompt_dist, self.max_dist = Dist(cfg.prompt_tokens), Dist(cfg.max_tokens)
@@ -164,12 +174,15 @@ class LoadRun:
             if cfg.rate:
                 await self._open_loop(session, deadline)
             else:
-                async def user():
+                async def user(i: int):
+                    # users that all start in the same instant, with answers of one length, stay in lockstep:
+                    # every request then meets a burst of the others at the server
+                    await asyncio.sleep(cfg.ramp_up * i / cfg.concurrency)
                     n = 0
                     while (cfg.rounds is None or n < cfg.rounds) and time.perf_counter() < deadline:
                         await self.one(session)
                         n += 1
-                await asyncio.gather(*(user() for _ in range(cfg.concurrency)))
+                await asyncio.gather(*(user(i) for i in range(cfg.concurrency)))
         self.report.elapsed_s = time.perf_counter() - started
         if ticker:
             ticker.cancel()

@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-from .load import Dist, LoadConfig, run_load
+from .load import LoadConfig, run_load
 from .stats import render
 
 
@@ -18,6 +18,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--rounds", "-n", type=int, help="requests per user (with --rate: requests in all)")
     ap.add_argument("--duration", "-d", type=float, help="seconds to run (default 10 when --rounds is not given)")
     ap.add_argument("--rate", type=float, help="open loop: Poisson arrivals per second instead of closed-loop users")
+    ap.add_argument("--ramp-up", type=float, default=0.0,
+                    help="closed loop: start the users evenly over this many seconds instead of all at once")
     ap.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True, help="default: --stream")
     ap.add_argument("--model", default="qwen3-14b")
     ap.add_argument("--api-key", help="sent as 'Authorization: Bearer …'")
@@ -37,15 +39,15 @@ def main(argv: list[str] | None = None) -> int:
     if a.concurrency < 1:
         print("cxygpt-bench: --concurrency must be at least 1", file=sys.stderr)
         return 2
-    try:
-        Dist(a.prompt_tokens), Dist(a.max_tokens)
-    except ValueError as e:
-        print(f"cxygpt-bench: {e}", file=sys.stderr)
-        return 2
     cfg = LoadConfig(url=a.url, concurrency=a.concurrency, rounds=a.rounds,
                      duration=a.duration if a.duration or a.rounds else 10.0, stream=a.stream, model=a.model,
                      api_key=a.api_key, prompt_tokens=a.prompt_tokens, max_tokens=a.max_tokens, rate=a.rate,
-                     timeout=a.timeout, include_usage=a.include_usage, seed=a.seed)
+                     timeout=a.timeout, include_usage=a.include_usage, seed=a.seed, ramp_up=a.ramp_up)
+    try:
+        cfg.check()
+    except ValueError as e:
+        print(f"cxygpt-bench: {e}", file=sys.stderr)
+        return 2
     try:
         result = run_load(cfg, progress=not a.quiet and sys.stderr.isatty())
     except KeyboardInterrupt:

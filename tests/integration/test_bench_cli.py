@@ -47,3 +47,20 @@ def test_errors_are_counted_by_class(sim):
     out = subprocess.run([console_script("cxygpt-bench"), "--url", sim.url + "/v1/chat/completions", "--rounds", "2",
                           "--quiet"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "TTFT" in out.stdout and "errors   413 0" in out.stdout
+
+
+def test_ramp_up_starts_the_users_one_after_another(sim):
+    url = sim.url + "/v1/chat/completions"
+    at_once = bench("--url", url, "--concurrency", "4", "--rounds", "1", "--max-tokens", "2")
+    ramped = bench("--url", url, "--concurrency", "4", "--rounds", "1", "--max-tokens", "2", "--ramp-up", "0.6")
+    assert ramped["ok"] == at_once["ok"] == 4
+    assert at_once["elapsed_s"] < 0.3
+    assert ramped["elapsed_s"] >= 0.45  # the 4th user starts 0.45 s in
+
+
+@pytest.mark.parametrize("args", [["--ramp-up", "-1"], ["--ramp-up", "1", "--rate", "5"],
+                                  ["--max-tokens", "uniform:9"]])
+def test_settings_that_cannot_work_are_refused_before_any_request(args):
+    out = subprocess.run([console_script("cxygpt-bench"), "--url", "http://127.0.0.1:9/v1/chat/completions",
+                          "--rounds", "1", *args], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and out.stderr.startswith("cxygpt-bench: ") and out.stdout == ""
