@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
+from .deadlines import Deadline, Deadlines, deadlines_of
 from .errors import GatewayError
 
 if TYPE_CHECKING:
@@ -16,46 +17,18 @@ class ClientLeft(Exception):
     """The client closed the connection while its request was waiting or being relayed."""
 
 
-class Deadline:
-    """`with Deadline(loop, seconds):` — like `asyncio.timeout`, for the current task of a known loop: a region
-    that ends in TimeoutError when `seconds` pass. asyncio.timeout asks for the running loop twice, and every such
-    ask is a getpid() system call (CPython 3.11's fork check), expensive where system calls are (measured,
-    BENCHMARKS.md)."""
-    __slots__ = ("loop", "seconds", "task", "_handle", "_fired", "_cancelling")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, seconds: float):
-        self.loop, self.seconds = loop, seconds
-        self._fired = False
-
-    def __enter__(self) -> "Deadline":
-        self.task = asyncio.current_task(self.loop)
-        self._cancelling = self.task.cancelling()
-        self._handle = self.loop.call_at(self.loop.time() + self.seconds, self._fire)
-        return self
-
-    def _fire(self) -> None:
-        self._fired = True
-        self.task.cancel()
-
-    def __exit__(self, kind, error, tb) -> bool:
-        self._handle.cancel()
-        # our own cancel (and no one else's) becomes the timeout; any other cancel goes on
-        if self._fired and kind is asyncio.CancelledError and self.task.uncancel() <= self._cancelling:
-            raise TimeoutError() from None
-        return False
-
-
 class Exchange:
     """The request's headers, the state its log line needs, and the I/O a server side provides: `read_body`,
     `respond` (status, headers and the first body bytes in one write) and `write`. The server side calls
     `left()` when the client goes away; work in a `watched()` block is then cancelled at once and ends in
     `ClientLeft` (nothing polls for it)."""
 
-    __slots__ = ("loop", "headers", "request_id", "key_id", "model", "degraded", "client_left", "_task",
+    __slots__ = ("loop", "deadlines", "headers", "request_id", "key_id", "model", "degraded", "client_left", "_task",
                  "_watching", "_cancelled", "_cancelling")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, headers: Headers):
+    def __init__(self, loop: asyncio.AbstractEventLoop, headers: Headers, deadlines: Deadlines | None = None):
         self.loop, self.headers = loop, headers
+        self.deadlines = deadlines or deadlines_of(loop)
         self.request_id: str | None = None
         self.key_id: str | None = None
         self.model = "-"
@@ -76,7 +49,7 @@ class Exchange:
         raise NotImplementedError
 
     def deadline(self, seconds: float) -> Deadline:
-        return Deadline(self.loop, seconds)
+        return Deadline(self.deadlines, seconds)
 
     def left(self) -> None:
         self.client_left = True

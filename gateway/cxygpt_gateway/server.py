@@ -7,6 +7,7 @@ import logging
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from .app import HOT_PATHS
+from .deadlines import deadlines_of
 from .exchange import Exchange, body_too_large, client_gone_early
 from .relay import serve
 
@@ -26,6 +27,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
         self.gateway = self.config.app.state.gateway
+        self.deadlines = deadlines_of(self.loop)
 
     def on_headers_complete(self) -> None:
         kind = HOT_TARGETS.get(self.url) if self.parser.get_method() == b"POST" else None
@@ -53,7 +55,7 @@ class NativeExchange(Exchange):
                  "disconnected", "keep_alive", "expect_100", "started", "on_response")
 
     def __init__(self, protocol: GatewayHttpProtocol, kind: str, keep_alive: bool):
-        super().__init__(protocol.loop, protocol.headers)
+        super().__init__(protocol.loop, protocol.headers, protocol.deadlines)
         self.protocol, self.kind = protocol, kind
         self.transport, self.flow = protocol.transport, protocol.flow
         self.body = bytearray()
