@@ -28,7 +28,8 @@ class Exchange:
 
     def __init__(self, loop: asyncio.AbstractEventLoop, headers: Headers, deadlines: Deadlines | None = None):
         self.loop, self.headers = loop, headers
-        self.deadlines = deadlines or deadlines_of(loop)
+        # `is None`, not `or`: a Deadlines with nothing pending has length 0
+        self.deadlines = deadlines if deadlines is not None else deadlines_of(loop)
         self.request_id: str | None = None
         self.key_id: str | None = None
         self.model = "-"
