@@ -83,6 +83,8 @@ class LoadConfig:
         """ValueError naming the first setting that cannot work."""
         if self.rounds is None and self.duration is None:
             raise ValueError("give rounds or duration")
+        if self.concurrency < 1:
+            raise ValueError("--concurrency must be at least 1")
         Dist(self.prompt_tokens), Dist(self.max_tokens)
         if self.ramp_up < 0:
             raise ValueError(f"--ramp-up must be 0 or more seconds, not {self.ramp_up:g}")

@@ -36,9 +36,6 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
-    if a.concurrency < 1:
-        print("cxygpt-bench: --concurrency must be at least 1", file=sys.stderr)
-        return 2
     cfg = LoadConfig(url=a.url, concurrency=a.concurrency, rounds=a.rounds,
                      duration=a.duration if a.duration or a.rounds else 10.0, stream=a.stream, model=a.model,
                      api_key=a.api_key, prompt_tokens=a.prompt_tokens, max_tokens=a.max_tokens, rate=a.rate,
