@@ -52,13 +52,13 @@ class HealthChecker:
         self.registry, self.upstream, self.interval_s = registry, upstream, interval_s
 
     async def check_once(self) -> None:
-        backends = [b for r in self.registry.routes.values() if not r.spec.external
+        backends = [(r.queue, b) for r in self.registry.routes.values() if not r.spec.external
                     for b in r.queue.backends.values()]
-        results = await asyncio.gather(*(self.upstream.healthy(b.url) for b in backends))
-        for backend, ok in zip(backends, results):
+        results = await asyncio.gather(*(self.upstream.healthy(b.url) for _, b in backends))
+        for (queue, backend), ok in zip(backends, results):
             if backend.healthy != ok:
                 log.info("upstream %s is %s", backend.url, "healthy" if ok else "unhealthy")
-            backend.healthy = ok
+            queue.mark(backend, ok)
 
     async def run(self) -> None:
         while True:
@@ -72,11 +72,11 @@ class HealthChecker:
 # writes each request in one piece and parses answers with httptools (measured, BENCHMARKS.md).
 
 class UpstreamUnreachable(ConnectionError):
-    """No connection could be opened (refused, no route, name not resolved)."""
+    """No connection could be opened (refused, no route, name not resolved): nothing of the request was sent."""
 
 
 class UpstreamConnectTimeout(Exception):
-    """The connection was not accepted within the connect timeout."""
+    """The connection was not accepted within the connect timeout: nothing of the request was sent."""
 
 
 # an idle connection older than this is not reused: servers close idle keep-alive connections (vLLM after 5 s)
@@ -112,7 +112,6 @@ class _Connection(asyncio.Protocol):
         if r is None:  # bytes nobody asked for: the connection is not safe to reuse
             self.close()
             return
-        r.received = True
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as e:
@@ -155,11 +154,11 @@ class _Connection(asyncio.Protocol):
 class UpstreamResponse:
     """One answer: `status`, then `read()` or `events()`; leaving `async with` gives the connection back
     (only when the answer was read to its end) or closes it."""
-    __slots__ = ("conn", "status", "head", "received", "until_close", "complete", "keep_alive", "buffered",
+    __slots__ = ("conn", "status", "head", "until_close", "complete", "keep_alive", "buffered",
                  "_chunks", "_waiter", "_error", "_tail")
 
     def __init__(self, conn: _Connection):
-        self.conn, self.status, self.received, self.until_close = conn, 0, False, True
+        self.conn, self.status, self.until_close = conn, 0, True
         self.head = conn.loop.create_future()  # not get_running_loop(): a getpid() system call each
         self.complete, self.keep_alive, self.buffered = False, False, 0
         self._chunks: list[bytes] = []
@@ -212,12 +211,24 @@ class UpstreamResponse:
 
     async def events(self) -> bytes | None:
         """The next run of complete SSE events (ending on a blank line) that arrived; None at the end (an
-        unterminated last event is completed)."""
+        unterminated last event is completed). Lines may end in CRLF, LF or CR (the SSE spec; sse-starlette
+        sends CRLF): they are passed on ending in LF."""
         while True:
             data = await self._more()
             if data is None:
-                tail, self._tail = self._tail, b""
-                return tail + b"\n\n" if tail.strip() else None
+                tail, self._tail = self._tail.replace(b"\r", b"\n"), b""  # a held CR ended a line
+                return tail.rstrip(b"\n") + b"\n\n" if tail.strip() else None
+            if b"\r" in data or self._tail.endswith(b"\r"):
+                data = self._tail + data
+                # a CR at the very end may be the first half of a CRLF: it waits for the next bytes
+                held = b"\r" if data.endswith(b"\r") else b""
+                data = data[:len(data) - len(held)].replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+                end = data.rfind(b"\n\n")
+                if end < 0:
+                    self._tail = data + held
+                    continue
+                self._tail = data[end + 2:] + held
+                return data[:end + 2]
             if self._tail:
                 data = self._tail + data
             end = data.rfind(b"\n\n")
@@ -274,7 +285,7 @@ class UpstreamPool:
         horizon = time.monotonic() - IDLE_S
         while conns:
             conn = conns.pop()
-            if not conn.closed and conn.idle_since > horizon:
+            if not conn.closed and conn.idle_since > horizon and not conn.transport.is_closing():
                 return conn
             conn.close()
         return None
@@ -306,24 +317,17 @@ class UpstreamPool:
             head += (name.encode(), b": ", value.encode(), b"\r\n")
         head.append(b"\r\n")
         request = b"".join(head) + body
-        while True:
-            conn = self._reuse(key)
-            reused = conn is not None
-            if conn is None:
-                conn = await self._connect(key, connect_timeout_s)
-            response = conn.response = UpstreamResponse(conn)
-            conn.transport.write(request)
-            try:
-                await response.head
-                return response
-            except ConnectionError:
-                conn.close()
-                if reused and not response.received:
-                    continue  # a kept-alive connection the upstream had closed: once more on a new one
-                raise
-            except BaseException:
-                conn.close()
-                raise
+        conn = self._reuse(key) or await self._connect(key, connect_timeout_s)
+        response = conn.response = UpstreamResponse(conn)
+        conn.transport.write(request)
+        try:
+            await response.head
+            return response
+        except BaseException:
+            # Never sent again, not even on a kept-alive connection that closed before any answer: the upstream
+            # may have read it, and generation is neither idempotent nor free (RFC 9110 9.2.2).
+            conn.close()
+            raise
 
     def close(self) -> None:
         for conns in self._idle_conns.values():

@@ -1,5 +1,6 @@
 """The gateway's upstream connection pool against a scripted HTTP/1.1 server on 127.0.0.1: keep-alive reuse,
-the idle horizon, a kept-alive connection the server had closed, bodies until close, SSE events, failures."""
+the idle horizon, a kept-alive connection the server had closed, no replay, bodies until close, SSE events and
+their line endings, failures."""
 import asyncio
 
 import pytest
@@ -63,30 +64,37 @@ async def test_keep_alive_connections_are_reused():
         pool.close()
 
 
-async def test_a_kept_alive_connection_the_server_closed_is_retried_once_on_a_new_one():
+async def until(predicate, timeout=2.0):
+    """Wait for the event itself (the loop runs the protocol callbacks meanwhile), within a deadline."""
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0)
+
+
+async def test_a_kept_alive_connection_the_server_closed_is_not_reused():
     async with ScriptedServer([OK, OK], close_after=True) as server:
         pool = UpstreamPool()
         assert await post(pool, server) == (200, b"{}")
-        await asyncio.sleep(0.05)  # the server has closed its side by now; the pool may not know yet
+        [idle] = pool._idle_conns[("http", "127.0.0.1", server.port)]
+        await until(lambda: idle.closed)  # the server's FIN has reached the pool
         assert await post(pool, server) == (200, b"{}")
         assert server.connections == 2 and len(server.requests) == 2  # the request reached the server once
         pool.close()
 
 
-async def test_a_request_lost_on_a_kept_alive_connection_is_sent_again_on_a_new_one():
-    """The race the retry exists for: the server closes an idle connection just as a request is written on it."""
-    connections, answered = [], []
+async def test_a_request_lost_on_a_kept_alive_connection_is_never_sent_again():
+    """The server reads a request on a kept-alive connection and closes without answering: it may have started
+    generating, so the pool must not send it again (RFC 9110 9.2.2); the caller gets the error."""
+    connections, requests = [], []
 
     async def handle(reader, writer):
         connections.append(writer)
-        first_connection = len(connections) == 1
         try:
             while True:
-                head = await reader.readuntil(b"\r\n\r\n")
+                requests.append(await reader.readuntil(b"\r\n\r\n"))
                 await reader.readexactly(2)
-                if first_connection and answered:  # the second request on the first connection: drop it
+                if len(requests) == 2:  # read, then dropped
                     break
-                answered.append(head)
                 writer.write(OK)
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
@@ -97,10 +105,12 @@ async def test_a_request_lost_on_a_kept_alive_connection_is_sent_again_on_a_new_
     server = await asyncio.start_server(handle, "127.0.0.1", port)
     pool = UpstreamPool()
     url = f"http://127.0.0.1:{port}"
-    for _ in range(2):
-        async with await pool.post(url, "/v1/completions", b"{}", {}, 2.0) as r:
-            assert (r.status, await r.read()) == (200, b"{}")
-    assert len(connections) == 2 and len(answered) == 2
+    async with await pool.post(url, "/v1/completions", b"{}", {}, 2.0) as r:
+        assert (r.status, await r.read()) == (200, b"{}")
+    with pytest.raises(ConnectionError):
+        await pool.post(url, "/v1/completions", b"{}", {}, 2.0)
+    await asyncio.sleep(0.1)  # room for a replay that must not come
+    assert len(connections) == 1 and len(requests) == 2
     pool.close()
     server.close()
 
@@ -137,6 +147,40 @@ async def test_sse_events_come_whole_and_an_unterminated_last_event_is_completed
         assert b"".join(events) == b'data: {"a": 1}\n\ndata: {"b": 2}\n\ndata: [DONE]\n\n'
         assert all(e.endswith(b"\n\n") for e in events)
         pool.close()
+
+
+async def serve_pieces(pieces):
+    """A server that answers one request with a stream read until close, written piece by piece (paced, so the
+    pieces tend to arrive as separate reads); returns its URL and the server."""
+    async def handle(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        await reader.readexactly(2)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n")
+        for piece in pieces:
+            writer.write(piece)
+            await writer.drain()
+            await asyncio.sleep(0.01)
+        writer.close()
+    port = free_port()
+    return f"http://127.0.0.1:{port}", await asyncio.start_server(handle, "127.0.0.1", port)
+
+
+@pytest.mark.parametrize("ending", [b"\r\n", b"\r", b"\n"], ids=["crlf", "cr", "lf"])
+async def test_sse_line_endings_crlf_cr_and_lf_end_events_alike(ending):
+    lines = [b"data: {\"a\": 1}", b"", b"data: {\"b\": 2}", b"", b"data: [DONE]", b""]
+    raw = b"".join(line + ending for line in lines)
+    cut = raw.index(ending + ending) + 1  # between the CR and the LF of a CRLF, for CRLF
+    url, server = await serve_pieces([raw[:cut], raw[cut:cut + 7], raw[cut + 7:]])
+    pool = UpstreamPool()
+    async with await pool.post(url, "/v1/chat/completions", b"{}", {}, 2.0) as r:
+        events = []
+        async with asyncio.timeout(2):  # the bug this guards: no event ever ended, the buffer grew until a 504
+            while (batch := await r.events()) is not None:
+                events.append(batch)
+    assert b"".join(events) == b'data: {"a": 1}\n\ndata: {"b": 2}\n\ndata: [DONE]\n\n'
+    assert all(e.endswith(b"\n\n") for e in events) and len(events) >= 2
+    pool.close()
+    server.close()
 
 
 async def test_an_unreachable_upstream_is_reported_as_such():
