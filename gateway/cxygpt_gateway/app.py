@@ -68,7 +68,7 @@ class GatewayApp(FastAPI):
 def make_discovery(settings: GatewaySettings, table: ProfileTable) -> Discovery:
     if settings.kubernetes:
         from .discovery.kubernetes import KubernetesDiscovery
-        return KubernetesDiscovery(namespace=settings.namespace, kubeconfig=settings.kubeconfig)
+        return KubernetesDiscovery(namespaces=settings.namespaces, kubeconfig=settings.kubeconfig)
     from .discovery.static import StaticDiscovery
     return StaticDiscovery(settings.models, table)
 

@@ -21,14 +21,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--host", help="listen address (default 127.0.0.1)")
     ap.add_argument("--port", type=int, help="listen port (default 8080)")
     ap.add_argument("--kubernetes", action="store_true", default=None,
-                    help="route to Ready ModelDeployments instead of the config's models")
+                    help="route to the ModelDeployments' ready endpoints instead of the config's models")
     ap.add_argument("--kubeconfig", help="kubeconfig file (default $KUBECONFIG, else in-cluster)")
-    ap.add_argument("--namespace", help="namespace to watch (default all)")
+    ap.add_argument("--namespace", action="append", dest="namespaces",
+                    help="a namespace to watch (repeatable; default all namespaces)")
     ap.add_argument("--keys-file", help="API keys and tiers (YAML)")
     a = ap.parse_args(argv)
     try:
         settings = load_settings(a.config, host=a.host, port=a.port, kubernetes=a.kubernetes,
-                                 kubeconfig=a.kubeconfig, namespace=a.namespace, keys_file=a.keys_file)
+                                 kubeconfig=a.kubeconfig, namespaces=a.namespaces, keys_file=a.keys_file)
         logs.configure(settings.log_level)
         prometheus_client.disable_created_metrics()  # *_created series only double every counter's size
         app = create_app(settings)

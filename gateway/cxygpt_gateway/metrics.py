@@ -61,6 +61,9 @@ class GatewayMetrics:
         self.ratelimit_storage_errors = Counter("cxygpt_gateway_ratelimit_storage_errors",
                                                 "Rate-limit storage failures (admitted without limits)",
                                                 registry=r)
+        self.failovers = Counter("cxygpt_gateway_failovers",
+                                 "Requests sent to another replica because none of them reached the first",
+                                 ["model"], registry=r)
         self.client_disconnects = Counter("cxygpt_gateway_client_disconnects",
                                           "Requests cancelled because the client went away", ["model"], registry=r)
         r.register(RouteStateCollector(routes))

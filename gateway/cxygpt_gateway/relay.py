@@ -15,7 +15,7 @@ from .logs import rounded
 from .upstream import JSON_HEADERS, UpstreamConnectTimeout, UpstreamResponse, UpstreamUnreachable
 
 if TYPE_CHECKING:
-    from .admission.queue import Backend
+    from .admission.queue import Backend, ModelQueue
     from .app import Gateway
 
 log = logging.getLogger("cxygpt.gateway")
@@ -34,13 +34,13 @@ async def serve(gw: "Gateway", ex: Exchange, kind: str) -> None:
     await Relay(admitted, ex).run()
 
 
-def eject(backend: "Backend", *, restore_after: float | None) -> None:
+def eject(queue: "ModelQueue", backend: "Backend", *, restore_after: float | None) -> None:
     """Take a replica that refused us out of rotation; one no health check watches comes back after a pause."""
     if backend.healthy:
         log.warning("upstream %s unreachable, out of rotation", backend.url)
-    backend.healthy = False
+    queue.mark(backend, False)
     if restore_after is not None:
-        asyncio.get_running_loop().call_later(restore_after, setattr, backend, "healthy", True)
+        asyncio.get_running_loop().call_later(restore_after, queue.mark, backend, True)
 
 
 def _last_usage_object(batch: bytes) -> int:
@@ -182,25 +182,36 @@ class Relay:
         return await self._send_error(error), error
 
     async def _open(self) -> UpstreamResponse:
+        """The answer's head from the slot's replica; a replica that nothing of the request reached (connection
+        refused or not accepted in time) is taken out of rotation and the next free one is tried."""
         a = self.admitted
-        gw, target, backend = a.gateway, a.target, a.slot.backend
+        gw, target = a.gateway, a.target
         timeouts = target.limits.timeouts
         # the engine's logs and response id carry the request id
         headers = {**JSON_HEADERS, "X-Request-Id": a.request_id}
         if target.spec.api_key:
             headers["Authorization"] = f"Bearer {target.spec.api_key}"
-        try:
-            return await gw.upstream.pool.post(backend.url, PATHS[a.req.kind], a.upstream_body, headers,
-                                               timeouts.connect_s)
-        except UpstreamUnreachable as e:
-            checked = gw.health_checker is not None and not target.spec.external
-            eject(backend, restore_after=None if checked else EJECT_S)
-            raise GatewayError(502, f"upstream {target.name} unreachable: {e.strerror or e}",
-                               code="upstream_unreachable", reason="upstream_unreachable") from None
-        except UpstreamConnectTimeout:
-            raise GatewayError(504, f"upstream {target.name} did not accept the connection within "
-                                    f"{timeouts.connect_s:g} s", code="upstream_timeout",
-                               reason="upstream_timeout") from None
+        checked = gw.health_checker is not None and not target.spec.external
+        tried: tuple["Backend", ...] = ()
+        while True:
+            backend = a.slot.backend
+            try:
+                return await gw.upstream.pool.post(backend.url, PATHS[a.req.kind], a.upstream_body, headers,
+                                                   timeouts.connect_s)
+            except UpstreamUnreachable as e:
+                failure = f"unreachable: {e.strerror or e}"
+            except UpstreamConnectTimeout:
+                failure = f"did not accept the connection within {timeouts.connect_s:g} s"
+            eject(target.queue, backend, restore_after=None if checked else EJECT_S)
+            tried += (backend,)
+            other = target.queue.take_other(tried, queued_s=a.slot.queued_s)
+            if other is None:
+                raise GatewayError(503, f"model {target.name}: replica {backend.url} {failure}, and no other replica "
+                                        "is free; nothing of the request was sent, so it is safe to retry",
+                                   code="no_ready_replica", reason="replica_unreachable", retry_after=1)
+            a.slot.release(served=False)
+            a.slot = other
+            child(gw.metrics.failovers, target.name).inc()
 
     async def _relay_whole(self, resp: UpstreamResponse) -> None:
         data = await resp.read()

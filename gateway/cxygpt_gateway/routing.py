@@ -11,7 +11,7 @@ from .admission.degrade import DegradeMonitor
 from .admission.policy import effective
 from .admission.queue import ModelQueue
 from .admission.ratelimit import Rate, Scope
-from .discovery.base import ModelSpec
+from .discovery.base import ModelSpec, Unavailable
 
 log = logging.getLogger("cxygpt.gateway")
 
@@ -58,10 +58,12 @@ class Registry:
         self.auto_degrade, self.degrade_window_s, self.clock, self.on_degrade = (
             auto_degrade, degrade_window_s, clock, on_degrade)
         self.routes: dict[str, ModelRoute] = {}
+        self.reserved: dict[str, Unavailable] = {}  # served names without a route yet: 503, not 404
 
     def upsert(self, spec: ModelSpec) -> None:
         eff = effective(spec.limits, spec.mode, spec.profile, table=self.table, single_user=self.single_user,
                         force_profile=self.force_profile)
+        self.reserved.pop(spec.name, None)
         route = self.routes.get(spec.name)
         if route is None:
             self.routes[spec.name] = ModelRoute(spec, eff.limits, eff.mode, eff.profile,
@@ -74,7 +76,13 @@ class Registry:
             route.configure(spec, eff.limits, eff.mode, eff.profile)
             log.info("model %s updated: %s", spec.name, ", ".join(spec.urls) or "-")
 
+    def reserve(self, name: str, why: Unavailable) -> None:
+        if self.routes.pop(name, None) is not None:
+            log.info("model %s has no route now: %s", name, why.message)
+        self.reserved[name] = why
+
     def remove(self, name: str) -> None:
+        self.reserved.pop(name, None)
         if self.routes.pop(name, None) is not None:
             log.info("model %s removed", name)
 

@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
 
 class ModelConfig(BaseModel):
@@ -42,7 +42,8 @@ class GatewaySettings(BaseSettings):
     port: int = Field(8080, gt=0, lt=65536)
     models: list[ModelConfig] = Field(default_factory=list)
     kubernetes: bool = Field(False, description="discover ModelDeployments instead of the static models list")
-    namespace: str | None = Field(None, description="namespace to watch; default all namespaces")
+    namespaces: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="namespaces to watch (CXYGPT_NAMESPACES=a,b); empty: all namespaces")
     kubeconfig: str | None = Field(None, validation_alias=AliasChoices("kubeconfig", "KUBECONFIG"))
     keys_file: str | None = Field(None, description="API keys and tiers (YAML); none: every caller is anonymous")
     redis_url: str | None = Field(None, validation_alias=AliasChoices("redis_url", "REDIS_URL"))
@@ -63,6 +64,12 @@ class GatewaySettings(BaseSettings):
     health_interval_s: float = Field(5.0, gt=0, description="how often static upstreams' /health is checked")
     log_requests: bool = True
     log_level: str = "info"
+
+    @field_validator("namespaces", mode="before")
+    @classmethod
+    def _namespace_list(cls, value):
+        """One name, or several separated by commas (CXYGPT_NAMESPACES=a,b), or a list."""
+        return [n.strip() for n in value.split(",") if n.strip()] if isinstance(value, str) else value
 
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,

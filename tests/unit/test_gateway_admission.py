@@ -265,7 +265,47 @@ async def test_no_routable_backend_is_503(clock):
     q.backends["http://a"].healthy = False
     with pytest.raises(GatewayError) as e:
         await q.acquire()
-    assert e.value.code == "no_backend"
+    assert e.value.code == "no_ready_replica"
+
+
+async def test_a_replica_that_turns_healthy_again_serves_those_waiting_at_once(clock):
+    q = ModelQueue(queue_size=4, max_concurrency=1, clock=clock)
+    q.set_backends(["http://a"])
+    busy = await q.acquire()
+    waiting = asyncio.ensure_future(q.acquire())
+    await asyncio.sleep(0)
+    q.mark(q.backends["http://a"], False)  # it failed: the slot in flight ends, nobody is handed a sick replica
+    busy.release()
+    await asyncio.sleep(0)
+    assert not waiting.done() and q.waiting == 1
+    q.mark(q.backends["http://a"], True)  # back (health check): the line moves without any release
+    slot = await asyncio.wait_for(waiting, 1)
+    assert slot.backend.url == "http://a" and q.waiting == 0
+    slot.release()
+
+
+async def test_a_new_replica_serves_those_waiting_at_once(clock):
+    q = ModelQueue(queue_size=4, max_concurrency=1, clock=clock)
+    q.set_backends(["http://a"])
+    busy = await q.acquire()
+    waiting = asyncio.ensure_future(q.acquire())
+    await asyncio.sleep(0)
+    q.set_backends(["http://a", "http://b"])  # a scale-up: discovery reports a second ready endpoint
+    assert (await asyncio.wait_for(waiting, 1)).backend.url == "http://b"
+    busy.release()
+
+
+async def test_failover_takes_another_free_replica_ahead_of_the_line_and_only_a_free_one(clock):
+    q = ModelQueue(queue_size=4, max_concurrency=1, clock=clock)
+    q.set_backends(["http://a", "http://b"])
+    first = await q.acquire()
+    tried = (first.backend,)
+    other = q.take_other(tried, queued_s=0.5)
+    assert other.backend.url != first.backend.url and other.queued_s == 0.5
+    first.release(served=False)
+    assert q.service_s_ewma == 1.0  # a replica that never got the request says nothing of the service time
+    assert q.take_other((other.backend,)) is not None  # a is free again
+    assert q.take_other((q.backends["http://a"], q.backends["http://b"])) is None
 
 
 # ---- degradation --------------------------------------------------------------------------------------------
@@ -357,40 +397,6 @@ def test_stream_scan_takes_the_last_usage_and_passes_over_null_usage():
     out, usage, done = scan_stream(running + null, strip_usage=True)
     assert (out, usage["total_tokens"], done) == (running + null, 4, False)
     assert scan_stream(null, strip_usage=True) == (null, None, False)
-
-
-# ---- Kubernetes discovery (pure part) -----------------------------------------------------------------------
-
-def modeldeployment(name="qwen3-14b", phase="Ready", namespace="llm", **status):
-    limits = default_table().get("DEV_32G").limits.model_dump(by_alias=True)
-    return {"metadata": {"name": name, "namespace": namespace},
-            "spec": {"model": {"name": name}, "fallbackModel": "small"},
-            "status": {"phase": phase, "mode": "multi", "profile": "DEV_32G", "limits": limits,
-                       "endpoint": f"http://{name}.{namespace}.svc:8000", **status}}
-
-
-def endpointslice(service, namespace="llm", port=8000, endpoints=()):
-    return {"metadata": {"name": f"{service}-x", "namespace": namespace,
-                         "labels": {"kubernetes.io/service-name": service}},
-            "ports": [{"port": port}], "endpoints": list(endpoints)}
-
-
-def test_ready_modeldeployments_route_to_ready_endpoints_or_the_service():
-    from cxygpt_gateway.discovery.kubernetes import desired_routes
-    mds = {("llm", "qwen3-14b"): modeldeployment(), ("llm", "other"): modeldeployment("other", phase="Starting")}
-    routes = desired_routes(mds, {})
-    assert list(routes) == ["qwen3-14b"]
-    spec = routes["qwen3-14b"]
-    assert (spec.urls, spec.fallback, spec.limits.max_output_tokens) == (("http://qwen3-14b.llm.svc:8000",), "small", 256)
-    slices = {("llm", "s"): endpointslice("qwen3-14b", endpoints=[
-        {"addresses": ["10.0.0.2"], "conditions": {"ready": True}},
-        {"addresses": ["10.0.0.1"]},
-        {"addresses": ["10.0.0.3"], "conditions": {"ready": False}},
-        {"addresses": ["fd00::1"], "conditions": {"ready": True}}])}
-    assert desired_routes(mds, slices)["qwen3-14b"].urls == (
-        "http://10.0.0.1:8000", "http://10.0.0.2:8000", "http://[fd00::1]:8000")
-    broken = {("llm", "qwen3-14b"): modeldeployment(limits={"maxInputTokens": "many"})}
-    assert desired_routes(broken, {}) == {}
 
 
 def test_the_shipped_examples_load(monkeypatch):

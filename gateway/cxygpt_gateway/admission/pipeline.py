@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import orjson
 from fastapi import Request
 
+from ..discovery.base import Unavailable
 from ..errors import GatewayError
 from ..exchange import ClientLeft, Exchange, body_too_large
 from .auth import Caller
@@ -52,6 +53,14 @@ def read_headers(headers: list[tuple[bytes, bytes]]) -> dict[bytes, str]:
         if name in READ_HEADERS and name not in found:
             found[name] = value.decode("latin-1")
     return found
+
+
+def no_ready_replica(name: str, why: "Unavailable | None") -> GatewayError:
+    """503 for a model that exists but has no replica to take the request, saying why (and when to retry)."""
+    why = why or Unavailable(f"model {name} has no ready replica right now (each one failed its last request "
+                             "or health check)", retry_after_s=5)
+    return GatewayError(503, why.message, code="no_ready_replica", reason="no_ready_replica",
+                        retry_after=why.retry_after_s)
 
 
 def _rate_scopes(route: "ModelRoute", caller: Caller) -> list[Scope]:
@@ -168,6 +177,9 @@ async def admit(gw: "Gateway", ex: Exchange, kind: Kind) -> Admitted:
     name = model_name(body)
     route = gw.registry.get(name)
     if route is None:
+        why = gw.registry.reserved.get(name)
+        if why is not None:
+            raise no_ready_replica(name, why)
         raise GatewayError(404, f"model {name!r} does not exist or is not served here; see GET /v1/models",
                            code="model_not_found", param="model", reason="unknown_model")
     ex.model = route.name
@@ -179,8 +191,7 @@ async def admit(gw: "Gateway", ex: Exchange, kind: Kind) -> Admitted:
     if not route.routable():
         target = _fallback(gw, route)
         if target is None:
-            raise GatewayError(503, f"model {route.name} has no ready backend", code="no_backend",
-                               reason="no_backend", retry_after=5)
+            raise no_ready_replica(route.name, route.spec.unavailable)
     scopes = _rate_scopes(route, caller)
     if scopes:
         await gw.limiter.admit(scopes)

@@ -28,10 +28,11 @@ class Slot:
     def __init__(self, queue: "ModelQueue", backend: Backend, started: float, queued_s: float):
         self.queue, self.backend, self.started, self.queued_s, self._released = queue, backend, started, queued_s, False
 
-    def release(self) -> None:
+    def release(self, served: bool = True) -> None:
+        """`served=False`: the replica never got the request, so its time says nothing of the service rate."""
         if not self._released:
             self._released = True
-            self.queue._release(self)
+            self.queue._release(self, served)
 
 
 class _Waiter:
@@ -67,16 +68,31 @@ class ModelQueue:
     def in_flight(self) -> int:
         return sum(b.outstanding for b in self.backends.values())
 
+    def mark(self, backend: Backend, healthy: bool) -> None:
+        """A replica's health as checked; one that is back (or a new one) serves those waiting at once."""
+        backend.healthy = healthy
+        if healthy:
+            self._dispatch()
+
     def routable(self) -> list[Backend]:
         return [b for b in self.backends.values() if b.healthy]
 
-    def _free_backend(self) -> Backend | None:
+    def _free_backend(self, exclude: tuple[Backend, ...] = ()) -> Backend | None:
         """The healthy replica with the fewest requests in flight, if one has a slot free."""
         best, fewest = None, self.max_concurrency
         for b in self.backends.values():
-            if b.healthy and b.outstanding < fewest:
+            if b.healthy and b.outstanding < fewest and b not in exclude:
                 best, fewest = b, b.outstanding
         return best
+
+    def take_other(self, tried: tuple[Backend, ...], queued_s: float = 0.0) -> Slot | None:
+        """For a request none of which reached the replicas it `tried`: a free slot on another one, ahead of
+        those waiting (it was admitted before them), or None."""
+        backend = self._free_backend(exclude=tried)
+        if backend is None:
+            return None
+        backend.outstanding += 1
+        return Slot(self, backend, self.clock(), queued_s)
 
     def retry_after(self) -> float:
         """Seconds until a place is likely free: the queue ahead drained at the observed service rate."""
@@ -90,8 +106,8 @@ class ModelQueue:
             backend.outstanding += 1
             return Slot(self, backend, self.clock(), 0.0)
         if not self.routable():
-            raise GatewayError(503, "no ready backend for this model", code="no_backend", reason="no_backend",
-                               retry_after=5)
+            raise GatewayError(503, "no ready replica for this model right now", code="no_ready_replica",
+                               reason="no_ready_replica", retry_after=5)
         if self.waiting >= self.queue_size:
             raise GatewayError(503, f"queue full ({self.waiting} waiting, {self.in_flight} in flight); retry later",
                                code="queue_full", reason="queue_full", retry_after=self.retry_after())
@@ -122,9 +138,10 @@ class ModelQueue:
         """A slot now, or after waiting in line (see try_take and wait)."""
         return self.try_take() or await self.wait(priority)
 
-    def _release(self, slot: Slot) -> None:
+    def _release(self, slot: Slot, served: bool) -> None:
         slot.backend.outstanding -= 1
-        self.service_s_ewma += 0.2 * ((self.clock() - slot.started) - self.service_s_ewma)
+        if served:
+            self.service_s_ewma += 0.2 * ((self.clock() - slot.started) - self.service_s_ewma)
         self._dispatch()
 
     def _dispatch(self) -> None:

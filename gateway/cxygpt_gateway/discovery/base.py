@@ -8,6 +8,13 @@ from cxygpt_profiles import Limits
 
 
 @dataclass(frozen=True)
+class Unavailable:
+    """Why a served model has no ready replica, and when to try again (the 503's message and Retry-After)."""
+    message: str
+    retry_after_s: float = 5
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     name: str                                  # the OpenAI model name clients send
     urls: tuple[str, ...]                      # base URLs of the replicas (no /v1)
@@ -18,6 +25,7 @@ class ModelSpec:
     upstream_model: str | None = None          # the name the upstream expects, when it differs
     api_key: str | None = field(default=None, repr=False)
     external: bool = False                     # external provider: no /tokenize, no /health
+    unavailable: Unavailable | None = None     # why `urls` is empty, when it is
 
     @property
     def served_name(self) -> str:
@@ -28,6 +36,9 @@ class ModelSink(Protocol):
     """Where a discovery source puts what it finds (the gateway's route registry)."""
 
     def upsert(self, spec: ModelSpec) -> None: ...
+
+    def reserve(self, name: str, why: Unavailable) -> None:
+        """A name a model serves that has no route yet (no limits known): answered 503 with `why`, not 404."""
 
     def remove(self, name: str) -> None: ...
 

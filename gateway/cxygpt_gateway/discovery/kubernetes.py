@@ -1,4 +1,4 @@
-"""Kubernetes discovery: watch ModelDeployments and their EndpointSlices, route to the Ready ones."""
+"""Kubernetes discovery: watch ModelDeployments and their EndpointSlices, route to every ready endpoint."""
 from __future__ import annotations
 
 import asyncio
@@ -11,7 +11,7 @@ import orjson
 from cxygpt_profiles import Limits
 from pydantic import ValidationError
 
-from .base import ModelSink, ModelSpec
+from .base import ModelSink, ModelSpec, Unavailable
 
 log = logging.getLogger("cxygpt.gateway.kubernetes")
 GROUP_VERSION = "cxygpt.io/v1alpha1"
@@ -20,10 +20,15 @@ WATCH_TIMEOUT_S = 300      # the server ends each watch after this; the loop re-
 INITIAL_SYNC_S = 10.0      # how long start() waits for the first lists before serving anyway
 MAX_BACKOFF_S = 30.0
 LIST_TIMEOUT_S = 30.0
+# what is watched: plural → (group/version, label selector)
+PLURALS = {"modeldeployments": (GROUP_VERSION, None),
+           "endpointslices": ("discovery.k8s.io/v1", SERVICE_NAME_LABEL)}
 
 
-def _endpoint_urls(slices: list[dict]) -> list[str]:
-    """Ready endpoints of a Service's EndpointSlices as base URLs (one per pod: the replicas)."""
+def ready_endpoint_urls(slices: list[dict]) -> list[str]:
+    """Base URLs (one per pod: the replicas) of the endpoints that take new requests. An endpoint that is not
+    ready, or is terminating, drains: it gets nothing new, and what it serves finishes (EndpointSlice API:
+    an absent `ready` means ready)."""
     urls = []
     for s in slices:
         ports = s.get("ports") or []
@@ -31,7 +36,8 @@ def _endpoint_urls(slices: list[dict]) -> list[str]:
         if not port:
             continue
         for endpoint in s.get("endpoints") or []:
-            if (endpoint.get("conditions") or {}).get("ready") is False:
+            conditions = endpoint.get("conditions") or {}
+            if conditions.get("ready") is False or conditions.get("terminating") is True:
                 continue
             for address in endpoint.get("addresses") or []:
                 host = f"[{address}]" if ":" in address else address
@@ -39,36 +45,75 @@ def _endpoint_urls(slices: list[dict]) -> list[str]:
     return sorted(set(urls))
 
 
-def spec_from_modeldeployment(md: dict, slices: list[dict]) -> ModelSpec | None:
-    """The route a ModelDeployment offers, or None while it is not Ready (or its status is unusable)."""
+def _condition(status: dict, type_: str) -> dict:
+    return next((c for c in status.get("conditions") or [] if c.get("type") == type_), {})
+
+
+def why_unavailable(md: dict) -> Unavailable:
+    """What a client is told while a ModelDeployment has no ready replica, from what its status says."""
+    spec, status = md.get("spec") or {}, md.get("status") or {}
+    name, phase = (spec.get("model") or {}).get("name"), status.get("phase")
+    ready = status.get("ready") or f"0/{spec.get('replicas', 1)}"
+    trouble = _condition(status, "Degraded").get("message") or _condition(status, "Available").get("message")
+    if spec.get("replicas") == 0 or phase == "ScaledToZero":
+        return Unavailable(f"model {name} is scaled to zero (spec.replicas is 0)", retry_after_s=30)
+    if phase == "Failed":
+        return Unavailable(f"model {name} cannot serve: {trouble or 'its ModelDeployment failed'}", retry_after_s=60)
+    if phase == "Pending":
+        return Unavailable(f"model {name} is waiting for a GPU node{f': {trouble}' if trouble else ''}",
+                           retry_after_s=30)
+    if phase == "Starting":
+        return Unavailable(f"model {name} is starting ({ready} replicas ready: loading the model)", retry_after_s=10)
+    if phase in ("Ready", "PartiallyReady"):
+        return Unavailable(f"model {name} is restarting: none of its replicas is ready right now", retry_after_s=5)
+    return Unavailable(f"model {name} is being set up (the operator has not reported on it yet)", retry_after_s=5)
+
+
+def _age(md: dict) -> tuple[str, str]:
+    meta = md.get("metadata") or {}
+    return meta.get("creationTimestamp") or "~", meta.get("uid") or ""  # RFC 3339 UTC sorts as text
+
+
+def name_owners(mds: dict[tuple[str, str], dict]) -> dict[str, tuple[str, str]]:
+    """Served model name → the ModelDeployment that owns it: the oldest (creationTimestamp, then uid), in any
+    namespace, as the operator decides; the others are conflicts and get no route."""
+    owners: dict[str, tuple[str, str]] = {}
+    for key, md in mds.items():
+        name = ((md.get("spec") or {}).get("model") or {}).get("name")
+        if name and (name not in owners or _age(md) < _age(mds[owners[name]])):
+            owners[name] = key
+    return owners
+
+
+def spec_from_modeldeployment(md: dict, slices: list[dict]) -> ModelSpec | Unavailable:
+    """The route a ModelDeployment offers (its ready endpoints, maybe none), or why it has none yet: no usable
+    status.limits (not reconciled, no profile, unusable)."""
     spec, status = md.get("spec") or {}, md.get("status") or {}
     name = (spec.get("model") or {}).get("name")
-    if status.get("phase") != "Ready" or not name or not status.get("endpoint") or not status.get("limits"):
-        return None
+    if not status.get("limits"):
+        return why_unavailable(md)
     try:
         limits = Limits.model_validate(status["limits"])
     except ValidationError as e:
         meta = md.get("metadata") or {}
         log.warning("ModelDeployment %s/%s: status.limits unusable: %s", meta.get("namespace"), meta.get("name"), e)
-        return None
-    urls = _endpoint_urls(slices) or [status["endpoint"].rstrip("/")]
+        return why_unavailable(md)
+    urls = ready_endpoint_urls(slices)
     return ModelSpec(name=name, urls=tuple(urls), limits=limits,
                      mode="single" if status.get("mode") == "single" else "multi", profile=status.get("profile"),
-                     fallback=spec.get("fallbackModel"))
+                     fallback=spec.get("fallbackModel"), unavailable=None if urls else why_unavailable(md))
 
 
-def desired_routes(mds: dict[tuple[str, str], dict], slices: dict[tuple[str, str], dict]) -> dict[str, ModelSpec]:
-    """Model name → spec for every Ready ModelDeployment (pure); slices are matched by Service name."""
+def desired_routes(mds: dict[tuple[str, str], dict],
+                   slices: dict[tuple[str, str], dict]) -> dict[str, ModelSpec | Unavailable]:
+    """Model name → its route, or why it has none, for every name a ModelDeployment serves (pure); routes go to
+    the name's owner only, and slices are matched to it by Service name (the ModelDeployment's name)."""
     by_service: dict[tuple[str, str], list[dict]] = {}
     for (namespace, _), s in slices.items():
         service = ((s.get("metadata") or {}).get("labels") or {}).get(SERVICE_NAME_LABEL)
         by_service.setdefault((namespace, service), []).append(s)
-    routes = {}
-    for key in sorted(mds):  # stable choice if two namespaces serve the same model name
-        spec = spec_from_modeldeployment(mds[key], by_service.get(key, []))
-        if spec is not None and spec.name not in routes:
-            routes[spec.name] = spec
-    return routes
+    return {name: spec_from_modeldeployment(mds[key], by_service.get(key, []))
+            for name, key in sorted(name_owners(mds).items())}
 
 
 class ApiServer:
@@ -113,27 +158,27 @@ class ApiServer:
 
 
 class KubernetesDiscovery:
-    def __init__(self, *, namespace: str | None = None, kubeconfig: str | None = None):
-        self.namespace, self.api = namespace, ApiServer(kubeconfig)
-        self.objects: dict[str, dict[tuple[str, str], dict]] = {"modeldeployments": {}, "endpointslices": {}}
+    """Lists and watches ModelDeployments and EndpointSlices in each watched namespace (or the whole cluster)."""
+
+    def __init__(self, *, namespaces: list[str] | tuple[str, ...] = (), kubeconfig: str | None = None):
+        self.namespaces, self.api = tuple(dict.fromkeys(namespaces)) or (None,), ApiServer(kubeconfig)
+        # (plural, namespace watched) → that list's objects by (namespace, name); each watch owns its own part
+        self.objects: dict[tuple[str, str | None], dict[tuple[str, str], dict]] = {
+            (plural, ns): {} for plural in PLURALS for ns in self.namespaces}
         self.published: set[str] = set()
         self.tasks: list[asyncio.Task] = []
         self.session: aiohttp.ClientSession | None = None
         self.sink: ModelSink | None = None
 
-    def _path(self, group_version: str, plural: str) -> str:
-        ns = f"/namespaces/{self.namespace}" if self.namespace else ""
+    def _path(self, group_version: str, plural: str, namespace: str | None) -> str:
+        ns = f"/namespaces/{namespace}" if namespace else ""
         return f"{self.api.host}/apis/{group_version}{ns}/{plural}"
 
     async def start(self, sink: ModelSink) -> None:
         self.sink = sink
         self.session = aiohttp.ClientSession(read_bufsize=1 << 20)
-        synced = {plural: asyncio.Event() for plural in self.objects}
-        self.tasks = [
-            asyncio.create_task(self._follow(GROUP_VERSION, "modeldeployments", None, synced["modeldeployments"])),
-            asyncio.create_task(self._follow("discovery.k8s.io/v1", "endpointslices", SERVICE_NAME_LABEL,
-                                             synced["endpointslices"])),
-        ]
+        synced = {part: asyncio.Event() for part in self.objects}
+        self.tasks = [asyncio.create_task(self._follow(plural, ns, synced[plural, ns])) for plural, ns in self.objects]
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(INITIAL_SYNC_S):
                 await asyncio.gather(*(e.wait() for e in synced.values()))
@@ -145,9 +190,10 @@ class KubernetesDiscovery:
         if self.session is not None:
             await self.session.close()
 
-    async def _follow(self, group_version: str, plural: str, selector: str | None, synced: asyncio.Event) -> None:
+    async def _follow(self, plural: str, namespace: str | None, synced: asyncio.Event) -> None:
         """List, then watch from the list's resourceVersion; start over after an error or expiry."""
-        url, backoff = self._path(group_version, plural), 1.0
+        group_version, selector = PLURALS[plural]
+        url, backoff, part = self._path(group_version, plural, namespace), 1.0, (plural, namespace)
         params = {"labelSelector": selector} if selector else {}
         while True:
             try:
@@ -155,22 +201,23 @@ class KubernetesDiscovery:
                                             timeout=aiohttp.ClientTimeout(total=LIST_TIMEOUT_S)) as r:
                     r.raise_for_status()
                     listed = orjson.loads(await r.read())
-                self.objects[plural] = {_key(o): o for o in listed.get("items") or []}
+                self.objects[part] = {_key(o): o for o in listed.get("items") or []}
                 self._publish()
                 synced.set()
                 version = (listed.get("metadata") or {}).get("resourceVersion")
-                await self._watch(url, plural, {**params, "watch": "true", "allowWatchBookmarks": "true",
-                                                 "timeoutSeconds": str(WATCH_TIMEOUT_S),
-                                                 **({"resourceVersion": version} if version else {})})
+                await self._watch(url, part, {**params, "watch": "true", "allowWatchBookmarks": "true",
+                                              "timeoutSeconds": str(WATCH_TIMEOUT_S),
+                                              **({"resourceVersion": version} if version else {})})
                 backoff = 1.0
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # API server away or answering nonsense: keep the last known routes
-                log.warning("watching %s failed, retrying in %.0f s: %s", plural, backoff, e)
+                log.warning("watching %s%s failed, retrying in %.0f s: %s", plural,
+                            f" in {namespace}" if namespace else "", backoff, e)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF_S)
 
-    async def _watch(self, url: str, plural: str, params: dict) -> None:
+    async def _watch(self, url: str, part: tuple[str, str | None], params: dict) -> None:
         timeout = aiohttp.ClientTimeout(total=None, sock_read=WATCH_TIMEOUT_S + 30)
         async with self.session.get(url, params=params, timeout=timeout, ssl=self.api.ssl_context(),
                                     headers=self.api.headers()) as r:
@@ -183,19 +230,29 @@ class KubernetesDiscovery:
                 if kind == "ERROR":  # e.g. 410 Gone: our resourceVersion expired; re-list
                     raise RuntimeError(f"watch error: {obj.get('message') or obj}")
                 if kind in ("ADDED", "MODIFIED"):
-                    self.objects[plural][_key(obj)] = obj
+                    self.objects[part][_key(obj)] = obj
                 elif kind == "DELETED":
-                    self.objects[plural].pop(_key(obj), None)
+                    self.objects[part].pop(_key(obj), None)
                 else:
                     continue  # BOOKMARK
                 self._publish()
 
+    def _all(self, plural: str) -> dict[tuple[str, str], dict]:
+        merged: dict[tuple[str, str], dict] = {}
+        for (p, _), objects in self.objects.items():
+            if p == plural:
+                merged.update(objects)
+        return merged
+
     def _publish(self) -> None:
-        routes = desired_routes(self.objects["modeldeployments"], self.objects["endpointslices"])
+        routes = desired_routes(self._all("modeldeployments"), self._all("endpointslices"))
         for name in self.published - routes.keys():
             self.sink.remove(name)
-        for spec in routes.values():
-            self.sink.upsert(spec)
+        for name, route in routes.items():
+            if isinstance(route, Unavailable):
+                self.sink.reserve(name, route)
+            else:
+                self.sink.upsert(route)
         self.published = set(routes)
 
 

@@ -1,0 +1,89 @@
+"""Kubernetes discovery's pure part: ready endpoints, name ownership across namespaces, and why a model has none."""
+from __future__ import annotations
+
+from cxygpt_profiles import default_table
+
+from cxygpt_gateway.discovery.base import ModelSpec, Unavailable
+from cxygpt_gateway.discovery.kubernetes import desired_routes, name_owners, ready_endpoint_urls, why_unavailable
+
+
+def modeldeployment(name="qwen3-14b", phase="Ready", namespace="llm", *, served=None, created="2026-12-01T10:00:00Z",
+                    uid="u1", replicas=1, **status):
+    limits = default_table().get("DEV_32G").limits.model_dump(by_alias=True)
+    return {"metadata": {"name": name, "namespace": namespace, "creationTimestamp": created, "uid": uid},
+            "spec": {"model": {"name": served or name}, "fallbackModel": "small", "replicas": replicas},
+            "status": {"phase": phase, "mode": "multi", "profile": "DEV_32G", "limits": limits,
+                       "endpoint": f"http://{name}.{namespace}.svc:8000", **status}}
+
+
+def endpointslice(service, namespace="llm", port=8000, endpoints=()):
+    return {"metadata": {"name": f"{service}-x", "namespace": namespace,
+                         "labels": {"kubernetes.io/service-name": service}},
+            "ports": [{"port": port}], "endpoints": list(endpoints)}
+
+
+def test_every_ready_endpoint_serves_and_not_ready_or_terminating_ones_drain():
+    slices = [endpointslice("m", endpoints=[
+        {"addresses": ["10.0.0.2"], "conditions": {"ready": True}},
+        {"addresses": ["10.0.0.1"]},  # no conditions: ready, as the EndpointSlice API says
+        {"addresses": ["10.0.0.3"], "conditions": {"ready": False}},
+        {"addresses": ["10.0.0.4"], "conditions": {"ready": False, "serving": True, "terminating": True}},
+        {"addresses": ["10.0.0.5"], "conditions": {"serving": True, "terminating": True}},
+        {"addresses": ["fd00::1"], "conditions": {"ready": True}}])]
+    assert ready_endpoint_urls(slices) == ["http://10.0.0.1:8000", "http://10.0.0.2:8000", "http://[fd00::1]:8000"]
+
+
+def test_a_model_routes_to_its_ready_endpoints_whatever_its_phase():
+    one_ready = {("llm", "s"): endpointslice("qwen3-14b", endpoints=[
+        {"addresses": ["10.0.0.1"], "conditions": {"ready": True}},
+        {"addresses": ["10.0.0.2"], "conditions": {"ready": False}}])}
+    for phase in ("PartiallyReady", "Ready", "Starting", "Failed"):  # e.g. a rollout: 1 of 2 serves
+        mds = {("llm", "qwen3-14b"): modeldeployment(phase=phase)}
+        spec = desired_routes(mds, one_ready)["qwen3-14b"]
+        assert isinstance(spec, ModelSpec)
+        assert (spec.urls, spec.fallback, spec.limits.max_output_tokens, spec.unavailable) == (
+            ("http://10.0.0.1:8000",), "small", 256, None)
+
+
+def test_the_service_address_is_never_a_route():
+    spec = desired_routes({("llm", "m"): modeldeployment("m")}, {})["m"]
+    assert spec.urls == () and "restarting" in spec.unavailable.message
+
+
+def test_a_model_with_no_ready_replica_says_why():
+    cases = {
+        "Starting": ("is starting", 10), "PartiallyReady": ("is restarting", 5), "Ready": ("is restarting", 5),
+        "Pending": ("waiting for a GPU node", 30), "Failed": ("cannot serve", 60), "ScaledToZero": ("scaled to zero", 30),
+    }
+    for phase, (words, retry) in cases.items():
+        why = why_unavailable(modeldeployment(phase=phase, conditions=[
+            {"type": "Degraded", "status": "True", "reason": "EngineCrashLoop", "message": "exit code 2: bad flag"}]))
+        assert words in why.message and why.retry_after_s == retry, (phase, why)
+    assert "exit code 2: bad flag" in why_unavailable(modeldeployment(phase="Failed", conditions=[
+        {"type": "Degraded", "status": "True", "message": "exit code 2: bad flag"}])).message
+    assert "scaled to zero" in why_unavailable(modeldeployment(phase="Ready", replicas=0)).message
+    assert "being set up" in why_unavailable({"spec": {"model": {"name": "m"}}}).message
+
+
+def test_a_name_without_usable_limits_is_reserved_not_routed():
+    unreconciled = {"metadata": {"name": "m", "namespace": "llm"}, "spec": {"model": {"name": "m"}}}
+    broken = modeldeployment("b", limits={"maxInputTokens": "many"})
+    routes = desired_routes({("llm", "m"): unreconciled, ("llm", "b"): broken}, {})
+    assert isinstance(routes["m"], Unavailable) and isinstance(routes["b"], Unavailable)
+
+
+def test_the_oldest_modeldeployment_owns_a_served_name_in_any_namespace():
+    # the alphabetically first namespace used to win; age decides now, then uid
+    newer = modeldeployment("chat", namespace="a-tenant", served="shared", created="2026-12-01T10:00:05Z", uid="z")
+    older = modeldeployment("chat", namespace="b-tenant", served="shared", created="2026-12-01T10:00:00Z", uid="y")
+    mds = {("a-tenant", "chat"): newer, ("b-tenant", "chat"): older}
+    assert name_owners(mds) == {"shared": ("b-tenant", "chat")}
+    slices = {("a-tenant", "s"): endpointslice("chat", namespace="a-tenant", port=1,
+                                                 endpoints=[{"addresses": ["10.0.0.1"]}]),
+              ("b-tenant", "s"): endpointslice("chat", namespace="b-tenant", port=2,
+                                                 endpoints=[{"addresses": ["10.0.0.2"]}])}
+    assert desired_routes(mds, slices)["shared"].urls == ("http://10.0.0.2:2",)  # the owner's engines only
+    twin = modeldeployment("chat", namespace="c-tenant", served="shared", created="2026-12-01T10:00:00Z", uid="x")
+    assert name_owners({**mds, ("c-tenant", "chat"): twin}) == {"shared": ("c-tenant", "chat")}  # same second: uid
+    del mds["b-tenant", "chat"]
+    assert name_owners(mds) == {"shared": ("a-tenant", "chat")}  # the owner gone: the next oldest
