@@ -30,21 +30,33 @@ async def test_a_region_that_runs_over_ends_in_timeout_and_one_that_ends_in_time
     assert len(deadlines) == 0
 
 
+def recorder(loop, fired: list, done: asyncio.Future | None = None):
+    """A callback factory: each call records its name and the loop time; `done` resolves on the named last one."""
+    def make(name, last=False):
+        def callback():
+            fired.append((name, loop.time()))
+            if last:
+                done.set_result(None)
+        return callback
+    return make
+
+
 @on_both_loops
 async def test_entries_fire_in_time_order_and_cancelled_ones_never():
     loop = asyncio.get_running_loop()
-    deadlines, fired = Deadlines(loop), []
+    deadlines, fired, done = Deadlines(loop), [], loop.create_future()
+    on = recorder(loop, fired, done)
     now = loop.time()
-    late = deadlines.call_at(now + 0.08, lambda: fired.append("late"))
-    deadlines.call_at(now + 0.05, lambda: fired.append("middle"))
-    gone = deadlines.call_at(now + 0.03, lambda: fired.append("cancelled"))
-    deadlines.call_at(now + 0.01, lambda: fired.append("early"))  # earlier than the timer's aim: it is re-aimed
+    late = deadlines.call_at(now + 0.6, on("late", last=True))
+    deadlines.call_at(now + 0.05, on("middle"))
+    gone = deadlines.call_at(now + 0.03, on("cancelled"))
+    deadlines.call_at(now + 0.01, on("early"))  # earlier than the timer's aim: it is re-aimed
     deadlines.cancel(gone)
     deadlines.cancel(gone)  # idempotent
-    await asyncio.sleep(0.035)
-    assert fired == ["early"]
-    await asyncio.sleep(0.07)
-    assert fired == ["early", "middle", "late"] and len(deadlines) == 0
+    await asyncio.wait_for(done, 5)  # the event itself, not a guess of how long it takes
+    assert [name for name, _ in fired] == ["early", "middle", "late"] and len(deadlines) == 0
+    assert fired[0][1] < now + 0.6  # re-aimed: the early one did not wait for the timer's first aim
+    assert all(at >= due for (_, at), due in zip(fired, (now + 0.01, now + 0.05, now + 0.6)))  # never early
     deadlines.cancel(late)  # too late: nothing happens
     assert len(deadlines) == 0
 
@@ -52,13 +64,13 @@ async def test_entries_fire_in_time_order_and_cancelled_ones_never():
 @on_both_loops
 async def test_cancelled_entries_do_not_pile_up():
     loop = asyncio.get_running_loop()
-    deadlines, fired = Deadlines(loop), []
-    keep = deadlines.call_at(loop.time() + 0.05, lambda: fired.append("kept"))
+    deadlines, fired, done = Deadlines(loop), [], loop.create_future()
+    keep = deadlines.call_at(loop.time() + 0.05, recorder(loop, fired, done)("kept", last=True))
     for _ in range(10_000):  # requests that end long before their timeout
         deadlines.cancel(deadlines.call_at(loop.time() + 600, fired.append))
     assert len(deadlines) == 1 and len(deadlines._heap) <= SWEEP_SLACK + 2 + 1
-    await asyncio.sleep(0.08)
-    assert fired == ["kept"] and keep[2] is None
+    await asyncio.wait_for(done, 5)
+    assert [name for name, _ in fired] == ["kept"] and keep[2] is None
 
 
 @on_both_loops
@@ -70,7 +82,8 @@ async def test_someone_elses_cancel_goes_on_as_a_cancel():
             await asyncio.sleep(1)
 
     task = asyncio.ensure_future(guarded())
-    await asyncio.sleep(0.01)
+    while len(deadlines) == 0:  # until the region has armed its deadline
+        await asyncio.sleep(0)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
