@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.resources
 import logging
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -11,8 +12,10 @@ import aiohttp
 from cxygpt_profiles import ProfileTable, load_table
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
-from starlette.responses import Response
+from starlette.responses import HTMLResponse, Response
 
 from .admission.auth import KeyStore
 from .admission.ratelimit import RateLimiter, open_windows
@@ -123,14 +126,38 @@ def create_app(settings: GatewaySettings, *, table: ProfileTable | None = None,
                 gw.upstream.pool.close()
                 gw.request_log.close()
 
-    app = GatewayApp(title="CxyGPT gateway", version="0.1.0", lifespan=lifespan,
-                  description="One OpenAI-compatible endpoint in front of every self-hosted model.")
+    app = GatewayApp(title="CxyGPT gateway", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
+                     description="One OpenAI-compatible endpoint in front of every self-hosted model.")
     app.state.gateway = gw
+    install_docs(app)
     app.include_router(openai.router)
     app.include_router(limits.router)
     app.include_router(health.router)
     install_error_handlers(app)
     return app
+
+
+# Swagger UI and ReDoc as fastapi-offline ships them (pinned): /docs works on a cluster with no internet
+DOCS_ASSETS = importlib.resources.files("fastapi_offline") / "static"
+
+
+def install_docs(app: FastAPI) -> None:
+    app.mount("/docs/assets", StaticFiles(directory=str(DOCS_ASSETS)), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")
+        return get_swagger_ui_html(openapi_url=f"{root}{app.openapi_url}", title=f"{app.title} - Swagger UI",
+                                   swagger_js_url=f"{root}/docs/assets/swagger-ui-bundle.js",
+                                   swagger_css_url=f"{root}/docs/assets/swagger-ui.css",
+                                   swagger_favicon_url=f"{root}/docs/assets/favicon.png")
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")
+        return get_redoc_html(openapi_url=f"{root}{app.openapi_url}", title=f"{app.title} - ReDoc",
+                              redoc_js_url=f"{root}/docs/assets/redoc.standalone.js",
+                              redoc_favicon_url=f"{root}/docs/assets/favicon.png", with_google_fonts=False)
 
 
 def error_response(request: Request, error: GatewayError) -> Response:
