@@ -77,10 +77,13 @@ def _storage(spec: ModelSpec, weights: str) -> tuple[str, list[dict], list[dict]
     scheme, _, rest = uri.partition("://")
     cache = ({"name": "model-cache", "persistentVolumeClaim": {"claimName": spec.cache_claim}} if spec.cache_claim
              else {"name": "model-cache", "emptyDir": {}})
-    # HOME holds the caches vLLM's libraries write (compile, Triton, FlashInfer), so a non-root uid can run it
-    volumes = [cache, {"name": "engine-home", "emptyDir": {}}]
-    mounts = [{"name": "model-cache", "mountPath": CACHE_MOUNT}, {"name": "engine-home", "mountPath": HOME_MOUNT}]
-    env = [{"name": "HF_HOME", "value": f"{CACHE_MOUNT}/huggingface"}, {"name": "HOME", "value": HOME_MOUNT}]
+    volumes, mounts = [cache], [{"name": "model-cache", "mountPath": CACHE_MOUNT}]
+    env = [{"name": "HF_HOME", "value": f"{CACHE_MOUNT}/huggingface"}]
+    if spec.engine_kind == "vllm":
+        # HOME holds the caches vLLM's libraries write (compile, Triton, FlashInfer), so a non-root uid can run it
+        volumes.append({"name": "engine-home", "emptyDir": {}})
+        mounts.append({"name": "engine-home", "mountPath": HOME_MOUNT})
+        env.append({"name": "HOME", "value": HOME_MOUNT})
     if scheme == "pvc":
         claim, _, path = rest.partition("/")
         volumes.append({"name": "model-weights", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})

@@ -91,7 +91,7 @@ def model_names(meta, spec, namespace: str, name: str, **_):
     """Served name → the claims on it. A model being deleted claims nothing: its name passes to the next."""
     served = (spec.get("model") or {}).get("name")
     if not served or meta.get("deletionTimestamp"):
-        return None
+        return {}  # replaces this object's entries (None would keep the old ones)
     return {served: NameClaim(meta.get("creationTimestamp") or "", meta.get("uid") or "", namespace, name)}
 
 

@@ -415,3 +415,50 @@ def test_the_oldest_claim_owns_a_name_then_the_smallest_uid():
     c = NameClaim("2026-11-21T00:00:01Z", "a-uid", "team-a", "chat")
     assert name_owner([a, b, c]) == c and name_owner([a, b]) == b and name_owner([]) is None
     assert c.ref == "team-a/chat"
+
+
+# --- reconcile against a Kube that rejects the Deployment (the in-memory API validates no built-in kinds) ----------
+
+class _RejectingKube:
+    def __init__(self):
+        self.statuses, self.applied = [], []
+
+    def get_deployment(self, namespace, name):
+        return None
+
+    get_service = get_network_policy = get_deployment
+
+    def list_pods(self, namespace, selector):
+        return []
+
+    def apply_deployment(self, body):
+        from kubernetes.client.rest import ApiException
+        error = ApiException(status=422, reason="Unprocessable Entity")
+        error.body = '{"kind": "Status", "message": "Deployment.apps \\"qwen3-14b\\" is invalid: spec.template.spec.containers[0].lifecycle.preStop.sleep: Forbidden: feature gate PodLifecycleSleepAction is off"}'
+        raise error
+
+    def apply_service(self, body):
+        self.applied.append(body["kind"])
+        return body
+
+    apply_network_policy = apply_service
+
+    def patch_status(self, namespace, name, patch):
+        self.statuses.append(patch)
+
+
+def test_a_rejected_deployment_fails_with_the_api_servers_message():
+    import asyncio
+    import logging
+    from cxygpt_operator.reconcile import CannotRun, Context, reconcile
+    kube = _RejectingKube()
+    body = {"metadata": {"name": OWNER.name, "namespace": OWNER.namespace, "uid": OWNER.uid, "generation": 1},
+            "spec": EXAMPLE["spec"]}
+    ctx = Context(table=TABLE, catalog=CATALOG, kube=kube, images=IMAGES)
+    with pytest.raises(CannotRun) as failed:
+        asyncio.run(reconcile(body, [H100], ctx, logging.getLogger("test")))
+    status = failed.value.status
+    assert status["phase"] == "Failed" and failed.value.retry == 300
+    assert _cond(status, "Degraded")["reason"] == "DeploymentRejected"
+    assert "feature gate PodLifecycleSleepAction is off" in _cond(status, "Degraded")["message"]
+    assert kube.statuses == [status] and kube.applied == ["Service", "NetworkPolicy"]
