@@ -220,6 +220,15 @@ def test_bad_specs_are_rejected_or_explained(cluster):
     typo = md("typo")
     typo["spec"]["modee"] = "single"
     assert "'modee' was unexpected" in cluster.apply(typo, check=False).stderr
+    hostile = md("hostile", engine={"args": ["--port=9000", "--trust-remote-code"],
+                                    "env": [{"name": "LD_PRELOAD", "value": "/tmp/x.so"}]})
+    out = cluster.apply(hostile, check=False)
+    assert out.returncode != 0
+    for message in ("--port, --host, --served-model-name and --model are set by the operator",
+                    "set spec.engine.trustRemoteCode: true", "LD_* loader variables"):
+        assert message in out.stderr, out.stderr
+    assert "spec.replicas: Invalid value: 100000 is greater than the maximum of 64" in \
+        cluster.apply(md("many", replicas=100000), check=False).stderr
 
     # valid but impossible: a forced profile the weights cannot fit
     cluster.apply(md("huge", mode="single", profile="SINGLE_32G", source="hf://Qwen/Qwen3-32B", int4=False))
@@ -357,7 +366,7 @@ def test_pods_drive_availability_crash_loops_fail_loudly(cluster):
 def test_the_oldest_model_owns_a_served_name(cluster):
     cluster.add_node("gpu-80g")
     cluster.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "team-b"}})
-    cluster.start_operator()
+    cluster.start_operator("--no-network-policy")
     cluster.apply(md("first"))
     first = cluster.wait_status("first", lambda s: s.get("phase") == "Starting")
     wait_until(lambda: cluster.md("first")["metadata"]["creationTimestamp"] < _utc_now(), what="the next second")
@@ -369,6 +378,7 @@ def test_the_oldest_model_owns_a_served_name(cluster):
     degraded = next(c for c in status["conditions"] if c["type"] == "Degraded")
     assert degraded["reason"] == "ModelNameConflict" and "default/first" in degraded["message"]
     assert cluster.kubectl("get", "deployments", "-n", "team-b", "-o", "name").stdout.strip() == ""
+    assert cluster.kubectl("get", "networkpolicies", "-A", "-o", "name").stdout.strip() == ""  # --no-network-policy
     assert cluster.wait_status("first", lambda s: s.get("phase") == "Starting") == first
 
     # the owner goes: the name passes to the next oldest, which now gets its engine objects
