@@ -13,7 +13,8 @@ MAX_REPLICAS = 64  # the CRD's maximum, repeated for specs applied without the s
 ROLLOUT_STRATEGIES = ("Surge", "InPlace")
 
 # Arguments that wire the engine to its Service and the gateway: an override gives an engine that reports
-# Ready and never answers. vLLM's parser reads `_` as `-` in flag names, so both spellings are refused.
+# Ready and never answers. vLLM's parser reads `_` as `-` in flag names and, being argparse, expands an
+# abbreviation (--served-model) to the one flag it starts: those spellings are refused too.
 OWNED_ARGS = ("port", "host", "served-model-name", "model")
 REMOTE_CODE_ARG = "trust-remote-code"
 # Environment the operator sets itself, and variables that change what code the process loads (the dynamic
@@ -69,9 +70,11 @@ def _flag_name(arg: str) -> str | None:
 def refused_arg(arg: str, trust_remote_code: bool) -> str | None:
     """Why an extra engine argument is refused, or None (the CRD's CEL rules say the same)."""
     name = _flag_name(arg)
-    if name in OWNED_ARGS:
-        return f"--{name} is set by the operator (it wires the engine to its Service and the gateway)"
-    if name == REMOTE_CODE_ARG and not trust_remote_code:
+    if not name:
+        return None
+    if owned := next((flag for flag in OWNED_ARGS if flag.startswith(name)), None):
+        return f"--{owned} is set by the operator (it wires the engine to its Service and the gateway)"
+    if REMOTE_CODE_ARG.startswith(name) and not trust_remote_code:
         return "--trust-remote-code runs code from the model repository: set spec.engine.trustRemoteCode: true"
     return None
 

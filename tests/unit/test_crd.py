@@ -122,9 +122,32 @@ def test_remote_code_needs_the_explicit_field():
     assert VALIDATOR.check(_engine(trustRemoteCode=True))[1] == []
 
 
+def _spellings(flag):
+    """Every spelling vLLM's parser takes for `flag`: each abbreviation, with `-` or `_`, bare or with =value."""
+    for end in range(1, len(flag) + 1):
+        for name in {flag[:end], flag[:end].replace("-", "_")}:
+            yield f"--{name}"
+            yield f"--{name}=x"
+
+
+@pytest.mark.parametrize("flag", ["port", "host", "served-model-name", "model"])
+def test_owned_args_are_refused_in_every_spelling_as_parse_spec_does(flag):
+    from cxygpt_operator.resolve import refused_arg
+    for arg in _spellings(flag):
+        assert VALIDATOR.check(_engine(args=[arg]))[1], arg
+        assert refused_arg(arg, trust_remote_code=True), arg
+    for arg in _spellings("trust-remote-code"):
+        assert VALIDATOR.check(_engine(args=[arg]))[1] and refused_arg(arg, trust_remote_code=False), arg
+        assert VALIDATOR.check(_engine(args=[arg], trustRemoteCode=True))[1] == [] and not refused_arg(arg, True), arg
+
+
 def test_other_args_pass():
-    ok = ["--enable-prefix-caching", "--max-model-len", "8192", "--model-loader-extra-config={}", "--hostname-x"]
+    ok = ["--enable-prefix-caching", "--max-model-len", "8192", "--model-loader-extra-config={}", "--hostname-x",
+          "--tensor-parallel-size", "2", "--seed", "1", "--hf-token", "x", "--tokenizer", "t", "--trust-request-chat-template",
+          "-O3", "8192", "--served-model-names", "--ports"]
+    from cxygpt_operator.resolve import refused_arg
     assert VALIDATOR.check(_engine(args=ok))[1] == []
+    assert [a for a in ok if refused_arg(a, trust_remote_code=False)] == []
 
 
 @pytest.mark.parametrize("env, message", [
