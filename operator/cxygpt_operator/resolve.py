@@ -126,13 +126,13 @@ def parse_spec(spec: dict) -> ModelSpec:
         trust_remote_code=engine.get("trustRemoteCode") is True, rollout=rollout)
 
 
-def _human_int(text: str) -> int | None:
-    """vLLM's human-readable integers: 8k = 8000, 8K = 8192 (and m/M)."""
+def _positive_int(text: str) -> int | None:
+    """vLLM's human-readable integers (8k = 8000, 8K = 8192, and m/M), when above 0."""
     match = re.fullmatch(r"(\d+)([kKmM]?)", text)
     if not match:
         return None
-    scale = {"": 1, "k": 10**3, "K": 2**10, "m": 10**6, "M": 2**20}[match[2]]
-    return int(match[1]) * scale
+    value = int(match[1]) * {"": 1, "k": 10**3, "K": 2**10, "m": 10**6, "M": 2**20}[match[2]]
+    return value or None
 
 
 def _positive_float(text: str) -> float | None:
@@ -145,8 +145,8 @@ def _positive_float(text: str) -> float | None:
 
 # engine flags the fit estimate and the limits depend on → (profile engine field, parser of a usable value)
 _ESTIMATED_FLAGS = {
-    "max-model-len": ("max_model_len", lambda v: n if (n := _human_int(v)) else None),
-    "max-num-seqs": ("max_num_seqs", lambda v: n if (n := _human_int(v)) else None),
+    "max-model-len": ("max_model_len", _positive_int),
+    "max-num-seqs": ("max_num_seqs", _positive_int),
     "gpu-memory-utilization": ("gpu_memory_utilization", _positive_float),
     "kv-cache-dtype": ("kv_cache_dtype", lambda v: v or None),
 }

@@ -105,7 +105,7 @@ def test_engine_overrides_read_every_spelling_and_skip_values_the_engine_refuses
                              "--enable-prefix-caching")) == {
         "max_model_len": 8000, "max_num_seqs": 16, "gpu_memory_utilization": 0.8}
     assert engine_overrides(("--max-model-len=32K",)) == {"max_model_len": 32768}
-    assert engine_overrides(("--max-num-seqs", "-5", "--gpu-memory-utilization", "2")) == {}
+    assert engine_overrides(("--max-num-seqs", "-5", "--gpu-memory-utilization", "2", "--max-model-len=0")) == {}
     assert engine_overrides(("--max-model-len", "4096", "--max-model-len", "nope")) == {}  # the last one wins
 
 
