@@ -446,12 +446,9 @@ def build_failed_status(owner: Owner, previous: dict, reason: str, message: str,
         _condition("Degraded", True, reason, message, gen, before, now)]}
 
 
-def new_failure(previous: dict, status: dict) -> tuple[str, str] | None:
-    """(reason, message) of a failure this status shows and the previous one did not (an Event and a count)."""
-    def degraded(s: dict) -> tuple[str, str] | None:
-        cond = next((c for c in s.get("conditions") or [] if c.get("type") == "Degraded"), None)
-        if cond and cond.get("status") == "True" and cond.get("reason") in FAILURE_REASONS:
-            return cond["reason"], cond.get("message", "")
-        return None
-    now = degraded(status)
-    return now if now and (degraded(previous) or (None,))[0] != now[0] else None
+def failure_of(status: dict) -> tuple[str, str] | None:
+    """(reason, message) of the failure a status shows (Degraded with a failure reason), else None."""
+    cond = next((c for c in status.get("conditions") or [] if c.get("type") == "Degraded"), None)
+    if cond and cond.get("status") == "True" and cond.get("reason") in FAILURE_REASONS:
+        return cond["reason"], cond.get("message", "")
+    return None

@@ -13,7 +13,7 @@ import urllib3
 from kubernetes.client.rest import ApiException
 
 from . import GROUP, MANAGER, PLURAL, VERSION
-from .build import MODEL_DEPLOYMENT_LABEL, new_failure
+from .build import MODEL_DEPLOYMENT_LABEL, failure_of
 from .metrics import OperatorMetrics
 from .nodes import gpu_node
 from .reconcile import CannotRun, Context, NotYet, reconcile
@@ -30,6 +30,9 @@ class Shared:
     reconciled_generation: dict = field(default_factory=dict)
     inventory: list | None = None
     served_names: dict = field(default_factory=dict)  # (namespace, name) -> spec.model.name last seen
+    # (namespace, name) -> the failure reason last reported: our status write may reach the body after the
+    # next reconcile starts, so the body's status cannot tell a new failure from one already reported
+    reported_failures: dict = field(default_factory=dict)
     metrics: OperatorMetrics = field(default_factory=OperatorMetrics)
 
     def wake(self, key) -> None:
@@ -129,13 +132,15 @@ def model_deployment_changed(memo: kopf.Memo, event, namespace: str, name: str, 
                 shared.wake(other)
 
 
-def _report_failure(body: dict, status: dict, metrics: OperatorMetrics) -> None:
-    """A failure the model did not show before: a Warning Event on it (kubectl describe) and a count."""
-    failure = new_failure(body.get("status") or {}, status)
-    if failure:
-        reason, message = failure
-        metrics.failures.labels(reason).inc()
-        kopf.warn(body, reason=reason, message=message)
+def _report_failure(shared: Shared, key, body: dict, status: dict) -> None:
+    """A failure the model did not show before: a Warning Event on it (kubectl describe) and a count. Before
+    the first report, the stored status says what was shown (an operator restart reports nothing twice)."""
+    before = shared.reported_failures[key] if key in shared.reported_failures else failure_of(body.get("status") or {})
+    failure = failure_of(status)
+    if failure and (before is None or before[0] != failure[0]):
+        shared.metrics.failures.labels(failure[0]).inc()
+        kopf.warn(body, reason=failure[0], message=failure[1])
+    shared.reported_failures[key] = failure
 
 
 def _backoff(failures_before: int) -> float:
@@ -191,12 +196,13 @@ async def keep_reconciled(stopped, namespace: str, name: str, body: kopf.Body, m
             metrics.reconciles.labels(result).inc()
             if status is not None:
                 metrics.model_seen(key, snapshot, status)
-                _report_failure(snapshot, status, metrics)
+                _report_failure(shared, key, snapshot, status)
             shared.reconciled_generation[key] = snapshot["metadata"].get("generation")
             await _sleep(wake, stopped, delay)
     finally:
         shared.wakeups.pop(key, None)
         shared.reconciled_generation.pop(key, None)
+        shared.reported_failures.pop(key, None)
         metrics.model_gone(key)
 
 

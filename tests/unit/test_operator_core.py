@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from cxygpt_operator.build import (CONFIG_HASH, EngineImages, Owner, build_deployment, build_failed_status,
-                                   build_network_policy, build_service, build_status, new_failure)
+                                   build_network_policy, build_service, build_status, failure_of)
 from cxygpt_operator.nodes import gpu_node
 from cxygpt_operator.reconcile import status_patch
 from cxygpt_operator.resolve import (NameClaim, SpecError, engine_overrides, model_facts, name_owner, parse_spec,
@@ -401,12 +401,12 @@ def test_requested_gpus_beyond_the_fitting_nodes_are_a_warning():
     assert "warning" not in _cond(_status(sel, deployment=DEP, spec=spec, schedulable=3), "ProfileSelected")["message"]
 
 
-def test_a_failure_is_new_once():
+def test_a_failure_is_read_from_degraded_with_a_failure_reason_only():
     sel = _sel(_spec())
-    first = _status(sel, deployment=DEP, pods=[_pod("a", crash=1)])
-    assert new_failure({}, first) == ("EngineCrashLoop", _cond(first, "Degraded")["message"])
-    assert new_failure(first, _status(sel, deployment=DEP, pods=[_pod("a", crash=1)], previous=first)) is None
-    assert new_failure(first, _status(sel, deployment=DEP, pods=[_pod("a", ready=True)], previous=first)) is None
+    crashing = _status(sel, deployment=DEP, pods=[_pod("a", crash=1)])
+    assert failure_of(crashing) == ("EngineCrashLoop", _cond(crashing, "Degraded")["message"])
+    assert failure_of(_status(sel, deployment=DEP, pods=[_pod("a", ready=True)])) is None
+    assert failure_of({}) is None
 
 
 def test_the_oldest_claim_owns_a_name_then_the_smallest_uid():
