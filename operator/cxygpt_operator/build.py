@@ -1,4 +1,4 @@
-"""Manifests and status (pure): a decision → engine Deployment, Service and ModelDeployment status."""
+"""Manifests and status (pure): a decision → engine Deployment, Service, NetworkPolicy and ModelDeployment status."""
 from __future__ import annotations
 
 import hashlib
@@ -15,6 +15,21 @@ CONFIG_HASH = f"{GROUP}/config-hash"
 MODEL_DEPLOYMENT_LABEL = f"{GROUP}/model-deployment"
 CACHE_MOUNT = "/models/cache"
 WEIGHTS_MOUNT = "/models/weights"
+HOME_MOUNT = "/home/engine"
+ENGINE_ACCESS_LABEL = f"{GROUP}/engine-access"
+# vLLM's image has no user of its own: any uid runs it once HOME (its libraries' caches) is writable
+ENGINE_UID = 1000
+MAX_DRAIN_S = 600
+# per GPU, for a vLLM engine whose profile names none: the API server, the engine core and its tokenizer
+# processes, and the host memory that loading safetensors passes through
+VLLM_CPU_PER_GPU = 4
+VLLM_MEMORY_GIB_PER_GPU = 16
+ROLLING_UPDATES = {
+    # a new pod is ready before an old one goes: needs one replica's GPUs free during the rollout
+    "Surge": {"maxSurge": 1, "maxUnavailable": 0},
+    # an old pod goes first, its GPUs take the new one: no spare GPUs needed, one replica fewer meanwhile
+    "InPlace": {"maxSurge": 0, "maxUnavailable": 1},
+}
 
 
 @dataclass(frozen=True)
@@ -64,10 +79,16 @@ def _storage(spec: ModelSpec, weights: str) -> tuple[str, list[dict], list[dict]
              else {"name": "model-cache", "emptyDir": {}})
     volumes, mounts = [cache], [{"name": "model-cache", "mountPath": CACHE_MOUNT}]
     env = [{"name": "HF_HOME", "value": f"{CACHE_MOUNT}/huggingface"}]
+    if spec.engine_kind == "vllm":
+        # HOME holds the caches vLLM's libraries write (compile, Triton, FlashInfer), so a non-root uid can run it
+        volumes.append({"name": "engine-home", "emptyDir": {}})
+        mounts.append({"name": "engine-home", "mountPath": HOME_MOUNT})
+        env.append({"name": "HOME", "value": HOME_MOUNT})
     if scheme == "pvc":
         claim, _, path = rest.partition("/")
         volumes.append({"name": "model-weights", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
         mounts.append({"name": "model-weights", "mountPath": WEIGHTS_MOUNT, "readOnly": True})
+        env.append({"name": "HF_HUB_OFFLINE", "value": "1"})  # the weights are local: never reach for the Hub
         return f"{WEIGHTS_MOUNT}/{path}", volumes, mounts, env
     return rest, volumes, mounts, env
 
@@ -99,26 +120,48 @@ def engine_command(spec: ModelSpec, table: ProfileTable) -> list[str]:
     return list(table.vllm.command) if spec.engine_kind == "vllm" else ["cxygpt-sim", "serve"]
 
 
+def drain_seconds(sel: Selection) -> int:
+    """How long a terminating engine keeps serving its requests in flight: the longest request the gateway allows."""
+    return min(int(sel.limits.timeouts.total_s), MAX_DRAIN_S)
+
+
+def _resources(spec: ModelSpec, sel: Selection) -> dict:
+    if spec.engine_kind == "sim":
+        return {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}}
+    gpus = sel.gpu_count
+    # no CPU limit: throttling an engine shows up as latency; memory is requested, not capped (loading peaks)
+    return {"requests": {GPU_RESOURCE: str(gpus), "cpu": str(VLLM_CPU_PER_GPU * gpus),
+                         "memory": f"{VLLM_MEMORY_GIB_PER_GPU * gpus}Gi"},
+            "limits": {GPU_RESOURCE: str(gpus)}}
+
+
 def build_deployment(owner: Owner, spec: ModelSpec, sel: Selection, table: ProfileTable, images: EngineImages) -> dict:
     port = table.vllm.port
     model, volumes, mounts, env = _storage(spec, sel.profile.weights)
-    args = engine_args(sel, model=model, served_name=spec.served_name, port=port) + list(spec.extra_args)
+    args = engine_args(sel, model=model, served_name=spec.served_name, port=port)
+    if spec.trust_remote_code:
+        args.append("--trust-remote-code")
+    args += list(spec.extra_args)
     if spec.engine_kind == "sim":
         # the simulator sizes its KV budget like the GPU it stands in for
         env.append({"name": "CXYGPT_SIM_GPU_MEMORY_MIB", "value": str(sel.node.memory_mib)})
-        resources = {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}}
-    else:
-        resources = {"requests": {GPU_RESOURCE: str(sel.gpu_count)}, "limits": {GPU_RESOURCE: str(sel.gpu_count)}}
     env += [{"name": n, "value": v} for n, v in spec.env]
     if sel.gpu_count > 1:
         # tensor parallel workers exchange tensors through shared memory
         volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": table.vllm.shm_size}})
         mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
     labels = object_labels(owner, spec, sel)
-    hardening = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+    hardening = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}, "runAsNonRoot": True}
+    pod_security = {"seccompProfile": {"type": "RuntimeDefault"}}
     if spec.engine_kind == "sim":
-        # the simulator writes nothing; vLLM's image runs as root and writes its caches, so it keeps those
-        hardening.update(runAsNonRoot=True, readOnlyRootFilesystem=True)
+        # the simulator's image has its own user and writes nothing
+        hardening["readOnlyRootFilesystem"] = True
+    else:
+        # vLLM's image runs as root unless told otherwise; it writes compile caches outside HOME too (/tmp).
+        # fsGroup makes the cache volume (a PVC too) writable by that uid.
+        hardening.update(runAsUser=ENGINE_UID, runAsGroup=ENGINE_UID)
+        pod_security.update(fsGroup=ENGINE_UID, fsGroupChangePolicy="OnRootMismatch")
+    drain = drain_seconds(sel)
     container = {
         "name": "engine",
         "image": spec.image or (images.vllm if spec.engine_kind == "vllm" else images.sim),
@@ -126,9 +169,13 @@ def build_deployment(owner: Owner, spec: ModelSpec, sel: Selection, table: Profi
         "args": args,
         "env": sorted(env, key=lambda e: e["name"]),
         "ports": [{"name": "http", "containerPort": port, "protocol": "TCP"}],
-        "resources": resources,
+        "resources": _resources(spec, sel),
         "volumeMounts": mounts,
         "securityContext": hardening,
+        # the engine's last output lines become lastState.terminated.message: status shows why it crashed
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        # the endpoint turns not-ready at once; the engine keeps serving its requests in flight meanwhile
+        "lifecycle": {"preStop": {"sleep": {"seconds": drain}}},
         **_probes(spec.engine_kind),
     }
     template = {
@@ -141,8 +188,8 @@ def build_deployment(owner: Owner, spec: ModelSpec, sel: Selection, table: Profi
             "volumes": sorted(volumes, key=lambda v: v["name"]),
             "affinity": _affinity(sel),
             "tolerations": [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}],
-            "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
-            "terminationGracePeriodSeconds": 60,
+            "securityContext": pod_security,
+            "terminationGracePeriodSeconds": drain + 30,
         },
     }
     digest = config_hash(template)
@@ -155,8 +202,7 @@ def build_deployment(owner: Owner, spec: ModelSpec, sel: Selection, table: Profi
         "spec": {
             "replicas": spec.replicas,
             "selector": {"matchLabels": selector_labels(owner)},
-            # GPUs are usually all taken: replace pods in place rather than surging an extra one
-            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}},
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": dict(ROLLING_UPDATES[spec.rollout])},
             "template": template,
         },
     }
@@ -176,6 +222,25 @@ def build_service(owner: Owner, spec: ModelSpec, sel: Selection, table: ProfileT
     return body
 
 
+def build_network_policy(owner: Owner, spec: ModelSpec, sel: Selection, table: ProfileTable,
+                         metrics_namespaces: tuple[str, ...]) -> dict:
+    """Engine ports open only to pods labelled for engine access (the gateway's), in any namespace, and to the
+    namespaces given for metrics scraping: nothing else gets around the gateway's keys and limits."""
+    sources = [{"namespaceSelector": {}, "podSelector": {"matchLabels": {ENGINE_ACCESS_LABEL: "true"}}}]
+    sources += [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}}}
+                for ns in sorted(set(metrics_namespaces))]
+    body = {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": owner.name, "namespace": owner.namespace, "labels": object_labels(owner, spec, sel),
+                     "ownerReferences": [owner_reference(owner)]},
+        "spec": {"podSelector": {"matchLabels": selector_labels(owner)}, "policyTypes": ["Ingress"],
+                 "ingress": [{"from": sources, "ports": [{"port": table.vllm.port, "protocol": "TCP"}]}]},
+    }
+    body["metadata"]["annotations"] = {CONFIG_HASH: config_hash(body["spec"])}
+    return body
+
+
 # --- status ---------------------------------------------------------------------------------------------------
 
 def _condition(type_: str, ok: bool, reason: str, message: str, generation: int, previous: list[dict], now: str) -> dict:
@@ -187,31 +252,121 @@ def _condition(type_: str, ok: bool, reason: str, message: str, generation: int,
             "observedGeneration": generation, "lastTransitionTime": since}
 
 
-def _deployment_counts(deployment: dict | None) -> tuple[int, int]:
-    status = (deployment or {}).get("status") or {}
-    return status.get("replicas") or 0, status.get("readyReplicas") or 0
+# Degraded reasons that are failures (an Event and a metric each time one appears)
+FAILURE_REASONS = ("EngineCrashLoop", "EngineCannotStart", "DeploymentRejected", "ModelNameConflict",
+                   "InsufficientGPUs", "InsufficientGPUMemory", "InvalidSpec", "ResourceConflict", "EngineFailure",
+                   "UnknownProfile", "MissingWeightVariant", "NoProfileForMode")
+# waiting reasons of a container that will not start however long it waits
+CANNOT_START = ("ImagePullBackOff", "ErrImagePull", "InvalidImageName", "CreateContainerConfigError",
+                "CreateContainerError")
 
 
-def _deployment_failure(deployment: dict | None) -> str | None:
-    for cond in ((deployment or {}).get("status") or {}).get("conditions") or []:
-        if cond.get("type") == "ReplicaFailure" and cond.get("status") == "True":
-            return cond.get("message") or "replica failure"
-        if cond.get("type") == "Progressing" and cond.get("status") == "False":
-            return cond.get("message") or cond.get("reason") or "rollout stalled"
+@dataclass(frozen=True)
+class EngineState:
+    """What the engine Deployment and its Pods say, reduced to what status needs."""
+    replicas: int
+    ready: int
+    rolling: bool
+    failure: tuple[str, str] | None  # (reason, message) of the first failing pod, oldest first
+
+
+def _pod_ready(pod: dict) -> bool:
+    return any(c.get("type") == "Ready" and c.get("status") == "True"
+               for c in (pod.get("status") or {}).get("conditions") or [])
+
+
+def _last_line(text: str | None) -> str:
+    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def pod_failure(pod: dict) -> tuple[str, str] | None:
+    """(reason, message) when the pod's engine crash-loops or cannot start; None while it runs or loads."""
+    status = pod.get("status") or {}
+    engine = next((c for c in status.get("containerStatuses") or [] if c.get("name") == "engine"), None)
+    if engine is None:
+        return None
+    name = pod.get("metadata", {}).get("name", "")
+    waiting = (engine.get("state") or {}).get("waiting") or {}
+    if waiting.get("reason") in CANNOT_START:
+        return "EngineCannotStart", f"pod {name}: {waiting['reason']}: {waiting.get('message', '')}".rstrip(": ")
+    if waiting.get("reason") == "CrashLoopBackOff" or status.get("phase") == "Failed":
+        last = ((engine.get("lastState") or {}).get("terminated") or (engine.get("state") or {}).get("terminated")
+                or {})
+        message = (f"pod {name}: engine exited with code {last.get('exitCode', '?')} ({last.get('reason', 'Error')}), "
+                   f"{engine.get('restartCount', 0)} restarts")
+        if line := _last_line(last.get("message")):
+            message += f"; last log line: {line}"
+        return "EngineCrashLoop", message
     return None
 
 
+def engine_state(deployment: dict | None, pods: list[dict]) -> EngineState:
+    """Counts from the Pods when there are any (fresher than the Deployment's status), else the Deployment's."""
+    status = (deployment or {}).get("status") or {}
+    live = [p for p in pods if not p.get("metadata", {}).get("deletionTimestamp")]
+    hashes = {p.get("metadata", {}).get("labels", {}).get("pod-template-hash") for p in pods}
+    generation = (deployment or {}).get("metadata", {}).get("generation")
+    updated = status.get("updatedReplicas")
+    rolling = (len(hashes) > 1
+               or (updated is not None and updated < (status.get("replicas") or 0))
+               or (generation is not None and status.get("observedGeneration", generation) < generation))
+    failures = [f for p in sorted(live, key=lambda p: p.get("metadata", {}).get("creationTimestamp") or "")
+                if (f := pod_failure(p))]
+    if pods:
+        replicas, ready = len(live), sum(_pod_ready(p) for p in live)
+    else:
+        replicas, ready = status.get("replicas") or 0, status.get("readyReplicas") or 0
+    if failures:
+        return EngineState(replicas, ready, rolling, failures[0])
+    for cond in status.get("conditions") or []:
+        if cond.get("type") == "ReplicaFailure" and cond.get("status") == "True":
+            return EngineState(replicas, ready, rolling, ("EngineFailure", cond.get("message") or "replica failure"))
+        if cond.get("type") == "Progressing" and cond.get("status") == "False":
+            return EngineState(replicas, ready, rolling,
+                               ("EngineFailure", cond.get("message") or cond.get("reason") or "rollout stalled"))
+    return EngineState(replicas, ready, rolling, None)
+
+
+def _progress(engines: EngineState, desired: int) -> tuple[bool, str, str]:
+    counts = f"{engines.ready}/{desired} engine replicas ready"
+    if engines.rolling:
+        return True, "RollingUpdate", f"replacing engine pods; {counts}"
+    if engines.replicas > desired:
+        return True, "ScalingDown", f"{engines.replicas} engine pods, {desired} wanted; {counts}"
+    if desired == 0:
+        return False, "ScaledToZero", "spec.replicas is 0"
+    if engines.ready == 0:
+        return True, "EnginesStarting", f"{counts} (loading the model)"
+    if engines.ready < desired:
+        return True, "ScalingUp", counts
+    return False, "RolloutComplete", counts
+
+
+def capacity_warning(sel: Selection, replicas: int, schedulable: int | None) -> str | None:
+    """A message when the nodes that fit the profile cannot hold every replica at once; None when they can
+    (or the engine requests no GPUs)."""
+    if schedulable is None or replicas <= schedulable:
+        return None
+    return (f"spec.replicas {replicas} x {sel.gpu_count} GPU(s) = {replicas * sel.gpu_count} GPUs requested; "
+            f"the schedulable nodes that fit {sel.profile.name} hold {schedulable} replica(s) "
+            f"({schedulable * sel.gpu_count} GPUs)")
+
+
 def build_status(owner: Owner, spec: ModelSpec, outcome: Selection | NoFit, *, table: ProfileTable,
-                 deployment: dict | None, image: str | None, args: list[str] | None, previous: dict, now: str) -> dict:
-    """The whole status for this reconcile; written only when it differs from `previous`."""
+                 deployment: dict | None, image: str | None, args: list[str] | None, previous: dict, now: str,
+                 pods: list[dict] = (), rejected: str | None = None, schedulable: int | None = None) -> dict:
+    """The whole status for this reconcile; written only when it differs from `previous`.
+    `rejected` is the API server's answer to the Deployment, `schedulable` the replicas the fitting nodes hold."""
     gen, before = owner.generation, previous.get("conditions") or []
     selector = ",".join(f"{k}={v}" for k, v in selector_labels(owner).items())
+    engines = engine_state(deployment, list(pods))
     if isinstance(outcome, NoFit):
         phase = "Failed" if outcome.permanent else "Pending"
         status = {**{k: previous[k] for k in ("profile", "mode", "gpu", "limits", "endpoint", "image", "engineArgs")
                      if k in previous and deployment is not None},
                   "phase": phase, "fit": outcome.fit.as_status() if outcome.fit else None}
-        replicas, ready = _deployment_counts(deployment)
+        ready = engines.ready
         conditions = [
             _condition("ProfileSelected", False, outcome.reason, outcome.message, gen, before, now),
             _condition("Available", ready > 0, "MinimumReplicasAvailable" if ready else outcome.reason,
@@ -222,13 +377,24 @@ def build_status(owner: Owner, spec: ModelSpec, outcome: Selection | NoFit, *, t
         ]
     else:
         sel = outcome
-        replicas, ready = _deployment_counts(deployment)
-        desired = spec.replicas
-        failure = _deployment_failure(deployment)
-        phase = "Ready" if deployment is not None and ready >= desired else "Starting"
+        desired, ready = spec.replicas, engines.ready
+        failure = ("DeploymentRejected", f"the API server rejected the engine Deployment: {rejected}") if rejected \
+            else engines.failure
+        warning = capacity_warning(sel, desired, schedulable)
+        progressing, progress_reason, progress_message = _progress(engines, desired)
+        if desired == 0:
+            phase = "ScaledToZero"
+        elif rejected or (failure and not ready):
+            phase = "Failed"
+        elif not ready:
+            phase = "Starting"
+        elif ready < desired or progressing:
+            phase = "PartiallyReady"
+        else:
+            phase = "Ready"
         how = "forced by spec.profile" if sel.forced else f"auto for mode {spec.mode}"
         gpu_text = f"{sel.gpu_count}x {sel.node.product} ({sel.node.memory_mib} MiB)"
-        notes = "".join(f"; {n}" for n in sel.notes)
+        notes = "".join(f"; {n}" for n in (*sel.notes, *([f"warning: {warning}"] if warning else [])))
         status = {
             "phase": phase,
             "mode": sel.mode,
@@ -245,28 +411,44 @@ def build_status(owner: Owner, spec: ModelSpec, outcome: Selection | NoFit, *, t
             available = (False, "ScaledToZero", "spec.replicas is 0")
         elif ready:
             available = (True, "MinimumReplicasAvailable", f"{ready}/{desired} engine replicas ready")
+        elif failure:
+            available = (False, failure[0], failure[1])
         else:
             available = (False, "EnginesStarting", f"0/{desired} engine replicas ready (loading the model)")
+        if warning and not failure and ready < desired:
+            failure = ("InsufficientGPUs", warning)
+        if warning and progressing:
+            progress_message += f"; warning: {warning}"
         conditions = [
             _condition("ProfileSelected", True, "Forced" if sel.forced else "AutoSelected",
                        f"{sel.profile.name} ({how}) on {gpu_text}{notes}", gen, before, now),
             _condition("Available", *available, gen, before, now),
-            _condition("Progressing", phase != "Ready", "EnginesStarting" if phase != "Ready" else "RolloutComplete",
-                       f"{ready}/{desired} engine replicas ready", gen, before, now),
-            _condition("Degraded", failure is not None, "EngineFailure" if failure else "AsExpected",
-                       failure or "", gen, before, now),
+            _condition("Progressing", progressing, progress_reason, progress_message, gen, before, now),
+            _condition("Degraded", failure is not None, failure[0] if failure else "AsExpected",
+                       failure[1] if failure else "", gen, before, now),
         ]
-    status.update({"observedGeneration": gen, "replicas": replicas, "readyReplicas": ready,
-                   "ready": f"{ready}/{spec.replicas}", "selector": selector, "conditions": conditions})
+    status.update({"observedGeneration": gen, "replicas": engines.replicas, "readyReplicas": engines.ready,
+                   "ready": f"{engines.ready}/{spec.replicas}", "selector": selector, "conditions": conditions})
     return {k: v for k, v in status.items() if v is not None}
 
 
-def build_failed_status(owner: Owner, previous: dict, reason: str, message: str, *, now: str) -> dict:
-    """Failed before any decision (a spec the schema should have refused, a name taken by someone else):
-    the rest of the previous status stays as it was."""
+def build_failed_status(owner: Owner, previous: dict, reason: str, message: str, *, now: str,
+                        engines_removed: bool = False) -> dict:
+    """Failed before any decision (a spec the schema should have refused, a name owned by someone else):
+    the rest of the previous status stays as it was, but what described removed engines."""
     gen, before = owner.generation, previous.get("conditions") or []
-    kept = [c for c in before if c.get("type") not in ("ProfileSelected", "Degraded")]
-    return {**previous, "phase": "Failed", "observedGeneration": gen, "conditions": [
+    gone = ("endpoint", "limits", "replicas", "readyReplicas", "ready") if engines_removed else ()
+    kept = {k: v for k, v in previous.items() if k not in gone}
+    return {**kept, "phase": "Failed", "observedGeneration": gen, "conditions": [
         _condition("ProfileSelected", False, reason, message, gen, before, now),
-        *kept,
+        _condition("Available", False, reason, message, gen, before, now),
+        _condition("Progressing", False, reason, message, gen, before, now),
         _condition("Degraded", True, reason, message, gen, before, now)]}
+
+
+def failure_of(status: dict) -> tuple[str, str] | None:
+    """(reason, message) of the failure a status shows (Degraded with a failure reason), else None."""
+    cond = next((c for c in status.get("conditions") or [] if c.get("type") == "Degraded"), None)
+    if cond and cond.get("status") == "True" and cond.get("reason") in FAILURE_REASONS:
+        return cond["reason"], cond.get("message", "")
+    return None

@@ -1,4 +1,5 @@
-"""kopf handlers: GPU node index, wake-ups on node/Deployment/ModelDeployment events, one reconcile loop per model."""
+"""kopf handlers: GPU node and model name indexes, wake-ups on node/Deployment/Pod/ModelDeployment events, one
+reconcile loop per model."""
 from __future__ import annotations
 
 import asyncio
@@ -12,10 +13,11 @@ import urllib3
 from kubernetes.client.rest import ApiException
 
 from . import GROUP, MANAGER, PLURAL, VERSION
-from .build import MODEL_DEPLOYMENT_LABEL
+from .build import MODEL_DEPLOYMENT_LABEL, failure_of
 from .metrics import OperatorMetrics
 from .nodes import gpu_node
 from .reconcile import CannotRun, Context, NotYet, reconcile
+from .resolve import NameClaim
 
 RETRY_BACKOFF_S = (1, 2, 5, 10, 30, 60)
 log = logging.getLogger("cxygpt.operator")
@@ -27,6 +29,10 @@ class Shared:
     wakeups: dict = field(default_factory=dict)
     reconciled_generation: dict = field(default_factory=dict)
     inventory: list | None = None
+    served_names: dict = field(default_factory=dict)  # (namespace, name) -> spec.model.name last seen
+    # (namespace, name) -> the failure reason last reported: our status write may reach the body after the
+    # next reconcile starts, so the body's status cannot tell a new failure from one already reported
+    reported_failures: dict = field(default_factory=dict)
     metrics: OperatorMetrics = field(default_factory=OperatorMetrics)
 
     def wake(self, key) -> None:
@@ -83,6 +89,15 @@ def node_changed(memo: kopf.Memo, gpu_nodes: kopf.Index, **_):
             shared.wake(key)
 
 
+@kopf.index(GROUP, VERSION, PLURAL)
+def model_names(meta, spec, namespace: str, name: str, **_):
+    """Served name → the claims on it. A model being deleted claims nothing: its name passes to the next."""
+    served = (spec.get("model") or {}).get("name")
+    if not served or meta.get("deletionTimestamp"):
+        return {}  # replaces this object's entries (None would keep the old ones)
+    return {served: NameClaim(meta.get("creationTimestamp") or "", meta.get("uid") or "", namespace, name)}
+
+
 @kopf.on.event("apps", "v1", "deployments", labels={"app.kubernetes.io/managed-by": MANAGER})
 def engine_deployment_changed(memo: kopf.Memo, namespace: str, labels, **_):
     owner = labels.get(MODEL_DEPLOYMENT_LABEL)
@@ -90,13 +105,42 @@ def engine_deployment_changed(memo: kopf.Memo, namespace: str, labels, **_):
         memo.shared.wake((namespace, owner))
 
 
+@kopf.on.event("", "v1", "pods", labels={"app.kubernetes.io/name": "cxygpt-engine"})
+def engine_pod_changed(memo: kopf.Memo, namespace: str, labels, **_):
+    owner = labels.get("app.kubernetes.io/instance")
+    if owner:
+        memo.shared.wake((namespace, owner))
+
+
 @kopf.on.event(GROUP, VERSION, PLURAL)
-def model_deployment_changed(memo: kopf.Memo, namespace: str, name: str, meta, **_):
+def model_deployment_changed(memo: kopf.Memo, event, namespace: str, name: str, meta, spec, **_):
     # Status-only events (our own writes) keep the generation: they need no reconcile.
     shared: Shared = memo.shared
     key = (namespace, name)
     if meta.get("generation") != shared.reconciled_generation.get(key):
         shared.wake(key)
+    # A served name that appears, moves or goes (deleted, or being deleted) may change its owner: wake every
+    # model that claims the old or the new name.
+    gone = event.get("type") == "DELETED" or meta.get("deletionTimestamp")
+    served = None if gone else (spec.get("model") or {}).get("name")
+    before = shared.served_names.pop(key, None) if served is None else shared.served_names.get(key)
+    if served is not None:
+        shared.served_names[key] = served
+    if event.get("type") in ("ADDED", "DELETED", None) or before != served:
+        for other, other_name in list(shared.served_names.items()):
+            if other != key and other_name in (before, served):
+                shared.wake(other)
+
+
+def _report_failure(shared: Shared, key, body: dict, status: dict) -> None:
+    """A failure the model did not show before: a Warning Event on it (kubectl describe) and a count. Before
+    the first report, the stored status says what was shown (an operator restart reports nothing twice)."""
+    before = shared.reported_failures[key] if key in shared.reported_failures else failure_of(body.get("status") or {})
+    failure = failure_of(status)
+    if failure and (before is None or before[0] != failure[0]):
+        shared.metrics.failures.labels(failure[0]).inc()
+        kopf.warn(body, reason=failure[0], message=failure[1])
+    shared.reported_failures[key] = failure
 
 
 def _backoff(failures_before: int) -> float:
@@ -114,9 +158,10 @@ async def _sleep(wake: asyncio.Event, stopped, timeout: float | None) -> None:
 
 @kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=10)
 async def keep_reconciled(stopped, namespace: str, name: str, body: kopf.Body, memo: kopf.Memo,
-                          gpu_nodes: kopf.Index, **_):
-    """Level-triggered: reconcile now, then whenever the spec, the GPU inventory or the engine Deployment
-    changes; retry failures with backoff; never poll while waiting."""
+                          gpu_nodes: kopf.Index, model_names: kopf.Index, **_):
+    """Level-triggered: reconcile now, then whenever the spec, the GPU inventory, the engine Deployment or its
+    Pods, or another model with the same served name change; retry failures with backoff; never poll while
+    waiting."""
     ctx: Context = memo.context
     shared: Shared = memo.shared
     key = (namespace, name)
@@ -130,16 +175,18 @@ async def keep_reconciled(stopped, namespace: str, name: str, body: kopf.Body, m
             snapshot = copy.deepcopy(dict(body))  # the live body changes under us; decide on one version
             logger.extra["generation"] = snapshot["metadata"].get("generation")
             delay, result, status = None, "ok", None
+            served = ((snapshot.get("spec") or {}).get("model") or {}).get("name")
+            claims = list(model_names.get(served, [])) if served else []
             with metrics.duration.time():
                 try:
-                    status = await reconcile(snapshot, _inventory(gpu_nodes), ctx, logger)
+                    status = await reconcile(snapshot, _inventory(gpu_nodes), ctx, logger, claims)
                     failures = 0
                 except NotYet as e:
                     logger.info("waiting: %s", e)
                     delay, failures, result, status = e.delay, 0, "waiting", e.status
                 except CannotRun as e:
                     logger.warning("cannot run until the spec changes: %s", e)
-                    failures, result, status = 0, "failed", e.status
+                    failures, result, status, delay = 0, "failed", e.status, e.retry
                 except (ApiException, OSError, urllib3.exceptions.HTTPError) as e:
                     failures, result, delay = failures + 1, "error", _backoff(failures)
                     logger.warning("reconcile failed (retry in %ss): %s", delay, getattr(e, "reason", e))
@@ -149,11 +196,13 @@ async def keep_reconciled(stopped, namespace: str, name: str, body: kopf.Body, m
             metrics.reconciles.labels(result).inc()
             if status is not None:
                 metrics.model_seen(key, snapshot, status)
+                _report_failure(shared, key, snapshot, status)
             shared.reconciled_generation[key] = snapshot["metadata"].get("generation")
             await _sleep(wake, stopped, delay)
     finally:
         shared.wakeups.pop(key, None)
         shared.reconciled_generation.pop(key, None)
+        shared.reported_failures.pop(key, None)
         metrics.model_gone(key)
 
 

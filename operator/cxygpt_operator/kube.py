@@ -1,4 +1,4 @@
-"""All Kubernetes API I/O of the operator: reads as plain dicts, server-side apply, status patches."""
+"""All Kubernetes API I/O of the operator: reads as plain dicts, server-side apply, deletes, status patches."""
 from __future__ import annotations
 
 import json
@@ -35,6 +35,7 @@ class Kube:
         self.apps = client.AppsV1Api(api)
         self.core = client.CoreV1Api(api)
         self.custom = client.CustomObjectsApi(api)
+        self.networking = client.NetworkingV1Api(api)
 
     @staticmethod
     def _read(read, namespace: str, name: str) -> dict | None:
@@ -51,6 +52,14 @@ class Kube:
     def get_service(self, namespace: str, name: str) -> dict | None:
         return self._read(self.core.read_namespaced_service, namespace, name)
 
+    def get_network_policy(self, namespace: str, name: str) -> dict | None:
+        return self._read(self.networking.read_namespaced_network_policy, namespace, name)
+
+    def list_pods(self, namespace: str, selector: dict[str, str]) -> list[dict]:
+        label_selector = ",".join(f"{k}={v}" for k, v in sorted(selector.items()))
+        return _raw(self.core.list_namespaced_pod(namespace, label_selector=label_selector,
+                                                  _preload_content=False)).get("items") or []
+
     def apply_deployment(self, body: dict) -> dict:
         md = body["metadata"]
         return _raw(self.apps.patch_namespaced_deployment(
@@ -62,6 +71,22 @@ class Kube:
         return _raw(self.core.patch_namespaced_service(
             md["name"], md["namespace"], body, field_manager=MANAGER, force=True,
             _content_type=APPLY_PATCH, _preload_content=False))
+
+    def apply_network_policy(self, body: dict) -> dict:
+        md = body["metadata"]
+        return _raw(self.networking.patch_namespaced_network_policy(
+            md["name"], md["namespace"], body, field_manager=MANAGER, force=True,
+            _content_type=APPLY_PATCH, _preload_content=False))
+
+    def delete(self, kind: str, namespace: str, name: str) -> None:
+        """Deletes a Deployment, Service or NetworkPolicy; one gone already is fine."""
+        delete = {"Deployment": self.apps.delete_namespaced_deployment, "Service": self.core.delete_namespaced_service,
+                  "NetworkPolicy": self.networking.delete_namespaced_network_policy}[kind]
+        try:
+            delete(name, namespace, _preload_content=False)
+        except ApiException as e:
+            if e.status != 404:
+                raise
 
     def patch_status(self, namespace: str, name: str, patch: dict) -> None:
         self.custom.patch_namespaced_custom_object_status(

@@ -34,6 +34,11 @@ def parse_args(argv):
     ap.add_argument("--vllm-image", help="engine image for kind vllm (default: the table's pinned image)")
     ap.add_argument("--sim-image", default=os.environ.get("CXYGPT_SIM_IMAGE", DEFAULT_SIM_IMAGE),
                     help=f"engine image for kind sim (default {DEFAULT_SIM_IMAGE})")
+    ap.add_argument("--metrics-namespace", action="append", default=[], metavar="NS",
+                    help="a namespace whose pods may scrape engine metrics through each model's NetworkPolicy "
+                    "(repeatable; e.g. Prometheus'); the gateway's pods are let in by their label")
+    ap.add_argument("--no-network-policy", action="store_true",
+                    help="make no NetworkPolicy per model (and remove ours): engines are then reachable by any pod")
     ap.add_argument("--log-format", choices=FORMATS, default="json",
                     help="json (default: one object per line, as the gateway's) or text")
     ap.add_argument("-v", "--verbose", action="store_true")
@@ -61,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     from prometheus_client import start_http_server
 
     context = Context(table=table, catalog=catalog, kube=Kube(api_client(a.kubeconfig)),
-                      images=EngineImages(vllm=a.vllm_image or table.vllm.image, sim=a.sim_image))
+                      images=EngineImages(vllm=a.vllm_image or table.vllm.image, sim=a.sim_image),
+                      network_policy=not a.no_network_policy, metrics_namespaces=tuple(a.metrics_namespace))
     shared = Shared()
     if a.metrics_port:
         start_http_server(a.metrics_port, addr=a.metrics_host, registry=shared.metrics.registry)

@@ -1,4 +1,4 @@
-"""Operator metrics: reconciles, models by phase and profile, GPU nodes by memory class, time to Ready."""
+"""Operator metrics: reconciles, models by phase and profile, failures by reason, GPU nodes, time to Ready."""
 from __future__ import annotations
 
 import datetime
@@ -8,8 +8,10 @@ from dataclasses import dataclass, field
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
+from .build import FAILURE_REASONS
+
 RESULTS = ("ok", "waiting", "failed", "error")
-PHASES = ("Pending", "Starting", "Ready", "Failed")
+PHASES = ("Pending", "Starting", "PartiallyReady", "Ready", "ScaledToZero", "Failed")
 
 
 @dataclass
@@ -33,6 +35,11 @@ class OperatorMetrics:
                                   ["result"], registry=self.registry)
         for result in RESULTS:
             self.reconciles.labels(result)
+        self.failures = Counter("cxygpt_operator_model_failures_total",
+                                "ModelDeployment failures by reason (each time a model turns Degraded for it)",
+                                ["reason"], registry=self.registry)
+        for reason in FAILURE_REASONS:
+            self.failures.labels(reason)
         self.duration = Histogram("cxygpt_operator_reconcile_duration_seconds", "Time of one reconcile",
                                   buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=self.registry)
         self.time_to_ready = Histogram("cxygpt_operator_time_to_ready_seconds",

@@ -6,17 +6,25 @@ import datetime
 import logging
 from dataclasses import dataclass
 
+import json
+from dataclasses import field
+
 import kopf
+from kubernetes.client.rest import ApiException
 
 from cxygpt_profiles import GpuNode, ModelCatalog, NoFit, ProfileTable, Selection
 
-from .build import (CONFIG_HASH, EngineImages, Owner, build_deployment, build_failed_status, build_service,
-                    build_status)
+from .build import (CONFIG_HASH, EngineImages, Owner, build_deployment, build_failed_status, build_network_policy,
+                    build_service, build_status, selector_labels)
 from .kube import Kube
-from .resolve import SpecError, parse_spec, resolve
+from .resolve import NameClaim, SpecError, name_owner, parse_spec, resolve, schedulable_replicas
 
 # Pending models are re-evaluated on every node change; this slow retry is only a safety net.
 PENDING_RETRY_S = 600
+# A rejected Deployment may be let through later by a fixed admission policy, which sends us no event.
+REJECTED_RETRY_S = 300
+# Answers that mean the API server refused this object (not: try again, or our credentials)
+REJECTION_STATUSES = (400, 413, 422)
 
 
 class NotYet(kopf.TemporaryError):
@@ -28,11 +36,11 @@ class NotYet(kopf.TemporaryError):
 
 
 class CannotRun(kopf.PermanentError):
-    """Only a spec change can help; carries the status that was written."""
+    """Only a spec change (or, after `retry` seconds, maybe the cluster) can help; carries the status written."""
 
-    def __init__(self, message: str, *, status: dict):
+    def __init__(self, message: str, *, status: dict, retry: float | None = None):
         super().__init__(message)
-        self.status = status
+        self.status, self.retry = status, retry
 
 
 @dataclass
@@ -41,6 +49,8 @@ class Context:
     catalog: ModelCatalog
     kube: Kube
     images: EngineImages
+    network_policy: bool = True
+    metrics_namespaces: tuple[str, ...] = field(default=())
 
 
 def _now() -> str:
@@ -68,45 +78,88 @@ async def _apply_if_changed(current: dict | None, desired: dict, apply, logger) 
     return await asyncio.to_thread(apply, desired)
 
 
-async def reconcile(body: dict, nodes: list[GpuNode], ctx: Context, logger: logging.Logger) -> dict:
-    """Returns the status written (or kept). Raises NotYet (a kopf.TemporaryError) when no GPU fits yet
-    and CannotRun (a kopf.PermanentError) when only a spec change can help."""
+def _api_message(error: ApiException) -> str:
+    try:
+        return json.loads(error.body).get("message") or error.reason
+    except (TypeError, ValueError, AttributeError):
+        return str(error.body or error.reason)
+
+
+async def _fail(ctx: Context, owner: Owner, previous: dict, reason: str, message: str, **kw) -> CannotRun:
+    status = build_failed_status(owner, previous, reason, message, now=_now(), **kw)
+    await _write_status(ctx, owner, previous, status)
+    return CannotRun(message, status=status)
+
+
+async def reconcile(body: dict, nodes: list[GpuNode], ctx: Context, logger: logging.Logger,
+                    claims: list[NameClaim] = ()) -> dict:
+    """Returns the status written (or kept). `claims` are every ModelDeployment's claim on this one's served
+    name. Raises NotYet (a kopf.TemporaryError) when no GPU fits yet and CannotRun (a kopf.PermanentError)
+    when only a spec change can help."""
     meta, previous = body["metadata"], body.get("status") or {}
     owner = Owner(meta["name"], meta["namespace"], meta["uid"], meta.get("generation") or 1)
     try:
         spec = parse_spec(body.get("spec") or {})
     except SpecError as e:
-        status = build_failed_status(owner, previous, "InvalidSpec", str(e), now=_now())
-        await _write_status(ctx, owner, previous, status)
-        raise CannotRun(str(e), status=status) from None
+        raise await _fail(ctx, owner, previous, "InvalidSpec", str(e)) from None
+
+    reads = {"Deployment": ctx.kube.get_deployment, "Service": ctx.kube.get_service,
+             "NetworkPolicy": ctx.kube.get_network_policy}
+    current = {kind: await asyncio.to_thread(read, owner.namespace, owner.name) for kind, read in reads.items()}
+    if not ctx.network_policy and current["NetworkPolicy"] is not None and not _owned_by(current["NetworkPolicy"], owner):
+        current["NetworkPolicy"] = None  # someone else's, and we make none: not ours to judge
+    for obj in current.values():
+        if obj is not None and not _owned_by(obj, owner):
+            message = f"a {obj['kind']} named {owner.name} exists and is not owned by this ModelDeployment"
+            raise await _fail(ctx, owner, previous, "ResourceConflict", message)
+
+    holder = name_owner(list(claims))
+    if holder is not None and holder.uid != owner.uid:
+        for kind, obj in current.items():
+            if obj is not None:
+                logger.info("deleting %s %s: the served name belongs to %s", kind, owner.name, holder.ref)
+                await asyncio.to_thread(ctx.kube.delete, kind, owner.namespace, owner.name)
+        message = (f"spec.model.name {spec.served_name!r} is served by {holder.ref}, "
+                   "the oldest ModelDeployment with that name")
+        raise await _fail(ctx, owner, previous, "ModelNameConflict", message, engines_removed=True)
 
     try:
         outcome: Selection | NoFit = resolve(spec, nodes, ctx.table, ctx.catalog)
     except NoFit as e:
         outcome = e
 
-    deployment = await asyncio.to_thread(ctx.kube.get_deployment, owner.namespace, owner.name)
-    service = await asyncio.to_thread(ctx.kube.get_service, owner.namespace, owner.name)
-    for obj in (deployment, service):
-        if obj is not None and not _owned_by(obj, owner):
-            message = f"a {obj['kind']} named {owner.name} exists and is not owned by this ModelDeployment"
-            status = build_failed_status(owner, previous, "ResourceConflict", message, now=_now())
-            await _write_status(ctx, owner, previous, status)
-            raise CannotRun(message, status=status)
-
-    image = args = None
+    deployment, image, args, rejected = current["Deployment"], None, None, None
     if isinstance(outcome, Selection):
         desired = build_deployment(owner, spec, outcome, ctx.table, ctx.images)
         container = desired["spec"]["template"]["spec"]["containers"][0]
         image, args = container["image"], container["args"]
-        deployment = await _apply_if_changed(deployment, desired, ctx.kube.apply_deployment, logger)
-        await _apply_if_changed(service, build_service(owner, spec, outcome, ctx.table),
+        try:
+            deployment = await _apply_if_changed(deployment, desired, ctx.kube.apply_deployment, logger)
+        except ApiException as e:
+            if e.status not in REJECTION_STATUSES:
+                raise
+            rejected = _api_message(e)
+            logger.warning("the API server rejected the engine Deployment: %s", rejected)
+        await _apply_if_changed(current["Service"], build_service(owner, spec, outcome, ctx.table),
                                 ctx.kube.apply_service, logger)
+        if ctx.network_policy:
+            await _apply_if_changed(current["NetworkPolicy"],
+                                    build_network_policy(owner, spec, outcome, ctx.table, ctx.metrics_namespaces),
+                                    ctx.kube.apply_network_policy, logger)
     # With no profile fitting, running engines are left alone: a node that flaps must not take a model down.
+    if not ctx.network_policy and current["NetworkPolicy"] is not None:
+        await asyncio.to_thread(ctx.kube.delete, "NetworkPolicy", owner.namespace, owner.name)
 
+    pods = await asyncio.to_thread(ctx.kube.list_pods, owner.namespace, selector_labels(owner)) \
+        if deployment is not None else []
+    # the simulator requests no GPUs: any number of its replicas can be scheduled
+    schedulable = schedulable_replicas(outcome, nodes) \
+        if isinstance(outcome, Selection) and spec.engine_kind == "vllm" else None
     status = build_status(owner, spec, outcome, table=ctx.table, deployment=deployment, image=image, args=args,
-                          previous=previous, now=_now())
+                          previous=previous, now=_now(), pods=pods, rejected=rejected, schedulable=schedulable)
     await _write_status(ctx, owner, previous, status)
+    if rejected:
+        raise CannotRun(f"DeploymentRejected: {rejected}", status=status, retry=REJECTED_RETRY_S)
     if isinstance(outcome, NoFit):
         if outcome.permanent:
             raise CannotRun(f"{outcome.reason}: {outcome.message}", status=status)

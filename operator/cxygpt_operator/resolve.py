@@ -1,11 +1,29 @@
 """Decisions (pure): a ModelDeployment spec × GPU nodes × profile table → the profile and its numbers."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
-from cxygpt_profiles import AUTO, GpuNode, ModelCatalog, ModelFacts, NoFit, ProfileTable, Selection, select_profile
+from cxygpt_profiles import (AUTO, GpuNode, ModelCatalog, ModelFacts, NoFit, Profile, ProfileTable, Selection,
+                             select_profile)
+from cxygpt_profiles.select import node_matches
 
 # spec.model.facts (camelCase, as in the CRD) → ModelFacts fields
+MAX_REPLICAS = 64  # the CRD's maximum, repeated for specs applied without the schema
+ROLLOUT_STRATEGIES = ("Surge", "InPlace")
+
+# Arguments that wire the engine to its Service and the gateway: an override gives an engine that reports
+# Ready and never answers. vLLM's parser reads `_` as `-` in flag names and, being argparse, expands an
+# abbreviation (--served-model) to the one flag it starts: those spellings are refused too.
+OWNED_ARGS = ("port", "host", "served-model-name", "model")
+REMOTE_CODE_ARG = "trust-remote-code"
+# Environment the operator sets itself, and variables that change what code the process loads (the dynamic
+# loader's LD_*, the interpreter's module path), or that put a key between the gateway and the engine.
+OWNED_ENV = ("HF_HOME", "HF_HUB_OFFLINE", "HOME", "CXYGPT_SIM_GPU_MEMORY_MIB")
+BLOCKED_ENV = ("PYTHONPATH", "PYTHONHOME", "VLLM_API_KEY")
+BLOCKED_ENV_PREFIX = "LD_"
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
 _FACT_FIELDS = {"parameters": "parameters", "layers": "layers", "attentionHeads": "attention_heads",
                 "kvHeads": "kv_heads", "headDim": "head_dim", "hiddenSize": "hidden_size",
                 "vocabSize": "vocab_size", "tiedEmbeddings": "tied_embeddings", "maxContext": "max_context"}
@@ -27,6 +45,8 @@ class ModelSpec:
     env: tuple[tuple[str, str], ...] = ()
     cache_claim: str | None = None
     fallback_model: str | None = None
+    trust_remote_code: bool = False
+    rollout: str = "Surge"
 
     def source_for(self, weights: str) -> str:
         return self.source if weights == "bf16" else self.variants[weights]
@@ -40,21 +60,136 @@ class SpecError(ValueError):
     """A spec the schema should have refused (e.g. applied without the CRD's validation)."""
 
 
+def _flag_name(arg: str) -> str | None:
+    """`--max_model_len=8k` → `max-model-len`; None for a value."""
+    if not arg.startswith("--"):
+        return None
+    return arg[2:].split("=", 1)[0].replace("_", "-")
+
+
+def refused_arg(arg: str, trust_remote_code: bool) -> str | None:
+    """Why an extra engine argument is refused, or None (the CRD's CEL rules say the same)."""
+    name = _flag_name(arg)
+    if not name:
+        return None
+    if owned := next((flag for flag in OWNED_ARGS if flag.startswith(name)), None):
+        return f"--{owned} is set by the operator (it wires the engine to its Service and the gateway)"
+    if REMOTE_CODE_ARG.startswith(name) and not trust_remote_code:
+        return "--trust-remote-code runs code from the model repository: set spec.engine.trustRemoteCode: true"
+    return None
+
+
+def refused_env(name: str) -> str | None:
+    """Why an extra environment variable is refused, or None (the CRD's rules say the same)."""
+    if not ENV_NAME.match(name):
+        return f"{name!r} is not a C identifier ([A-Za-z_][A-Za-z0-9_]*)"
+    if name in OWNED_ENV:
+        return f"{name} is set by the operator"
+    if name.startswith(BLOCKED_ENV_PREFIX) or name in BLOCKED_ENV:
+        return f"{name} changes the code the engine loads or how the gateway reaches it"
+    return None
+
+
+def _check_engine(engine: dict) -> None:
+    """The schema's engine rules, for specs applied without it."""
+    trust = engine.get("trustRemoteCode") is True
+    for arg in engine.get("args") or ():
+        if why := refused_arg(str(arg), trust):
+            raise SpecError(f"spec.engine.args: {why}")
+    names = [str(e.get("name", "")) for e in engine.get("env") or ()]
+    for name in names:
+        if why := refused_env(name):
+            raise SpecError(f"spec.engine.env: {why}")
+    if len(set(names)) != len(names):
+        raise SpecError("spec.engine.env: names must be unique")
+
+
 def parse_spec(spec: dict) -> ModelSpec:
     model = spec.get("model") or {}
     if not model.get("name") or not model.get("source"):
         raise SpecError("spec.model.name and spec.model.source are required")
     engine = spec.get("engine") or {}
     replicas = spec.get("replicas", 1)
-    if not isinstance(replicas, int) or replicas < 0:
-        raise SpecError(f"spec.replicas must be an integer >= 0, not {replicas!r}")
+    if not isinstance(replicas, int) or not 0 <= replicas <= MAX_REPLICAS:
+        raise SpecError(f"spec.replicas must be an integer from 0 to {MAX_REPLICAS}, not {replicas!r}")
+    rollout = (spec.get("rollout") or {}).get("strategy") or "Surge"
+    if rollout not in ROLLOUT_STRATEGIES:
+        raise SpecError(f"spec.rollout.strategy must be one of {', '.join(ROLLOUT_STRATEGIES)}, not {rollout!r}")
+    _check_engine(engine)
     return ModelSpec(
         served_name=model["name"], source=model["source"], variants=dict(model.get("variants") or {}),
         facts=dict(model.get("facts") or {}), mode=spec.get("mode") or "multi", profile=spec.get("profile") or AUTO,
         replicas=replicas, engine_kind=engine.get("kind") or "vllm", image=engine.get("image"),
         extra_args=tuple(engine.get("args") or ()),
         env=tuple((e["name"], e.get("value", "")) for e in engine.get("env") or ()),
-        cache_claim=spec.get("cacheClaim"), fallback_model=spec.get("fallbackModel"))
+        cache_claim=spec.get("cacheClaim"), fallback_model=spec.get("fallbackModel"),
+        trust_remote_code=engine.get("trustRemoteCode") is True, rollout=rollout)
+
+
+def _positive_int(text: str) -> int | None:
+    """vLLM's human-readable integers (8k = 8000, 8K = 8192, and m/M), when above 0."""
+    match = re.fullmatch(r"(\d+)([kKmM]?)", text)
+    if not match:
+        return None
+    value = int(match[1]) * {"": 1, "k": 10**3, "K": 2**10, "m": 10**6, "M": 2**20}[match[2]]
+    return value or None
+
+
+def _positive_float(text: str) -> float | None:
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if 0 < value <= 1 else None
+
+
+# engine flags the fit estimate and the limits depend on → (profile engine field, parser of a usable value)
+_ESTIMATED_FLAGS = {
+    "max-model-len": ("max_model_len", _positive_int),
+    "max-num-seqs": ("max_num_seqs", _positive_int),
+    "gpu-memory-utilization": ("gpu_memory_utilization", _positive_float),
+    "kv-cache-dtype": ("kv_cache_dtype", lambda v: v or None),
+}
+
+
+def engine_overrides(args: tuple[str, ...]) -> dict:
+    """Profile engine settings the extra arguments override (the last occurrence wins, as in argparse).
+    A value the engine would refuse (e.g. `--max-num-seqs -5`) is not an override: the engine's crash says why."""
+    found = {}
+    for i, arg in enumerate(args):
+        name = _flag_name(arg)
+        if name not in _ESTIMATED_FLAGS:
+            continue
+        value = arg.split("=", 1)[1] if "=" in arg else (args[i + 1] if i + 1 < len(args) else "")
+        field_name, parse = _ESTIMATED_FLAGS[name]
+        parsed = parse(value)
+        if parsed is not None:
+            found[field_name] = parsed
+        else:
+            found.pop(field_name, None)
+    return found
+
+
+def _with_overrides(profile: Profile, overrides: dict) -> Profile:
+    """The profile as the engine will run it: the limits follow an overridden context length (the input
+    limit is what the context leaves after the output) and never admit more sequences than the engine runs."""
+    engine = profile.engine.model_copy(update=overrides)
+    limits = profile.limits
+    if "max_model_len" in overrides:
+        limits = limits.model_copy(update={"max_input_tokens": max(engine.max_model_len - limits.max_output_tokens, 1)})
+    if engine.max_num_seqs < limits.max_concurrency:
+        limits = limits.model_copy(update={"max_concurrency": engine.max_num_seqs})
+    return profile.model_copy(update={"engine": engine, "limits": limits})
+
+
+def effective_table(table: ProfileTable, spec: ModelSpec) -> ProfileTable:
+    """The table with every profile's engine settings as spec.engine.args leave them."""
+    overrides = engine_overrides(spec.extra_args)
+    if overrides.get("kv_cache_dtype", "auto") not in table.fit.kv_bytes_per_element:
+        del overrides["kv_cache_dtype"]  # a dtype the estimate has no size for: estimated with the profile's
+    if not overrides:
+        return table
+    return table.model_copy(update={"profiles": [_with_overrides(p, overrides) for p in table.profiles]})
 
 
 def _repo(uri: str) -> str:
@@ -76,9 +211,34 @@ def model_facts(spec: ModelSpec, catalog: ModelCatalog) -> ModelFacts | None:
 
 
 def resolve(spec: ModelSpec, nodes: list[GpuNode], table: ProfileTable, catalog: ModelCatalog) -> Selection:
-    """The selection, or NoFit (reason, permanent) explaining why the model cannot run (yet)."""
-    return select_profile(table, mode=spec.mode, requested=spec.profile, nodes=sorted(nodes),
-                          facts=model_facts(spec, catalog), variants=spec.weight_formats)
+    """The selection (estimated with the effective engine arguments), or NoFit (reason, permanent) explaining
+    why the model cannot run (yet)."""
+    return select_profile(effective_table(table, spec), mode=spec.mode, requested=spec.profile,
+                          nodes=sorted(nodes), facts=model_facts(spec, catalog), variants=spec.weight_formats)
 
 
-__all__ = ["ModelSpec", "NoFit", "SpecError", "model_facts", "parse_spec", "resolve"]
+def schedulable_replicas(sel: Selection, nodes: list[GpuNode]) -> int:
+    """Replicas the nodes that fit the profile can hold at once (each takes sel.gpu_count GPUs of one node)."""
+    return sum(n.count // sel.gpu_count for n in nodes if node_matches(sel.profile, n))
+
+
+@dataclass(frozen=True, order=True)
+class NameClaim:
+    """A ModelDeployment's claim on its served name; ordered by age, then uid, as the owner rule says."""
+    created: str
+    uid: str
+    namespace: str
+    name: str
+
+    @property
+    def ref(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+def name_owner(claims: list[NameClaim]) -> NameClaim | None:
+    """The oldest claim (creationTimestamp is RFC 3339 in UTC, so it sorts as text), then the smallest uid."""
+    return min(claims, default=None)
+
+
+__all__ = ["ModelSpec", "NameClaim", "NoFit", "SpecError", "effective_table", "engine_overrides", "model_facts",
+           "name_owner", "parse_spec", "refused_arg", "refused_env", "resolve", "schedulable_replicas"]

@@ -220,6 +220,15 @@ def test_bad_specs_are_rejected_or_explained(cluster):
     typo = md("typo")
     typo["spec"]["modee"] = "single"
     assert "'modee' was unexpected" in cluster.apply(typo, check=False).stderr
+    hostile = md("hostile", engine={"args": ["--port=9000", "--trust-remote-code"],
+                                    "env": [{"name": "LD_PRELOAD", "value": "/tmp/x.so"}]})
+    out = cluster.apply(hostile, check=False)
+    assert out.returncode != 0
+    for message in ("--port, --host, --served-model-name and --model are set by the operator",
+                    "set spec.engine.trustRemoteCode: true", "LD_* loader variables"):
+        assert message in out.stderr, out.stderr
+    assert "spec.replicas: Invalid value: 100000 is greater than the maximum of 64" in \
+        cluster.apply(md("many", replicas=100000), check=False).stderr
 
     # valid but impossible: a forced profile the weights cannot fit
     cluster.apply(md("huge", mode="single", profile="SINGLE_32G", source="hf://Qwen/Qwen3-32B", int4=False))
@@ -259,10 +268,16 @@ def test_namespaced_operator_leaves_other_namespaces_alone(cluster):
     mine["metadata"]["namespace"] = "team-a"
     cluster.apply([mine, md("theirs")])
     cluster.wait_status("mine", lambda s: s.get("phase") == "Starting", ns="team-a")
-    cluster.apply(md("sentinel-b"))  # in default, too: never reconciled
-    cluster.wait_status("mine", lambda s: s.get("profile") == "SRV_80G", ns="team-a")
+    # one model in default, then one in team-a: an operator that saw default would have reconciled the first
+    # by the time it finishes the second (one watch stream, in order); this one must not see it at all
+    cluster.apply(md("sentinel-b"))
+    late = md("late")
+    late["metadata"]["namespace"] = "team-a"
+    cluster.apply(late)
+    cluster.wait_status("late", lambda s: s.get("phase") == "Starting", ns="team-a")
     assert "status" not in cluster.md("theirs") and "status" not in cluster.md("sentinel-b")
-    assert cluster.kubectl("get", "deployments", "-A", "-o", "name").stdout.split() == ["deployment.apps/mine"]
+    assert sorted(cluster.kubectl("get", "deployments", "-A", "-o", "name").stdout.split()) == [
+        "deployment.apps/late", "deployment.apps/mine"]
 
 
 def test_broken_profile_table_stops_the_operator_with_the_field_named(tmp_path):
@@ -274,3 +289,104 @@ def test_broken_profile_table_stops_the_operator_with_the_field_named(tmp_path):
                          timeout=30)
     assert out.returncode == 2
     assert "profiles[2](SRV_48G).engine.max_model_len: Input should be greater than 0" in out.stderr
+
+
+def engine_pod(cluster, md_name, pod_name, *, ready=False, crash_exit=None, ns="default"):
+    """A Pod shaped as kubelet (or the dev pod runner) publishes it, standing in for both."""
+    dep = cluster.deployment(md_name, ns)
+    labels = {**dep["spec"]["template"]["metadata"]["labels"], "pod-template-hash": "abc123"}
+    engine = {"name": "engine", "ready": ready, "restartCount": 0, "image": "x", "imageID": "x", "started": ready,
+              "state": {"running": {"startedAt": "2026-11-21T00:00:00Z"}}}
+    if crash_exit is not None:
+        engine.update(restartCount=2, state={"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 20s"}},
+                      lastState={"terminated": {"exitCode": crash_exit, "reason": "Error",
+                                                "message": "INFO loading\nValueError: max_num_seqs must be > 0\n"}})
+    cond = "True" if ready else "False"
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": pod_name, "namespace": ns, "labels": labels,
+                         "ownerReferences": [{"apiVersion": "apps/v1", "kind": "Deployment", "name": md_name,
+                                              "uid": dep["metadata"]["uid"], "controller": True}]},
+            "spec": {"containers": [{"name": "engine", "image": "x"}]},
+            "status": {"phase": "Running", "podIP": "127.0.0.1", "containerStatuses": [engine],
+                       "conditions": [{"type": "Ready", "status": cond}, {"type": "ContainersReady", "status": cond}]}}
+
+
+def put_pod(cluster, pod):
+    ns, name = pod["metadata"]["namespace"], pod["metadata"]["name"]
+    try:
+        cluster.core.read_namespaced_pod(name, ns)
+        cluster.core.patch_namespaced_pod_status(name, ns, {"status": pod["status"]})
+    except client.ApiException as e:
+        if e.status != 404:
+            raise
+        cluster.core.create_namespaced_pod(ns, pod)
+
+
+def test_pods_drive_availability_crash_loops_fail_loudly(cluster):
+    for node in ("gpu-80g", "gpu-2x80g"):  # room for three one-GPU replicas
+        cluster.add_node(node)
+    cluster.start_operator("--metrics-namespace", "monitoring")
+    cluster.apply(md("chat", replicas=2, profile="SRV_80G"))
+    status = cluster.wait_status("chat", lambda s: s.get("phase") == "Starting")
+    assert "warning" not in next(c for c in status["conditions"] if c["type"] == "ProfileSelected")["message"]
+    policy = cluster.api.sanitize_for_serialization(
+        client.NetworkingV1Api(cluster.api).read_namespaced_network_policy("chat", "default"))
+    assert policy["spec"]["podSelector"]["matchLabels"] == cluster.deployment("chat")["spec"]["selector"]["matchLabels"]
+    assert [f.get("namespaceSelector") for f in policy["spec"]["ingress"][0]["from"]] == [
+        {}, {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}]
+
+    # the first engine turns ready: the model serves with fewer replicas, and kubectl wait sees it
+    put_pod(cluster, engine_pod(cluster, "chat", "chat-abc123-aaaaa", ready=True))
+    cluster.kubectl("wait", "--for=condition=Available", "md/chat", "--timeout=15s")
+    status = cluster.wait_status("chat", lambda s: s.get("phase") == "PartiallyReady")
+    assert status["ready"] == "1/2"
+
+    # the second crash-loops: Degraded with the exit code and the last log line, an Event, a count
+    put_pod(cluster, engine_pod(cluster, "chat", "chat-abc123-bbbbb", crash_exit=1))
+    status = cluster.wait_status("chat", lambda s: any(c["type"] == "Degraded" and c["status"] == "True"
+                                                       for c in s.get("conditions", [])))
+
+    degraded = next(c for c in status["conditions"] if c["type"] == "Degraded")
+    assert degraded["reason"] == "EngineCrashLoop" and status["phase"] == "PartiallyReady"
+    assert "exited with code 1" in degraded["message"] and "ValueError: max_num_seqs must be > 0" in degraded["message"]
+
+    # the ready one crashes too: no replica serves, Failed (not Starting)
+    put_pod(cluster, engine_pod(cluster, "chat", "chat-abc123-aaaaa", crash_exit=1))
+    status = cluster.wait_status("chat", lambda s: s.get("phase") == "Failed")
+    assert next(c for c in status["conditions"] if c["type"] == "Available")["status"] == "False"
+
+    events = wait_until(lambda: [e for e in cluster.core.list_namespaced_event("default").items
+                                 if e.reason == "EngineCrashLoop" and e.involved_object.name == "chat"],
+                        what="EngineCrashLoop event")
+    assert events[0].type == "Warning" and "exited with code 1" in events[0].message
+    metrics = httpx.get(f"http://127.0.0.1:{cluster.metrics_port}/metrics").text
+    assert 'cxygpt_operator_model_failures_total{reason="EngineCrashLoop"} 1.0' in metrics
+
+
+def test_the_oldest_model_owns_a_served_name(cluster):
+    cluster.add_node("gpu-80g")
+    cluster.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "team-b"}})
+    cluster.start_operator("--no-network-policy")
+    cluster.apply(md("first"))
+    first = cluster.wait_status("first", lambda s: s.get("phase") == "Starting")
+    wait_until(lambda: cluster.md("first")["metadata"]["creationTimestamp"] < _utc_now(), what="the next second")
+    second = md("second")
+    second["metadata"]["namespace"] = "team-b"
+    second["spec"]["model"]["name"] = "first"
+    cluster.apply(second)
+    status = cluster.wait_status("second", lambda s: s.get("phase") == "Failed", ns="team-b")
+    degraded = next(c for c in status["conditions"] if c["type"] == "Degraded")
+    assert degraded["reason"] == "ModelNameConflict" and "default/first" in degraded["message"]
+    assert cluster.kubectl("get", "deployments", "-n", "team-b", "-o", "name").stdout.strip() == ""
+    assert cluster.kubectl("get", "networkpolicies", "-A", "-o", "name").stdout.strip() == ""  # --no-network-policy
+    assert cluster.wait_status("first", lambda s: s.get("phase") == "Starting") == first
+
+    # the owner goes: the name passes to the next oldest, which now gets its engine objects
+    cluster.kubectl("delete", "md", "first", "--timeout=20s")
+    cluster.wait_status("second", lambda s: s.get("phase") == "Starting", ns="team-b")
+    assert cluster.deployment("second", "team-b")["spec"]["replicas"] == 1
+
+
+def _utc_now() -> str:
+    import datetime
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -38,7 +38,7 @@ def test_defaults_are_applied():
     obj, errors = VALIDATOR.check(_md())
     assert errors == []
     assert obj["spec"]["mode"] == "multi" and obj["spec"]["profile"] == "auto" and obj["spec"]["replicas"] == 1
-    assert obj["spec"]["engine"] == {"kind": "vllm"}
+    assert obj["spec"]["engine"] == {"kind": "vllm", "trustRemoteCode": False}
 
 
 @pytest.mark.parametrize("spec, message", [
@@ -98,3 +98,82 @@ def test_crd_reference_doc_is_generated_from_the_schema():
     spec.loader.exec_module(module)
     assert (REPO / "docs/crd-reference.md").read_text() == module.render(), \
         "docs/crd-reference.md is stale: run python scripts/crd_reference.py"
+
+
+def _engine(**engine):
+    return _md(engine=engine)
+
+
+@pytest.mark.parametrize("args", [
+    ["--port", "9000"], ["--port=9000"], ["--host", "::"], ["--served-model-name", "x"], ["--served_model_name=x"],
+    ["--model", "other/model"], ["--model=other/model"],
+])
+def test_args_the_operator_owns_are_refused(args):
+    _, errors = VALIDATOR.check(_engine(args=args))
+    assert any("spec.engine.args: Invalid value: --port, --host, --served-model-name and --model are set by the operator"
+               in e for e in errors), errors
+
+
+def test_remote_code_needs_the_explicit_field():
+    for arg in ("--trust-remote-code", "--trust_remote_code"):
+        _, errors = VALIDATOR.check(_engine(args=[arg]))
+        assert any("set spec.engine.trustRemoteCode: true" in e for e in errors), errors
+    assert VALIDATOR.check(_engine(args=["--trust-remote-code"], trustRemoteCode=True))[1] == []
+    assert VALIDATOR.check(_engine(trustRemoteCode=True))[1] == []
+
+
+def _spellings(flag):
+    """Every spelling vLLM's parser takes for `flag`: each abbreviation, with `-` or `_`, bare or with =value."""
+    for end in range(1, len(flag) + 1):
+        for name in {flag[:end], flag[:end].replace("-", "_")}:
+            yield f"--{name}"
+            yield f"--{name}=x"
+
+
+@pytest.mark.parametrize("flag", ["port", "host", "served-model-name", "model"])
+def test_owned_args_are_refused_in_every_spelling_as_parse_spec_does(flag):
+    from cxygpt_operator.resolve import refused_arg
+    for arg in _spellings(flag):
+        assert VALIDATOR.check(_engine(args=[arg]))[1], arg
+        assert refused_arg(arg, trust_remote_code=True), arg
+    for arg in _spellings("trust-remote-code"):
+        assert VALIDATOR.check(_engine(args=[arg]))[1] and refused_arg(arg, trust_remote_code=False), arg
+        assert VALIDATOR.check(_engine(args=[arg], trustRemoteCode=True))[1] == [] and not refused_arg(arg, True), arg
+
+
+def test_other_args_pass():
+    ok = ["--enable-prefix-caching", "--max-model-len", "8192", "--model-loader-extra-config={}", "--hostname-x",
+          "--tensor-parallel-size", "2", "--seed", "1", "--hf-token", "x", "--tokenizer", "t", "--trust-request-chat-template",
+          "-O3", "8192", "--served-model-names", "--ports"]
+    from cxygpt_operator.resolve import refused_arg
+    assert VALIDATOR.check(_engine(args=ok))[1] == []
+    assert [a for a in ok if refused_arg(a, trust_remote_code=False)] == []
+
+
+@pytest.mark.parametrize("env, message", [
+    ([{"name": "1BAD"}], "does not match"),
+    ([{"name": "A-B"}], "does not match"),
+    ([{"name": "A", "value": "1"}, {"name": "A", "value": "2"}], "env names must be unique"),
+    ([{"name": "HF_HOME", "value": "/x"}], "are set by the operator"),
+    ([{"name": "HOME", "value": "/x"}], "are set by the operator"),
+    ([{"name": "LD_PRELOAD", "value": "/x.so"}], "LD_* loader variables"),
+    ([{"name": "LD_AUDIT", "value": "/x.so"}], "LD_* loader variables"),
+    ([{"name": "PYTHONPATH", "value": "/x"}], "LD_* loader variables"),
+])
+def test_bad_env_is_refused(env, message):
+    _, errors = VALIDATOR.check(_engine(env=env))
+    assert any(message in e for e in errors), errors
+
+
+def test_good_env_passes():
+    env = [{"name": "HF_TOKEN", "value": "x"}, {"name": "CXYGPT_SIM_ITL_MS", "value": "50"}, {"name": "_X"}]
+    assert VALIDATOR.check(_engine(env=env))[1] == []
+
+
+def test_replicas_are_bounded_and_rollout_defaults_to_surge():
+    assert VALIDATOR.check(_md(replicas=64))[1] == []
+    _, errors = VALIDATOR.check(_md(replicas=100000))
+    assert any("spec.replicas" in e and "64" in e for e in errors), errors
+    obj, _ = VALIDATOR.check(_md())
+    assert obj["spec"]["rollout"] == {"strategy": "Surge"} and obj["spec"]["engine"]["trustRemoteCode"] is False
+    assert "is not one of" in VALIDATOR.check(_md(rollout={"strategy": "Recreate"}))[1][0]

@@ -1,4 +1,5 @@
-"""Operator pure core: GPU nodes from labels, spec parsing and model facts, manifests (golden YAML), status."""
+"""Operator pure core: GPU nodes from labels, spec checks, effective args and model facts, manifests (golden YAML),
+status from the Deployment and its Pods, name ownership."""
 import os
 import subprocess
 import sys
@@ -7,11 +8,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cxygpt_operator.build import (CONFIG_HASH, EngineImages, Owner, build_deployment, build_service,
-                                   build_status)
+from cxygpt_operator.build import (CONFIG_HASH, EngineImages, Owner, build_deployment, build_failed_status,
+                                   build_network_policy, build_service, build_status, failure_of)
 from cxygpt_operator.nodes import gpu_node
 from cxygpt_operator.reconcile import status_patch
-from cxygpt_operator.resolve import SpecError, model_facts, parse_spec, resolve
+from cxygpt_operator.resolve import (NameClaim, SpecError, engine_overrides, model_facts, name_owner, parse_spec,
+                                     resolve, schedulable_replicas)
 from cxygpt_profiles import GpuNode, NoFit, default_catalog, default_table
 
 TABLE, CATALOG = default_table(), default_catalog()
@@ -69,10 +71,59 @@ def test_parse_spec_with_defaults():
     assert spec.weight_formats == {"bf16"}
 
 
-@pytest.mark.parametrize("raw", [{}, {"model": {"name": "m"}}, {"model": {"name": "m", "source": "hf://a/b"}, "replicas": -2}])
-def test_parse_spec_refuses_what_the_schema_would(raw):
-    with pytest.raises(SpecError):
+M = {"name": "m", "source": "hf://a/b"}
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({}, "required"), ({"model": {"name": "m"}}, "required"),
+    ({"model": M, "replicas": -2}, "from 0 to 64"), ({"model": M, "replicas": 65}, "from 0 to 64"),
+    ({"model": M, "rollout": {"strategy": "Recreate"}}, "spec.rollout.strategy"),
+    ({"model": M, "engine": {"args": ["--port=1"]}}, "--port is set by the operator"),
+    ({"model": M, "engine": {"args": ["--served_model_name", "x"]}}, "--served-model-name is set by the operator"),
+    ({"model": M, "engine": {"args": ["--trust-remote-code"]}}, "spec.engine.trustRemoteCode: true"),
+    ({"model": M, "engine": {"env": [{"name": "LD_PRELOAD", "value": "x"}]}}, "LD_PRELOAD changes the code"),
+    ({"model": M, "engine": {"env": [{"name": "HF_HOME"}]}}, "HF_HOME is set by the operator"),
+    ({"model": M, "engine": {"env": [{"name": "A-B"}]}}, "not a C identifier"),
+    ({"model": M, "engine": {"env": [{"name": "A"}, {"name": "A"}]}}, "unique"),
+])
+def test_parse_spec_refuses_what_the_schema_would(raw, message):
+    with pytest.raises(SpecError, match=message):
         parse_spec(raw)
+
+
+def test_remote_code_is_emitted_only_when_asked():
+    raw = {**EXAMPLE["spec"], "engine": {"trustRemoteCode": True}}
+    spec = parse_spec(raw)
+    args = build_deployment(OWNER, spec, resolve(spec, [H100], TABLE, CATALOG), TABLE, IMAGES)[
+        "spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args.count("--trust-remote-code") == 1
+    assert "--trust-remote-code" not in _manifests("srv80g-vllm")[0]["spec"]["template"]["spec"]["containers"][0]["args"]
+
+
+def test_engine_overrides_read_every_spelling_and_skip_values_the_engine_refuses():
+    assert engine_overrides(("--max-model-len", "8k", "--max_num_seqs=16", "--gpu-memory-utilization=0.8",
+                             "--enable-prefix-caching")) == {
+        "max_model_len": 8000, "max_num_seqs": 16, "gpu_memory_utilization": 0.8}
+    assert engine_overrides(("--max-model-len=32K",)) == {"max_model_len": 32768}
+    assert engine_overrides(("--max-num-seqs", "-5", "--gpu-memory-utilization", "2", "--max-model-len=0")) == {}
+    assert engine_overrides(("--max-model-len", "4096", "--max-model-len", "nope")) == {}  # the last one wins
+
+
+def test_fit_and_limits_use_the_effective_args():
+    base = parse_spec(EXAMPLE["spec"])
+    plain = resolve(base, [H100], TABLE, CATALOG)
+    longer = resolve(parse_spec({**EXAMPLE["spec"], "engine": {"args": ["--max-model-len=32768", "--max-num-seqs", "8"]}}),
+                     [H100], TABLE, CATALOG)
+    assert longer.max_model_len == 32768 and longer.fit.message.endswith("at 32768 tokens")
+    assert longer.limits.max_input_tokens == 32768 - longer.limits.max_output_tokens
+    assert longer.limits.max_concurrency == 8 and plain.limits.max_concurrency == 64
+    # less memory for the engine: the estimate says so
+    tight = resolve(parse_spec({**EXAMPLE["spec"], "engine": {"args": ["--gpu-memory-utilization", "0.5"]}}),
+                    [H100], TABLE, CATALOG)
+    assert tight.fit.usable_mib < plain.fit.usable_mib
+    with pytest.raises(NoFit, match="weights need"):
+        resolve(parse_spec({**EXAMPLE["spec"], "profile": "SRV_80G", "engine": {"args": ["--gpu-memory-utilization=0.2"]}}),
+                [H100], TABLE, CATALOG)
 
 
 def test_model_facts_from_catalog_and_spec_overrides():
@@ -111,7 +162,8 @@ def _manifests(case):
     raw, nodes = CASES[case]
     spec = parse_spec(raw)
     sel = resolve(spec, nodes, TABLE, CATALOG)
-    return build_deployment(OWNER, spec, sel, TABLE, IMAGES), build_service(OWNER, spec, sel, TABLE)
+    return (build_deployment(OWNER, spec, sel, TABLE, IMAGES), build_service(OWNER, spec, sel, TABLE),
+            build_network_policy(OWNER, spec, sel, TABLE, ("monitoring",)))
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -132,7 +184,7 @@ def test_manifests_pass_kubernetes_validate_strict(tmp_path):
     exe = Path(sys.executable).parent / "kubernetes-validate"
     out = subprocess.run([str(exe), "-k", "1.31.0", "--strict", *files], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert out.stdout.count(" passed for resource ") == 2 * len(CASES)
+    assert out.stdout.count(" passed for resource ") == 3 * len(CASES)
 
 
 def test_engine_pods_are_hardened():
@@ -141,15 +193,43 @@ def test_engine_pods_are_hardened():
         ctx = pod["containers"][0]["securityContext"]
         assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
         assert ctx["allowPrivilegeEscalation"] is False and ctx["capabilities"] == {"drop": ["ALL"]}
+        assert ctx["runAsNonRoot"] is True
         sim = pod["containers"][0]["command"][0] == "cxygpt-sim"
-        assert ctx.get("runAsNonRoot", False) is sim and ctx.get("readOnlyRootFilesystem", False) is sim
+        # the simulator image has its own user; vLLM's runs as root unless given one
+        assert ctx.get("readOnlyRootFilesystem", False) is sim and ("runAsUser" in ctx) is not sim
+
+
+def test_rollout_strategy_drain_and_grace():
+    dep = _manifests("srv80g-vllm")[0]
+    assert dep["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
+    pod = dep["spec"]["template"]["spec"]
+    # SRV_80G allows requests of 300 s: the drain waits that long, the grace period 30 s more
+    assert pod["containers"][0]["lifecycle"]["preStop"] == {"sleep": {"seconds": 300}}
+    assert pod["terminationGracePeriodSeconds"] == 330
+    assert pod["containers"][0]["terminationMessagePolicy"] == "FallbackToLogsOnError"
+    raw, nodes = CASES["srv80g-vllm"]
+    spec = parse_spec({**raw, "rollout": {"strategy": "InPlace"}})
+    in_place = build_deployment(OWNER, spec, resolve(spec, nodes, TABLE, CATALOG), TABLE, IMAGES)
+    assert in_place["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 0, "maxUnavailable": 1}
+    solo = _manifests("single-sim-pvc")[0]["spec"]["template"]["spec"]  # SINGLE_32G: 600 s, the cap
+    assert solo["containers"][0]["lifecycle"]["preStop"]["sleep"]["seconds"] == 600
+
+
+def test_network_policy_admits_the_gateway_label_and_metrics_namespaces_only():
+    dep, _, policy = _manifests("srv80g-vllm")
+    assert policy["spec"]["podSelector"]["matchLabels"] == dep["spec"]["selector"]["matchLabels"]
+    assert policy["spec"]["ingress"] == [{"from": [
+        {"namespaceSelector": {}, "podSelector": {"matchLabels": {"cxygpt.io/engine-access": "true"}}},
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}],
+        "ports": [{"port": 8000, "protocol": "TCP"}]}]
+    assert policy["metadata"]["ownerReferences"][0]["uid"] == OWNER.uid
 
 
 def test_user_args_come_last_and_hash_follows_the_template():
-    dep, _ = _manifests("single-sim-pvc")
+    dep = _manifests("single-sim-pvc")[0]
     args = dep["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args[-2:] == ["--max-model-len", "2048"] and args[0] == "/models/weights/qwen/Qwen3-14B"
-    first, _ = _manifests("srv80g-vllm")
+    first = _manifests("srv80g-vllm")[0]
     raw, nodes = CASES["srv80g-vllm"]
     scaled = build_deployment(OWNER, parse_spec({**raw, "replicas": 3}), resolve(parse_spec(raw), nodes, TABLE, CATALOG),
                               TABLE, IMAGES)
@@ -160,10 +240,10 @@ def test_user_args_come_last_and_hash_follows_the_template():
 
 # --- status -----------------------------------------------------------------------------------------------------
 
-def _status(outcome, deployment=None, previous=None, spec=None, now=NOW):
+def _status(outcome, deployment=None, previous=None, spec=None, now=NOW, **kw):
     spec = spec or parse_spec(EXAMPLE["spec"])
     return build_status(OWNER, spec, outcome, table=TABLE, deployment=deployment, image="img", args=["a"],
-                        previous=previous or {}, now=now)
+                        previous=previous or {}, now=now, **kw)
 
 
 def _cond(status, type_):
@@ -212,9 +292,173 @@ def test_status_patch_removes_keys_that_are_gone():
 
 
 def test_failed_status_keeps_the_rest_and_transition_times():
-    from cxygpt_operator.build import build_failed_status
     first = build_failed_status(OWNER, {"profile": "SRV_80G", "conditions": []}, "ResourceConflict", "taken", now=NOW)
     assert first["phase"] == "Failed" and first["profile"] == "SRV_80G"
-    assert [(c["type"], c["status"]) for c in first["conditions"]] == [("ProfileSelected", "False"), ("Degraded", "True")]
+    assert [(c["type"], c["status"], c["reason"]) for c in first["conditions"]] == [
+        ("ProfileSelected", "False", "ResourceConflict"), ("Available", "False", "ResourceConflict"),
+        ("Progressing", "False", "ResourceConflict"), ("Degraded", "True", "ResourceConflict")]
     again = build_failed_status(OWNER, first, "ResourceConflict", "taken", now="later")
     assert again == first
+
+
+# --- status from the Deployment and its Pods ---------------------------------------------------------------------
+
+def _pod(name, *, ready=False, hash_="h1", crash=None, waiting=None, terminating=False, created="2026-11-21T00:00:00Z"):
+    engine = {"name": "engine", "ready": ready, "restartCount": 3 if crash else 0, "state": {"running": {}}}
+    if crash:
+        engine["state"] = {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off"}}
+        engine["lastState"] = {"terminated": {"exitCode": crash, "reason": "Error",
+                                              "message": "loading\nValueError: max_num_seqs must be positive\n\n"}}
+    if waiting:
+        engine["state"] = {"waiting": {"reason": waiting, "message": "pull access denied"}}
+    meta = {"name": name, "labels": {"pod-template-hash": hash_}, "creationTimestamp": created}
+    if terminating:
+        meta["deletionTimestamp"] = "2026-11-21T00:01:00Z"
+    return {"metadata": meta, "status": {"phase": "Running",
+                                         "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
+                                         "containerStatuses": [engine]}}
+
+
+def _sel(spec):
+    return resolve(spec, [H100], TABLE, CATALOG)
+
+
+def _spec(**over):
+    return parse_spec({**EXAMPLE["spec"], **over})
+
+
+def _summary(status):
+    return status["phase"], {c["type"]: (c["status"], c["reason"]) for c in status["conditions"]}
+
+
+DEP = {"metadata": {"generation": 1}, "status": {"observedGeneration": 1}}
+
+
+def test_crash_loop_with_no_replica_ready_is_failed_with_exit_code_and_last_line():
+    spec = _spec(replicas=2)
+    status = _status(_sel(spec), deployment=DEP, spec=spec, pods=[_pod("a", crash=1), _pod("b")])
+    phase, conds = _summary(status)
+    assert phase == "Failed" and conds["Degraded"] == ("True", "EngineCrashLoop")
+    assert conds["Available"] == ("False", "EngineCrashLoop")
+    assert _cond(status, "Degraded")["message"] == ("pod a: engine exited with code 1 (Error), 3 restarts; "
+                                                    "last log line: ValueError: max_num_seqs must be positive")
+
+
+def test_crash_with_a_replica_ready_is_partially_ready_and_degraded():
+    spec = _spec(replicas=2)
+    phase, conds = _summary(_status(_sel(spec), deployment=DEP, spec=spec, pods=[_pod("a", ready=True), _pod("b", crash=137)]))
+    assert phase == "PartiallyReady" and conds["Available"] == ("True", "MinimumReplicasAvailable")
+    assert conds["Degraded"] == ("True", "EngineCrashLoop") and conds["Progressing"] == ("True", "ScalingUp")
+
+
+def test_an_image_that_cannot_be_pulled_is_not_loading():
+    phase, conds = _summary(_status(_sel(_spec()), deployment=DEP, pods=[_pod("a", waiting="ImagePullBackOff")]))
+    assert phase == "Failed" and conds["Degraded"] == ("True", "EngineCannotStart")
+
+
+@pytest.mark.parametrize("pods, replicas, expected", [
+    ([_pod("a")], 1, ("Starting", ("True", "EnginesStarting"))),
+    ([_pod("a", ready=True)], 2, ("PartiallyReady", ("True", "ScalingUp"))),
+    ([_pod("a", ready=True), _pod("b", ready=True, hash_="h2")], 2, ("PartiallyReady", ("True", "RollingUpdate"))),
+    ([_pod("a", ready=True), _pod("b", ready=True, hash_="h0", terminating=True)], 1, ("PartiallyReady", ("True", "RollingUpdate"))),
+    ([_pod("a", ready=True), _pod("b", ready=True, terminating=True)], 1, ("Ready", ("False", "RolloutComplete"))),
+    ([_pod("a", ready=True), _pod("b", ready=True)], 2, ("Ready", ("False", "RolloutComplete"))),
+    ([_pod("a", ready=True), _pod("b", ready=True), _pod("c", ready=True)], 2, ("PartiallyReady", ("True", "ScalingDown"))),
+    ([], 0, ("ScaledToZero", ("False", "ScaledToZero"))),
+])
+def test_phase_and_progress_from_the_pods(pods, replicas, expected):
+    spec = _spec(replicas=replicas)
+    phase, conds = _summary(_status(_sel(spec), deployment=DEP, spec=spec, pods=pods))
+    assert (phase, conds["Progressing"]) == expected
+    assert conds["Degraded"] == ("False", "AsExpected")
+    assert conds["Available"][0] == ("True" if any(p["status"]["conditions"][0]["status"] == "True" for p in pods) else "False")
+
+
+def test_a_deployment_the_generation_has_not_reached_is_rolling():
+    dep = {"metadata": {"generation": 2}, "status": {"observedGeneration": 1, "replicas": 1, "readyReplicas": 1}}
+    assert _summary(_status(_sel(_spec()), deployment=dep))[0] == "PartiallyReady"
+
+
+def test_a_rejected_deployment_is_failed_with_the_servers_message():
+    status = _status(_sel(_spec()), deployment=None, rejected='Deployment.apps "x" is invalid: spec.template: bad')
+    phase, conds = _summary(status)
+    assert phase == "Failed" and conds["Degraded"] == ("True", "DeploymentRejected")
+    assert "is invalid: spec.template: bad" in _cond(status, "Degraded")["message"]
+    assert status["limits"]["maxInputTokens"] == 16128  # limits as soon as a profile is selected
+    # the engines of the previous spec still serve: Available says so, the phase says the new spec failed
+    serving = _status(_sel(_spec()), deployment={"status": {"replicas": 1, "readyReplicas": 1}}, rejected="bad")
+    assert _summary(serving)[0] == "Failed" and _summary(serving)[1]["Available"][0] == "True"
+
+
+def test_requested_gpus_beyond_the_fitting_nodes_are_a_warning():
+    spec = _spec(replicas=3)
+    sel = _sel(spec)
+    assert schedulable_replicas(sel, [H100, H100x2, RTX]) == 3  # 1 + 2 replicas of one 80 GB GPU; the 32 GB one does not fit
+    status = _status(sel, deployment=DEP, spec=spec, pods=[_pod("a", ready=True)], schedulable=1)
+    assert "spec.replicas 3 x 1 GPU(s) = 3 GPUs requested; the schedulable nodes that fit SRV_80G hold 1 replica(s)" \
+        in _cond(status, "ProfileSelected")["message"]
+    assert _cond(status, "Degraded")["reason"] == "InsufficientGPUs" and "warning" in _cond(status, "Progressing")["message"]
+    assert "warning" not in _cond(_status(sel, deployment=DEP, spec=spec, schedulable=3), "ProfileSelected")["message"]
+
+
+def test_a_failure_is_read_from_degraded_with_a_failure_reason_only():
+    sel = _sel(_spec())
+    crashing = _status(sel, deployment=DEP, pods=[_pod("a", crash=1)])
+    assert failure_of(crashing) == ("EngineCrashLoop", _cond(crashing, "Degraded")["message"])
+    assert failure_of(_status(sel, deployment=DEP, pods=[_pod("a", ready=True)])) is None
+    assert failure_of({}) is None
+
+
+def test_the_oldest_claim_owns_a_name_then_the_smallest_uid():
+    a = NameClaim("2026-11-21T00:00:05Z", "b-uid", "team-b", "chat")
+    b = NameClaim("2026-11-21T00:00:01Z", "z-uid", "team-z", "chat")
+    c = NameClaim("2026-11-21T00:00:01Z", "a-uid", "team-a", "chat")
+    assert name_owner([a, b, c]) == c and name_owner([a, b]) == b and name_owner([]) is None
+    assert c.ref == "team-a/chat"
+
+
+# --- reconcile against a Kube that rejects the Deployment (the in-memory API validates no built-in kinds) ----------
+
+class _RejectingKube:
+    def __init__(self):
+        self.statuses, self.applied = [], []
+
+    def get_deployment(self, namespace, name):
+        return None
+
+    get_service = get_network_policy = get_deployment
+
+    def list_pods(self, namespace, selector):
+        return []
+
+    def apply_deployment(self, body):
+        from kubernetes.client.rest import ApiException
+        error = ApiException(status=422, reason="Unprocessable Entity")
+        error.body = '{"kind": "Status", "message": "Deployment.apps \\"qwen3-14b\\" is invalid: spec.template.spec.containers[0].lifecycle.preStop.sleep: Forbidden: feature gate PodLifecycleSleepAction is off"}'
+        raise error
+
+    def apply_service(self, body):
+        self.applied.append(body["kind"])
+        return body
+
+    apply_network_policy = apply_service
+
+    def patch_status(self, namespace, name, patch):
+        self.statuses.append(patch)
+
+
+def test_a_rejected_deployment_fails_with_the_api_servers_message():
+    import asyncio
+    import logging
+    from cxygpt_operator.reconcile import CannotRun, Context, reconcile
+    kube = _RejectingKube()
+    body = {"metadata": {"name": OWNER.name, "namespace": OWNER.namespace, "uid": OWNER.uid, "generation": 1},
+            "spec": EXAMPLE["spec"]}
+    ctx = Context(table=TABLE, catalog=CATALOG, kube=kube, images=IMAGES)
+    with pytest.raises(CannotRun) as failed:
+        asyncio.run(reconcile(body, [H100], ctx, logging.getLogger("test")))
+    status = failed.value.status
+    assert status["phase"] == "Failed" and failed.value.retry == 300
+    assert _cond(status, "Degraded")["reason"] == "DeploymentRejected"
+    assert "feature gate PodLifecycleSleepAction is off" in _cond(status, "Degraded")["message"]
+    assert kube.statuses == [status] and kube.applied == ["Service", "NetworkPolicy"]
