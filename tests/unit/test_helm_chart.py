@@ -320,7 +320,7 @@ OPERATOR_CALLS_PENDING = expand(("", "pods", "get list watch", ""),
                                 ("networking.k8s.io", "networkpolicies", "get list watch create patch update delete", ""),
                                 ("", "events", "create patch", ""), ("events.k8s.io", "events", "create patch", ""))
 # cluster-scoped resources (Kubernetes' and kopf's): the only ones a ClusterRole may grant with watchNamespaces
-CLUSTER_SCOPED = {"nodes", "customresourcedefinitions", "clusterkopfpeerings"}
+CLUSTER_SCOPED = {"nodes", "namespaces", "customresourcedefinitions", "clusterkopfpeerings"}
 
 
 def test_rbac_cluster_wide_grants_through_cluster_roles_only():
