@@ -671,3 +671,12 @@ def test_notes_give_the_next_commands():
     assert f"port-forward service/{RELEASE}-openwebui" in notes
     assert f"helm test {RELEASE} -n {NAMESPACE}" in notes
     assert "engine: {kind: sim}" in notes
+
+
+def test_notes_say_when_prometheus_cannot_reach_the_engines():
+    def notes(*args):
+        return helm("install", RELEASE, str(CHART), "-n", NAMESPACE, "--dry-run=client", *args).stdout.split("NOTES:", 1)[1]
+
+    assert "operator.networkPolicy.metricsNamespaces" in notes()  # engines carry scrape annotations: blocked
+    assert "metricsNamespaces" not in notes("-f", str(SCENARIOS["network-policy"]))
+    assert "metricsNamespaces" not in notes("--set", "operator.networkPolicy.enabled=false")
