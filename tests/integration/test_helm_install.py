@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
 
@@ -198,3 +199,27 @@ def test_two_peering_operators_reconcile_with_one_active(install):
     first.stop()  # the standby takes over: a model in another namespace is reconciled by the other replica
     install.add_model("llm")
     install.wait_engine("llm", timeout=6)
+
+
+@pytest.mark.xfail(strict=True, reason="the gateway keeps only the last --namespace until it takes several (issue 13, "
+                                       "the gateway's part): remove this mark when that is merged")
+@pytest.mark.parametrize("install", [("cxygpt", "operator.watchNamespaces={team-a,team-b}")], ids=["tenants"],
+                         indirect=True)
+def test_one_gateway_serves_the_models_of_every_watched_namespace(install):
+    install.install("team-a", "team-b")
+    install.start_operator()
+    for namespace in ("team-a", "team-b"):
+        install.add_model(namespace, served=f"model-of-{namespace}")
+    for namespace in ("team-a", "team-b"):
+        install.wait_engine(namespace)
+        install.kubectl("patch", "deployment", "qwen3-small", "-n", namespace, "--subresource=status", "--type=merge",
+                        "-p", json.dumps({"status": {"replicas": 1, "readyReplicas": 1}}))
+    gateway = install.start_gateway()
+    assert [a for a in install.container("gateway")["args"] if a.startswith("--namespace")] == \
+        ["--namespace=team-a", "--namespace=team-b"]
+
+    def served():
+        return {m["id"] for m in httpx.get(gateway.url + "/v1/models", timeout=5).json()["data"]}
+
+    wait_until(lambda: served() == {"model-of-team-a", "model-of-team-b"}, timeout=15,
+               what="the gateway to serve both tenants' models")

@@ -1,14 +1,12 @@
-"""The chart's RBAC allows every call the real operator and gateway make, recorded by a proxy in front of the API."""
+"""The chart's RBAC allows every call the real operator and gateway make: they run behind a proxy that enforces it."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
-from pathlib import Path
 
 import aiohttp
 import httpx
@@ -34,8 +32,7 @@ class Call:
     method: str
     path: str
     query: tuple          # (key, value) pairs
-    content_type: str
-    status: int
+    status: int           # the API server's answer (0: refused here)
     owners: tuple         # (apiVersion, kind) of ownerReferences with blockOwnerDeletion in the request body
 
 
@@ -68,8 +65,7 @@ class RecordingProxy:
 
     async def forward(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
-        call = Call(request.method, request.path, tuple(request.query.items()), request.headers.get("Content-Type", ""),
-                    0, blocking_owners(body))
+        call = Call(request.method, request.path, tuple(request.query.items()), 0, blocking_owners(body))
         refused = [a for a in attributes(call) if not self.authorize(a)]
         if refused:
             self.calls.append(call)
@@ -80,7 +76,7 @@ class RecordingProxy:
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
         async with self.session.request(request.method, self.upstream + request.path_qs, data=body,
                                         headers=headers) as upstream:
-            call = dataclasses.replace(call, status=upstream.status)
+            call = replace(call, status=upstream.status)
             self.calls.append(call)
             # a check only the answer tells (an apply that created the object): too late to refuse, still counted
             self.denied += [a for a in attributes(call) if not self.authorize(a)]
@@ -106,6 +102,7 @@ class RecordingProxy:
         asyncio.run_coroutine_threadsafe(_stop(), self.loop).result(timeout=15)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=5)
+        self.loop.close()
 
 
 def blocking_owners(body: bytes) -> tuple:
@@ -171,7 +168,7 @@ def attributes(call: Call) -> list[Attributes]:
     checks = [Attributes(verb, group, f"{resource}/{subresource}" if subresource else resource, namespace, name)]
     if call.method == "PATCH" and call.status == 201:  # server-side apply that created the object
         checks.append(Attributes("create", group, resource, namespace, name))
-    for api_version, kind in call.owners:
+    for api_version, kind in call.owners:  # plural by the kinds used here (ModelDeployment, Deployment)
         owner_group = api_version.rpartition("/")[0]
         checks.append(Attributes("update", owner_group, f"{kind.lower()}s/finalizers", namespace))
     return checks
@@ -217,7 +214,7 @@ def test_the_authorizer_model_can_say_no():
              (None, {"apiGroups": ["kopf.dev"], "resources": ["kopfpeerings"], "resourceNames": ["p"], "verbs": ["patch"]})]
 
     def check(method, path, query=(), status=200, owners=()):
-        return [(str(a), allowed(rules, a)) for a in attributes(Call(method, path, query, "", status, owners))]
+        return [(str(a), allowed(rules, a)) for a in attributes(Call(method, path, query, status, owners))]
 
     assert check("GET", "/apis/apps/v1/deployments") == [("list apps/deployments cluster-wide", True)]
     assert check("GET", "/apis/apps/v1/namespaces/a/deployments", (("watch", "true"),)) == \
