@@ -77,12 +77,6 @@ helm.sh/chart: {{ printf "%s-%s" $root.Chart.Name $root.Chart.Version | replace 
 {{- if gt (int .Values.operator.replicaCount) 1 }}{{ include "cxygpt.componentName" (list . "operator") }}{{ end }}
 {{- end }}
 
-{{/* The gateway watches one namespace when exactly one is configured, else the whole cluster
-(it takes a single --namespace). */}}
-{{- define "cxygpt.gateway.namespace" -}}
-{{- if eq (len .Values.operator.watchNamespaces) 1 }}{{ first .Values.operator.watchNamespaces }}{{ end }}
-{{- end }}
-
 {{/* The gateway's in-cluster URL, as clients (and Open WebUI) use it. */}}
 {{- define "cxygpt.gateway.url" -}}
 {{- printf "http://%s.%s.svc:%v" (include "cxygpt.componentName" (list . "gateway")) .Release.Namespace .Values.gateway.service.port }}
