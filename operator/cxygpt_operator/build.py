@@ -223,10 +223,14 @@ def build_service(owner: Owner, spec: ModelSpec, sel: Selection, table: ProfileT
 
 
 def build_network_policy(owner: Owner, spec: ModelSpec, sel: Selection, table: ProfileTable,
-                         metrics_namespaces: tuple[str, ...]) -> dict:
-    """Engine ports open only to pods labelled for engine access (the gateway's), in any namespace, and to the
-    namespaces given for metrics scraping: nothing else gets around the gateway's keys and limits."""
-    sources = [{"namespaceSelector": {}, "podSelector": {"matchLabels": {ENGINE_ACCESS_LABEL: "true"}}}]
+                         metrics_namespaces: tuple[str, ...], gateway_namespaces: tuple[str, ...] = ()) -> dict:
+    """Engine ports open only to pods labelled for engine access (the gateway's) in the gateway's namespaces, and
+    to the namespaces given for metrics scraping: nothing else gets around the gateway's keys and limits. Without
+    gateway namespaces the label is trusted in any namespace, so anyone who may label a pod gets in."""
+    gateway_pods = {"podSelector": {"matchLabels": {ENGINE_ACCESS_LABEL: "true"}}}
+    sources = ([{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}}, **gateway_pods}
+                for ns in sorted(set(gateway_namespaces))] if gateway_namespaces
+               else [{"namespaceSelector": {}, **gateway_pods}])
     sources += [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}}}
                 for ns in sorted(set(metrics_namespaces))]
     body = {

@@ -37,6 +37,9 @@ def parse_args(argv):
     ap.add_argument("--metrics-namespace", action="append", default=[], metavar="NS",
                     help="a namespace whose pods may scrape engine metrics through each model's NetworkPolicy "
                     "(repeatable; e.g. Prometheus'); the gateway's pods are let in by their label")
+    ap.add_argument("--gateway-namespace", action="append", default=[], metavar="NS",
+                    help="the namespace of the gateway's pods (repeatable): each model's NetworkPolicy lets in pods "
+                    "labelled cxygpt.io/engine-access=true from these namespaces only (default: from any namespace)")
     ap.add_argument("--no-network-policy", action="store_true",
                     help="make no NetworkPolicy per model (and remove ours): engines are then reachable by any pod")
     ap.add_argument("--log-format", choices=FORMATS, default="json",
@@ -67,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
 
     context = Context(table=table, catalog=catalog, kube=Kube(api_client(a.kubeconfig)),
                       images=EngineImages(vllm=a.vllm_image or table.vllm.image, sim=a.sim_image),
-                      network_policy=not a.no_network_policy, metrics_namespaces=tuple(a.metrics_namespace))
+                      network_policy=not a.no_network_policy, metrics_namespaces=tuple(a.metrics_namespace),
+                      gateway_namespaces=tuple(a.gateway_namespace))
     shared = Shared()
     if a.metrics_port:
         start_http_server(a.metrics_port, addr=a.metrics_host, registry=shared.metrics.registry)

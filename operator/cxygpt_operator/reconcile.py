@@ -51,6 +51,7 @@ class Context:
     images: EngineImages
     network_policy: bool = True
     metrics_namespaces: tuple[str, ...] = field(default=())
+    gateway_namespaces: tuple[str, ...] = field(default=())
 
 
 def _now() -> str:
@@ -144,7 +145,8 @@ async def reconcile(body: dict, nodes: list[GpuNode], ctx: Context, logger: logg
                                 ctx.kube.apply_service, logger)
         if ctx.network_policy:
             await _apply_if_changed(current["NetworkPolicy"],
-                                    build_network_policy(owner, spec, outcome, ctx.table, ctx.metrics_namespaces),
+                                    build_network_policy(owner, spec, outcome, ctx.table, ctx.metrics_namespaces,
+                                                         ctx.gateway_namespaces),
                                     ctx.kube.apply_network_policy, logger)
     # With no profile fitting, running engines are left alone: a node that flaps must not take a model down.
     if not ctx.network_policy and current["NetworkPolicy"] is not None:

@@ -271,8 +271,7 @@ def test_the_chart_rbac_allows_every_call_the_operator_and_gateway_make(scenario
             install.add_model(namespace, served=f"qwen3-0.6b-{n}")
         for namespace in namespaces:
             install.wait_engine(namespace)
-            install.kubectl("patch", "deployment", "qwen3-small", "-n", namespace, "--subresource=status",
-                            "--type=merge", "-p", json.dumps({"status": {"replicas": 1, "readyReplicas": 1}}))
+            install.engine_ready(namespace)
         first = install.get("md", "qwen3-small", namespaces[0])["metadata"]["creationTimestamp"]
         created = datetime.strptime(first, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc).timestamp()
         wait_until(lambda: time.time() >= created + 1.05, timeout=3, what="the next second")

@@ -314,11 +314,7 @@ def expand(*rules) -> set[tuple]:
 
 
 # Whether the rules allow what the operator and the gateway call is checked against their real calls in
-# tests/integration/test_helm_rbac.py. These are the calls of issue 13's operator work (CONTRACT.md) that its
-# code on this branch does not make yet; once it does, the integration test records them and this can go.
-OPERATOR_CALLS_PENDING = expand(("", "pods", "get list watch", ""),
-                                ("networking.k8s.io", "networkpolicies", "get list watch create patch update delete", ""),
-                                ("", "events", "create patch", ""), ("events.k8s.io", "events", "create patch", ""))
+# tests/integration/test_helm_rbac.py; here: scope, bindings and namespaces.
 # cluster-scoped resources (Kubernetes' and kopf's): the only ones a ClusterRole may grant with watchNamespaces
 CLUSTER_SCOPED = {"nodes", "namespaces", "customresourcedefinitions", "clusterkopfpeerings"}
 
@@ -326,7 +322,6 @@ CLUSTER_SCOPED = {"nodes", "namespaces", "customresourcedefinitions", "clusterko
 def test_rbac_cluster_wide_grants_through_cluster_roles_only():
     docs = render()
     assert not find(docs, "Role") and not find(docs, "RoleBinding")
-    assert OPERATOR_CALLS_PENDING <= grants(one(docs, "ClusterRole", f"{RELEASE}-operator"))
     for component in ("operator", "gateway"):
         [binding] = find(docs, "ClusterRoleBinding", f"{RELEASE}-{component}")
         assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
@@ -353,8 +348,6 @@ def test_rbac_with_watch_namespaces_keeps_models_namespaced(scenario):
             assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
                                           "name": roles[namespace]["metadata"]["name"]}
             assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa, "namespace": NAMESPACE}]
-        if component == "operator":
-            assert all(OPERATOR_CALLS_PENDING <= grants(role) for role in roles.values())
         # one --namespace per watched namespace, for the operator and for the gateway alike
         assert [a for a in container(docs, component)["args"] if a.startswith("--namespace")] == \
             [f"--namespace={n}" for n in watched]
@@ -438,28 +431,11 @@ def test_selectors_do_not_change_on_upgrade(tmp_path):
 
 # --- what each component is given -----------------------------------------------------------------------
 
-def operator_knows(flag: str) -> bool:
-    from cxygpt_operator.main import parse_args
-
-    try:
-        parse_args([flag])
-        return True
-    except SystemExit:
-        return False
-
-
-# operator flags of issue 13 (CONTRACT.md) that the chart passes ahead of the operator's own branch
-PENDING_OPERATOR_FLAGS = ("--no-network-policy", "--metrics-namespace=NS")
-
-
 def test_operator_args_are_flags_the_operator_has():
     from cxygpt_operator.main import parse_args
 
-    pending = {f.split("=")[0] for f in PENDING_OPERATOR_FLAGS if not operator_knows(f)}
     for scenario in SCENARIOS:
         args = container(render(scenario), "operator")["args"]
-        if pending & {a.split("=")[0] for a in args}:
-            continue  # checked by test_network_policy_values_become_operator_flags until the operator has them
         parsed = parse_args(args)  # argparse exits on an unknown flag
         assert parsed.sim_image == "cxygpt/cxygpt-sim:0.1.0" and parsed.profiles == "/etc/cxygpt/profiles/profiles.yaml"
         assert parsed.liveness == "http://0.0.0.0:8080/healthz" and parsed.vllm_image is None
@@ -474,18 +450,16 @@ def test_network_policy_values_become_operator_flags(tmp_path):
     assert not {a for a in container(render(), "operator")["args"] if "network-policy" in a or "metrics-namespace" in a}
     args = container(render("network-policy"), "operator")["args"]
     assert "--metrics-namespace=monitoring" in args and "--no-network-policy" not in args
+    assert f"--gateway-namespace={NAMESPACE}" in args  # the per-model policies trust the label in ours only
     args = container(render_values(tmp_path, {"operator": {"networkPolicy": {
         "enabled": False, "metricsNamespaces": ["monitoring", "obs"]}}}), "operator")["args"]
-    assert "--no-network-policy" in args
+    assert "--no-network-policy" in args and not any(a.startswith("--gateway-namespace") for a in args)
     assert [a for a in args if a.startswith("--metrics-namespace")] == ["--metrics-namespace=monitoring",
                                                                           "--metrics-namespace=obs"]
     from cxygpt_operator.main import parse_args
 
-    if all(operator_knows(f) for f in PENDING_OPERATOR_FLAGS):  # after the operator's issue-13 branch is merged
-        parsed = vars(parse_args(args))
-        assert ["monitoring", "obs"] in parsed.values()
-    else:
-        pytest.xfail("the operator has no --no-network-policy / --metrics-namespace yet (its branch is not merged)")
+    parsed = parse_args(args)
+    assert parsed.metrics_namespace == ["monitoring", "obs"] and parsed.no_network_policy
 
 
 def engine_pod_templates() -> list[dict]:

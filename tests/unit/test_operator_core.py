@@ -223,6 +223,13 @@ def test_network_policy_admits_the_gateway_label_and_metrics_namespaces_only():
         {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}],
         "ports": [{"port": 8000, "protocol": "TCP"}]}]
     assert policy["metadata"]["ownerReferences"][0]["uid"] == OWNER.uid
+    # with the gateway's namespace known, a pod elsewhere that labels itself does not get in
+    raw, nodes = CASES["srv80g-vllm"]
+    spec = parse_spec(raw)
+    fenced = build_network_policy(OWNER, spec, resolve(spec, nodes, TABLE, CATALOG), TABLE, (), ("cxygpt", "cxygpt"))
+    assert fenced["spec"]["ingress"][0]["from"] == [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "cxygpt"}},
+         "podSelector": {"matchLabels": {"cxygpt.io/engine-access": "true"}}}]
 
 
 def test_user_args_come_last_and_hash_follows_the_template():
