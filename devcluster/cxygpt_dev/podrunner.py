@@ -1,6 +1,7 @@
 """Local pod runner: stands in for kubelet + the Deployment controller, running engine processes on 127.0.0.1."""
 from __future__ import annotations
 
+import argparse
 import asyncio
 import collections
 import datetime
@@ -9,6 +10,7 @@ import logging
 import os
 import secrets
 import shutil
+import signal
 import string
 import sys
 import time
@@ -31,6 +33,9 @@ RESTART_BACKOFF_S = (0.5, 1, 2, 5, 10)
 MAX_ENGINES = 32
 TAIL_LINES, TAIL_BYTES = 80, 2048  # kubelet's FallbackToLogsOnError message: the last lines of the output
 _ALNUM = string.ascii_lowercase + string.digits
+# Keeps a deleted Pod visible (with its deletionTimestamp) until its engine has stopped, as kubelet's graceful
+# termination does; the pod runner removes it then.
+POD_FINALIZER = "cxygpt.io/pod-runner"
 
 
 def engine_argv(container: dict, port: int, engine: str) -> list[str]:
@@ -86,7 +91,6 @@ class Pod:
     last_exit: dict | None = None  # lastState.terminated
     backoff_s: float = 0.0
     terminating: bool = False
-    deletion_timestamp: str | None = None
     tail: collections.deque = field(default_factory=lambda: collections.deque(maxlen=TAIL_LINES))
     tasks: list[asyncio.Task] = field(default_factory=list)
     written: dict = field(default_factory=dict)  # what was last sent to the API, per object kind
@@ -106,6 +110,7 @@ class Workload:
     conditions: dict[str, dict] = field(default_factory=dict)
     written_status: dict | None = None
     task: asyncio.Task | None = None
+    writing: asyncio.Lock = field(default_factory=asyncio.Lock)  # one writer at a time: the last write is the newest
 
 
 class PodRunner:
@@ -192,9 +197,14 @@ class PodRunner:
         step = rollout_step([p.view() for p in workload.pods.values()], spec.get("replicas", 1), digest,
                             strategy_of(spec), capacity)
         workload.refused = step.refused
+        if step.start or step.terminate:
+            log.info("%s/%s: start %d, terminate %s (pods: %s)", workload.namespace, workload.name, step.start,
+                     ", ".join(step.terminate) or "none",
+                     ", ".join(f"{p.name}{'+' if p.ready else '-'}{'~' if p.terminating else ''}"
+                               for p in workload.pods.values()))
         for name in step.terminate:
             pod = workload.pods[name]
-            pod.terminating, pod.deletion_timestamp = True, _now()
+            pod.terminating = True
             pod.tasks.append(asyncio.create_task(self._terminate(workload, pod)))
         for _ in range(step.start):
             name = f"{workload.name}-{digest}-{''.join(secrets.choice(_ALNUM) for _ in range(5))}"
@@ -228,7 +238,7 @@ class PodRunner:
             pod.started_at, pod.backoff_s = _now(), 0.0
             log.info("%s/%s: started engine %s on 127.0.0.1:%d (pid %d)", workload.namespace, workload.name,
                      pod.name, pod.port, pod.process.pid)
-            await self._report(workload)
+            await self._report(workload, pod)
 
             def emit(line, label=pod.name):
                 pod.tail.append(line)
@@ -252,7 +262,7 @@ class PodRunner:
             pod.exits += 1
             log.warning("%s/%s: engine %s exited with %s; restart %d in %ss", workload.namespace, workload.name,
                         pod.name, exit_code, pod.exits, pod.backoff_s)
-            await self._report(workload)
+            await self._report(workload, pod)
             await asyncio.sleep(pod.backoff_s)
 
     async def _probe(self, workload: Workload, pod: Pod):
@@ -265,12 +275,15 @@ class PodRunner:
                 ready = False
             if ready != pod.ready:
                 pod.ready = ready
-                await self._report(workload)
+                await self._report(workload, pod)
             await asyncio.sleep(2 if ready else 0.2)
 
-    async def _report(self, workload: Workload):
-        """A pod changed: the controller reconsiders (a new pod Ready lets the rollout go on) and publishes."""
+    async def _report(self, workload: Workload, pod: Pod | None = None):
+        """A pod changed: kubelet writes its status (and the endpoint follows) first, then the controller
+        reconsiders, as in a cluster: a new pod is Ready in the API before an old one is terminated."""
         if self.workloads.get((workload.namespace, workload.name)) is workload:
+            if pod is not None:
+                await self._publish(workload, only=pod)
             workload.changed.set()
 
     async def _terminate(self, workload: Workload, pod: Pod):
@@ -281,7 +294,9 @@ class PodRunner:
         lifecycle = spec["containers"][0].get("lifecycle") or {}
         drain = min(((lifecycle.get("preStop") or {}).get("sleep") or {}).get("seconds", 0), grace)
         began = time.monotonic()
-        await self._publish(workload)
+        # the API server marks a deleted pod (deletionTimestamp); the finalizer keeps it until the engine stopped
+        await self._delete(f"/api/v1/namespaces/{workload.namespace}/pods/{pod.name}")
+        await self._publish(workload, only=pod)
         deadline = began + drain
         while time.monotonic() < deadline and pod.process and pod.process.returncode is None:
             if await self._idle(pod):
@@ -290,7 +305,6 @@ class PodRunner:
         log.info("%s/%s: engine %s drained in %.1fs; stopping", workload.namespace, workload.name, pod.name,
                  time.monotonic() - began)
         await self._stop(workload, pod, grace_s=max(2.0, grace - (time.monotonic() - began)))
-        workload.pods.pop(pod.name, None)
         await self._report(workload)
 
     async def _idle(self, pod: Pod) -> bool:
@@ -308,8 +322,15 @@ class PodRunner:
             if task is not current:
                 task.cancel()
         await stop_group(pod.process, grace_s)
-        await self._delete(f"/apis/discovery.k8s.io/v1/namespaces/{workload.namespace}/endpointslices/{pod.name}")
-        await self._delete(f"/api/v1/namespaces/{workload.namespace}/pods/{pod.name}")
+        async with workload.writing:  # no write of this pod may come after its deletion (apply would recreate it)
+            workload.pods.pop(pod.name, None)
+            await self._delete(f"/apis/discovery.k8s.io/v1/namespaces/{workload.namespace}/endpointslices/{pod.name}")
+            path = f"/api/v1/namespaces/{workload.namespace}/pods/{pod.name}"
+            await self._delete(path)
+            try:
+                await self._request("PATCH", path, {"metadata": {"finalizers": None}})
+            except (RuntimeError, aiohttp.ClientError) as e:
+                log.warning("%s: finalizer not removed: %s", path, e)
 
     async def _delete(self, path: str):
         try:
@@ -350,11 +371,10 @@ class PodRunner:
                 "ready": ready == "True", "started": running, "restartCount": max(0, pod.exits - (not running)),
                 "state": state, **({"lastState": {"terminated": pod.last_exit}} if pod.last_exit else {})}]}
         metadata = {"name": pod.name, "namespace": workload.namespace, "labels": labels,
+                    "finalizers": [POD_FINALIZER],
                     "ownerReferences": [{"apiVersion": "apps/v1", "kind": "Deployment", "name": workload.name,
                                          "uid": dep["metadata"].get("uid", ""), "controller": True,
                                          "blockOwnerDeletion": True}]}
-        if pod.deletion_timestamp:
-            metadata["deletionTimestamp"] = pod.deletion_timestamp
         return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": pod.template["spec"], "status": status}
 
     async def _write_pod(self, workload: Workload, pod: Pod, create: bool = False):
@@ -370,14 +390,30 @@ class PodRunner:
             await self._request("PATCH", f"{path}/{pod.name}/status", {"status": body["status"]})
             pod.written["pod"] = body
 
-    async def _publish(self, workload: Workload):
+    async def _publish(self, workload: Workload, only: Pod | None = None):
+        async with workload.writing:
+            await self._write_all(workload, only)
+
+    async def _write_all(self, workload: Workload, only: Pod | None):
         ns, name = workload.namespace, workload.name
         try:
-            services = await self._request("GET", f"/api/v1/namespaces/{ns}/services")
-            for pod in list(workload.pods.values()):
+            services = (await self._request("GET", f"/api/v1/namespaces/{ns}/services")).get("items", [])
+        except RuntimeError as e:
+            log.warning("%s/%s: services not read: %s", ns, name, e)
+            services = []
+        # what adds capacity is written before what removes it
+        for pod in [only] if only else sorted(workload.pods.values(), key=lambda p: p.terminating):
+            if pod.name not in workload.pods:
+                continue
+            try:  # a pod being removed meanwhile is no reason to leave the others unwritten
                 await self._write_pod(workload, pod)
                 if pod.port:
-                    await self._put_slice(workload, pod, services.get("items", []))
+                    await self._put_slice(workload, pod, services)
+            except RuntimeError as e:
+                log.warning("%s/%s: pod %s not written: %s", ns, name, pod.name, e)
+        if only:
+            return
+        try:
             await self._write_status(workload)
         except RuntimeError as e:
             log.warning("%s/%s: status not written: %s", ns, name, e)
@@ -468,3 +504,27 @@ class PodRunner:
                 await self._watch_deployments()
             finally:
                 await self.stop_all()
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m cxygpt_dev.podrunner", description=__doc__)
+    ap.add_argument("--api", required=True, help="the Kubernetes API's URL")
+    ap.add_argument("--max-engines", type=int, default=MAX_ENGINES)
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+
+    async def run():
+        runner = asyncio.create_task(PodRunner(a.api, max_engines=a.max_engines).run())
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, runner.cancel)
+        try:
+            await runner
+        except asyncio.CancelledError:
+            pass
+
+    asyncio.run(run())
+
+
+if __name__ == "__main__":
+    main()

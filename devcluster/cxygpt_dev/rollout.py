@@ -70,16 +70,17 @@ def rollout_step(pods: list[PodView], desired: int, template_hash: str, strategy
         wanted = max(0, desired - len(new))
         return Step(start=min(wanted, capacity), refused=max(0, wanted - capacity),
                     terminate=tuple(p.name for p in _unready_first(new)[:max(0, len(new) - desired)]))
-    if len(new) >= desired:  # scaled down, or the rollout is done: everything beyond `desired` goes
-        extra = _unready_first(new)[:len(new) - desired]
-        return Step(terminate=tuple(p.name for p in old + extra))
-    # old pods that are not ready count against nobody's availability: they go at once
+    # new pods beyond `desired` (a scale-down) go, not-ready ones first
+    extra = _unready_first(new)[:max(0, len(new) - desired)]
+    kept = [p for p in new if p not in extra]
+    # old pods that are not ready count against nobody's availability: they go at once; ready ones only while
+    # enough pods stay ready (maxUnavailable)
     terminate = [p for p in old if not p.ready]
     ready_old = [p for p in old if p.ready]
-    available = sum(p.ready for p in new) + len(ready_old)
+    available = sum(p.ready for p in kept) + len(ready_old)
     removable = max(0, available - (desired - strategy.max_unavailable))
-    terminate += ready_old[:removable]
+    terminate += ready_old[:removable] + extra
     remaining = len(live) - len(terminate)
-    wanted = max(0, min(desired - len(new), desired + strategy.max_surge - remaining))
+    wanted = max(0, min(desired - len(kept), desired + strategy.max_surge - remaining))
     return Step(start=min(wanted, capacity), terminate=tuple(p.name for p in terminate),
                 refused=max(0, wanted - capacity))

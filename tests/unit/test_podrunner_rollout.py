@@ -116,3 +116,9 @@ def test_template_hash_pod_message_and_metrics():
     metrics = ('# HELP vllm:num_requests_running x\nvllm:num_requests_running{model_name="m"} 2.0\n'
                'vllm:num_requests_waiting{model_name="m"} 1.0\nvllm:num_requests_swapped 5.0\n')
     assert requests_in_flight(metrics) == 3.0
+
+
+def test_old_pods_stay_while_a_full_set_of_new_ones_is_not_ready_yet():
+    # the new pods number `desired`, but one is still starting: the last ready old pod must stay
+    assert rollout_step(pods("old~", "old+", "new+", "new-"), 2, "new", SURGE, 10) == Step()
+    assert rollout_step(pods("old+", "new+", "new+"), 2, "new", SURGE, 10) == Step(terminate=("p0-old+",))
