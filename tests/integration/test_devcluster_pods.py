@@ -115,14 +115,14 @@ class SliceWatch:
         threading.Thread(target=run, daemon=True).start()
         assert self.open.wait(10)
 
-    def ready_over_time(self):
-        """How many endpoints are ready after each event."""
+    def over_time(self, condition="ready"):
+        """How many endpoints have the condition (or, for "live", are not terminating) after each event."""
         state, counts = {}, []
         for _, kind, name, conditions in self.events:
             if kind == "DELETED":
                 state.pop(name, None)
             else:
-                state[name] = conditions["ready"]
+                state[name] = not conditions["terminating"] if condition == "live" else conditions[condition]
             counts.append(sum(state.values()))
         return counts
 
@@ -170,7 +170,7 @@ def test_rolling_update_starts_new_before_draining_old(cluster):
 
     assert result["code"] == 200 and result["body"]["usage"]["completion_tokens"] == 60
     # maxUnavailable 0: two endpoints ready at every moment of the rollout
-    assert min(watch.ready_over_time()[2:]) >= 2, "\n".join(map(str, watch.events))
+    assert min(watch.over_time()[2:]) >= 2, "\n".join(map(str, watch.events))
     first_new_ready = min(t for t, kind, name, c in watch.events if name not in old and c["ready"])
     marks = {name: t for t, kind, name, c in watch.events
              if name in old and kind == "MODIFIED" and c == {"ready": False, "serving": True, "terminating": True}}
@@ -196,8 +196,9 @@ def test_replace_in_place_order(cluster):
     # maxSurge 0: an old endpoint leaves before any new one comes; one replica is down meanwhile, never three up
     _, kind, name, conditions = watch.events[2]
     assert kind == "MODIFIED" and name in old and conditions["terminating"], watch.events
-    counts = watch.ready_over_time()[2:]
+    counts = watch.over_time()[2:]
     assert min(counts) == 1 and max(counts) <= 2, watch.events
+    assert max(watch.over_time("live")) <= 2, watch.events  # no surge: never a third pod beside the two
 
 
 def test_scale_up_then_down_drains_the_extra_pods(cluster):
