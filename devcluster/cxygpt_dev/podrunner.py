@@ -159,6 +159,30 @@ class PodRunner:
                 log.warning("deployment watch broke (%s); relisting", e)
                 await asyncio.sleep(1)
 
+    async def _watch_pod_deletions(self):
+        """A Pod deleted through the API (`kubectl delete pod`) terminates gracefully; its Deployment replaces it."""
+        path = "/api/v1/pods?labelSelector=pod-template-hash&watch=true"
+        while True:
+            try:
+                async with self.session.get(self.api_url + path,
+                                            timeout=aiohttp.ClientTimeout(total=None, sock_read=None)) as resp:
+                    async for line in resp.content:
+                        obj = orjson.loads(line).get("object", {}) if line.strip() else {}
+                        md = obj.get("metadata", {})
+                        owner = next((r["name"] for r in md.get("ownerReferences", []) if r.get("kind") == "Deployment"), None)
+                        workload = self.workloads.get((md.get("namespace"), owner))
+                        pod = workload.pods.get(md.get("name")) if workload else None
+                        if pod and md.get("deletionTimestamp") and not pod.terminating:
+                            self._begin_termination(workload, pod)
+                            workload.changed.set()
+            except (aiohttp.ClientError, orjson.JSONDecodeError) as e:
+                log.warning("pod watch broke (%s); watching again", e)
+                await asyncio.sleep(1)
+
+    def _begin_termination(self, workload: Workload, pod: Pod):
+        pod.terminating = True
+        pod.tasks.append(asyncio.create_task(self._terminate(workload, pod)))
+
     @staticmethod
     def _key(obj: dict) -> tuple[str, str]:
         return obj["metadata"]["namespace"], obj["metadata"]["name"]
@@ -203,9 +227,7 @@ class PodRunner:
                      ", ".join(f"{p.name}{'+' if p.ready else '-'}{'~' if p.terminating else ''}"
                                for p in workload.pods.values()))
         for name in step.terminate:
-            pod = workload.pods[name]
-            pod.terminating = True
-            pod.tasks.append(asyncio.create_task(self._terminate(workload, pod)))
+            self._begin_termination(workload, workload.pods[name])
         for _ in range(step.start):
             name = f"{workload.name}-{digest}-{''.join(secrets.choice(_ALNUM) for _ in range(5))}"
             pod = workload.pods[name] = Pod(name, digest, template)
@@ -500,9 +522,11 @@ class PodRunner:
 
     async def run(self):
         async with aiohttp.ClientSession() as self.session:
+            deletions = asyncio.create_task(self._watch_pod_deletions())
             try:
                 await self._watch_deployments()
             finally:
+                deletions.cancel()
                 await self.stop_all()
 
 

@@ -259,3 +259,26 @@ def test_the_engine_cap_refuses_the_rest_and_stops_promptly(kube_api, tmp_path):
         assert "ReplicaFailure" not in {c["type"] for c in s["conditions"]}
     finally:
         runner.stop()
+
+
+def test_killed_or_deleted_engine_pod(cluster):
+    create(cluster, deployment("victim", 1, drain_s=5))
+    wait_until(lambda: settled(cluster, "victim", 1), timeout=40, what="1 ready replica")
+    [pod] = pods(cluster, "victim")
+    [port] = [s["ports"][0]["port"] for s in slices(cluster, "victim")]
+    pid = int(subprocess.run(["pgrep", "-f", "--", f"--port {port}$"], capture_output=True, text=True).stdout.split()[0])
+    os.kill(pid, signal.SIGKILL)
+
+    def restarted():
+        [again] = pods(cluster, "victim")
+        engine = again["status"]["containerStatuses"][0]
+        return engine["restartCount"] == 1 and engine["ready"] and engine
+
+    engine = wait_until(restarted, timeout=30, what="restarted once")
+    assert engine["lastState"]["terminated"]["exitCode"] == 137  # 128 + SIGKILL, as kubelet reports it
+    assert engine["lastState"]["terminated"]["reason"] == "Error"
+
+    # `kubectl delete pod`: the pod terminates (shown meanwhile) and the Deployment replaces it
+    assert httpx.delete(f"{cluster.url}/api/v1/namespaces/{NS}/pods/{pod['metadata']['name']}").status_code == 200
+    wait_until(lambda: settled(cluster, "victim", 1) and pods(cluster, "victim")[0]["metadata"]["name"]
+               != pod["metadata"]["name"], timeout=40, what="a replacement pod")
