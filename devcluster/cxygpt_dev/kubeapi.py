@@ -131,6 +131,11 @@ class KubeAPI(kmock.KubernetesEmulator):
         _handled.get([]).append(request)
         if request.url.path.startswith("/openapi/"):
             return self._serve_openapi(request)
+        if "protobuf" in request.headers.get("Content-Type", "") and request.body:
+            # client-go sends built-in kinds as protobuf when it may; on a 415 it falls back to JSON
+            raise ApiError(status=415, reason="UnsupportedMediaType",
+                           message="the body of the request was in an unknown format: accepted media types "
+                                   "include: application/json, application/yaml")
         res = request.resource
         key = (res.group, res.version, res.plural) if res is not None else None
         data = request.data if isinstance(request.data, dict) else None
@@ -414,7 +419,7 @@ class KubeAPI(kmock.KubernetesEmulator):
             body["reason"] = {404: "NotFound", 409: "AlreadyExists"}.get(response.status, "InternalError")
             body["message"] = {404: "the server could not find the requested resource",
                                409: "object already exists"}.get(response.status, str(exc))
-            log.warning("request failed: %r", exc)
+            log.warning("request failed: %r", exc, exc_info=exc)
         if not isinstance(exc, (ApiError, Invalid)) or "traceback" in (body.get("details") or {}):
             body.pop("details", None)
         response.body = json.dumps(body).encode()

@@ -120,3 +120,11 @@ def test_builtin_kinds_the_operator_uses(kube_api, path, kind, api_version):
     watcher.join(10)
     assert seen == [("ADDED", "one"), ("MODIFIED", "one"), ("DELETED", "one")]
     assert httpx.get(f"{url}/one").status_code == 404
+
+
+def test_protobuf_bodies_are_refused_clearly(kube_api):
+    # kubectl's imperative `create namespace|configmap` sends protobuf, which the in-memory API cannot decode
+    out = kubectl(kube_api, "create", "namespace", "pb")
+    assert out.returncode == 1 and "Error from server (UnsupportedMediaType)" in out.stderr, out.stderr
+    assert kubectl(kube_api, "apply", "-f", "-", stdin=yaml.safe_dump(
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "pb"}})).returncode == 0
