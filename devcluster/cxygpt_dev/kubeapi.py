@@ -97,7 +97,7 @@ class KubeAPI(kmock.KubernetesEmulator):
         self.resources.load_bundled()
         self.validators: dict[tuple[str, str, str], CrdValidator] = {}
         self.status_subresources: set[tuple[str, str, str]] = set()
-        self.printer_columns: dict[tuple[str, str, str], list[dict]] = {}
+        self.printer_columns: dict[tuple[str, str, str], list[dict]] = dict(BUILTIN_COLUMNS)
         # the scale subresource's JSON paths per resource; Deployments' are the built-in ones
         self.scale_paths: dict[tuple[str, str, str], dict] = {("apps", "v1", "deployments"): {
             "specReplicasPath": ".spec.replicas", "statusReplicasPath": ".status.replicas",
@@ -426,6 +426,41 @@ class KubeAPI(kmock.KubernetesEmulator):
         return response
 
 
+def _pod_status(pod: dict) -> str:
+    """kubectl's STATUS of a pod: Terminating, else a container's waiting or terminated reason, else the phase."""
+    if pod["metadata"].get("deletionTimestamp"):
+        return "Terminating"
+    for container in (pod.get("status") or {}).get("containerStatuses") or []:
+        for state in ("waiting", "terminated"):
+            reason = (container.get("state") or {}).get(state, {}).get("reason")
+            if reason:
+                return reason
+    return (pod.get("status") or {}).get("phase", "Pending")
+
+
+def _containers_ready(pod: dict) -> str:
+    statuses = (pod.get("status") or {}).get("containerStatuses") or []
+    return f"{sum(bool(c.get('ready')) for c in statuses)}/{len(pod.get('spec', {}).get('containers', []))}"
+
+
+_AGE = {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}
+# the columns `kubectl get` shows for the built-in kinds the dev cluster runs (a real server prints them too)
+BUILTIN_COLUMNS = {
+    ("", "v1", "pods"): [
+        {"name": "Ready", "cell": _containers_ready},
+        {"name": "Status", "cell": _pod_status},
+        {"name": "Restarts", "type": "integer", "cell": lambda p: sum(
+            c.get("restartCount", 0) for c in (p.get("status") or {}).get("containerStatuses") or [])},
+        _AGE],
+    ("apps", "v1", "deployments"): [
+        {"name": "Ready", "cell": lambda d: f"{(d.get('status') or {}).get('readyReplicas', 0)}/"
+                                            f"{d['spec'].get('replicas', 1)}"},
+        {"name": "Up-to-date", "type": "integer", "cell": lambda d: (d.get("status") or {}).get("updatedReplicas", 0)},
+        {"name": "Available", "type": "integer", "cell": lambda d: (d.get("status") or {}).get("availableReplicas", 0)},
+        _AGE],
+}
+
+
 def _at(obj: dict, path: str):
     """The value at a simple .a.b.c JSONPath, or None."""
     value = obj
@@ -436,6 +471,8 @@ def _at(obj: dict, path: str):
 
 def _printed(obj: dict, column: dict):
     """A printer column's cell: a simple .a.b.c JSONPath; dates as ages, like the API server prints them."""
+    if "cell" in column:
+        return column["cell"](obj)
     value = _at(obj, column["jsonPath"])
     if value is None:
         return None

@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from harness import wait_until
+from harness import console_script, wait_until
 
 pytestmark = pytest.mark.timeout(150)
 NS = "default"
@@ -231,6 +231,18 @@ def test_crash_loop_shows_in_the_pod_status(cluster):
     conditions = {c["type"]: c for c in status(cluster, "crash")["conditions"]}
     assert conditions["Available"]["status"] == "False" and status(cluster, "crash")["unavailableReplicas"] == 1
     assert "ReplicaFailure" not in conditions
+    # and as kubectl prints it
+    kubectl = [console_script("kubectl"), "--kubeconfig", str(cluster.kubeconfig), "--cache-dir",
+               str(cluster.kubeconfig.parent / "kc")]
+
+    def printed(*args):
+        return subprocess.run([*kubectl, "get", *args, "--no-headers"], capture_output=True, text=True,
+                              timeout=30).stdout.split()
+
+    row = wait_until(lambda: (r := printed("pods", "-l", "app=crash"))[2] == "CrashLoopBackOff" and r,
+                     timeout=30, what="kubectl get pods: CrashLoopBackOff")
+    assert row[1] == "0/1" and int(row[3]) >= 1
+    assert printed("deployment", "crash")[:4] == ["crash", "0/1", "1", "0"]
 
 
 def test_the_engine_cap_refuses_the_rest_and_stops_promptly(kube_api, tmp_path):
