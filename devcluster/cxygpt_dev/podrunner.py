@@ -129,7 +129,9 @@ class PodRunner:
         async with self.session.request(method, self.api_url + path, data=orjson.dumps(body) if body is not None else None,
                                         headers=headers) as resp:
             data = await resp.read()
-            if resp.status >= 400 and not (method == "DELETE" and resp.status == 404):
+            if method == "DELETE" and resp.status == 404:
+                return None  # gone already
+            if resp.status >= 400:
                 raise RuntimeError(f"{method} {path}: {resp.status} {data[:300]!r}")
             return orjson.loads(data) if data else None
 
@@ -348,17 +350,19 @@ class PodRunner:
             workload.pods.pop(pod.name, None)
             await self._delete(f"/apis/discovery.k8s.io/v1/namespaces/{workload.namespace}/endpointslices/{pod.name}")
             path = f"/api/v1/namespaces/{workload.namespace}/pods/{pod.name}"
-            await self._delete(path)
-            try:
-                await self._request("PATCH", path, {"metadata": {"finalizers": None}})
-            except (RuntimeError, aiohttp.ClientError) as e:
-                log.warning("%s: finalizer not removed: %s", path, e)
+            if await self._delete(path):  # not gone already (a deleted Deployment takes its pods along)
+                try:
+                    await self._request("PATCH", path, {"metadata": {"finalizers": None}})
+                except (RuntimeError, aiohttp.ClientError) as e:
+                    log.warning("%s: finalizer not removed: %s", path, e)
 
-    async def _delete(self, path: str):
+    async def _delete(self, path: str) -> bool:
+        """DELETE; whether the object was still there."""
         try:
-            await self._request("DELETE", path)
+            return await self._request("DELETE", path) is not None
         except (RuntimeError, aiohttp.ClientError) as e:
             log.warning("%s not deleted: %s", path, e)
+            return False
 
     async def stop_all(self):
         """Every engine at once (Ctrl-C must not wait for one drain after another)."""
