@@ -1,21 +1,25 @@
-# CxyGPT developer entry points. `make demo` runs the whole system locally; `make test` runs every test.
+# CxyGPT developer entry points. `make demo` runs the whole system locally (no root needed); `make test` runs every
+# test (it also installs the test-only tools and servers).
 VENV  ?= .venv
 TOOLS ?= .tools
 PY    := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(CURDIR)/$(TOOLS)/bin:$(PATH)
 
-.PHONY: bootstrap demo test test-unit profile clean
+.PHONY: bootstrap bootstrap-test demo test test-unit profile clean
 
 bootstrap:
 	@scripts/bootstrap.sh
 
+bootstrap-test:
+	@scripts/bootstrap.sh --test
+
 demo: bootstrap
 	cxygpt-dev up
 
-test: bootstrap
+test: bootstrap-test
 	$(PY) -m pytest -q
 
-test-unit: bootstrap
+test-unit: bootstrap-test
 	$(PY) -m pytest -q tests/unit
 
 profile: bootstrap

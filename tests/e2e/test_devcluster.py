@@ -39,7 +39,7 @@ class Dev:
         return out
 
     def apply(self, doc):
-        return self.kubectl("apply", "--validate=false", "-f", "-", stdin=yaml.safe_dump(doc))
+        return self.kubectl("apply", "-f", "-", stdin=yaml.safe_dump(doc))
 
     def md(self, name):
         return json.loads(self.kubectl("get", "md", name, "-o", "json").stdout)
@@ -87,7 +87,7 @@ def dev(tmp_path_factory):
 
 
 def test_apply_chat_and_delete(dev):
-    dev.kubectl("apply", "--validate=false", "-f", str(REPO / "deploy/crds"))  # already there: unchanged
+    dev.kubectl("apply", "-f", str(REPO / "deploy/crds"))  # already there: unchanged
     dev.apply(sim_md("chat", "chat-model"))
     status = dev.wait_phase("chat")
     assert status["profile"] == "SRV_MULTI_80G" and status["ready"] == "1/1"

@@ -1,0 +1,68 @@
+"""`cxygpt-dev` as a newcomer meets it: the README's quickstart commands run as printed; a taken port fails at once."""
+import json
+import re
+import socket
+import subprocess
+import time
+
+import pytest
+
+from harness import REPO, console_script, free_port
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def quickstart_commands() -> list[str]:
+    """The shell blocks of the README's "Two commands" section, after the one that shows `make demo`."""
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## Two commands", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```sh\n(.*?)```", section, re.S)
+    assert "make demo" in blocks[0]
+    return blocks[1:]
+
+
+def test_a_taken_gateway_port_fails_at_once(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        began = time.monotonic()
+        for extra in ([], ["--detach"]):
+            out = subprocess.run([console_script("cxygpt-dev"), "up", *extra, "--no-examples", "--state-dir",
+                                  str(tmp_path / "state"), "--gateway-port", str(port)],
+                                 capture_output=True, text=True, timeout=30, cwd=tmp_path)
+            assert out.returncode == 1, out.stdout + out.stderr
+            assert f"127.0.0.1:{port} (the gateway's port) is in use" in out.stderr and "up" not in out.stdout
+        assert time.monotonic() - began < 15
+
+
+def test_readme_quickstart_runs_as_printed(tmp_path):
+    """`make demo`'s cluster (examples applied), then every quickstart command from the clone's directory."""
+    port = free_port()
+    (tmp_path / ".venv").symlink_to(REPO / ".venv")  # a clone's venv, as `make demo` leaves it
+    up = subprocess.run([console_script("cxygpt-dev"), "up", "--detach", "--state-dir", str(tmp_path / ".cxygpt-dev"),
+                         "--gateway-port", str(port)], capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        log = (tmp_path / ".cxygpt-dev" / "cxygpt-dev.log").read_text()
+        printed = [line.strip() for line in log.splitlines() if line.startswith("  ") and "kubectl" in line]
+        assert printed and all("--validate=false" not in line for line in printed)
+        assert "first streamed chat via the gateway" in log
+        for block in quickstart_commands():
+            script = block.replace("127.0.0.1:8001", f"127.0.0.1:{port}")
+            out = subprocess.run(["bash", "-euo", "pipefail", "-c", script], capture_output=True, text=True,
+                                 timeout=120, cwd=tmp_path)
+            assert out.returncode == 0, f"{block}\n{out.stdout}\n{out.stderr}"
+            assert "Error" not in out.stderr, out.stderr
+        # what the blocks did shows: the scale went through, and each printed command ran
+        kubectl = [".venv/bin/kubectl", "--kubeconfig", ".cxygpt-dev/kubeconfig"]
+        md = json.loads(subprocess.run([*kubectl, "get", "md", "qwen3-small", "-o", "json"], capture_output=True,
+                                       text=True, timeout=60, cwd=tmp_path).stdout)
+        assert md["spec"]["replicas"] == 3
+        for line in printed:
+            if " get " in line or " apply " in line:
+                out = subprocess.run(["bash", "-c", line], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+                assert out.returncode == 0, f"{line}\n{out.stderr}"
+    finally:
+        subprocess.run([console_script("cxygpt-dev"), "down", "--state-dir", str(tmp_path / ".cxygpt-dev")],
+                       capture_output=True, timeout=60)
