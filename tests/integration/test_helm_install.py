@@ -53,8 +53,7 @@ class Install:
         return out.stdout
 
     def apply(self, docs: list[dict]) -> str:
-        # the in-memory API serves no /openapi, hence --validate=false (kubernetes-validate covers schemas)
-        return self.kubectl("apply", "--validate=false", "-f", "-", stdin=yaml.safe_dump_all(docs))
+        return self.kubectl("apply", "-f", "-", stdin=yaml.safe_dump_all(docs))
 
     def get(self, kind: str, name: str, namespace: str | None = None) -> dict:
         return json.loads(self.kubectl("get", kind, name, "-o", "json", *(["-n", namespace] if namespace else [])))

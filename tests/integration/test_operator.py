@@ -39,7 +39,7 @@ class Cluster:
 
     def apply(self, docs: list[dict] | dict, check=True):
         docs = docs if isinstance(docs, list) else [docs]
-        return self.kubectl("apply", "--validate=false", "-f", "-", stdin=yaml.safe_dump_all(docs), check=check)
+        return self.kubectl("apply", "-f", "-", stdin=yaml.safe_dump_all(docs), check=check)
 
     def add_node(self, name):
         self.apply({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": NODES[name]}})
@@ -251,7 +251,7 @@ def test_examples_apply_with_kubectl(cluster):
     for node in NODES:
         cluster.add_node(node)
     cluster.start_operator()
-    cluster.kubectl("apply", "--validate=false", "-f", str(REPO / "examples"))
+    cluster.kubectl("apply", "-f", str(REPO / "examples"))
     names = {"llm": ["my-llm", "qwen3-14b", "qwen3-14b-solo"], "default": ["qwen3-small"]}
     for ns, items in names.items():
         for name in items:
