@@ -15,6 +15,8 @@ from pathlib import Path
 
 import aiohttp.web
 import attrs
+import jsonpatch
+import jsonpointer
 import kmock
 import yaml
 from kmock._internal import enums, parsing
@@ -82,6 +84,16 @@ def _qualified(resource) -> str:
 def _not_found(resource, name: str) -> ApiError:
     return ApiError(status=404, reason="NotFound", message=f'{_qualified(resource)} "{name}" not found',
                     details={"name": name, "group": resource.group, "kind": resource.plural})
+
+
+def _check_json_patch(current: dict, patch: list) -> None:
+    """A JSON patch that does not apply (kopf's `test` of a stale resourceVersion, a missing path) is a 422, as
+    the API server answers it: kopf then re-reads the object and tries again, where a 500 made it resend the
+    same stale patch for half a minute."""
+    try:
+        jsonpatch.apply_patch(current, patch)
+    except (jsonpatch.JsonPatchException, jsonpointer.JsonPointerException) as e:
+        raise ApiError(status=422, reason="Invalid", message=f"the JSON patch does not apply: {e}") from None
 
 
 def _scale_paths(crd_version: dict) -> dict | None:
@@ -164,6 +176,11 @@ class KubeAPI(kmock.KubernetesEmulator):
             self._prepare_update(request, key, data, current)
             if _unchanged(current, data):
                 return aiohttp.web.json_response(current)  # a no-op write changes nothing, as in the API server
+        if request.action == enums.action.UPDATE and current is not None and isinstance(request.data, list):
+            _check_json_patch(current, request.data)
+            # every write makes a new version, or a later `test` of the old one would pass
+            request.data.append({"op": "add", "path": "/metadata/resourceVersion",
+                                 "value": str(next(_resource_versions))})
         # An object is gone after a DELETE, or after the PATCH that removes its last finalizer.
         vanishing = current is not None and request.action in (enums.action.DELETE, enums.action.UPDATE)
         uid = current["metadata"].get("uid") if vanishing else None

@@ -65,6 +65,24 @@ def test_errors_are_status_objects(kube_api):
     assert "kmock" not in out.stderr + json.dumps(status)
 
 
+def test_a_json_patch_that_does_not_apply_is_a_422(kube_api):
+    """kopf removes finalizers with a JSON patch that first tests the resourceVersion it read; a newer version
+    must answer 422 (kopf then re-reads), never a 500 (kopf resent the same stale patch for half a minute)."""
+    assert kubectl(kube_api, "apply", "-f", "-", stdin=yaml.safe_dump(sim_md("patched"))).returncode == 0
+    url = kube_api.url + "/apis/cxygpt.io/v1alpha1/namespaces/default/modeldeployments/patched"
+    version = httpx.get(url).json()["metadata"]["resourceVersion"]
+    headers = {"Content-Type": "application/json-patch+json"}
+    ok = httpx.patch(url, headers=headers, json=[{"op": "test", "path": "/metadata/resourceVersion", "value": version},
+                                                 {"op": "add", "path": "/metadata/labels", "value": {"a": "b"}}])
+    assert ok.status_code == 200 and ok.json()["metadata"]["labels"] == {"a": "b"}
+    stale = httpx.patch(url, headers=headers, json=[{"op": "test", "path": "/metadata/resourceVersion",
+                                                     "value": version}, {"op": "remove", "path": "/metadata/labels"}])
+    assert stale.status_code == 422 and stale.json()["kind"] == "Status", stale.text
+    missing = httpx.patch(url, headers=headers, json=[{"op": "remove", "path": "/metadata/nothing"}])
+    assert missing.status_code == 422
+    assert httpx.get(url).json()["metadata"]["labels"] == {"a": "b"}  # nothing of the refused patches applied
+
+
 def test_kubectl_scale(kube_api):
     assert kubectl(kube_api, "apply", "-f", "-", stdin=yaml.safe_dump(sim_md("big"))).returncode == 0
     out = kubectl(kube_api, "scale", "md", "big", "--replicas=3")
