@@ -56,7 +56,8 @@ async def test_entries_fire_in_time_order_and_cancelled_ones_never():
     await asyncio.wait_for(done, 5)  # the event itself, not a guess of how long it takes
     assert [name for name, _ in fired] == ["early", "middle", "late"] and len(deadlines) == 0
     assert fired[0][1] < now + 0.6  # re-aimed: the early one did not wait for the timer's first aim
-    assert all(at >= due for (_, at), due in zip(fired, (now + 0.01, now + 0.05, now + 0.6)))  # never early
+    # not before their time (libuv's timers keep millisecond time: a few ms of slack)
+    assert all(at >= due - 0.005 for (_, at), due in zip(fired, (now + 0.01, now + 0.05, now + 0.6)))
     deadlines.cancel(late)  # too late: nothing happens
     assert len(deadlines) == 0
 
