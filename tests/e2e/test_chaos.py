@@ -3,6 +3,7 @@ conflict between tenants and hostile specs; every request is counted and any ans
 lost."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 import openai
 import pytest
 import yaml
-from test_devcluster import Dev, sim_md
+from test_devcluster import Dev, dev, sim_md  # noqa: F401 (dev: this module's own cluster, module-scoped)
 
 from harness import REPO, wait_until
 
@@ -86,16 +87,19 @@ def summary(outcomes: list[Outcome]) -> str:
     return "; ".join(f"{n} x {status} {message}" for (status, message), n in sorted(by.items()))
 
 
-@pytest.fixture(scope="module")
-def dev(tmp_path_factory):
-    d = Dev(tmp_path_factory.mktemp("chaos"))
-    yield d
-    d.stop()
-    assert d.pids(f"--kubeconfig {d.kubeconfig}") == []
-
-
 def ready_ports(dev: Dev, service: str) -> set[int]:
     return set(dev.engine_ports(service))
+
+
+@contextlib.contextmanager
+def serving(dev: Dev, name: str, replicas: int):
+    """A simulator model with `replicas` ready engines for the block; deleted after it."""
+    dev.apply(sim_md(name, name, replicas=replicas, env={"CXYGPT_SIM_ITL_MS": "2"}))
+    try:
+        wait_until(lambda: len(ready_ports(dev, name)) == replicas, timeout=90, what=f"{replicas} engines of {name}")
+        yield
+    finally:
+        dev.kubectl("delete", "md", name, "--timeout=60s", check=False)
 
 
 def kill_engine(dev: Dev, port: int) -> None:
@@ -104,10 +108,8 @@ def kill_engine(dev: Dev, port: int) -> None:
 
 
 def test_rolling_update_and_scale_up_lose_no_request(dev):
-    dev.apply(sim_md("roll", "roll", replicas=2, env={"CXYGPT_SIM_ITL_MS": "2"}))
-    dev.kubectl("wait", "--for=condition=Available", "md/roll", "--timeout=90s")
-    wait_until(lambda: len(ready_ports(dev, "roll")) == 2, timeout=60, what="two engines")
-    try:
+    with serving(dev, "roll", 2):
+        dev.kubectl("wait", "--for=condition=Available", "md/roll", "--timeout=90s")
         with Trickle(dev, "roll") as load:
             old = ready_ports(dev, "roll")
             dev.kubectl("patch", "md", "roll", "--type=merge", "-p",
@@ -122,14 +124,10 @@ def test_rolling_update_and_scale_up_lose_no_request(dev):
             wait_until(lambda: load.count() > rolled + 20, timeout=30, what="load on three engines")
         assert load.failures() == [], summary(load.failures())
         assert load.count() > rolled > 20  # requests flowed through the rollout and through the scale-up
-    finally:
-        dev.kubectl("delete", "md", "roll", "--timeout=60s", check=False)
 
 
 def test_one_of_three_engines_killed_loses_only_what_was_in_flight_on_it(dev):
-    dev.apply(sim_md("trio", "trio", replicas=3, env={"CXYGPT_SIM_ITL_MS": "2"}))
-    wait_until(lambda: len(ready_ports(dev, "trio")) == 3, timeout=90, what="three engines")
-    try:
+    with serving(dev, "trio", 3):
         with Trickle(dev, "trio") as load:
             victim = sorted(ready_ports(dev, "trio"))[0]
             killed = time.monotonic()
@@ -142,14 +140,10 @@ def test_one_of_three_engines_killed_loses_only_what_was_in_flight_on_it(dev):
         # at most one request per user can have been on the killed engine; none is a 404 or later than the kill
         assert len(lost) <= USERS and all(o.status not in (404, 503) and o.started <= killed for o in lost), \
             summary(lost)
-    finally:
-        dev.kubectl("delete", "md", "trio", "--timeout=60s", check=False)
 
 
 def test_the_only_engine_killed_is_503_with_retry_after_until_it_is_back(dev):
-    dev.apply(sim_md("solo", "solo", replicas=1, env={"CXYGPT_SIM_ITL_MS": "2"}))
-    wait_until(lambda: len(ready_ports(dev, "solo")) == 1, timeout=90, what="one engine")
-    try:
+    with serving(dev, "solo", 1):
         with Trickle(dev, "solo") as load:
             [port] = ready_ports(dev, "solo")
             killed = time.monotonic()
@@ -164,8 +158,6 @@ def test_the_only_engine_killed_is_503_with_retry_after_until_it_is_back(dev):
         assert later, "the restart left no gap: the test saw nothing"
         assert all(o.status == 503 and o.retry_after and int(o.retry_after) >= 1 for o in later), summary(later)
         assert not [o for o in lost if o.status in (404, 502) and o.started > killed], summary(lost)
-    finally:
-        dev.kubectl("delete", "md", "solo", "--timeout=60s", check=False)
 
 
 def test_a_second_tenant_with_the_same_model_name_does_not_capture_its_traffic(dev):
