@@ -222,9 +222,26 @@ def schedulable_replicas(sel: Selection, nodes: list[GpuNode]) -> int:
     return sum(n.count // sel.gpu_count for n in nodes if node_matches(sel.profile, n))
 
 
+UNCONFIRMED = "~"  # sorts after every RFC 3339 time: a claim not yet confirmed loses to every confirmed one
+
+
+def claimed_since(md: dict) -> str:
+    """When a ModelDeployment claimed its served name: the time its status confirms (status.nameClaim, written
+    once by the operator for the owner), else its creation for a spec never changed (generation 1), else
+    unconfirmed. So an older model renamed onto a live name does not take it over: its claim is new."""
+    meta, status = md.get("metadata") or {}, md.get("status") or {}
+    served = ((md.get("spec") or {}).get("model") or {}).get("name")
+    claim = status.get("nameClaim") or {}
+    if served and claim.get("name") == served and claim.get("since"):
+        return claim["since"]
+    if (meta.get("generation") or 1) == 1 and meta.get("creationTimestamp"):
+        return meta["creationTimestamp"]
+    return UNCONFIRMED
+
+
 @dataclass(frozen=True, order=True)
 class NameClaim:
-    """A ModelDeployment's claim on its served name; ordered by age, then uid, as the owner rule says."""
+    """A ModelDeployment's claim on its served name; ordered by when it was claimed, then uid (the owner rule)."""
     created: str
     uid: str
     namespace: str
@@ -236,9 +253,16 @@ class NameClaim:
 
 
 def name_owner(claims: list[NameClaim]) -> NameClaim | None:
-    """The oldest claim (creationTimestamp is RFC 3339 in UTC, so it sorts as text), then the smallest uid."""
+    """The oldest claim (RFC 3339 in UTC sorts as text), then the smallest uid."""
     return min(claims, default=None)
 
 
-__all__ = ["ModelSpec", "NameClaim", "NoFit", "SpecError", "effective_table", "engine_overrides", "model_facts",
+def name_claim(md: dict, now: str) -> dict:
+    """status.nameClaim for the owner of its served name: kept while the name stays, new when it changes."""
+    served = ((md.get("spec") or {}).get("model") or {}).get("name")
+    since = claimed_since(md)
+    return {"name": served, "since": now if since == UNCONFIRMED else since}
+
+
+__all__ = ["ModelSpec", "NameClaim", "claimed_since", "name_claim", "NoFit", "SpecError", "effective_table", "engine_overrides", "model_facts",
            "name_owner", "parse_spec", "refused_arg", "refused_env", "resolve", "schedulable_replicas"]
