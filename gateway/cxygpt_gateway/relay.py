@@ -91,7 +91,7 @@ def scan_stream(batch: bytes, strip_usage: bool, responses: bool = False) -> tup
 
 def upstream_error(status: int, body: bytes) -> GatewayError:
     """The upstream's own 4xx (e.g. vLLM's 400 for a context overflow) keeps its status and message;
-    5xx becomes 502."""
+    401/403 (the engine refused the gateway) and 5xx become 502."""
     try:
         parsed = orjson.loads(body)
         err = parsed.get("error", parsed) if isinstance(parsed, dict) else {}
@@ -99,6 +99,9 @@ def upstream_error(status: int, body: bytes) -> GatewayError:
     except (ValueError, orjson.JSONDecodeError):
         message = None
     message = message or body[:200].decode(errors="replace") or f"HTTP {status}"
+    if status in (401, 403):  # the engine refused the gateway, not the caller: a 401 here means the caller's key
+        return GatewayError(502, f"upstream refused the gateway's request with HTTP {status}: {message}",
+                            code="upstream_error", reason="upstream_auth")
     if 400 <= status < 500:
         return GatewayError(status, message, code="upstream_rejected", reason="upstream_rejected")
     return GatewayError(502, f"upstream failed with HTTP {status}: {message}", code="upstream_error",

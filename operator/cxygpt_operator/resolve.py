@@ -15,13 +15,16 @@ ROLLOUT_STRATEGIES = ("Surge", "InPlace")
 # Arguments that wire the engine to its Service and the gateway: an override gives an engine that reports
 # Ready and never answers. vLLM's parser reads `_` as `-` in flag names and, being argparse, expands an
 # abbreviation (--served-model) to the one flag it starts: those spellings are refused too.
-OWNED_ARGS = ("port", "host", "served-model-name", "model")
+OWNED_ARGS = ("port", "host", "served-model-name", "model", "api-key")
+# Arguments that read flags from a file or import code by name: they would get around every rule here.
+CODE_ARGS = ("config", "tool-parser-plugin", "middleware", "worker-extension-cls", "logits-processors")
 REMOTE_CODE_ARG = "trust-remote-code"
 # Environment the operator sets itself, and variables that change what code the process loads (the dynamic
 # loader's LD_*, the interpreter's module path), or that put a key between the gateway and the engine.
 OWNED_ENV = ("HF_HOME", "HF_HUB_OFFLINE", "HOME", "CXYGPT_SIM_GPU_MEMORY_MIB")
-BLOCKED_ENV = ("PYTHONPATH", "PYTHONHOME", "VLLM_API_KEY")
-BLOCKED_ENV_PREFIX = "LD_"
+BLOCKED_ENV = ("GCONV_PATH", "HF_ENDPOINT", "VLLM_API_KEY")
+BLOCKED_ENV_PREFIXES = ("LD_", "PYTHON")  # the dynamic loader's and the interpreter's
+ALLOWED_ENV = ("PYTHONUNBUFFERED",)  # harmless, and commonly set
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 _FACT_FIELDS = {"parameters": "parameters", "layers": "layers", "attentionHeads": "attention_heads",
@@ -74,6 +77,8 @@ def refused_arg(arg: str, trust_remote_code: bool) -> str | None:
         return None
     if owned := next((flag for flag in OWNED_ARGS if flag.startswith(name)), None):
         return f"--{owned} is set by the operator (it wires the engine to its Service and the gateway)"
+    if code := next((flag for flag in CODE_ARGS if flag.startswith(name)), None):
+        return f"--{code} loads flags or code from outside the operator's control"
     if REMOTE_CODE_ARG.startswith(name) and not trust_remote_code:
         return "--trust-remote-code runs code from the model repository: set spec.engine.trustRemoteCode: true"
     return None
@@ -85,7 +90,7 @@ def refused_env(name: str) -> str | None:
         return f"{name!r} is not a C identifier ([A-Za-z_][A-Za-z0-9_]*)"
     if name in OWNED_ENV:
         return f"{name} is set by the operator"
-    if name.startswith(BLOCKED_ENV_PREFIX) or name in BLOCKED_ENV:
+    if name not in ALLOWED_ENV and (name.startswith(BLOCKED_ENV_PREFIXES) or name in BLOCKED_ENV):
         return f"{name} changes the code the engine loads or how the gateway reaches it"
     return None
 

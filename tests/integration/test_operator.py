@@ -224,7 +224,7 @@ def test_bad_specs_are_rejected_or_explained(cluster):
                                     "env": [{"name": "LD_PRELOAD", "value": "/tmp/x.so"}]})
     out = cluster.apply(hostile, check=False)
     assert out.returncode != 0
-    for message in ("--port, --host, --served-model-name and --model are set by the operator",
+    for message in ("--port, --host, --served-model-name, --model and --api-key are set by the operator",
                     "set spec.engine.trustRemoteCode: true", "LD_* loader variables"):
         assert message in out.stderr, out.stderr
     assert "spec.replicas: Invalid value: 100000 is greater than the maximum of 64" in \

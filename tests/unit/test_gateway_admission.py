@@ -427,3 +427,13 @@ async def test_registry_keeps_queues_and_in_flight_counts_across_discovery_updat
     registry.remove("m")
     slot.release()  # a request in flight on a removed model still ends cleanly
     assert registry.get("m") is None and registry.routable() == []
+
+
+def test_upstream_answers_keep_their_4xx_but_an_engine_refusing_the_gateway_is_a_502():
+    from cxygpt_gateway.relay import upstream_error
+    overflow = upstream_error(400, b'{"error": {"message": "maximum context length is 4096 tokens"}}')
+    assert (overflow.status, overflow.message) == (400, "maximum context length is 4096 tokens")
+    for status in (401, 403):  # a 401 from the gateway means the caller's key; this one is the engine's
+        refused = upstream_error(status, b'{"error": {"message": "Unauthorized"}}')
+        assert refused.status == 502 and f"HTTP {status}" in refused.message and refused.reason == "upstream_auth"
+    assert upstream_error(500, b"boom").status == 502
