@@ -15,7 +15,8 @@ from .logs import rounded
 from .upstream import JSON_HEADERS, UpstreamConnectTimeout, UpstreamResponse, UpstreamUnreachable
 
 if TYPE_CHECKING:
-    from .admission.queue import Backend, ModelQueue
+    from .admission.queue import Backend, ModelQueue, Slot
+    from .routing import ModelRoute
     from .app import Gateway
 
 log = logging.getLogger("cxygpt.gateway")
@@ -25,6 +26,8 @@ PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions", "resp
 RESPONSE_ENDS = (b'"response.completed"', b'"response.incomplete"', b'"response.failed"')
 # how long a replica that refused connections stays out of rotation when nothing re-checks it
 EJECT_S = 5.0
+# a request none of which reached its replica goes back in line ahead of every tier (they are 0 and up)
+FAILOVER_PRIORITY = -1
 
 
 async def serve(gw: "Gateway", ex: Exchange, kind: str) -> None:
@@ -219,14 +222,30 @@ class Relay:
                 failure = f"did not accept the connection within {timeouts.connect_s:g} s"
             eject(target.queue, backend, restore_after=None if checked else EJECT_S)
             tried += (backend,)
-            other = target.queue.take_other(tried, queued_s=a.slot.queued_s)
-            if other is None:
-                raise GatewayError(503, f"model {target.name}: replica {backend.url} {failure}, and no other replica "
-                                        "is free; nothing of the request was sent, so it is safe to retry",
-                                   code="no_ready_replica", reason="replica_unreachable", retry_after=1)
+            queued_s = a.slot.queued_s
+            other = target.queue.take_other(tried, queued_s=queued_s)
             a.slot.release(served=False)
+            if other is None:
+                if not target.queue.routable():
+                    raise GatewayError(503, f"model {target.name}: replica {backend.url} {failure}, and no other "
+                                            "replica is left; nothing of the request was sent, so it is safe to retry",
+                                       code="no_ready_replica", reason="replica_unreachable", retry_after=1)
+                other = await self._wait_ahead(target, failure=f"replica {backend.url} {failure}")
+                other.queued_s += queued_s
             a.slot = other
             child(gw.metrics.failovers, target.name).inc()
+
+    async def _wait_ahead(self, target: "ModelRoute", failure: str) -> "Slot":
+        """Back in line, ahead of everyone (this request was admitted before them), for the next free replica."""
+        queue_s = target.limits.timeouts.queue_s
+        try:
+            with self.ex.deadline(queue_s):
+                return await target.queue.wait(FAILOVER_PRIORITY)
+        except TimeoutError:
+            raise GatewayError(503, f"model {target.name}: {failure}, and no other replica was free within "
+                                    f"{queue_s:g} s; nothing of the request was sent, so it is safe to retry",
+                               code="queue_timeout", reason="replica_unreachable",
+                               retry_after=target.queue.retry_after()) from None
 
     async def _relay_whole(self, resp: UpstreamResponse) -> None:
         data = await resp.read()
