@@ -78,7 +78,7 @@ class Scheduler:
 
     def __init__(self, capacity: Capacity, speed: Speed, seed: int | None = None):
         self.capacity, self.speed = capacity, speed
-        self.kv = KVCache(capacity.kv_blocks, capacity.block_size, capacity.enable_prefix_caching)
+        self.kv = KVCache(capacity.kv_blocks, capacity.block_size)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.scheduled: dict[Sequence, int] = {}   # this step's tokens per sequence, until end_step
@@ -109,7 +109,6 @@ class Scheduler:
         """Frees the slot and blocks at once; the next step can admit a waiting sequence."""
         if seq.state == "running":
             self.running.remove(seq)
-            self.scheduled.pop(seq, None)
             self.kv.release(seq.blocks)
         elif seq.state == "waiting":
             self.waiting.remove(seq)

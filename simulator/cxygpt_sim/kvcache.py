@@ -18,10 +18,11 @@ def block_hashes(token_ids: Sequence[int], block_size: int) -> list[int]:
 
 class KVCache:
     """Fixed pool of blocks. A block is used (ref count > 0) or free; a free block may still hold a cached prefix,
-    found by its hash until it is evicted. Free blocks are reused least recently freed first."""
+    found by its hash until it is evicted. Free blocks are reused least recently freed first. A request without
+    hashes (prefix caching off) neither finds nor leaves anything in the cache."""
 
-    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True):
-        self.num_blocks, self.block_size, self.enable_caching = num_blocks, block_size, enable_caching
+    def __init__(self, num_blocks: int, block_size: int):
+        self.num_blocks, self.block_size = num_blocks, block_size
         self.ref_counts = [0] * num_blocks
         self.hash_of: list[int | None] = [None] * num_blocks
         self.by_hash: dict[int, int] = {}
@@ -38,8 +39,6 @@ class KVCache:
     def cached_prefix(self, hashes: list[int], num_tokens: int) -> list[int]:
         """The blocks that hold the longest cached prefix of a request of num_tokens; like vLLM, never all of them,
         so at least the last token is computed and the step has logits to sample from."""
-        if not self.enable_caching:
-            return []
         blocks = []
         for h in hashes[:(num_tokens - 1) // self.block_size]:
             block = self.by_hash.get(h)
@@ -70,10 +69,8 @@ class KVCache:
 
     def cache_full_blocks(self, held: list[int], hashes: list[int], computed_tokens: int) -> None:
         """Make the request's full, computed prompt blocks findable by their hash."""
-        if not self.enable_caching:
-            return
         for block, h in zip(held[:computed_tokens // self.block_size], hashes):
-            if self.hash_of[block] is None and h not in self.by_hash:
+            if h not in self.by_hash:  # else it is this very block, or an equal one computed first
                 self.hash_of[block] = h
                 self.by_hash[h] = block
 

@@ -64,14 +64,15 @@ def test_the_budget_and_max_num_seqs_hold_in_every_step():
 
 
 def test_preemption_frees_the_newest_sequences_blocks_and_it_recomputes_first_in_line():
-    # 6 blocks of 4 tokens: a and b fill them as they decode, c waits
-    s = Scheduler(Capacity(max_num_seqs=4, kv_blocks=6, block_size=4, enable_prefix_caching=False), STEADY)
+    # 6 blocks of 4 tokens: a and b fill them as they decode, c waits for a slot
+    s = Scheduler(Capacity(max_num_seqs=2, kv_blocks=6, block_size=4, enable_prefix_caching=False), STEADY)
     a, b, c = seq("a", 4, output=12), seq("b", 4, output=12), seq("c", 4, output=2)
     for q in (a, b, c):
         s.submit(q)
     while b.preemptions == 0:
-        step(s)
-    assert b.state == "waiting" and s.waiting[0] is b and b.computed == 0 and b.blocks == []
+        st, _, _ = step(s)
+    assert b.state == "waiting" and list(s.waiting) == [b, c] and b.computed == 0 and b.blocks == []
+    assert st.admitted == 0  # a step that preempts admits nobody, though a slot is free
     assert a.state == "running" and b.generated > 0
     generated = b.generated
     while b.state == "waiting":
@@ -157,6 +158,10 @@ def test_a_hit_on_a_free_block_takes_it_off_the_free_queue():
     # 3 blocks for 5 tokens: the 2 cached ones and the last free one; none may be handed out twice
     assert kv.allocate(again, cached, 5) and sorted(again) == [0, 1, 2] and kv.usage == 1
     assert not kv.allocate([], [], 1)
+    kv.release(again)
+    # 4 blocks for 7 tokens: the 2 cached free ones do not count twice, so 2 new ones are missing
+    held = []
+    assert not kv.allocate(held, kv.cached_prefix(hashes, 7), 7) and held == [] and kv.usage == 0
 
 
 def test_cancel_frees_blocks_but_a_shared_prefix_stays_with_its_other_user():
