@@ -75,7 +75,7 @@ def test_preemption_frees_the_newest_sequences_blocks_and_it_recomputes_first_in
         st, _, _ = step(s)
     assert b.state == "waiting" and list(s.waiting) == [b, c] and b.computed == 0 and b.blocks == []
     assert st.admitted == 0  # a step that preempts admits nobody, though a slot is free
-    assert a.state == "running" and b.generated > 0
+    assert a.state == "running" and a.preemptions == 0 and b.generated > 0
     generated = b.generated
     recomputed = 0
     while b.generated == generated:
