@@ -51,9 +51,9 @@ SPEED_PROFILES = {
     "instant": Speed(ttft_ms=0, itl_ms=0, prefill_ms_per_1k=0, itl_batch_slope=0),
     "fast": Speed(ttft_ms=5, itl_ms=1, prefill_ms_per_1k=5, itl_batch_slope=0.005),
     # Llama-3.1-8B-Instruct bf16 on one H100 80GB
-    "h100-80g": Speed(ttft_ms=14, itl_ms=6.4, prefill_ms_per_1k=25, itl_batch_slope=0.03, context_ms_per_1k=0.05),
+    "h100-80g": Speed(ttft_ms=11, itl_ms=6.4, prefill_ms_per_1k=25, itl_batch_slope=0.03, context_ms_per_1k=0.05),
     # Llama-3.1-8B-Instruct bf16 on one A100
-    "a100-80g": Speed(ttft_ms=30, itl_ms=11.5, prefill_ms_per_1k=60, itl_batch_slope=0.01, context_ms_per_1k=0.1),
+    "a100-80g": Speed(ttft_ms=25, itl_ms=12, prefill_ms_per_1k=60, itl_batch_slope=0.005, context_ms_per_1k=0.1),
     # not calibrated: a rough shape for a 32 GB card with a ~14B model
     "rtx5090-32g": Speed(ttft_ms=90, itl_ms=22, prefill_ms_per_1k=140, itl_batch_slope=0.02, context_ms_per_1k=0.1),
 }
