@@ -93,7 +93,7 @@ class Scheduler:
 
     @property
     def free_blocks(self) -> int:
-        return len(self.kv.free)
+        return self.kv.free_blocks
 
     @property
     def has_work(self) -> bool:
@@ -134,6 +134,7 @@ class Scheduler:
                 if victim is seq:
                     break
             if seq.state == "running":
+                self.kv.cache_full_blocks(seq.blocks, seq.hashes, seq.computed + tokens)
                 scheduled[seq] = tokens
                 budget -= tokens
         admitted = 0
@@ -153,6 +154,8 @@ class Scheduler:
             if seq.scheduled_at is None:
                 seq.scheduled_at = now
             self.running.append(seq)
+            # cached now, as vLLM does, so a copy admitted next in this very step (n > 1) shares the blocks
+            self.kv.cache_full_blocks(seq.blocks, seq.hashes, hit + tokens)
             scheduled[seq] = tokens
             budget -= tokens
             admitted += 1
@@ -174,7 +177,6 @@ class Scheduler:
             if seq.state != "running":
                 continue  # cancelled during the step
             seq.computed += tokens
-            self.kv.cache_full_blocks(seq.blocks, seq.hashes, seq.computed)
             if seq.computed < seq.num_tokens:
                 continue  # a prefill chunk: no token yet
             count = seq.output_tokens - seq.generated if self.speed.instant_decode else 1

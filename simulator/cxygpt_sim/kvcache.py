@@ -18,20 +18,27 @@ def block_hashes(token_ids: Sequence[int], block_size: int) -> list[int]:
 
 class KVCache:
     """Fixed pool of blocks. A block is used (ref count > 0) or free; a free block may still hold a cached prefix,
-    found by its hash until it is evicted. Free blocks are reused least recently freed first. A request without
-    hashes (prefix caching off) neither finds nor leaves anything in the cache."""
+    found by its hash until it is evicted. Blocks never used go first, then free ones least recently freed first
+    (vLLM's free queue starts with every block in order). A request without hashes (prefix caching off) neither
+    finds nor leaves anything in the cache."""
 
     def __init__(self, num_blocks: int, block_size: int):
         self.num_blocks, self.block_size = num_blocks, block_size
-        self.ref_counts = [0] * num_blocks
-        self.hash_of: list[int | None] = [None] * num_blocks
+        # bookkeeping only for blocks ever used, so a budget of millions of tokens costs nothing until used
+        self.never_used_from = 0
+        self.ref_counts: dict[int, int] = {}
+        self.hash_of: dict[int, int] = {}
         self.by_hash: dict[int, int] = {}
         # insertion order is the eviction order: the front goes first
-        self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self.freed: OrderedDict[int, None] = OrderedDict()
+
+    @property
+    def free_blocks(self) -> int:
+        return self.num_blocks - self.never_used_from + len(self.freed)
 
     @property
     def usage(self) -> float:
-        return (self.num_blocks - len(self.free)) / self.num_blocks
+        return (self.num_blocks - self.free_blocks) / self.num_blocks
 
     def blocks_for(self, tokens: int) -> int:
         return -(-tokens // self.block_size)
@@ -52,25 +59,28 @@ class KVCache:
         share, then with new ones; False and nothing changed if the free blocks do not suffice."""
         new = self.blocks_for(total_tokens) - len(held) - len(cached)
         # a cached block that is free counts as free but cannot also be handed out as a new one
-        reusable = sum(1 for b in cached if self.ref_counts[b] == 0)
-        if new > len(self.free) - reusable:
+        reusable = sum(1 for b in cached if b in self.freed)
+        if new > self.free_blocks - reusable:
             return False
         for block in cached:
-            if self.ref_counts[block] == 0:
-                del self.free[block]
-            self.ref_counts[block] += 1
+            self.freed.pop(block, None)
+            self.ref_counts[block] = self.ref_counts.get(block, 0) + 1
             held.append(block)
         for _ in range(max(new, 0)):
-            block, _ = self.free.popitem(last=False)
-            self._evict(block)
+            if self.never_used_from < self.num_blocks:
+                block = self.never_used_from
+                self.never_used_from += 1
+            else:
+                block, _ = self.freed.popitem(last=False)
+                self._evict(block)
             self.ref_counts[block] = 1
             held.append(block)
         return True
 
-    def cache_full_blocks(self, held: list[int], hashes: list[int], computed_tokens: int) -> None:
-        """Make the request's full, computed prompt blocks findable by their hash."""
-        for block, h in zip(held[:computed_tokens // self.block_size], hashes):
-            if h not in self.by_hash:  # else it is this very block, or an equal one computed first
+    def cache_full_blocks(self, held: list[int], hashes: list[int], tokens: int) -> None:
+        """Make the request's full prompt blocks up to `tokens` findable by their hash."""
+        for block, h in zip(held[:tokens // self.block_size], hashes):
+            if h not in self.by_hash:  # else it is this very block, or an equal one cached first
                 self.hash_of[block] = h
                 self.by_hash[h] = block
 
@@ -80,11 +90,11 @@ class KVCache:
         for block in reversed(held):
             self.ref_counts[block] -= 1
             if self.ref_counts[block] == 0:
-                self.free[block] = None
+                del self.ref_counts[block]
+                self.freed[block] = None
         held.clear()
 
     def _evict(self, block: int) -> None:
-        h = self.hash_of[block]
+        h = self.hash_of.pop(block, None)
         if h is not None:
             del self.by_hash[h]
-            self.hash_of[block] = None

@@ -104,6 +104,15 @@ def test_a_prefix_hit_skips_the_cached_blocks_prefill_and_is_counted():
     assert all(s.kv.ref_counts[b] == 2 for b in first.blocks[:4])
 
 
+def test_copies_admitted_in_one_step_share_the_prompt_blocks_as_n_sequences_do():
+    s = Scheduler(Capacity(max_num_seqs=4, kv_blocks=100, block_size=16), STEADY)
+    prompt = list(range(40))
+    for i in range(3):
+        s.submit(seq(str(i), prompt))
+    _, planned, _ = step(s)
+    assert planned == {"0": 40, "1": 8, "2": 8} and s.prefix_hits == 64
+
+
 def test_the_last_prompt_token_is_always_computed():
     s = Scheduler(Capacity(max_num_seqs=4, kv_blocks=100, block_size=16), STEADY)
     prompt = list(range(32))  # exactly two blocks
@@ -188,9 +197,10 @@ def check_blocks(s: Scheduler, live: list[Sequence]) -> None:
     for q in live:
         for block in q.blocks:
             held[block] = held.get(block, 0) + 1
-    assert all(s.kv.ref_counts[b] == held.get(b, 0) for b in range(s.kv.num_blocks))
-    assert set(s.kv.free) == {b for b in range(s.kv.num_blocks) if s.kv.ref_counts[b] == 0}
-    assert all(s.kv.hash_of[b] == h for h, b in s.kv.by_hash.items())
+    assert s.kv.ref_counts == held
+    used = set(range(s.kv.never_used_from))
+    assert set(s.kv.freed) == used - set(held) and s.kv.free_blocks == s.kv.num_blocks - len(held)
+    assert s.kv.hash_of == {b: h for h, b in s.kv.by_hash.items()}
     for q in live:
         assert len(q.blocks) == s.kv.blocks_for(q.computed + s.scheduled.get(q, 0)) or q.state == "waiting"
 
@@ -224,6 +234,15 @@ def test_no_block_leaks_after_random_submits_steps_and_cancels(caching):
         check_blocks(s, live)
     while s.has_work:
         step(s)
-    assert s.kv.usage == 0 and all(c == 0 for c in s.kv.ref_counts)
+    assert s.kv.usage == 0 and s.kv.ref_counts == {}
     if caching:
         assert s.prefix_hits > 0
+
+
+def test_blocks_never_used_go_before_any_cached_one_is_evicted():
+    kv = KVCache(num_blocks=4, block_size=2)
+    hashes, held = block_hashes([1, 2, 3, 4], 2), []
+    kv.allocate(held, [], 4)
+    kv.cache_full_blocks(held, hashes, 4)
+    kv.release(held)
+    assert kv.allocate([], [], 4) and len(kv.cached_prefix(hashes, 5)) == 2
