@@ -1,5 +1,4 @@
-"""The simulator's speed profiles against published vLLM figures: the pure engine on each source's workload shape,
-with an injected clock (no server, no sleeping); prints BENCHMARKS.md's "Simulator calibration" table."""
+"""Prints BENCHMARKS.md's "Simulator calibration": the pure engine on published vLLM workload shapes, clock injected."""
 from __future__ import annotations
 
 import argparse

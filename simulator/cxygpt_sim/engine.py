@@ -1,5 +1,4 @@
-"""vLLM V1's scheduler, smaller (pure): a token budget per step, chunked prefill behind decode, prefix caching,
-preemption by recompute; times come from the caller's clock and the speed model."""
+"""vLLM V1's scheduler in small (pure): a token budget per step, decode then prefill chunks, preemption by recompute."""
 from __future__ import annotations
 
 import random
@@ -8,10 +7,7 @@ from collections.abc import Sequence as Ids
 from dataclasses import dataclass, field
 
 from .kvcache import KVCache, block_hashes
-from .speed import DEFAULT_SPEED_PROFILE, SPEED_PROFILES, Speed
-
-__all__ = ["DEFAULT_SPEED_PROFILE", "SPEED_PROFILES", "Capacity", "Progress", "Scheduler", "Sequence", "Speed",
-           "Step"]
+from .speed import Speed
 
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 8192  # vLLM's API-server default on a GPU of 70 GiB or more that is not an A100
 
@@ -159,8 +155,8 @@ class Scheduler:
             scheduled[seq] = tokens
             budget -= tokens
             admitted += 1
-        decoding = sum(1 for seq, n in scheduled.items() if seq.generated and seq.computed + n == seq.num_tokens
-                       and n == 1)
+        # a sequence with output that computes just its last token decodes; every other token is prefill
+        decoding = sum(1 for seq in scheduled if seq.generated and seq.computed + 1 == seq.num_tokens)
         total = sum(scheduled.values())
         prefill = total - decoding
         context = sum(seq.computed + n for seq, n in scheduled.items())

@@ -1,7 +1,8 @@
 """Engine core with a fake clock: slots, KV blocks, waiting queue, preemption, cancel and the speed model."""
 import pytest
 
-from cxygpt_sim.engine import SPEED_PROFILES, Capacity, Scheduler, Sequence, Speed
+from cxygpt_sim.engine import Capacity, Scheduler, Sequence
+from cxygpt_sim.speed import SPEED_PROFILES, Speed
 
 STEADY = Speed(ttft_ms=100, itl_ms=10, prefill_ms_per_1k=0, itl_batch_slope=0)
 

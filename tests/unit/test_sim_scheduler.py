@@ -1,10 +1,10 @@
-"""vLLM V1's scheduling with an injected clock: token budget, decode before prefill chunks, preemption by
-recompute, prefix caching (chained hashes, ref counts, LRU eviction) and no leaked blocks."""
+"""vLLM V1's scheduling on an injected clock: budget, decode first, chunks, preemption, prefix cache, no leaks."""
 import random
 
 import pytest
 
-from cxygpt_sim.engine import Capacity, Scheduler, Sequence, Speed
+from cxygpt_sim.engine import Capacity, Scheduler, Sequence
+from cxygpt_sim.speed import Speed
 from cxygpt_sim.kvcache import KVCache, block_hashes
 
 STEADY = Speed(ttft_ms=100, itl_ms=10, prefill_ms_per_1k=0, itl_batch_slope=0)
