@@ -1,7 +1,7 @@
 """vLLM's OpenAI wire format (pure): request validation, length limits and error bodies as vLLM 0.33 sends them."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from . import text
 
@@ -46,6 +46,7 @@ class Generation:
     stream: bool
     include_usage: bool
     ignore_eos: bool
+    prompt_ids: list[int] = field(default_factory=list)  # the same prompt's token ids, for the prefix cache
 
 
 def _field(body: dict, name: str, kind, kind_name: str, check=None, hint: str = ""):
@@ -96,7 +97,8 @@ def parse_chat(body, served: tuple[str, ...]) -> Generation:
         raise validation_error(e.loc, "value_error", f"Value error, {e}") from None
     stream, include_usage, ignore_eos = _common(body, served)
     max_tokens, param = _max_tokens(body, "max_completion_tokens", "max_tokens")
-    return Generation(prompt_tokens=text.count_tokens(rendered),
+    prompt_ids = text.token_ids(rendered)
+    return Generation(prompt_tokens=len(prompt_ids), prompt_ids=prompt_ids,
                       reply_source=text.last_user_text(body["messages"]) or rendered, max_tokens=max_tokens,
                       max_tokens_param=param, stream=stream, include_usage=include_usage, ignore_eos=ignore_eos)
 
@@ -114,9 +116,9 @@ def parse_completion(body, served: tuple[str, ...]) -> Generation:
     if isinstance(prompt, list) and len(prompt) == 1 and (isinstance(prompt[0], str) or _is_token_ids(prompt[0])):
         prompt = prompt[0]  # a batch of one
     if isinstance(prompt, str):
-        source, prompt_tokens = prompt, text.count_tokens(prompt)
+        source, prompt_ids = prompt, text.token_ids(prompt)
     elif _is_token_ids(prompt) and prompt:
-        source, prompt_tokens = " ".join(map(str, prompt)), len(prompt)
+        source, prompt_ids = " ".join(map(str, prompt)), prompt
     elif isinstance(prompt, list) and len(prompt) > 1:
         raise ApiError(400, "the engine simulator takes one prompt per request; send a batch as separate requests",
                        param="prompt")
@@ -126,7 +128,7 @@ def parse_completion(body, served: tuple[str, ...]) -> Generation:
                                prompt)
     stream, include_usage, ignore_eos = _common(body, served)
     max_tokens, param = _max_tokens(body, "max_tokens")
-    return Generation(prompt_tokens=prompt_tokens, reply_source=source,
+    return Generation(prompt_tokens=len(prompt_ids), prompt_ids=prompt_ids, reply_source=source,
                       max_tokens=max_tokens, max_tokens_param=param, stream=stream, include_usage=include_usage,
                       ignore_eos=ignore_eos)
 

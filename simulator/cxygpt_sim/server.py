@@ -25,10 +25,10 @@ MAX_CATCH_UP_S = 0.05  # how far the engine timeline may run ahead of a late eve
 
 class Flight:
     """A request between its handler and the engine loop; the handler waits, the loop notifies."""
-    __slots__ = ("seq", "response_id", "pieces", "finish_reason", "stream", "_event")
+    __slots__ = ("seq", "response_id", "finish_reason", "stream", "_event")
 
-    def __init__(self, seq: Sequence, response_id: str, pieces: list[str], finish_reason: str, stream: bool):
-        self.seq, self.response_id, self.pieces = seq, response_id, pieces
+    def __init__(self, seq: Sequence, response_id: str, finish_reason: str, stream: bool):
+        self.seq, self.response_id = seq, response_id
         self.finish_reason, self.stream = finish_reason, stream
         self._event = asyncio.Event()
 
@@ -56,12 +56,13 @@ class Engine:
         self._wake = asyncio.Event()
         self._clock = time.monotonic
 
-    def submit(self, g: protocol.Generation, max_tokens: int, request_id: str | None) -> Flight:
-        """request_id: the caller's X-Request-Id, which vLLM puts into the response id."""
-        pieces, reason = self.writer.reply(g.reply_source, max_tokens, g.ignore_eos)
-        seq = Sequence(id=next(self._ids), prompt_tokens=g.prompt_tokens, output_tokens=len(pieces),
-                       arrived=self._clock())
-        flight = self.flights[seq.id] = Flight(seq, request_id or seq.id, pieces, reason, g.stream)
+    def submit(self, prompt_ids: list[int], output_tokens: int, request_id: str | None, *,
+               finish_reason: str, stream: bool) -> Flight:
+        """prompt_ids: the rendered prompt's token ids (the prefix cache hashes them); output_tokens: the reply's
+        length; request_id: the caller's X-Request-Id, which vLLM puts into the response id; finish_reason: what
+        the reply ends with, counted in vllm:request_success_total."""
+        seq = Sequence(id=next(self._ids), prompt_ids=prompt_ids, output_tokens=output_tokens, arrived=self._clock())
+        flight = self.flights[seq.id] = Flight(seq, request_id or seq.id, finish_reason, stream)
         self.scheduler.submit(seq)
         self._wake.set()
         return flight
@@ -101,7 +102,7 @@ class Engine:
             await asyncio.sleep(max(deadline - self._clock(), 0))
             now = self._clock()
             progress = self.scheduler.end_step(now)
-            self.metrics.record_step(progress, now)
+            self.metrics.record_step(step, progress, now)
             for p in progress:
                 flight = self.flights.get(p.seq.id)
                 if flight:
@@ -172,19 +173,21 @@ class Api:
             max_tokens = protocol.output_budget(g, self.config.max_model_len)
         except protocol.ApiError as e:
             return _error(e)
-        flight = self.engine.submit(g, max_tokens, request.headers.get("X-Request-Id"))
+        pieces, reason = self.engine.writer.reply(g.reply_source, max_tokens, g.ignore_eos)
+        flight = self.engine.submit(g.prompt_ids, len(pieces), request.headers.get("X-Request-Id"),
+                                    finish_reason=reason, stream=g.stream)
         try:
             if g.stream:
-                return await self._stream(request, flight, g, chat)
+                return await self._stream(request, flight, pieces, g, chat)
             while flight.seq.state != "finished":
                 await flight.wait()
-            return _json(self._whole(flight, g, chat))
+            return _json(self._whole(flight, pieces, g, chat))
         finally:
             self.engine.release(flight)
 
-    def _whole(self, flight: Flight, g: protocol.Generation, chat: bool) -> dict:
-        content = "".join(flight.pieces)
-        usage = _usage(g.prompt_tokens, len(flight.pieces))
+    def _whole(self, flight: Flight, pieces: list[str], g: protocol.Generation, chat: bool) -> dict:
+        content = "".join(pieces)
+        usage = _usage(g.prompt_tokens, len(pieces))
         if chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": content, "refusal": None,
                                               "tool_calls": [], "reasoning_content": None},
@@ -196,7 +199,7 @@ class Api:
         return {"id": f"cmpl-{flight.response_id}", "object": "text_completion", "created": int(time.time()),
                 "model": self.config.served_name, "choices": [choice], "usage": usage}
 
-    async def _stream(self, request: web.Request, flight: Flight, g: protocol.Generation,
+    async def _stream(self, request: web.Request, flight: Flight, pieces: list[str], g: protocol.Generation,
                       chat: bool) -> web.StreamResponse:
         response = web.StreamResponse(headers=SSE_HEADERS)
         await response.prepare(request)
@@ -214,7 +217,7 @@ class Api:
             before, after = b"data: " + head + b',"choices":[{"index":0,"text":', b',"logprobs":null,'
         unfinished = b'"finish_reason":null,"stop_reason":null}]}\n\n'
         finished = b'"finish_reason":"' + flight.finish_reason.encode() + b'","stop_reason":null}]}\n\n'
-        seq, pieces, sent = flight.seq, flight.pieces, 0
+        seq, sent = flight.seq, 0
         last = len(pieces) - 1
         try:
             while sent < len(pieces):
