@@ -240,7 +240,9 @@ class PodRunner:
         workload = self.workloads.pop(key, None)
         if workload:
             workload.task.cancel()
-            await asyncio.gather(*(self._stop(workload, pod) for pod in list(workload.pods.values())))
+            # the Deployment's pods go with it, gracefully: what the engines serve finishes first (their Service
+            # and endpoints are already gone, so nothing new arrives)
+            await asyncio.gather(*(self._drain_and_stop(workload, pod) for pod in list(workload.pods.values())))
             log.info("%s/%s: deployment gone, engines stopped", *key)
 
     # --- kubelet ------------------------------------------------------------------------------------------------------
@@ -313,14 +315,20 @@ class PodRunner:
     async def _terminate(self, workload: Workload, pod: Pod):
         """Kubelet's graceful termination: out of the endpoints at once, the preStop sleep (over as soon as the
         engine has nothing running or waiting), SIGTERM, SIGKILL once the grace period is over."""
+        # the API server marks a deleted pod (deletionTimestamp); the finalizer keeps it until the engine stopped
+        await self._delete(f"/api/v1/namespaces/{workload.namespace}/pods/{pod.name}")
+        await self._publish(workload, only=pod)
+        await self._drain_and_stop(workload, pod)
+        await self._report(workload)
+
+    async def _drain_and_stop(self, workload: Workload, pod: Pod):
+        """The preStop sleep, over as soon as the engine has nothing running or waiting; then the stop."""
+        pod.terminating = True  # an engine that exits now is not restarted
         spec = pod.template["spec"]
         grace = spec.get("terminationGracePeriodSeconds", 30)
         lifecycle = spec["containers"][0].get("lifecycle") or {}
         drain = min(((lifecycle.get("preStop") or {}).get("sleep") or {}).get("seconds", 0), grace)
         began = time.monotonic()
-        # the API server marks a deleted pod (deletionTimestamp); the finalizer keeps it until the engine stopped
-        await self._delete(f"/api/v1/namespaces/{workload.namespace}/pods/{pod.name}")
-        await self._publish(workload, only=pod)
         deadline = began + drain
         while time.monotonic() < deadline and pod.process and pod.process.returncode is None:
             if await self._idle(pod):
@@ -329,7 +337,6 @@ class PodRunner:
         log.info("%s/%s: engine %s drained in %.1fs; stopping", workload.namespace, workload.name, pod.name,
                  time.monotonic() - began)
         await self._stop(workload, pod, grace_s=max(2.0, grace - (time.monotonic() - began)))
-        await self._report(workload)
 
     async def _idle(self, pod: Pod) -> bool:
         try:

@@ -3,6 +3,7 @@ conflict between tenants and hostile specs; every request is counted and any ans
 lost."""
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -231,3 +232,35 @@ def test_plain_kubectl_apply_and_explain_work(dev):
     assert "modeldeployments.cxygpt.io" in out.stdout
     explained = dev.kubectl("explain", "modeldeployment.spec").stdout
     assert "replicas" in explained and "engine" in explained
+
+
+def test_deleting_a_model_under_load_finishes_the_streams_in_flight(dev):
+    with serving(dev, "doomed", 1):
+        dev.kubectl("patch", "md", "doomed", "--type=merge", "-p", json.dumps(
+            {"spec": {"engine": {"env": [{"name": "CXYGPT_SIM_ITL_MS", "value": "40"}]}}}))
+        wait_until(lambda: dev.md("doomed")["status"].get("phase") == "Ready" and len(ready_ports(dev, "doomed")) == 1
+                   and dev.md("doomed")["status"].get("observedGeneration") == 2, timeout=60, what="slower engine")
+
+        def stream():
+            chunks = dev.client.chat.completions.create(model="doomed", max_tokens=40, stream=True,
+                                                        extra_body={"ignore_eos": True},
+                                                        messages=[{"role": "user", "content": "a long one"}])
+            return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            streams = [pool.submit(stream) for _ in range(3)]
+            wait_until(lambda: metric_value(dev, "cxygpt_gateway_in_flight", "doomed") == 3, what="three in flight")
+            dev.kubectl("delete", "md", "doomed", "--wait=false")
+            texts = [s.result(timeout=60) for s in streams]  # 40 tokens x 40 ms each: whole, no error event
+        assert all(texts), texts
+        with pytest.raises(openai.NotFoundError):
+            dev.client.chat.completions.create(model="doomed", max_tokens=2, messages=[{"role": "user", "content": "x"}])
+
+
+def metric_value(dev: Dev, name: str, model: str) -> float:
+    import re
+    import httpx
+    for line in httpx.get(dev.gateway + "/metrics", timeout=5).text.splitlines():
+        if re.match(rf'^{name}\{{.*model="{model}".*\}} ', line):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
