@@ -93,15 +93,29 @@ def _storage(spec: ModelSpec, weights: str) -> tuple[str, list[dict], list[dict]
     return rest, volumes, mounts, env
 
 
+STARTUP_PERIOD_S = 10
+# scheduling and an image pull (vLLM's image is ~10 GB) come before the startup probe's budget
+PULL_MARGIN_S = 600
+
+
+def _startup_failures(kind: str) -> int:
+    # vLLM answers /health only once weights are loaded: a long startup budget (downloads, 30 min)
+    return 180 if kind == "vllm" else 30
+
+
 def _probes(kind: str) -> dict:
-    # vLLM answers /health only once weights are loaded: a long startup budget (downloads, 30 min),
-    # then quick readiness and a patient liveness so a busy engine is not restarted.
-    startup_failures = 180 if kind == "vllm" else 30
+    """A long startup budget, then quick readiness and a patient liveness so a busy engine is not restarted."""
     def probe(period: int, failures: int, timeout: int) -> dict:
         return {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": period,
                 "failureThreshold": failures, "timeoutSeconds": timeout}
-    return {"startupProbe": probe(10, startup_failures, 5), "readinessProbe": probe(5, 3, 3),
+    return {"startupProbe": probe(STARTUP_PERIOD_S, _startup_failures(kind), 5), "readinessProbe": probe(5, 3, 3),
             "livenessProbe": probe(15, 4, 10)}
+
+
+def progress_deadline_s(kind: str) -> int:
+    """The Deployment's progress deadline: past the startup budget, so a model still loading is never reported
+    as a stalled rollout (Kubernetes' default, 600 s, is shorter than vLLM's 30 min of loading)."""
+    return STARTUP_PERIOD_S * _startup_failures(kind) + PULL_MARGIN_S
 
 
 def _affinity(sel: Selection) -> dict:
@@ -203,6 +217,7 @@ def build_deployment(owner: Owner, spec: ModelSpec, sel: Selection, table: Profi
             "replicas": spec.replicas,
             "selector": {"matchLabels": selector_labels(owner)},
             "strategy": {"type": "RollingUpdate", "rollingUpdate": dict(ROLLING_UPDATES[spec.rollout])},
+            "progressDeadlineSeconds": progress_deadline_s(spec.engine_kind),
             "template": template,
         },
     }

@@ -483,3 +483,10 @@ def test_a_name_is_claimed_once_and_a_rename_makes_a_new_claim():
     renamed = {**confirmed, "spec": {"model": {"name": "b"}}}
     assert claimed_since(renamed) == UNCONFIRMED  # loses to every confirmed claim on "b"
     assert name_claim(renamed, "2026-12-01T12:00:00Z") == {"name": "b", "since": "2026-12-01T12:00:00Z"}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_a_model_still_loading_is_never_a_stalled_rollout(case):
+    dep = _manifests(case)[0]
+    probe = dep["spec"]["template"]["spec"]["containers"][0]["startupProbe"]
+    assert dep["spec"]["progressDeadlineSeconds"] > probe["periodSeconds"] * probe["failureThreshold"]
