@@ -513,7 +513,9 @@ class PodRunner:
         body = {
             "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
             "metadata": {"name": pod.name, "namespace": workload.namespace,
-                         "labels": {"kubernetes.io/service-name": svc["metadata"]["name"],
+                         # the EndpointSlice controller copies the Service's labels onto its slices
+                         "labels": {**(svc["metadata"].get("labels") or {}),
+                                    "kubernetes.io/service-name": svc["metadata"]["name"],
                                     "endpointslice.kubernetes.io/managed-by": SLICE_MANAGER},
                          "ownerReferences": [{"apiVersion": "v1", "kind": "Service", "name": svc["metadata"]["name"],
                                               "uid": svc["metadata"]["uid"]}]},

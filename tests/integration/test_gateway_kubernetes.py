@@ -51,7 +51,8 @@ class Cluster:
     def endpoints(self, ns, service, port, ready=True, terminating=False):
         body = {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": "IPv4",
                 "metadata": {"name": f"{service}-abcde", "namespace": ns,
-                             "labels": {"kubernetes.io/service-name": service}},
+                             "labels": {"kubernetes.io/service-name": service,  # and the Service's own labels
+                                        "app.kubernetes.io/managed-by": "cxygpt-operator"}},
                 "ports": [{"name": "http", "port": port, "protocol": "TCP"}],
                 "endpoints": [{"addresses": ["127.0.0.1"],
                                "conditions": {"ready": ready, "serving": ready or terminating,
@@ -80,6 +81,14 @@ def test_ready_endpoints_serve_in_any_phase_and_a_model_without_one_is_503_sayin
         r = answered(gateway.url, "qwen3-14b", 503, "is starting (0/1 replicas ready")
         assert r.headers["Retry-After"] == "10"
 
+        # a slice that is not an engine Service's (no operator label): not watched, not routed
+        k.discovery.create_namespaced_endpoint_slice("default", {
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": "IPv4",
+            "metadata": {"name": "stray", "labels": {"kubernetes.io/service-name": "qwen3-14b"}},
+            "ports": [{"name": "http", "port": sim.port, "protocol": "TCP"}],
+            "endpoints": [{"addresses": ["127.0.0.1"], "conditions": {"ready": True}}]})
+        k.status("default", "qwen3-14b", phase="Starting", ready="0/2")  # an event after the slice's
+        answered(gateway.url, "qwen3-14b", 503, "is starting (0/2 replicas ready")
         k.endpoints("default", "qwen3-14b", sim.port)  # one replica ready, the rollout not done: it serves
         wait_until(lambda: model_ids(gateway.url) == ["qwen3-14b"], timeout=10, what="model listed")
         assert chat(gateway.url, "qwen3-14b").status_code == 200

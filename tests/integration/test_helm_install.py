@@ -125,7 +125,8 @@ class Install:
                      "-p", json.dumps({"status": {"replicas": 1, "readyReplicas": 1}}))
         self.apply([{"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": "IPv4",
                      "metadata": {"name": f"{name}-engine", "namespace": namespace,
-                                  "labels": {"kubernetes.io/service-name": name}},
+                                  "labels": {"kubernetes.io/service-name": name,  # and the Service's own labels
+                                             "app.kubernetes.io/managed-by": "cxygpt-operator"}},
                      "ports": [{"name": "http", "port": 8000, "protocol": "TCP"}],
                      "endpoints": [{"addresses": ["10.0.0.7"], "conditions": {"ready": True}}]}])
 

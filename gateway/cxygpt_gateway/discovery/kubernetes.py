@@ -16,13 +16,16 @@ from .base import ModelSink, ModelSpec, Unavailable
 log = logging.getLogger("cxygpt.gateway.kubernetes")
 GROUP_VERSION = "cxygpt.io/v1alpha1"
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+# the slices of the operator's engine Services only (the EndpointSlice controller copies a Service's labels),
+# not every Service's in the cluster: each slice event recomputes the routes on the serving loop
+ENGINE_SLICES = f"{SERVICE_NAME_LABEL},app.kubernetes.io/managed-by=cxygpt-operator"
 WATCH_TIMEOUT_S = 300      # the server ends each watch after this; the loop re-lists and watches again
 INITIAL_SYNC_S = 10.0      # how long start() waits for the first lists before serving anyway
 MAX_BACKOFF_S = 30.0
 LIST_TIMEOUT_S = 30.0
 # what is watched: plural → (group/version, label selector)
 PLURALS = {"modeldeployments": (GROUP_VERSION, None),
-           "endpointslices": ("discovery.k8s.io/v1", SERVICE_NAME_LABEL)}
+           "endpointslices": ("discovery.k8s.io/v1", ENGINE_SLICES)}
 
 
 def ready_endpoint_urls(slices: list[dict]) -> list[str]:
