@@ -116,6 +116,7 @@ def parse_completion(body, served: tuple[str, ...]) -> Generation:
     if isinstance(prompt, str):
         source, prompt_tokens = prompt, text.count_tokens(prompt)
     elif _is_token_ids(prompt) and prompt:
+        _check_vocabulary(prompt)
         source, prompt_tokens = " ".join(map(str, prompt)), len(prompt)
     elif isinstance(prompt, list) and len(prompt) > 1:
         raise ApiError(400, "the engine simulator takes one prompt per request; send a batch as separate requests",
@@ -177,3 +178,24 @@ def parse_tokenize(body, served: tuple[str, ...]) -> TokenizeRequest:
     if prompt is None:
         raise validation_error("body.prompt", "missing", "Field required")
     return TokenizeRequest(prompt, strs)
+
+
+def parse_detokenize(body, served: tuple[str, ...]) -> list[int]:
+    """/detokenize's token ids; an id outside the vocabulary is vLLM's 400."""
+    if not isinstance(body, dict):
+        raise validation_error("body", "model_attributes_type", "Input should be a valid dictionary or object", body)
+    model = _field(body, "model", str, "string")
+    if model is not None and model not in served:
+        raise unknown_model(model, served)
+    if "tokens" not in body:
+        raise validation_error("body.tokens", "missing", "Field required")
+    ids = body["tokens"]
+    if not _is_token_ids(ids):
+        raise validation_error("body.tokens", "list_type", "Input should be a valid list of token ids", ids)
+    _check_vocabulary(ids)
+    return ids
+
+
+def _check_vocabulary(ids: list[int]) -> None:
+    if ids and max(ids) >= text.VOCAB_SIZE:
+        raise ApiError(400, f"Token id {max(ids)} is out of vocabulary", param="tokens")

@@ -154,9 +154,16 @@ class Api:
             t = protocol.parse_tokenize(await _body(request), self.config.served_model_names)
         except protocol.ApiError as e:
             return _error(e)
-        ids = text.token_ids(t.prompt_text, self.config.vocab_size)
+        ids = text.token_ids(t.prompt_text)
         return _json({"count": len(ids), "max_model_len": self.config.max_model_len, "tokens": ids,
-                      "token_strs": text.pieces(t.prompt_text) if t.return_token_strs else None})
+                      "token_strs": text.token_pieces(ids) if t.return_token_strs else None})
+
+    async def detokenize(self, request: web.Request) -> web.Response:
+        try:
+            ids = protocol.parse_detokenize(await _body(request), self.config.served_model_names)
+        except protocol.ApiError as e:
+            return _error(e)
+        return _json({"prompt": text.detokenize(ids)})
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         return await self._generate(request, chat=True)
@@ -274,6 +281,7 @@ def create_app(config: SimConfig) -> web.Application:
     app.router.add_get("/metrics", api.metrics)
     app.router.add_get("/v1/models", api.models)
     app.router.add_post("/tokenize", api.tokenize)
+    app.router.add_post("/detokenize", api.detokenize)
     app.router.add_post("/v1/chat/completions", api.chat)
     app.router.add_post("/v1/completions", api.completions)
 
