@@ -1,7 +1,7 @@
 """vLLM's OpenAI wire format (pure): request validation, length limits and error bodies as vLLM 0.33 sends them."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from . import text
 
@@ -46,6 +46,15 @@ class Generation:
     stream: bool
     include_usage: bool
     ignore_eos: bool
+    n: int = 1
+    stop: tuple[str, ...] = ()
+    include_stop_str_in_output: bool = False
+    logprobs: int | None = None     # top alternatives per token; None: no logprobs
+    echo: bool = False
+    prompt_text: str = ""           # what echo repeats
+    tools: tuple = ()               # the functions offered ({"name", "parameters", ...})
+    tool_choice: object = None      # None, "none", "auto", "required" or {"type": "function", "function": {...}}
+    response_format: dict | None = field(default=None)  # {"schema": ...} or {} for json_object
 
 
 def _field(body: dict, name: str, kind, kind_name: str, check=None, hint: str = ""):
@@ -64,9 +73,6 @@ def _common(body: dict, served: tuple[str, ...]) -> tuple[bool, bool, bool]:
     model = _field(body, "model", str, "string")
     if model is not None and model not in served:
         raise unknown_model(model, served)
-    n = _field(body, "n", int, "integer")
-    if n is not None and n != 1:
-        raise ApiError(400, f"n={n} is not supported by the engine simulator; use n=1", param="n")
     stream = bool(_field(body, "stream", bool, "boolean"))
     options = _field(body, "stream_options", dict, "dictionary") or {}
     include_usage = bool(_field(options, "include_usage", bool, "boolean"))
@@ -75,6 +81,101 @@ def _common(body: dict, served: tuple[str, ...]) -> tuple[bool, bool, bool]:
                                "`stream=True`.", None)
     ignore_eos = bool(_field(body, "ignore_eos", bool, "boolean"))
     return stream, include_usage, ignore_eos
+
+
+MAX_LOGPROBS = 20  # vLLM's --max-logprobs default
+
+
+def vllm_error(message: str, param: str, value=None) -> ApiError:
+    """A VLLMValidationError: its message with the parameter (and value) appended, as vLLM renders it."""
+    suffix = f"parameter={param}" + (f", value={value}" if value is not None else "")
+    return ApiError(400, f"{message} ({suffix})", param=param)
+
+
+def _sampling(body: dict) -> dict:
+    """n and stop strings, shared by chat and completions."""
+    n = _field(body, "n", int, "integer")
+    if n is not None and n < 1:
+        raise vllm_error(f"n must be at least 1, got {n}.", "n", n)
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        stop = [stop]
+    if stop is not None and not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
+        raise validation_error("body.stop", "string_type", "Input should be a valid string or list of strings", stop)
+    include = bool(_field(body, "include_stop_str_in_output", bool, "boolean"))
+    return {"n": n or 1, "stop": tuple(stop or ()), "include_stop_str_in_output": include}
+
+
+def _bounded_logprobs(count: int) -> int:
+    if count > MAX_LOGPROBS:
+        raise vllm_error(f"Requested sample logprobs of {count}, which is greater than max allowed: {MAX_LOGPROBS}",
+                         "logprobs", count)
+    return count
+
+
+def _chat_logprobs(body: dict) -> int | None:
+    wanted = _field(body, "logprobs", bool, "boolean")
+    top = _field(body, "top_logprobs", int, "integer")
+    if top is not None:
+        if top < 0 and top != -1:
+            raise vllm_error("`top_logprobs` must be a positive value or -1.", "top_logprobs", top)
+        if top != 0 and not wanted:
+            raise vllm_error("when using `top_logprobs`, `logprobs` must be set to true.", "top_logprobs")
+    if not wanted:
+        return None
+    # -1 asks for the whole vocabulary, which is over the bound as on vLLM
+    return _bounded_logprobs(text.VOCAB_SIZE if top == -1 else top or 0)
+
+
+def _value_error(message: str) -> ApiError:
+    return validation_error("body", "value_error", f"Value error, {message}")
+
+
+def _tools(body: dict) -> tuple[tuple, object]:
+    """vLLM's check_tool_usage, in its words."""
+    tools, choice = body.get("tools"), body.get("tool_choice")
+    if choice is None and tools:
+        choice = "auto"
+    if choice is None or choice == "none":
+        return (), choice
+    if tools is None:
+        raise _value_error("When using `tool_choice`, `tools` must be set.")
+    if not isinstance(tools, list) or not all(isinstance(t, dict) and isinstance(t.get("function"), dict)
+                                              and isinstance(t["function"].get("name"), str) for t in tools):
+        raise validation_error("body.tools", "list_type", "Input should be a valid list of function tools", tools)
+    if choice not in ("auto", "required") and not isinstance(choice, dict):
+        raise _value_error(f"Invalid value for `tool_choice`: {choice}! Only named tools, \"none\", \"auto\" or "
+                           f"\"required\" are supported.")
+    if choice == "required" and not tools:
+        return (), "none"
+    functions = tuple(t["function"] for t in tools)
+    if isinstance(choice, dict):
+        usage = 'Correct usage: `{"type": "function", "function": {"name": "my_function"}}`'
+        function = choice.get("function")
+        if not isinstance(function, dict):
+            raise _value_error(f"Invalid value for `function`: `{function}` in `tool_choice`! {usage}")
+        if "name" not in function:
+            raise _value_error(f"Expected field `name` in `function` in `tool_choice`! {usage}")
+        if not isinstance(function["name"], str) or not function["name"]:
+            raise _value_error(f"Invalid `name` in `function`: `{function['name']}` in `tool_choice`! {usage}")
+        if all(f["name"] != function["name"] for f in functions):
+            raise _value_error("The tool specified in `tool_choice` does not match any of the specified `tools`")
+    return functions, choice
+
+
+def _response_format(body: dict) -> dict | None:
+    fmt = _field(body, "response_format", dict, "dictionary")
+    if fmt is None or fmt.get("type") == "text":
+        return None
+    if fmt.get("type") == "json_object":
+        return {}
+    if fmt.get("type") == "json_schema":
+        spec = fmt.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+            raise validation_error("body.response_format.json_schema", "missing", "Field required", spec)
+        return {"schema": spec["schema"]}
+    raise validation_error("body.response_format.type", "literal_error",
+                           "Input should be 'text', 'json_object', 'json_schema' or 'structural_tag'", fmt.get("type"))
 
 
 def _max_tokens(body: dict, *names: str) -> tuple[int | None, str]:
@@ -96,8 +197,11 @@ def parse_chat(body, served: tuple[str, ...]) -> Generation:
         raise validation_error(e.loc, "value_error", f"Value error, {e}") from None
     stream, include_usage, ignore_eos = _common(body, served)
     max_tokens, param = _max_tokens(body, "max_completion_tokens", "max_tokens")
+    tools, tool_choice = _tools(body)
     return Generation(prompt_tokens=text.count_tokens(rendered),
                       reply_source=text.last_user_text(body["messages"]) or rendered, max_tokens=max_tokens,
+                      **_sampling(body), logprobs=_chat_logprobs(body), tools=tools, tool_choice=tool_choice,
+                      response_format=_response_format(body),
                       max_tokens_param=param, stream=stream, include_usage=include_usage, ignore_eos=ignore_eos)
 
 
@@ -127,7 +231,14 @@ def parse_completion(body, served: tuple[str, ...]) -> Generation:
                                prompt)
     stream, include_usage, ignore_eos = _common(body, served)
     max_tokens, param = _max_tokens(body, "max_tokens")
-    return Generation(prompt_tokens=prompt_tokens, reply_source=source,
+    logprobs = _field(body, "logprobs", int, "integer")
+    if logprobs is not None and logprobs < 0:
+        raise vllm_error("`logprobs` must be a positive value.", "logprobs", logprobs)
+    echo = bool(_field(body, "echo", bool, "boolean"))
+    return Generation(prompt_tokens=prompt_tokens, reply_source=source, **_sampling(body),
+                      logprobs=None if logprobs is None else _bounded_logprobs(logprobs), echo=echo,
+                      prompt_text=prompt if isinstance(prompt, str) else text.detokenize(prompt),
+                      response_format=_response_format(body),
                       max_tokens=max_tokens, max_tokens_param=param, stream=stream, include_usage=include_usage,
                       ignore_eos=ignore_eos)
 

@@ -11,7 +11,7 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from . import protocol, text
+from . import protocol, replies, text
 from .config import SimConfig
 from .engine import Scheduler, Sequence
 from .metrics import EngineMetrics
@@ -48,7 +48,6 @@ class Engine:
         self.config = config
         self.scheduler = Scheduler(config.capacity, config.speed, seed=config.seed)
         self.metrics = EngineMetrics(self.scheduler, config.served_name)
-        self.writer = text.ReplyWriter(config.text, seed=config.seed or 0)
         self.flights: dict[str, Flight] = {}
         # ids unique across restarts too, cheaper than a uuid per request
         self._ids = (f"{secrets.token_hex(6)}{n:x}" for n in itertools.count())
@@ -56,12 +55,12 @@ class Engine:
         self._wake = asyncio.Event()
         self._clock = time.monotonic
 
-    def submit(self, g: protocol.Generation, max_tokens: int, request_id: str | None) -> Flight:
-        """request_id: the caller's X-Request-Id, which vLLM puts into the response id."""
-        pieces, reason = self.writer.reply(g.reply_source, max_tokens, g.ignore_eos)
-        seq = Sequence(id=next(self._ids), prompt_tokens=g.prompt_tokens, output_tokens=len(pieces),
+    def submit(self, prompt_tokens: int, pieces: list[str], finish_reason: str, stream: bool,
+               request_id: str | None) -> Flight:
+        """One sequence of len(pieces) output tokens; request_id: the caller's X-Request-Id (vLLM's response id)."""
+        seq = Sequence(id=next(self._ids), prompt_tokens=prompt_tokens, output_tokens=len(pieces),
                        arrived=self._clock())
-        flight = self.flights[seq.id] = Flight(seq, request_id or seq.id, pieces, reason, g.stream)
+        flight = self.flights[seq.id] = Flight(seq, request_id or seq.id, pieces, finish_reason, stream)
         self.scheduler.submit(seq)
         self._wake.set()
         return flight
@@ -135,6 +134,7 @@ class Api:
     def __init__(self, engine: Engine):
         self.engine = engine
         self.config = engine.config
+        self.writer = text.ReplyWriter(engine.config.text, seed=engine.config.seed or 0)
 
     async def health(self, request: web.Request) -> web.Response:
         return web.Response(status=200 if self.engine.healthy else 503)
@@ -142,12 +142,19 @@ class Api:
     async def metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=self.engine.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
-    async def models(self, request: web.Request) -> web.Response:
+    def _card(self, name: str) -> dict:
         c = self.config
-        cards = [{"id": name, "object": "model", "created": int(time.time()), "owned_by": "vllm", "root": c.model,
-                  "parent": None, "max_model_len": c.max_model_len, "permission": []}
-                 for name in c.served_model_names]
-        return _json({"object": "list", "data": cards})
+        return {"id": name, "object": "model", "created": int(time.time()), "owned_by": "vllm", "root": c.model,
+                "parent": None, "max_model_len": c.max_model_len, "permission": []}
+
+    async def models(self, request: web.Request) -> web.Response:
+        return _json({"object": "list", "data": [self._card(name) for name in self.config.served_model_names]})
+
+    async def model(self, request: web.Request) -> web.Response:
+        name = request.match_info["model"]
+        if name not in self.config.served_model_names:
+            return _error(protocol.unknown_model(name, self.config.served_model_names))
+        return _json(self._card(name))
 
     async def tokenize(self, request: web.Request) -> web.Response:
         try:
@@ -179,72 +186,125 @@ class Api:
             max_tokens = protocol.output_budget(g, self.config.max_model_len)
         except protocol.ApiError as e:
             return _error(e)
-        flight = self.engine.submit(g, max_tokens, request.headers.get("X-Request-Id"))
+        choices = [replies.plan(g, i, max_tokens, self.writer) for i in range(g.n)]
+        request_id = request.headers.get("X-Request-Id")
+        # n sequences of the same prompt, as vLLM fans a request out (the prefix cache shares their blocks)
+        flights = [self.engine.submit(g.prompt_tokens, c.pieces, c.finish_reason, g.stream, request_id)
+                   for c in choices]
         try:
             if g.stream:
-                return await self._stream(request, flight, g, chat)
-            while flight.seq.state != "finished":
-                await flight.wait()
-            return _json(self._whole(flight, g, chat))
+                return await self._stream(request, flights, choices, g, chat)
+            for flight in flights:
+                while flight.seq.state != "finished":
+                    await flight.wait()
+            return _json(self._whole(flights[0].response_id, choices, g, chat))
         finally:
-            self.engine.release(flight)
+            for flight in flights:
+                self.engine.release(flight)
 
-    def _whole(self, flight: Flight, g: protocol.Generation, chat: bool) -> dict:
-        content = "".join(flight.pieces)
-        usage = _usage(g.prompt_tokens, len(flight.pieces))
+    def _whole(self, response_id: str, choices: list[replies.Choice], g: protocol.Generation, chat: bool) -> dict:
+        usage = _usage(g.prompt_tokens, sum(len(c.ids) for c in choices))
+        created, model = int(time.time()), self.config.served_name
         if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": content, "refusal": None,
-                                              "tool_calls": [], "reasoning_content": None},
-                      "logprobs": None, "finish_reason": flight.finish_reason, "stop_reason": None}
-            return {"id": f"chatcmpl-{flight.response_id}", "object": "chat.completion", "created": int(time.time()),
-                    "model": self.config.served_name, "choices": [choice], "usage": usage, "prompt_logprobs": None}
-        choice = {"index": 0, "text": content, "logprobs": None, "finish_reason": flight.finish_reason,
-                  "stop_reason": None, "prompt_logprobs": None}
-        return {"id": f"cmpl-{flight.response_id}", "object": "text_completion", "created": int(time.time()),
-                "model": self.config.served_name, "choices": [choice], "usage": usage}
+            return {"id": f"chatcmpl-{response_id}", "object": "chat.completion", "created": created, "model": model,
+                    "choices": [_chat_choice(i, c, g) for i, c in enumerate(choices)], "usage": usage,
+                    "prompt_logprobs": None}
+        out = []
+        for i, c in enumerate(choices):
+            head = g.prompt_text if g.echo else ""
+            logprobs = None if g.logprobs is None else replies.completion_logprobs(c.ids, 0, g.logprobs, len(head))
+            out.append({"index": i, "text": head + "".join(c.pieces), "logprobs": logprobs,
+                        "finish_reason": c.finish_reason, "stop_reason": c.stop_reason, "prompt_logprobs": None})
+        return {"id": f"cmpl-{response_id}", "object": "text_completion", "created": created, "model": model,
+                "choices": out, "usage": usage}
 
-    async def _stream(self, request: web.Request, flight: Flight, g: protocol.Generation,
-                      chat: bool) -> web.StreamResponse:
+    async def _stream(self, request: web.Request, flights: list[Flight], choices: list[replies.Choice],
+                      g: protocol.Generation, chat: bool) -> web.StreamResponse:
         response = web.StreamResponse(headers=SSE_HEADERS)
         await response.prepare(request)
-        # Every chunk is the same JSON around one piece of text: build the bytes once, splice per token.
-        if chat:
-            head = orjson.dumps({"id": f"chatcmpl-{flight.response_id}", "object": "chat.completion.chunk",
-                                 "created": int(time.time()), "model": self.config.served_name})[:-1]
-            opening = b"data: " + head + b',"choices":[{"index":0,"delta":{"role":"assistant","content":""},' \
-                                         b'"logprobs":null,"finish_reason":null}]}\n\n'
-            before, after = b"data: " + head + b',"choices":[{"index":0,"delta":{"content":', b'},"logprobs":null,'
-        else:
-            head = orjson.dumps({"id": f"cmpl-{flight.response_id}", "object": "text_completion",
-                                 "created": int(time.time()), "model": self.config.served_name})[:-1]
-            opening = b""
-            before, after = b"data: " + head + b',"choices":[{"index":0,"text":', b',"logprobs":null,'
-        unfinished = b'"finish_reason":null,"stop_reason":null}]}\n\n'
-        finished = b'"finish_reason":"' + flight.finish_reason.encode() + b'","stop_reason":null}]}\n\n'
-        seq, pieces, sent = flight.seq, flight.pieces, 0
-        last = len(pieces) - 1
+        response_id = flights[0].response_id
+        # every chunk is the same JSON around one choice: build the head once, splice each choice in
+        head = b"data: " + orjson.dumps(
+            {"id": f"{'chatcmpl' if chat else 'cmpl'}-{response_id}",
+             "object": "chat.completion.chunk" if chat else "text_completion",
+             "created": int(time.time()), "model": self.config.served_name})[:-1]
+        sent = [0] * len(flights)
         try:
-            while sent < len(pieces):
-                await flight.wait()
-                ready = seq.generated
-                if ready <= sent:
-                    continue
-                out = [opening] if sent == 0 else []
-                out.extend(before + orjson.dumps(pieces[i]) + after + (finished if i == last else unfinished)
-                           for i in range(sent, ready))
-                sent = ready
-                # all tokens of a step go out in one write (with instant decode that is the whole reply)
-                await response.write(b"".join(out))
+            while any(s < len(c.pieces) for s, c in zip(sent, choices)):
+                await _any_progress(flights)
+                out = []
+                for i, (flight, c) in enumerate(zip(flights, choices)):
+                    ready = flight.seq.generated
+                    for pos in range(sent[i], ready):
+                        delta = _chat_delta(i, c, pos, g) if chat else _completion_delta(i, c, pos, g)
+                        out.extend(head + b',"choices":[' + orjson.dumps(d) + b"]}\n\n" for d in delta)
+                    sent[i] = max(sent[i], ready)
+                if out:
+                    # all tokens of a step go out in one write (with instant decode that is the whole reply)
+                    await response.write(b"".join(out))
             tail = []
             if g.include_usage:
-                tail.append(b"data: " + head + b',"choices":[],"usage":' +
-                            orjson.dumps(_usage(g.prompt_tokens, len(pieces))) + b"}\n\n")
+                tail.append(head + b',"choices":[],"usage":' +
+                            orjson.dumps(_usage(g.prompt_tokens, sum(len(c.ids) for c in choices))) + b"}\n\n")
             tail.append(DONE)
             await response.write(b"".join(tail))
             await response.write_eof()
         except ConnectionResetError:
             pass  # the client left; release() aborts the request
         return response
+
+
+async def _any_progress(flights: list[Flight]) -> None:
+    if len(flights) == 1:
+        await flights[0].wait()
+        return
+    waits = [asyncio.ensure_future(f.wait()) for f in flights if f.seq.state != "finished"]
+    if not waits:
+        return
+    _, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    for w in pending:
+        w.cancel()
+
+
+def _tool_call(c: replies.Choice) -> dict:
+    return {"id": c.call_id, "type": "function", "function": {"name": c.tool, "arguments": "".join(c.pieces)}}
+
+
+def _chat_choice(i: int, c: replies.Choice, g: protocol.Generation) -> dict:
+    logprobs = None if g.logprobs is None else {"content": replies.chat_logprobs(c.ids, 0, g.logprobs),
+                                                "refusal": None}
+    message = {"role": "assistant", "content": None if c.tool else "".join(c.pieces), "refusal": None,
+               "tool_calls": [_tool_call(c)] if c.tool else [], "reasoning_content": None}
+    return {"index": i, "message": message, "logprobs": logprobs, "finish_reason": c.finish_reason,
+            "stop_reason": c.stop_reason}
+
+
+def _chat_delta(i: int, c: replies.Choice, pos: int, g: protocol.Generation) -> list[dict]:
+    """The chunk choices for output token pos of choice i: an opening one first, as vLLM streams."""
+    out = []
+    if pos == 0:
+        opening = {"role": "assistant", "content": ""}
+        if c.tool:
+            # vLLM's streamed tool call: id, type and name first, then the arguments piece by piece
+            opening = {"role": "assistant", "content": None, "tool_calls": [
+                {"index": 0, "id": c.call_id, "type": "function", "function": {"name": c.tool, "arguments": ""}}]}
+        out.append({"index": i, "delta": opening, "logprobs": None, "finish_reason": None})
+    piece = c.pieces[pos]
+    delta = {"tool_calls": [{"index": 0, "function": {"arguments": piece}}]} if c.tool else {"content": piece}
+    last = pos == len(c.pieces) - 1
+    logprobs = None if g.logprobs is None else {"content": replies.chat_logprobs(c.ids[:pos + 1], pos, g.logprobs)}
+    out.append({"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": c.finish_reason if last else None,
+                "stop_reason": c.stop_reason if last else None})
+    return out
+
+
+def _completion_delta(i: int, c: replies.Choice, pos: int, g: protocol.Generation) -> list[dict]:
+    head = g.prompt_text if g.echo and pos == 0 else ""  # echo: the prompt comes with the first token
+    offset = len(g.prompt_text if g.echo else "") + len("".join(c.pieces[:pos]))
+    logprobs = None if g.logprobs is None else replies.completion_logprobs(c.ids[:pos + 1], pos, g.logprobs, offset)
+    last = pos == len(c.pieces) - 1
+    return [{"index": i, "text": head + c.pieces[pos], "logprobs": logprobs,
+             "finish_reason": c.finish_reason if last else None, "stop_reason": c.stop_reason if last else None}]
 
 
 def _require_api_key(key: str):
@@ -280,6 +340,7 @@ def create_app(config: SimConfig) -> web.Application:
     app.router.add_get("/health", api.health)
     app.router.add_get("/metrics", api.metrics)
     app.router.add_get("/v1/models", api.models)
+    app.router.add_get("/v1/models/{model}", api.model)
     app.router.add_post("/tokenize", api.tokenize)
     app.router.add_post("/detokenize", api.detokenize)
     app.router.add_post("/v1/chat/completions", api.chat)

@@ -50,12 +50,16 @@ def detokenize(ids: list[int]) -> str:
     return _VOCAB.decode(ids)
 
 
+def token_bytes(token: int) -> bytes:
+    return _VOCAB.decode_single_token_bytes(token)
+
+
 def token_pieces(ids: list[int]) -> list[str]:
     """One string per token, "".join() gives the text back: a character split over several byte tokens appears
     whole in its last token (the earlier ones are empty), as vLLM's incremental detokenizer streams it."""
     out, pending = [], b""
     for i in ids:
-        pending += _VOCAB.decode_single_token_bytes(i)
+        pending += token_bytes(i)
         try:
             out.append(pending.decode())
             pending = b""
