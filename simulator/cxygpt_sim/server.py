@@ -188,9 +188,10 @@ class Api:
             return _error(e)
         choices = [replies.plan(g, i, max_tokens, self.writer) for i in range(g.n)]
         request_id = request.headers.get("X-Request-Id")
-        # n sequences of the same prompt, as vLLM fans a request out (the prefix cache shares their blocks)
-        flights = [self.engine.submit(g.prompt_tokens, c.pieces, c.finish_reason, g.stream, request_id)
-                   for c in choices]
+        # n sequences of the same prompt, as vLLM fans a request out (the prefix cache shares their blocks); the
+        # engine knows only stop and length (a tool call is the parser's reading of a stopped sequence)
+        flights = [self.engine.submit(g.prompt_tokens, c.pieces, "length" if c.finish_reason == "length" else "stop",
+                                      g.stream, request_id) for c in choices]
         try:
             if g.stream:
                 return await self._stream(request, flights, choices, g, chat)
