@@ -48,7 +48,8 @@ class Gateway:
     request_log: RequestLog = field(default_factory=lambda: RequestLog(enabled=False))
 
 
-HOT_PATHS = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
+HOT_PATHS = {"/v1/chat/completions": "chat", "/v1/completions": "completions", "/v1/responses": "responses",
+             "/v1/embeddings": "embeddings"}
 
 
 class GatewayApp(FastAPI):
@@ -160,6 +161,10 @@ def install_docs(app: FastAPI) -> None:
                               redoc_favicon_url=f"{root}/docs/assets/favicon.png", with_google_fonts=False)
 
 
+SERVED = ", ".join([*(f"POST {path}" for path in HOT_PATHS), "GET /v1/models", "GET /v1/models/{model}",
+                    "GET /v1/limits", "GET /healthz", "GET /readyz", "GET /metrics", "GET /docs"])
+
+
 def error_response(request: Request, error: GatewayError) -> Response:
     """A request the gateway answers itself: counted, logged, the OpenAI error body."""
     count_rejection(request.app.state.gateway, error, model="-", request_id=None, key_id=None, degraded=False)
@@ -178,5 +183,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, error: HTTPException):
-        body = GatewayError(error.status_code, str(error.detail), code=None).body()
+        message = str(error.detail)
+        if error.status_code == 404:  # OpenAI's words for a path it does not serve, and what this one serves
+            message = f"Invalid URL ({request.method} {request.url.path}): this gateway serves {SERVED}"
+        body = GatewayError(error.status_code, message, code=None).body()
         return Response(body, status_code=error.status_code, headers=error.headers, media_type="application/json")

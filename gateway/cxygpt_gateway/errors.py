@@ -37,6 +37,10 @@ class GatewayError(Exception):
     def body(self) -> bytes:
         return orjson.dumps(error_body(self.status, self.message, code=self.code, param=self.param))
 
-    def sse_event(self) -> bytes:
-        """The final event of a stream that failed after it started, then the terminator."""
+    def sse_event(self, responses: bool = False) -> bytes:
+        """The final event of a stream that failed after it started: then the terminator, or for the Responses
+        API its own error event (type error, code, message, param; that stream has no terminator)."""
+        if responses:
+            event = {"type": "error", "code": self.code, "message": self.message, "param": self.param}
+            return b"event: error\ndata: " + orjson.dumps(event) + b"\n\n"
         return b"data: " + self.body() + b"\n\ndata: [DONE]\n\n"

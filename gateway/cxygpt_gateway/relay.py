@@ -19,7 +19,10 @@ if TYPE_CHECKING:
     from .app import Gateway
 
 log = logging.getLogger("cxygpt.gateway")
-PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
+PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions", "responses": "/v1/responses",
+         "embeddings": "/v1/embeddings"}
+# the events that end a Responses API stream (it has no [DONE])
+RESPONSE_ENDS = (b'"response.completed"', b'"response.incomplete"', b'"response.failed"')
 # how long a replica that refused connections stays out of rotation when nothing re-checks it
 EJECT_S = 5.0
 
@@ -54,11 +57,18 @@ def _last_usage_object(batch: bytes) -> int:
     return -1
 
 
-def scan_stream(batch: bytes, strip_usage: bool) -> tuple[bytes, dict | None, bool]:
-    """(bytes to forward, usage if this batch carried it, [DONE] seen) for a batch of complete SSE events.
-    Only the last event that carries a usage object is parsed (and cut out when `strip_usage` and it is the
-    usage-only chunk); every other byte passes untouched."""
-    done = b"data: [DONE]" in batch[-64:]  # the terminator is the stream's last event
+def _ends_responses_stream(batch: bytes) -> bool:
+    last = batch[batch.rfind(b"\n\n", 0, len(batch) - 2) + 2:]
+    return any(end in last for end in RESPONSE_ENDS)
+
+
+def scan_stream(batch: bytes, strip_usage: bool, responses: bool = False) -> tuple[bytes, dict | None, bool]:
+    """(bytes to forward, usage if this batch carried it, the stream's end seen) for a batch of complete SSE
+    events. Only the last event that carries a usage object is parsed (and cut out when `strip_usage` and it is
+    the usage-only chunk); every other byte passes untouched. A Responses API stream carries its usage inside
+    the final response.completed event and ends there."""
+    # the terminator is the stream's last event
+    done = _ends_responses_stream(batch) if responses else b"data: [DONE]" in batch[-64:]
     at = _last_usage_object(batch)
     if at < 0:
         return batch, None, done
@@ -71,7 +81,9 @@ def scan_stream(batch: bytes, strip_usage: bool) -> tuple[bytes, dict | None, bo
         chunk = orjson.loads(event[event.index(b"{"):])
     except (ValueError, orjson.JSONDecodeError):
         chunk = {}
-    usage = (chunk.get("usage") or None) if isinstance(chunk, dict) else None
+    if not isinstance(chunk, dict):
+        return batch, None, done
+    usage = chunk.get("usage") or (chunk.get("response") or {}).get("usage") or None
     if strip_usage and usage and not chunk.get("choices"):  # the usage-only chunk the gateway asked for
         return batch[:start] + batch[end:], usage, done
     return batch, usage, done
@@ -234,9 +246,10 @@ class Relay:
                                code="upstream_error", reason="upstream_stream_broken")
         self.ttft = time.monotonic() - started
         headers = self._headers(b"text/event-stream", {"cache-control": "no-cache"})
-        done, strip = False, not a.req.client_wants_usage
+        responses = a.req.kind == "responses"
+        done, strip = False, not a.req.client_wants_usage and not responses
         while batch is not None:
-            out, usage, seen_done = scan_stream(batch, strip)
+            out, usage, seen_done = scan_stream(batch, strip, responses)
             self.usage, done = usage or self.usage, done or seen_done
             last = done and resp.complete  # the upstream has ended too: this batch ends the answer, in one write
             if not self.sent_head:
@@ -257,7 +270,7 @@ class Relay:
         a.gateway.metrics.upstream_errors.labels(a.target.name, error.reason).inc()
         try:
             if self.sent_head:
-                await ex.write(error.sse_event(), more=False)
+                await ex.write(error.sse_event(responses=a.req.kind == "responses"), more=False)
                 return 200
             await ex.respond(error.status, self._headers(b"application/json", error.headers), error.body())
         except OSError:
@@ -277,8 +290,9 @@ class Relay:
         if ttft is not None and a.req.stream:
             child(m.ttft, name).observe(ttft)
             a.target.degrade.observe_ttft(ttft)
-        if usage:
-            prompt, completion = usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0
+        if usage:  # chat/completions/embeddings name them prompt/completion, the Responses API input/output
+            prompt = usage.get("prompt_tokens") or usage.get("input_tokens") or 0
+            completion = usage.get("completion_tokens") or usage.get("output_tokens") or 0
             child(m.prompt_tokens, name).inc(prompt)
             child(m.completion_tokens, name).inc(completion)
         gw.request_log.write(request_id=a.request_id, key_id=a.caller.key_id, model=a.route.name, served_by=name,

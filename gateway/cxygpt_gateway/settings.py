@@ -20,6 +20,7 @@ class ModelConfig(BaseModel):
     mode: Literal["single", "multi"] | None = Field(None, description="default: the profile's mode")
     fallback: str | None = Field(None, description="another model name to use when this one cannot serve")
     upstream_model: str | None = Field(None, description="model name the upstream expects, when it differs")
+    task: Literal["generate", "embed"] = Field("generate", description="embed: an embedding model (/v1/embeddings)")
     api_key_env: str | None = Field(None, description="environment variable holding the upstream's API key")
     api_key_file: str | None = Field(None, description="file (e.g. a mounted Secret) holding the upstream's API key")
     external: bool = Field(False, description="an external OpenAI-compatible provider: no /tokenize, no /health")

@@ -15,7 +15,7 @@ from ..errors import GatewayError
 from ..exchange import ClientLeft, Exchange, body_too_large
 from .auth import Caller
 from .ratelimit import Scope
-from .request import (Kind, OpenAIRequest, cannot_exceed, decode, estimate_tokens, model_name, token_id_count,
+from .request import (INPUT_PARAM, Kind, OpenAIRequest, cannot_exceed, decode, estimate_tokens, model_name, token_id_count,
                       tokenize_payloads, validate)
 
 if TYPE_CHECKING:
@@ -92,17 +92,23 @@ async def count_input(gw: "Gateway", req: OpenAIRequest, target: "ModelRoute", l
 
 def _fallback(gw: "Gateway", route: "ModelRoute") -> "ModelRoute | None":
     fb = gw.registry.get(route.spec.fallback) if route.spec.fallback else None
-    return fb if fb is not None and fb is not route and fb.routable() else None
+    usable = fb is not None and fb is not route and fb.spec.task == route.spec.task and fb.routable()
+    return fb if usable else None
 
 
 def _upstream_body(gw: "Gateway", req: OpenAIRequest, target: "ModelRoute", max_tokens: int, degraded: bool) -> bytes:
     body = dict(req.body)
     body["model"] = target.spec.served_name
-    body["max_tokens"] = max_tokens
-    if "max_completion_tokens" in body:
-        body["max_completion_tokens"] = max_tokens
-    if req.stream:  # always ask for usage so tokens are counted exactly; stripped again if not wanted
-        body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+    if not req.generates:
+        return orjson.dumps(body)
+    if req.kind == "responses":  # its streams end with the usage in response.completed: nothing to ask for
+        body["max_output_tokens"] = max_tokens
+    else:
+        body["max_tokens"] = max_tokens
+        if "max_completion_tokens" in body:
+            body["max_completion_tokens"] = max_tokens
+        if req.stream:  # always ask for usage so tokens are counted exactly; stripped again if not wanted
+            body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
     if degraded:
         s = gw.settings
         for param, cap in (("temperature", s.degraded_temperature_max), ("top_p", s.degraded_top_p_max)):
@@ -132,7 +138,7 @@ async def _admit_input(gw: "Gateway", req: OpenAIRequest, route: "ModelRoute", t
                            retry_after=max(route.limits.degrade.recover_s, 1))
     raise GatewayError(413, f"input is {input_tokens} tokens, over the limit of {limit} tokens "
                             f"for model {target.name}", code="context_length_exceeded",
-                       param="messages" if req.kind == "chat" else "prompt", reason="input_too_long")
+                       param=INPUT_PARAM[req.kind], reason="input_too_long")
 
 
 def _output_cap(target: "ModelRoute", caller: Caller, degraded: bool, requested: int | None) -> int:
@@ -184,6 +190,11 @@ async def admit(gw: "Gateway", ex: Exchange, kind: Kind) -> Admitted:
                            code="model_not_found", param="model", reason="unknown_model")
     ex.model = route.name
     req = validate(body, kind, len(raw))
+    if (kind == "embeddings") != (route.spec.task == "embed"):
+        raise GatewayError(400, f"model {route.name} " + ("serves embeddings only: use POST /v1/embeddings"
+                                                          if route.spec.task == "embed" else
+                                                          "does not serve embeddings (it generates text)"),
+                           code="model_not_supported", param="model", reason="wrong_task")
     degraded = route.is_degraded()
     ex.degraded = degraded
 
@@ -198,7 +209,7 @@ async def admit(gw: "Gateway", ex: Exchange, kind: Kind) -> Admitted:
 
     target, input_tokens = await _admit_input(gw, req, route, target, degraded)
     target_degraded = degraded if target is route else target.is_degraded()
-    max_tokens = _output_cap(target, caller, target_degraded, req.requested_max_tokens)
+    max_tokens = _output_cap(target, caller, target_degraded, req.requested_max_tokens) if req.generates else 0
     upstream_body = _upstream_body(gw, req, target, max_tokens, target_degraded)
 
     slot = target.queue.try_take() or await _wait_in_line(ex, target, caller.tier.priority)

@@ -9,7 +9,11 @@ import orjson
 
 from ..errors import GatewayError
 
-Kind = Literal["chat", "completions"]
+Kind = Literal["chat", "completions", "responses", "embeddings"]
+# each kind's input field (a 413 names it) and the fields that cap its output (the smallest wins)
+INPUT_PARAM = {"chat": "messages", "completions": "prompt", "responses": "input", "embeddings": "input"}
+OUTPUT_PARAMS = {"chat": ("max_completion_tokens", "max_tokens"), "completions": ("max_tokens",),
+                 "responses": ("max_output_tokens",), "embeddings": ()}
 # the documented estimate when the upstream cannot count: ~4 bytes of text per token plus role markers
 ESTIMATE_BYTES_PER_TOKEN = 4
 ESTIMATE_TOKENS_PER_MESSAGE = 4
@@ -50,6 +54,11 @@ class OpenAIRequest:
     client_wants_usage: bool
     requested_max_tokens: int | None
 
+    @property
+    def generates(self) -> bool:
+        """Whether the answer is generated text (an output cap, a stream) rather than embeddings."""
+        return self.kind != "embeddings"
+
 
 def validate(body: dict, kind: Kind, raw_size: int) -> OpenAIRequest:
     """Only what admission relies on is checked; the upstream validates the rest and its 400 is relayed."""
@@ -60,11 +69,18 @@ def validate(body: dict, kind: Kind, raw_size: int) -> OpenAIRequest:
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or not isinstance(m.get("role"), str):
                 raise _bad(f"messages[{i}] must be an object with a string 'role'", f"messages[{i}]")
+    elif kind == "responses":
+        given = body.get("input")
+        if not (isinstance(given, str) and given) and not (
+                isinstance(given, list) and given and all(isinstance(i, dict) for i in given)):
+            raise _bad("'input' must be a non-empty string or a non-empty array of input items", "input")
+        if not isinstance(body.get("instructions") or "", str):
+            raise _bad("'instructions' must be a string", "instructions")
     else:
-        prompt = body.get("prompt")
-        if not _valid_prompt(prompt):
-            raise _bad("'prompt' must be a string, an array of strings, or token ids", "prompt")
-    stream = body.get("stream", False)
+        param = INPUT_PARAM[kind]
+        if not _valid_prompt(body.get(param)):
+            raise _bad(f"'{param}' must be a string, an array of strings, or token ids", param)
+    stream = body.get("stream", False) if kind != "embeddings" else False
     if stream is None:
         stream = False
     if not isinstance(stream, bool):
@@ -73,7 +89,7 @@ def validate(body: dict, kind: Kind, raw_size: int) -> OpenAIRequest:
     if options is not None and (not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool)):
         raise _bad("'stream_options' must be an object with a boolean 'include_usage'", "stream_options")
     requested = None
-    for param in ("max_completion_tokens", "max_tokens"):
+    for param in OUTPUT_PARAMS[kind]:
         value = body.get(param)
         if value is not None:
             if not _is_int(value) or value < 1:
@@ -100,7 +116,7 @@ def _valid_prompt(prompt) -> bool:
 
 def token_id_count(req: OpenAIRequest) -> int | None:
     """Prompts given as token ids count themselves (the longest of a batch)."""
-    prompt = req.body.get("prompt") if req.kind == "completions" else None
+    prompt = req.body.get(INPUT_PARAM[req.kind]) if req.kind in ("completions", "embeddings") else None
     if isinstance(prompt, list) and prompt and _is_int(prompt[0]):
         return len(prompt)
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], list):
@@ -123,22 +139,44 @@ def _text_bytes(content) -> int:
     return 0
 
 
+def responses_messages(body: dict) -> list[dict]:
+    """A Responses API input as chat messages (what /tokenize counts): instructions as the system message, a
+    string as the user's, message items with their text parts joined."""
+    messages = [{"role": "system", "content": body["instructions"]}] if body.get("instructions") else []
+    given = body["input"]
+    if isinstance(given, str):
+        return messages + [{"role": "user", "content": given}]
+    for item in given:
+        content = item.get("content", item.get("output", ""))
+        if isinstance(content, list):
+            content = "".join(p.get("text") or "" for p in content if isinstance(p, dict))
+        messages.append({"role": item.get("role") if isinstance(item.get("role"), str) else "user",
+                         "content": content if isinstance(content, str) else ""})
+    return messages
+
+
+def _messages(req: OpenAIRequest) -> list[dict] | None:
+    return req.body["messages"] if req.kind == "chat" else responses_messages(req.body) if req.kind == "responses" else None
+
+
 def estimate_tokens(req: OpenAIRequest) -> int:
     """Used only when the upstream has no /tokenize (external providers) or it failed."""
-    if req.kind == "chat":
-        texts = sum(_text_bytes(m.get("content")) for m in req.body["messages"])
-        return math.ceil(texts / ESTIMATE_BYTES_PER_TOKEN) + ESTIMATE_TOKENS_PER_MESSAGE * len(req.body["messages"])
-    prompt = req.body["prompt"]
+    messages = _messages(req)
+    if messages is not None:
+        texts = sum(_text_bytes(m.get("content")) for m in messages)
+        return math.ceil(texts / ESTIMATE_BYTES_PER_TOKEN) + ESTIMATE_TOKENS_PER_MESSAGE * len(messages)
+    prompt = req.body[INPUT_PARAM[req.kind]]
     prompts = [prompt] if isinstance(prompt, str) else prompt
     return max(math.ceil(_text_bytes(p) / ESTIMATE_BYTES_PER_TOKEN) for p in prompts)
 
 
 def tokenize_payloads(req: OpenAIRequest, upstream_model: str) -> list[dict]:
-    """Bodies for the upstream's /tokenize: one for a chat, one per prompt of a completion batch."""
-    if req.kind == "chat":
-        payload = {"model": upstream_model, "messages": req.body["messages"]}
-        if req.body.get("tools"):
+    """Bodies for the upstream's /tokenize: one for a chat (or a Responses input), one per prompt of a batch."""
+    messages = _messages(req)
+    if messages is not None:
+        payload = {"model": upstream_model, "messages": messages}
+        if req.kind == "chat" and req.body.get("tools"):
             payload["tools"] = req.body["tools"]
         return [payload]
-    prompt = req.body["prompt"]
+    prompt = req.body[INPUT_PARAM[req.kind]]
     return [{"model": upstream_model, "prompt": p} for p in ([prompt] if isinstance(prompt, str) else prompt)]

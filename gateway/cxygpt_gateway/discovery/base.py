@@ -26,6 +26,7 @@ class ModelSpec:
     api_key: str | None = field(default=None, repr=False)
     external: bool = False                     # external provider: no /tokenize, no /health
     unavailable: Unavailable | None = None     # why `urls` is empty, when it is
+    task: Literal["generate", "embed"] = "generate"  # embed: /v1/embeddings only
 
     @property
     def served_name(self) -> str:

@@ -101,7 +101,8 @@ def spec_from_modeldeployment(md: dict, slices: list[dict]) -> ModelSpec | Unava
     urls = ready_endpoint_urls(slices)
     return ModelSpec(name=name, urls=tuple(urls), limits=limits,
                      mode="single" if status.get("mode") == "single" else "multi", profile=status.get("profile"),
-                     fallback=spec.get("fallbackModel"), unavailable=None if urls else why_unavailable(md))
+                     fallback=spec.get("fallbackModel"), unavailable=None if urls else why_unavailable(md),
+                     task="embed" if (spec.get("model") or {}).get("task") == "embed" else "generate")
 
 
 def desired_routes(mds: dict[tuple[str, str], dict],

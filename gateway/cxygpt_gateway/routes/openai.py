@@ -1,4 +1,4 @@
-"""OpenAI API: chat and text completions (relayed), and the models routable right now."""
+"""OpenAI API: chat and text completions, responses and embeddings (relayed), and the models routable now."""
 from __future__ import annotations
 
 import time
@@ -7,6 +7,7 @@ from fastapi import APIRouter, Depends, Request
 from . import json_response
 
 from ..admission.pipeline import authenticated
+from ..errors import GatewayError
 
 router = APIRouter(tags=["openai"])
 STARTED = int(time.time())
@@ -27,6 +28,8 @@ def _served_before_routing() -> RuntimeError:
 CHAT_EXAMPLE = {"model": "qwen3-14b", "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 64,
                 "stream": False}
 COMPLETION_EXAMPLE = {"model": "qwen3-14b", "prompt": "Once upon a time", "max_tokens": 64, "stream": False}
+RESPONSES_EXAMPLE = {"model": "qwen3-14b", "input": "Hello!", "max_output_tokens": 64, "stream": False}
+EMBEDDINGS_EXAMPLE = {"model": "bge-m3", "input": ["first text", "second text"]}
 
 
 @router.post("/v1/chat/completions", summary="Chat completion (stream or not), relayed to the model's engine",
@@ -41,11 +44,38 @@ async def completions():
     raise _served_before_routing()
 
 
+@router.post("/v1/responses", summary="Response (Responses API, stream or not), relayed to the model's engine",
+             openapi_extra=_body_doc(RESPONSES_EXAMPLE))
+async def responses():
+    raise _served_before_routing()
+
+
+@router.post("/v1/embeddings", summary="Embeddings, relayed to an embedding model's engine",
+             openapi_extra=_body_doc(EMBEDDINGS_EXAMPLE))
+async def embeddings():
+    raise _served_before_routing()
+
+
+def _model(route) -> dict:
+    return {"id": route.name, "object": "model", "created": STARTED, "owned_by": "cxygpt",
+            "max_input_tokens": route.limits.max_input_tokens, "max_output_tokens": route.limits.max_output_tokens}
+
+
 @router.get("/v1/models", summary="Models with at least one routable backend",
             dependencies=[Depends(authenticated)])
 async def models(request: Request):
     registry = request.app.state.gateway.registry
-    data = [{"id": r.name, "object": "model", "created": STARTED, "owned_by": "cxygpt",
-             "max_input_tokens": r.limits.max_input_tokens, "max_output_tokens": r.limits.max_output_tokens}
-            for r in registry.routable()]
-    return json_response({"object": "list", "data": data})
+    return json_response({"object": "list", "data": [_model(r) for r in registry.routable()]})
+
+
+@router.get("/v1/models/{model:path}", summary="One model, as listed by GET /v1/models",
+            dependencies=[Depends(authenticated)])
+async def model(request: Request, model: str):
+    registry = request.app.state.gateway.registry
+    route = registry.get(model)
+    if route is not None and route.routable():
+        return json_response(_model(route))
+    why = registry.reserved.get(model) or (route.spec.unavailable if route is not None else None)
+    raise GatewayError(404, f"The model `{model}` does not exist" if route is None and why is None else
+                       (why.message if why else f"model {model} has no ready replica right now"),
+                       code="model_not_found", param="model", reason="unknown_model")
