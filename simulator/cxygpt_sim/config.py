@@ -51,6 +51,7 @@ class SimConfig:
     speed_profile: str
     seed: int | None
     text: str
+    runner: str = "generate"  # "pooling": an embedding model (/v1/embeddings instead of generation)
 
     @property
     def served_name(self) -> str:
@@ -112,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--model", default=None)
     v.add_argument("--served-model-name", nargs="+", default=None,
                    help="names the API answers to; the first is reported (default: the model)")
+    v.add_argument("--runner", choices=("auto", "generate", "pooling"), default="auto",
+                   help="pooling: serve the model as an embedding model (vLLM >= 0.10); auto and generate: text")
+    v.add_argument("--convert", choices=("auto", "none", "embed"), default="auto",
+                   help="embed: adapt the model to embeddings, which implies --runner pooling")
     v.add_argument("--host", default="0.0.0.0", help="default 0.0.0.0")
     v.add_argument("--port", type=int, default=8000, help="default 8000")
     v.add_argument("--api-key", default=None, help="require this bearer token on /v1 routes")
@@ -277,5 +282,6 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str] | None = None) -> t
         max_num_seqs=a.max_num_seqs, kv_tokens=budget.tokens, kv_explanation=budget.explanation,
         block_size=a.block_size, vocab_size=budget.vocab_size, api_key=a.api_key,
         shutdown_timeout=a.shutdown_timeout, speed=speed,
-        speed_profile=profile, seed=knob("sim_seed", a.sim_seed, int), text=text)
+        speed_profile=profile, seed=knob("sim_seed", a.sim_seed, int), text=text,
+        runner="pooling" if a.runner == "pooling" or a.convert == "embed" else "generate")
     return config, unknown

@@ -243,14 +243,18 @@ def parse_completion(body, served: tuple[str, ...]) -> Generation:
                       ignore_eos=ignore_eos)
 
 
-def output_budget(g: Generation, max_model_len: int) -> int:
-    """max_tokens after vLLM's length checks; ApiError(400) naming the limit when the request cannot fit."""
-    if g.prompt_tokens > max_model_len:
+def check_input_length(prompt_tokens: int, max_model_len: int) -> None:
+    if prompt_tokens > max_model_len:
         # vLLM 0.33's renderer message, including the suffix its VLLMValidationError adds
         raise ApiError(400, f"This model's maximum context length is {max_model_len} tokens. However, your prompt "
-                            f"contains {g.prompt_tokens} input tokens, which exceeds this limit even without any "
+                            f"contains {prompt_tokens} input tokens, which exceeds this limit even without any "
                             f"output tokens. Please reduce the length of the input prompt. "
-                            f"(parameter=input_tokens, value={g.prompt_tokens})", param="input_tokens")
+                            f"(parameter=input_tokens, value={prompt_tokens})", param="input_tokens")
+
+
+def output_budget(g: Generation, max_model_len: int) -> int:
+    """max_tokens after vLLM's length checks; ApiError(400) naming the limit when the request cannot fit."""
+    check_input_length(g.prompt_tokens, max_model_len)
     if g.max_tokens is not None and g.max_tokens > max_model_len:
         raise ApiError(400, f"{g.max_tokens_param}={g.max_tokens} cannot be greater than "
                             f"max_model_len={max_model_len}. Please request fewer output tokens. "
@@ -310,3 +314,150 @@ def parse_detokenize(body, served: tuple[str, ...]) -> list[int]:
 def _check_vocabulary(ids: list[int]) -> None:
     if ids and max(ids) >= text.VOCAB_SIZE:
         raise ApiError(400, f"Token id {max(ids)} is out of vocabulary", param="tokens")
+
+
+def unsupported(api: str) -> ApiError:
+    """What vLLM answers on a route the model's runner does not serve (a pooling model's chat, a text model's
+    embeddings)."""
+    return ApiError(400, f"The model does not support {api} API")
+
+
+def _object(body) -> dict:
+    if not isinstance(body, dict):
+        raise validation_error("body", "model_attributes_type", "Input should be a valid dictionary or object", body)
+    return body
+
+
+def _model(body: dict, served: tuple[str, ...]) -> None:
+    model = _field(body, "model", str, "string")
+    if model is not None and model not in served:
+        raise unknown_model(model, served)
+
+
+@dataclass(frozen=True)
+class ResponsesRequest:
+    """A validated /v1/responses request: the generation it asks for, and the fields its response repeats."""
+    generation: Generation
+    echoed: dict
+
+
+# what a response repeats of its request when the request leaves it out (vLLM's ResponsesRequest defaults)
+RESPONSE_DEFAULTS = {"instructions": None, "metadata": None, "parallel_tool_calls": True, "temperature": 1.0,
+                     "tool_choice": "auto", "tools": [], "top_p": 1.0, "background": False, "max_tool_calls": None,
+                     "previous_response_id": None, "prompt": None, "reasoning": None, "service_tier": "auto",
+                     "text": None, "truncation": "disabled", "user": None}
+
+
+def _input_text(content, loc: str):
+    """An input item's content as chat content: a string, or its input_text/output_text parts as text parts."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    if not isinstance(content, list):
+        raise validation_error(loc, "value_error", "Value error, content must be a string or a list of parts", content)
+    return [{"type": "text", "text": p.get("text")} if p.get("type") in ("input_text", "output_text") else p
+            for p in content if isinstance(p, dict)]
+
+
+def responses_messages(body: dict) -> list[dict]:
+    """The chat messages vLLM renders for a Responses input: instructions as the system message, a string input as
+    the user's, message items as they are, a function call's output as a tool message; reasoning items are
+    dropped and a function call is an assistant turn with no text (the template here renders no tool calls)."""
+    messages = [{"role": "system", "content": body["instructions"]}] if body.get("instructions") else []
+    given = body["input"]
+    if isinstance(given, str):
+        return messages + [{"role": "user", "content": given}]
+    if not isinstance(given, list) or not given:
+        raise validation_error("body.input", "value_error", "Value error, input must be a string or a non-empty "
+                               "list of input items", given)
+    for i, item in enumerate(given):
+        loc = f"body.input.{i}"
+        kind = item.get("type", "message") if isinstance(item, dict) else None
+        if kind == "message" and isinstance(item.get("role"), str):
+            messages.append({"role": item["role"], "content": _input_text(item.get("content"), f"{loc}.content")})
+        elif kind == "function_call_output":
+            messages.append({"role": "tool", "content": _input_text(item.get("output"), f"{loc}.output")})
+        elif kind == "function_call":
+            messages.append({"role": "assistant", "content": ""})
+        elif kind != "reasoning":
+            raise validation_error(loc, "union_tag_invalid", "Input should be a message, function_call, "
+                                   "function_call_output or reasoning item", item)
+    return messages
+
+
+def _text_format(body: dict) -> dict | None:
+    """text.format, the Responses API's response_format (json_schema carries its schema inline)."""
+    fmt = (_field(body, "text", dict, "dictionary") or {}).get("format")
+    if not isinstance(fmt, dict):
+        return None
+    if fmt.get("type") == "json_schema":
+        return _response_format({"response_format": {"type": "json_schema", "json_schema": fmt}})
+    return _response_format({"response_format": fmt})
+
+
+def parse_responses(body, served: tuple[str, ...]) -> ResponsesRequest:
+    body = _object(body)
+    if "input" not in body:
+        raise validation_error("body.input", "missing", "Field required")
+    _model(body, served)
+    _field(body, "instructions", str, "string")
+    if body.get("previous_response_id") is not None:
+        # vLLM stores no responses unless VLLM_ENABLE_RESPONSES_API_STORE is set, so none is ever found
+        raise ApiError(404, f"Response with id '{body['previous_response_id']}' not found.", "invalid_request_error",
+                       "response_id")
+    if _field(body, "background", bool, "boolean") and body.get("store", True) is not False:
+        raise ApiError(400, "This vLLM engine does not support `store=True` and therefore does not support the "
+                            "background mode. To enable these features, set the environment variable "
+                            "`VLLM_ENABLE_RESPONSES_API_STORE=1` when launching the vLLM server.",
+                       "invalid_request_error", "background")
+    try:
+        messages = responses_messages(body)
+        rendered = text.render_chat(messages)
+    except text.ChatFormatError as e:
+        raise validation_error(e.loc, "value_error", f"Value error, {e}") from None
+    stream = bool(_field(body, "stream", bool, "boolean"))
+    max_tokens, param = _max_tokens(body, "max_output_tokens")
+    sampling = _sampling({k: v for k, v in body.items() if k != "n"})  # the Responses API has no n
+    ids = text.token_ids(rendered)
+    g = Generation(prompt_tokens=len(ids), reply_source=text.last_user_text(messages) or rendered,
+                   max_tokens=max_tokens, max_tokens_param=param, stream=stream, include_usage=False,
+                   ignore_eos=bool(_field(body, "ignore_eos", bool, "boolean")), **sampling,
+                   response_format=_text_format(body))
+    echoed = {k: default if body.get(k) is None else body[k] for k, default in RESPONSE_DEFAULTS.items()}
+    return ResponsesRequest(g, echoed)
+
+
+EMBEDDING_FORMATS = ("float", "base64")
+
+
+@dataclass(frozen=True)
+class EmbeddingRequest:
+    inputs: tuple[list[int], ...]   # each input's token ids
+    encoding_format: str
+    dimensions: int | None
+
+
+def parse_embeddings(body, served: tuple[str, ...], max_model_len: int) -> EmbeddingRequest:
+    """A string, a list of strings, a list of token ids or a list of those; each input within max_model_len."""
+    body = _object(body)
+    if "input" not in body:
+        raise validation_error("body.input", "missing", "Field required")
+    _model(body, served)
+    given = body["input"]
+    if isinstance(given, str) or (_is_token_ids(given) and given):
+        given = [given]
+    if not (isinstance(given, list) and given and all(isinstance(i, str) or (_is_token_ids(i) and i)
+                                                      for i in given)):
+        raise validation_error("body.input", "value_error", "Value error, input must be a string, a list of "
+                               "strings, a list of token ids or a list of lists of token ids", body["input"])
+    inputs = tuple(text.token_ids(i) if isinstance(i, str) else i for i in given)
+    for ids in inputs:
+        _check_vocabulary(ids)
+        check_input_length(len(ids), max_model_len)
+    fmt = body.get("encoding_format") or "float"
+    if fmt not in EMBEDDING_FORMATS:
+        raise validation_error("body.encoding_format", "literal_error", "Input should be 'float' or 'base64'", fmt)
+    dimensions = _field(body, "dimensions", int, "integer")
+    if dimensions is not None and dimensions < 1:
+        # the simulated embedding model is matryoshka (as Qwen3-Embedding), so vLLM only checks the size
+        raise ApiError(400, "Dimensions must be greater than 0")
+    return EmbeddingRequest(inputs, fmt, dimensions)

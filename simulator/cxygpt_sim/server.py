@@ -11,7 +11,7 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from . import protocol, replies, text
+from . import embeddings, protocol, replies, responses_api, text
 from .config import SimConfig
 from .engine import Scheduler, Sequence
 from .metrics import EngineMetrics
@@ -179,6 +179,8 @@ class Api:
         return await self._generate(request, chat=False)
 
     async def _generate(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        if self.config.runner == "pooling":
+            return _error(protocol.unsupported("Chat Completions" if chat else "Completions"))
         try:
             body = await _body(request)
             parse = protocol.parse_chat if chat else protocol.parse_completion
@@ -188,10 +190,8 @@ class Api:
             return _error(e)
         choices = [replies.plan(g, i, max_tokens, self.writer) for i in range(g.n)]
         request_id = request.headers.get("X-Request-Id")
-        # n sequences of the same prompt, as vLLM fans a request out (the prefix cache shares their blocks); the
-        # engine knows only stop and length (a tool call is the parser's reading of a stopped sequence)
-        flights = [self.engine.submit(g.prompt_tokens, c.pieces, "length" if c.finish_reason == "length" else "stop",
-                                      g.stream, request_id) for c in choices]
+        # n sequences of the same prompt, as vLLM fans a request out (the prefix cache shares their blocks)
+        flights = [self._submit(g.prompt_tokens, c, g.stream, request_id) for c in choices]
         try:
             if g.stream:
                 return await self._stream(request, flights, choices, g, chat)
@@ -253,6 +253,83 @@ class Api:
         except ConnectionResetError:
             pass  # the client left; release() aborts the request
         return response
+
+
+    def _submit(self, prompt_tokens: int, c: replies.Choice, stream: bool, request_id: str | None) -> Flight:
+        # the engine knows only stop and length (a tool call is the parser's reading of a stopped sequence)
+        return self.engine.submit(prompt_tokens, c.pieces, "length" if c.finish_reason == "length" else "stop",
+                                  stream, request_id)
+
+    async def responses(self, request: web.Request) -> web.StreamResponse:
+        if self.config.runner == "pooling":
+            return _error(protocol.unsupported("Responses"))
+        try:
+            r = protocol.parse_responses(await _body(request), self.config.served_model_names)
+            max_tokens = protocol.output_budget(r.generation, self.config.max_model_len)
+        except protocol.ApiError as e:
+            return _error(e)
+        g = r.generation
+        choice = replies.plan(g, 0, max_tokens, self.writer)
+        flight = self._submit(g.prompt_tokens, choice, g.stream, request.headers.get("X-Request-Id"))
+        response_id, created, item_id = f"resp_{flight.response_id}", int(time.time()), f"msg_{flight.seq.id}"
+
+        def final() -> dict:
+            return responses_api.response(
+                response_id, created, self.config.served_name, r.echoed, max_tokens,
+                status="incomplete" if choice.finish_reason == "length" else "completed",
+                output=[responses_api.message(item_id, "".join(choice.pieces))],
+                usage=responses_api.usage(g.prompt_tokens, len(choice.ids)))
+        try:
+            if not g.stream:
+                while flight.seq.state != "finished":
+                    await flight.wait()
+                return _json(final())
+            events = responses_api.EventStream(item_id)
+            response = web.StreamResponse(headers=SSE_HEADERS)
+            await response.prepare(request)
+            try:
+                await response.write(events.start(responses_api.response(
+                    response_id, created, self.config.served_name, r.echoed, max_tokens, status="in_progress",
+                    output=[], usage=None)))
+                sent = 0
+                while sent < len(choice.pieces):
+                    await flight.wait()
+                    ready = flight.seq.generated
+                    out = b"".join(events.delta(p) for p in choice.pieces[sent:ready] if p)
+                    sent = max(sent, ready)
+                    if out:
+                        await response.write(out)
+                await response.write(events.finish(final()))
+                await response.write_eof()
+            except ConnectionResetError:
+                pass  # the client left; release() aborts the request
+            return response
+        finally:
+            self.engine.release(flight)
+
+    async def embeddings(self, request: web.Request) -> web.Response:
+        if self.config.runner != "pooling":
+            return _error(protocol.unsupported("Embeddings"))
+        try:
+            e = protocol.parse_embeddings(await _body(request), self.config.served_model_names,
+                                          self.config.max_model_len)
+        except protocol.ApiError as error:
+            return _error(error)
+        # each input is a prefill-only request, as vLLM fans a batch out; the engine has no sequence without an
+        # output token, so each is one step longer than its prefill (and counts one generation token)
+        nothing = replies.Choice([""], [], "stop", None)
+        flights = [self._submit(max(len(ids), 1), nothing, False, request.headers.get("X-Request-Id"))
+                   for ids in e.inputs]
+        try:
+            for flight in flights:
+                while flight.seq.state != "finished":
+                    await flight.wait()
+        finally:
+            for flight in flights:
+                self.engine.release(flight)
+        vectors = [embeddings.encode(embeddings.vector(ids, e.dimensions), e.encoding_format) for ids in e.inputs]
+        return _json(embeddings.answer(flights[0].response_id, int(time.time()), self.config.served_name, vectors,
+                                       sum(len(ids) for ids in e.inputs)))
 
 
 async def _any_progress(flights: list[Flight]) -> None:
@@ -346,6 +423,8 @@ def create_app(config: SimConfig) -> web.Application:
     app.router.add_post("/detokenize", api.detokenize)
     app.router.add_post("/v1/chat/completions", api.chat)
     app.router.add_post("/v1/completions", api.completions)
+    app.router.add_post("/v1/responses", api.responses)
+    app.router.add_post("/v1/embeddings", api.embeddings)
 
     async def engine_loop(app: web.Application):
         task = asyncio.create_task(engine.run())
