@@ -22,14 +22,24 @@ def message(item_id: str, content: str | None, status: str = "completed") -> dic
             "content": [] if not content else [output_text(content)]}
 
 
-def response(response_id: str, created: int, model: str, echoed: dict, max_output_tokens: int, *,
-             status: str, output: list[dict], usage: dict | None) -> dict:
+def base(response_id: str, created: int, model: str, echoed: dict, max_output_tokens: int) -> dict:
+    """The fields every state of one response shares (max_output_tokens: the cap in force)."""
+    return {"id": response_id, "created_at": created, "object": "response", "model": model, **echoed,
+            "max_output_tokens": max_output_tokens, "top_logprobs": None, "input_messages": None,
+            "output_messages": None}
+
+
+def response(fields: dict, *, status: str, output: list[dict], usage: dict | None) -> dict:
     """ResponsesResponse.from_request: status in_progress (no output yet), completed or incomplete (it stopped at
     max_output_tokens)."""
-    return {"id": response_id, "created_at": created, "object": "response", "model": model, **echoed,
-            "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
-            "max_output_tokens": max_output_tokens, "output": output, "status": status, "top_logprobs": None,
-            "usage": usage, "input_messages": None, "output_messages": None}
+    return {**fields, "status": status, "output": output, "usage": usage,
+            "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None}
+
+
+def finished(fields: dict, item_id: str, content: str, cut: bool, input_tokens: int, output_tokens: int) -> dict:
+    """The final response: one message with the text, incomplete when max_output_tokens cut it."""
+    return response(fields, status="incomplete" if cut else "completed", output=[message(item_id, content)],
+                    usage=usage(input_tokens, output_tokens))
 
 
 class EventStream:

@@ -271,41 +271,43 @@ class Api:
         g = r.generation
         choice = replies.plan(g, 0, max_tokens, self.writer)
         flight = self._submit(g.prompt_tokens, choice, g.stream, request.headers.get("X-Request-Id"))
-        response_id, created, item_id = f"resp_{flight.response_id}", int(time.time()), f"msg_{flight.seq.id}"
-
-        def final() -> dict:
-            return responses_api.response(
-                response_id, created, self.config.served_name, r.echoed, max_tokens,
-                status="incomplete" if choice.finish_reason == "length" else "completed",
-                output=[responses_api.message(item_id, "".join(choice.pieces))],
-                usage=responses_api.usage(g.prompt_tokens, len(choice.ids)))
+        base = responses_api.base(f"resp_{flight.response_id}", int(time.time()), self.config.served_name, r.echoed,
+                                  max_tokens)
+        item_id = f"msg_{flight.seq.id}"
+        # the reply is planned, so its final form is known before the engine has generated it
+        done = responses_api.finished(base, item_id, "".join(choice.pieces), choice.finish_reason == "length",
+                                      g.prompt_tokens, len(choice.ids))
         try:
-            if not g.stream:
-                while flight.seq.state != "finished":
-                    await flight.wait()
-                return _json(final())
-            events = responses_api.EventStream(item_id)
-            response = web.StreamResponse(headers=SSE_HEADERS)
-            await response.prepare(request)
-            try:
-                await response.write(events.start(responses_api.response(
-                    response_id, created, self.config.served_name, r.echoed, max_tokens, status="in_progress",
-                    output=[], usage=None)))
-                sent = 0
-                while sent < len(choice.pieces):
-                    await flight.wait()
-                    ready = flight.seq.generated
-                    out = b"".join(events.delta(p) for p in choice.pieces[sent:ready] if p)
-                    sent = max(sent, ready)
-                    if out:
-                        await response.write(out)
-                await response.write(events.finish(final()))
-                await response.write_eof()
-            except ConnectionResetError:
-                pass  # the client left; release() aborts the request
-            return response
+            if g.stream:
+                return await self._response_events(request, flight, choice, base, done, item_id)
+            while flight.seq.state != "finished":
+                await flight.wait()
+            return _json(done)
         finally:
             self.engine.release(flight)
+
+    async def _response_events(self, request: web.Request, flight: Flight, choice: replies.Choice, base: dict,
+                               done: dict, item_id: str) -> web.StreamResponse:
+        response = web.StreamResponse(headers=SSE_HEADERS)
+        await response.prepare(request)
+        events = responses_api.EventStream(item_id)
+        try:
+            await response.write(events.start(responses_api.response(base, status="in_progress", output=[],
+                                                                     usage=None)))
+            sent = 0
+            while sent < len(choice.pieces):
+                await flight.wait()
+                ready = flight.seq.generated
+                # a piece is empty while a character's bytes are still incomplete: no delta for it
+                out = b"".join(events.delta(p) for p in choice.pieces[sent:ready] if p)
+                sent = max(sent, ready)
+                if out:
+                    await response.write(out)
+            await response.write(events.finish(done))
+            await response.write_eof()
+        except ConnectionResetError:
+            pass  # the client left; release() aborts the request
+        return response
 
     async def embeddings(self, request: web.Request) -> web.Response:
         if self.config.runner != "pooling":

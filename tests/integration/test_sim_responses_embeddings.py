@@ -5,8 +5,13 @@ import struct
 
 import httpx
 import openai
+import orjson
 import pytest
+from aiohttp.test_utils import TestClient, TestServer
 from test_gateway_support import API_KEY, start_gateway, start_sim, write_keys
+
+from cxygpt_sim.config import parse_config
+from cxygpt_sim.server import create_app
 
 pytestmark = pytest.mark.timeout(90)
 QUESTION = "What does the key-value cache hold?"
@@ -72,6 +77,18 @@ def test_response_stream_events_in_order(client):
     assert final.status == "completed" and final.output_text == text == events[-4].text
     whole = client.responses.create(model="qwen3-14b", input=QUESTION, max_output_tokens=200)
     assert (whole.output_text, whole.usage.output_tokens) == (text, final.usage.output_tokens)
+
+
+async def test_instant_decode_streams_every_token_of_a_step():
+    """With --itl-ms 0 the whole reply is one engine step: every piece still gets its delta."""
+    config, _ = parse_config(["org/m", "--ttft-ms", "0", "--itl-ms", "0"], env={})
+    async with TestClient(TestServer(create_app(config))) as client:
+        raw = await (await client.post("/v1/responses", json={"input": QUESTION, "stream": True})).read()
+    events = [orjson.loads(block.split(b"\ndata: ", 1)[1]) for block in raw.strip().split(b"\n\n")]
+    final = events[-1]["response"]
+    deltas = [e["delta"] for e in events if e["type"] == "response.output_text.delta"]
+    assert len(deltas) > 1 and "".join(deltas) == final["output"][0]["content"][0]["text"]
+    assert final["usage"]["output_tokens"] >= len(deltas)
 
 
 def test_pooling_model_refuses_generation(stack):

@@ -63,10 +63,11 @@ def test_responses_refusals_name_the_field(body, status, param):
 
 
 def test_response_object_incomplete_and_its_stream():
-    final = responses_api.response("resp_1", 5, "m", protocol.RESPONSE_DEFAULTS, 2, status="incomplete",
-                                   output=[responses_api.message("msg_1", "Hi there")],
-                                   usage=responses_api.usage(7, 2))
+    fields = responses_api.base("resp_1", 5, "m", protocol.RESPONSE_DEFAULTS, 2)
+    final = responses_api.finished(fields, "msg_1", "Hi there", True, 7, 2)
     assert final["incomplete_details"] == {"reason": "max_output_tokens"} and final["usage"]["total_tokens"] == 9
+    assert final["output"][0]["content"][0]["text"] == "Hi there" and final["max_output_tokens"] == 2
+    assert responses_api.finished(fields, "msg_1", "Hi", False, 7, 1)["status"] == "completed"
     events = responses_api.EventStream("msg_1")
     raw = events.start({"status": "in_progress"}) + events.delta("Hi") + events.delta(" there") + events.finish(final)
     parsed = [(block.split("\n")[0], json.loads(block.split("\n")[1][len("data: "):]))
