@@ -316,12 +316,6 @@ def _check_vocabulary(ids: list[int]) -> None:
         raise ApiError(400, f"Token id {max(ids)} is out of vocabulary", param="tokens")
 
 
-def unsupported(api: str) -> ApiError:
-    """What vLLM answers on a route the model's runner does not serve (a pooling model's chat, a text model's
-    embeddings)."""
-    return ApiError(400, f"The model does not support {api} API")
-
-
 def _object(body) -> dict:
     if not isinstance(body, dict):
         raise validation_error("body", "model_attributes_type", "Input should be a valid dictionary or object", body)

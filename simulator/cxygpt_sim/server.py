@@ -179,8 +179,6 @@ class Api:
         return await self._generate(request, chat=False)
 
     async def _generate(self, request: web.Request, chat: bool) -> web.StreamResponse:
-        if self.config.runner == "pooling":
-            return _error(protocol.unsupported("Chat Completions" if chat else "Completions"))
         try:
             body = await _body(request)
             parse = protocol.parse_chat if chat else protocol.parse_completion
@@ -261,8 +259,6 @@ class Api:
                                   stream, request_id)
 
     async def responses(self, request: web.Request) -> web.StreamResponse:
-        if self.config.runner == "pooling":
-            return _error(protocol.unsupported("Responses"))
         try:
             r = protocol.parse_responses(await _body(request), self.config.served_model_names)
             max_tokens = protocol.output_budget(r.generation, self.config.max_model_len)
@@ -310,8 +306,6 @@ class Api:
         return response
 
     async def embeddings(self, request: web.Request) -> web.Response:
-        if self.config.runner != "pooling":
-            return _error(protocol.unsupported("Embeddings"))
         try:
             e = protocol.parse_embeddings(await _body(request), self.config.served_model_names,
                                           self.config.max_model_len)
@@ -423,10 +417,13 @@ def create_app(config: SimConfig) -> web.Application:
     app.router.add_get("/v1/models/{model}", api.model)
     app.router.add_post("/tokenize", api.tokenize)
     app.router.add_post("/detokenize", api.detokenize)
-    app.router.add_post("/v1/chat/completions", api.chat)
-    app.router.add_post("/v1/completions", api.completions)
-    app.router.add_post("/v1/responses", api.responses)
-    app.router.add_post("/v1/embeddings", api.embeddings)
+    # vLLM registers the routes of the model's tasks only: the other runner's routes are a 404
+    if config.runner == "pooling":
+        app.router.add_post("/v1/embeddings", api.embeddings)
+    else:
+        app.router.add_post("/v1/chat/completions", api.chat)
+        app.router.add_post("/v1/completions", api.completions)
+        app.router.add_post("/v1/responses", api.responses)
 
     async def engine_loop(app: web.Application):
         task = asyncio.create_task(engine.run())
