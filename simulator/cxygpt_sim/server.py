@@ -312,7 +312,8 @@ class Api:
         except protocol.ApiError as error:
             return _error(error)
         # each input is a prefill-only request, as vLLM fans a batch out; the engine has no sequence without an
-        # output token, so each is one step longer than its prefill (and counts one generation token)
+        # output token or a prompt, so each is one step longer than its prefill (and counts one generation token)
+        # and an empty input costs one prompt token
         nothing = replies.Choice([""], [], "stop", None)
         flights = [self._submit(max(len(ids), 1), nothing, False, request.headers.get("X-Request-Id"))
                    for ids in e.inputs]
