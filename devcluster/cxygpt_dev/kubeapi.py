@@ -68,6 +68,26 @@ def _selector_matches(selector: str, labels: dict) -> bool:
     return True
 
 
+def _fields_match(selector: str, obj: dict) -> bool:
+    """Field selectors: path=value, path==value, path!=value on dotted paths (metadata.name, status.phase, ...);
+    kubectl wait and rollout status name their object this way."""
+    for term in filter(None, (t.strip() for t in selector.split(","))):
+        negate = "!=" in term
+        path, value = term.replace("!=", "=").replace("==", "=").split("=", 1)
+        found = obj
+        for part in path.strip().split("."):
+            found = found.get(part) if isinstance(found, dict) else None
+        if (str(found if found is not None else "") == value.strip()) == negate:
+            return False
+    return True
+
+
+def _selected(request, obj: dict) -> bool:
+    """Whether a list or watch with these label and field selectors includes `obj`."""
+    return (_selector_matches(request.params.get("labelSelector", ""), obj.get("metadata", {}).get("labels") or {})
+            and _fields_match(request.params.get("fieldSelector", ""), obj))
+
+
 class Invalid(kmock.KubernetesError):
     """422: the object breaks its CRD schema."""
 
@@ -348,8 +368,7 @@ class KubeAPI(kmock.KubernetesEmulator):
 
     async def _serve_list(self, request):
         data = await super()._serve_list(request)
-        selector = request.params.get("labelSelector", "")
-        data["items"] = [o for o in data["items"] if _selector_matches(selector, o.get("metadata", {}).get("labels") or {})]
+        data["items"] = [o for o in data["items"] if _selected(request, o)]
         data["metadata"] = {"resourceVersion": str(next(_resource_versions))}
         res = request.resource
         info = self.resources[res] if res in self.resources else None
@@ -393,10 +412,8 @@ class KubeAPI(kmock.KubernetesEmulator):
                 "columnDefinitions": definitions, "rows": rows}
 
     async def _serve_watch(self, request):
-        selector = request.params.get("labelSelector", "")
-
         def matches(obj):
-            return _selector_matches(selector, obj.get("metadata", {}).get("labels") or {})
+            return _selected(request, obj)
 
         check = self._KubernetesEmulator__check
         yield b""

@@ -15,7 +15,8 @@ from .logs import rounded
 from .upstream import JSON_HEADERS, UpstreamConnectTimeout, UpstreamResponse, UpstreamUnreachable
 
 if TYPE_CHECKING:
-    from .admission.queue import Backend, ModelQueue
+    from .admission.queue import Backend, ModelQueue, Slot
+    from .routing import ModelRoute
     from .app import Gateway
 
 log = logging.getLogger("cxygpt.gateway")
@@ -25,6 +26,8 @@ PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions", "resp
 RESPONSE_ENDS = (b'"response.completed"', b'"response.incomplete"', b'"response.failed"')
 # how long a replica that refused connections stays out of rotation when nothing re-checks it
 EJECT_S = 5.0
+# a request none of which reached its replica goes back in line ahead of every tier (they are 0 and up)
+FAILOVER_PRIORITY = -1
 
 
 async def serve(gw: "Gateway", ex: Exchange, kind: str) -> None:
@@ -91,7 +94,7 @@ def scan_stream(batch: bytes, strip_usage: bool, responses: bool = False) -> tup
 
 def upstream_error(status: int, body: bytes) -> GatewayError:
     """The upstream's own 4xx (e.g. vLLM's 400 for a context overflow) keeps its status and message;
-    5xx becomes 502."""
+    401/403 (the engine refused the gateway) and 5xx become 502."""
     try:
         parsed = orjson.loads(body)
         err = parsed.get("error", parsed) if isinstance(parsed, dict) else {}
@@ -99,6 +102,9 @@ def upstream_error(status: int, body: bytes) -> GatewayError:
     except (ValueError, orjson.JSONDecodeError):
         message = None
     message = message or body[:200].decode(errors="replace") or f"HTTP {status}"
+    if status in (401, 403):  # the engine refused the gateway, not the caller: a 401 here means the caller's key
+        return GatewayError(502, f"upstream refused the gateway's request with HTTP {status}: {message}",
+                            code="upstream_error", reason="upstream_auth")
     if 400 <= status < 500:
         return GatewayError(status, message, code="upstream_rejected", reason="upstream_rejected")
     return GatewayError(502, f"upstream failed with HTTP {status}: {message}", code="upstream_error",
@@ -216,14 +222,30 @@ class Relay:
                 failure = f"did not accept the connection within {timeouts.connect_s:g} s"
             eject(target.queue, backend, restore_after=None if checked else EJECT_S)
             tried += (backend,)
-            other = target.queue.take_other(tried, queued_s=a.slot.queued_s)
-            if other is None:
-                raise GatewayError(503, f"model {target.name}: replica {backend.url} {failure}, and no other replica "
-                                        "is free; nothing of the request was sent, so it is safe to retry",
-                                   code="no_ready_replica", reason="replica_unreachable", retry_after=1)
+            queued_s = a.slot.queued_s
+            other = target.queue.take_other(tried, queued_s=queued_s)
             a.slot.release(served=False)
+            if other is None:
+                if not target.queue.routable():
+                    raise GatewayError(503, f"model {target.name}: replica {backend.url} {failure}, and no other "
+                                            "replica is left; nothing of the request was sent, so it is safe to retry",
+                                       code="no_ready_replica", reason="replica_unreachable", retry_after=1)
+                other = await self._wait_ahead(target, failure=f"replica {backend.url} {failure}")
+                other.queued_s += queued_s
             a.slot = other
             child(gw.metrics.failovers, target.name).inc()
+
+    async def _wait_ahead(self, target: "ModelRoute", failure: str) -> "Slot":
+        """Back in line, ahead of everyone (this request was admitted before them), for the next free replica."""
+        queue_s = target.limits.timeouts.queue_s
+        try:
+            with self.ex.deadline(queue_s):
+                return await target.queue.wait(FAILOVER_PRIORITY)
+        except TimeoutError:
+            raise GatewayError(503, f"model {target.name}: {failure}, and no other replica was free within "
+                                    f"{queue_s:g} s; nothing of the request was sent, so it is safe to retry",
+                               code="queue_timeout", reason="replica_unreachable",
+                               retry_after=target.queue.retry_after()) from None
 
     async def _relay_whole(self, resp: UpstreamResponse) -> None:
         data = await resp.read()

@@ -12,8 +12,22 @@ from .admission.policy import effective
 from .admission.queue import ModelQueue
 from .admission.ratelimit import Rate, Scope
 from .discovery.base import ModelSpec, Unavailable
+from .errors import GatewayError
 
 log = logging.getLogger("cxygpt.gateway")
+
+
+def no_ready_replica(name: str, why: Unavailable | None) -> GatewayError:
+    """503 for a model that exists but has no replica to take the request, saying why (and when to retry)."""
+    why = why or Unavailable(f"model {name} has no ready replica right now (each one failed its last request "
+                             "or health check)", retry_after_s=5)
+    return GatewayError(503, why.message, code="no_ready_replica", reason="no_ready_replica",
+                        retry_after=why.retry_after_s)
+
+
+def model_gone(name: str) -> GatewayError:
+    return GatewayError(404, f"model {name!r} is no longer served here; see GET /v1/models", code="model_not_found",
+                        param="model", reason="unknown_model")
 
 
 class ModelRoute:
@@ -77,14 +91,16 @@ class Registry:
             log.info("model %s updated: %s", spec.name, ", ".join(spec.urls) or "-")
 
     def reserve(self, name: str, why: Unavailable) -> None:
-        if self.routes.pop(name, None) is not None:
+        if (route := self.routes.pop(name, None)) is not None:
             log.info("model %s has no route now: %s", name, why.message)
+            route.queue.close(lambda: no_ready_replica(name, why))
         self.reserved[name] = why
 
     def remove(self, name: str) -> None:
         self.reserved.pop(name, None)
-        if self.routes.pop(name, None) is not None:
+        if (route := self.routes.pop(name, None)) is not None:
             log.info("model %s removed", name)
+            route.queue.close(lambda: model_gone(name))
 
     def get(self, name: str) -> ModelRoute | None:
         return self.routes.get(name)

@@ -443,7 +443,7 @@ def build_failed_status(owner: Owner, previous: dict, reason: str, message: str,
     """Failed before any decision (a spec the schema should have refused, a name owned by someone else):
     the rest of the previous status stays as it was, but what described removed engines."""
     gen, before = owner.generation, previous.get("conditions") or []
-    gone = ("endpoint", "limits", "replicas", "readyReplicas", "ready") if engines_removed else ()
+    gone = ("endpoint", "limits", "replicas", "readyReplicas", "ready", "nameClaim") if engines_removed else ()
     kept = {k: v for k, v in previous.items() if k not in gone}
     return {**kept, "phase": "Failed", "observedGeneration": gen, "conditions": [
         _condition("ProfileSelected", False, reason, message, gen, before, now),

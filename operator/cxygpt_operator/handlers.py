@@ -17,7 +17,7 @@ from .build import MODEL_DEPLOYMENT_LABEL, failure_of
 from .metrics import OperatorMetrics
 from .nodes import gpu_node
 from .reconcile import CannotRun, Context, NotYet, reconcile
-from .resolve import NameClaim
+from .resolve import NameClaim, claimed_since
 
 RETRY_BACKOFF_S = (1, 2, 5, 10, 30, 60)
 log = logging.getLogger("cxygpt.operator")
@@ -90,12 +90,12 @@ def node_changed(memo: kopf.Memo, gpu_nodes: kopf.Index, **_):
 
 
 @kopf.index(GROUP, VERSION, PLURAL)
-def model_names(meta, spec, namespace: str, name: str, **_):
+def model_names(body: kopf.Body, meta, spec, namespace: str, name: str, **_):
     """Served name → the claims on it. A model being deleted claims nothing: its name passes to the next."""
     served = (spec.get("model") or {}).get("name")
     if not served or meta.get("deletionTimestamp"):
         return {}  # replaces this object's entries (None would keep the old ones)
-    return {served: NameClaim(meta.get("creationTimestamp") or "", meta.get("uid") or "", namespace, name)}
+    return {served: NameClaim(claimed_since(dict(body)), meta.get("uid") or "", namespace, name)}
 
 
 @kopf.on.event("apps", "v1", "deployments", labels={"app.kubernetes.io/managed-by": MANAGER})

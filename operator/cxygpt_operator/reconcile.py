@@ -17,7 +17,7 @@ from cxygpt_profiles import GpuNode, ModelCatalog, NoFit, ProfileTable, Selectio
 from .build import (CONFIG_HASH, EngineImages, Owner, build_deployment, build_failed_status, build_network_policy,
                     build_service, build_status, selector_labels)
 from .kube import Kube
-from .resolve import NameClaim, SpecError, name_owner, parse_spec, resolve, schedulable_replicas
+from .resolve import NameClaim, SpecError, name_claim, name_owner, parse_spec, resolve, schedulable_replicas
 
 # Pending models are re-evaluated on every node change; this slow retry is only a safety net.
 PENDING_RETRY_S = 600
@@ -121,7 +121,7 @@ async def reconcile(body: dict, nodes: list[GpuNode], ctx: Context, logger: logg
                 logger.info("deleting %s %s: the served name belongs to %s", kind, owner.name, holder.ref)
                 await asyncio.to_thread(ctx.kube.delete, kind, owner.namespace, owner.name)
         message = (f"spec.model.name {spec.served_name!r} is served by {holder.ref}, "
-                   "the oldest ModelDeployment with that name")
+                   "which claimed that name first")
         raise await _fail(ctx, owner, previous, "ModelNameConflict", message, engines_removed=True)
 
     try:
@@ -159,6 +159,7 @@ async def reconcile(body: dict, nodes: list[GpuNode], ctx: Context, logger: logg
         if isinstance(outcome, Selection) and spec.engine_kind == "vllm" else None
     status = build_status(owner, spec, outcome, table=ctx.table, deployment=deployment, image=image, args=args,
                           previous=previous, now=_now(), pods=pods, rejected=rejected, schedulable=schedulable)
+    status["nameClaim"] = name_claim(body, _now())  # the owner's claim, kept while the name stays
     await _write_status(ctx, owner, previous, status)
     if rejected:
         raise CannotRun(f"DeploymentRejected: {rejected}", status=status, retry=REJECTED_RETRY_S)

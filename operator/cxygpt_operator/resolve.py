@@ -16,13 +16,16 @@ TASKS = ("generate", "embed")
 # Arguments that wire the engine to its Service and the gateway: an override gives an engine that reports
 # Ready and never answers. vLLM's parser reads `_` as `-` in flag names and, being argparse, expands an
 # abbreviation (--served-model) to the one flag it starts: those spellings are refused too.
-OWNED_ARGS = ("port", "host", "served-model-name", "model")
+OWNED_ARGS = ("port", "host", "served-model-name", "model", "api-key")
+# Arguments that read flags from a file or import code by name: they would get around every rule here.
+CODE_ARGS = ("config", "tool-parser-plugin", "middleware", "worker-extension-cls", "logits-processors")
 REMOTE_CODE_ARG = "trust-remote-code"
 # Environment the operator sets itself, and variables that change what code the process loads (the dynamic
 # loader's LD_*, the interpreter's module path), or that put a key between the gateway and the engine.
 OWNED_ENV = ("HF_HOME", "HF_HUB_OFFLINE", "HOME", "CXYGPT_SIM_GPU_MEMORY_MIB")
-BLOCKED_ENV = ("PYTHONPATH", "PYTHONHOME", "VLLM_API_KEY")
-BLOCKED_ENV_PREFIX = "LD_"
+BLOCKED_ENV = ("GCONV_PATH", "HF_ENDPOINT", "VLLM_API_KEY")
+BLOCKED_ENV_PREFIXES = ("LD_", "PYTHON")  # the dynamic loader's and the interpreter's
+ALLOWED_ENV = ("PYTHONUNBUFFERED",)  # harmless, and commonly set
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 _FACT_FIELDS = {"parameters": "parameters", "layers": "layers", "attentionHeads": "attention_heads",
@@ -76,6 +79,8 @@ def refused_arg(arg: str, trust_remote_code: bool) -> str | None:
         return None
     if owned := next((flag for flag in OWNED_ARGS if flag.startswith(name)), None):
         return f"--{owned} is set by the operator (it wires the engine to its Service and the gateway)"
+    if code := next((flag for flag in CODE_ARGS if flag.startswith(name)), None):
+        return f"--{code} loads flags or code from outside the operator's control"
     if REMOTE_CODE_ARG.startswith(name) and not trust_remote_code:
         return "--trust-remote-code runs code from the model repository: set spec.engine.trustRemoteCode: true"
     return None
@@ -87,7 +92,7 @@ def refused_env(name: str) -> str | None:
         return f"{name!r} is not a C identifier ([A-Za-z_][A-Za-z0-9_]*)"
     if name in OWNED_ENV:
         return f"{name} is set by the operator"
-    if name.startswith(BLOCKED_ENV_PREFIX) or name in BLOCKED_ENV:
+    if name not in ALLOWED_ENV and (name.startswith(BLOCKED_ENV_PREFIXES) or name in BLOCKED_ENV):
         return f"{name} changes the code the engine loads or how the gateway reaches it"
     return None
 
@@ -227,9 +232,26 @@ def schedulable_replicas(sel: Selection, nodes: list[GpuNode]) -> int:
     return sum(n.count // sel.gpu_count for n in nodes if node_matches(sel.profile, n))
 
 
+UNCONFIRMED = "~"  # sorts after every RFC 3339 time: a claim not yet confirmed loses to every confirmed one
+
+
+def claimed_since(md: dict) -> str:
+    """When a ModelDeployment claimed its served name: the time its status confirms (status.nameClaim, written
+    once by the operator for the owner), else its creation for a spec never changed (generation 1), else
+    unconfirmed. So an older model renamed onto a live name does not take it over: its claim is new."""
+    meta, status = md.get("metadata") or {}, md.get("status") or {}
+    served = ((md.get("spec") or {}).get("model") or {}).get("name")
+    claim = status.get("nameClaim") or {}
+    if served and claim.get("name") == served and claim.get("since"):
+        return claim["since"]
+    if (meta.get("generation") or 1) == 1 and meta.get("creationTimestamp"):
+        return meta["creationTimestamp"]
+    return UNCONFIRMED
+
+
 @dataclass(frozen=True, order=True)
 class NameClaim:
-    """A ModelDeployment's claim on its served name; ordered by age, then uid, as the owner rule says."""
+    """A ModelDeployment's claim on its served name; ordered by when it was claimed, then uid (the owner rule)."""
     created: str
     uid: str
     namespace: str
@@ -241,9 +263,16 @@ class NameClaim:
 
 
 def name_owner(claims: list[NameClaim]) -> NameClaim | None:
-    """The oldest claim (creationTimestamp is RFC 3339 in UTC, so it sorts as text), then the smallest uid."""
+    """The oldest claim (RFC 3339 in UTC sorts as text), then the smallest uid."""
     return min(claims, default=None)
 
 
-__all__ = ["ModelSpec", "NameClaim", "NoFit", "SpecError", "effective_table", "engine_overrides", "model_facts",
+def name_claim(md: dict, now: str) -> dict:
+    """status.nameClaim for the owner of its served name: kept while the name stays, new when it changes."""
+    served = ((md.get("spec") or {}).get("model") or {}).get("name")
+    since = claimed_since(md)
+    return {"name": served, "since": now if since == UNCONFIRMED else since}
+
+
+__all__ = ["ModelSpec", "NameClaim", "claimed_since", "name_claim", "NoFit", "SpecError", "effective_table", "engine_overrides", "model_facts",
            "name_owner", "parse_spec", "refused_arg", "refused_env", "resolve", "schedulable_replicas"]

@@ -9,11 +9,13 @@ from dataclasses import dataclass
 
 from cxygpt_profiles import ProfileTableError, default_catalog, default_table, estimate_fit
 
-from .engine import DEFAULT_SPEED_PROFILE, SPEED_PROFILES, Capacity, Speed
+from .engine import Capacity
+from .speed import DEFAULT_SPEED_PROFILE, SPEED_PROFILES, Speed
 from .text import DEFAULT_VOCAB_SIZE
 
 DEFAULT_GPU_MEMORY_MIB = 81559  # an H100 80GB as GPU Feature Discovery reports it
 DEFAULT_MAX_MODEL_LEN = 8192    # when neither the flag nor the model catalog says
+LARGE_GPU_MIB = 70 * 1024       # vLLM's threshold for its larger per-step token budget
 
 # Simulator knob -> environment variable, so a Deployment can set speed without touching the vLLM args.
 ENV = {
@@ -44,6 +46,8 @@ class SimConfig:
     kv_tokens: int
     kv_explanation: str
     block_size: int
+    max_num_batched_tokens: int
+    enable_prefix_caching: bool
     vocab_size: int
     api_key: str | None
     shutdown_timeout: float
@@ -60,7 +64,8 @@ class SimConfig:
     @property
     def capacity(self) -> Capacity:
         return Capacity(max_num_seqs=self.max_num_seqs, kv_blocks=self.kv_tokens // self.block_size,
-                        block_size=self.block_size)
+                        block_size=self.block_size, max_num_batched_tokens=self.max_num_batched_tokens,
+                        enable_prefix_caching=self.enable_prefix_caching)
 
 
 class ConfigError(ValueError):
@@ -131,6 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--pipeline-parallel-size", "-pp", type=_positive(int), default=1)
     v.add_argument("--max-num-seqs", type=_positive(int), default=256, help="running slots; default 256")
     v.add_argument("--block-size", type=_positive(int), default=16, help="KV block size in tokens; default 16")
+    v.add_argument("--max-num-batched-tokens", type=human_readable_int, default=None,
+                   help="tokens one engine step may compute (decode tokens first, then prefill chunks); default "
+                        "as vLLM's API server: 8192 on a GPU of 70 GiB or more that is not an A100, else 2048")
+    v.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse the KV of equal prompt prefixes (hashed blocks); on by default as in vLLM V1")
     v.add_argument("--num-gpu-blocks-override", type=_positive(int), default=None,
                    help="KV budget = this x block size (else the fit estimate for the model)")
     v.add_argument("--seed", type=int, default=None, help="accepted; the simulator's seed is --sim-seed")
@@ -240,6 +250,12 @@ def kv_budget(*, model: str, served_name: str, max_model_len: int | None, dtype:
     return KvBudget(max_model_len, tokens, vocab_size, note)
 
 
+def default_max_num_batched_tokens(gpu_memory_mib: int, speed_profile: str) -> int:
+    """vLLM's EngineArgs.get_batch_defaults for the API server: larger on big GPUs except the A100, whose
+    throughput dropped with the larger budget (vLLM PR #17885)."""
+    return 8192 if gpu_memory_mib >= LARGE_GPU_MIB and "a100" not in speed_profile else 2048
+
+
 def parse_config(argv: Sequence[str], env: Mapping[str, str] | None = None) -> tuple[SimConfig, list[str]]:
     """SimConfig and the ignored vLLM flags; argparse exits on bad known flags like vLLM does."""
     env = os.environ if env is None else env
@@ -270,6 +286,9 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str] | None = None) -> t
     profile = a.speed_profile or _env_value(env, "speed_profile", str) or DEFAULT_SPEED_PROFILE
     if profile not in SPEED_PROFILES:
         raise ConfigError(f"{ENV['speed_profile']}={profile!r}: choose one of {', '.join(sorted(SPEED_PROFILES))}")
+    max_num_batched_tokens = a.max_num_batched_tokens or default_max_num_batched_tokens(gpu_memory_mib, profile)
+    if max_num_batched_tokens <= 0:
+        raise ConfigError(f"--max-num-batched-tokens must be positive, got {max_num_batched_tokens}")
     speed = SPEED_PROFILES[profile].with_overrides(
         ttft_ms=knob("ttft_ms", a.ttft_ms), itl_ms=knob("itl_ms", a.itl_ms),
         prefill_ms_per_1k=knob("prefill_ms_per_1k", a.sim_prefill_ms_per_1k),
@@ -280,7 +299,8 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str] | None = None) -> t
     config = SimConfig(
         model=model, served_model_names=served, host=a.host, port=a.port, max_model_len=budget.max_model_len,
         max_num_seqs=a.max_num_seqs, kv_tokens=budget.tokens, kv_explanation=budget.explanation,
-        block_size=a.block_size, vocab_size=budget.vocab_size, api_key=a.api_key,
+        block_size=a.block_size, max_num_batched_tokens=max_num_batched_tokens,
+        enable_prefix_caching=a.enable_prefix_caching, vocab_size=budget.vocab_size, api_key=a.api_key,
         shutdown_timeout=a.shutdown_timeout, speed=speed,
         speed_profile=profile, seed=knob("sim_seed", a.sim_seed, int), text=text,
         runner="pooling" if a.runner == "pooling" or a.convert == "embed" else "generate")

@@ -1,48 +1,15 @@
-"""Continuous-batching scheduler core (pure): slots, KV blocks, waiting queue and the speed model."""
+"""vLLM V1's scheduler in small (pure): a token budget per step, decode then prefill chunks, preemption by recompute."""
 from __future__ import annotations
 
 import random
 from collections import deque
-from dataclasses import dataclass, replace
+from collections.abc import Sequence as Ids
+from dataclasses import dataclass, field
 
+from .kvcache import KVCache, block_hashes
+from .speed import Speed
 
-@dataclass(frozen=True)
-class Speed:
-    """Step times. A step prefills newly admitted sequences and decodes one token for every running one."""
-    ttft_ms: float             # first token of a short prompt on an idle engine
-    itl_ms: float              # one decode step with a single running sequence
-    prefill_ms_per_1k: float   # extra prefill time per 1000 prompt tokens
-    itl_batch_slope: float     # a decode step gets this fraction slower per additional running sequence
-    jitter: float = 0.0        # each step varies by up to ± this fraction (seeded RNG)
-
-    @property
-    def instant_decode(self) -> bool:
-        return self.itl_ms <= 0
-
-    def prefill_s(self, prompt_tokens: int) -> float:
-        return (self.ttft_ms + self.prefill_ms_per_1k * prompt_tokens / 1000) / 1000
-
-    def decode_s(self, batch: int) -> float:
-        return self.itl_ms * (1 + self.itl_batch_slope * (batch - 1)) / 1000
-
-    def with_overrides(self, *, ttft_ms=None, itl_ms=None, prefill_ms_per_1k=None, itl_batch_slope=None,
-                       jitter=None) -> "Speed":
-        """A profile with some knobs replaced; prefill follows --ttft-ms unless set, so TTFT 0 means instant."""
-        if prefill_ms_per_1k is None and ttft_ms is not None:
-            prefill_ms_per_1k = self.prefill_ms_per_1k * ttft_ms / self.ttft_ms if self.ttft_ms else 0.0
-        given = dict(ttft_ms=ttft_ms, itl_ms=itl_ms, prefill_ms_per_1k=prefill_ms_per_1k,
-                     itl_batch_slope=itl_batch_slope, jitter=jitter)
-        return replace(self, **{k: v for k, v in given.items() if v is not None})
-
-
-# Rough shapes of real engines (bf16 ~8-14B models), so demos feel like the hardware they name.
-SPEED_PROFILES = {
-    "instant": Speed(ttft_ms=0, itl_ms=0, prefill_ms_per_1k=0, itl_batch_slope=0),
-    "fast": Speed(ttft_ms=5, itl_ms=1, prefill_ms_per_1k=5, itl_batch_slope=0.005),
-    "h100-80g": Speed(ttft_ms=60, itl_ms=14, prefill_ms_per_1k=90, itl_batch_slope=0.012),
-    "rtx5090-32g": Speed(ttft_ms=90, itl_ms=22, prefill_ms_per_1k=140, itl_batch_slope=0.02),
-}
-DEFAULT_SPEED_PROFILE = "h100-80g"
+DEFAULT_MAX_NUM_BATCHED_TOKENS = 8192  # vLLM's API-server default on a GPU of 70 GiB or more that is not an A100
 
 
 @dataclass(frozen=True)
@@ -50,31 +17,45 @@ class Capacity:
     max_num_seqs: int
     kv_blocks: int
     block_size: int = 16
-
-    def blocks_for(self, tokens: int) -> int:
-        return -(-tokens // self.block_size)
+    max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS
+    enable_prefix_caching: bool = True
 
 
 @dataclass(eq=False)
 class Sequence:
     """One request inside the engine; times come from the caller's clock."""
     id: str
-    prompt_tokens: int
+    prompt_ids: Ids[int]
     output_tokens: int          # the reply's length, already capped by max_tokens
     arrived: float
     generated: int = 0
-    blocks: int = 0
+    computed: int = 0           # tokens whose KV is computed (vLLM's num_computed_tokens)
+    blocks: list[int] = field(default_factory=list)
+    hashes: list[int] = field(default_factory=list)
+    cached_tokens: int = 0      # prompt tokens found in the prefix cache when last admitted
     state: str = "new"          # waiting | running | finished | cancelled
     scheduled_at: float | None = None
     first_token_at: float | None = None
     last_token_at: float | None = None
     preemptions: int = 0
 
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        """The prompt and what was generated: all of it must be computed to sample the next token."""
+        return len(self.prompt_ids) + self.generated
+
 
 @dataclass(frozen=True)
 class Step:
     duration_s: float
-    admitted: int               # sequences that start (or restart) prefill in this step
+    admitted: int               # sequences that start (or restart) in this step
+    tokens: int                 # tokens computed in the step (vLLM's vllm:iteration_tokens_total)
+    prefill_tokens: int
+    decoding: int               # sequences computing one token to sample their next
 
 
 @dataclass(frozen=True)
@@ -86,20 +67,29 @@ class Progress:
 
 
 class Scheduler:
-    """vLLM V1's shape: FCFS waiting queue, at most max_num_seqs running, KV blocks allocated as tokens
-    grow, and the newest running sequence preempted (recomputed later) when blocks run out."""
+    """Each step gives every running sequence (oldest first) the tokens it still needs, up to the step's token
+    budget; with budget left and no preemption in the step, waiting sequences are admitted FCFS with their
+    prompt in chunks. When KV blocks run out the newest running sequence is preempted: it frees its blocks and
+    goes back to the front of the queue to recompute (its prompt blocks may still be cached)."""
 
     def __init__(self, capacity: Capacity, speed: Speed, seed: int | None = None):
         self.capacity, self.speed = capacity, speed
+        self.kv = KVCache(capacity.kv_blocks, capacity.block_size)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        self.free_blocks = capacity.kv_blocks
+        self.scheduled: dict[Sequence, int] = {}   # this step's tokens per sequence, until end_step
         self.preemptions_total = 0
+        self.prefix_queries = 0   # prompt tokens looked up in the prefix cache (vllm:prefix_cache_queries)
+        self.prefix_hits = 0      # of those, tokens found cached (vllm:prefix_cache_hits)
         self._rng = random.Random(seed)
 
     @property
     def kv_usage(self) -> float:
-        return (self.capacity.kv_blocks - self.free_blocks) / self.capacity.kv_blocks
+        return self.kv.usage
+
+    @property
+    def free_blocks(self) -> int:
+        return self.kv.free_blocks
 
     @property
     def has_work(self) -> bool:
@@ -107,52 +97,85 @@ class Scheduler:
 
     def submit(self, seq: Sequence) -> None:
         seq.state = "waiting"
+        if self.capacity.enable_prefix_caching:
+            seq.hashes = block_hashes(seq.prompt_ids, self.capacity.block_size)
         self.waiting.append(seq)
 
     def cancel(self, seq: Sequence) -> None:
         """Frees the slot and blocks at once; the next step can admit a waiting sequence."""
         if seq.state == "running":
             self.running.remove(seq)
-            self._release(seq)
+            self.kv.release(seq.blocks)
         elif seq.state == "waiting":
             self.waiting.remove(seq)
         if seq.state != "finished":
             seq.state = "cancelled"
 
     def begin_step(self, now: float) -> Step:
-        """Admit what fits and say how long this step takes."""
-        decoding = len(self.running)
-        prefill_tokens = 0
-        while self.waiting and len(self.running) < self.capacity.max_num_seqs:
+        """Decide what this step computes and say how long it takes."""
+        budget = self.capacity.max_num_batched_tokens
+        scheduled = self.scheduled = {}
+        preempted = False
+        for seq in list(self.running):
+            if budget <= 0:
+                break
+            if seq.state != "running":
+                continue  # preempted for an older sequence earlier in this loop
+            tokens = min(seq.num_tokens - seq.computed, budget)
+            while not self.kv.allocate(seq.blocks, [], seq.computed + tokens):
+                victim = self.running[-1]
+                budget += scheduled.pop(victim, 0)
+                self._preempt(victim)
+                preempted = True
+                if victim is seq:
+                    break
+            if seq.state == "running":
+                self.kv.cache_full_blocks(seq.blocks, seq.hashes, seq.computed + tokens)
+                scheduled[seq] = tokens
+                budget -= tokens
+        admitted = 0
+        # vLLM admits nobody in a step that had to preempt: the blocks are short already
+        while not preempted and self.waiting and budget > 0 and len(self.running) < self.capacity.max_num_seqs:
             seq = self.waiting[0]
-            # a preempted sequence recomputes its prompt and what it had generated
-            computed = seq.prompt_tokens + seq.generated
-            need = self.capacity.blocks_for(computed + 1)
-            if need > self.free_blocks:
+            cached = self.kv.cached_prefix(seq.hashes, seq.num_tokens)
+            hit = len(cached) * self.capacity.block_size
+            tokens = min(seq.num_tokens - hit, budget)
+            if not self.kv.allocate(seq.blocks, cached, hit + tokens):
                 break  # FCFS: the head waits for blocks, nobody overtakes it
             self.waiting.popleft()
-            self.free_blocks -= need
-            seq.blocks, seq.state = need, "running"
+            if self.capacity.enable_prefix_caching:
+                self.prefix_queries += seq.num_tokens
+                self.prefix_hits += hit
+            seq.computed, seq.cached_tokens, seq.state = hit, hit, "running"
             if seq.scheduled_at is None:
                 seq.scheduled_at = now
             self.running.append(seq)
-            prefill_tokens += computed
-        admitted = len(self.running) - decoding
-        duration = (self.speed.prefill_s(prefill_tokens) if admitted else 0.0) + \
-                   (self.speed.decode_s(len(self.running)) if decoding else 0.0)
+            # cached now, as vLLM does, so a copy admitted next in this very step (n > 1) shares the blocks
+            self.kv.cache_full_blocks(seq.blocks, seq.hashes, hit + tokens)
+            scheduled[seq] = tokens
+            budget -= tokens
+            admitted += 1
+        # a sequence with output that computes just its last token decodes; every other token is prefill
+        decoding = sum(1 for seq in scheduled if seq.generated and seq.computed + 1 == seq.num_tokens)
+        total = sum(scheduled.values())
+        prefill = total - decoding
+        context = sum(seq.computed + n for seq, n in scheduled.items())
+        duration = self.speed.step_s(prefill_tokens=prefill, sequences=len(scheduled), context_tokens=context)
         if self.speed.jitter and duration:
             duration *= 1 + self.speed.jitter * self._rng.uniform(-1, 1)
-        return Step(duration, admitted)
+        return Step(duration, admitted, total, prefill, decoding)
 
     def end_step(self, now: float) -> list[Progress]:
-        """Every sequence still running gets its next token (all remaining ones when decode is instant)."""
+        """The step's tokens are computed; a sequence whose every token is computed samples its next one (all of
+        its remaining ones when decode is instant)."""
         progress = []
-        for seq in list(self.running):
+        for seq, tokens in self.scheduled.items():
             if seq.state != "running":
-                continue  # preempted earlier in this loop
+                continue  # cancelled during the step
+            seq.computed += tokens
+            if seq.computed < seq.num_tokens:
+                continue  # a prefill chunk: no token yet
             count = seq.output_tokens - seq.generated if self.speed.instant_decode else 1
-            if not self._grow(seq, seq.prompt_tokens + seq.generated + count):
-                continue
             gap = None if seq.last_token_at is None else now - seq.last_token_at
             seq.generated += count
             seq.last_token_at = now
@@ -161,31 +184,16 @@ class Scheduler:
             done = seq.generated >= seq.output_tokens
             if done:
                 self.running.remove(seq)
-                self._release(seq)
+                self.kv.release(seq.blocks)
                 seq.state = "finished"
             progress.append(Progress(seq, count, gap, done))
+        self.scheduled = {}
         return progress
-
-    def _grow(self, seq: Sequence, tokens: int) -> bool:
-        """Blocks for `tokens`, preempting the newest sequences if needed; False if seq itself was preempted."""
-        need = self.capacity.blocks_for(tokens) - seq.blocks
-        while need > self.free_blocks:
-            victim = self.running[-1]
-            self._preempt(victim)
-            if victim is seq:
-                return False
-        self.free_blocks -= max(need, 0)
-        seq.blocks += max(need, 0)
-        return True
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        self._release(seq)
-        seq.state = "waiting"
+        self.kv.release(seq.blocks)
+        seq.computed, seq.state = 0, "waiting"
         seq.preemptions += 1
         self.preemptions_total += 1
         self.waiting.appendleft(seq)
-
-    def _release(self, seq: Sequence) -> None:
-        self.free_blocks += seq.blocks
-        seq.blocks = 0

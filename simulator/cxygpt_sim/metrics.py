@@ -6,7 +6,7 @@ from bisect import bisect_left
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-from .engine import Progress, Scheduler, Sequence
+from .engine import Progress, Scheduler, Sequence, Step
 
 # Bucket boundaries copied from vLLM 0.33 (vllm/v1/metrics/buckets.py).
 REQUEST_LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
@@ -15,6 +15,8 @@ TIME_TO_FIRST_TOKEN_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 
                                7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
 INTER_TOKEN_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
                                10.0, 20.0, 40.0, 80.0)
+# vLLM V1's fixed buckets for vllm:iteration_tokens_total (vllm/v1/metrics/loggers.py).
+ITERATION_TOKENS_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 FINISH_REASONS = ("stop", "length", "abort")  # vLLM's FinishReason values that this engine can produce
 
 
@@ -65,10 +67,14 @@ class EngineMetrics:
                              REQUEST_LATENCY_BUCKETS)
         self.queue_time = Histogram("vllm:request_queue_time_seconds",
                                     "Histogram of time spent in WAITING phase for request.", REQUEST_LATENCY_BUCKETS)
+        self.iteration_tokens = Histogram("vllm:iteration_tokens_total",
+                                          "Histogram of number of tokens per engine_step.", ITERATION_TOKENS_BUCKETS)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
 
-    def record_step(self, progress: list[Progress], now: float) -> None:
+    def record_step(self, step: Step, progress: list[Progress], now: float) -> None:
+        if step.tokens:
+            self.iteration_tokens.observe(step.tokens)
         generated = 0
         for p in progress:
             seq = p.seq
@@ -114,7 +120,11 @@ class EngineMetrics:
                 ("vllm:prompt_tokens", "Number of prefill tokens processed.", self.prompt_tokens),
                 ("vllm:generation_tokens", "Number of generation tokens processed.", self.generation_tokens),
                 ("vllm:num_preemptions", "Cumulative number of preemption from the engine.",
-                 s.preemptions_total)):
+                 s.preemptions_total),
+                ("vllm:prefix_cache_queries",
+                 "Prefix cache queries, in terms of number of queried tokens.", s.prefix_queries),
+                ("vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.",
+                 s.prefix_hits)):
             counter = CounterMetricFamily(name, doc, labels=labels)
             counter.add_metric(values, value)
             yield counter
@@ -124,5 +134,5 @@ class EngineMetrics:
             success.add_metric([*values, reason], count)
         yield success
         for histogram in (self.ttft, self.inter_token, self.time_per_output_token, self.request_tpot, self.e2e,
-                          self.queue_time):
+                          self.queue_time, self.iteration_tokens):
             yield histogram.family(labels, values)

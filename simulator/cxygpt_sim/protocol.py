@@ -46,6 +46,7 @@ class Generation:
     stream: bool
     include_usage: bool
     ignore_eos: bool
+    prompt_ids: list[int] = field(default_factory=list)  # the same prompt's token ids, for the prefix cache
     n: int = 1
     stop: tuple[str, ...] = ()
     include_stop_str_in_output: bool = False
@@ -198,7 +199,8 @@ def parse_chat(body, served: tuple[str, ...]) -> Generation:
     stream, include_usage, ignore_eos = _common(body, served)
     max_tokens, param = _max_tokens(body, "max_completion_tokens", "max_tokens")
     tools, tool_choice = _tools(body)
-    return Generation(prompt_tokens=text.count_tokens(rendered),
+    prompt_ids = text.token_ids(rendered)
+    return Generation(prompt_tokens=len(prompt_ids), prompt_ids=prompt_ids,
                       reply_source=text.last_user_text(body["messages"]) or rendered, max_tokens=max_tokens,
                       **_sampling(body), logprobs=_chat_logprobs(body), tools=tools, tool_choice=tool_choice,
                       response_format=_response_format(body),
@@ -218,10 +220,10 @@ def parse_completion(body, served: tuple[str, ...]) -> Generation:
     if isinstance(prompt, list) and len(prompt) == 1 and (isinstance(prompt[0], str) or _is_token_ids(prompt[0])):
         prompt = prompt[0]  # a batch of one
     if isinstance(prompt, str):
-        source, prompt_tokens = prompt, text.count_tokens(prompt)
+        source, prompt_ids = prompt, text.token_ids(prompt)
     elif _is_token_ids(prompt) and prompt:
         _check_vocabulary(prompt)
-        source, prompt_tokens = " ".join(map(str, prompt)), len(prompt)
+        source, prompt_ids = " ".join(map(str, prompt)), prompt
     elif isinstance(prompt, list) and len(prompt) > 1:
         raise ApiError(400, "the engine simulator takes one prompt per request; send a batch as separate requests",
                        param="prompt")
@@ -235,7 +237,7 @@ def parse_completion(body, served: tuple[str, ...]) -> Generation:
     if logprobs is not None and logprobs < 0:
         raise vllm_error("`logprobs` must be a positive value.", "logprobs", logprobs)
     echo = bool(_field(body, "echo", bool, "boolean"))
-    return Generation(prompt_tokens=prompt_tokens, reply_source=source, **_sampling(body),
+    return Generation(prompt_tokens=len(prompt_ids), prompt_ids=prompt_ids, reply_source=source, **_sampling(body),
                       logprobs=None if logprobs is None else _bounded_logprobs(logprobs), echo=echo,
                       prompt_text=prompt if isinstance(prompt, str) else text.detokenize(prompt),
                       response_format=_response_format(body),
@@ -412,7 +414,7 @@ def parse_responses(body, served: tuple[str, ...]) -> ResponsesRequest:
     max_tokens, param = _max_tokens(body, "max_output_tokens")
     sampling = _sampling({k: v for k, v in body.items() if k != "n"})  # the Responses API has no n
     ids = text.token_ids(rendered)
-    g = Generation(prompt_tokens=len(ids), reply_source=text.last_user_text(messages) or rendered,
+    g = Generation(prompt_tokens=len(ids), prompt_ids=ids, reply_source=text.last_user_text(messages) or rendered,
                    max_tokens=max_tokens, max_tokens_param=param, stream=stream, include_usage=False,
                    ignore_eos=bool(_field(body, "ignore_eos", bool, "boolean")), **sampling,
                    response_format=_text_format(body))

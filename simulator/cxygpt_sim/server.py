@@ -25,10 +25,10 @@ MAX_CATCH_UP_S = 0.05  # how far the engine timeline may run ahead of a late eve
 
 class Flight:
     """A request between its handler and the engine loop; the handler waits, the loop notifies."""
-    __slots__ = ("seq", "response_id", "pieces", "finish_reason", "stream", "_event")
+    __slots__ = ("seq", "response_id", "finish_reason", "stream", "_event")
 
-    def __init__(self, seq: Sequence, response_id: str, pieces: list[str], finish_reason: str, stream: bool):
-        self.seq, self.response_id, self.pieces = seq, response_id, pieces
+    def __init__(self, seq: Sequence, response_id: str, finish_reason: str, stream: bool):
+        self.seq, self.response_id = seq, response_id
         self.finish_reason, self.stream = finish_reason, stream
         self._event = asyncio.Event()
 
@@ -55,12 +55,13 @@ class Engine:
         self._wake = asyncio.Event()
         self._clock = time.monotonic
 
-    def submit(self, prompt_tokens: int, pieces: list[str], finish_reason: str, stream: bool,
-               request_id: str | None) -> Flight:
-        """One sequence of len(pieces) output tokens; request_id: the caller's X-Request-Id (vLLM's response id)."""
-        seq = Sequence(id=next(self._ids), prompt_tokens=prompt_tokens, output_tokens=len(pieces),
-                       arrived=self._clock())
-        flight = self.flights[seq.id] = Flight(seq, request_id or seq.id, pieces, finish_reason, stream)
+    def submit(self, prompt_ids: list[int], output_tokens: int, request_id: str | None, *,
+               finish_reason: str, stream: bool) -> Flight:
+        """prompt_ids: the rendered prompt's token ids (the prefix cache hashes them); output_tokens: the reply's
+        length; request_id: the caller's X-Request-Id, which vLLM puts into the response id; finish_reason: what
+        the reply ends with, counted in vllm:request_success_total."""
+        seq = Sequence(id=next(self._ids), prompt_ids=prompt_ids, output_tokens=output_tokens, arrived=self._clock())
+        flight = self.flights[seq.id] = Flight(seq, request_id or seq.id, finish_reason, stream)
         self.scheduler.submit(seq)
         self._wake.set()
         return flight
@@ -100,7 +101,7 @@ class Engine:
             await asyncio.sleep(max(deadline - self._clock(), 0))
             now = self._clock()
             progress = self.scheduler.end_step(now)
-            self.metrics.record_step(progress, now)
+            self.metrics.record_step(step, progress, now)
             for p in progress:
                 flight = self.flights.get(p.seq.id)
                 if flight:
@@ -189,7 +190,7 @@ class Api:
         choices = [replies.plan(g, i, max_tokens, self.writer) for i in range(g.n)]
         request_id = request.headers.get("X-Request-Id")
         # n sequences of the same prompt, as vLLM fans a request out (the prefix cache shares their blocks)
-        flights = [self._submit(g.prompt_tokens, c, g.stream, request_id) for c in choices]
+        flights = [self._submit(g.prompt_ids, c, g.stream, request_id) for c in choices]
         try:
             if g.stream:
                 return await self._stream(request, flights, choices, g, chat)
@@ -253,10 +254,10 @@ class Api:
         return response
 
 
-    def _submit(self, prompt_tokens: int, c: replies.Choice, stream: bool, request_id: str | None) -> Flight:
+    def _submit(self, prompt_ids: list[int], c: replies.Choice, stream: bool, request_id: str | None) -> Flight:
         # the engine knows only stop and length (a tool call is the parser's reading of a stopped sequence)
-        return self.engine.submit(prompt_tokens, c.pieces, "length" if c.finish_reason == "length" else "stop",
-                                  stream, request_id)
+        return self.engine.submit(prompt_ids, len(c.pieces), request_id,
+                                  finish_reason="length" if c.finish_reason == "length" else "stop", stream=stream)
 
     async def responses(self, request: web.Request) -> web.StreamResponse:
         try:
@@ -266,7 +267,7 @@ class Api:
             return _error(e)
         g = r.generation
         choice = replies.plan(g, 0, max_tokens, self.writer)
-        flight = self._submit(g.prompt_tokens, choice, g.stream, request.headers.get("X-Request-Id"))
+        flight = self._submit(g.prompt_ids, choice, g.stream, request.headers.get("X-Request-Id"))
         base = responses_api.base(f"resp_{flight.response_id}", int(time.time()), self.config.served_name, r.echoed,
                                   max_tokens)
         item_id = f"msg_{flight.seq.id}"
@@ -312,11 +313,9 @@ class Api:
         except protocol.ApiError as error:
             return _error(error)
         # each input is a prefill-only request, as vLLM fans a batch out; the engine has no sequence without an
-        # output token or a prompt, so each is one step longer than its prefill (and counts one generation token)
-        # and an empty input costs one prompt token
+        # output token, so each is one step longer than its prefill (and counts one generation token)
         nothing = replies.Choice([""], [], "stop", None)
-        flights = [self._submit(max(len(ids), 1), nothing, False, request.headers.get("X-Request-Id"))
-                   for ids in e.inputs]
+        flights = [self._submit(ids, nothing, False, request.headers.get("X-Request-Id")) for ids in e.inputs]
         try:
             for flight in flights:
                 while flight.seq.state != "finished":

@@ -146,3 +146,19 @@ def test_protobuf_bodies_are_refused_clearly(kube_api):
     assert out.returncode == 1 and "Error from server (UnsupportedMediaType)" in out.stderr, out.stderr
     assert kubectl(kube_api, "apply", "-f", "-", stdin=yaml.safe_dump(
         {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "pb"}})).returncode == 0
+
+
+def test_field_selectors_pick_the_named_object(kube_api):
+    """kubectl wait and rollout status watch one object through metadata.name: another must not answer for it."""
+    for name in ("aa-other", "zz-named"):
+        assert kubectl(kube_api, "apply", "-f", "-", stdin=yaml.safe_dump(sim_md(name))).returncode == 0
+    base = kube_api.url + "/apis/cxygpt.io/v1alpha1/namespaces/default/modeldeployments"
+    names = lambda selector: [o["metadata"]["name"] for o in httpx.get(base, params={"fieldSelector": selector}).json()["items"]]  # noqa: E731
+    assert names("metadata.name=zz-named") == ["zz-named"]
+    assert names("metadata.name!=zz-named") == ["aa-other"]
+    assert names("metadata.name=zz-named,metadata.namespace=default") == ["zz-named"]
+    assert names("metadata.namespace=elsewhere") == []
+    httpx.patch(base + "/aa-other/status", headers={"Content-Type": "application/merge-patch+json"},
+                json={"status": {"conditions": [{"type": "Available", "status": "True"}]}}).raise_for_status()
+    out = kubectl(kube_api, "wait", "--for=condition=Available", "md/zz-named", "--timeout=2s")
+    assert out.returncode != 0 and "aa-other" not in out.stdout  # nothing reconciles here: it times out

@@ -2,6 +2,8 @@
 with none left the client gets a 503 it may safely retry; the queue moves when a replica comes back."""
 from __future__ import annotations
 
+import concurrent.futures
+
 import httpx
 from test_gateway_support import metric, start_gateway, start_sim
 
@@ -58,3 +60,25 @@ def test_a_replica_back_after_its_pause_serves_again(tmp_path):
     finally:
         gateway.stop()
         sim.stop()
+
+
+def test_a_refused_request_waits_ahead_of_the_line_when_the_other_replicas_are_busy(tmp_path):
+    alive = start_sim(tmp_path, "m", ttft_ms=1, itl_ms=20)
+    doomed = start_sim(tmp_path, "m", ttft_ms=1, itl_ms=1)
+    config = {"models": [{"name": "m", "urls": [alive.url, doomed.url], "profile": "SRV_MULTI_80G",
+                          "limits": {"max_concurrency": 1, "timeouts": {"queue_s": 10}}}]}
+    gateway = start_gateway(tmp_path, config, env=NO_HEALTH_CHECKS)
+    try:
+        with httpx.Client(timeout=30) as http, concurrent.futures.ThreadPoolExecutor(1) as pool:
+            slow = pool.submit(http.post, gateway.url + "/v1/chat/completions",
+                               json={**CHAT, "max_tokens": 50, "ignore_eos": True})  # holds the one slot of `alive`
+            wait_until(lambda: metric(gateway.url, "cxygpt_gateway_in_flight", model="m") == 1, what="slow one in")
+            doomed.kill()  # `doomed` looks idle and healthy to the gateway, and refuses the next request
+            r = http.post(gateway.url + "/v1/chat/completions", json=CHAT)
+            assert r.status_code == 200, r.text  # waited for `alive` instead of a 503
+            assert slow.result().status_code == 200
+        assert metric(gateway.url, "cxygpt_gateway_failovers_total", model="m") == 1
+        assert metric(gateway.url, "cxygpt_gateway_in_flight", model="m") == 0  # no slot leaked
+    finally:
+        gateway.stop()
+        alive.stop()

@@ -281,6 +281,13 @@ def test_the_chart_rbac_allows_every_call_the_operator_and_gateway_make(scenario
                    what="the gateway to serve a model")
         wait_until(lambda: install.get("md", "qwen3-other", namespaces[-1]).get("status"), timeout=15,
                    what="the conflicting model's status")
+        # a model with engines renamed onto a served name loses it: its engine objects are deleted
+        install.add_model(namespaces[-1], name="qwen3-renamed", served="qwen3-solo")
+        install.wait_engine(namespaces[-1], name="qwen3-renamed")
+        install.kubectl("patch", "md", "qwen3-renamed", "-n", namespaces[-1], "--type=merge",
+                        "-p", json.dumps({"spec": {"model": {"name": "qwen3-0.6b-0"}}}))
+        wait_until(lambda: install.engine_deployment(namespaces[-1], "qwen3-renamed") is None, timeout=15,
+                   what="the renamed model's engines deleted")
 
         # deletion: the operator's finalizer comes off
         for namespace in namespaces:

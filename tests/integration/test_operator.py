@@ -224,7 +224,7 @@ def test_bad_specs_are_rejected_or_explained(cluster):
                                     "env": [{"name": "LD_PRELOAD", "value": "/tmp/x.so"}]})
     out = cluster.apply(hostile, check=False)
     assert out.returncode != 0
-    for message in ("--port, --host, --served-model-name and --model are set by the operator",
+    for message in ("--port, --host, --served-model-name, --model and --api-key are set by the operator",
                     "set spec.engine.trustRemoteCode: true", "LD_* loader variables"):
         assert message in out.stderr, out.stderr
     assert "spec.replicas: Invalid value: 100000 is greater than the maximum of 64" in \
@@ -385,6 +385,28 @@ def test_the_oldest_model_owns_a_served_name(cluster):
     cluster.kubectl("delete", "md", "first", "--timeout=20s")
     cluster.wait_status("second", lambda s: s.get("phase") == "Starting", ns="team-b")
     assert cluster.deployment("second", "team-b")["spec"]["replicas"] == 1
+
+
+def test_a_model_renamed_onto_a_served_name_loses_however_old_it_is(cluster):
+    cluster.add_node("gpu-80g")
+    cluster.start_operator("--no-network-policy")
+    cluster.apply(md("elder"))
+    cluster.wait_status("elder", lambda s: s.get("phase") == "Starting")
+    wait_until(lambda: cluster.md("elder")["metadata"]["creationTimestamp"] < _utc_now(), what="the next second")
+    young = md("young")
+    young["spec"]["model"]["name"] = "live"
+    cluster.apply(young)
+    claim = cluster.wait_status("young", lambda s: s.get("phase") == "Starting")["nameClaim"]
+    assert claim == {"name": "live", "since": cluster.md("young")["metadata"]["creationTimestamp"]}
+
+    cluster.kubectl("patch", "md", "elder", "--type=merge", "-p", '{"spec": {"model": {"name": "live"}}}')
+    status = cluster.wait_status("elder", lambda s: s.get("phase") == "Failed")
+    degraded = next(c for c in status["conditions"] if c["type"] == "Degraded")
+    assert degraded["reason"] == "ModelNameConflict" and "default/young" in degraded["message"]
+    assert "nameClaim" not in status
+    wait_until(lambda: cluster.kubectl("get", "deployment", "elder", check=False).returncode != 0,
+               what="the renamed model's engines removed")
+    assert cluster.md("young")["status"]["nameClaim"] == claim and cluster.deployment("young", "default")
 
 
 def _utc_now() -> str:

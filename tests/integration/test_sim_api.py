@@ -16,7 +16,7 @@ def sim(tmp_path_factory):
     port = free_port()
     argv = [console_script("cxygpt-sim"), "serve", "org/sim-model", "--served-model-name", MODEL, "--host",
             "127.0.0.1", "--port", str(port), "--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", "8",
-            "--ttft-ms", "0", "--itl-ms", "0", "--swap-space", "16", "--enable-prefix-caching"]
+            "--ttft-ms", "0", "--itl-ms", "0", "--swap-space", "16", "--enable-chunked-prefill"]
     with ServerProcess(argv, port=port, log_path=tmp_path_factory.mktemp("sim") / "sim.log") as proc:
         yield proc
 
@@ -155,7 +155,7 @@ def test_metrics_carry_vllm_names(sim, client):
 def test_unknown_vllm_flags_give_one_warning_line_and_the_budget_is_logged(sim):
     log = sim.log()
     warnings = [line for line in log.splitlines() if "WARNING" in line]
-    assert len(warnings) == 1 and "--swap-space 16 --enable-prefix-caching" in warnings[0]
+    assert len(warnings) == 1 and "--swap-space 16 --enable-chunked-prefill" in warnings[0]
     assert "KV budget" in log
 
 

@@ -105,6 +105,22 @@ def test_a_client_disconnect_frees_its_slot(sim):
     assert httpx.get(sim.url + "/health", timeout=5).status_code == 200
 
 
+def test_a_shared_system_prompt_is_served_from_the_prefix_cache(sim):
+    system = {"role": "system", "content": "You answer questions about the cluster. " * 20}
+    before = engine_state(sim)
+    for question in ("How many GPUs?", "Which node?"):
+        r = httpx.post(sim.url + "/v1/chat/completions", timeout=10, json={
+            "model": MODEL, "max_tokens": 2, "messages": [system, {"role": "user", "content": question}]})
+        assert r.status_code == 200
+    after = engine_state(sim)
+    prompt = r.json()["usage"]["prompt_tokens"]
+    queried = after["vllm:prefix_cache_queries_total"] - before["vllm:prefix_cache_queries_total"]
+    hits = after["vllm:prefix_cache_hits_total"] - before["vllm:prefix_cache_hits_total"]
+    # the second request finds the system prompt's full blocks of 16 tokens; the first finds nothing
+    assert queried > prompt and prompt // 2 < hits < prompt and hits % 16 == 0
+    assert after["vllm:iteration_tokens_total_count"] > before["vllm:iteration_tokens_total_count"]
+
+
 def test_sigterm_aborts_in_flight_requests_by_default(tmp_path):
     port = free_port()
     argv = [console_script("cxygpt-sim"), MODEL, "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "4096",

@@ -110,7 +110,7 @@ def _engine(**engine):
 ])
 def test_args_the_operator_owns_are_refused(args):
     _, errors = VALIDATOR.check(_engine(args=args))
-    assert any("spec.engine.args: Invalid value: --port, --host, --served-model-name and --model are set by the operator"
+    assert any("spec.engine.args: Invalid value: --port, --host, --served-model-name, --model and --api-key are set by the operator"
                in e for e in errors), errors
 
 
@@ -130,7 +130,8 @@ def _spellings(flag):
             yield f"--{name}=x"
 
 
-@pytest.mark.parametrize("flag", ["port", "host", "served-model-name", "model"])
+@pytest.mark.parametrize("flag", ["port", "host", "served-model-name", "model", "api-key", "config",
+                                  "tool-parser-plugin", "middleware", "worker-extension-cls", "logits-processors"])
 def test_owned_args_are_refused_in_every_spelling_as_parse_spec_does(flag):
     from cxygpt_operator.resolve import refused_arg
     for arg in _spellings(flag):
@@ -138,13 +139,16 @@ def test_owned_args_are_refused_in_every_spelling_as_parse_spec_does(flag):
         assert refused_arg(arg, trust_remote_code=True), arg
     for arg in _spellings("trust-remote-code"):
         assert VALIDATOR.check(_engine(args=[arg]))[1] and refused_arg(arg, trust_remote_code=False), arg
+        if arg.split("=")[0] == "--t":  # also --tool-parser-plugin's (and ambiguous to argparse)
+            continue
         assert VALIDATOR.check(_engine(args=[arg], trustRemoteCode=True))[1] == [] and not refused_arg(arg, True), arg
 
 
 def test_other_args_pass():
     ok = ["--enable-prefix-caching", "--max-model-len", "8192", "--model-loader-extra-config={}", "--hostname-x",
           "--tensor-parallel-size", "2", "--seed", "1", "--hf-token", "x", "--tokenizer", "t", "--trust-request-chat-template",
-          "-O3", "8192", "--served-model-names", "--ports"]
+          "-O3", "8192", "--served-model-names", "--ports", "--config-format", "auto", "--tool-call-parser", "hermes",
+          "--api-server-count", "2"]
     from cxygpt_operator.resolve import refused_arg
     assert VALIDATOR.check(_engine(args=ok))[1] == []
     assert [a for a in ok if refused_arg(a, trust_remote_code=False)] == []
@@ -159,6 +163,10 @@ def test_other_args_pass():
     ([{"name": "LD_PRELOAD", "value": "/x.so"}], "LD_* loader variables"),
     ([{"name": "LD_AUDIT", "value": "/x.so"}], "LD_* loader variables"),
     ([{"name": "PYTHONPATH", "value": "/x"}], "LD_* loader variables"),
+    ([{"name": "PYTHONWARNINGS", "value": "ignore::mod.W"}], "PYTHON* interpreter variables"),
+    ([{"name": "PYTHONUSERBASE", "value": "/x"}], "PYTHON* interpreter variables"),
+    ([{"name": "GCONV_PATH", "value": "/x"}], "GCONV_PATH"),
+    ([{"name": "HF_ENDPOINT", "value": "http://elsewhere"}], "HF_ENDPOINT"),
 ])
 def test_bad_env_is_refused(env, message):
     _, errors = VALIDATOR.check(_engine(env=env))
@@ -166,7 +174,8 @@ def test_bad_env_is_refused(env, message):
 
 
 def test_good_env_passes():
-    env = [{"name": "HF_TOKEN", "value": "x"}, {"name": "CXYGPT_SIM_ITL_MS", "value": "50"}, {"name": "_X"}]
+    env = [{"name": "HF_TOKEN", "value": "x"}, {"name": "CXYGPT_SIM_ITL_MS", "value": "50"}, {"name": "_X"},
+           {"name": "PYTHONUNBUFFERED", "value": "1"}]
     assert VALIDATOR.check(_engine(env=env))[1] == []
 
 

@@ -427,3 +427,35 @@ async def test_registry_keeps_queues_and_in_flight_counts_across_discovery_updat
     registry.remove("m")
     slot.release()  # a request in flight on a removed model still ends cleanly
     assert registry.get("m") is None and registry.routable() == []
+
+
+def test_upstream_answers_keep_their_4xx_but_an_engine_refusing_the_gateway_is_a_502():
+    from cxygpt_gateway.relay import upstream_error
+    overflow = upstream_error(400, b'{"error": {"message": "maximum context length is 4096 tokens"}}')
+    assert (overflow.status, overflow.message) == (400, "maximum context length is 4096 tokens")
+    for status in (401, 403):  # a 401 from the gateway means the caller's key; this one is the engine's
+        refused = upstream_error(status, b'{"error": {"message": "Unauthorized"}}')
+        assert refused.status == 502 and f"HTTP {status}" in refused.message and refused.reason == "upstream_auth"
+    assert upstream_error(500, b"boom").status == 502
+
+
+async def test_a_removed_model_answers_its_waiters_at_once(clock):
+    from cxygpt_gateway.discovery.base import ModelSpec, Unavailable
+    from cxygpt_gateway.routing import Registry
+    table = default_table()
+    registry = Registry(table, clock=clock)
+    limits = table.get("DEV_32G").limits.model_copy(update={"max_concurrency": 1})
+    for name in ("gone", "down"):
+        registry.upsert(ModelSpec(name=name, urls=("http://a",), limits=limits, mode="multi", profile="DEV_32G"))
+    held = [await registry.get(n).queue.acquire() for n in ("gone", "down")]
+    waiting = {n: asyncio.ensure_future(registry.get(n).queue.acquire()) for n in ("gone", "down")}
+    await asyncio.sleep(0)
+    registry.remove("gone")  # deleted: 404 now, not a 503 at the end of the queue timeout
+    registry.reserve("down", Unavailable("model down is being set up", retry_after_s=7))
+    with pytest.raises(GatewayError) as gone:
+        await asyncio.wait_for(waiting["gone"], 1)
+    with pytest.raises(GatewayError) as down:
+        await asyncio.wait_for(waiting["down"], 1)
+    assert gone.value.status == 404 and (down.value.status, down.value.headers["Retry-After"]) == (503, "7")
+    for slot in held:
+        slot.release()

@@ -87,3 +87,19 @@ def test_the_oldest_modeldeployment_owns_a_served_name_in_any_namespace():
     assert name_owners({**mds, ("c-tenant", "chat"): twin}) == {"shared": ("c-tenant", "chat")}  # same second: uid
     del mds["b-tenant", "chat"]
     assert name_owners(mds) == {"shared": ("a-tenant", "chat")}  # the owner gone: the next oldest
+
+
+def test_an_older_model_renamed_onto_a_live_name_does_not_take_it_over():
+    owner = modeldeployment("victim", namespace="default", served="victim", created="2026-12-01T10:00:05Z", uid="b",
+                            nameClaim={"name": "victim", "since": "2026-12-01T10:00:05Z"})
+    renamed = modeldeployment("twin", namespace="tenant2", served="victim", created="2026-12-01T09:00:00Z", uid="a",
+                              nameClaim={"name": "twin", "since": "2026-12-01T09:00:00Z"})  # its old name's claim
+    renamed["metadata"]["generation"] = 2
+    mds = {("default", "victim"): owner, ("tenant2", "twin"): renamed}
+    assert name_owners(mds) == {"victim": ("default", "victim")}
+    # a claim the operator confirmed keeps its time even after other spec changes
+    owner["metadata"]["generation"] = 7
+    assert name_owners(mds) == {"victim": ("default", "victim")}
+    # the owner being deleted claims nothing: the name passes on
+    owner["metadata"]["deletionTimestamp"] = "2026-12-01T11:00:00Z"
+    assert name_owners(mds) == {"victim": ("tenant2", "twin")}

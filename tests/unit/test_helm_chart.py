@@ -299,8 +299,9 @@ def test_no_wildcard_or_dangerous_rbac(scenario):
             for field in ("apiGroups", "resources", "verbs", "resourceNames", "nonResourceURLs"):
                 assert "*" not in rule.get(field, []), f"{role['metadata']['name']}: {rule}"
             assert not {"escalate", "bind", "impersonate", "deletecollection"} & set(rule["verbs"]), rule
-            if "delete" in rule["verbs"]:  # only the policies the operator makes (and may have to remove)
-                assert (rule["apiGroups"], rule["resources"]) == (["networking.k8s.io"], ["networkpolicies"]), rule
+            if "delete" in rule["verbs"]:  # only the engine objects the operator makes (and may have to remove)
+                assert (rule["apiGroups"], rule["resources"]) in (
+                    (["networking.k8s.io"], ["networkpolicies"]), (["apps"], ["deployments"]), ([""], ["services"])), rule
             assert not {"secrets", "pods/exec", "pods/log", "serviceaccounts/token"} & set(rule["resources"]), rule
 
 

@@ -481,3 +481,17 @@ def test_a_rejected_deployment_fails_with_the_api_servers_message():
     assert _cond(status, "Degraded")["reason"] == "DeploymentRejected"
     assert "feature gate PodLifecycleSleepAction is off" in _cond(status, "Degraded")["message"]
     assert kube.statuses == [status] and kube.applied == ["Service", "NetworkPolicy"]
+
+
+def test_a_name_is_claimed_once_and_a_rename_makes_a_new_claim():
+    from cxygpt_operator.resolve import UNCONFIRMED, claimed_since, name_claim
+    created = {"metadata": {"creationTimestamp": "2026-12-01T10:00:00Z", "generation": 1},
+               "spec": {"model": {"name": "a"}}}
+    assert claimed_since(created) == "2026-12-01T10:00:00Z"  # never changed: since its creation
+    assert name_claim(created, "2026-12-01T12:00:00Z") == {"name": "a", "since": "2026-12-01T10:00:00Z"}
+    confirmed = {**created, "metadata": {**created["metadata"], "generation": 5},
+                 "status": {"nameClaim": {"name": "a", "since": "2026-12-01T10:00:00Z"}}}
+    assert claimed_since(confirmed) == "2026-12-01T10:00:00Z"  # other spec changes keep the claim
+    renamed = {**confirmed, "spec": {"model": {"name": "b"}}}
+    assert claimed_since(renamed) == UNCONFIRMED  # loses to every confirmed claim on "b"
+    assert name_claim(renamed, "2026-12-01T12:00:00Z") == {"name": "b", "since": "2026-12-01T12:00:00Z"}

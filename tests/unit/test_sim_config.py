@@ -4,7 +4,7 @@ import pytest
 from cxygpt_profiles import GpuNode, ProfileTableError, default_catalog, default_table, engine_args, select_profile
 from cxygpt_sim import config as sim_config
 from cxygpt_sim.config import ConfigError, build_parser, parse_config, split_unknown
-from cxygpt_sim.engine import SPEED_PROFILES
+from cxygpt_sim.speed import SPEED_PROFILES
 
 OPERATOR_ARGS = ["serve", "Qwen/Qwen3-14B", "--served-model-name", "qwen3-14b", "--host", "0.0.0.0", "--port", "8000",
                  "--dtype", "bfloat16", "--kv-cache-dtype", "fp8", "--max-model-len", "16384",
@@ -30,10 +30,26 @@ def test_engine_args_from_the_profile_library_parse():
 
 
 def test_unknown_vllm_flags_are_collected_with_their_values_and_later_flags_win():
-    config, ignored = parse_config(OPERATOR_ARGS + ["--swap-space", "16", "--enable-prefix-caching",
-                                                    "--max-num-batched-tokens=8192", "--max-num-seqs", "4"], env={})
-    assert ignored == ["--swap-space", "16", "--enable-prefix-caching", "--max-num-batched-tokens=8192"]
+    config, ignored = parse_config(OPERATOR_ARGS + ["--swap-space", "16", "--enable-chunked-prefill",
+                                                    "--long-prefill-token-threshold=512", "--max-num-seqs", "4"],
+                                   env={})
+    assert ignored == ["--swap-space", "16", "--enable-chunked-prefill", "--long-prefill-token-threshold=512"]
     assert config.max_num_seqs == 4
+
+
+def test_token_budget_defaults_like_vllms_api_server_and_follows_the_flag():
+    def budget(*extra):
+        return parse_config(["m", "--max-model-len", "1024", *extra], env={})[0].capacity.max_num_batched_tokens
+    assert budget() == 8192  # the default simulated GPU is an H100 80GB
+    assert budget("--sim-gpu-memory-mib", "46068") == 2048
+    assert budget("--speed-profile", "a100-80g") == 2048  # vLLM keeps the small budget on every A100
+    assert budget("--max-num-batched-tokens", "16k") == 16000
+
+
+def test_prefix_caching_is_on_by_default_and_can_be_turned_off():
+    def caching(*extra):
+        return parse_config(["m", "--max-model-len", "1024", *extra], env={})[0].capacity.enable_prefix_caching
+    assert caching() and caching("--enable-prefix-caching") and not caching("--no-enable-prefix-caching")
 
 
 def test_model_flag_without_serve_and_positional_wins():
@@ -83,7 +99,8 @@ def test_speed_from_flags_then_environment_then_profile():
     config, _ = parse_config(["m", "--max-model-len", "1024"], env={})
     assert config.speed == SPEED_PROFILES["h100-80g"]
     config, _ = parse_config(["m", "--max-model-len", "1024", "--ttft-ms", "0", "--itl-ms", "0"], env={})
-    assert config.speed.prefill_s(5000) == 0 and config.speed.instant_decode
+    assert config.speed.step_s(prefill_tokens=5000, sequences=4, context_tokens=9000) == 0
+    assert config.speed.instant_decode
     env = {"CXYGPT_SIM_TTFT_MS": "250", "CXYGPT_SIM_ITL_MS": "30", "CXYGPT_SIM_SEED": "3",
            "CXYGPT_SIM_SPEED_PROFILE": "rtx5090-32g", "CXYGPT_SIM_TEXT": "echo"}
     config, _ = parse_config(["m", "--max-model-len", "1024", "--itl-ms", "5"], env=env)

@@ -1,7 +1,8 @@
-"""Scheduler core with a fake clock: slots, KV blocks, waiting queue, preemption, cancel and the speed model."""
+"""Engine core with a fake clock: slots, KV blocks, waiting queue, preemption, cancel and the speed model."""
 import pytest
 
-from cxygpt_sim.engine import SPEED_PROFILES, Capacity, Scheduler, Sequence, Speed
+from cxygpt_sim.engine import Capacity, Scheduler, Sequence
+from cxygpt_sim.speed import SPEED_PROFILES, Speed
 
 STEADY = Speed(ttft_ms=100, itl_ms=10, prefill_ms_per_1k=0, itl_batch_slope=0)
 
@@ -15,7 +16,9 @@ def run(scheduler: Scheduler, now: float = 0.0, until=lambda s: not s.has_work) 
 
 
 def seqs(n, prompt=8, output=10):
-    return [Sequence(id=str(i), prompt_tokens=prompt, output_tokens=output, arrived=0.0) for i in range(n)]
+    """Distinct prompts, so nothing comes from the prefix cache."""
+    return [Sequence(id=str(i), prompt_ids=[1000 * i + t for t in range(prompt)], output_tokens=output, arrived=0.0)
+            for i in range(n)]
 
 
 def test_at_most_max_num_seqs_run_and_the_rest_wait():
@@ -39,10 +42,23 @@ def test_waves_of_ttft_follow_queueing():
             assert q.generated == 10 and q.state == "finished"
 
 
-def test_prefill_grows_with_prompt_and_decode_with_batch():
+def test_a_step_grows_with_prefill_tokens_batch_and_context():
     speed = SPEED_PROFILES["h100-80g"]
-    assert speed.prefill_s(4000) > speed.prefill_s(100) > 0
-    assert speed.decode_s(64) > speed.decode_s(1) > 0
+
+    def step(prefill=0, sequences=1, context=100):
+        return speed.step_s(prefill_tokens=prefill, sequences=sequences, context_tokens=context)
+    assert step(prefill=4000) > step(prefill=100) > step() > 0
+    assert step(sequences=64) > step(sequences=1)
+    assert step(context=100_000) > step(context=100)
+    assert speed.step_s(prefill_tokens=0, sequences=0, context_tokens=0) == 0
+
+
+def test_the_knobs_keep_their_meaning_on_an_idle_engine():
+    speed = Speed(ttft_ms=100, itl_ms=10, prefill_ms_per_1k=50, itl_batch_slope=0.1, context_ms_per_1k=1)
+    # a short prompt alone: --ttft-ms (plus its tiny prefill and context); one decoding sequence: --itl-ms
+    assert speed.step_s(prefill_tokens=1, sequences=1, context_tokens=0) == pytest.approx(0.10005)
+    assert speed.step_s(prefill_tokens=0, sequences=1, context_tokens=0) == pytest.approx(0.010)
+    assert speed.step_s(prefill_tokens=0, sequences=11, context_tokens=2000) == pytest.approx(0.022)
 
 
 def test_a_request_without_kv_blocks_waits_at_the_head():
@@ -133,6 +149,8 @@ def test_jitter_is_deterministic_with_a_seed():
 
 def test_overrides_scale_prefill_with_ttft_so_zero_means_instant():
     base = SPEED_PROFILES["h100-80g"]
-    assert base.with_overrides(ttft_ms=0, itl_ms=0).prefill_s(10_000) == 0
+    assert base.with_overrides(ttft_ms=0, itl_ms=0).step_s(prefill_tokens=10_000, sequences=8,
+                                                           context_tokens=50_000) == 0
+    assert base.with_overrides(itl_ms=base.itl_ms * 2).context_ms_per_1k == pytest.approx(base.context_ms_per_1k * 2)
     assert base.with_overrides(ttft_ms=base.ttft_ms * 2).prefill_ms_per_1k == base.prefill_ms_per_1k * 2
     assert base.with_overrides(ttft_ms=0, prefill_ms_per_1k=5).prefill_ms_per_1k == 5

@@ -1,7 +1,8 @@
 """Prometheus exposition: vLLM's metric names, types and labels, fed by scheduler progress."""
 from prometheus_client.parser import text_string_to_metric_families
 
-from cxygpt_sim.engine import Capacity, Scheduler, Sequence, Speed
+from cxygpt_sim.engine import Capacity, Scheduler, Sequence
+from cxygpt_sim.speed import Speed
 from cxygpt_sim.metrics import EngineMetrics
 
 SPEED = Speed(ttft_ms=100, itl_ms=10, prefill_ms_per_1k=0, itl_batch_slope=0)
@@ -24,7 +25,9 @@ def test_names_types_and_labels_match_vllm():
         "vllm:request_success": "counter", "vllm:num_preemptions": "counter",
         "vllm:time_to_first_token_seconds": "histogram", "vllm:time_per_output_token_seconds": "histogram",
         "vllm:inter_token_latency_seconds": "histogram", "vllm:request_time_per_output_token_seconds": "histogram",
-        "vllm:e2e_request_latency_seconds": "histogram", "vllm:request_queue_time_seconds": "histogram"}
+        "vllm:e2e_request_latency_seconds": "histogram", "vllm:request_queue_time_seconds": "histogram",
+        "vllm:prefix_cache_queries": "counter", "vllm:prefix_cache_hits": "counter",
+        "vllm:iteration_tokens_total": "histogram"}
     assert {name: found[name].type for name in expected} == expected
     assert found["vllm:num_requests_running"].samples[0].labels == {"model_name": "qwen3-14b", "engine": "0"}
     text = m.exposition().decode()
@@ -34,17 +37,19 @@ def test_names_types_and_labels_match_vllm():
 def test_gauges_read_the_scheduler_and_events_feed_counters_and_histograms():
     s = Scheduler(Capacity(max_num_seqs=1, kv_blocks=10, block_size=16), SPEED)
     m = EngineMetrics(s, "m")
-    a, b = (Sequence(id=str(i), prompt_tokens=20, output_tokens=3, arrived=0.0) for i in range(2))
+    a, b = (Sequence(id=str(i), prompt_ids=list(range(i, i + 20)), output_tokens=3, arrived=0.0) for i in range(2))
     s.submit(a)
     s.submit(b)
-    now = s.begin_step(0.0).duration_s
+    step = s.begin_step(0.0)
+    now = step.duration_s
     f = families(m)
     assert (sample(f["vllm:num_requests_running"]), sample(f["vllm:num_requests_waiting"])) == (1, 1)
     assert sample(f["vllm:kv_cache_usage_perc"]) == 0.2
-    m.record_step(s.end_step(now), now)
+    m.record_step(step, s.end_step(now), now)
     while a.state != "finished":
-        now += s.begin_step(now).duration_s
-        m.record_step(s.end_step(now), now)
+        step = s.begin_step(now)
+        now += step.duration_s
+        m.record_step(step, s.end_step(now), now)
     m.record_finish("length")
     s.cancel(b)
     m.record_abort(b, now)
@@ -63,9 +68,28 @@ def test_gauges_read_the_scheduler_and_events_feed_counters_and_histograms():
 def test_instant_decode_records_many_equal_observations_at_once():
     s = Scheduler(Capacity(max_num_seqs=1, kv_blocks=10), Speed(0, 0, 0, 0))
     m = EngineMetrics(s, "m")
-    s.submit(Sequence(id="a", prompt_tokens=5, output_tokens=50, arrived=0.0))
-    s.begin_step(0.0)
-    m.record_step(s.end_step(0.0), 0.0)
+    s.submit(Sequence(id="a", prompt_ids=[1, 2, 3, 4, 5], output_tokens=50, arrived=0.0))
+    m.record_step(s.begin_step(0.0), s.end_step(0.0), 0.0)
     f = families(m)
     assert sample(f["vllm:inter_token_latency_seconds"], "_count") == 49
     assert sample(f["vllm:generation_tokens"], "_total") == 50
+
+
+def test_prefix_cache_counters_and_iteration_tokens():
+    s = Scheduler(Capacity(max_num_seqs=4, kv_blocks=20, block_size=16), SPEED)
+    m = EngineMetrics(s, "m")
+    shared = list(range(40))  # two full blocks of 16 and a tail of 8
+    now = 0.0
+    for i in range(2):
+        s.submit(Sequence(id=str(i), prompt_ids=shared, output_tokens=2, arrived=now))
+        while s.has_work:
+            step = s.begin_step(now)
+            now += step.duration_s
+            m.record_step(step, s.end_step(now), now)
+    f = families(m)
+    assert sample(f["vllm:prefix_cache_queries"], "_total") == 80
+    assert sample(f["vllm:prefix_cache_hits"], "_total") == 32
+    # per request: one prefill step (40 tokens, then 8 after the hit) and one decode step of 1 token
+    buckets = {s.labels["le"]: s.value for s in f["vllm:iteration_tokens_total"].samples if s.name.endswith("_bucket")}
+    assert (buckets["1"], buckets["8"], buckets["32"], buckets["64"]) == (2, 3, 3, 4)
+    assert sample(f["vllm:iteration_tokens_total"], "_sum") == 40 + 8 + 2

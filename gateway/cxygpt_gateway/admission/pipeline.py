@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING
 import orjson
 from fastapi import Request
 
-from ..discovery.base import Unavailable
 from ..errors import GatewayError
+from ..routing import no_ready_replica
 from ..exchange import ClientLeft, Exchange, body_too_large
 from .auth import Caller
 from .ratelimit import Scope
@@ -53,14 +53,6 @@ def read_headers(headers: list[tuple[bytes, bytes]]) -> dict[bytes, str]:
         if name in READ_HEADERS and name not in found:
             found[name] = value.decode("latin-1")
     return found
-
-
-def no_ready_replica(name: str, why: "Unavailable | None") -> GatewayError:
-    """503 for a model that exists but has no replica to take the request, saying why (and when to retry)."""
-    why = why or Unavailable(f"model {name} has no ready replica right now (each one failed its last request "
-                             "or health check)", retry_after_s=5)
-    return GatewayError(503, why.message, code="no_ready_replica", reason="no_ready_replica",
-                        retry_after=why.retry_after_s)
 
 
 def _rate_scopes(route: "ModelRoute", caller: Caller) -> list[Scope]:

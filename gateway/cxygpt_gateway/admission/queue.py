@@ -126,7 +126,7 @@ class ModelQueue:
             if waiter.future.done() and not waiter.future.cancelled():
                 # handed a slot in the same instant the wait was cancelled: give it on
                 slot = Slot(self, waiter.future.result(), arrived, 0.0)
-                slot.release()
+                slot.release(served=False)
             else:
                 waiter.cancelled = True
                 self.waiting -= 1
@@ -143,6 +143,15 @@ class ModelQueue:
         if served:
             self.service_s_ewma += 0.2 * ((self.clock() - slot.started) - self.service_s_ewma)
         self._dispatch()
+
+    def close(self, make_error: Callable[[], Exception]) -> None:
+        """The model is gone, or lost its route: everyone waiting gets an answer now (`make_error()` each), not
+        at the end of their queue timeout."""
+        while self._heap:
+            _, _, waiter = heapq.heappop(self._heap)
+            if not waiter.cancelled and not waiter.future.done():
+                self.waiting -= 1
+                waiter.future.set_exception(make_error())
 
     def _dispatch(self) -> None:
         while self._heap:

@@ -69,18 +69,32 @@ def why_unavailable(md: dict) -> Unavailable:
     return Unavailable(f"model {name} is being set up (the operator has not reported on it yet)", retry_after_s=5)
 
 
-def _age(md: dict) -> tuple[str, str]:
-    meta = md.get("metadata") or {}
-    return meta.get("creationTimestamp") or "~", meta.get("uid") or ""  # RFC 3339 UTC sorts as text
+def _claim(md: dict) -> tuple[str, str]:
+    """When the model claimed its served name, then its uid: the operator's rule (RFC 3339 UTC sorts as text).
+    The time its status confirms (status.nameClaim); else its creation for a spec never changed; else a claim
+    not yet confirmed ("~" sorts last), so a model renamed onto a live name never takes it over."""
+    meta, status = md.get("metadata") or {}, md.get("status") or {}
+    served = ((md.get("spec") or {}).get("model") or {}).get("name")
+    claim = status.get("nameClaim") or {}
+    if served and claim.get("name") == served and claim.get("since"):
+        since = claim["since"]
+    elif (meta.get("generation") or 1) == 1 and meta.get("creationTimestamp"):
+        since = meta["creationTimestamp"]
+    else:
+        since = "~"
+    return since, meta.get("uid") or ""
 
 
 def name_owners(mds: dict[tuple[str, str], dict]) -> dict[str, tuple[str, str]]:
-    """Served model name → the ModelDeployment that owns it: the oldest (creationTimestamp, then uid), in any
-    namespace, as the operator decides; the others are conflicts and get no route."""
+    """Served model name → the ModelDeployment that owns it: the first to claim it (then the smaller uid), in any
+    namespace, as the operator decides; the others are conflicts and get no route. One being deleted claims
+    nothing."""
     owners: dict[str, tuple[str, str]] = {}
     for key, md in mds.items():
         name = ((md.get("spec") or {}).get("model") or {}).get("name")
-        if name and (name not in owners or _age(md) < _age(mds[owners[name]])):
+        if (md.get("metadata") or {}).get("deletionTimestamp"):
+            continue
+        if name and (name not in owners or _claim(md) < _claim(mds[owners[name]])):
             owners[name] = key
     return owners
 
