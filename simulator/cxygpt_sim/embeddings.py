@@ -27,7 +27,7 @@ def vector(ids: list[int], dimensions: int | None = None) -> list[float]:
                 out[at] += 1.0 if h >> (31 - SIZE_BITS) & 1 else -1.0
     norm = math.sqrt(sum(x * x for x in out))
     if norm == 0:
-        # no feature falls into the kept coordinates (an empty input, a tiny size): still a unit vector
+        # no feature falls into the kept coordinates (a size so small that none lands in it): still a unit vector
         return [1.0] + [0.0] * (size - 1)
     return [x / norm for x in out]
 

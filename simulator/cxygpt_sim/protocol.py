@@ -447,6 +447,9 @@ def parse_embeddings(body, served: tuple[str, ...], max_model_len: int) -> Embed
                                "strings, a list of token ids or a list of lists of token ids", body["input"])
     inputs = tuple(text.token_ids(i) if isinstance(i, str) else i for i in given)
     for ids in inputs:
+        if not ids:
+            # Qwen's tokenizer adds no special tokens, so an empty text is an empty prompt, which vLLM refuses
+            raise ApiError(400, "The decoder prompt cannot be empty")
         _check_vocabulary(ids)
         check_input_length(len(ids), max_model_len)
     fmt = body.get("encoding_format") or "float"

@@ -85,6 +85,8 @@ def test_embeddings_inputs_are_token_ids_each_within_the_context():
     assert protocol.parse_embeddings({"input": [1, 2]}, SERVED, 100).inputs == ([1, 2],)
     e = error_of(protocol.parse_embeddings, {"input": [[1, 2], [1] * 101]}, SERVED, 100)
     assert (e.status, e.param) == (400, "input_tokens") and "contains 101 input tokens" in e.message
+    e = error_of(protocol.parse_embeddings, {"input": ["a", ""]}, SERVED, 100)
+    assert (e.status, e.message) == (400, "The decoder prompt cannot be empty")
 
 
 @pytest.mark.parametrize("body, param", [
@@ -102,7 +104,7 @@ def test_vectors_cut_then_normalised_and_base64_round_trips():
     assert sum(x * x for x in short) == pytest.approx(1)
     scale = sum(x * x for x in full[:16]) ** 0.5
     assert short == pytest.approx([x / scale for x in full[:16]])
-    assert embeddings.vector([]) == [1.0] + [0.0] * (embeddings.SIZE - 1)
+    assert embeddings.vector([], 4) == [1.0, 0.0, 0.0, 0.0]
     assert embeddings.encode([0.5, -1.0], "base64") == "AAAAPwAAgL8=" and embeddings.encode([0.5], "float") == [0.5]
 
 
