@@ -231,6 +231,7 @@ def parse_completion(body, served: tuple[str, ...]) -> Generation:
         raise validation_error("body.prompt", "value_error",
                                "Value error, prompt must be a string, a list of token ids, or a list of one of those",
                                prompt)
+    _check_not_empty(prompt_ids)
     stream, include_usage, ignore_eos = _common(body, served)
     max_tokens, param = _max_tokens(body, "max_tokens")
     logprobs = _field(body, "logprobs", int, "integer")
@@ -311,6 +312,12 @@ def parse_detokenize(body, served: tuple[str, ...]) -> list[int]:
         raise validation_error("body.tokens", "list_type", "Input should be a valid list of token ids", ids)
     _check_vocabulary(ids)
     return ids
+
+
+def _check_not_empty(ids: list[int]) -> None:
+    if not ids:
+        # Qwen's tokenizer adds no special tokens, so an empty text is an empty prompt, which vLLM refuses
+        raise ApiError(400, "The decoder prompt cannot be empty")
 
 
 def _check_vocabulary(ids: list[int]) -> None:
@@ -447,9 +454,7 @@ def parse_embeddings(body, served: tuple[str, ...], max_model_len: int) -> Embed
                                "strings, a list of token ids or a list of lists of token ids", body["input"])
     inputs = tuple(text.token_ids(i) if isinstance(i, str) else i for i in given)
     for ids in inputs:
-        if not ids:
-            # Qwen's tokenizer adds no special tokens, so an empty text is an empty prompt, which vLLM refuses
-            raise ApiError(400, "The decoder prompt cannot be empty")
+        _check_not_empty(ids)
         _check_vocabulary(ids)
         check_input_length(len(ids), max_model_len)
     fmt = body.get("encoding_format") or "float"

@@ -33,6 +33,8 @@ def test_completion_prompt_forms():
     assert protocol.parse_completion({"prompt": ["a b"]}, SERVED).prompt_tokens == 2
     e = error_of(protocol.parse_completion, {"prompt": ["a", "b"]}, SERVED)
     assert (e.status, e.param) == (400, "prompt")
+    e = error_of(protocol.parse_completion, {"prompt": ""}, SERVED)
+    assert (e.status, e.message) == (400, "The decoder prompt cannot be empty")
 
 
 @pytest.mark.parametrize("body, param", [
