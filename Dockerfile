@@ -28,7 +28,8 @@ COPY gateway ./gateway
 RUN pip install --no-deps .
 
 FROM builder AS sim-build
-RUN python pick_deps.py aiohttp orjson uvloop prometheus-client pydantic pyyaml > requirements.txt \
+# quicktok-v1 (the tokenizer, its vocabulary inside the wheel) brings numpy, its own requirement
+RUN python pick_deps.py aiohttp orjson uvloop prometheus-client pydantic pyyaml quicktok-v1 > requirements.txt \
  && pip install -r requirements.txt
 COPY simulator ./simulator
 RUN pip install --no-deps .

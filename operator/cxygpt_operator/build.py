@@ -153,6 +153,8 @@ def build_deployment(owner: Owner, spec: ModelSpec, sel: Selection, table: Profi
     port = table.vllm.port
     model, volumes, mounts, env = _storage(spec, sel.profile.weights)
     args = engine_args(sel, model=model, served_name=spec.served_name, port=port)
+    if spec.task == "embed":
+        args += ["--runner", "pooling"]
     if spec.trust_remote_code:
         args.append("--trust-remote-code")
     args += list(spec.extra_args)

@@ -11,6 +11,7 @@ from cxygpt_profiles.select import node_matches
 # spec.model.facts (camelCase, as in the CRD) → ModelFacts fields
 MAX_REPLICAS = 64  # the CRD's maximum, repeated for specs applied without the schema
 ROLLOUT_STRATEGIES = ("Surge", "InPlace")
+TASKS = ("generate", "embed")
 
 # Arguments that wire the engine to its Service and the gateway: an override gives an engine that reports
 # Ready and never answers. vLLM's parser reads `_` as `-` in flag names and, being argparse, expands an
@@ -50,6 +51,7 @@ class ModelSpec:
     fallback_model: str | None = None
     trust_remote_code: bool = False
     rollout: str = "Surge"
+    task: str = "generate"   # embed: an embedding model (the engine's pooling runner)
 
     def source_for(self, weights: str) -> str:
         return self.source if weights == "bf16" else self.variants[weights]
@@ -120,6 +122,9 @@ def parse_spec(spec: dict) -> ModelSpec:
     rollout = (spec.get("rollout") or {}).get("strategy") or "Surge"
     if rollout not in ROLLOUT_STRATEGIES:
         raise SpecError(f"spec.rollout.strategy must be one of {', '.join(ROLLOUT_STRATEGIES)}, not {rollout!r}")
+    task = model.get("task") or "generate"
+    if task not in TASKS:
+        raise SpecError(f"spec.model.task must be one of {', '.join(TASKS)}, not {task!r}")
     _check_engine(engine)
     return ModelSpec(
         served_name=model["name"], source=model["source"], variants=dict(model.get("variants") or {}),
@@ -128,7 +133,7 @@ def parse_spec(spec: dict) -> ModelSpec:
         extra_args=tuple(engine.get("args") or ()),
         env=tuple((e["name"], e.get("value", "")) for e in engine.get("env") or ()),
         cache_claim=spec.get("cacheClaim"), fallback_model=spec.get("fallbackModel"),
-        trust_remote_code=engine.get("trustRemoteCode") is True, rollout=rollout)
+        trust_remote_code=engine.get("trustRemoteCode") is True, rollout=rollout, task=task)
 
 
 def _positive_int(text: str) -> int | None:

@@ -55,6 +55,7 @@ class SimConfig:
     speed_profile: str
     seed: int | None
     text: str
+    runner: str = "generate"  # "pooling": an embedding model (/v1/embeddings instead of generation)
 
     @property
     def served_name(self) -> str:
@@ -117,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--model", default=None)
     v.add_argument("--served-model-name", nargs="+", default=None,
                    help="names the API answers to; the first is reported (default: the model)")
+    v.add_argument("--runner", choices=("auto", "generate", "pooling"), default="auto",
+                   help="pooling: serve the model as an embedding model (vLLM >= 0.10); auto and generate: text")
+    v.add_argument("--convert", choices=("auto", "none", "embed"), default="auto",
+                   help="embed: adapt the model to embeddings, which implies --runner pooling")
     v.add_argument("--host", default="0.0.0.0", help="default 0.0.0.0")
     v.add_argument("--port", type=int, default=8000, help="default 8000")
     v.add_argument("--api-key", default=None, help="require this bearer token on /v1 routes")
@@ -297,5 +302,6 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str] | None = None) -> t
         block_size=a.block_size, max_num_batched_tokens=max_num_batched_tokens,
         enable_prefix_caching=a.enable_prefix_caching, vocab_size=budget.vocab_size, api_key=a.api_key,
         shutdown_timeout=a.shutdown_timeout, speed=speed,
-        speed_profile=profile, seed=knob("sim_seed", a.sim_seed, int), text=text)
+        speed_profile=profile, seed=knob("sim_seed", a.sim_seed, int), text=text,
+        runner="pooling" if a.runner == "pooling" or a.convert == "embed" else "generate")
     return config, unknown

@@ -47,6 +47,15 @@ class Generation:
     include_usage: bool
     ignore_eos: bool
     prompt_ids: list[int] = field(default_factory=list)  # the same prompt's token ids, for the prefix cache
+    n: int = 1
+    stop: tuple[str, ...] = ()
+    include_stop_str_in_output: bool = False
+    logprobs: int | None = None     # top alternatives per token; None: no logprobs
+    echo: bool = False
+    prompt_text: str = ""           # what echo repeats
+    tools: tuple = ()               # the functions offered ({"name", "parameters", ...})
+    tool_choice: object = None      # None, "none", "auto", "required" or {"type": "function", "function": {...}}
+    response_format: dict | None = field(default=None)  # {"schema": ...} or {} for json_object
 
 
 def _field(body: dict, name: str, kind, kind_name: str, check=None, hint: str = ""):
@@ -65,9 +74,6 @@ def _common(body: dict, served: tuple[str, ...]) -> tuple[bool, bool, bool]:
     model = _field(body, "model", str, "string")
     if model is not None and model not in served:
         raise unknown_model(model, served)
-    n = _field(body, "n", int, "integer")
-    if n is not None and n != 1:
-        raise ApiError(400, f"n={n} is not supported by the engine simulator; use n=1", param="n")
     stream = bool(_field(body, "stream", bool, "boolean"))
     options = _field(body, "stream_options", dict, "dictionary") or {}
     include_usage = bool(_field(options, "include_usage", bool, "boolean"))
@@ -76,6 +82,101 @@ def _common(body: dict, served: tuple[str, ...]) -> tuple[bool, bool, bool]:
                                "`stream=True`.", None)
     ignore_eos = bool(_field(body, "ignore_eos", bool, "boolean"))
     return stream, include_usage, ignore_eos
+
+
+MAX_LOGPROBS = 20  # vLLM's --max-logprobs default
+
+
+def vllm_error(message: str, param: str, value=None) -> ApiError:
+    """A VLLMValidationError: its message with the parameter (and value) appended, as vLLM renders it."""
+    suffix = f"parameter={param}" + (f", value={value}" if value is not None else "")
+    return ApiError(400, f"{message} ({suffix})", param=param)
+
+
+def _sampling(body: dict) -> dict:
+    """n and stop strings, shared by chat and completions."""
+    n = _field(body, "n", int, "integer")
+    if n is not None and n < 1:
+        raise vllm_error(f"n must be at least 1, got {n}.", "n", n)
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        stop = [stop]
+    if stop is not None and not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
+        raise validation_error("body.stop", "string_type", "Input should be a valid string or list of strings", stop)
+    include = bool(_field(body, "include_stop_str_in_output", bool, "boolean"))
+    return {"n": n or 1, "stop": tuple(stop or ()), "include_stop_str_in_output": include}
+
+
+def _bounded_logprobs(count: int) -> int:
+    if count > MAX_LOGPROBS:
+        raise vllm_error(f"Requested sample logprobs of {count}, which is greater than max allowed: {MAX_LOGPROBS}",
+                         "logprobs", count)
+    return count
+
+
+def _chat_logprobs(body: dict) -> int | None:
+    wanted = _field(body, "logprobs", bool, "boolean")
+    top = _field(body, "top_logprobs", int, "integer")
+    if top is not None:
+        if top < 0 and top != -1:
+            raise vllm_error("`top_logprobs` must be a positive value or -1.", "top_logprobs", top)
+        if top != 0 and not wanted:
+            raise vllm_error("when using `top_logprobs`, `logprobs` must be set to true.", "top_logprobs")
+    if not wanted:
+        return None
+    # -1 asks for the whole vocabulary, which is over the bound as on vLLM
+    return _bounded_logprobs(text.VOCAB_SIZE if top == -1 else top or 0)
+
+
+def _value_error(message: str) -> ApiError:
+    return validation_error("body", "value_error", f"Value error, {message}")
+
+
+def _tools(body: dict) -> tuple[tuple, object]:
+    """vLLM's check_tool_usage, in its words."""
+    tools, choice = body.get("tools"), body.get("tool_choice")
+    if choice is None and tools:
+        choice = "auto"
+    if choice is None or choice == "none":
+        return (), choice
+    if tools is None:
+        raise _value_error("When using `tool_choice`, `tools` must be set.")
+    if not isinstance(tools, list) or not all(isinstance(t, dict) and isinstance(t.get("function"), dict)
+                                              and isinstance(t["function"].get("name"), str) for t in tools):
+        raise validation_error("body.tools", "list_type", "Input should be a valid list of function tools", tools)
+    if choice not in ("auto", "required") and not isinstance(choice, dict):
+        raise _value_error(f"Invalid value for `tool_choice`: {choice}! Only named tools, \"none\", \"auto\" or "
+                           f"\"required\" are supported.")
+    if choice == "required" and not tools:
+        return (), "none"
+    functions = tuple(t["function"] for t in tools)
+    if isinstance(choice, dict):
+        usage = 'Correct usage: `{"type": "function", "function": {"name": "my_function"}}`'
+        function = choice.get("function")
+        if not isinstance(function, dict):
+            raise _value_error(f"Invalid value for `function`: `{function}` in `tool_choice`! {usage}")
+        if "name" not in function:
+            raise _value_error(f"Expected field `name` in `function` in `tool_choice`! {usage}")
+        if not isinstance(function["name"], str) or not function["name"]:
+            raise _value_error(f"Invalid `name` in `function`: `{function['name']}` in `tool_choice`! {usage}")
+        if all(f["name"] != function["name"] for f in functions):
+            raise _value_error("The tool specified in `tool_choice` does not match any of the specified `tools`")
+    return functions, choice
+
+
+def _response_format(body: dict) -> dict | None:
+    fmt = _field(body, "response_format", dict, "dictionary")
+    if fmt is None or fmt.get("type") == "text":
+        return None
+    if fmt.get("type") == "json_object":
+        return {}
+    if fmt.get("type") == "json_schema":
+        spec = fmt.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+            raise validation_error("body.response_format.json_schema", "missing", "Field required", spec)
+        return {"schema": spec["schema"]}
+    raise validation_error("body.response_format.type", "literal_error",
+                           "Input should be 'text', 'json_object', 'json_schema' or 'structural_tag'", fmt.get("type"))
 
 
 def _max_tokens(body: dict, *names: str) -> tuple[int | None, str]:
@@ -97,9 +198,12 @@ def parse_chat(body, served: tuple[str, ...]) -> Generation:
         raise validation_error(e.loc, "value_error", f"Value error, {e}") from None
     stream, include_usage, ignore_eos = _common(body, served)
     max_tokens, param = _max_tokens(body, "max_completion_tokens", "max_tokens")
+    tools, tool_choice = _tools(body)
     prompt_ids = text.token_ids(rendered)
     return Generation(prompt_tokens=len(prompt_ids), prompt_ids=prompt_ids,
                       reply_source=text.last_user_text(body["messages"]) or rendered, max_tokens=max_tokens,
+                      **_sampling(body), logprobs=_chat_logprobs(body), tools=tools, tool_choice=tool_choice,
+                      response_format=_response_format(body),
                       max_tokens_param=param, stream=stream, include_usage=include_usage, ignore_eos=ignore_eos)
 
 
@@ -118,6 +222,7 @@ def parse_completion(body, served: tuple[str, ...]) -> Generation:
     if isinstance(prompt, str):
         source, prompt_ids = prompt, text.token_ids(prompt)
     elif _is_token_ids(prompt) and prompt:
+        _check_vocabulary(prompt)
         source, prompt_ids = " ".join(map(str, prompt)), prompt
     elif isinstance(prompt, list) and len(prompt) > 1:
         raise ApiError(400, "the engine simulator takes one prompt per request; send a batch as separate requests",
@@ -126,21 +231,33 @@ def parse_completion(body, served: tuple[str, ...]) -> Generation:
         raise validation_error("body.prompt", "value_error",
                                "Value error, prompt must be a string, a list of token ids, or a list of one of those",
                                prompt)
+    _check_not_empty(prompt_ids)
     stream, include_usage, ignore_eos = _common(body, served)
     max_tokens, param = _max_tokens(body, "max_tokens")
-    return Generation(prompt_tokens=len(prompt_ids), prompt_ids=prompt_ids, reply_source=source,
+    logprobs = _field(body, "logprobs", int, "integer")
+    if logprobs is not None and logprobs < 0:
+        raise vllm_error("`logprobs` must be a positive value.", "logprobs", logprobs)
+    echo = bool(_field(body, "echo", bool, "boolean"))
+    return Generation(prompt_tokens=len(prompt_ids), prompt_ids=prompt_ids, reply_source=source, **_sampling(body),
+                      logprobs=None if logprobs is None else _bounded_logprobs(logprobs), echo=echo,
+                      prompt_text=prompt if isinstance(prompt, str) else text.detokenize(prompt),
+                      response_format=_response_format(body),
                       max_tokens=max_tokens, max_tokens_param=param, stream=stream, include_usage=include_usage,
                       ignore_eos=ignore_eos)
 
 
-def output_budget(g: Generation, max_model_len: int) -> int:
-    """max_tokens after vLLM's length checks; ApiError(400) naming the limit when the request cannot fit."""
-    if g.prompt_tokens > max_model_len:
+def check_input_length(prompt_tokens: int, max_model_len: int) -> None:
+    if prompt_tokens > max_model_len:
         # vLLM 0.33's renderer message, including the suffix its VLLMValidationError adds
         raise ApiError(400, f"This model's maximum context length is {max_model_len} tokens. However, your prompt "
-                            f"contains {g.prompt_tokens} input tokens, which exceeds this limit even without any "
+                            f"contains {prompt_tokens} input tokens, which exceeds this limit even without any "
                             f"output tokens. Please reduce the length of the input prompt. "
-                            f"(parameter=input_tokens, value={g.prompt_tokens})", param="input_tokens")
+                            f"(parameter=input_tokens, value={prompt_tokens})", param="input_tokens")
+
+
+def output_budget(g: Generation, max_model_len: int) -> int:
+    """max_tokens after vLLM's length checks; ApiError(400) naming the limit when the request cannot fit."""
+    check_input_length(g.prompt_tokens, max_model_len)
     if g.max_tokens is not None and g.max_tokens > max_model_len:
         raise ApiError(400, f"{g.max_tokens_param}={g.max_tokens} cannot be greater than "
                             f"max_model_len={max_model_len}. Please request fewer output tokens. "
@@ -179,3 +296,172 @@ def parse_tokenize(body, served: tuple[str, ...]) -> TokenizeRequest:
     if prompt is None:
         raise validation_error("body.prompt", "missing", "Field required")
     return TokenizeRequest(prompt, strs)
+
+
+def parse_detokenize(body, served: tuple[str, ...]) -> list[int]:
+    """/detokenize's token ids; an id outside the vocabulary is vLLM's 400."""
+    if not isinstance(body, dict):
+        raise validation_error("body", "model_attributes_type", "Input should be a valid dictionary or object", body)
+    model = _field(body, "model", str, "string")
+    if model is not None and model not in served:
+        raise unknown_model(model, served)
+    if "tokens" not in body:
+        raise validation_error("body.tokens", "missing", "Field required")
+    ids = body["tokens"]
+    if not _is_token_ids(ids):
+        raise validation_error("body.tokens", "list_type", "Input should be a valid list of token ids", ids)
+    _check_vocabulary(ids)
+    return ids
+
+
+def _check_not_empty(ids: list[int]) -> None:
+    if not ids:
+        # Qwen's tokenizer adds no special tokens, so an empty text is an empty prompt, which vLLM refuses
+        raise ApiError(400, "The decoder prompt cannot be empty")
+
+
+def _check_vocabulary(ids: list[int]) -> None:
+    if ids and max(ids) >= text.VOCAB_SIZE:
+        raise ApiError(400, f"Token id {max(ids)} is out of vocabulary", param="tokens")
+
+
+def _object(body) -> dict:
+    if not isinstance(body, dict):
+        raise validation_error("body", "model_attributes_type", "Input should be a valid dictionary or object", body)
+    return body
+
+
+def _model(body: dict, served: tuple[str, ...]) -> None:
+    model = _field(body, "model", str, "string")
+    if model is not None and model not in served:
+        raise unknown_model(model, served)
+
+
+@dataclass(frozen=True)
+class ResponsesRequest:
+    """A validated /v1/responses request: the generation it asks for, and the fields its response repeats."""
+    generation: Generation
+    echoed: dict
+
+
+# what a response repeats of its request when the request leaves it out (vLLM's ResponsesRequest defaults)
+RESPONSE_DEFAULTS = {"instructions": None, "metadata": None, "parallel_tool_calls": True, "temperature": 1.0,
+                     "tool_choice": "auto", "tools": [], "top_p": 1.0, "background": False, "max_tool_calls": None,
+                     "previous_response_id": None, "prompt": None, "reasoning": None, "service_tier": "auto",
+                     "text": None, "truncation": "disabled", "user": None}
+
+
+def _input_text(content, loc: str):
+    """An input item's content as chat content: a string, or its input_text/output_text parts as text parts."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    if not isinstance(content, list):
+        raise validation_error(loc, "value_error", "Value error, content must be a string or a list of parts", content)
+    return [{"type": "text", "text": p.get("text")} if p.get("type") in ("input_text", "output_text") else p
+            for p in content if isinstance(p, dict)]
+
+
+def responses_messages(body: dict) -> list[dict]:
+    """The chat messages vLLM renders for a Responses input: instructions as the system message, a string input as
+    the user's, message items as they are, a function call's output as a tool message; reasoning items are
+    dropped and a function call is an assistant turn with no text (the template here renders no tool calls)."""
+    messages = [{"role": "system", "content": body["instructions"]}] if body.get("instructions") else []
+    given = body["input"]
+    if isinstance(given, str):
+        return messages + [{"role": "user", "content": given}]
+    if not isinstance(given, list) or not given:
+        raise validation_error("body.input", "value_error", "Value error, input must be a string or a non-empty "
+                               "list of input items", given)
+    for i, item in enumerate(given):
+        loc = f"body.input.{i}"
+        kind = item.get("type", "message") if isinstance(item, dict) else None
+        if kind == "message" and isinstance(item.get("role"), str):
+            messages.append({"role": item["role"], "content": _input_text(item.get("content"), f"{loc}.content")})
+        elif kind == "function_call_output":
+            messages.append({"role": "tool", "content": _input_text(item.get("output"), f"{loc}.output")})
+        elif kind == "function_call":
+            messages.append({"role": "assistant", "content": ""})
+        elif kind != "reasoning":
+            raise validation_error(loc, "union_tag_invalid", "Input should be a message, function_call, "
+                                   "function_call_output or reasoning item", item)
+    return messages
+
+
+def _text_format(body: dict) -> dict | None:
+    """text.format, the Responses API's response_format (json_schema carries its schema inline)."""
+    fmt = (_field(body, "text", dict, "dictionary") or {}).get("format")
+    if not isinstance(fmt, dict):
+        return None
+    if fmt.get("type") == "json_schema":
+        return _response_format({"response_format": {"type": "json_schema", "json_schema": fmt}})
+    return _response_format({"response_format": fmt})
+
+
+def parse_responses(body, served: tuple[str, ...]) -> ResponsesRequest:
+    body = _object(body)
+    if "input" not in body:
+        raise validation_error("body.input", "missing", "Field required")
+    _model(body, served)
+    _field(body, "instructions", str, "string")
+    if body.get("previous_response_id") is not None:
+        # vLLM stores no responses unless VLLM_ENABLE_RESPONSES_API_STORE is set, so none is ever found
+        raise ApiError(404, f"Response with id '{body['previous_response_id']}' not found.", "invalid_request_error",
+                       "response_id")
+    if _field(body, "background", bool, "boolean") and body.get("store", True) is not False:
+        raise ApiError(400, "This vLLM engine does not support `store=True` and therefore does not support the "
+                            "background mode. To enable these features, set the environment variable "
+                            "`VLLM_ENABLE_RESPONSES_API_STORE=1` when launching the vLLM server.",
+                       "invalid_request_error", "background")
+    try:
+        messages = responses_messages(body)
+        rendered = text.render_chat(messages)
+    except text.ChatFormatError as e:
+        raise validation_error(e.loc, "value_error", f"Value error, {e}") from None
+    stream = bool(_field(body, "stream", bool, "boolean"))
+    max_tokens, param = _max_tokens(body, "max_output_tokens")
+    sampling = _sampling({k: v for k, v in body.items() if k != "n"})  # the Responses API has no n
+    ids = text.token_ids(rendered)
+    g = Generation(prompt_tokens=len(ids), prompt_ids=ids, reply_source=text.last_user_text(messages) or rendered,
+                   max_tokens=max_tokens, max_tokens_param=param, stream=stream, include_usage=False,
+                   ignore_eos=bool(_field(body, "ignore_eos", bool, "boolean")), **sampling,
+                   response_format=_text_format(body))
+    echoed = {k: default if body.get(k) is None else body[k] for k, default in RESPONSE_DEFAULTS.items()}
+    return ResponsesRequest(g, echoed)
+
+
+EMBEDDING_FORMATS = ("float", "base64")
+
+
+@dataclass(frozen=True)
+class EmbeddingRequest:
+    inputs: tuple[list[int], ...]   # each input's token ids
+    encoding_format: str
+    dimensions: int | None
+
+
+def parse_embeddings(body, served: tuple[str, ...], max_model_len: int) -> EmbeddingRequest:
+    """A string, a list of strings, a list of token ids or a list of those; each input within max_model_len."""
+    body = _object(body)
+    if "input" not in body:
+        raise validation_error("body.input", "missing", "Field required")
+    _model(body, served)
+    given = body["input"]
+    if isinstance(given, str) or (_is_token_ids(given) and given):
+        given = [given]
+    if not (isinstance(given, list) and given and all(isinstance(i, str) or (_is_token_ids(i) and i)
+                                                      for i in given)):
+        raise validation_error("body.input", "value_error", "Value error, input must be a string, a list of "
+                               "strings, a list of token ids or a list of lists of token ids", body["input"])
+    inputs = tuple(text.token_ids(i) if isinstance(i, str) else i for i in given)
+    for ids in inputs:
+        _check_not_empty(ids)
+        _check_vocabulary(ids)
+        check_input_length(len(ids), max_model_len)
+    fmt = body.get("encoding_format") or "float"
+    if fmt not in EMBEDDING_FORMATS:
+        raise validation_error("body.encoding_format", "literal_error", "Input should be 'float' or 'base64'", fmt)
+    dimensions = _field(body, "dimensions", int, "integer")
+    if dimensions is not None and dimensions < 1:
+        # the simulated embedding model is matryoshka (as Qwen3-Embedding), so vLLM only checks the size
+        raise ApiError(400, "Dimensions must be greater than 0")
+    return EmbeddingRequest(inputs, fmt, dimensions)

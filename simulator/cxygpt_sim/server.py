@@ -11,7 +11,7 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from . import protocol, text
+from . import embeddings, protocol, replies, responses_api, text
 from .config import SimConfig
 from .engine import Scheduler, Sequence
 from .metrics import EngineMetrics
@@ -48,7 +48,6 @@ class Engine:
         self.config = config
         self.scheduler = Scheduler(config.capacity, config.speed, seed=config.seed)
         self.metrics = EngineMetrics(self.scheduler, config.served_name)
-        self.writer = text.ReplyWriter(config.text, seed=config.seed or 0)
         self.flights: dict[str, Flight] = {}
         # ids unique across restarts too, cheaper than a uuid per request
         self._ids = (f"{secrets.token_hex(6)}{n:x}" for n in itertools.count())
@@ -136,6 +135,7 @@ class Api:
     def __init__(self, engine: Engine):
         self.engine = engine
         self.config = engine.config
+        self.writer = text.ReplyWriter(engine.config.text, seed=engine.config.seed or 0)
 
     async def health(self, request: web.Request) -> web.Response:
         return web.Response(status=200 if self.engine.healthy else 503)
@@ -143,21 +143,35 @@ class Api:
     async def metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=self.engine.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
-    async def models(self, request: web.Request) -> web.Response:
+    def _card(self, name: str) -> dict:
         c = self.config
-        cards = [{"id": name, "object": "model", "created": int(time.time()), "owned_by": "vllm", "root": c.model,
-                  "parent": None, "max_model_len": c.max_model_len, "permission": []}
-                 for name in c.served_model_names]
-        return _json({"object": "list", "data": cards})
+        return {"id": name, "object": "model", "created": int(time.time()), "owned_by": "vllm", "root": c.model,
+                "parent": None, "max_model_len": c.max_model_len, "permission": []}
+
+    async def models(self, request: web.Request) -> web.Response:
+        return _json({"object": "list", "data": [self._card(name) for name in self.config.served_model_names]})
+
+    async def model(self, request: web.Request) -> web.Response:
+        name = request.match_info["model"]
+        if name not in self.config.served_model_names:
+            return _error(protocol.unknown_model(name, self.config.served_model_names))
+        return _json(self._card(name))
 
     async def tokenize(self, request: web.Request) -> web.Response:
         try:
             t = protocol.parse_tokenize(await _body(request), self.config.served_model_names)
         except protocol.ApiError as e:
             return _error(e)
-        ids = text.token_ids(t.prompt_text, self.config.vocab_size)
+        ids = text.token_ids(t.prompt_text)
         return _json({"count": len(ids), "max_model_len": self.config.max_model_len, "tokens": ids,
-                      "token_strs": text.pieces(t.prompt_text) if t.return_token_strs else None})
+                      "token_strs": text.token_pieces(ids) if t.return_token_strs else None})
+
+    async def detokenize(self, request: web.Request) -> web.Response:
+        try:
+            ids = protocol.parse_detokenize(await _body(request), self.config.served_model_names)
+        except protocol.ApiError as e:
+            return _error(e)
+        return _json({"prompt": text.detokenize(ids)})
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         return await self._generate(request, chat=True)
@@ -173,74 +187,198 @@ class Api:
             max_tokens = protocol.output_budget(g, self.config.max_model_len)
         except protocol.ApiError as e:
             return _error(e)
-        pieces, reason = self.engine.writer.reply(g.reply_source, max_tokens, g.ignore_eos)
-        flight = self.engine.submit(g.prompt_ids, len(pieces), request.headers.get("X-Request-Id"),
-                                    finish_reason=reason, stream=g.stream)
+        choices = [replies.plan(g, i, max_tokens, self.writer) for i in range(g.n)]
+        request_id = request.headers.get("X-Request-Id")
+        # n sequences of the same prompt, as vLLM fans a request out (the prefix cache shares their blocks)
+        flights = [self._submit(g.prompt_ids, c, g.stream, request_id) for c in choices]
         try:
             if g.stream:
-                return await self._stream(request, flight, pieces, g, chat)
-            while flight.seq.state != "finished":
-                await flight.wait()
-            return _json(self._whole(flight, pieces, g, chat))
+                return await self._stream(request, flights, choices, g, chat)
+            for flight in flights:
+                while flight.seq.state != "finished":
+                    await flight.wait()
+            return _json(self._whole(flights[0].response_id, choices, g, chat))
         finally:
-            self.engine.release(flight)
+            for flight in flights:
+                self.engine.release(flight)
 
-    def _whole(self, flight: Flight, pieces: list[str], g: protocol.Generation, chat: bool) -> dict:
-        content = "".join(pieces)
-        usage = _usage(g.prompt_tokens, len(pieces))
+    def _whole(self, response_id: str, choices: list[replies.Choice], g: protocol.Generation, chat: bool) -> dict:
+        usage = _usage(g.prompt_tokens, sum(len(c.ids) for c in choices))
+        created, model = int(time.time()), self.config.served_name
         if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": content, "refusal": None,
-                                              "tool_calls": [], "reasoning_content": None},
-                      "logprobs": None, "finish_reason": flight.finish_reason, "stop_reason": None}
-            return {"id": f"chatcmpl-{flight.response_id}", "object": "chat.completion", "created": int(time.time()),
-                    "model": self.config.served_name, "choices": [choice], "usage": usage, "prompt_logprobs": None}
-        choice = {"index": 0, "text": content, "logprobs": None, "finish_reason": flight.finish_reason,
-                  "stop_reason": None, "prompt_logprobs": None}
-        return {"id": f"cmpl-{flight.response_id}", "object": "text_completion", "created": int(time.time()),
-                "model": self.config.served_name, "choices": [choice], "usage": usage}
+            return {"id": f"chatcmpl-{response_id}", "object": "chat.completion", "created": created, "model": model,
+                    "choices": [_chat_choice(i, c, g) for i, c in enumerate(choices)], "usage": usage,
+                    "prompt_logprobs": None}
+        out = []
+        for i, c in enumerate(choices):
+            head = g.prompt_text if g.echo else ""
+            logprobs = None if g.logprobs is None else replies.completion_logprobs(c.ids, 0, g.logprobs, len(head))
+            out.append({"index": i, "text": head + "".join(c.pieces), "logprobs": logprobs,
+                        "finish_reason": c.finish_reason, "stop_reason": c.stop_reason, "prompt_logprobs": None})
+        return {"id": f"cmpl-{response_id}", "object": "text_completion", "created": created, "model": model,
+                "choices": out, "usage": usage}
 
-    async def _stream(self, request: web.Request, flight: Flight, pieces: list[str], g: protocol.Generation,
-                      chat: bool) -> web.StreamResponse:
+    async def _stream(self, request: web.Request, flights: list[Flight], choices: list[replies.Choice],
+                      g: protocol.Generation, chat: bool) -> web.StreamResponse:
         response = web.StreamResponse(headers=SSE_HEADERS)
         await response.prepare(request)
-        # Every chunk is the same JSON around one piece of text: build the bytes once, splice per token.
-        if chat:
-            head = orjson.dumps({"id": f"chatcmpl-{flight.response_id}", "object": "chat.completion.chunk",
-                                 "created": int(time.time()), "model": self.config.served_name})[:-1]
-            opening = b"data: " + head + b',"choices":[{"index":0,"delta":{"role":"assistant","content":""},' \
-                                         b'"logprobs":null,"finish_reason":null}]}\n\n'
-            before, after = b"data: " + head + b',"choices":[{"index":0,"delta":{"content":', b'},"logprobs":null,'
-        else:
-            head = orjson.dumps({"id": f"cmpl-{flight.response_id}", "object": "text_completion",
-                                 "created": int(time.time()), "model": self.config.served_name})[:-1]
-            opening = b""
-            before, after = b"data: " + head + b',"choices":[{"index":0,"text":', b',"logprobs":null,'
-        unfinished = b'"finish_reason":null,"stop_reason":null}]}\n\n'
-        finished = b'"finish_reason":"' + flight.finish_reason.encode() + b'","stop_reason":null}]}\n\n'
-        seq, sent = flight.seq, 0
-        last = len(pieces) - 1
+        response_id = flights[0].response_id
+        # every chunk is the same JSON around one choice: build the head once, splice each choice in
+        head = b"data: " + orjson.dumps(
+            {"id": f"{'chatcmpl' if chat else 'cmpl'}-{response_id}",
+             "object": "chat.completion.chunk" if chat else "text_completion",
+             "created": int(time.time()), "model": self.config.served_name})[:-1]
+        sent = [0] * len(flights)
         try:
-            while sent < len(pieces):
-                await flight.wait()
-                ready = seq.generated
-                if ready <= sent:
-                    continue
-                out = [opening] if sent == 0 else []
-                out.extend(before + orjson.dumps(pieces[i]) + after + (finished if i == last else unfinished)
-                           for i in range(sent, ready))
-                sent = ready
-                # all tokens of a step go out in one write (with instant decode that is the whole reply)
-                await response.write(b"".join(out))
+            while any(s < len(c.pieces) for s, c in zip(sent, choices)):
+                await _any_progress(flights)
+                out = []
+                for i, (flight, c) in enumerate(zip(flights, choices)):
+                    ready = flight.seq.generated
+                    for pos in range(sent[i], ready):
+                        delta = _chat_delta(i, c, pos, g) if chat else _completion_delta(i, c, pos, g)
+                        out.extend(head + b',"choices":[' + orjson.dumps(d) + b"]}\n\n" for d in delta)
+                    sent[i] = max(sent[i], ready)
+                if out:
+                    # all tokens of a step go out in one write (with instant decode that is the whole reply)
+                    await response.write(b"".join(out))
             tail = []
             if g.include_usage:
-                tail.append(b"data: " + head + b',"choices":[],"usage":' +
-                            orjson.dumps(_usage(g.prompt_tokens, len(pieces))) + b"}\n\n")
+                tail.append(head + b',"choices":[],"usage":' +
+                            orjson.dumps(_usage(g.prompt_tokens, sum(len(c.ids) for c in choices))) + b"}\n\n")
             tail.append(DONE)
             await response.write(b"".join(tail))
             await response.write_eof()
         except ConnectionResetError:
             pass  # the client left; release() aborts the request
         return response
+
+
+    def _submit(self, prompt_ids: list[int], c: replies.Choice, stream: bool, request_id: str | None) -> Flight:
+        # the engine knows only stop and length (a tool call is the parser's reading of a stopped sequence)
+        return self.engine.submit(prompt_ids, len(c.pieces), request_id,
+                                  finish_reason="length" if c.finish_reason == "length" else "stop", stream=stream)
+
+    async def responses(self, request: web.Request) -> web.StreamResponse:
+        try:
+            r = protocol.parse_responses(await _body(request), self.config.served_model_names)
+            max_tokens = protocol.output_budget(r.generation, self.config.max_model_len)
+        except protocol.ApiError as e:
+            return _error(e)
+        g = r.generation
+        choice = replies.plan(g, 0, max_tokens, self.writer)
+        flight = self._submit(g.prompt_ids, choice, g.stream, request.headers.get("X-Request-Id"))
+        base = responses_api.base(f"resp_{flight.response_id}", int(time.time()), self.config.served_name, r.echoed,
+                                  max_tokens)
+        item_id = f"msg_{flight.seq.id}"
+        # the reply is planned, so its final form is known before the engine has generated it
+        done = responses_api.finished(base, item_id, "".join(choice.pieces), choice.finish_reason == "length",
+                                      g.prompt_tokens, len(choice.ids))
+        try:
+            if g.stream:
+                return await self._response_events(request, flight, choice, base, done, item_id)
+            while flight.seq.state != "finished":
+                await flight.wait()
+            return _json(done)
+        finally:
+            self.engine.release(flight)
+
+    async def _response_events(self, request: web.Request, flight: Flight, choice: replies.Choice, base: dict,
+                               done: dict, item_id: str) -> web.StreamResponse:
+        response = web.StreamResponse(headers=SSE_HEADERS)
+        await response.prepare(request)
+        events = responses_api.EventStream(item_id)
+        try:
+            await response.write(events.start(responses_api.response(base, status="in_progress", output=[],
+                                                                     usage=None)))
+            sent = 0
+            while sent < len(choice.pieces):
+                await flight.wait()
+                ready = flight.seq.generated
+                # a piece is empty while a character's bytes are still incomplete: no delta for it
+                out = b"".join(events.delta(p) for p in choice.pieces[sent:ready] if p)
+                sent = max(sent, ready)
+                if out:
+                    await response.write(out)
+            await response.write(events.finish(done))
+            await response.write_eof()
+        except ConnectionResetError:
+            pass  # the client left; release() aborts the request
+        return response
+
+    async def embeddings(self, request: web.Request) -> web.Response:
+        try:
+            e = protocol.parse_embeddings(await _body(request), self.config.served_model_names,
+                                          self.config.max_model_len)
+        except protocol.ApiError as error:
+            return _error(error)
+        # each input is a prefill-only request, as vLLM fans a batch out; the engine has no sequence without an
+        # output token, so each is one step longer than its prefill (and counts one generation token)
+        nothing = replies.Choice([""], [], "stop", None)
+        flights = [self._submit(ids, nothing, False, request.headers.get("X-Request-Id")) for ids in e.inputs]
+        try:
+            for flight in flights:
+                while flight.seq.state != "finished":
+                    await flight.wait()
+        finally:
+            for flight in flights:
+                self.engine.release(flight)
+        vectors = [embeddings.encode(embeddings.vector(ids, e.dimensions), e.encoding_format) for ids in e.inputs]
+        return _json(embeddings.answer(flights[0].response_id, int(time.time()), self.config.served_name, vectors,
+                                       sum(len(ids) for ids in e.inputs)))
+
+
+async def _any_progress(flights: list[Flight]) -> None:
+    if len(flights) == 1:
+        await flights[0].wait()
+        return
+    waits = [asyncio.ensure_future(f.wait()) for f in flights if f.seq.state != "finished"]
+    if not waits:
+        return
+    _, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    for w in pending:
+        w.cancel()
+
+
+def _tool_call(c: replies.Choice) -> dict:
+    return {"id": c.call_id, "type": "function", "function": {"name": c.tool, "arguments": "".join(c.pieces)}}
+
+
+def _chat_choice(i: int, c: replies.Choice, g: protocol.Generation) -> dict:
+    logprobs = None if g.logprobs is None else {"content": replies.chat_logprobs(c.ids, 0, g.logprobs),
+                                                "refusal": None}
+    message = {"role": "assistant", "content": None if c.tool else "".join(c.pieces), "refusal": None,
+               "tool_calls": [_tool_call(c)] if c.tool else [], "reasoning_content": None}
+    return {"index": i, "message": message, "logprobs": logprobs, "finish_reason": c.finish_reason,
+            "stop_reason": c.stop_reason}
+
+
+def _chat_delta(i: int, c: replies.Choice, pos: int, g: protocol.Generation) -> list[dict]:
+    """The chunk choices for output token pos of choice i: an opening one first, as vLLM streams."""
+    out = []
+    if pos == 0:
+        opening = {"role": "assistant", "content": ""}
+        if c.tool:
+            # vLLM's streamed tool call: id, type and name first, then the arguments piece by piece
+            opening = {"role": "assistant", "content": None, "tool_calls": [
+                {"index": 0, "id": c.call_id, "type": "function", "function": {"name": c.tool, "arguments": ""}}]}
+        out.append({"index": i, "delta": opening, "logprobs": None, "finish_reason": None})
+    piece = c.pieces[pos]
+    delta = {"tool_calls": [{"index": 0, "function": {"arguments": piece}}]} if c.tool else {"content": piece}
+    last = pos == len(c.pieces) - 1
+    logprobs = None if g.logprobs is None else {"content": replies.chat_logprobs(c.ids[:pos + 1], pos, g.logprobs)}
+    out.append({"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": c.finish_reason if last else None,
+                "stop_reason": c.stop_reason if last else None})
+    return out
+
+
+def _completion_delta(i: int, c: replies.Choice, pos: int, g: protocol.Generation) -> list[dict]:
+    head = g.prompt_text if g.echo and pos == 0 else ""  # echo: the prompt comes with the first token
+    offset = len(g.prompt_text if g.echo else "") + len("".join(c.pieces[:pos]))
+    logprobs = None if g.logprobs is None else replies.completion_logprobs(c.ids[:pos + 1], pos, g.logprobs, offset)
+    last = pos == len(c.pieces) - 1
+    return [{"index": i, "text": head + c.pieces[pos], "logprobs": logprobs,
+             "finish_reason": c.finish_reason if last else None, "stop_reason": c.stop_reason if last else None}]
 
 
 def _require_api_key(key: str):
@@ -276,9 +414,16 @@ def create_app(config: SimConfig) -> web.Application:
     app.router.add_get("/health", api.health)
     app.router.add_get("/metrics", api.metrics)
     app.router.add_get("/v1/models", api.models)
+    app.router.add_get("/v1/models/{model}", api.model)
     app.router.add_post("/tokenize", api.tokenize)
-    app.router.add_post("/v1/chat/completions", api.chat)
-    app.router.add_post("/v1/completions", api.completions)
+    app.router.add_post("/detokenize", api.detokenize)
+    # vLLM registers the routes of the model's tasks only: the other runner's routes are a 404
+    if config.runner == "pooling":
+        app.router.add_post("/v1/embeddings", api.embeddings)
+    else:
+        app.router.add_post("/v1/chat/completions", api.chat)
+        app.router.add_post("/v1/completions", api.completions)
+        app.router.add_post("/v1/responses", api.responses)
 
     async def engine_loop(app: web.Application):
         task = asyncio.create_task(engine.run())

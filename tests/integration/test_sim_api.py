@@ -93,6 +93,28 @@ def test_tokenize_shape(sim):
     assert body["count"] == 2 == len(body["tokens"]) and body["max_model_len"] == MAX_MODEL_LEN
 
 
+CHINESE = "大型语言模型是一种基于深度学习的人工智能系统，它通过在海量文本数据上进行训练，学会理解和生成自然语言。"
+
+
+def test_tokenize_detokenize_and_usage_agree_on_chinese(sim, client):
+    body = httpx.post(sim.url + "/tokenize", json={"model": MODEL, "prompt": CHINESE}, timeout=5).json()
+    assert body["count"] == len(body["tokens"]) and len(CHINESE) / body["count"] < 2.2  # Qwen's ~1.5 chars a token
+    back = httpx.post(sim.url + "/detokenize", json={"model": MODEL, "tokens": body["tokens"]}, timeout=5).json()
+    assert back == {"prompt": CHINESE}
+    r = client.completions.create(model=MODEL, prompt=CHINESE, max_tokens=4)
+    assert r.usage.prompt_tokens == body["count"]
+    r = client.completions.create(model=MODEL, prompt=body["tokens"], max_tokens=4)
+    assert r.usage.prompt_tokens == body["count"]
+
+
+def test_token_ids_outside_the_vocabulary_are_a_400(sim, client):
+    r = httpx.post(sim.url + "/detokenize", json={"model": MODEL, "tokens": [9707, 10**6]}, timeout=5)
+    assert r.status_code == 400 and r.json()["error"]["message"] == "Token id 1000000 is out of vocabulary"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt=[9707, 10**6], max_tokens=4)
+    assert "out of vocabulary" in e.value.message
+
+
 def test_over_long_prompt_is_a_400_naming_the_limit(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "word " * 3000}])
@@ -109,7 +131,7 @@ def test_unknown_model_is_404(client):
     assert "gpt-4" in e.value.message
 
 
-@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions", "/tokenize"])
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions", "/tokenize", "/detokenize"])
 @pytest.mark.parametrize("body", [b"{not json", b"", b"[1, 2]", b'{"messages": 5, "prompt": 5}', b"\xff\xfe"])
 def test_garbage_is_a_400_and_the_server_stays_up(sim, path, body):
     r = httpx.post(sim.url + path, content=body, headers={"Content-Type": "application/json"}, timeout=5)

@@ -78,6 +78,7 @@ M = {"name": "m", "source": "hf://a/b"}
     ({}, "required"), ({"model": {"name": "m"}}, "required"),
     ({"model": M, "replicas": -2}, "from 0 to 64"), ({"model": M, "replicas": 65}, "from 0 to 64"),
     ({"model": M, "rollout": {"strategy": "Recreate"}}, "spec.rollout.strategy"),
+    ({"model": {**M, "task": "classify"}}, "spec.model.task must be one of generate, embed"),
     ({"model": M, "engine": {"args": ["--port=1"]}}, "--port is set by the operator"),
     ({"model": M, "engine": {"args": ["--served_model_name", "x"]}}, "--served-model-name is set by the operator"),
     ({"model": M, "engine": {"args": ["--trust-remote-code"]}}, "spec.engine.trustRemoteCode: true"),
@@ -98,6 +99,17 @@ def test_remote_code_is_emitted_only_when_asked():
         "spec"]["template"]["spec"]["containers"][0]["args"]
     assert args.count("--trust-remote-code") == 1
     assert "--trust-remote-code" not in _manifests("srv80g-vllm")[0]["spec"]["template"]["spec"]["containers"][0]["args"]
+
+
+def test_an_embedding_model_runs_the_pooling_runner():
+    def args(model: dict) -> list[str]:
+        spec = parse_spec({**EXAMPLE["spec"], "model": model})
+        return build_deployment(OWNER, spec, resolve(spec, [H100], TABLE, CATALOG), TABLE, IMAGES)[
+            "spec"]["template"]["spec"]["containers"][0]["args"]
+    assert parse_spec(EXAMPLE["spec"]).task == "generate"
+    embed = args({**EXAMPLE["spec"]["model"], "task": "embed"})
+    assert embed[embed.index("--runner") + 1] == "pooling" and embed.count("--runner") == 1
+    assert "--runner" not in args({**EXAMPLE["spec"]["model"], "task": "generate"})
 
 
 def test_engine_overrides_read_every_spelling_and_skip_values_the_engine_refuses():

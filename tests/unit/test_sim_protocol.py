@@ -33,13 +33,16 @@ def test_completion_prompt_forms():
     assert protocol.parse_completion({"prompt": ["a b"]}, SERVED).prompt_tokens == 2
     e = error_of(protocol.parse_completion, {"prompt": ["a", "b"]}, SERVED)
     assert (e.status, e.param) == (400, "prompt")
+    e = error_of(protocol.parse_completion, {"prompt": ""}, SERVED)
+    assert (e.status, e.message) == (400, "The decoder prompt cannot be empty")
 
 
 @pytest.mark.parametrize("body, param", [
     ({"max_tokens": "5"}, "body.max_tokens"), ({"max_tokens": 0}, "body.max_tokens"),
     ({"max_tokens": True}, "body.max_tokens"), ({"stream": "yes"}, "body.stream"),
     ({"model": 3}, "body.model"), ({"messages": [{"role": 1}]}, "body.messages.0.role"),
-    ({"stream_options": {"include_usage": True}}, "body"), ({"n": 2}, "n")])
+    ({"stream_options": {"include_usage": True}}, "body"), ({"n": 0}, "n"),
+    ({"stop": 5}, "body.stop"), ({"response_format": {"type": "xml"}}, "body.response_format.type")])
 def test_bad_fields_get_a_400_naming_them(body, param):
     e = error_of(chat, **body)
     assert (e.status, e.param) == (400, param)

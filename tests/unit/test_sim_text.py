@@ -1,24 +1,38 @@
-"""Simulated tokenizer, chat template and reply text: consistent counts and deterministic output."""
+"""The tokenizer (Qwen3's real BPE), chat template and reply text: consistent counts and deterministic output."""
 import pytest
 
 from cxygpt_sim import text
 
 
 @pytest.mark.parametrize("sample", ["", "Hello, world!", "  two  spaces\n\nand lines", "Ünïcode 😀 ok",
-                                    "x" * 1000, "<|im_start|>user\nhi<|im_end|>"])
+                                    "x" * 1000, "<|im_start|>user\nhi<|im_end|>",
+                                    "人工智能正在改变我们的生活方式。", "𠀀 rare 龘"])
 def test_pieces_cover_the_text_exactly(sample):
     assert "".join(text.pieces(sample)) == sample
     assert text.count_tokens(sample) == len(text.pieces(sample)) == len(text.token_ids(sample))
 
 
-def test_long_words_cost_several_tokens():
-    assert text.count_tokens("x" * 1000) == 125
+def test_ids_are_qwens_own():
+    # the ids Qwen2/Qwen3's tokenizer gives (its model card's example and the ChatML special tokens)
+    assert text.token_ids("Hello world") == [9707, 1879]
+    assert text.token_ids("<|im_start|>user\nhi<|im_end|>") == [151644, 872, 198, 6023, 151645]
+    assert text.detokenize([9707, 1879]) == "Hello world"
 
 
-def test_token_ids_are_stable_and_inside_the_vocabulary():
-    ids = text.token_ids("same text", vocab_size=1000)
-    assert ids == text.token_ids("same text", vocab_size=1000)
-    assert all(0 <= i < 1000 for i in ids)
+@pytest.mark.parametrize("sample, chars_per_token", [
+    ("The quick brown fox jumps over the lazy dog while the engine schedules every request in turn.", (4, 6)),
+    ("大型语言模型是一种基于深度学习的人工智能系统，它通过在海量文本数据上进行训练，学会理解和生成自然语言。", (1.3, 2.2)),
+    ("def fib(n: int) -> int:\n    if n < 2:\n        return n\n    return fib(n - 1) + fib(n - 2)\n", (2, 3.5)),
+])
+def test_counts_are_realistic_for_english_chinese_and_code(sample, chars_per_token):
+    # Qwen's published ratios: ~4-5 characters a token in English, ~1.5 Chinese characters, code in between
+    low, high = chars_per_token
+    assert low <= len(sample) / text.count_tokens(sample) <= high
+
+
+def test_a_character_over_several_byte_tokens_streams_whole_in_its_last_token():
+    ids = text.token_ids("𠀀")
+    assert len(ids) == 3 and text.token_pieces(ids) == ["", "", "𠀀"]
 
 
 def test_chat_template_is_chatml_with_generation_prompt():
