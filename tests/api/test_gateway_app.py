@@ -4,13 +4,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 
-import httpx
 import pytest
 import yaml
 from aiohttp import web
-from harness import free_port
+from asgi_support import gateway_client, upstream_serving
 
-from cxygpt_gateway.app import create_app
 from cxygpt_gateway.settings import GatewaySettings
 
 KEY = "sk-small-tier"
@@ -47,33 +45,24 @@ class FakeUpstream:
 @pytest.fixture
 async def gateway(tmp_path):
     upstream = FakeUpstream()
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", upstream.chat)
-    app.router.add_post("/tokenize", upstream.tokenize)
-    app.router.add_get("/health", upstream.health)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
     keys = tmp_path / "keys.yaml"
     keys.write_text(yaml.safe_dump({
         "allow_anonymous": True, "tiers": {"small": {"max_output_tokens": 50}},
         "keys": [{"id": "small-one", "key_sha256": hashlib.sha256(KEY.encode()).hexdigest(), "tier": "small"}]}))
-    settings = GatewaySettings(
-        keys_file=str(keys), auto_degrade=True, degraded_temperature_max=0.5, tokenize_skip_margin=0,
-        models=[{"name": "m", "url": f"http://127.0.0.1:{port}", "profile": "DEV_32G",
-                 "limits": {"max_input_tokens": 100, "max_concurrency": 1, "queue_size": 1,
-                            "timeouts": {"queue_s": 0.2},
-                            "degrade": {"p95_ttft_ms": 100, "hold_s": 0, "recover_s": 60}}},
-                {"name": "with-fallback", "url": f"http://127.0.0.1:{port}", "profile": "DEV_32G", "fallback": "big",
-                 "limits": {"max_input_tokens": 100}},
-                {"name": "big", "url": f"http://127.0.0.1:{port}", "profile": "SRV_80G"}])
-    gw_app = create_app(settings)
-    async with gw_app.router.lifespan_context(gw_app):
-        transport = httpx.ASGITransport(app=gw_app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
-            yield client, upstream, gw_app.state.gateway
-    await runner.cleanup()
+    routes = {("POST", "/v1/chat/completions"): upstream.chat, ("POST", "/tokenize"): upstream.tokenize,
+              ("GET", "/health"): upstream.health}
+    async with upstream_serving(routes) as url:
+        settings = GatewaySettings(
+            keys_file=str(keys), auto_degrade=True, degraded_temperature_max=0.5, tokenize_skip_margin=0,
+            models=[{"name": "m", "url": url, "profile": "DEV_32G",
+                     "limits": {"max_input_tokens": 100, "max_concurrency": 1, "queue_size": 1,
+                                "timeouts": {"queue_s": 0.2},
+                                "degrade": {"p95_ttft_ms": 100, "hold_s": 0, "recover_s": 60}}},
+                    {"name": "with-fallback", "url": url, "profile": "DEV_32G", "fallback": "big",
+                     "limits": {"max_input_tokens": 100}},
+                    {"name": "big", "url": url, "profile": "SRV_80G"}])
+        async with gateway_client(settings) as (client, gw):
+            yield client, upstream, gw
 
 
 def chat(content="hello there", **extra) -> dict:

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import json
 
-import httpx
 import pytest
 from aiohttp import web
-from harness import free_port
+from asgi_support import gateway_client, upstream_serving
 
-from cxygpt_gateway.app import create_app
 from cxygpt_gateway.settings import GatewaySettings
 
 
@@ -64,25 +62,15 @@ class Upstream:
 @pytest.fixture
 async def gateway():
     upstream = Upstream()
-    app = web.Application()
-    app.router.add_post("/v1/responses", upstream.responses)
-    app.router.add_post("/v1/embeddings", upstream.embeddings)
-    app.router.add_post("/tokenize", upstream.tokenize)
-    app.router.add_get("/health", upstream.health)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    url = f"http://127.0.0.1:{port}"
-    settings = GatewaySettings(tokenize_skip_margin=0, models=[
-        {"name": "m", "url": url, "profile": "DEV_32G", "limits": {"max_input_tokens": 20}},
-        {"name": "embedder", "url": url, "profile": "DEV_32G", "task": "embed", "limits": {"max_input_tokens": 20}}])
-    gw_app = create_app(settings)
-    async with gw_app.router.lifespan_context(gw_app):
-        transport = httpx.ASGITransport(app=gw_app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
-            yield client, upstream, gw_app.state.gateway
-    await runner.cleanup()
+    routes = {("POST", "/v1/responses"): upstream.responses, ("POST", "/v1/embeddings"): upstream.embeddings,
+              ("POST", "/tokenize"): upstream.tokenize, ("GET", "/health"): upstream.health}
+    async with upstream_serving(routes) as url:
+        settings = GatewaySettings(tokenize_skip_margin=0, models=[
+            {"name": "m", "url": url, "profile": "DEV_32G", "limits": {"max_input_tokens": 20}},
+            {"name": "embedder", "url": url, "profile": "DEV_32G", "task": "embed",
+             "limits": {"max_input_tokens": 20}}])
+        async with gateway_client(settings) as (client, gw):
+            yield client, upstream, gw
 
 
 def metric(gw, name: str, model: str, **labels) -> float:
