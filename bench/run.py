@@ -442,18 +442,22 @@ def goals(r: dict) -> list[tuple[str, str, str, bool | None]]:
     get = lambda point, front, key: ((r.get(point) or {}).get(front) or {}).get(key)
     c32 = lambda f: get("g1_stream_c32", f, "chunks_per_s")
     added = get("g1_stream_c1", "cxygpt", "ttft_p50_ms"), get("g1_stream_c1", "direct", "ttft_p50_ms")
-    rows.append(("G1 stream c32 chunks/s vs vllm-router", "≥ 1.0×", _v(ratio(c32("cxygpt"), c32("vllm-router")), "{:.2f}×"),
-                 None if not c32("vllm-router") else c32("cxygpt") >= c32("vllm-router")))
-    rows.append(("G1 stream c32 chunks/s vs LiteLLM", "≥ 50×", _v(ratio(c32("cxygpt"), c32("litellm")), "{:.1f}×"),
-                 None if not c32("litellm") else c32("cxygpt") >= 50 * c32("litellm")))
+    if c32("cxygpt"):  # G1 was run (a missing peer still shows as n/a)
+        rows.append(("G1 stream c32 chunks/s vs vllm-router", "≥ 1.0×",
+                     _v(ratio(c32("cxygpt"), c32("vllm-router")), "{:.2f}×"),
+                     None if not c32("vllm-router") else c32("cxygpt") >= c32("vllm-router")))
+        rows.append(("G1 stream c32 chunks/s vs LiteLLM", "≥ 50×", _v(ratio(c32("cxygpt"), c32("litellm")), "{:.1f}×"),
+                     None if not c32("litellm") else c32("cxygpt") >= 50 * c32("litellm")))
     if all(added):
         rows.append(("G1 added TTFT p50 at c1 over direct", "≤ 0.5 ms", f"{added[0] - added[1]:.3f} ms",
                      added[0] - added[1] <= 0.5))
     rps = lambda f: get("g2_whole_c16", f, "ok_rps")
-    rows.append(("G2 non-stream c16 rps vs vllm-router", "≥ 0.5×", _v(ratio(rps("cxygpt"), rps("vllm-router")), "{:.2f}×"),
-                 None if not rps("vllm-router") else rps("cxygpt") >= 0.5 * rps("vllm-router")))
-    rows.append(("G2 non-stream c16 rps vs LiteLLM", "≥ 25×", _v(ratio(rps("cxygpt"), rps("litellm")), "{:.1f}×"),
-                 None if not rps("litellm") else rps("cxygpt") >= 25 * rps("litellm")))
+    if rps("cxygpt"):
+        rows.append(("G2 non-stream c16 rps vs vllm-router", "≥ 0.5×",
+                     _v(ratio(rps("cxygpt"), rps("vllm-router")), "{:.2f}×"),
+                     None if not rps("vllm-router") else rps("cxygpt") >= 0.5 * rps("vllm-router")))
+        rows.append(("G2 non-stream c16 rps vs LiteLLM", "≥ 25×", _v(ratio(rps("cxygpt"), rps("litellm")), "{:.1f}×"),
+                     None if not rps("litellm") else rps("cxygpt") >= 25 * rps("litellm")))
     p50 = get("g2_whole_c1", "cxygpt", "lat_p50_ms"), get("g2_whole_c1", "direct", "lat_p50_ms")
     if all(p50):
         rows.append(("G2 added latency p50 at c1 over direct", "≤ 0.5 ms", f"{p50[0] - p50[1]:.3f} ms", p50[0] - p50[1] <= 0.5))
@@ -517,28 +521,29 @@ def render(r: dict, command: str) -> str:
         cells = [_v(((r.get(point) or {}).get(f) or {}).get(key), fmt) for f in fronts]
         return f"| {label} | " + " | ".join(cells) + " |"
 
-    lines += ["", "### Relay overhead (G1–G3), absolute numbers of this run", "", head, sep,
-              row("G1 stream c1: TTFT p50 (ms)", "g1_stream_c1", "ttft_p50_ms", "{:.3f}"),
-              row("G1 stream c32: chunks/s", "g1_stream_c32", "chunks_per_s", "{:.0f}"),
-              row("G1 stream c32: TTFT p50 (ms)", "g1_stream_c32", "ttft_p50_ms", "{:.2f}"),
-              row("G2 non-stream c1: rps", "g2_whole_c1", "ok_rps", "{:.0f}"),
-              row("G2 non-stream c1: p50 (ms)", "g2_whole_c1", "lat_p50_ms", "{:.3f}"),
-              row("G2 non-stream c16: rps", "g2_whole_c16", "ok_rps", "{:.0f}"),
-              row("G3 10 ms/token c64: output tokens/s", "g3_paced_c64", "output_tokens_per_s", "{:.0f}"),
-              row("G3 10 ms/token c64: TTFT p50 (ms)", "g3_paced_c64", "ttft_p50_ms", "{:.2f}"),
-              row("G3 10 ms/token c64: TTFT p95 (ms)", "g3_paced_c64", "ttft_p95_ms", "{:.2f}"),
-              row("G3 10 ms/token c64: total p50 (ms)", "g3_paced_c64", "lat_p50_ms", "{:.0f}"),
-              row("CPU per request, G2 c16 (µs)", "g2_whole_c16", "cpu_per_request_us", "{:.0f}"),
-              row("CPU per request, G1 c32 (µs)", "g1_stream_c32", "cpu_per_request_us", "{:.0f}"),
-              row("CPU per chunk, G1 c32 (µs)", "g1_stream_c32", "cpu_per_chunk_us", "{:.2f}"),
-              row("CPU per chunk, G3 c64 (µs)", "g3_paced_c64", "cpu_per_chunk_us", "{:.2f}"),
-              row("RSS after G1 c32 (MB)", "g1_stream_c32", "rss_mb", "{:.0f}"),
-              row("RSS after G2 c16 (MB)", "g2_whole_c16", "rss_mb", "{:.0f}"),
-              row("RSS after G3 c64 (MB)", "g3_paced_c64", "rss_mb", "{:.0f}")]
-    ready = r.get("ready_s") or {}
-    lines.append("| start to ready (s) | " + " | ".join(
-        "-" if f == "direct" else _v(r["g6"]["gateway_ready_s"] if f == "cxygpt" and r.get("g6") else ready.get(f), "{:.2f}")
-        for f in fronts) + " |")
+    if fronts:  # G1–G3 were run
+        lines += ["", "### Relay overhead (G1–G3), absolute numbers of this run", "", head, sep,
+                  row("G1 stream c1: TTFT p50 (ms)", "g1_stream_c1", "ttft_p50_ms", "{:.3f}"),
+                  row("G1 stream c32: chunks/s", "g1_stream_c32", "chunks_per_s", "{:.0f}"),
+                  row("G1 stream c32: TTFT p50 (ms)", "g1_stream_c32", "ttft_p50_ms", "{:.2f}"),
+                  row("G2 non-stream c1: rps", "g2_whole_c1", "ok_rps", "{:.0f}"),
+                  row("G2 non-stream c1: p50 (ms)", "g2_whole_c1", "lat_p50_ms", "{:.3f}"),
+                  row("G2 non-stream c16: rps", "g2_whole_c16", "ok_rps", "{:.0f}"),
+                  row("G3 10 ms/token c64: output tokens/s", "g3_paced_c64", "output_tokens_per_s", "{:.0f}"),
+                  row("G3 10 ms/token c64: TTFT p50 (ms)", "g3_paced_c64", "ttft_p50_ms", "{:.2f}"),
+                  row("G3 10 ms/token c64: TTFT p95 (ms)", "g3_paced_c64", "ttft_p95_ms", "{:.2f}"),
+                  row("G3 10 ms/token c64: total p50 (ms)", "g3_paced_c64", "lat_p50_ms", "{:.0f}"),
+                  row("CPU per request, G2 c16 (µs)", "g2_whole_c16", "cpu_per_request_us", "{:.0f}"),
+                  row("CPU per request, G1 c32 (µs)", "g1_stream_c32", "cpu_per_request_us", "{:.0f}"),
+                  row("CPU per chunk, G1 c32 (µs)", "g1_stream_c32", "cpu_per_chunk_us", "{:.2f}"),
+                  row("CPU per chunk, G3 c64 (µs)", "g3_paced_c64", "cpu_per_chunk_us", "{:.2f}"),
+                  row("RSS after G1 c32 (MB)", "g1_stream_c32", "rss_mb", "{:.0f}"),
+                  row("RSS after G2 c16 (MB)", "g2_whole_c16", "rss_mb", "{:.0f}"),
+                  row("RSS after G3 c64 (MB)", "g3_paced_c64", "rss_mb", "{:.0f}")]
+        ready = r.get("ready_s") or {}
+        lines.append("| start to ready (s) | " + " | ".join(
+            "-" if f == "direct" else _v(r["g6"]["gateway_ready_s"] if f == "cxygpt" and r.get("g6") else ready.get(f), "{:.2f}")
+            for f in fronts) + " |")
     g4r = r.get("g4")
     if g4r:
         lines += ["", f"### Overload (G4): engine capacity {g4r['capacity_rps']:.1f} req/s (8 slots, 20 ms TTFT, 10 ms/token, "
