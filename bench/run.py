@@ -21,6 +21,7 @@ import httpx
 import yaml
 
 from cxygpt_bench.load import LoadConfig, run_load
+from cxygpt_bench.overload import judge
 from cxygpt_bench.procstat import cpu_s, free_port, rss_mb
 
 REPO = Path(__file__).resolve().parent.parent
@@ -308,8 +309,14 @@ def g3(logs: Path, peers: bool, notes: list[str], d: float) -> dict:
         stack.stop()
 
 
-# G4: an engine with 8 slots, 20 ms TTFT, 10 ms per token; 48 output tokens (24 while degraded)
-G4_SIM = ("--max-num-seqs", "8", "--ttft-ms", "20", "--itl-ms", "10", "--sim-itl-batch-slope", "0", "--sim-text", "echo")
+# G4: an engine with 8 slots, 20 ms TTFT, 10 ms per token; 48 output tokens (24 while degraded). Its capacity
+# must not depend on the arrivals: every request sends the same prompt, so with the prefix cache on each one
+# after the first would skip 96 of its ~117 prompt tokens (a best case no real workload has); the token budget
+# (8 × ~117 never fills it) and the KV blocks (no preemption) are pinned so a change of the simulator's
+# defaults cannot move the capacity, and so is the speed profile the prefill cost per token is scaled from
+G4_SIM = ("--max-num-seqs", "8", "--ttft-ms", "20", "--itl-ms", "10", "--sim-itl-batch-slope", "0", "--sim-text", "echo",
+          "--speed-profile", "h100-80g", "--no-enable-prefix-caching", "--max-num-batched-tokens", "8192",
+          "--num-gpu-blocks-override", "2048")
 G4_PROMPT, G4_MAX = 100, 48
 # goodput and capacity count the answers that end between this second and the last arrival: the engine is full
 # by then, and the drain after the last arrival (long for an unprotected queue) is left out
@@ -435,18 +442,22 @@ def goals(r: dict) -> list[tuple[str, str, str, bool | None]]:
     get = lambda point, front, key: ((r.get(point) or {}).get(front) or {}).get(key)
     c32 = lambda f: get("g1_stream_c32", f, "chunks_per_s")
     added = get("g1_stream_c1", "cxygpt", "ttft_p50_ms"), get("g1_stream_c1", "direct", "ttft_p50_ms")
-    rows.append(("G1 stream c32 chunks/s vs vllm-router", "≥ 1.0×", _v(ratio(c32("cxygpt"), c32("vllm-router")), "{:.2f}×"),
-                 None if not c32("vllm-router") else c32("cxygpt") >= c32("vllm-router")))
-    rows.append(("G1 stream c32 chunks/s vs LiteLLM", "≥ 50×", _v(ratio(c32("cxygpt"), c32("litellm")), "{:.1f}×"),
-                 None if not c32("litellm") else c32("cxygpt") >= 50 * c32("litellm")))
+    if c32("cxygpt"):  # G1 was run (a missing peer still shows as n/a)
+        rows.append(("G1 stream c32 chunks/s vs vllm-router", "≥ 1.0×",
+                     _v(ratio(c32("cxygpt"), c32("vllm-router")), "{:.2f}×"),
+                     None if not c32("vllm-router") else c32("cxygpt") >= c32("vllm-router")))
+        rows.append(("G1 stream c32 chunks/s vs LiteLLM", "≥ 50×", _v(ratio(c32("cxygpt"), c32("litellm")), "{:.1f}×"),
+                     None if not c32("litellm") else c32("cxygpt") >= 50 * c32("litellm")))
     if all(added):
         rows.append(("G1 added TTFT p50 at c1 over direct", "≤ 0.5 ms", f"{added[0] - added[1]:.3f} ms",
                      added[0] - added[1] <= 0.5))
     rps = lambda f: get("g2_whole_c16", f, "ok_rps")
-    rows.append(("G2 non-stream c16 rps vs vllm-router", "≥ 0.5×", _v(ratio(rps("cxygpt"), rps("vllm-router")), "{:.2f}×"),
-                 None if not rps("vllm-router") else rps("cxygpt") >= 0.5 * rps("vllm-router")))
-    rows.append(("G2 non-stream c16 rps vs LiteLLM", "≥ 25×", _v(ratio(rps("cxygpt"), rps("litellm")), "{:.1f}×"),
-                 None if not rps("litellm") else rps("cxygpt") >= 25 * rps("litellm")))
+    if rps("cxygpt"):
+        rows.append(("G2 non-stream c16 rps vs vllm-router", "≥ 0.5×",
+                     _v(ratio(rps("cxygpt"), rps("vllm-router")), "{:.2f}×"),
+                     None if not rps("vllm-router") else rps("cxygpt") >= 0.5 * rps("vllm-router")))
+        rows.append(("G2 non-stream c16 rps vs LiteLLM", "≥ 25×", _v(ratio(rps("cxygpt"), rps("litellm")), "{:.1f}×"),
+                     None if not rps("litellm") else rps("cxygpt") >= 25 * rps("litellm")))
     p50 = get("g2_whole_c1", "cxygpt", "lat_p50_ms"), get("g2_whole_c1", "direct", "lat_p50_ms")
     if all(p50):
         rows.append(("G2 added latency p50 at c1 over direct", "≤ 0.5 ms", f"{p50[0] - p50[1]:.3f} ms", p50[0] - p50[1] <= 0.5))
@@ -457,20 +468,29 @@ def goals(r: dict) -> list[tuple[str, str, str, bool | None]]:
         t = get("g3_paced_c64", "cxygpt", "ttft_p50_ms") - get("g3_paced_c64", "direct", "ttft_p50_ms")
         rows.append(("G3 added TTFT p50", "≤ 1 ms", f"{t:.3f} ms", t <= 1.0))
     g4r = r.get("g4") or {}
-    for front in ("cxygpt", "cxygpt+degrade"):
+    if "full_ttft_p95_ms" in g4r:
+        queue_s = g4r["gateway_limits"]["timeouts"]["queue_s"]
+        for front in ("cxygpt", "cxygpt+degrade"):
+            for mult in ("1x", "2x", "3x"):
+                p = (g4r.get(front) or {}).get(mult)
+                if not p:
+                    continue
+                v = judge(p, engine_full_ttft_p95_ms=g4r["full_ttft_p95_ms"], queue_s=queue_s,
+                          degrade=front == "cxygpt+degrade")
+                rows.append((f"G4 {front} {mult}: admitted TTFT p95 ≤ 1.5 × engine's own + queue_s "
+                             f"({v['ttft_bound_ms']:.0f} ms), goodput ≥ {v['goodput_min']:.0%}, rejections ≤ 50 ms "
+                             "+ Retry-After", "report only" if mult == "1x" else "all three",
+                             f"{_v(p['ttft_p95_ms'], '{:.0f}')} ms {mark(v['ttft_ok'])}, {p['goodput_ratio']:.0%} "
+                             f"{mark(v['goodput_ok'])}, {p['rejections']} rejected (max {_v(p['reject_max_ms'])} ms, "
+                             f"{p['rejections_with_retry_after']} with Retry-After) {mark(v['rejections_ok'])}",
+                             None if mult == "1x" else v["met"]))
         for mult in ("1x", "2x", "3x"):
-            p = (g4r.get(front) or {}).get(mult)
-            if not p:
-                continue
-            ttft_ok = p["ttft_p95_ms"] is not None and p["ttft_p95_ms"] <= 2 * g4r["unloaded_ttft_p95_ms"]
-            good_ok = p["goodput_ratio"] >= 0.95 * min(1.0, p["offered_rps"] / g4r["capacity_rps"])
-            rej_ok = p["rejections"] == 0 or (p["reject_max_ms"] <= 50 and p["rejections_with_retry_after"] == p["rejections"])
-            rows.append((f"G4 {front} {mult}: TTFT p95 ≤ 2× unloaded ({2 * g4r['unloaded_ttft_p95_ms']:.0f} ms), "
-                         "goodput ≥ 95 %, rejections ≤ 50 ms + Retry-After",
-                         "all three", f"{_v(p['ttft_p95_ms'], '{:.0f}')} ms {mark(ttft_ok)}, {p['goodput_ratio']:.0%} "
-                                      f"{mark(good_ok)}, {p['rejections']} rejected (max {_v(p['reject_max_ms'])} ms, "
-                                      f"{p['rejections_with_retry_after']} with Retry-After) {mark(rej_ok)}",
-                         ttft_ok and good_ok and rej_ok))
+            others = [(f, (g4r.get(f) or {}).get(mult)) for f in ("direct", "vllm-router", "litellm")]
+            others = [(f, p) for f, p in others if p]
+            if others:
+                rows.append((f"G4 {mult} on the same arrivals: TTFT p95, goodput", "report only",
+                             ", ".join(f"{f} {_v(p['ttft_p95_ms'], '{:.0f}')} ms {p['goodput_ratio']:.0%}"
+                                       for f, p in others), None))
     g5r = r.get("g5") or []
     big = [x for x in g5r if x["models"] == 1000]
     if big:
@@ -501,32 +521,33 @@ def render(r: dict, command: str) -> str:
         cells = [_v(((r.get(point) or {}).get(f) or {}).get(key), fmt) for f in fronts]
         return f"| {label} | " + " | ".join(cells) + " |"
 
-    lines += ["", "### Relay overhead (G1–G3), absolute numbers of this run", "", head, sep,
-              row("G1 stream c1: TTFT p50 (ms)", "g1_stream_c1", "ttft_p50_ms", "{:.3f}"),
-              row("G1 stream c32: chunks/s", "g1_stream_c32", "chunks_per_s", "{:.0f}"),
-              row("G1 stream c32: TTFT p50 (ms)", "g1_stream_c32", "ttft_p50_ms", "{:.2f}"),
-              row("G2 non-stream c1: rps", "g2_whole_c1", "ok_rps", "{:.0f}"),
-              row("G2 non-stream c1: p50 (ms)", "g2_whole_c1", "lat_p50_ms", "{:.3f}"),
-              row("G2 non-stream c16: rps", "g2_whole_c16", "ok_rps", "{:.0f}"),
-              row("G3 10 ms/token c64: output tokens/s", "g3_paced_c64", "output_tokens_per_s", "{:.0f}"),
-              row("G3 10 ms/token c64: TTFT p50 (ms)", "g3_paced_c64", "ttft_p50_ms", "{:.2f}"),
-              row("G3 10 ms/token c64: TTFT p95 (ms)", "g3_paced_c64", "ttft_p95_ms", "{:.2f}"),
-              row("G3 10 ms/token c64: total p50 (ms)", "g3_paced_c64", "lat_p50_ms", "{:.0f}"),
-              row("CPU per request, G2 c16 (µs)", "g2_whole_c16", "cpu_per_request_us", "{:.0f}"),
-              row("CPU per request, G1 c32 (µs)", "g1_stream_c32", "cpu_per_request_us", "{:.0f}"),
-              row("CPU per chunk, G1 c32 (µs)", "g1_stream_c32", "cpu_per_chunk_us", "{:.2f}"),
-              row("CPU per chunk, G3 c64 (µs)", "g3_paced_c64", "cpu_per_chunk_us", "{:.2f}"),
-              row("RSS after G1 c32 (MB)", "g1_stream_c32", "rss_mb", "{:.0f}"),
-              row("RSS after G2 c16 (MB)", "g2_whole_c16", "rss_mb", "{:.0f}"),
-              row("RSS after G3 c64 (MB)", "g3_paced_c64", "rss_mb", "{:.0f}")]
-    ready = r.get("ready_s") or {}
-    lines.append("| start to ready (s) | " + " | ".join(
-        "-" if f == "direct" else _v(r["g6"]["gateway_ready_s"] if f == "cxygpt" and r.get("g6") else ready.get(f), "{:.2f}")
-        for f in fronts) + " |")
+    if fronts:  # G1–G3 were run
+        lines += ["", "### Relay overhead (G1–G3), absolute numbers of this run", "", head, sep,
+                  row("G1 stream c1: TTFT p50 (ms)", "g1_stream_c1", "ttft_p50_ms", "{:.3f}"),
+                  row("G1 stream c32: chunks/s", "g1_stream_c32", "chunks_per_s", "{:.0f}"),
+                  row("G1 stream c32: TTFT p50 (ms)", "g1_stream_c32", "ttft_p50_ms", "{:.2f}"),
+                  row("G2 non-stream c1: rps", "g2_whole_c1", "ok_rps", "{:.0f}"),
+                  row("G2 non-stream c1: p50 (ms)", "g2_whole_c1", "lat_p50_ms", "{:.3f}"),
+                  row("G2 non-stream c16: rps", "g2_whole_c16", "ok_rps", "{:.0f}"),
+                  row("G3 10 ms/token c64: output tokens/s", "g3_paced_c64", "output_tokens_per_s", "{:.0f}"),
+                  row("G3 10 ms/token c64: TTFT p50 (ms)", "g3_paced_c64", "ttft_p50_ms", "{:.2f}"),
+                  row("G3 10 ms/token c64: TTFT p95 (ms)", "g3_paced_c64", "ttft_p95_ms", "{:.2f}"),
+                  row("G3 10 ms/token c64: total p50 (ms)", "g3_paced_c64", "lat_p50_ms", "{:.0f}"),
+                  row("CPU per request, G2 c16 (µs)", "g2_whole_c16", "cpu_per_request_us", "{:.0f}"),
+                  row("CPU per request, G1 c32 (µs)", "g1_stream_c32", "cpu_per_request_us", "{:.0f}"),
+                  row("CPU per chunk, G1 c32 (µs)", "g1_stream_c32", "cpu_per_chunk_us", "{:.2f}"),
+                  row("CPU per chunk, G3 c64 (µs)", "g3_paced_c64", "cpu_per_chunk_us", "{:.2f}"),
+                  row("RSS after G1 c32 (MB)", "g1_stream_c32", "rss_mb", "{:.0f}"),
+                  row("RSS after G2 c16 (MB)", "g2_whole_c16", "rss_mb", "{:.0f}"),
+                  row("RSS after G3 c64 (MB)", "g3_paced_c64", "rss_mb", "{:.0f}")]
+        ready = r.get("ready_s") or {}
+        lines.append("| start to ready (s) | " + " | ".join(
+            "-" if f == "direct" else _v(r["g6"]["gateway_ready_s"] if f == "cxygpt" and r.get("g6") else ready.get(f), "{:.2f}")
+            for f in fronts) + " |")
     g4r = r.get("g4")
     if g4r:
         lines += ["", f"### Overload (G4): engine capacity {g4r['capacity_rps']:.1f} req/s (8 slots, 20 ms TTFT, 10 ms/token, "
-                  f"{G4_MAX} tokens; {g4r['closed_loop_rps']:.1f} req/s closed loop), unloaded TTFT p50 {g4r['unloaded_ttft_p50_ms']:.1f} / p95 "
+                  f"{G4_PROMPT} words in, {G4_MAX} tokens out, no prefix cache; {g4r['closed_loop_rps']:.1f} req/s closed loop), unloaded TTFT p50 {g4r['unloaded_ttft_p50_ms']:.1f} / p95 "
                   f"{g4r['unloaded_ttft_p95_ms']:.1f} ms"
                   + (f", at full occupancy (8 users, each answer followed at once by the next request) p50 "
                      f"{g4r['full_ttft_p50_ms']:.1f} / p95 {g4r['full_ttft_p95_ms']:.1f} ms"
