@@ -21,6 +21,9 @@ from harness import REPO, wait_until
 
 pytestmark = pytest.mark.timeout(420)
 USERS = 4
+# a request that started up to this long after the kill returned may still have reached the engine before the
+# kernel closed its sockets (it counts as in flight): a few ms on an idle machine, tens on a busy CI
+IN_FLIGHT_S = 0.2
 PACE_S = 0.15  # each user starts a request at most this often: 4 users stay under the profiles' 40 QPS limit
 
 
@@ -131,8 +134,8 @@ def test_one_of_three_engines_killed_loses_only_what_was_in_flight_on_it(dev):
     with serving(dev, "trio", 3):
         with Trickle(dev, "trio") as load:
             victim = sorted(ready_ports(dev, "trio"))[0]
-            killed = time.monotonic()
             kill_engine(dev, victim)
+            killed = time.monotonic() + IN_FLIGHT_S
             wait_until(lambda: load.count(since=killed + 2) > 50, timeout=60, what="load after the kill")
             wait_until(lambda: len(ready_ports(dev, "trio")) == 3, timeout=60, what="the engine restarted")
             back = time.monotonic()
@@ -147,13 +150,13 @@ def test_the_only_engine_killed_is_503_with_retry_after_until_it_is_back(dev):
     with serving(dev, "solo", 1):
         with Trickle(dev, "solo") as load:
             [port] = ready_ports(dev, "solo")
-            killed = time.monotonic()
             kill_engine(dev, port)
+            killed = time.monotonic() + IN_FLIGHT_S
             wait_until(lambda: ready_ports(dev, "solo") and load.count(since=time.monotonic() - 1) > 10
                        and not load.failures(since=time.monotonic() - 1), timeout=60, interval=0.2,
                        what="served again")
         lost = load.failures()
-        in_flight = [o for o in lost if o.started <= killed]
+        in_flight = [o for o in lost if o.started <= killed and o.status != 503]  # a 503 is right at any time
         later = [o for o in lost if o.started > killed]
         assert len(in_flight) <= USERS, summary(in_flight)
         assert later, "the restart left no gap: the test saw nothing"

@@ -175,6 +175,22 @@ def test_limits_end_to_end(dev):
         dev.kubectl("delete", "md", "lim", "solo", "--timeout=30s")
 
 
+def test_an_embedding_model_serves_embeddings_through_the_gateway(dev):
+    md = sim_md("embedder", "embedder")
+    md["spec"]["model"]["task"] = "embed"
+    dev.apply(md)
+    try:
+        dev.wait_phase("embedder")
+        assert "--runner" in dev.md("embedder")["status"]["engineArgs"]
+        wait_until(lambda: "embedder" in dev.models(), what="embedder routed")
+        reply = dev.client.embeddings.create(model="embedder", input=["first text", "second text"])
+        assert len(reply.data) == 2 and len(reply.data[0].embedding) > 0 and reply.usage.prompt_tokens > 0
+        with pytest.raises(openai.BadRequestError):  # text to an embedding model: refused by the gateway
+            dev.client.chat.completions.create(model="embedder", messages=[{"role": "user", "content": "hi"}])
+    finally:
+        dev.kubectl("delete", "md", "embedder", "--timeout=30s")
+
+
 def test_faults(dev, tmp_path):
     dev.apply(sim_md("ha", "ha", replicas=2, env={"CXYGPT_SIM_ITL_MS": "50"}))
     dev.wait_phase("ha")
@@ -248,18 +264,3 @@ def test_detached_run_and_down(tmp_path):
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"http://127.0.0.1:{port}/healthz")
 
-
-def test_an_embedding_model_serves_embeddings_through_the_gateway(dev):
-    md = sim_md("embedder", "embedder")
-    md["spec"]["model"]["task"] = "embed"
-    dev.apply(md)
-    try:
-        dev.wait_phase("embedder")
-        assert "--runner" in dev.md("embedder")["status"]["engineArgs"]
-        wait_until(lambda: "embedder" in dev.models(), what="embedder routed")
-        reply = dev.client.embeddings.create(model="embedder", input=["first text", "second text"])
-        assert len(reply.data) == 2 and len(reply.data[0].embedding) > 0 and reply.usage.prompt_tokens > 0
-        with pytest.raises(openai.BadRequestError):  # text to an embedding model: refused by the gateway
-            dev.client.chat.completions.create(model="embedder", messages=[{"role": "user", "content": "hi"}])
-    finally:
-        dev.kubectl("delete", "md", "embedder", "--timeout=30s")
