@@ -242,7 +242,10 @@ class PodRunner:
             workload.task.cancel()
             # the Deployment's pods go with it, gracefully: what the engines serve finishes first (their Service
             # and endpoints are already gone, so nothing new arrives)
-            await asyncio.gather(*(self._drain_and_stop(workload, pod) for pod in list(workload.pods.values())))
+            try:
+                await asyncio.gather(*(self._drain_and_stop(workload, pod) for pod in list(workload.pods.values())))
+            finally:  # cancelled mid-drain (Ctrl-C): no longer in self.workloads, so stop_all would miss them
+                await asyncio.gather(*(stop_group(pod.process, 2.0) for pod in list(workload.pods.values())))
             log.info("%s/%s: deployment gone, engines stopped", *key)
 
     # --- kubelet ------------------------------------------------------------------------------------------------------
