@@ -209,7 +209,6 @@ class Relay:
         headers = {**JSON_HEADERS, "X-Request-Id": a.request_id}
         if target.spec.api_key:
             headers["Authorization"] = f"Bearer {target.spec.api_key}"
-        checked = gw.health_checker is not None and not target.spec.external
         tried: tuple["Backend", ...] = ()
         while True:
             backend = a.slot.backend
@@ -220,6 +219,7 @@ class Relay:
                 failure = f"unreachable: {e.strerror or e}"
             except UpstreamConnectTimeout:
                 failure = f"did not accept the connection within {timeouts.connect_s:g} s"
+            checked = gw.health_checker is not None and not target.spec.external  # a health check restores it
             eject(target.queue, backend, restore_after=None if checked else EJECT_S)
             tried += (backend,)
             queued_s = a.slot.queued_s
