@@ -60,6 +60,8 @@ class Timeouts(Strict):
 class DegradeThresholds(Strict):
     p95_ttft_ms: float = Field(gt=0)
     queue_depth: int = Field(ge=1)
+    # the share of arrivals refused for capacity (queue full or queue timeout) over the window
+    shed_share: float = Field(0.25, gt=0, le=1)
     hold_s: float = Field(ge=0)
     recover_s: float = Field(ge=0)
 

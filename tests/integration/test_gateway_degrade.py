@@ -66,3 +66,46 @@ def test_degradation_under_overload_then_recovery(tmp_path):
         stop.set()
         for proc in (gateway, slow, fast):
             proc.stop()
+
+
+def test_degradation_when_admission_sheds_the_overload(tmp_path):
+    """An overload the queue refuses keeps admitted TTFT and the queue low; the share shed still degrades."""
+    sim = start_sim(tmp_path, "busy", ttft_ms=40, itl_ms=5, max_num_seqs=1)
+    config = {
+        "auto_degrade": True, "degrade_window_s": 2,
+        "models": [{"name": "busy", "url": sim.url, "profile": "DEV_32G",
+                    "limits": {"rate_qps": 10000, "rate_tpm": 100_000_000, "queue_size": 0, "max_concurrency": 1,
+                               "degrade": {"p95_ttft_ms": 60000, "queue_depth": 100, "shed_share": 0.25,
+                                           "hold_s": 0.5, "recover_s": 1}}}]}
+    gateway = start_gateway(tmp_path, config)
+    url = gateway.url
+    stop = threading.Event()
+    answers: list[int] = []
+
+    def load():
+        with httpx.Client(timeout=30) as c:
+            while not stop.is_set():
+                r = c.post(url + "/v1/chat/completions", json={"model": "busy", "messages": SHORT, "max_tokens": 8})
+                answers.append(r.status_code)
+                stop.wait(0.02)
+
+    def limits():
+        return httpx.get(url + "/v1/limits", params={"model": "busy"}).json()
+
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            for _ in range(4):  # four callers, one slot, no queue: most are refused with queue_full
+                pool.submit(load)
+            try:
+                state = wait_until(lambda: (s := limits())["degraded"] and s, timeout=20, what="degraded")
+                assert "of arrivals shed for capacity > 25%" in state["models"]["busy"]["degraded_reason"]
+            finally:
+                stop.set()
+        assert set(answers) <= {200, 503} and answers.count(503) > answers.count(200) > 0
+        wait_until(lambda: limits()["degraded"] is False, timeout=15, what="recovered")
+        assert metric(url, "cxygpt_gateway_degrade_transitions_total", model="busy") == 1
+        assert metric(url, "cxygpt_gateway_degraded", model="busy") == 0
+    finally:
+        stop.set()
+        for proc in (gateway, sim):
+            proc.stop()

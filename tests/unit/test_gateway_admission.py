@@ -10,7 +10,7 @@ from cxygpt_profiles import default_table
 from cxygpt_profiles.table import DegradeThresholds
 
 from cxygpt_gateway.admission.auth import KeyStore, KeysFile
-from cxygpt_gateway.admission.degrade import DegradeMonitor
+from cxygpt_gateway.admission.degrade import MAX_SAMPLES, DegradeMonitor
 from cxygpt_gateway.admission.policy import effective
 from cxygpt_gateway.admission.queue import ModelQueue
 from cxygpt_gateway.admission.ratelimit import LocalWindows, Rate, RateLimiter, Scope, Window, request_window
@@ -346,6 +346,54 @@ def test_recovers_with_hysteresis(clock):
     assert m.update() is True
     clock.advance(1)
     assert m.update() is False and changes[-1][0] is False
+
+
+def test_degrades_when_a_share_of_arrivals_is_shed_for_the_hold_time(clock):
+    changes = []
+    m = monitor(clock, changes)  # shed_share 0.25 by default
+    for _ in range(19):
+        m.observe_arrival(shed=True)
+    assert m.shed_share() is None and m.update() is False  # too few arrivals to judge
+    m.observe_arrival(shed=False)
+    assert m.shed_share() == 0.95
+    for _ in range(10):
+        assert m.update() is False
+        clock.advance(1)
+        for _ in range(3):  # the window (5 s) keeps a steady mix: 3 shed, 1 served per second
+            m.observe_arrival(shed=True)
+        m.observe_arrival(shed=False)
+    assert m.update() is True and "75% of arrivals shed for capacity > 25% for 10 s" in m.reason
+    # degraded, the overload goes on: the share stays above 80 % of 25 %, so it stays degraded
+    clock.advance(30)
+    for _ in range(20):
+        m.observe_arrival(shed=False)
+    for _ in range(6):
+        m.observe_arrival(shed=True)
+    assert m.shed_share() == 6 / 26 and m.update() is True
+    clock.advance(6)  # the window forgets them; fresh arrivals are all served
+    for _ in range(20):
+        m.observe_arrival(shed=False)
+    assert m.shed_share() == 0 and m.update() is True
+    clock.advance(20)
+    assert m.update() is False and changes[-1][0] is False
+
+
+def test_a_few_refusals_among_many_arrivals_do_not_degrade(clock):
+    m = monitor(clock, [])
+    for second in range(30):
+        for i in range(10):
+            m.observe_arrival(shed=(i < 2))  # 20 % shed, under 25 %
+        assert m.update() is False
+        clock.advance(1)
+
+
+def test_the_shed_window_is_bounded_in_samples(clock):
+    m = monitor(clock, [])
+    for _ in range(MAX_SAMPLES):
+        m.observe_arrival(shed=True)
+    for _ in range(MAX_SAMPLES):
+        m.observe_arrival(shed=False)
+    assert m.shed_share() == 0.0
 
 
 # ---- policy, config, stream scanning ------------------------------------------------------------------------

@@ -156,6 +156,23 @@ async def _wait_in_line(ex: Exchange, target: "ModelRoute", priority: int) -> "S
                            retry_after=target.queue.retry_after()) from None
 
 
+# refusals for capacity: what the degradation monitor counts as shed
+SHED_REASONS = frozenset({"queue_full", "queue_timeout"})
+
+
+async def _take_slot(ex: Exchange, target: "ModelRoute", priority: int) -> "Slot":
+    """A slot now or after a wait in line; each outcome is an arrival for the degradation monitor."""
+    try:
+        slot = target.queue.try_take() or await _wait_in_line(ex, target, priority)
+    except GatewayError as e:
+        if target.degrade_enabled and e.reason in SHED_REASONS:
+            target.degrade.observe_arrival(shed=True)
+        raise
+    if target.degrade_enabled:
+        target.degrade.observe_arrival(shed=False)
+    return slot
+
+
 async def admit(gw: "Gateway", ex: Exchange, kind: Kind) -> Admitted:
     arrived = time.monotonic()
     headers = read_headers(ex.headers)
@@ -204,7 +221,7 @@ async def admit(gw: "Gateway", ex: Exchange, kind: Kind) -> Admitted:
     max_tokens = _output_cap(target, caller, target_degraded, req.requested_max_tokens) if req.generates else 0
     upstream_body = _upstream_body(gw, req, target, max_tokens, target_degraded)
 
-    slot = target.queue.try_take() or await _wait_in_line(ex, target, caller.tier.priority)
+    slot = await _take_slot(ex, target, caller.tier.priority)
     return Admitted(gateway=gw, request_id=request_id, caller=caller, route=route, target=target, req=req,
                     upstream_body=upstream_body, scopes=scopes, degraded=degraded, input_tokens=input_tokens,
                     max_tokens=max_tokens, slot=slot, arrived=arrived)
