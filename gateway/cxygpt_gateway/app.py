@@ -26,9 +26,10 @@ from .logs import RequestLog
 from .metrics import GatewayMetrics
 from .relay import serve
 from .routes import health, limits, openai
-from .routing import Registry
+from .registry import Registry
 from .settings import GatewaySettings
-from .upstream import HealthChecker, Upstream
+from .healthcheck import HealthChecker
+from .upstream import Upstream
 
 log = logging.getLogger("cxygpt.gateway")
 

@@ -12,11 +12,12 @@ from .admission.pipeline import Admitted, admit
 from .errors import GatewayError
 from .exchange import ClientLeft, Exchange, answer_error
 from .logs import rounded
-from .upstream import JSON_HEADERS, UpstreamConnectTimeout, UpstreamResponse, UpstreamUnreachable
+from .pool import UpstreamConnectTimeout, UpstreamResponse, UpstreamUnreachable
+from .upstream import JSON_HEADERS
 
 if TYPE_CHECKING:
     from .admission.queue import Backend, ModelQueue, Slot
-    from .routing import ModelRoute
+    from .registry import ModelRoute
     from .app import Gateway
 
 log = logging.getLogger("cxygpt.gateway")

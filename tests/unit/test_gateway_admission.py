@@ -460,7 +460,7 @@ def test_the_shipped_examples_load(monkeypatch):
 
 async def test_registry_keeps_queues_and_in_flight_counts_across_discovery_updates(clock):
     from cxygpt_gateway.discovery.base import ModelSpec
-    from cxygpt_gateway.routing import Registry
+    from cxygpt_gateway.registry import Registry
     table = default_table()
     registry = Registry(table, clock=clock)
     limits = table.get("DEV_32G").limits
@@ -489,7 +489,7 @@ def test_upstream_answers_keep_their_4xx_but_an_engine_refusing_the_gateway_is_a
 
 async def test_a_removed_model_answers_its_waiters_at_once(clock):
     from cxygpt_gateway.discovery.base import ModelSpec, Unavailable
-    from cxygpt_gateway.routing import Registry
+    from cxygpt_gateway.registry import Registry
     table = default_table()
     registry = Registry(table, clock=clock)
     limits = table.get("DEV_32G").limits.model_copy(update={"max_concurrency": 1})

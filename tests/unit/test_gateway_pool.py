@@ -5,8 +5,8 @@ import asyncio
 
 import pytest
 
-from cxygpt_gateway import upstream
-from cxygpt_gateway.upstream import UpstreamPool, UpstreamUnreachable
+from cxygpt_gateway import pool as pool_module
+from cxygpt_gateway.pool import UpstreamPool, UpstreamUnreachable
 from harness import free_port
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
@@ -116,7 +116,7 @@ async def test_a_request_lost_on_a_kept_alive_connection_is_never_sent_again():
 
 
 async def test_idle_connections_past_the_horizon_are_not_reused(monkeypatch):
-    monkeypatch.setattr(upstream, "IDLE_S", 0.0)  # vLLM closes idle keep-alive connections after 5 s
+    monkeypatch.setattr(pool_module, "IDLE_S", 0.0)  # vLLM closes idle keep-alive connections after 5 s
     async with ScriptedServer([OK, OK]) as server:
         pool = UpstreamPool()
         await post(pool, server)

@@ -11,7 +11,7 @@ import orjson
 from fastapi import Request
 
 from ..errors import GatewayError
-from ..routing import no_ready_replica
+from ..registry import no_ready_replica
 from ..exchange import ClientLeft, Exchange, body_too_large
 from .auth import Caller
 from .ratelimit import Scope
@@ -20,7 +20,7 @@ from .request import (INPUT_PARAM, Kind, OpenAIRequest, cannot_exceed, decode, e
 
 if TYPE_CHECKING:
     from ..app import Gateway
-    from ..routing import ModelRoute
+    from ..registry import ModelRoute
     from .queue import Slot
 
 
