@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Install the benchmark peers, each in its own venv under .bench-venvs/ (LiteLLM proxy, vllm-router),
-# and wrk when apt can provide it. A peer that fails to install is reported and skipped by the suite.
+# Install the benchmark peers, each in its own venv under .bench-venvs/ (LiteLLM proxy, vllm-router), granian
+# into the project's venv (bench/servers.py), and wrk when apt can provide it. A peer that fails to install is
+# reported and skipped by the suite.
 set -u
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -15,6 +16,9 @@ install() {  # name, pip requirement, command that must exist afterwards
 }
 install litellm 'litellm[proxy]' litellm
 install vllm-router vllm-router vllm-router
+# granian serves the gateway's own app in bench/servers.py, so it goes into the project's venv (a bench extra)
+.venv/bin/pip install -q -e '.[bench]' >/dev/null 2>&1 && echo "granian: $(.venv/bin/pip show granian | sed -n 's/^Version: //p')" ||
+    echo "granian: NOT installed (bench/servers.py cannot run its granian variants)"
 if ! command -v wrk >/dev/null; then
     if [ "$(id -u)" = 0 ]; then apt-get install -y -q wrk >/dev/null 2>&1; else sudo -n apt-get install -y -q wrk >/dev/null 2>&1; fi
 fi
