@@ -98,6 +98,7 @@ def create_app(settings: GatewaySettings, *, table: ProfileTable | None = None,
 
     registry = Registry(table, single_user=settings.single_user, force_profile=settings.force_profile,
                         auto_degrade=settings.auto_degrade, degrade_window_s=settings.degrade_window_s,
+                        routing_policy=settings.routing.policy, routing_epsilon=settings.routing.epsilon,
                         on_degrade=on_degrade)
     gw = Gateway(settings=settings, table=table, registry=registry,
                  keys=KeyStore.from_file(settings.keys_file), metrics=metrics,

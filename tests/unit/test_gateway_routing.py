@@ -7,7 +7,7 @@ import pytest
 
 from cxygpt_gateway.admission.queue import Backend, ModelQueue
 from cxygpt_gateway.routing import (KEY_CHARS, PROMPT_KEY_CHARS, Ring, Router, Routing, load_bound, order,
-                                    request_key)
+                                    request_key, resolve)
 
 PREFIX = Routing("prefix", 0.25)
 LEAST = Routing("least-load")
@@ -232,6 +232,12 @@ def test_prefix_names_its_choices():
     assert router.pick(KEYS[4], rs, limit=2, exclude=(rs[0],))[1] == "other"
 
 
+def test_the_default_policy_follows_the_mode():
+    assert resolve(None, None, "multi") == Routing("prefix", 0.25)
+    assert resolve(None, None, "single") == Routing("least-load", 0.25)
+    assert resolve("round-robin", 1.0, "multi") == Routing("round-robin", 1.0)
+
+
 # ---- the queue ------------------------------------------------------------------------------------------------
 
 def prefix_queue(n, limit=1, size=4):
@@ -297,3 +303,37 @@ async def test_a_queue_changes_its_policy_and_its_ring_follows_its_replicas():
     assert q.router.ring.urls == ("http://a", "http://b")
     q.set_backends(["http://c", "http://a", "http://b"])
     assert q.router.ring.urls == ("http://a", "http://b", "http://c")
+
+
+# ---- configuration --------------------------------------------------------------------------------------------
+
+def test_a_models_routing_comes_from_its_entry_then_the_top_level_then_its_mode(tmp_path):
+    from cxygpt_profiles import default_table
+
+    from cxygpt_gateway.discovery.static import StaticDiscovery
+    from cxygpt_gateway.registry import Registry
+    from cxygpt_gateway.settings import load_settings
+    config = tmp_path / "gateway.yaml"
+    config.write_text("""
+routing: {epsilon: 0.5}
+models:
+  - {name: multi, url: http://a, profile: DEV_32G}
+  - {name: single, url: http://b, profile: SINGLE_32G}
+  - {name: own, url: http://c, profile: DEV_32G, routing: {policy: round-robin, epsilon: 1}}
+""")
+    settings = load_settings(config)
+    table = default_table()
+    registry = Registry(table, routing_policy=settings.routing.policy, routing_epsilon=settings.routing.epsilon)
+    for spec in StaticDiscovery(settings.models, table).specs:
+        registry.upsert(spec)
+    assert {name: registry.get(name).routing for name in ("multi", "single", "own")} == {
+        "multi": Routing("prefix", 0.5), "single": Routing("least-load", 0.5), "own": Routing("round-robin", 1.0)}
+
+
+@pytest.mark.parametrize("routing", [{"policy": "random"}, {"epsilon": 0}, {"epsilon": 5}, {"other": 1}])
+def test_a_routing_the_gateway_cannot_use_is_refused_at_start(routing):
+    from pydantic import ValidationError
+
+    from cxygpt_gateway.settings import GatewaySettings
+    with pytest.raises(ValidationError):
+        GatewaySettings(routing=routing)
