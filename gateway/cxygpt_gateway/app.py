@@ -20,6 +20,7 @@ from starlette.responses import HTMLResponse, Response
 from .admission.auth import KeyStore
 from .admission.ratelimit import RateLimiter, open_windows
 from .discovery.base import Discovery
+from .enginemetrics import EngineLoadScraper
 from .errors import GatewayError
 from .exchange import AsgiExchange, count_rejection
 from .logs import RequestLog
@@ -118,6 +119,9 @@ def create_app(settings: GatewaySettings, *, table: ProfileTable | None = None,
                 gw.health_checker = HealthChecker(registry, gw.upstream, settings.health_interval_s)
                 await gw.health_checker.check_once()
                 tasks.append(asyncio.create_task(gw.health_checker.run()))
+            if settings.engine_metrics_interval_s > 0:
+                scraper = EngineLoadScraper(registry, session, settings.engine_metrics_interval_s)
+                tasks.append(asyncio.create_task(scraper.run()))
             try:
                 yield
             finally:

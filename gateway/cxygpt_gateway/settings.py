@@ -76,6 +76,9 @@ class GatewaySettings(BaseSettings):
     degraded_top_p_max: float | None = Field(None, gt=0, le=1)
     health_interval_s: float = Field(5.0, gt=0, description="how often static upstreams' /health is checked")
     routing: RoutingConfig = Field(default_factory=RoutingConfig, description="every model's routing default")
+    engine_metrics_interval_s: float = Field(
+        1.0, ge=0, description="how often each replica's /metrics is read for its waiting requests and KV-cache "
+                               "usage (routing's tie-breaks); 0: never")
     log_requests: bool = True
     log_level: str = "info"
 

@@ -1,7 +1,9 @@
-"""Routing in the gateway app (ASGI) over in-test upstreams: a session header keeps a session on one replica; what
-/v1/limits and /metrics say."""
+"""Routing in the gateway app (ASGI) over in-test upstreams: the engines' load read from their /metrics breaks
+least-load's ties and goes stale never; a session header keeps a session on one replica; what /v1/limits and
+/metrics say."""
 from __future__ import annotations
 
+import asyncio
 import contextlib
 
 from aiohttp import web
@@ -9,12 +11,25 @@ from asgi_support import gateway_client, upstream_serving
 
 from cxygpt_gateway.settings import GatewaySettings
 
+PAGE = """# HELP vllm:num_requests_waiting Number of requests waiting to be processed.
+# TYPE vllm:num_requests_waiting gauge
+vllm:num_requests_waiting{{engine="0",model_name="m"}} {waiting}
+# HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.
+# TYPE vllm:kv_cache_usage_perc gauge
+vllm:kv_cache_usage_perc{{engine="0",model_name="m"}} {usage}
+"""
+
 
 class Engine:
-    """An upstream that records what it served."""
+    """An upstream that says how loaded it is and records what it served."""
 
-    def __init__(self):
-        self.served = []
+    def __init__(self, waiting: int, usage: float):
+        self.waiting, self.usage, self.answering, self.served = waiting, usage, True, []
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        if not self.answering:
+            return web.Response(status=500)
+        return web.Response(text=PAGE.format(waiting=self.waiting, usage=self.usage))
 
     async def chat(self, request: web.Request) -> web.Response:
         body = await request.json()
@@ -28,7 +43,8 @@ class Engine:
         return web.Response(text="")
 
     def routes(self):
-        return {("POST", "/v1/chat/completions"): self.chat, ("GET", "/health"): self.health}
+        return {("GET", "/metrics"): self.metrics, ("POST", "/v1/chat/completions"): self.chat,
+                ("GET", "/health"): self.health}
 
 
 @contextlib.asynccontextmanager
@@ -41,13 +57,32 @@ async def fleet(*engines: Engine, **settings):
         yield client, gw, urls
 
 
+async def until(predicate, timeout=5.0):
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.01)
+
+
 def chat(content="hello"):
     return {"model": "m", "messages": [{"role": "user", "content": content}]}
 
 
+async def test_the_engines_load_breaks_least_loads_ties_and_a_silent_engine_reads_as_unknown():
+    busy, idle = Engine(waiting=7, usage=0.9), Engine(waiting=0, usage=0.1)
+    async with fleet(busy, idle, engine_metrics_interval_s=0.05, routing={"policy": "least-load"}) as (client, gw, urls):
+        backends = gw.registry.get("m").queue.backends
+        await until(lambda: (backends[urls[0]].waiting, backends[urls[1]].kv_usage) == (7, 0.1))
+        assert backends[urls[0]].kv_usage == 0.9
+        for _ in range(3):  # nothing in flight anywhere: the engine with nobody waiting wins every time
+            assert (await client.post("/v1/chat/completions", json=chat())).status_code == 200
+        assert (len(busy.served), len(idle.served)) == (0, 3)
+        busy.answering = False  # its last value must not stay
+        await until(lambda: (backends[urls[0]].waiting, backends[urls[0]].kv_usage) == (0, 0.0))
+
+
 async def test_a_session_header_keeps_a_session_on_one_replica_and_limits_and_metrics_say_so():
-    engines = [Engine() for _ in range(3)]
-    async with fleet(*engines) as (client, gw, _):
+    engines = [Engine(0, 0.0) for _ in range(3)]
+    async with fleet(*engines, engine_metrics_interval_s=0) as (client, gw, _):
         limits = (await client.get("/v1/limits")).json()
         assert limits["models"]["m"]["routing"] == {"policy": "prefix", "epsilon": 0.25}
         for session in ("alice", "bob", "carol", "dave"):

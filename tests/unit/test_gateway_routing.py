@@ -6,6 +6,7 @@ import random
 import pytest
 
 from cxygpt_gateway.admission.queue import Backend, ModelQueue
+from cxygpt_gateway.enginemetrics import engine_load
 from cxygpt_gateway.routing import (KEY_CHARS, PROMPT_KEY_CHARS, Ring, Router, Routing, load_bound, order,
                                     request_key, resolve)
 
@@ -303,6 +304,35 @@ async def test_a_queue_changes_its_policy_and_its_ring_follows_its_replicas():
     assert q.router.ring.urls == ("http://a", "http://b")
     q.set_backends(["http://c", "http://a", "http://b"])
     assert q.router.ring.urls == ("http://a", "http://b", "http://c")
+
+
+# ---- engine metrics -------------------------------------------------------------------------------------------
+
+VLLM_PAGE = """# HELP vllm:num_requests_running Number of requests in model execution batches.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0",model_name="m"} 8.0
+# HELP vllm:num_requests_waiting Number of requests waiting to be processed.
+# TYPE vllm:num_requests_waiting gauge
+vllm:num_requests_waiting{engine="0",model_name="m"} 3.0
+vllm:num_requests_waiting{engine="1",model_name="m"} 2.0
+# HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.
+# TYPE vllm:kv_cache_usage_perc gauge
+vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.25
+vllm:kv_cache_usage_perc{engine="1",model_name="m"} 0.75
+# HELP vllm:e2e_request_latency_seconds Histogram of e2e request latency in seconds.
+# TYPE vllm:e2e_request_latency_seconds histogram
+vllm:e2e_request_latency_seconds_bucket{engine="0",le="0.3",model_name="m"} 1.0
+"""
+
+
+def test_engine_load_is_read_from_vllms_metrics_page():
+    assert engine_load(VLLM_PAGE) == (5, 0.75)  # waiting summed over the engines, the fullest KV cache
+
+
+@pytest.mark.parametrize("page", ["", "not prometheus at all {{{", "# TYPE x gauge\nx 1\n",
+                                  "vllm:num_requests_waiting{engine=\"0\" 3\n"])
+def test_a_page_without_the_engines_load_says_nothing(page):
+    assert engine_load(page) is None
 
 
 # ---- configuration --------------------------------------------------------------------------------------------
