@@ -26,9 +26,11 @@ def _rows(schema: dict, path: str, required: set[str]):
             rules.append("one of " + ", ".join(f"`{v}`" for v in sub["enum"]))
         if "default" in sub:
             rules.append(f"default `{json.dumps(sub['default'])}`")
-        for key, word in (("minimum", "min"), ("maxLength", "max length"), ("maxItems", "max items"), ("pattern", "pattern")):
+        for key, word in (("minimum", "min"), ("maximum", "max"), ("maxLength", "max length"),
+                          ("maxItems", "max items"), ("pattern", "pattern")):
             if key in sub:
-                rules.append(f"{word} `{sub[key]}`")
+                exclusive = key in ("minimum", "maximum") and sub.get(f"exclusive{key.title()}") is True
+                rules.append(f"{word} `{sub[key]}`{' (exclusive)' if exclusive else ''}")
         rules += [rule["message"] for rule in sub.get("x-kubernetes-validations") or []]
         description = " ".join((sub.get("description") or "").split())
         yield (f"| `{field}` | {_type(sub)} | {'yes' if name in required else ''} | "

@@ -17,6 +17,12 @@ def to_jsonschema(schema: dict) -> dict:
         s["anyOf"] = [{"type": "integer"}, {"type": "string"}]
     if schema.get("nullable") and "type" in s:
         s["type"] = [s["type"], "null"]
+    for bound in ("minimum", "maximum"):  # OpenAPI 3.0's boolean exclusive bounds are JSON Schema's numbers
+        exclusive = f"exclusive{bound.title()}"
+        if isinstance(schema.get(exclusive), bool):
+            del s[exclusive]
+            if schema[exclusive] and bound in s:
+                s[exclusive] = s.pop(bound)
     if "properties" in schema:
         s["properties"] = {k: to_jsonschema(v) for k, v in schema["properties"].items()}
         if not schema.get("x-kubernetes-preserve-unknown-fields") and "additionalProperties" not in schema:

@@ -20,6 +20,7 @@ from starlette.responses import HTMLResponse, Response
 from .admission.auth import KeyStore
 from .admission.ratelimit import RateLimiter, open_windows
 from .discovery.base import Discovery
+from .enginemetrics import EngineLoadScraper
 from .errors import GatewayError
 from .exchange import AsgiExchange, count_rejection
 from .logs import RequestLog
@@ -98,6 +99,7 @@ def create_app(settings: GatewaySettings, *, table: ProfileTable | None = None,
 
     registry = Registry(table, single_user=settings.single_user, force_profile=settings.force_profile,
                         auto_degrade=settings.auto_degrade, degrade_window_s=settings.degrade_window_s,
+                        routing_policy=settings.routing.policy, routing_epsilon=settings.routing.epsilon,
                         on_degrade=on_degrade)
     gw = Gateway(settings=settings, table=table, registry=registry,
                  keys=KeyStore.from_file(settings.keys_file), metrics=metrics,
@@ -117,6 +119,9 @@ def create_app(settings: GatewaySettings, *, table: ProfileTable | None = None,
                 gw.health_checker = HealthChecker(registry, gw.upstream, settings.health_interval_s)
                 await gw.health_checker.check_once()
                 tasks.append(asyncio.create_task(gw.health_checker.run()))
+            if settings.engine_metrics_interval_s > 0:
+                scraper = EngineLoadScraper(registry, session, settings.engine_metrics_interval_s)
+                tasks.append(asyncio.create_task(scraper.run()))
             try:
                 yield
             finally:

@@ -64,6 +64,10 @@ class GatewayMetrics:
         self.failovers = Counter("cxygpt_gateway_failovers",
                                  "Requests sent to another replica because none of them reached the first",
                                  ["model"], registry=r)
+        self.routed = Counter("cxygpt_gateway_routed",
+                              "Requests relayed, by routing policy and how they reached their replica: affinity (the "
+                              "policy's first choice), spill (the load bound or a full replica moved it on), other "
+                              "(a failover)", ["model", "policy", "choice"], registry=r)
         self.client_disconnects = Counter("cxygpt_gateway_client_disconnects",
                                           "Requests cancelled because the client went away", ["model"], registry=r)
         r.register(RouteStateCollector(routes))

@@ -13,6 +13,7 @@ from .admission.queue import ModelQueue
 from .admission.ratelimit import Rate, Scope
 from .discovery.base import ModelSpec, Unavailable
 from .errors import GatewayError
+from .routing import Routing, resolve
 
 log = logging.getLogger("cxygpt.gateway")
 
@@ -31,21 +32,28 @@ def model_gone(name: str) -> GatewayError:
 
 
 class ModelRoute:
-    def __init__(self, spec: ModelSpec, limits: Limits, mode: str, profile: str | None, *, auto_degrade: bool,
-                 degrade_window_s: float, clock: Callable[[], float], on_degrade: Callable[[str, bool, str], None]):
+    def __init__(self, spec: ModelSpec, limits: Limits, mode: str, profile: str | None, routing: Routing, *,
+                 auto_degrade: bool, degrade_window_s: float, clock: Callable[[], float],
+                 on_degrade: Callable[[str, bool, str], None]):
         self.name = spec.name
-        self.queue = ModelQueue(queue_size=limits.queue_size, max_concurrency=limits.max_concurrency, clock=clock)
+        self.queue = ModelQueue(queue_size=limits.queue_size, max_concurrency=limits.max_concurrency,
+                                routing=routing, clock=clock)
         self.degrade = DegradeMonitor(limits.degrade, window_s=degrade_window_s, clock=clock,
                                       on_change=lambda degraded, why: on_degrade(self.name, degraded, why))
         self.auto_degrade = auto_degrade
-        self.configure(spec, limits, mode, profile)
+        self.configure(spec, limits, mode, profile, routing)
 
-    def configure(self, spec: ModelSpec, limits: Limits, mode: str, profile: str | None) -> None:
+    def configure(self, spec: ModelSpec, limits: Limits, mode: str, profile: str | None, routing: Routing) -> None:
         self.spec, self.limits, self.mode, self.profile = spec, limits, mode, profile
         self.scope = Scope(f"model:{self.name}", f"model {self.name}", Rate(limits.rate_qps, limits.rate_tpm))
         self.queue.set_limits(queue_size=limits.queue_size, max_concurrency=limits.max_concurrency)
+        self.queue.set_routing(routing)
         self.queue.set_backends(spec.urls)
         self.degrade.thresholds = limits.degrade
+
+    @property
+    def routing(self) -> Routing:
+        return self.queue.router.routing
 
     @property
     def degrade_enabled(self) -> bool:
@@ -65,10 +73,11 @@ class Registry:
     """The ModelSink discovery writes into; effective limits are applied here, once per change."""
 
     def __init__(self, table: ProfileTable, *, single_user: bool | None = None, force_profile: str | None = None,
-                 auto_degrade: bool = False, degrade_window_s: float = 30.0,
-                 clock: Callable[[], float] = time.monotonic,
+                 auto_degrade: bool = False, degrade_window_s: float = 30.0, routing_policy: str | None = None,
+                 routing_epsilon: float | None = None, clock: Callable[[], float] = time.monotonic,
                  on_degrade: Callable[[str, bool, str], None] = lambda model, degraded, why: None):
         self.table, self.single_user, self.force_profile = table, single_user, force_profile
+        self.routing_policy, self.routing_epsilon = routing_policy, routing_epsilon  # every model's defaults
         self.auto_degrade, self.degrade_window_s, self.clock, self.on_degrade = (
             auto_degrade, degrade_window_s, clock, on_degrade)
         self.routes: dict[str, ModelRoute] = {}
@@ -77,17 +86,19 @@ class Registry:
     def upsert(self, spec: ModelSpec) -> None:
         eff = effective(spec.limits, spec.mode, spec.profile, table=self.table, single_user=self.single_user,
                         force_profile=self.force_profile)
+        routing = resolve(spec.routing_policy or self.routing_policy,
+                          self.routing_epsilon if spec.routing_epsilon is None else spec.routing_epsilon, eff.mode)
         self.reserved.pop(spec.name, None)
         route = self.routes.get(spec.name)
         if route is None:
-            self.routes[spec.name] = ModelRoute(spec, eff.limits, eff.mode, eff.profile,
+            self.routes[spec.name] = ModelRoute(spec, eff.limits, eff.mode, eff.profile, routing,
                                                 auto_degrade=self.auto_degrade,
                                                 degrade_window_s=self.degrade_window_s, clock=self.clock,
                                                 on_degrade=self.on_degrade)
-            log.info("model %s routed to %s (profile %s, %s-user)", spec.name, ", ".join(spec.urls) or "-",
-                     eff.profile, eff.mode)
+            log.info("model %s routed to %s (profile %s, %s-user, %s routing)", spec.name,
+                     ", ".join(spec.urls) or "-", eff.profile, eff.mode, routing.policy)
         elif route.spec != spec:
-            route.configure(spec, eff.limits, eff.mode, eff.profile)
+            route.configure(spec, eff.limits, eff.mode, eff.profile, routing)
             log.info("model %s updated: %s", spec.name, ", ".join(spec.urls) or "-")
 
     def reserve(self, name: str, why: Unavailable) -> None:

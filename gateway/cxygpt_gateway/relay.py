@@ -13,6 +13,7 @@ from .errors import GatewayError
 from .exchange import ClientLeft, Exchange, answer_error
 from .logs import rounded
 from .pool import UpstreamConnectTimeout, UpstreamResponse, UpstreamUnreachable
+from .routing import OTHER
 from .upstream import JSON_HEADERS
 
 if TYPE_CHECKING:
@@ -223,25 +224,26 @@ class Relay:
             checked = gw.health_checker is not None and not target.spec.external  # a health check restores it
             eject(target.queue, backend, restore_after=None if checked else EJECT_S)
             tried += (backend,)
-            queued_s = a.slot.queued_s
-            other = target.queue.take_other(tried, queued_s=queued_s)
+            queued_s, key = a.slot.queued_s, a.slot.key
+            other = target.queue.take_other(tried, queued_s=queued_s, key=key)  # the next in the request's order
             a.slot.release(served=False)
             if other is None:
                 if not target.queue.routable():
                     raise GatewayError(503, f"model {target.name}: replica {backend.url} {failure}, and no other "
                                             "replica is left; nothing of the request was sent, so it is safe to retry",
                                        code="no_ready_replica", reason="replica_unreachable", retry_after=1)
-                other = await self._wait_ahead(target, failure=f"replica {backend.url} {failure}")
+                other = await self._wait_ahead(target, key, failure=f"replica {backend.url} {failure}")
                 other.queued_s += queued_s
+                other.choice = OTHER
             a.slot = other
             child(gw.metrics.failovers, target.name).inc()
 
-    async def _wait_ahead(self, target: "ModelRoute", failure: str) -> "Slot":
+    async def _wait_ahead(self, target: "ModelRoute", key: int | None, failure: str) -> "Slot":
         """Back in line, ahead of everyone (this request was admitted before them), for the next free replica."""
         queue_s = target.limits.timeouts.queue_s
         try:
             with self.ex.deadline(queue_s):
-                return await target.queue.wait(FAILOVER_PRIORITY)
+                return await target.queue.wait(FAILOVER_PRIORITY, key)
         except TimeoutError:
             raise GatewayError(503, f"model {target.name}: {failure}, and no other replica was free within "
                                     f"{queue_s:g} s; nothing of the request was sent, so it is safe to retry",
@@ -309,6 +311,7 @@ class Relay:
         child(m.requests, name, str(status)).inc()
         child(m.latency, name).observe(now - a.arrived)
         child(m.queue_wait, name).observe(a.slot.queued_s)
+        child(m.routed, name, a.target.queue.router.routing.policy, a.slot.choice).inc()
         prompt = completion = None
         if ttft is not None and a.req.stream:
             child(m.ttft, name).observe(ttft)

@@ -8,6 +8,16 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
 
+class RoutingConfig(BaseModel):
+    """How requests are spread over a model's replicas (gateway/README.md, "Routing")."""
+    model_config = ConfigDict(extra="forbid")
+
+    policy: Literal["prefix", "least-load", "round-robin"] | None = Field(
+        None, description="default: prefix for a multi-user model, least-load for a single-user one")
+    epsilon: float | None = Field(None, gt=0, le=4, description="prefix's load bound: no replica above "
+                                  "(1 + epsilon) x the mean in flight; default 0.25")
+
+
 class ModelConfig(BaseModel):
     """One model of the static backend file."""
     model_config = ConfigDict(extra="forbid")
@@ -24,6 +34,8 @@ class ModelConfig(BaseModel):
     api_key_env: str | None = Field(None, description="environment variable holding the upstream's API key")
     api_key_file: str | None = Field(None, description="file (e.g. a mounted Secret) holding the upstream's API key")
     external: bool = Field(False, description="an external OpenAI-compatible provider: no /tokenize, no /health")
+    routing: RoutingConfig = Field(default_factory=RoutingConfig,
+                                   description="this model's routing; unset keys come from the top-level routing")
 
     @model_validator(mode="after")
     def _has_upstream(self):
@@ -63,6 +75,10 @@ class GatewaySettings(BaseSettings):
     degraded_temperature_max: float | None = Field(None, ge=0)
     degraded_top_p_max: float | None = Field(None, gt=0, le=1)
     health_interval_s: float = Field(5.0, gt=0, description="how often static upstreams' /health is checked")
+    routing: RoutingConfig = Field(default_factory=RoutingConfig, description="every model's routing default")
+    engine_metrics_interval_s: float = Field(
+        1.0, ge=0, description="how often each replica's /metrics is read for its waiting requests and KV-cache "
+                               "usage (routing's tie-breaks); 0: never")
     log_requests: bool = True
     log_level: str = "info"
 

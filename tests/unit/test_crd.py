@@ -51,10 +51,19 @@ def test_defaults_are_applied():
     ({"engine": {"kind": "tgi"}}, "spec.engine.kind"),
     ({"model": {"name": "m"}}, "'source' is a required property"),
     ({"model": {"name": "m", "source": "hf://a/b", "variants": {"int4": "ftp://x"}}}, "variants.int4 must be"),
+    ({"routing": {"policy": "random"}}, "spec.routing.policy: Invalid value: 'random' is not one of"),
+    ({"routing": {"epsilon": 0}}, "spec.routing.epsilon"),
+    ({"routing": {"epsilon": 4.5}}, "spec.routing.epsilon"),
 ])
 def test_bad_specs_fail_with_a_message_naming_the_field(spec, message):
     _, errors = VALIDATOR.check(_md(**spec))
     assert any(message in e for e in errors), errors
+
+
+def test_routing_takes_a_policy_and_an_epsilon_above_0_up_to_4():
+    for routing in ({"policy": "prefix", "epsilon": 0.25}, {"policy": "least-load"}, {"epsilon": 4}, {}):
+        obj, errors = VALIDATOR.check(_md(routing=routing))
+        assert errors == [] and obj["spec"]["routing"] == routing  # no defaults: the gateway's apply
 
 
 def test_name_must_be_a_dns_label():

@@ -103,3 +103,14 @@ def test_an_older_model_renamed_onto_a_live_name_does_not_take_it_over():
     # the owner being deleted claims nothing: the name passes on
     owner["metadata"]["deletionTimestamp"] = "2026-12-01T11:00:00Z"
     assert name_owners(mds) == {"victim": ("tenant2", "twin")}
+
+
+def test_spec_routing_becomes_the_routes_policy_and_what_the_schema_refuses_is_unset():
+    md = modeldeployment("m")
+    md["spec"]["routing"] = {"policy": "round-robin", "epsilon": 0.5}
+    spec = desired_routes({("llm", "m"): md}, {})["m"]
+    assert (spec.routing_policy, spec.routing_epsilon) == ("round-robin", 0.5)
+    md["spec"]["routing"] = {"policy": "random", "epsilon": 0}
+    spec = desired_routes({("llm", "m"): md}, {})["m"]
+    assert (spec.routing_policy, spec.routing_epsilon) == (None, None)
+    assert desired_routes({("llm", "m"): modeldeployment("m")}, {})["m"].routing_policy is None

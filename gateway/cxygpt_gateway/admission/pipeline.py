@@ -1,4 +1,4 @@
-"""Admission: auth → body → model → schema → rate → input tokens → output cap → queue."""
+"""Admission: auth → body → model → schema → rate → input tokens → output cap → routing key → queue."""
 from __future__ import annotations
 
 import asyncio
@@ -12,6 +12,7 @@ from fastapi import Request
 
 from ..errors import GatewayError
 from ..registry import no_ready_replica
+from ..routing import request_key
 from ..exchange import ClientLeft, Exchange, body_too_large
 from .auth import Caller
 from .ratelimit import Scope
@@ -43,7 +44,8 @@ class Admitted:
 
 
 # the request headers admission reads (lower case, as servers hand them over)
-READ_HEADERS = (b"x-request-id", b"authorization", b"content-length")
+SESSION_HEADER = b"x-session-id"
+READ_HEADERS = (b"x-request-id", b"authorization", b"content-length", SESSION_HEADER)
 
 
 def read_headers(headers: list[tuple[bytes, bytes]]) -> dict[bytes, str]:
@@ -141,12 +143,12 @@ def _output_cap(target: "ModelRoute", caller: Caller, degraded: bool, requested:
     return min(requested or cap, cap)
 
 
-async def _wait_in_line(ex: Exchange, target: "ModelRoute", priority: int) -> "Slot":
+async def _wait_in_line(ex: Exchange, target: "ModelRoute", priority: int, key: int | None) -> "Slot":
     """The next free slot, within the queue timeout; a client that leaves meanwhile leaves the line at once."""
     try:
         with ex.watched():
             with ex.deadline(target.limits.timeouts.queue_s):
-                return await target.queue.wait(priority)
+                return await target.queue.wait(priority, key)
     except ClientLeft:
         raise GatewayError(499, "client closed the request while it waited in the queue",
                            code="client_closed_request", reason="client_gone_while_queued") from None
@@ -160,10 +162,18 @@ async def _wait_in_line(ex: Exchange, target: "ModelRoute", priority: int) -> "S
 SHED_REASONS = frozenset({"queue_full", "queue_timeout"})
 
 
-async def _take_slot(ex: Exchange, target: "ModelRoute", priority: int) -> "Slot":
+def _routing_key(target: "ModelRoute", req: OpenAIRequest, session: str | None) -> int | None:
+    """The request's place on the model's hash ring; none for a policy without one, or a single replica."""
+    queue = target.queue
+    if not queue.router.uses_key or len(queue.backends) < 2:
+        return None
+    return request_key(req.kind, req.body, session)
+
+
+async def _take_slot(ex: Exchange, target: "ModelRoute", priority: int, key: int | None) -> "Slot":
     """A slot now or after a wait in line; each outcome is an arrival for the degradation monitor."""
     try:
-        slot = target.queue.try_take() or await _wait_in_line(ex, target, priority)
+        slot = target.queue.try_take(key) or await _wait_in_line(ex, target, priority, key)
     except GatewayError as e:
         if target.degrade_enabled and e.reason in SHED_REASONS:
             target.degrade.observe_arrival(shed=True)
@@ -221,7 +231,8 @@ async def admit(gw: "Gateway", ex: Exchange, kind: Kind) -> Admitted:
     max_tokens = _output_cap(target, caller, target_degraded, req.requested_max_tokens) if req.generates else 0
     upstream_body = _upstream_body(gw, req, target, max_tokens, target_degraded)
 
-    slot = await _take_slot(ex, target, caller.tier.priority)
+    key = _routing_key(target, req, headers.get(SESSION_HEADER))
+    slot = await _take_slot(ex, target, caller.tier.priority, key)
     return Admitted(gateway=gw, request_id=request_id, caller=caller, route=route, target=target, req=req,
                     upstream_body=upstream_body, scopes=scopes, degraded=degraded, input_tokens=input_tokens,
                     max_tokens=max_tokens, slot=slot, arrived=arrived)

@@ -1,4 +1,4 @@
-"""Bounded per-model wait queue in front of backends with a concurrency cap each (least outstanding first)."""
+"""Bounded per-model wait queue in front of backends with a concurrency cap each, offered in the routing's order."""
 from __future__ import annotations
 
 import asyncio
@@ -8,25 +8,31 @@ import time
 from collections.abc import Callable, Iterable
 
 from ..errors import GatewayError
+from ..routing import Router, Routing
 
 
 class Backend:
-    """One upstream replica and the requests it is serving for this gateway."""
-    __slots__ = ("url", "outstanding", "healthy")
+    """One upstream replica: the requests it is serving for this gateway, and the engine's own load as last read
+    from its /metrics (0 when unknown)."""
+    __slots__ = ("url", "outstanding", "healthy", "waiting", "kv_usage")
 
     def __init__(self, url: str):
         self.url, self.outstanding, self.healthy = url, 0, True
+        self.waiting, self.kv_usage = 0, 0.0
 
     def __repr__(self):
         return f"Backend({self.url!r}, outstanding={self.outstanding}, healthy={self.healthy})"
 
 
 class Slot:
-    """The right to send one request to `backend`; release it exactly once (idempotent)."""
-    __slots__ = ("queue", "backend", "started", "queued_s", "_released")
+    """The right to send one request to `backend`; release it exactly once (idempotent). `key` is the request's
+    routing key (a failover goes on in its order), `choice` how the routing placed it."""
+    __slots__ = ("queue", "backend", "started", "queued_s", "key", "choice", "_released")
 
-    def __init__(self, queue: "ModelQueue", backend: Backend, started: float, queued_s: float):
-        self.queue, self.backend, self.started, self.queued_s, self._released = queue, backend, started, queued_s, False
+    def __init__(self, queue: "ModelQueue", backend: Backend, started: float, queued_s: float,
+                 key: int | None = None, choice: str = "affinity"):
+        self.queue, self.backend, self.started, self.queued_s = queue, backend, started, queued_s
+        self.key, self.choice, self._released = key, choice, False
 
     def release(self, served: bool = True) -> None:
         """`served=False`: the replica never got the request, so its time says nothing of the service rate."""
@@ -36,19 +42,22 @@ class Slot:
 
 
 class _Waiter:
-    __slots__ = ("future", "cancelled")
+    __slots__ = ("future", "key", "cancelled")
 
-    def __init__(self, future: asyncio.Future):
-        self.future, self.cancelled = future, False
+    def __init__(self, future: asyncio.Future, key: int | None):
+        self.future, self.key, self.cancelled = future, key, False
 
 
 class ModelQueue:
     """FIFO within a priority (lower first); waiting is bounded by `queue_size` and overflow fails at once;
-    a freed slot is handed straight to the next waiter (futures, no polling)."""
+    a freed slot is handed straight to the next waiter (futures, no polling). A request takes the first replica
+    in its routing order that has a free slot; the head of the line, when a slot frees, its best free one."""
 
-    def __init__(self, *, queue_size: int, max_concurrency: int, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, *, queue_size: int, max_concurrency: int, routing: Routing = Routing(),
+                 clock: Callable[[], float] = time.monotonic):
         self.queue_size, self.max_concurrency, self.clock = queue_size, max_concurrency, clock
         self.backends: dict[str, Backend] = {}
+        self.router = Router(routing)
         self._heap: list[tuple[int, int, _Waiter]] = []
         self._seq = itertools.count()
         self.waiting = 0
@@ -58,7 +67,13 @@ class ModelQueue:
         """Replace the replica set; requests in flight on a removed replica finish and release normally."""
         urls = list(dict.fromkeys(urls))
         self.backends = {u: self.backends.get(u) or Backend(u) for u in urls}
+        self.router.set_replicas(urls)
         self._dispatch()
+
+    def set_routing(self, routing: Routing) -> None:
+        if routing != self.router.routing:
+            self.router = Router(routing, self.backends)
+            self._dispatch()
 
     def set_limits(self, *, queue_size: int, max_concurrency: int) -> None:
         self.queue_size, self.max_concurrency = queue_size, max_concurrency
@@ -77,34 +92,27 @@ class ModelQueue:
     def routable(self) -> list[Backend]:
         return [b for b in self.backends.values() if b.healthy]
 
-    def _free_backend(self, exclude: tuple[Backend, ...] = ()) -> Backend | None:
-        """The healthy replica with the fewest requests in flight, if one has a slot free."""
-        best, fewest = None, self.max_concurrency
-        for b in self.backends.values():
-            if b.healthy and b.outstanding < fewest and b not in exclude:
-                best, fewest = b, b.outstanding
-        return best
-
-    def take_other(self, tried: tuple[Backend, ...], queued_s: float = 0.0) -> Slot | None:
-        """For a request none of which reached the replicas it `tried`: a free slot on another one, ahead of
-        those waiting (it was admitted before them), or None."""
-        backend = self._free_backend(exclude=tried)
+    def take_other(self, tried: tuple[Backend, ...], queued_s: float = 0.0, key: int | None = None) -> Slot | None:
+        """For a request none of which reached the replicas it `tried`: a free slot on the next one in its order,
+        ahead of those waiting (it was admitted before them), or None."""
+        backend, choice = self.router.pick(key, self.backends.values(), self.max_concurrency, tried)
         if backend is None:
             return None
         backend.outstanding += 1
-        return Slot(self, backend, self.clock(), queued_s)
+        return Slot(self, backend, self.clock(), queued_s, key, choice)
 
     def retry_after(self) -> float:
         """Seconds until a place is likely free: the queue ahead drained at the observed service rate."""
         capacity = max(len(self.routable()) * self.max_concurrency, 1)
         return max(1.0, self.service_s_ewma * (self.waiting + 1) / capacity)
 
-    def try_take(self) -> Slot | None:
+    def try_take(self, key: int | None = None) -> Slot | None:
         """A slot now; None when the caller must wait in line; 503 when nothing is routable or the line is full."""
-        backend = self._free_backend() if not self.waiting else None  # never overtake those waiting
-        if backend is not None:
-            backend.outstanding += 1
-            return Slot(self, backend, self.clock(), 0.0)
+        if not self.waiting:  # never overtake those waiting
+            backend, choice = self.router.pick(key, self.backends.values(), self.max_concurrency)
+            if backend is not None:
+                backend.outstanding += 1
+                return Slot(self, backend, self.clock(), 0.0, key, choice)
         if not self.routable():
             raise GatewayError(503, "no ready replica for this model right now", code="no_ready_replica",
                                reason="no_ready_replica", retry_after=5)
@@ -113,30 +121,30 @@ class ModelQueue:
                                code="queue_full", reason="queue_full", retry_after=self.retry_after())
         return None
 
-    async def wait(self, priority: int = 0) -> Slot:
+    async def wait(self, priority: int = 0, key: int | None = None) -> Slot:
         """Wait in line for the next free slot. The caller bounds the wait (asyncio.timeout); a cancelled wait
         leaves the line."""
         arrived = self.clock()
-        waiter = _Waiter(asyncio.get_running_loop().create_future())
+        waiter = _Waiter(asyncio.get_running_loop().create_future(), key)
         heapq.heappush(self._heap, (priority, next(self._seq), waiter))
         self.waiting += 1
         try:
-            backend = await waiter.future
+            backend, choice = await waiter.future
         except asyncio.CancelledError:
             if waiter.future.done() and not waiter.future.cancelled():
                 # handed a slot in the same instant the wait was cancelled: give it on
-                slot = Slot(self, waiter.future.result(), arrived, 0.0)
+                slot = Slot(self, waiter.future.result()[0], arrived, 0.0)
                 slot.release(served=False)
             else:
                 waiter.cancelled = True
                 self.waiting -= 1
             raise
         now = self.clock()
-        return Slot(self, backend, now, now - arrived)
+        return Slot(self, backend, now, now - arrived, key, choice)
 
-    async def acquire(self, priority: int = 0) -> Slot:
+    async def acquire(self, priority: int = 0, key: int | None = None) -> Slot:
         """A slot now, or after waiting in line (see try_take and wait)."""
-        return self.try_take() or await self.wait(priority)
+        return self.try_take(key) or await self.wait(priority, key)
 
     def _release(self, slot: Slot, served: bool) -> None:
         slot.backend.outstanding -= 1
@@ -154,13 +162,17 @@ class ModelQueue:
                 waiter.future.set_exception(make_error())
 
     def _dispatch(self) -> None:
+        """The head of the line takes its best free replica, until none is free. Every healthy replica is in every
+        order, so when the head finds no free slot nobody behind it would: nobody overtakes."""
         while self._heap:
-            backend = self._free_backend()
+            waiter = self._heap[0][2]
+            if waiter.cancelled or waiter.future.cancelled():
+                heapq.heappop(self._heap)
+                continue  # left the line; a cancelled future whose task has not run yet is counted out by wait()
+            backend, choice = self.router.pick(waiter.key, self.backends.values(), self.max_concurrency)
             if backend is None:
                 return
-            _, _, waiter = heapq.heappop(self._heap)
-            if waiter.cancelled or waiter.future.cancelled():
-                continue  # left the line; a cancelled future whose task has not run yet is counted out by wait()
+            heapq.heappop(self._heap)
             self.waiting -= 1
             backend.outstanding += 1
-            waiter.future.set_result(backend)
+            waiter.future.set_result((backend, choice))

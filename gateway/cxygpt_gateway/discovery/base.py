@@ -27,6 +27,8 @@ class ModelSpec:
     external: bool = False                     # external provider: no /tokenize, no /health
     unavailable: Unavailable | None = None     # why `urls` is empty, when it is
     task: Literal["generate", "embed"] = "generate"  # embed: /v1/embeddings only
+    routing_policy: str | None = None          # unset: the gateway's default (routing.resolve)
+    routing_epsilon: float | None = None
 
     @property
     def served_name(self) -> str:

@@ -11,6 +11,7 @@ import orjson
 from cxygpt_profiles import Limits
 from pydantic import ValidationError
 
+from ..routing import MAX_EPSILON, POLICIES
 from .base import ModelSink, ModelSpec, Unavailable
 
 log = logging.getLogger("cxygpt.gateway.kubernetes")
@@ -116,10 +117,20 @@ def spec_from_modeldeployment(md: dict, slices: list[dict]) -> ModelSpec | Unava
         log.warning("ModelDeployment %s/%s: status.limits unusable: %s", meta.get("namespace"), meta.get("name"), e)
         return why_unavailable(md)
     urls = ready_endpoint_urls(slices)
+    policy, epsilon = routing_of(spec)
     return ModelSpec(name=name, urls=tuple(urls), limits=limits,
                      mode="single" if status.get("mode") == "single" else "multi", profile=status.get("profile"),
                      fallback=spec.get("fallbackModel"), unavailable=None if urls else why_unavailable(md),
-                     task="embed" if (spec.get("model") or {}).get("task") == "embed" else "generate")
+                     task="embed" if (spec.get("model") or {}).get("task") == "embed" else "generate",
+                     routing_policy=policy, routing_epsilon=epsilon)
+
+
+def routing_of(spec: dict) -> tuple[str | None, float | None]:
+    """spec.routing's policy and epsilon; what the schema would refuse counts as unset (the gateway's default)."""
+    routing = spec.get("routing") if isinstance(spec.get("routing"), dict) else {}
+    policy, epsilon = routing.get("policy"), routing.get("epsilon")
+    valid = isinstance(epsilon, (int, float)) and not isinstance(epsilon, bool) and 0 < epsilon <= MAX_EPSILON
+    return policy if policy in POLICIES else None, float(epsilon) if valid else None
 
 
 def desired_routes(mds: dict[tuple[str, str], dict],

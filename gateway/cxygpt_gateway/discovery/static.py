@@ -63,7 +63,8 @@ def spec_from_config(cfg: ModelConfig, table: ProfileTable) -> ModelSpec:
         raise ValueError(f"model {cfg.name!r}: limits: {e}") from None
     return ModelSpec(name=cfg.name, urls=tuple(cfg.base_urls), limits=parsed, mode=mode or "multi",
                      profile=cfg.profile, fallback=cfg.fallback, upstream_model=cfg.upstream_model, task=cfg.task,
-                     api_key=_api_key(cfg), external=cfg.external)
+                     api_key=_api_key(cfg), external=cfg.external, routing_policy=cfg.routing.policy,
+                     routing_epsilon=cfg.routing.epsilon)
 
 
 class StaticDiscovery:

@@ -1,0 +1,75 @@
+"""The engines' own load, read from each replica's /metrics at a short interval: routing's tie-breaks."""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
+if TYPE_CHECKING:
+    from .registry import Registry
+
+log = logging.getLogger("cxygpt.gateway")
+WAITING, KV_USAGE = "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc"
+# the lines that carry them (samples and their HELP/TYPE), picked before parsing: vLLM's page holds hundreds of
+# histogram lines the gateway does not need
+WANTED = tuple(prefix + name for name in (WAITING, KV_USAGE) for prefix in ("", "# HELP ", "# TYPE "))
+MAX_PAGE_BYTES = 4 << 20   # a page larger than this is not read to its end (and says nothing)
+MAX_TIMEOUT_S = 1.0        # a scrape waits at most this, and never longer than the interval
+
+
+def engine_load(page: str) -> tuple[int, float] | None:
+    """(requests waiting, KV-cache usage 0..1) from a Prometheus text page, summed and the highest over the
+    page's engines (a data-parallel vLLM has one per rank); None when the page has neither or cannot be read."""
+    wanted = "\n".join(line for line in page.splitlines() if line.startswith(WANTED))
+    waiting, usage, seen = 0.0, 0.0, False
+    try:
+        for family in text_string_to_metric_families(wanted + "\n"):
+            for sample in family.samples:
+                if sample.name == WAITING:
+                    waiting, seen = waiting + sample.value, True
+                elif sample.name == KV_USAGE:
+                    usage, seen = max(usage, sample.value), True
+    except ValueError:
+        return None
+    return (int(waiting), min(max(usage, 0.0), 1.0)) if seen else None
+
+
+class EngineLoadScraper:
+    """Every interval, each non-external replica's /metrics, all at once with a timeout; a replica that does not
+    answer (or answers nothing usable) reads as unknown (0) until it does, never as its last value."""
+
+    def __init__(self, registry: "Registry", session: aiohttp.ClientSession, interval_s: float):
+        self.registry, self.session, self.interval_s = registry, session, interval_s
+        self.timeout = aiohttp.ClientTimeout(total=min(interval_s, MAX_TIMEOUT_S))
+
+    async def scrape_once(self) -> None:
+        backends = [b for r in self.registry.routes.values() if not r.spec.external for b in r.queue.backends.values()]
+        urls = list(dict.fromkeys(b.url for b in backends))  # an engine serving several names is read once
+        loads = dict(zip(urls, await asyncio.gather(*(self._load(url) for url in urls))))
+        for b in backends:
+            b.waiting, b.kv_usage = loads[b.url] or (0, 0.0)
+
+    async def _load(self, url: str) -> tuple[int, float] | None:
+        try:
+            async with self.session.get(url + "/metrics", timeout=self.timeout) as r:
+                if r.status != 200:
+                    return None
+                page = bytearray()
+                async for chunk in r.content.iter_chunked(1 << 16):
+                    page += chunk
+                    if len(page) > MAX_PAGE_BYTES:
+                        return None
+            return engine_load(page.decode(errors="replace"))
+        except (aiohttp.ClientError, TimeoutError):
+            return None
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.scrape_once()
+            except Exception:  # a bug here must not stop routing; it is visible, and the next round tries again
+                log.exception("reading the engines' /metrics failed")
+            await asyncio.sleep(self.interval_s)
