@@ -14,6 +14,7 @@ import platform
 import re
 import shlex
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -230,8 +231,8 @@ def read_metrics(urls: list[str]) -> list[dict[str, float]]:
 
 def run_client(client) -> float:
     """The client's run in a fresh event loop (uvloop when installed), with no garbage collection during it: the
-    collector's gen-2 passes (~100 ms over a large heap, bench/cxygpt_bench/load.py) would count as the fronts'
-    latency; what the run leaves is collected after it."""
+    collector's gen-2 passes (~100 ms over a large heap) would count as the fronts' latency; what the run leaves is
+    collected after it."""
     try:
         import uvloop
         runner = uvloop.run
@@ -559,8 +560,11 @@ def working_sets(r: dict) -> dict:
 
 def render(r: dict) -> str:
     cap, w = r["capacity"], r["workload"]
-    lines = [MARK_BEGIN, "", f"Run {r['started']} on {r['machine']} ({r['load_before']}; after: {r['load_after']}); "
-             "command:", "", f"```sh\n{r['command']}\n```", "", f"Raw results: `{r['results_file']}`.", ""]
+    lines = [MARK_BEGIN, "", f"Run {r['started']} on {r['machine']} ({r['load_before']}; after: {r['load_after']}), "
+             f"revision {r.get('revision') or '?'}; command:", "", f"```sh\n{r['command']}\n```", "",
+             f"Raw results: `{r['results_file']}`."]
+    if r["notes"]:
+        lines.append("")
     for note in r["notes"]:
         lines.append(f"- note: {note}")
     if cap.get("given"):
@@ -613,6 +617,15 @@ def write_benchmarks(section: str) -> None:
     path.write_text(text)
 
 
+def revision() -> str | None:
+    """The checkout's commit (with -dirty when it has changes): which gateway was measured."""
+    try:
+        return subprocess.run(["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True, text=True,
+                              timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="a ~2-minute smoke: 80 %% only, 8 s points")
@@ -644,8 +657,11 @@ def main(argv: list[str] | None = None) -> int:
     loads = a.loads or ((0.8,) if a.quick else LOADS)
     fronts = a.fronts or FRONTS
     spec = fleet.WorkloadSpec(seed=a.seed)
-    command = "python bench/fleet.py" + ("" if argv is None and len(sys.argv) == 1 else
-                                         " " + shlex.join(argv if argv is not None else sys.argv[1:]))
+    args = list(argv if argv is not None else sys.argv[1:])
+    if "--results" in args:  # where a copy goes changes nothing measured
+        i = args.index("--results")
+        del args[i:i + 2]
+    command = "python bench/fleet.py" + (" " + shlex.join(args) if args else "")
     started = dt.datetime.now(dt.timezone.utc)
     notes: list[str] = []
     r: dict = {"started": started.strftime("%Y-%m-%d %H:%M UTC"), "command": command,
@@ -654,7 +670,7 @@ def main(argv: list[str] | None = None) -> int:
                "workload": asdict(spec), "sim_args": list(SIM_ARGS), "kv_blocks": KV_BLOCKS,
                "gateway_limits": FLEET_LIMITS, "duration_s": a.duration, "warm_s": a.warm, "session": a.session,
                "epsilon": a.epsilon, "vr_cache_args": a.vr_cache_args, "fronts": list(fronts),
-               "loads": [load_name(x) for x in loads], "points": {}}
+               "loads": [load_name(x) for x in loads], "points": {}, "revision": revision()}
     log(f"fleet benchmark started ({r['load_before']})")
     from cxygpt_sim import text
     prompts = fleet.PromptTokens(text.token_ids, text.render_chat)
@@ -673,8 +689,9 @@ def main(argv: list[str] | None = None) -> int:
             for front in fronts:
                 try:
                     p = run_point(front, load, rate, spec, a, logs, notes, routing, prompts, answers)
-                except RuntimeError as e:
-                    notes.append(f"{front} at {load_name(load)}: {e}")
+                except RuntimeError as e:  # a process that did not start: what happened, not its log
+                    notes.append(f"{front} at {load_name(load)}: {str(e).split(':', 1)[0]}")
+                    log(f"{front} at {load_name(load)}: {e}")
                     continue
                 if p is None:
                     if not any(n.startswith(front + ":") for n in notes) and front.startswith("vr-"):
