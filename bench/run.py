@@ -53,9 +53,17 @@ class Proc:
         return self.proc.pid
 
     def start(self, timeout: float = 90.0) -> "Proc":
-        started = time.monotonic()
+        return self.spawn().wait_ready(timeout)
+
+    def spawn(self) -> "Proc":
+        """Start the process without waiting (several can then start at once; wait_ready each)."""
+        self._spawned = time.monotonic()
         self.proc = subprocess.Popen(self.argv, stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT,
                                      env=self.env, cwd=REPO, start_new_session=True)
+        return self
+
+    def wait_ready(self, timeout: float = 90.0) -> "Proc":
+        started = self._spawned
         with httpx.Client(timeout=1.0) as client:
             while time.monotonic() - started < timeout:
                 if self.proc.poll() is not None:
@@ -107,21 +115,27 @@ def fake_upstream(logs: Path, **kw) -> Proc:
     return Proc("fakeup", argv, port, "/health", logs).start()
 
 
-def simulator(logs: Path, *args: str) -> Proc:
+def simulator(logs: Path, *args: str, wait: bool = True) -> Proc:
     port = free_port()
     argv = [str(BIN / "cxygpt-sim"), "serve", "Qwen/Qwen3-14B", "--served-model-name", MODEL, "--host", "127.0.0.1",
             "--port", str(port), "--max-model-len", "4096", "--sim-jitter", "0", "--sim-seed", "1", *args]
-    return Proc("sim", argv, port, "/health", logs).start()
+    proc = Proc("sim", argv, port, "/health", logs)
+    return proc.start() if wait else proc.spawn()
 
 
-def gateway(logs: Path, upstream: str, limits: dict, env: dict | None = None, settings: dict | None = None) -> Proc:
+def gateway(logs: Path, upstream: str | list[str], limits: dict, env: dict | None = None, settings: dict | None = None,
+            profile: str = "DEV_32G", model_settings: dict | None = None, wait: bool = True) -> Proc:
+    """upstream: one replica's URL or a list of replicas; model_settings: more keys of the model entry; wait: False
+    to spawn it only (wait_ready later)."""
     port = free_port()
-    config = {"models": [{"name": MODEL, "url": upstream, "profile": "DEV_32G", "limits": limits}],
+    where = {"url": upstream} if isinstance(upstream, str) else {"urls": list(upstream)}
+    config = {"models": [{"name": MODEL, **where, "profile": profile, "limits": limits, **(model_settings or {})}],
               **(settings or {})}
     path = logs / f"gateway-{port}.yaml"
     path.write_text(yaml.safe_dump(config))
     argv = [str(BIN / "cxygpt-gateway"), "--config", str(path), "--host", "127.0.0.1", "--port", str(port)]
-    return Proc("cxygpt", argv, port, "/readyz", logs, env=env).start()
+    proc = Proc("cxygpt", argv, port, "/readyz", logs, env=env)
+    return proc.start() if wait else proc.spawn()
 
 
 def litellm(logs: Path, upstream: str) -> Proc | None:
@@ -138,14 +152,15 @@ def litellm(logs: Path, upstream: str) -> Proc | None:
     return Proc("litellm", argv, port, "/health/liveliness", logs).start(timeout=120)
 
 
-def vllm_router(logs: Path, upstream: str) -> Proc | None:
+def vllm_router(logs: Path, upstream: str | list[str], policy: str = "round_robin", extra: tuple[str, ...] = ()) -> Proc | None:
     exe = VENVS / "vllm-router" / "bin" / "vllm-router"
     if not exe.exists():
         return None
     port = free_port()
+    workers = [upstream] if isinstance(upstream, str) else list(upstream)
     # its metrics exporter takes a fixed port unless told otherwise: one left running would make every start fail
-    argv = [str(exe), "--host", "127.0.0.1", "--port", str(port), "--worker-urls", upstream, "--policy", "round_robin",
-            "--prometheus-port", str(free_port())]
+    argv = [str(exe), "--host", "127.0.0.1", "--port", str(port), "--worker-urls", *workers, "--policy", policy,
+            "--prometheus-port", str(free_port()), *extra]
     return Proc("vllm-router", argv, port, "/health", logs).start()
 
 
