@@ -45,16 +45,36 @@ def test_defaults_are_applied():
     ({"replicas": -1}, "spec.replicas: Invalid value: replicas must be >= 0"),
     ({"profile": "SRV_99G"}, "spec.profile: Invalid value: profile must be auto or one of"),
     ({"model": {"name": "m", "source": "s3://b/k"}}, "spec.model.source: Invalid value: source must be hf://"),
-    ({"model": {"name": "m", "source": "pvc://Bad_Claim/x"}}, "source must be hf://<org>/<repo> or pvc://"),
+    ({"model": {"name": "m", "source": "pvc://Bad_Claim/x"}}, "source must be hf://<org>/<repo>[@<revision>] or pvc://"),
     ({"mode": "solo"}, "spec.mode: Invalid value: 'solo' is not one of ['single', 'multi']"),
     ({"modee": "single"}, "'modee' was unexpected"),
     ({"engine": {"kind": "tgi"}}, "spec.engine.kind"),
     ({"model": {"name": "m"}}, "'source' is a required property"),
     ({"model": {"name": "m", "source": "hf://a/b", "variants": {"int4": "ftp://x"}}}, "variants.int4 must be"),
+    ({"model": {"name": "m", "source": "pvc://models/a/../../etc"}}, "a path inside it with no '..' segment"),
+    ({"model": {"name": "m", "source": "pvc://models/.."}}, "a path inside it with no '..' segment"),
+    ({"model": {"name": "m", "source": "pvc://" + "a" * 254 + "/x"}}, "a claim of at most 253 characters"),
+    ({"model": {"name": "m", "source": "hf://a/b@"}}, "source must be hf://<org>/<repo>[@<revision>]"),
+    ({"model": {"name": "m", "source": "hf://a/b", "cache": {"size": "lots"}}}, "cache.size must be a storage quantity"),
+    ({"model": {"name": "m", "source": "hf://a/b", "cache": {"accessMode": "ReadOnlyMany"}}}, "spec.model.cache.accessMode"),
+    ({"model": {"name": "m", "source": "hf://a/b", "cache": {"enabled": True}}, "cacheClaim": "c"},
+     "spec.cacheClaim and spec.model.cache.enabled exclude each other"),
+    ({"model": {"name": "m", "source": "hf://a/b", "cache": {"tokenSecretRef": {"key": "k"}}}}, "'name' is a required"),
 ])
 def test_bad_specs_fail_with_a_message_naming_the_field(spec, message):
     _, errors = VALIDATOR.check(_md(**spec))
     assert any(message in e for e in errors), errors
+
+
+def test_cache_defaults_and_sources_that_pass():
+    obj, errors = VALIDATOR.check(_md(model={"name": "m", "source": "hf://Org/Model@0123abc",
+                                            "cache": {"enabled": True, "tokenSecretRef": {"name": "hf"}}}))
+    assert errors == []
+    assert obj["spec"]["model"]["cache"] == {"enabled": True, "accessMode": "ReadWriteOnce", "retain": False,
+                                             "tokenSecretRef": {"name": "hf", "key": "token"}}
+    for source in ("pvc://models.example/a/b..c/model", "pvc://m/x", "hf://a/b@v1.2-rc"):
+        assert VALIDATOR.check(_md(model={"name": "m", "source": source}))[1] == [], source
+    assert VALIDATOR.check(_md(model={"name": "m", "source": "hf://a/b"}, cacheClaim="c"))[1] == []
 
 
 def test_name_must_be_a_dns_label():
