@@ -311,6 +311,8 @@ class KubeAPI(kmock.KubernetesEmulator):
             md["namespace"] = request.namespace  # else namespace-filtered watches miss the object
         if request.resource.plural == "customresourcedefinitions":
             self.register_crd(data)
+        if key == ("batch", "v1", "jobs") and not (data.get("spec") or {}).get("manualSelector"):
+            _default_job_selector(data)
 
     def _prepare_update(self, request, key, data, current: dict):
         status_only = request.subresource == "status"
@@ -494,6 +496,17 @@ class KubeAPI(kmock.KubernetesEmulator):
             body.pop("details", None)
         response.body = json.dumps(body).encode()
         return response
+
+
+def _default_job_selector(job: dict) -> None:
+    """What the API server sets on a new Job: a selector of its own uid, and the labels that match it on its pods'
+    template (kubectl logs job/NAME finds the pods by it)."""
+    uid, name = job["metadata"]["uid"], job["metadata"]["name"]
+    spec = job.setdefault("spec", {})
+    spec["selector"] = {"matchLabels": {"batch.kubernetes.io/controller-uid": uid}}
+    labels = spec.setdefault("template", {}).setdefault("metadata", {}).setdefault("labels", {})
+    labels.update({"batch.kubernetes.io/controller-uid": uid, "controller-uid": uid,
+                   "batch.kubernetes.io/job-name": name, "job-name": name})
 
 
 def _pod_status(pod: dict) -> str:
