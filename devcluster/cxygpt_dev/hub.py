@@ -261,7 +261,6 @@ class Hub:
         await response.prepare(request)
         if request.method == "HEAD":
             return response
-        served = self.stats["files"].setdefault(entry.path, 0)
         with open(entry.file, "rb") as f:
             f.seek(start)
             left = length
@@ -272,9 +271,8 @@ class Hub:
                 await self._throttle(len(chunk))
                 await response.write(chunk)
                 left -= len(chunk)
-                self.stats["bytes"] += len(chunk)
-                served += len(chunk)
-                self.stats["files"][entry.path] = served
+                self.stats["bytes"] += len(chunk)  # per chunk: downloads of one file at once all count
+                self.stats["files"][entry.path] = self.stats["files"].get(entry.path, 0) + len(chunk)
         await response.write_eof()
         return response
 

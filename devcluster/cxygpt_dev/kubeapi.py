@@ -313,6 +313,8 @@ class KubeAPI(kmock.KubernetesEmulator):
             self.register_crd(data)
         if key == ("batch", "v1", "jobs") and not (data.get("spec") or {}).get("manualSelector"):
             _default_job_selector(data)
+        if key == ("", "v1", "persistentvolumeclaims"):
+            data["status"] = {"phase": "Pending"}  # as the API server makes every new claim
 
     def _prepare_update(self, request, key, data, current: dict):
         status_only = request.subresource == "status"

@@ -598,11 +598,12 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m cxygpt_dev.podrunner", description=__doc__)
     ap.add_argument("--api", required=True, help="the Kubernetes API's URL")
     ap.add_argument("--max-engines", type=int, default=MAX_ENGINES)
+    ap.add_argument("--state-dir", type=Path, help="claims' directories and containers' logs (default a temporary one)")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
     async def run():
-        runner = asyncio.create_task(PodRunner(a.api, max_engines=a.max_engines).run())
+        runner = asyncio.create_task(PodRunner(a.api, max_engines=a.max_engines, state_dir=a.state_dir).run())
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, runner.cancel)
