@@ -133,10 +133,13 @@ def test_two_models_share_one_cache_and_their_engines_wait_for_it(cluster):
     metrics = httpx.get(f"http://127.0.0.1:{cluster.metrics_port}/metrics").text
     assert 'cxygpt_operator_model_caches{phase="Ready"} 1.0' in metrics
 
-    # the first user goes: the cache stays with the other; the last goes: the garbage collector takes it
+    # the first user goes: the cache stays (the same claim, still Ready) with the other; the last goes: the
+    # garbage collector takes it
+    uid = claim(cluster, name)["metadata"]["uid"]
     cluster.kubectl("delete", "md", "alpha", "--timeout=20s")
     wait_until(lambda: [r["name"] for r in claim(cluster, name)["metadata"].get("ownerReferences") or []] == ["beta"],
                what="alpha's reference gone")
+    assert claim(cluster, name)["metadata"]["uid"] == uid and cluster.md("beta")["status"]["cache"]["phase"] == "Ready"
     cluster.kubectl("delete", "md", "beta", "--timeout=20s")
     wait_until(lambda: names(cluster, "pvc,job") == [], what="the cache deleted with its last user")
 
