@@ -1,7 +1,6 @@
 """The dev cluster's Job controller and volume provisioner (the pod runner) against the in-memory API: attempts as
 local processes with the Job controller's status and conditions, claims as directories or Pending with the event."""
 import base64
-import json
 import os
 import signal
 import subprocess

@@ -4,7 +4,6 @@ garbage collection with the last user (or not, with retain), and an operator res
 The test stands in for the Job controller and the volume provisioner (the e2e test runs the real ones)."""
 import json
 import sys
-from pathlib import Path
 
 import httpx
 import pytest
