@@ -15,7 +15,8 @@ COPY pyproject.toml scripts/pick_deps.py ./
 COPY profiles ./profiles
 
 FROM builder AS operator-build
-RUN python pick_deps.py kopf kubernetes pydantic pyyaml prometheus-client > requirements.txt \
+# huggingface-hub: the model cache's download Jobs run this image's cxygpt-cache-load
+RUN python pick_deps.py kopf kubernetes pydantic pyyaml prometheus-client huggingface-hub > requirements.txt \
  && pip install -r requirements.txt
 COPY operator ./operator
 RUN pip install --no-deps .
@@ -28,8 +29,10 @@ COPY gateway ./gateway
 RUN pip install --no-deps .
 
 FROM builder AS sim-build
-# quicktok-v1 (the tokenizer, its vocabulary inside the wheel) brings numpy, its own requirement
-RUN python pick_deps.py aiohttp orjson uvloop prometheus-client pydantic pyyaml quicktok-v1 > requirements.txt \
+# quicktok-v1 (the tokenizer, its vocabulary inside the wheel) brings numpy, its own requirement;
+# huggingface-hub: an engine that downloads its weights itself (no model cache) does it as vLLM does
+RUN python pick_deps.py aiohttp orjson uvloop prometheus-client pydantic pyyaml quicktok-v1 huggingface-hub \
+    > requirements.txt \
  && pip install -r requirements.txt
 COPY simulator ./simulator
 RUN pip install --no-deps .

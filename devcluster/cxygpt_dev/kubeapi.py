@@ -135,6 +135,7 @@ class KubeAPI(kmock.KubernetesEmulator):
             "specReplicasPath": ".spec.replicas", "statusReplicasPath": ".status.replicas",
             "labelSelectorPath": ".status.selector"}}
         self.openapi = Documents()
+        self.pod_logs: Path | None = None  # kubelet's log files, as the pod runner writes them (pods/log)
         # client-go refuses watch streams served as application/octet-stream (kmock's default)
         (self.fallback ** 1)[enums.action.WATCH] << kmock.headers("Content-Type: application/json") << self._serve_watch
         for ns in ("default", "kube-system"):
@@ -172,6 +173,8 @@ class KubeAPI(kmock.KubernetesEmulator):
         key = (res.group, res.version, res.plural) if res is not None else None
         data = request.data if isinstance(request.data, dict) else None
         current = self._current(request) if request.name is not None else None
+        if request.subresource == "log" and key == ("", "v1", "pods") and request.action == enums.action.FETCH:
+            return self._serve_log(request, current)
         if res is not None and res.plural and res not in self.resources:
             raise ApiError(status=404, reason="NotFound", message="the server could not find the requested resource",
                            details={})
@@ -242,6 +245,29 @@ class KubeAPI(kmock.KubernetesEmulator):
                        **({"selector": _at(current, paths["labelSelectorPath"])}
                           if _at(current, paths.get("labelSelectorPath", "")) else {})}})
 
+    def _serve_log(self, request, pod: dict | None):
+        """pods/log from the log file the pod runner writes for each container (kubelet's role): tailLines and
+        limitBytes as the API server applies them; follow is not streamed (the log so far is answered)."""
+        if pod is None:
+            raise _not_found(request.resource, request.name)
+        containers = [c.get("name") for c in (pod.get("spec") or {}).get("containers") or []]
+        container = request.params.get("container") or (containers[0] if len(containers) == 1 else None)
+        if container is None:
+            raise ApiError(status=400, reason="BadRequest", message=f"a container name must be specified for pod "
+                           f"{request.name}, choose one of: {containers}")
+        path = self.pod_logs / request.namespace / request.name / f"{container}.log" if self.pod_logs else None
+        if path is None or not path.exists():
+            raise ApiError(status=400, reason="BadRequest", message=f'container "{container}" in pod '
+                           f'"{request.name}" is waiting to start: ContainerCreating')
+        text = path.read_text(errors="replace")
+        tail = request.params.get("tailLines")
+        if tail is not None and tail.isdigit():
+            text = "".join(text.splitlines(keepends=True)[-int(tail):] if int(tail) else [])
+        limit = request.params.get("limitBytes")
+        if limit is not None and limit.isdigit():
+            text = text.encode()[:int(limit)].decode(errors="ignore")
+        return aiohttp.web.Response(text=text, content_type="text/plain")
+
     def _serve_openapi(self, request):
         path = request.url.path
         if path == "/openapi/v2":
@@ -285,6 +311,10 @@ class KubeAPI(kmock.KubernetesEmulator):
             md["namespace"] = request.namespace  # else namespace-filtered watches miss the object
         if request.resource.plural == "customresourcedefinitions":
             self.register_crd(data)
+        if key == ("batch", "v1", "jobs") and not (data.get("spec") or {}).get("manualSelector"):
+            _default_job_selector(data)
+        if key == ("", "v1", "persistentvolumeclaims"):
+            data["status"] = {"phase": "Pending"}  # as the API server makes every new claim
 
     def _prepare_update(self, request, key, data, current: dict):
         status_only = request.subresource == "status"
@@ -313,14 +343,24 @@ class KubeAPI(kmock.KubernetesEmulator):
         return dict(self.objects[obj_key].raw)
 
     async def _collect_garbage(self, owner_uid: str):
-        """Background cascading deletion: delete every object whose ownerReferences name the deleted uid."""
+        """Background cascading deletion, as Kubernetes' garbage collector does it: an object whose
+        ownerReferences name the deleted uid is deleted once none of its owners exists any more; while one
+        does, only the reference to the one gone is removed."""
         doomed = []
         async with self._lock:
+            live = {obj.raw.get("metadata", {}).get("uid") for obj in self.objects.values() if not obj.deleted}
             for (resource, namespace, name), obj in list(self.objects.items()):
                 if obj.deleted:
                     continue
                 refs = obj.raw.get("metadata", {}).get("ownerReferences") or []
-                if any(ref.get("uid") == owner_uid for ref in refs):
+                if not any(ref.get("uid") == owner_uid for ref in refs):
+                    continue
+                remaining = [ref for ref in refs if ref.get("uid") != owner_uid and ref.get("uid") in live]
+                if remaining:
+                    obj.patch({"metadata": {"ownerReferences": remaining,
+                                            "resourceVersion": str(next(_resource_versions))}})
+                    await self._buses[resource].put({"type": "MODIFIED", "object": obj.raw})
+                else:
                     doomed.append((resource, namespace, name, obj.raw.get("metadata", {}).get("uid")))
             for resource, namespace, name, _ in doomed:
                 obj = self.objects[resource, namespace, name]
@@ -460,6 +500,17 @@ class KubeAPI(kmock.KubernetesEmulator):
         return response
 
 
+def _default_job_selector(job: dict) -> None:
+    """What the API server sets on a new Job: a selector of its own uid, and the labels that match it on its pods'
+    template (kubectl logs job/NAME finds the pods by it)."""
+    uid, name = job["metadata"]["uid"], job["metadata"]["name"]
+    spec = job.setdefault("spec", {})
+    spec["selector"] = {"matchLabels": {"batch.kubernetes.io/controller-uid": uid}}
+    labels = spec.setdefault("template", {}).setdefault("metadata", {}).setdefault("labels", {})
+    labels.update({"batch.kubernetes.io/controller-uid": uid, "controller-uid": uid,
+                   "batch.kubernetes.io/job-name": name, "job-name": name})
+
+
 def _pod_status(pod: dict) -> str:
     """kubectl's STATUS of a pod: Terminating, else a container's waiting or terminated reason, else the phase."""
     if pod["metadata"].get("deletionTimestamp"):
@@ -565,8 +616,9 @@ def load_manifests(api: KubeAPI, paths: list[Path]):
 
 
 async def serve(host: str, port: int, preload: list[Path], ready: asyncio.Event | None = None,
-                stop: asyncio.Event | None = None):
+                stop: asyncio.Event | None = None, pod_logs: Path | None = None):
     api = KubeAPI()
+    api.pod_logs = pod_logs
     load_manifests(api, preload)
     async with api, kmock.Server(api, host=host, port=port) as server:
         log.info("kube API listening on %s", server.url)
@@ -581,6 +633,8 @@ def main(argv=None):
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=18080)
     ap.add_argument("--preload", type=Path, action="append", default=[], help="CRD YAML file or folder")
+    ap.add_argument("--pod-logs", type=Path, help="the pod runner's container logs (<dir>/<namespace>/<pod>/"
+                    "<container>.log), served as pods/log")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
@@ -589,7 +643,7 @@ def main(argv=None):
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await serve(a.host, a.port, a.preload, stop=stop)
+        await serve(a.host, a.port, a.preload, stop=stop, pod_logs=a.pod_logs)
 
     try:
         asyncio.run(run())

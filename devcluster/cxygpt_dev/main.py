@@ -20,6 +20,7 @@ import yaml
 from .kubeapi import write_kubeconfig
 from .podrunner import MAX_ENGINES, PodRunner, free_port
 from .processes import forward_lines, stop_group
+from .volumes import default_storage_class
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -151,21 +152,33 @@ class DevCluster:
     async def up(self, stop: asyncio.Event):
         a = self.args
         async with aiohttp.ClientSession() as session:
-            api_port = free_port()
-            api_url = f"http://127.0.0.1:{api_port}"
+            api_port, hub_port = free_port(), free_port()
+            api_url, hub = f"http://127.0.0.1:{api_port}", f"http://127.0.0.1:{hub_port}"
             await self._start("kubeapi", [sys.executable, "-m", "cxygpt_dev.kubeapi", "--port", str(api_port),
-                                          "--preload", str(REPO / "deploy" / "crds")], api_url + "/version", session)
+                                          "--preload", str(REPO / "deploy" / "crds"),
+                                          "--pod-logs", str((self.state / "pod-logs").resolve())],
+                              api_url + "/version", session)
             write_kubeconfig(self.kubeconfig, api_url)
             for node in gpu_nodes_from_kind_config(REPO / "kind-config.yaml"):
                 async with session.post(api_url + "/api/v1/nodes", json=node) as resp:
                     resp.raise_for_status()
+            async with session.post(api_url + "/apis/storage.k8s.io/v1/storageclasses",
+                                    json=default_storage_class()) as resp:
+                resp.raise_for_status()
+            # the Hub the download Jobs and the engines use: the tests' repositories, and a stand-in for each
+            # model of the catalog
+            hub_argv = [sys.executable, "-m", "cxygpt_dev.hub", "--root", str((self.state / "hub").resolve()),
+                        "--port", str(hub_port), "--catalog-stand-ins", str(a.hub_stand_in_mib_per_gib)]
+            hub_argv += ["--rate-mib-s", str(a.hub_rate_mib_s)] if a.hub_rate_mib_s else []
+            await self._start("hub", hub_argv, hub + "/health", session)
             op_port, self.operator_metrics = free_port(), free_port()
             await self._start("operator", [tool("cxygpt-operator"), "--kubeconfig", str(self.kubeconfig),
                                            "--liveness", f"http://127.0.0.1:{op_port}/healthz",
-                                           "--metrics-host", "127.0.0.1", "--metrics-port", str(self.operator_metrics)],
+                                           "--metrics-host", "127.0.0.1", "--metrics-port", str(self.operator_metrics),
+                                           "--hf-endpoint", hub],
                               f"http://127.0.0.1:{op_port}/healthz", session)
             self.runner = PodRunner(api_url, output=lambda label, line: self.out(f"engine {label}", line),
-                                    max_engines=a.max_engines)
+                                    max_engines=a.max_engines, state_dir=self.state.resolve())
             self.runner_task = asyncio.create_task(self.runner.run())
             gateway = f"http://127.0.0.1:{a.gateway_port}"
             await self._start("gateway", [tool("cxygpt-gateway"), "--kubernetes", "--kubeconfig", str(self.kubeconfig),
@@ -179,7 +192,8 @@ class DevCluster:
                     await self._first_chat(session, gateway)
             self.out.say("cxygpt-dev: up. Ctrl-C (or `cxygpt-dev down`) stops everything.")
             (self.state / "ready").write_text(json.dumps({
-                "gateway": gateway, "kubeconfig": str(self.kubeconfig), "api": api_url,
+                "gateway": gateway, "kubeconfig": str(self.kubeconfig), "api": api_url, "hub": hub,
+                "hub_root": str((self.state / "hub").resolve()),
                 "operator_metrics": f"http://127.0.0.1:{self.operator_metrics}/metrics"}))
             await stop.wait()
 
@@ -302,6 +316,8 @@ def _detach(args) -> int:
             "--max-engines", str(args.max_engines)]
     argv += ["--kubeconfig", args.kubeconfig] if args.kubeconfig else []
     argv += ["--no-examples"] if args.no_examples else []
+    argv += ["--hub-rate-mib-s", str(args.hub_rate_mib_s), "--hub-stand-in-mib-per-gib",
+             str(args.hub_stand_in_mib_per_gib)]
     with open(state / "detached.log", "ab") as log_file:
         proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
     (state / "pid").write_text(str(proc.pid))
@@ -355,6 +371,11 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"engine processes this machine runs at most, over every model (default {MAX_ENGINES}); "
                          "more replicas are refused with a Deployment ReplicaFailure condition")
     up.add_argument("--no-examples", action="store_true", help="do not apply examples/ nor send the first chat")
+    up.add_argument("--hub-rate-mib-s", type=float, default=32,
+                    help="the local Hub's bandwidth, shared by every download (MiB/s, default 32; 0 = unlimited)")
+    up.add_argument("--hub-stand-in-mib-per-gib", type=float, default=1,
+                    help="the fake weights of the catalog's models on the local Hub: MiB per GiB of the real ones "
+                         "(default 1)")
     up.add_argument("--detach", action="store_true", help="run in the background; `cxygpt-dev down` stops it")
     up.add_argument("--quiet", action="append", metavar="COMPONENT",
                     help="keep this component's lines out of the terminal (still in the log file); repeatable")

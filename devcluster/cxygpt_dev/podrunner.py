@@ -13,6 +13,7 @@ import shutil
 import signal
 import string
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,8 +21,10 @@ from pathlib import Path
 import aiohttp
 import orjson
 
+from .jobs import Jobs
 from .processes import forward_lines, stop_group
 from .rollout import PodView, rollout_step, strategy_of
+from .volumes import Unbound, Volumes, rewrite, rewrite_all
 
 log = logging.getLogger("cxygpt.pods")
 MANAGED = "app.kubernetes.io/managed-by=cxygpt-operator"
@@ -91,6 +94,7 @@ class Pod:
     last_exit: dict | None = None  # lastState.terminated
     backoff_s: float = 0.0
     terminating: bool = False
+    unschedulable: str | None = None  # why the scheduler has no node for it (a claim with no volume yet)
     tail: collections.deque = field(default_factory=lambda: collections.deque(maxlen=TAIL_LINES))
     tasks: list[asyncio.Task] = field(default_factory=list)
     written: dict = field(default_factory=dict)  # what was last sent to the API, per object kind
@@ -114,13 +118,21 @@ class Workload:
 
 
 class PodRunner:
-    def __init__(self, api_url: str, *, output=None, engine: str | None = None, max_engines: int = MAX_ENGINES):
+    """`state_dir` holds the claims' directories (volumes/) and the containers' logs (pod-logs/, which the dev API
+    serves as pods/log); a temporary directory when none is given."""
+
+    def __init__(self, api_url: str, *, output=None, engine: str | None = None, max_engines: int = MAX_ENGINES,
+                 state_dir: Path | None = None):
         self.api_url = api_url.rstrip("/")
         self.engine = engine or shutil.which("cxygpt-sim") or str(Path(sys.executable).parent / "cxygpt-sim")
         self.output = output  # callable(prefix, line) for engine logs
         self.max_engines = max_engines
         self.workloads: dict[tuple[str, str], Workload] = {}
         self.session: aiohttp.ClientSession | None = None
+        state = Path(state_dir) if state_dir else Path(tempfile.mkdtemp(prefix="cxygpt-pods-"))
+        self.logs = state / "pod-logs"
+        self.volumes = Volumes(state / "volumes", self._request)
+        self.jobs = Jobs(self, self.volumes, self.logs, output=output)
 
     # --- API ---------------------------------------------------------------------------------------------------
 
@@ -253,14 +265,19 @@ class PodRunner:
     async def _keep_running(self, workload: Workload, pod: Pod):
         """Start the engine, probe its health like a readiness probe, restart it (with back-off) when it exits."""
         container = pod.template["spec"]["containers"][0]
-        env = {**os.environ, **{e["name"]: e.get("value", "") for e in container.get("env", [])}}
         try:
             await self._write_pod(workload, pod, create=True)
         except (RuntimeError, aiohttp.ClientError) as e:
             log.warning("%s/%s: pod %s not written: %s", workload.namespace, workload.name, pod.name, e)
+        mapping = await self._mounts(workload, pod, container)
+        if mapping is None:
+            return
+        env = {**os.environ, **{e["name"]: rewrite(e.get("value", ""), mapping) for e in container.get("env", [])}}
+        log_file = self.logs / workload.namespace / pod.name / f"{container.get('name', 'engine')}.log"
+        log_file.parent.mkdir(parents=True, exist_ok=True)
         while not pod.terminating:
             pod.port = free_port()
-            argv = engine_argv(container, pod.port, self.engine)
+            argv = rewrite_all(engine_argv(container, pod.port, self.engine), mapping)
             pod.process = await asyncio.create_subprocess_exec(
                 *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env,
                 start_new_session=True)
@@ -271,6 +288,8 @@ class PodRunner:
 
             def emit(line, label=pod.name):
                 pod.tail.append(line)
+                with open(log_file, "a") as f:  # kubelet's log file, served as pods/log
+                    f.write(line + "\n")
                 if self.output:
                     self.output(label, line)
 
@@ -293,6 +312,26 @@ class PodRunner:
                         pod.name, exit_code, pod.exits, pod.backoff_s)
             await self._report(workload, pod)
             await asyncio.sleep(pod.backoff_s)
+
+    async def _mounts(self, workload: Workload, pod: Pod, container: dict) -> dict[str, str] | None:
+        """The pod's volumes on this machine; while a claim has no volume the pod is Pending and unschedulable, as
+        the scheduler leaves it. None when the pod is terminated meanwhile."""
+        while not pod.terminating:
+            try:
+                mapping = await self.volumes.mounts(workload.namespace, pod.name, pod.template["spec"], container)
+            except Unbound as e:
+                if pod.unschedulable != str(e):
+                    pod.unschedulable = str(e)
+                    await self._report(workload, pod)
+                await asyncio.sleep(1)
+                continue
+            except (RuntimeError, aiohttp.ClientError) as e:
+                log.warning("%s/%s: pod %s volumes not read: %s", workload.namespace, workload.name, pod.name, e)
+                await asyncio.sleep(1)
+                continue
+            pod.unschedulable = None
+            return mapping
+        return None
 
     async def _probe(self, workload: Workload, pod: Pod):
         url = f"http://127.0.0.1:{pod.port}/health"
@@ -356,6 +395,8 @@ class PodRunner:
             if task is not current:
                 task.cancel()
         await stop_group(pod.process, grace_s)
+        self.volumes.forget_pod(workload.namespace, pod.name)
+        shutil.rmtree(self.logs / workload.namespace / pod.name, ignore_errors=True)
         async with workload.writing:  # no write of this pod may come after its deletion (apply would recreate it)
             workload.pods.pop(pod.name, None)
             await self._delete(f"/apis/discovery.k8s.io/v1/namespaces/{workload.namespace}/endpointslices/{pod.name}")
@@ -399,9 +440,12 @@ class PodRunner:
         else:
             state = {"waiting": {"reason": "ContainerCreating"}}
         ready = "True" if pod.ready and not pod.terminating else "False"
+        scheduled = ({"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                      "message": f"0/1 nodes are available: {pod.unschedulable}."} if pod.unschedulable
+                     else {"type": "PodScheduled", "status": "True"})
         status = {
             "phase": "Running" if pod.started_at else "Pending", "podIP": "127.0.0.1", "hostIP": "127.0.0.1",
-            "conditions": [{"type": "Ready", "status": ready}, {"type": "ContainersReady", "status": ready}],
+            "conditions": [scheduled, {"type": "Ready", "status": ready}, {"type": "ContainersReady", "status": ready}],
             "containerStatuses": [{
                 "name": container.get("name", "engine"), "image": container.get("image", ""),
                 "ready": ready == "True", "started": running, "restartCount": max(0, pod.exits - (not running)),
@@ -538,11 +582,15 @@ class PodRunner:
 
     async def run(self):
         async with aiohttp.ClientSession() as self.session:
-            deletions = asyncio.create_task(self._watch_pod_deletions())
+            helpers = [asyncio.create_task(self._watch_pod_deletions()),
+                       asyncio.create_task(self.volumes.watch(self.session, self.api_url)),
+                       asyncio.create_task(self.jobs.watch(self.session, self.api_url))]
             try:
                 await self._watch_deployments()
             finally:
-                deletions.cancel()
+                for task in helpers:
+                    task.cancel()
+                await self.jobs.stop_all()
                 await self.stop_all()
 
 
@@ -550,11 +598,12 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m cxygpt_dev.podrunner", description=__doc__)
     ap.add_argument("--api", required=True, help="the Kubernetes API's URL")
     ap.add_argument("--max-engines", type=int, default=MAX_ENGINES)
+    ap.add_argument("--state-dir", type=Path, help="claims' directories and containers' logs (default a temporary one)")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
     async def run():
-        runner = asyncio.create_task(PodRunner(a.api, max_engines=a.max_engines).run())
+        runner = asyncio.create_task(PodRunner(a.api, max_engines=a.max_engines, state_dir=a.state_dir).run())
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, runner.cancel)

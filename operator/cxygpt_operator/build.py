@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from cxygpt_profiles import NoFit, ProfileTable, Selection, engine_args
 
 from . import GROUP, KIND, MANAGER, VERSION
+from .cache import CacheKey, CacheState, build_job, cache_key, cache_status, hf_source, weights_path
 from .nodes import GPU_COUNT_LABEL, GPU_MEMORY_LABEL, GPU_RESOURCE, MEMORY_OVERRIDE_LABEL
 from .resolve import ModelSpec
 
@@ -41,10 +42,15 @@ class Owner:
     generation: int = 1
 
 
+DEFAULT_LOADER_IMAGE = "cxygpt/cxygpt-operator:0.1.0"  # the operator's image runs the cache's download Job
+GPU_TOLERATIONS = ({"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"},)
+
+
 @dataclass(frozen=True)
 class EngineImages:
     vllm: str
     sim: str
+    loader: str = DEFAULT_LOADER_IMAGE
 
 
 def selector_labels(owner: Owner) -> dict[str, str]:
@@ -71,10 +77,16 @@ def config_hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
 
 
+def engine_cache(spec: ModelSpec, sel: Selection) -> CacheKey | None:
+    """The managed cache the engines read their weights from, or None (no cache, or a pvc:// source)."""
+    return cache_key(spec.source_for(sel.profile.weights)) if spec.cache.enabled else None
+
+
 def _storage(spec: ModelSpec, weights: str) -> tuple[str, list[dict], list[dict], list[dict]]:
     """Model argument, volumes, mounts and env for the weights' source."""
     uri = spec.source_for(weights)
     scheme, _, rest = uri.partition("://")
+    key = cache_key(uri) if spec.cache.enabled else None
     cache = ({"name": "model-cache", "persistentVolumeClaim": {"claimName": spec.cache_claim}} if spec.cache_claim
              else {"name": "model-cache", "emptyDir": {}})
     volumes, mounts = [cache], [{"name": "model-cache", "mountPath": CACHE_MOUNT}]
@@ -84,13 +96,25 @@ def _storage(spec: ModelSpec, weights: str) -> tuple[str, list[dict], list[dict]
         volumes.append({"name": "engine-home", "emptyDir": {}})
         mounts.append({"name": "engine-home", "mountPath": HOME_MOUNT})
         env.append({"name": "HOME", "value": HOME_MOUNT})
+    if key is not None:
+        # the managed cache: downloaded once by its Job, mounted read-only; the engine never downloads
+        volumes.append({"name": "model-weights", "persistentVolumeClaim": {"claimName": key.claim, "readOnly": True}})
+        mounts.append({"name": "model-weights", "mountPath": WEIGHTS_MOUNT, "readOnly": True})
+        env.append({"name": "HF_HUB_OFFLINE", "value": "1"})
+        return weights_path(key, WEIGHTS_MOUNT), volumes, mounts, env
     if scheme == "pvc":
         claim, _, path = rest.partition("/")
         volumes.append({"name": "model-weights", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
         mounts.append({"name": "model-weights", "mountPath": WEIGHTS_MOUNT, "readOnly": True})
         env.append({"name": "HF_HUB_OFFLINE", "value": "1"})  # the weights are local: never reach for the Hub
         return f"{WEIGHTS_MOUNT}/{path}", volumes, mounts, env
-    return rest, volumes, mounts, env
+    return hf_source(uri)[0] if hf_source(uri) else rest, volumes, mounts, env
+
+
+def _revision(spec: ModelSpec, weights: str) -> str | None:
+    """The revision a hub download by the engine itself pins (hf://Org/Name@revision), else None."""
+    found = hf_source(spec.source_for(weights))
+    return found[1] if found and not spec.cache.enabled else None
 
 
 STARTUP_PERIOD_S = 10
@@ -130,6 +154,19 @@ def _affinity(sel: Selection) -> dict:
     return {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": terms}}}
 
 
+def build_cache_job(key: CacheKey, namespace: str, spec: ModelSpec, sel: Selection, size: str, users: list,
+                    table: ProfileTable, images: EngineImages, hf_endpoint: str | None = None) -> dict:
+    """The cache's download Job, placed like the engines (see cache.build_job)."""
+    return build_job(key, namespace, spec.cache, size, users, image=images.loader, affinity=_affinity(sel),
+                     tolerations=[dict(t) for t in GPU_TOLERATIONS], consts=table.cache, hf_endpoint=hf_endpoint)
+
+
+def claims_of(deployment: dict | None) -> set[str]:
+    """The PersistentVolumeClaims a Deployment's pods mount."""
+    volumes = ((((deployment or {}).get("spec") or {}).get("template") or {}).get("spec") or {}).get("volumes") or []
+    return {v["persistentVolumeClaim"]["claimName"] for v in volumes if v.get("persistentVolumeClaim")}
+
+
 def engine_command(spec: ModelSpec, table: ProfileTable) -> list[str]:
     return list(table.vllm.command) if spec.engine_kind == "vllm" else ["cxygpt-sim", "serve"]
 
@@ -149,10 +186,16 @@ def _resources(spec: ModelSpec, sel: Selection) -> dict:
             "limits": {GPU_RESOURCE: str(gpus)}}
 
 
-def build_deployment(owner: Owner, spec: ModelSpec, sel: Selection, table: ProfileTable, images: EngineImages) -> dict:
+def build_deployment(owner: Owner, spec: ModelSpec, sel: Selection, table: ProfileTable, images: EngineImages,
+                     hf_endpoint: str | None = None) -> dict:
+    """`hf_endpoint`: the Hub (mirror) an engine downloads from when it downloads its weights itself."""
     port = table.vllm.port
     model, volumes, mounts, env = _storage(spec, sel.profile.weights)
+    if hf_endpoint and not any(e["name"] == "HF_HUB_OFFLINE" for e in env):
+        env.append({"name": "HF_ENDPOINT", "value": hf_endpoint})
     args = engine_args(sel, model=model, served_name=spec.served_name, port=port)
+    if revision := _revision(spec, sel.profile.weights):
+        args += ["--revision", revision]
     if spec.task == "embed":
         args += ["--runner", "pooling"]
     if spec.trust_remote_code:
@@ -203,7 +246,7 @@ def build_deployment(owner: Owner, spec: ModelSpec, sel: Selection, table: Profi
             "containers": [container],
             "volumes": sorted(volumes, key=lambda v: v["name"]),
             "affinity": _affinity(sel),
-            "tolerations": [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}],
+            "tolerations": [dict(t) for t in GPU_TOLERATIONS],
             "securityContext": pod_security,
             "terminationGracePeriodSeconds": drain + 30,
         },
@@ -276,7 +319,10 @@ def _condition(type_: str, ok: bool, reason: str, message: str, generation: int,
 # Degraded reasons that are failures (an Event and a metric each time one appears)
 FAILURE_REASONS = ("EngineCrashLoop", "EngineCannotStart", "DeploymentRejected", "ModelNameConflict",
                    "InsufficientGPUs", "InsufficientGPUMemory", "InvalidSpec", "ResourceConflict", "EngineFailure",
-                   "UnknownProfile", "MissingWeightVariant", "NoProfileForMode")
+                   "UnknownProfile", "MissingWeightVariant", "NoProfileForMode",
+                   "CacheDownloadFailed", "CacheClaimFailed", "CacheSizeUnknown")
+# a cache whose claim cannot get a volume: Pending (the cluster may still provide one) but a failure to report
+CLAIM_PROBLEMS = ("StorageClassNotFound", "NoDefaultStorageClass", "ProvisioningFailed")
 # waiting reasons of a container that will not start however long it waits
 CANNOT_START = ("ImagePullBackOff", "ErrImagePull", "InvalidImageName", "CreateContainerConfigError",
                 "CreateContainerError")
@@ -364,6 +410,17 @@ def _progress(engines: EngineState, desired: int) -> tuple[bool, str, str]:
     return False, "RolloutComplete", counts
 
 
+def cache_failure(state: CacheState) -> tuple[str, str] | None:
+    """The ModelDeployment's failure (Degraded reason, message) for a cache that cannot become Ready by itself."""
+    if state.phase == "Failed":
+        reason = {"CacheSizeUnknown": "CacheSizeUnknown", "ClaimRejected": "CacheClaimFailed"}.get(
+            state.reason, "CacheDownloadFailed")
+        return reason, f"model cache: {state.reason}: {state.message}"
+    if state.reason in CLAIM_PROBLEMS:
+        return "CacheClaimFailed", f"model cache: {state.reason}: {state.message}"
+    return None
+
+
 def capacity_warning(sel: Selection, replicas: int, schedulable: int | None) -> str | None:
     """A message when the nodes that fit the profile cannot hold every replica at once; None when they can
     (or the engine requests no GPUs)."""
@@ -376,9 +433,11 @@ def capacity_warning(sel: Selection, replicas: int, schedulable: int | None) -> 
 
 def build_status(owner: Owner, spec: ModelSpec, outcome: Selection | NoFit, *, table: ProfileTable,
                  deployment: dict | None, image: str | None, args: list[str] | None, previous: dict, now: str,
-                 pods: list[dict] = (), rejected: str | None = None, schedulable: int | None = None) -> dict:
+                 pods: list[dict] = (), rejected: str | None = None, schedulable: int | None = None,
+                 cache: tuple[CacheKey, CacheState, str | None] | None = None) -> dict:
     """The whole status for this reconcile; written only when it differs from `previous`.
-    `rejected` is the API server's answer to the Deployment, `schedulable` the replicas the fitting nodes hold."""
+    `rejected` is the API server's answer to the Deployment, `schedulable` the replicas the fitting nodes hold,
+    `cache` the managed cache's key, state and claim size (engines start only once it is Ready)."""
     gen, before = owner.generation, previous.get("conditions") or []
     selector = ",".join(f"{k}={v}" for k, v in selector_labels(owner).items())
     engines = engine_state(deployment, list(pods))
@@ -386,6 +445,7 @@ def build_status(owner: Owner, spec: ModelSpec, outcome: Selection | NoFit, *, t
         phase = "Failed" if outcome.permanent else "Pending"
         status = {**{k: previous[k] for k in ("profile", "mode", "gpu", "limits", "endpoint", "image", "engineArgs")
                      if k in previous and deployment is not None},
+                  **({"cache": previous["cache"]} if "cache" in previous else {}),
                   "phase": phase, "fit": outcome.fit.as_status() if outcome.fit else None}
         ready = engines.ready
         conditions = [
@@ -440,6 +500,22 @@ def build_status(owner: Owner, spec: ModelSpec, outcome: Selection | NoFit, *, t
             failure = ("InsufficientGPUs", warning)
         if warning and progressing:
             progress_message += f"; warning: {warning}"
+        cache_condition = None
+        if cache is not None:
+            key, state, size = cache
+            status["cache"] = cache_status(key, state, size)
+            cache_condition = _condition("CacheReady", state.ready, state.reason, state.message, gen, before, now)
+            if not state.ready:
+                trouble = cache_failure(state)
+                if not ready and desired:
+                    status["phase"] = "Failed" if state.phase == "Failed" else "Pending"
+                    available = (False, trouble[0] if trouble else "CacheNotReady", state.message)
+                waiting = state.phase != "Failed"
+                progressing = waiting
+                progress_reason = ("CacheDownloading" if state.phase == "Downloading" else "CachePending") if waiting \
+                    else trouble[0]
+                progress_message = state.message
+                failure = failure or trouble
         conditions = [
             _condition("ProfileSelected", True, "Forced" if sel.forced else "AutoSelected",
                        f"{sel.profile.name} ({how}) on {gpu_text}{notes}", gen, before, now),
@@ -447,7 +523,7 @@ def build_status(owner: Owner, spec: ModelSpec, outcome: Selection | NoFit, *, t
             _condition("Progressing", progressing, progress_reason, progress_message, gen, before, now),
             _condition("Degraded", failure is not None, failure[0] if failure else "AsExpected",
                        failure[1] if failure else "", gen, before, now),
-        ]
+        ] + ([cache_condition] if cache_condition else [])
     status.update({"observedGeneration": gen, "replicas": engines.replicas, "readyReplicas": engines.ready,
                    "ready": f"{engines.ready}/{spec.replicas}", "selector": selector, "conditions": conditions})
     return {k: v for k, v in status.items() if v is not None}

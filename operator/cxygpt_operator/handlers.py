@@ -14,9 +14,10 @@ from kubernetes.client.rest import ApiException
 
 from . import GROUP, MANAGER, PLURAL, VERSION
 from .build import MODEL_DEPLOYMENT_LABEL, failure_of
+from .cache import CACHE_LABEL, CacheUser
 from .metrics import OperatorMetrics
 from .nodes import gpu_node
-from .reconcile import CannotRun, Context, NotYet, reconcile
+from .reconcile import CannotRun, Context, NotYet, reconcile, recheck_after
 from .resolve import NameClaim, claimed_since
 
 RETRY_BACKOFF_S = (1, 2, 5, 10, 30, 60)
@@ -34,10 +35,46 @@ class Shared:
     # next reconcile starts, so the body's status cannot tell a new failure from one already reported
     reported_failures: dict = field(default_factory=dict)
     metrics: OperatorMetrics = field(default_factory=OperatorMetrics)
+    # (namespace, name) -> (the cache claim it uses, as a CacheUser): who shares each cache
+    cache_claims: dict = field(default_factory=dict)
 
     def wake(self, key) -> None:
         if key in self.wakeups:
             self.wakeups[key].set()
+
+    def cache_users(self, namespace: str) -> dict[str, list[CacheUser]]:
+        users: dict[str, list[CacheUser]] = {}
+        for (ns, _), (claim, user) in self.cache_claims.items():
+            if ns == namespace:
+                users.setdefault(claim, []).append(user)
+        return users
+
+    def wake_cache_users(self, namespace: str, claims, but=None) -> None:
+        for (ns, name), (claim, _) in list(self.cache_claims.items()):
+            if ns == namespace and claim in claims and name != but:
+                self.wake((ns, name))
+
+    def cache_used(self, key, entry) -> None:
+        """Records which cache a model uses (None: none); the other users of a cache that gained or lost a
+        user are woken, so that each keeps the cache's users and owners up to date."""
+        before = self.cache_claims.get(key)
+        if entry == before:
+            return
+        if entry is None:
+            self.cache_claims.pop(key, None)
+        else:
+            self.cache_claims[key] = entry
+        self.wake_cache_users(key[0], {e[0] for e in (before, entry) if e}, but=key[1])
+
+
+def cache_entry(body: dict, status: dict | None = None) -> tuple[str, CacheUser] | None:
+    """(claim, user) for a model with a managed cache, from its status (or the one just written)."""
+    meta, spec = body.get("metadata") or {}, body.get("spec") or {}
+    claim = ((status if status is not None else body.get("status") or {}).get("cache") or {}).get("claimName")
+    cache = (spec.get("model") or {}).get("cache") or {}
+    if not claim or not cache.get("enabled") or meta.get("deletionTimestamp"):
+        return None
+    return claim, CacheUser(meta.get("name", ""), meta.get("uid", ""), cache.get("retain") is True)
 
 
 class ObjectLog(logging.LoggerAdapter):
@@ -112,8 +149,16 @@ def engine_pod_changed(memo: kopf.Memo, namespace: str, labels, **_):
         memo.shared.wake((namespace, owner))
 
 
+@kopf.on.event("", "v1", "persistentvolumeclaims", labels={CACHE_LABEL: kopf.PRESENT})
+@kopf.on.event("batch", "v1", "jobs", labels={CACHE_LABEL: kopf.PRESENT})
+@kopf.on.event("", "v1", "pods", labels={CACHE_LABEL: kopf.PRESENT})
+def cache_object_changed(memo: kopf.Memo, namespace: str, labels, **_):
+    """A cache's claim, download Job or download pod changed: its users look again."""
+    memo.shared.wake_cache_users(namespace, {labels.get(CACHE_LABEL)})
+
+
 @kopf.on.event(GROUP, VERSION, PLURAL)
-def model_deployment_changed(memo: kopf.Memo, event, namespace: str, name: str, meta, spec, **_):
+def model_deployment_changed(memo: kopf.Memo, event, body, namespace: str, name: str, meta, spec, **_):
     # Status-only events (our own writes) keep the generation: they need no reconcile.
     shared: Shared = memo.shared
     key = (namespace, name)
@@ -130,6 +175,7 @@ def model_deployment_changed(memo: kopf.Memo, event, namespace: str, name: str, 
         for other, other_name in list(shared.served_names.items()):
             if other != key and other_name in (before, served):
                 shared.wake(other)
+    shared.cache_used(key, None if gone else cache_entry(dict(body)))
 
 
 def _report_failure(shared: Shared, key, body: dict, status: dict) -> None:
@@ -141,6 +187,19 @@ def _report_failure(shared: Shared, key, body: dict, status: dict) -> None:
         shared.metrics.failures.labels(failure[0]).inc()
         kopf.warn(body, reason=failure[0], message=failure[1])
     shared.reported_failures[key] = failure
+
+
+def _report_cache(body: dict, status: dict) -> None:
+    """A Normal Event when the model's cache starts downloading or turns Ready (failures are reported as
+    Warnings with the Degraded reason). Decided from the stored status, so a restart reports nothing twice."""
+    before = ((body.get("status") or {}).get("cache") or {})
+    after = status.get("cache") or {}
+    if after.get("phase") == before.get("phase") and after.get("claimName") == before.get("claimName"):
+        return
+    if after.get("phase") == "Downloading":
+        kopf.info(body, reason="CacheDownloading", message=after.get("message", ""))
+    elif after.get("phase") == "Ready":
+        kopf.info(body, reason="CacheReady", message=f"{after.get('message', '')} (claim {after.get('claimName')})")
 
 
 def _backoff(failures_before: int) -> float:
@@ -179,7 +238,8 @@ async def keep_reconciled(stopped, namespace: str, name: str, body: kopf.Body, m
             claims = list(model_names.get(served, [])) if served else []
             with metrics.duration.time():
                 try:
-                    status = await reconcile(snapshot, _inventory(gpu_nodes), ctx, logger, claims)
+                    status = await reconcile(snapshot, _inventory(gpu_nodes), ctx, logger, claims,
+                                             shared.cache_users(namespace))
                     failures = 0
                 except NotYet as e:
                     logger.info("waiting: %s", e)
@@ -197,9 +257,14 @@ async def keep_reconciled(stopped, namespace: str, name: str, body: kopf.Body, m
             if status is not None:
                 metrics.model_seen(key, snapshot, status)
                 _report_failure(shared, key, snapshot, status)
+                _report_cache(snapshot, status)
+                shared.cache_used(key, cache_entry(snapshot, status))
+                if delay is None:
+                    delay = recheck_after(status)
             shared.reconciled_generation[key] = snapshot["metadata"].get("generation")
             await _sleep(wake, stopped, delay)
     finally:
+        shared.cache_used(key, None)
         shared.wakeups.pop(key, None)
         shared.reconciled_generation.pop(key, None)
         shared.reported_failures.pop(key, None)

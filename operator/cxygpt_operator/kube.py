@@ -36,6 +36,8 @@ class Kube:
         self.core = client.CoreV1Api(api)
         self.custom = client.CustomObjectsApi(api)
         self.networking = client.NetworkingV1Api(api)
+        self.batch = client.BatchV1Api(api)
+        self.storage = client.StorageV1Api(api)
 
     @staticmethod
     def _read(read, namespace: str, name: str) -> dict | None:
@@ -54,6 +56,60 @@ class Kube:
 
     def get_network_policy(self, namespace: str, name: str) -> dict | None:
         return self._read(self.networking.read_namespaced_network_policy, namespace, name)
+
+    def get_claim(self, namespace: str, name: str) -> dict | None:
+        return self._read(self.core.read_namespaced_persistent_volume_claim, namespace, name)
+
+    def list_claims(self, namespace: str, selector: dict[str, str]) -> list[dict]:
+        label_selector = ",".join(f"{k}={v}" for k, v in sorted(selector.items()))
+        return _raw(self.core.list_namespaced_persistent_volume_claim(
+            namespace, label_selector=label_selector, _preload_content=False)).get("items") or []
+
+    def get_job(self, namespace: str, name: str) -> dict | None:
+        return self._read(self.batch.read_namespaced_job, namespace, name)
+
+    def create_claim(self, body: dict) -> dict:
+        """Created once: a claim's spec is (but for its size) immutable, and the first user's settings make it."""
+        return _raw(self.core.create_namespaced_persistent_volume_claim(
+            body["metadata"]["namespace"], body, field_manager=MANAGER, _preload_content=False))
+
+    def create_job(self, body: dict) -> dict:
+        return _raw(self.batch.create_namespaced_job(
+            body["metadata"]["namespace"], body, field_manager=MANAGER, _preload_content=False))
+
+    def patch_metadata(self, kind: str, namespace: str, name: str, metadata: dict) -> dict:
+        """A merge patch of a claim's or Job's metadata (users, owners, the recorded download)."""
+        patch = {"PersistentVolumeClaim": self.core.patch_namespaced_persistent_volume_claim,
+                 "Job": self.batch.patch_namespaced_job}[kind]
+        return _raw(patch(name, namespace, {"metadata": metadata}, field_manager=MANAGER,
+                          _content_type=MERGE_PATCH, _preload_content=False))
+
+    def storage_class(self, name: str) -> dict | None:
+        try:
+            return _raw(self.storage.read_storage_class(name, _preload_content=False))
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+
+    def storage_classes(self) -> list[dict]:
+        return _raw(self.storage.list_storage_class(_preload_content=False)).get("items") or []
+
+    def events_of(self, namespace: str, kind: str, name: str) -> list[dict]:
+        selector = f"involvedObject.kind={kind},involvedObject.name={name}"
+        return _raw(self.core.list_namespaced_event(namespace, field_selector=selector,
+                                                    _preload_content=False)).get("items") or []
+
+    def pod_log(self, namespace: str, name: str, container: str, tail_lines: int) -> str:
+        """The last lines of a container's log ("" when there is none yet)."""
+        try:
+            response = self.core.read_namespaced_pod_log(name, namespace, container=container, tail_lines=tail_lines,
+                                                         limit_bytes=16384, _preload_content=False)
+        except ApiException as e:
+            if e.status in (400, 404):  # not started yet, or gone
+                return ""
+            raise
+        return response.data.decode(errors="replace")
 
     def list_pods(self, namespace: str, selector: dict[str, str]) -> list[dict]:
         label_selector = ",".join(f"{k}={v}" for k, v in sorted(selector.items()))
@@ -79,11 +135,14 @@ class Kube:
             _content_type=APPLY_PATCH, _preload_content=False))
 
     def delete(self, kind: str, namespace: str, name: str) -> None:
-        """Deletes a Deployment, Service or NetworkPolicy; one gone already is fine."""
+        """Deletes a Deployment, Service, NetworkPolicy, claim or Job (with its pods); one gone already is fine."""
         delete = {"Deployment": self.apps.delete_namespaced_deployment, "Service": self.core.delete_namespaced_service,
-                  "NetworkPolicy": self.networking.delete_namespaced_network_policy}[kind]
+                  "NetworkPolicy": self.networking.delete_namespaced_network_policy,
+                  "PersistentVolumeClaim": self.core.delete_namespaced_persistent_volume_claim,
+                  "Job": self.batch.delete_namespaced_job}[kind]
         try:
-            delete(name, namespace, _preload_content=False)
+            # a Job's pods go with it (its default, orphan, would leave them running)
+            delete(name, namespace, propagation_policy="Background", _preload_content=False)
         except ApiException as e:
             if e.status != 404:
                 raise

@@ -34,6 +34,12 @@ def parse_args(argv):
     ap.add_argument("--vllm-image", help="engine image for kind vllm (default: the table's pinned image)")
     ap.add_argument("--sim-image", default=os.environ.get("CXYGPT_SIM_IMAGE", DEFAULT_SIM_IMAGE),
                     help=f"engine image for kind sim (default {DEFAULT_SIM_IMAGE})")
+    ap.add_argument("--loader-image", default=os.environ.get("CXYGPT_LOADER_IMAGE"),
+                    help="image of the model cache's download Jobs (default the operator's image, "
+                         "cxygpt/cxygpt-operator:0.1.0, which has the loader)")
+    ap.add_argument("--hf-endpoint", default=os.environ.get("HF_ENDPOINT"),
+                    help="the Hugging Face Hub (or a mirror of it) that the cache's download Jobs and engines that "
+                         "download their own weights use (HF_ENDPOINT; default the public Hub)")
     ap.add_argument("--metrics-namespace", action="append", default=[], metavar="NS",
                     help="a namespace whose pods may scrape engine metrics through each model's NetworkPolicy "
                     "(repeatable; e.g. Prometheus'); the gateway's pods are let in by their label")
@@ -62,16 +68,17 @@ def main(argv: list[str] | None = None) -> int:
     import kopf  # imported after the environment is settled
 
     from .handlers import Shared  # importing registers the handlers
-    from .build import EngineImages
+    from .build import DEFAULT_LOADER_IMAGE, EngineImages
     from .kube import Kube, api_client
     from .reconcile import Context
 
     from prometheus_client import start_http_server
 
     context = Context(table=table, catalog=catalog, kube=Kube(api_client(a.kubeconfig)),
-                      images=EngineImages(vllm=a.vllm_image or table.vllm.image, sim=a.sim_image),
+                      images=EngineImages(vllm=a.vllm_image or table.vllm.image, sim=a.sim_image,
+                                          loader=a.loader_image or DEFAULT_LOADER_IMAGE),
                       network_policy=not a.no_network_policy, metrics_namespaces=tuple(a.metrics_namespace),
-                      gateway_namespaces=tuple(a.gateway_namespace))
+                      gateway_namespaces=tuple(a.gateway_namespace), hf_endpoint=a.hf_endpoint or None)
     shared = Shared()
     if a.metrics_port:
         start_http_server(a.metrics_port, addr=a.metrics_host, registry=shared.metrics.registry)

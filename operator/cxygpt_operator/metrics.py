@@ -9,6 +9,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
 from .build import FAILURE_REASONS
+from .cache import PHASES as CACHE_PHASES
 
 RESULTS = ("ok", "waiting", "failed", "error")
 PHASES = ("Pending", "Starting", "PartiallyReady", "Ready", "ScaledToZero", "Failed")
@@ -20,6 +21,7 @@ class Observed:
     models: dict = field(default_factory=dict)   # (namespace, name) -> (phase, profile)
     profiles: set = field(default_factory=set)   # every profile seen: its phases are reported, zeros too
     gpu_nodes: list = field(default_factory=list)
+    caches: dict = field(default_factory=dict)   # (namespace, name) -> ((namespace, claim), status.cache)
 
 
 def memory_class(memory_mib: int) -> str:
@@ -67,6 +69,20 @@ class OperatorMetrics:
             gpus.add_metric([cls], sum(counts))
         yield nodes
         yield gpus
+        caches = GaugeMetricFamily("cxygpt_operator_model_caches", "Model caches (claims) by phase",
+                                   labels=["phase"])
+        done = GaugeMetricFamily("cxygpt_operator_model_cache_bytes", "Bytes of each model cache: downloaded so far "
+                                 "(done) and in the repository (total)", labels=["namespace", "claim", "kind"])
+        by_claim = {claim: cache for claim, cache in self.observed.caches.values()}
+        phases_seen = Tally(cache.get("phase") for cache in by_claim.values())
+        for phase in CACHE_PHASES:
+            caches.add_metric([phase], phases_seen[phase])
+        for (namespace, claim), cache in sorted(by_claim.items()):
+            for kind, field_name in (("done", "bytesDone"), ("total", "bytesTotal")):
+                if cache.get(field_name) is not None:
+                    done.add_metric([namespace, claim, kind], cache[field_name])
+        yield caches
+        yield done
 
     def describe(self):
         return []  # collected at scrape time only
@@ -77,6 +93,10 @@ class OperatorMetrics:
         phase, profile = status.get("phase", "Pending"), status.get("profile", "none")
         self.observed.models[key] = (phase, profile)
         self.observed.profiles.add(profile)
+        if status.get("cache", {}).get("claimName"):
+            self.observed.caches[key] = ((key[0], status["cache"]["claimName"]), status["cache"])
+        else:
+            self.observed.caches.pop(key, None)
         before = (body.get("status") or {}).get("phase")
         # the first Ready of the first spec: decided from the stored status, so restarts never re-time
         if phase == "Ready" and before != "Ready" and body["metadata"].get("generation", 1) == 1:
@@ -87,3 +107,4 @@ class OperatorMetrics:
 
     def model_gone(self, key):
         self.observed.models.pop(key, None)
+        self.observed.caches.pop(key, None)

@@ -14,8 +14,11 @@ from kubernetes.client.rest import ApiException
 
 from cxygpt_profiles import GpuNode, ModelCatalog, NoFit, ProfileTable, Selection
 
-from .build import (CONFIG_HASH, EngineImages, Owner, build_deployment, build_failed_status, build_network_policy,
-                    build_service, build_status, selector_labels)
+from .build import (CONFIG_HASH, EngineImages, Owner, build_cache_job, build_deployment, build_failed_status,
+                    build_network_policy, build_service, build_status, claims_of, engine_cache, selector_labels)
+from .cache import (CACHE_LABEL, CONTAINER, RETAIN_ANNOTATION, REVISION_ANNOTATION, SOURCE_ANNOTATION,
+                    STATE_ANNOTATION, USERS_ANNOTATION, CacheKey, CacheState, CacheUser, build_claim, cache_key,
+                    cache_state, claim_metadata, default_size, metadata_differs, progress_from_log, record, recorded)
 from .kube import Kube
 from .resolve import NameClaim, SpecError, name_claim, name_owner, parse_spec, resolve, schedulable_replicas
 
@@ -25,6 +28,12 @@ PENDING_RETRY_S = 600
 REJECTED_RETRY_S = 300
 # Answers that mean the API server refused this object (not: try again, or our credentials)
 REJECTION_STATUSES = (400, 413, 422)
+# While a cache downloads its progress is read from the loader's log (which sends no events): this often.
+CACHE_PROGRESS_S = 5
+# While a cache waits for a volume, a node or a StorageClass (events of those do not wake a model): this often.
+CACHE_PENDING_S = 15
+LOG_TAIL_LINES = 20
+DEFAULT_CLASS_ANNOTATION = "storageclass.kubernetes.io/is-default-class"
 
 
 class NotYet(kopf.TemporaryError):
@@ -52,6 +61,21 @@ class Context:
     network_policy: bool = True
     metrics_namespaces: tuple[str, ...] = field(default=())
     gateway_namespaces: tuple[str, ...] = field(default=())
+    hf_endpoint: str | None = None  # where downloads go (a Hub mirror), for the cache's Jobs and the engines
+
+
+@dataclass(frozen=True)
+class Cache:
+    """This reconcile's view of the model's cache."""
+    key: CacheKey
+    state: CacheState
+    size: str | None
+
+
+def recheck_after(status: dict) -> float | None:
+    """When to reconcile again with no event: while the cache downloads or waits; None otherwise."""
+    phase = (status.get("cache") or {}).get("phase")
+    return CACHE_PROGRESS_S if phase == "Downloading" else CACHE_PENDING_S if phase == "Pending" else None
 
 
 def _now() -> str:
@@ -92,11 +116,142 @@ async def _fail(ctx: Context, owner: Owner, previous: dict, reason: str, message
     return CannotRun(message, status=status)
 
 
+async def _storage_problem(ctx: Context, storage_class: str | None) -> tuple[str, str] | None:
+    """Why a Pending claim will get no volume: its StorageClass does not exist, or it names none and the
+    cluster has no default."""
+    if storage_class:
+        if await asyncio.to_thread(ctx.kube.storage_class, storage_class) is None:
+            return ("StorageClassNotFound", f'storageclass.storage.k8s.io "{storage_class}" not found '
+                    "(spec.model.cache.storageClassName): no volume can be provisioned for the cache")
+        return None
+    classes = await asyncio.to_thread(ctx.kube.storage_classes)
+    if not any((c.get("metadata", {}).get("annotations") or {}).get(DEFAULT_CLASS_ANNOTATION) == "true"
+               for c in classes):
+        return ("NoDefaultStorageClass", "the cluster has no default StorageClass and the cache names none: "
+                "set spec.model.cache.storageClassName")
+    return None
+
+
+async def _cache(ctx: Context, owner: Owner, spec, sel: Selection, users: list[CacheUser], logger) -> Cache | None:
+    """The model's cache: its claim and download Job made (once) and their users and owners kept up to date,
+    its state read from them; None when the model has no managed cache."""
+    key = engine_cache(spec, sel)
+    if key is None:
+        return None
+    ns = owner.namespace
+    size = spec.cache.size or default_size(sel.fit.weights_mib if sel.fit else None, ctx.table.cache)
+    everyone = sorted({u for u in users if u.name != owner.name} | {CacheUser(owner.name, owner.uid, spec.cache.retain)})
+    metadata = claim_metadata(key, everyone)
+    pvc = await asyncio.to_thread(ctx.kube.get_claim, ns, key.claim)
+    if pvc is None:
+        if size is None:
+            return Cache(key, CacheState("Failed", "CacheSizeUnknown", f"{key.repo} has no weight estimate (not in "
+                                         "the model catalog, no spec.model.facts): set spec.model.cache.size"), None)
+        try:
+            pvc = await asyncio.to_thread(ctx.kube.create_claim, build_claim(key, ns, spec.cache, size, everyone))
+            logger.info("created the cache claim %s for %s (%s)", key.claim, key.describe, size)
+        except ApiException as e:
+            if e.status == 409:  # another user made it meanwhile
+                pvc = await asyncio.to_thread(ctx.kube.get_claim, ns, key.claim)
+            elif e.status in (*REJECTION_STATUSES, 403):  # e.g. over a ResourceQuota
+                return Cache(key, CacheState("Failed", "ClaimRejected", f"the API server refused the claim "
+                                             f"{key.claim}: {_api_message(e)}"), size)
+            else:
+                raise
+    elif metadata_differs(pvc, metadata):
+        pvc = await asyncio.to_thread(ctx.kube.patch_metadata, "PersistentVolumeClaim", ns, key.claim, metadata)
+    # the size it was made with (perhaps by another user)
+    size = ((pvc.get("spec") or {}).get("resources") or {}).get("requests", {}).get("storage") or size
+    job = await asyncio.to_thread(ctx.kube.get_job, ns, key.claim)
+    if job is not None and metadata_differs(job, metadata):
+        job = await asyncio.to_thread(ctx.kube.patch_metadata, "Job", ns, key.claim, metadata)
+    if recorded(pvc):
+        return Cache(key, cache_state(key, pvc, job, []), size)
+    if job is None:
+        try:
+            job = await asyncio.to_thread(ctx.kube.create_job, build_cache_job(
+                key, ns, spec, sel, size, everyone, ctx.table, ctx.images, ctx.hf_endpoint))
+            logger.info("created the download Job %s for %s", key.claim, key.describe)
+        except ApiException as e:
+            if e.status == 409:
+                job = await asyncio.to_thread(ctx.kube.get_job, ns, key.claim)
+            elif e.status in (*REJECTION_STATUSES, 403):
+                return Cache(key, CacheState("Failed", "JobRejected", f"the API server refused the download Job "
+                                             f"{key.claim}: {_api_message(e)}"), size)
+            else:
+                raise
+    pods = await asyncio.to_thread(ctx.kube.list_pods, ns, {CACHE_LABEL: key.claim})
+    problem, events = None, []
+    if (pvc.get("status") or {}).get("phase") != "Bound":
+        problem = await _storage_problem(ctx, (pvc.get("spec") or {}).get("storageClassName"))
+        if problem is None:
+            events = await asyncio.to_thread(ctx.kube.events_of, ns, "PersistentVolumeClaim", key.claim)
+    running = [p for p in pods if (p.get("status") or {}).get("phase") == "Running"
+               and not p.get("metadata", {}).get("deletionTimestamp")]
+    progress = None
+    if running:
+        newest = max(running, key=lambda p: p["metadata"].get("creationTimestamp") or "")
+        progress = progress_from_log(await asyncio.to_thread(
+            ctx.kube.pod_log, ns, newest["metadata"]["name"], CONTAINER, LOG_TAIL_LINES))
+    state = cache_state(key, pvc, job, pods, storage_problem=problem, claim_events=events, progress=progress)
+    if state.ready:  # recorded on the claim: what it holds outlives the Job, its pods and this operator
+        value = record({"revision": state.revision, "bytes": state.bytes_total, "files": state.files})
+        await asyncio.to_thread(ctx.kube.patch_metadata, "PersistentVolumeClaim", ns, key.claim,
+                                {"annotations": {STATE_ANNOTATION: value}})
+        logger.info("cache %s is Ready: %s", key.claim, state.message)
+    return Cache(key, state, size)
+
+
+async def _release_stale(ctx: Context, owner: Owner, current: str | None, mounted: set[str],
+                         cache_users: dict[str, list[CacheUser]], logger) -> None:
+    """Caches that name this model as a user but that it no longer uses (its source, revision or cache setting
+    changed) and that its engines no longer mount."""
+    for pvc in await asyncio.to_thread(ctx.kube.list_claims, owner.namespace, {"app.kubernetes.io/component":
+                                                                               "model-cache"}):
+        md = pvc.get("metadata") or {}
+        users = ((md.get("annotations") or {}).get(USERS_ANNOTATION) or "").split(",")
+        mine = owner.name in users or any(r.get("uid") == owner.uid for r in md.get("ownerReferences") or [])
+        if mine and md.get("name") not in (current, *mounted) and not md.get("deletionTimestamp"):
+            await _release(ctx, owner, pvc, cache_users.get(md["name"], []), logger)
+
+
+async def _release(ctx: Context, owner: Owner, pvc: dict, users: list[CacheUser], logger) -> None:
+    """This model leaves a cache's users and owners; the last user of a cache that is not retained deletes it (and
+    its Job)."""
+    claim = pvc["metadata"]["name"]
+    annotations = pvc.get("metadata", {}).get("annotations") or {}
+    if not annotations.get(SOURCE_ANNOTATION):
+        return  # not a cache the operator made
+    key = cache_key(f"{annotations[SOURCE_ANNOTATION]}@{annotations.get(REVISION_ANNOTATION) or 'main'}")
+    # the users this operator knows of, and those the claim still names whose owner reference Kubernetes keeps
+    # (one that just started using it may not be known here yet; the garbage collector drops a deleted one's)
+    listed = set((annotations.get(USERS_ANNOTATION) or "").split(","))
+    owners = [CacheUser(r["name"], r["uid"]) for r in pvc["metadata"].get("ownerReferences") or []
+              if r.get("name") in listed]
+    others = sorted({u for u in (*users, *owners) if u.name != owner.name})
+    retained = annotations.get(RETAIN_ANNOTATION) == "true"
+    if not others and not retained:
+        logger.info("deleting the cache %s: its last user no longer uses it", claim)
+        await asyncio.to_thread(ctx.kube.delete, "Job", owner.namespace, claim)
+        await asyncio.to_thread(ctx.kube.delete, "PersistentVolumeClaim", owner.namespace, claim)
+        return
+    metadata = claim_metadata(key, others)
+    if retained:  # kept whoever uses it now: no owners
+        metadata["annotations"][RETAIN_ANNOTATION], metadata["ownerReferences"] = "true", []
+    for kind in ("PersistentVolumeClaim", "Job"):
+        try:
+            await asyncio.to_thread(ctx.kube.patch_metadata, kind, owner.namespace, claim, metadata)
+        except ApiException as e:
+            if e.status != 404:
+                raise
+
+
 async def reconcile(body: dict, nodes: list[GpuNode], ctx: Context, logger: logging.Logger,
-                    claims: list[NameClaim] = ()) -> dict:
+                    claims: list[NameClaim] = (), cache_users: dict[str, list[CacheUser]] | None = None) -> dict:
     """Returns the status written (or kept). `claims` are every ModelDeployment's claim on this one's served
-    name. Raises NotYet (a kopf.TemporaryError) when no GPU fits yet and CannotRun (a kopf.PermanentError)
-    when only a spec change can help."""
+    name, `cache_users` the users of each cache claim in its namespace. Raises NotYet (a kopf.TemporaryError)
+    when no GPU fits yet and CannotRun (a kopf.PermanentError) when only a spec change can help."""
+    cache_users = cache_users or {}
     meta, previous = body["metadata"], body.get("status") or {}
     owner = Owner(meta["name"], meta["namespace"], meta["uid"], meta.get("generation") or 1)
     try:
@@ -129,18 +284,26 @@ async def reconcile(body: dict, nodes: list[GpuNode], ctx: Context, logger: logg
     except NoFit as e:
         outcome = e
 
-    deployment, image, args, rejected = current["Deployment"], None, None, None
+    deployment, image, args, rejected, cache = current["Deployment"], None, None, None, None
     if isinstance(outcome, Selection):
-        desired = build_deployment(owner, spec, outcome, ctx.table, ctx.images)
+        key = engine_cache(spec, outcome)
+        cache = await _cache(ctx, owner, spec, outcome, cache_users.get(key.claim, []) if key else [], logger)
+        desired = build_deployment(owner, spec, outcome, ctx.table, ctx.images, hf_endpoint=ctx.hf_endpoint)
         container = desired["spec"]["template"]["spec"]["containers"][0]
         image, args = container["image"], container["args"]
         try:
-            deployment = await _apply_if_changed(deployment, desired, ctx.kube.apply_deployment, logger)
+            # no engine before its weights are there: an engine pod would hold its GPUs while it waits. Engines
+            # already running (of another revision) keep serving until the new cache is Ready.
+            if cache is None or cache.state.ready:
+                deployment = await _apply_if_changed(deployment, desired, ctx.kube.apply_deployment, logger)
         except ApiException as e:
             if e.status not in REJECTION_STATUSES:
                 raise
             rejected = _api_message(e)
             logger.warning("the API server rejected the engine Deployment: %s", rejected)
+        if cache is not None or previous.get("cache"):
+            await _release_stale(ctx, owner, cache.key.claim if cache else None, claims_of(deployment), cache_users,
+                                 logger)
         await _apply_if_changed(current["Service"], build_service(owner, spec, outcome, ctx.table),
                                 ctx.kube.apply_service, logger)
         if ctx.network_policy:
@@ -158,7 +321,8 @@ async def reconcile(body: dict, nodes: list[GpuNode], ctx: Context, logger: logg
     schedulable = schedulable_replicas(outcome, nodes) \
         if isinstance(outcome, Selection) and spec.engine_kind == "vllm" else None
     status = build_status(owner, spec, outcome, table=ctx.table, deployment=deployment, image=image, args=args,
-                          previous=previous, now=_now(), pods=pods, rejected=rejected, schedulable=schedulable)
+                          previous=previous, now=_now(), pods=pods, rejected=rejected, schedulable=schedulable,
+                          cache=(cache.key, cache.state, cache.size) if cache else None)
     status["nameClaim"] = name_claim(body, _now())  # the owner's claim, kept while the name stays
     await _write_status(ctx, owner, previous, status)
     if rejected:

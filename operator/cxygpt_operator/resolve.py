@@ -8,6 +8,8 @@ from cxygpt_profiles import (AUTO, GpuNode, ModelCatalog, ModelFacts, NoFit, Pro
                              select_profile)
 from cxygpt_profiles.select import node_matches
 
+from .cache import CacheSpec, hf_source, parse_cache
+
 # spec.model.facts (camelCase, as in the CRD) → ModelFacts fields
 MAX_REPLICAS = 64  # the CRD's maximum, repeated for specs applied without the schema
 ROLLOUT_STRATEGIES = ("Surge", "InPlace")
@@ -52,6 +54,7 @@ class ModelSpec:
     trust_remote_code: bool = False
     rollout: str = "Surge"
     task: str = "generate"   # embed: an embedding model (the engine's pooling runner)
+    cache: CacheSpec = field(default_factory=CacheSpec)
 
     def source_for(self, weights: str) -> str:
         return self.source if weights == "bf16" else self.variants[weights]
@@ -111,10 +114,38 @@ def _check_engine(engine: dict) -> None:
         raise SpecError("spec.engine.env: names must be unique")
 
 
+# a PersistentVolumeClaim's name (a DNS subdomain), then a path inside it with no `..` segment
+PVC_SOURCE = re.compile(r"^pvc://(?P<claim>[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*)/(?P<path>.+)$")
+MAX_CLAIM_NAME = 253
+
+
+def check_source(field_name: str, uri: str) -> None:
+    """hf://<org>/<repo>[@<revision>] or pvc://<claim>/<path>, as the schema says (for specs applied without it)."""
+    if hf_source(uri):
+        return
+    match = PVC_SOURCE.match(uri)
+    if not match:
+        raise SpecError(f"{field_name} must be hf://<org>/<repo>[@<revision>] or pvc://<claim>/<path>, not {uri!r}")
+    if len(match["claim"]) > MAX_CLAIM_NAME:
+        raise SpecError(f"{field_name}: the claim name is longer than {MAX_CLAIM_NAME} characters")
+    if ".." in match["path"].split("/"):
+        raise SpecError(f"{field_name}: the path inside the claim must not contain '..'")
+
+
 def parse_spec(spec: dict) -> ModelSpec:
     model = spec.get("model") or {}
     if not model.get("name") or not model.get("source"):
         raise SpecError("spec.model.name and spec.model.source are required")
+    check_source("spec.model.source", model["source"])
+    for variant, uri in (model.get("variants") or {}).items():
+        check_source(f"spec.model.variants.{variant}", uri)
+    try:
+        cache = parse_cache(model.get("cache"))
+    except ValueError as e:
+        raise SpecError(str(e)) from None
+    if cache.enabled and spec.get("cacheClaim"):
+        raise SpecError("spec.cacheClaim and spec.model.cache.enabled exclude each other: the managed cache is "
+                        "downloaded once and mounted read-only, cacheClaim is the engines' own download cache")
     engine = spec.get("engine") or {}
     replicas = spec.get("replicas", 1)
     if not isinstance(replicas, int) or not 0 <= replicas <= MAX_REPLICAS:
@@ -133,7 +164,7 @@ def parse_spec(spec: dict) -> ModelSpec:
         extra_args=tuple(engine.get("args") or ()),
         env=tuple((e["name"], e.get("value", "")) for e in engine.get("env") or ()),
         cache_claim=spec.get("cacheClaim"), fallback_model=spec.get("fallbackModel"),
-        trust_remote_code=engine.get("trustRemoteCode") is True, rollout=rollout, task=task)
+        trust_remote_code=engine.get("trustRemoteCode") is True, rollout=rollout, task=task, cache=cache)
 
 
 def _positive_int(text: str) -> int | None:
@@ -203,9 +234,9 @@ def effective_table(table: ProfileTable, spec: ModelSpec) -> ProfileTable:
 
 
 def _repo(uri: str) -> str:
-    """hf://Org/Name → Org/Name; pvc://claim/path → path (its last part often names the model)."""
+    """hf://Org/Name[@rev] → Org/Name; pvc://claim/path → path (its last part often names the model)."""
     scheme, _, rest = uri.partition("://")
-    return rest if scheme == "hf" else rest.split("/", 1)[-1].rsplit("/", 1)[-1]
+    return rest.split("@", 1)[0] if scheme == "hf" else rest.split("/", 1)[-1].rsplit("/", 1)[-1]
 
 
 def model_facts(spec: ModelSpec, catalog: ModelCatalog) -> ModelFacts | None:

@@ -122,9 +122,19 @@ class FitConstants(Strict):
     engine_overhead_mib: int = Field(ge=0)
 
 
+class CacheConstants(Strict):
+    """The model cache (spec.model.cache): how big a claim is made and how long its download may take."""
+    size_margin: float = Field(0.2, ge=0, description="claim size = weight estimate x (1 + margin) + extra")
+    size_extra_mib: int = Field(1024, ge=0, description="tokenizer, config and other files beside the weights")
+    download_deadline_base_s: int = Field(3600, gt=0, description="the Job's activeDeadlineSeconds, plus...")
+    download_min_mib_per_s: float = Field(20, gt=0, description="...the claim's size at this (slow) rate")
+    download_retries: int = Field(4, ge=0, description="the Job's backoffLimit; each retry resumes")
+
+
 class ProfileTable(Strict):
     vllm: VllmPin
     fit: FitConstants
+    cache: CacheConstants = CacheConstants()
     profiles: list[Profile] = Field(min_length=1)
 
     @model_validator(mode="after")

@@ -12,6 +12,7 @@ from cxygpt_profiles import ProfileTableError, default_catalog, default_table, e
 from .engine import Capacity
 from .speed import DEFAULT_SPEED_PROFILE, SPEED_PROFILES, Speed
 from .text import DEFAULT_VOCAB_SIZE
+from .weights import DEFAULT_LOAD_GIB_PER_S
 
 DEFAULT_GPU_MEMORY_MIB = 81559  # an H100 80GB as GPU Feature Discovery reports it
 DEFAULT_MAX_MODEL_LEN = 8192    # when neither the flag nor the model catalog says
@@ -28,6 +29,7 @@ ENV = {
     "sim_seed": "CXYGPT_SIM_SEED",
     "gpu_memory_mib": "CXYGPT_SIM_GPU_MEMORY_MIB",
     "text": "CXYGPT_SIM_TEXT",
+    "load_gib_per_s": "CXYGPT_SIM_LOAD_GIB_PER_S",
 }
 
 # vLLM flags of this shape take no value; any other unknown flag followed by a non-flag takes that value.
@@ -56,6 +58,8 @@ class SimConfig:
     seed: int | None
     text: str
     runner: str = "generate"  # "pooling": an embedding model (/v1/embeddings instead of generation)
+    revision: str | None = None
+    load_gib_per_s: float = DEFAULT_LOAD_GIB_PER_S
 
     @property
     def served_name(self) -> str:
@@ -122,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pooling: serve the model as an embedding model (vLLM >= 0.10); auto and generate: text")
     v.add_argument("--convert", choices=("auto", "none", "embed"), default="auto",
                    help="embed: adapt the model to embeddings, which implies --runner pooling")
+    v.add_argument("--revision", default=None, help="the Hub revision a downloaded model is pinned to")
     v.add_argument("--host", default="0.0.0.0", help="default 0.0.0.0")
     v.add_argument("--port", type=int, default=8000, help="default 8000")
     v.add_argument("--api-key", default=None, help="require this bearer token on /v1 routes")
@@ -165,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sim-gpu-memory-mib", type=_positive(int), default=None,
                    help=f"[{ENV['gpu_memory_mib']}] simulated memory per GPU for the KV budget, "
                         f"default {DEFAULT_GPU_MEMORY_MIB}")
+    s.add_argument("--sim-load-gib-per-s", type=_non_negative, default=None,
+                   help=f"[{ENV['load_gib_per_s']}] the rate the weights are read at before serving (a model "
+                        "directory's safetensors, or what was downloaded from $HF_ENDPOINT); default 2, 0 = instant")
     s.add_argument("--sim-text", choices=("corpus", "echo"), default=None,
                    help=f"[{ENV['text']}] reply with corpus sentences or echo the prompt; default corpus")
     return p
@@ -222,8 +230,10 @@ def kv_budget(*, model: str, served_name: str, max_model_len: int | None, dtype:
     """vLLM's --num-gpu-blocks-override, else the VRAM fit estimate for a catalogued model, else room for
     every sequence at full length."""
     catalog, consts, problem = _catalog()
-    found = catalog.entry(model, served_name) if catalog else None
-    facts = catalog.lookup(model, served_name) if catalog else None
+    # a local directory (a cache's <mount>/<Org>/<Name>) is looked up by its last two parts too
+    keys = (model, "/".join(model.rstrip("/").split("/")[-2:]), served_name)
+    found = catalog.entry(*keys) if catalog else None
+    facts = catalog.lookup(*keys) if catalog else None
     if max_model_len is None:
         max_model_len = facts.max_context if facts else DEFAULT_MAX_MODEL_LEN
     vocab_size = facts.vocab_size if facts else DEFAULT_VOCAB_SIZE
@@ -234,7 +244,7 @@ def kv_budget(*, model: str, served_name: str, max_model_len: int | None, dtype:
         reason = problem or f"model {model!r} is not in the catalog"
         return KvBudget(max_model_len, max_num_seqs * max_model_len, vocab_size,
                         f"{reason}: --max-num-seqs {max_num_seqs} x --max-model-len {max_model_len}")
-    variant_int4 = found[1].variants.get("int4", "").lower() == model.lower()
+    variant_int4 = found[1].variants.get("int4", "").lower() in (keys[0].lower(), keys[1].lower())
     weights = "int4" if quantization or variant_int4 else "bf16"
     kv_dtype = kv_cache_dtype if kv_cache_dtype in consts.kv_bytes_per_element else "auto"
     fit = estimate_fit(facts, weights=weights, kv_cache_dtype=kv_dtype, max_model_len=max_model_len,
@@ -293,6 +303,7 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str] | None = None) -> t
         ttft_ms=knob("ttft_ms", a.ttft_ms), itl_ms=knob("itl_ms", a.itl_ms),
         prefill_ms_per_1k=knob("prefill_ms_per_1k", a.sim_prefill_ms_per_1k),
         itl_batch_slope=knob("itl_batch_slope", a.sim_itl_batch_slope), jitter=knob("jitter", a.sim_jitter))
+    load_rate = knob("load_gib_per_s", a.sim_load_gib_per_s)
     text = a.sim_text or _env_value(env, "text", str) or "corpus"
     if text not in ("corpus", "echo"):
         raise ConfigError(f"{ENV['text']}={text!r}: choose corpus or echo")
@@ -303,5 +314,6 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str] | None = None) -> t
         enable_prefix_caching=a.enable_prefix_caching, vocab_size=budget.vocab_size, api_key=a.api_key,
         shutdown_timeout=a.shutdown_timeout, speed=speed,
         speed_profile=profile, seed=knob("sim_seed", a.sim_seed, int), text=text,
-        runner="pooling" if a.runner == "pooling" or a.convert == "embed" else "generate")
+        runner="pooling" if a.runner == "pooling" or a.convert == "embed" else "generate", revision=a.revision,
+        load_gib_per_s=DEFAULT_LOAD_GIB_PER_S if load_rate is None else load_rate)
     return config, unknown

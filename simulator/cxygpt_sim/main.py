@@ -9,6 +9,7 @@ from aiohttp import web
 
 from .config import ConfigError, SimConfig, parse_config
 from .server import create_app
+from .weights import WeightsError, load
 
 log = logging.getLogger("cxygpt_sim")
 
@@ -38,6 +39,11 @@ def main(argv: list[str] | None = None) -> None:
         log.warning("ignoring vLLM flags the simulator does not model: %s", " ".join(ignored))
     for line in describe(config):
         log.info(line)
+    try:  # as vLLM: the weights first (downloaded if need be), the API server after
+        loaded = load(config.model, config.revision, config.load_gib_per_s)
+    except WeightsError as e:
+        sys.exit(f"cxygpt-sim: error: {e}")
+    log.info(loaded.describe())
     try:
         import uvloop
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())

@@ -289,6 +289,30 @@ def test_the_chart_rbac_allows_every_call_the_operator_and_gateway_make(scenario
         wait_until(lambda: install.engine_deployment(namespaces[-1], "qwen3-renamed") is None, timeout=15,
                    what="the renamed model's engines deleted")
 
+        # a model with a cache: its claim and download Job, the storage checks, the download's progress (pods/log)
+        cached_ns = namespaces[0]
+        install.apply([{"apiVersion": "storage.k8s.io/v1", "kind": "StorageClass", "provisioner": "example.com/x",
+                        "metadata": {"name": "standard",
+                                     "annotations": {"storageclass.kubernetes.io/is-default-class": "true"}}},
+                       {"apiVersion": "cxygpt.io/v1alpha1", "kind": "ModelDeployment",
+                        "metadata": {"name": "qwen3-cached", "namespace": cached_ns},
+                        "spec": {"model": {"name": "qwen3-cached", "source": "hf://Qwen/Qwen3-0.6B",
+                                           "cache": {"enabled": True}}, "engine": {"kind": "sim"}}}])
+        claim = wait_until(lambda: (install.get("md", "qwen3-cached", cached_ns).get("status") or {}).get(
+            "cache", {}).get("claimName"), timeout=15, what="the cache's claim")
+        install.apply([{"apiVersion": "v1", "kind": "Pod", "metadata": {
+            "name": f"{claim}-aaaaa", "namespace": cached_ns, "labels": {"cxygpt.io/cache": claim}},
+            "spec": {"containers": [{"name": "download", "image": "x"}]},
+            "status": {"phase": "Running", "containerStatuses": [{"name": "download", "ready": True, "image": "x",
+                                                                  "imageID": "x", "restartCount": 0,
+                                                                  "state": {"running": {}}}]}}])
+        wait_until(lambda: any(a.resource == "pods/log" for c in proxies["operator"].calls for a in attributes(c)),
+                   timeout=15, what="the download's log read")
+        install.kubectl("patch", "job", claim, "-n", cached_ns, "--subresource=status", "--type=merge", "-p",
+                        json.dumps({"status": {"succeeded": 1, "conditions": [
+                            {"type": "Complete", "status": "True", "reason": "CompletionsReached"}]}}))
+        install.wait_engine(cached_ns, name="qwen3-cached")
+
         # deletion: the operator's finalizer comes off
         for namespace in namespaces:
             install.kubectl("delete", "md", "--all", "-n", namespace, "--wait=false")
@@ -309,6 +333,9 @@ def test_the_chart_rbac_allows_every_call_the_operator_and_gateway_make(scenario
     calls = {c: [a for call in p.calls for a in attributes(call)] for c, p in proxies.items()}
     # the recording saw the work itself (a proxy that records nothing would pass everything)
     for component, needed in {"operator": [("patch", "apps", "deployments"), ("patch", "", "services"),
+                                           ("create", "", "persistentvolumeclaims"), ("create", "batch", "jobs"),
+                                           ("patch", "", "persistentvolumeclaims"), ("get", "", "pods/log"),
+                                           ("list", "storage.k8s.io", "storageclasses"), ("list", "", "events"),
                                            ("watch", "cxygpt.io", "modeldeployments"),
                                            ("patch", "cxygpt.io", "modeldeployments/status"),
                                            ("patch", "cxygpt.io", "modeldeployments")],

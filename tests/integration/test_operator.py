@@ -256,8 +256,11 @@ def test_examples_apply_with_kubectl(cluster):
     for ns, items in names.items():
         for name in items:
             cluster.wait_status(name, lambda s: s.get("phase") == "Starting", ns=ns)
+    # the cached one waits for its weights (this cluster has no StorageClass: it says so)
+    status = cluster.wait_status("qwen3-cached", lambda s: s.get("cache", {}).get("reason") == "NoDefaultStorageClass")
+    assert status["phase"] == "Pending"
     rows = cluster.kubectl("get", "md", "-A", "--no-headers").stdout.strip().split("\n")
-    assert len(rows) == 4 and all("Starting" in r for r in rows)
+    assert len(rows) == 5 and sum("Starting" in r for r in rows) == 4 and sum("Pending" in r for r in rows) == 1
 
 
 def test_namespaced_operator_leaves_other_namespaces_alone(cluster):

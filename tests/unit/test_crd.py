@@ -45,7 +45,7 @@ def test_defaults_are_applied():
     ({"replicas": -1}, "spec.replicas: Invalid value: replicas must be >= 0"),
     ({"profile": "SRV_99G"}, "spec.profile: Invalid value: profile must be auto or one of"),
     ({"model": {"name": "m", "source": "s3://b/k"}}, "spec.model.source: Invalid value: source must be hf://"),
-    ({"model": {"name": "m", "source": "pvc://Bad_Claim/x"}}, "source must be hf://<org>/<repo> or pvc://"),
+    ({"model": {"name": "m", "source": "pvc://Bad_Claim/x"}}, "source must be hf://<org>/<repo>[@<revision>] or pvc://"),
     ({"mode": "solo"}, "spec.mode: Invalid value: 'solo' is not one of ['single', 'multi']"),
     ({"modee": "single"}, "'modee' was unexpected"),
     ({"engine": {"kind": "tgi"}}, "spec.engine.kind"),
@@ -54,6 +54,15 @@ def test_defaults_are_applied():
     ({"routing": {"policy": "random"}}, "spec.routing.policy: Invalid value: 'random' is not one of"),
     ({"routing": {"epsilon": 0}}, "spec.routing.epsilon"),
     ({"routing": {"epsilon": 4.5}}, "spec.routing.epsilon"),
+    ({"model": {"name": "m", "source": "pvc://models/a/../../etc"}}, "a path inside it with no '..' segment"),
+    ({"model": {"name": "m", "source": "pvc://models/.."}}, "a path inside it with no '..' segment"),
+    ({"model": {"name": "m", "source": "pvc://" + "a" * 254 + "/x"}}, "a claim of at most 253 characters"),
+    ({"model": {"name": "m", "source": "hf://a/b@"}}, "source must be hf://<org>/<repo>[@<revision>]"),
+    ({"model": {"name": "m", "source": "hf://a/b", "cache": {"size": "lots"}}}, "cache.size must be a storage quantity"),
+    ({"model": {"name": "m", "source": "hf://a/b", "cache": {"accessMode": "ReadOnlyMany"}}}, "spec.model.cache.accessMode"),
+    ({"model": {"name": "m", "source": "hf://a/b", "cache": {"enabled": True}}, "cacheClaim": "c"},
+     "spec.cacheClaim and spec.model.cache.enabled exclude each other"),
+    ({"model": {"name": "m", "source": "hf://a/b", "cache": {"tokenSecretRef": {"key": "k"}}}}, "'name' is a required"),
 ])
 def test_bad_specs_fail_with_a_message_naming_the_field(spec, message):
     _, errors = VALIDATOR.check(_md(**spec))
@@ -64,6 +73,17 @@ def test_routing_takes_a_policy_and_an_epsilon_above_0_up_to_4():
     for routing in ({"policy": "prefix", "epsilon": 0.25}, {"policy": "least-load"}, {"epsilon": 4}, {}):
         obj, errors = VALIDATOR.check(_md(routing=routing))
         assert errors == [] and obj["spec"]["routing"] == routing  # no defaults: the gateway's apply
+
+
+def test_cache_defaults_and_sources_that_pass():
+    obj, errors = VALIDATOR.check(_md(model={"name": "m", "source": "hf://Org/Model@0123abc",
+                                            "cache": {"enabled": True, "tokenSecretRef": {"name": "hf"}}}))
+    assert errors == []
+    assert obj["spec"]["model"]["cache"] == {"enabled": True, "accessMode": "ReadWriteOnce", "retain": False,
+                                             "tokenSecretRef": {"name": "hf", "key": "token"}}
+    for source in ("pvc://models.example/a/b..c/model", "pvc://m/x", "hf://a/b@v1.2-rc"):
+        assert VALIDATOR.check(_md(model={"name": "m", "source": source}))[1] == [], source
+    assert VALIDATOR.check(_md(model={"name": "m", "source": "hf://a/b"}, cacheClaim="c"))[1] == []
 
 
 def test_name_must_be_a_dns_label():

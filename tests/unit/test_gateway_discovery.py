@@ -62,6 +62,10 @@ def test_a_model_with_no_ready_replica_says_why():
     assert "exit code 2: bad flag" in why_unavailable(modeldeployment(phase="Failed", conditions=[
         {"type": "Degraded", "status": "True", "message": "exit code 2: bad flag"}])).message
     assert "scaled to zero" in why_unavailable(modeldeployment(phase="Ready", replicas=0)).message
+    downloading = modeldeployment(phase="Pending")
+    downloading["status"]["cache"] = {"phase": "Downloading", "message": "downloading Org/M@main: 1.00 GiB of 8.00 GiB"}
+    assert why_unavailable(downloading).message == \
+        "model qwen3-14b is waiting for its weights: downloading Org/M@main: 1.00 GiB of 8.00 GiB"
     assert "being set up" in why_unavailable({"spec": {"model": {"name": "m"}}}).message
 
 

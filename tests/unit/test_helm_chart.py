@@ -299,10 +299,14 @@ def test_no_wildcard_or_dangerous_rbac(scenario):
             for field in ("apiGroups", "resources", "verbs", "resourceNames", "nonResourceURLs"):
                 assert "*" not in rule.get(field, []), f"{role['metadata']['name']}: {rule}"
             assert not {"escalate", "bind", "impersonate", "deletecollection"} & set(rule["verbs"]), rule
-            if "delete" in rule["verbs"]:  # only the engine objects the operator makes (and may have to remove)
+            if "delete" in rule["verbs"]:  # only the objects the operator makes (and may have to remove): engine
+                # objects, and a model cache's claim and download Job
                 assert (rule["apiGroups"], rule["resources"]) in (
-                    (["networking.k8s.io"], ["networkpolicies"]), (["apps"], ["deployments"]), ([""], ["services"])), rule
-            assert not {"secrets", "pods/exec", "pods/log", "serviceaccounts/token"} & set(rule["resources"]), rule
+                    (["networking.k8s.io"], ["networkpolicies"]), (["apps"], ["deployments"]), ([""], ["services"]),
+                    ([""], ["persistentvolumeclaims"]), (["batch"], ["jobs"])), rule
+            assert not {"secrets", "pods/exec", "serviceaccounts/token"} & set(rule["resources"]), rule
+            if "pods/log" in rule["resources"]:  # the download's progress lines: read, nothing else, alone
+                assert rule["resources"] == ["pods/log"] and rule["verbs"] == ["get"], rule
 
 
 def grants(role) -> set[tuple]:
@@ -317,7 +321,7 @@ def expand(*rules) -> set[tuple]:
 # Whether the rules allow what the operator and the gateway call is checked against their real calls in
 # tests/integration/test_helm_rbac.py; here: scope, bindings and namespaces.
 # cluster-scoped resources (Kubernetes' and kopf's): the only ones a ClusterRole may grant with watchNamespaces
-CLUSTER_SCOPED = {"nodes", "namespaces", "customresourcedefinitions", "clusterkopfpeerings"}
+CLUSTER_SCOPED = {"nodes", "namespaces", "customresourcedefinitions", "clusterkopfpeerings", "storageclasses"}
 
 
 def test_rbac_cluster_wide_grants_through_cluster_roles_only():

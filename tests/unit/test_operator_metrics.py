@@ -42,3 +42,20 @@ def test_gpu_nodes_by_memory_class():
     assert 'cxygpt_operator_gpu_nodes{memory_class="79GiB"} 2.0' in out
     assert 'cxygpt_operator_gpus{memory_class="79GiB"} 9.0' in out
     assert 'cxygpt_operator_gpu_nodes{memory_class="31GiB"} 1.0' in out
+
+
+def test_caches_are_counted_once_however_many_models_share_them():
+    m = OperatorMetrics()
+    shared = {"claimName": "cxygpt-cache-x-1", "phase": "Downloading", "bytesDone": 5, "bytesTotal": 9}
+    m.model_seen(("ns", "a"), body(), {"phase": "Pending", "profile": "P", "cache": shared})
+    m.model_seen(("ns", "b"), body(), {"phase": "Pending", "profile": "P", "cache": shared})
+    m.model_seen(("ns", "c"), body(), {"phase": "Ready", "profile": "P",
+                                       "cache": {"claimName": "cxygpt-cache-y-2", "phase": "Ready"}})
+    out = text(m)
+    assert 'cxygpt_operator_model_caches{phase="Downloading"} 1.0' in out
+    assert 'cxygpt_operator_model_caches{phase="Ready"} 1.0' in out
+    assert 'cxygpt_operator_model_caches{phase="Failed"} 0.0' in out
+    assert 'cxygpt_operator_model_cache_bytes{claim="cxygpt-cache-x-1",kind="done",namespace="ns"} 5.0' in out
+    m.model_gone(("ns", "a"))
+    m.model_gone(("ns", "b"))
+    assert 'cxygpt_operator_model_caches{phase="Downloading"} 0.0' in text(m)

@@ -63,6 +63,10 @@ def why_unavailable(md: dict) -> Unavailable:
         return Unavailable(f"model {name} is scaled to zero (spec.replicas is 0)", retry_after_s=30)
     if phase == "Failed":
         return Unavailable(f"model {name} cannot serve: {trouble or 'its ModelDeployment failed'}", retry_after_s=60)
+    cache = status.get("cache") or {}
+    if phase == "Pending" and cache.get("phase") in ("Pending", "Downloading"):
+        return Unavailable(f"model {name} is waiting for its weights: {cache.get('message') or cache['phase']}",
+                           retry_after_s=30)
     if phase == "Pending":
         return Unavailable(f"model {name} is waiting for a GPU node{f': {trouble}' if trouble else ''}",
                            retry_after_s=30)
