@@ -13,6 +13,8 @@ DEFAULT_SCALE_UP_WINDOW_S = 0
 # Recommendation times are stored rounded up to this step (a fraction of the window, 1 to 15 s): a steady
 # recommendation rewrites the status at most once per step, and an entry lives at most one step longer.
 MAX_TIME_STEP_S = 15
+# The status key the autoscaler owns (the reconcile leaves it alone)
+AUTOSCALING_STATUS = "autoscaling"
 # A float demand such as 4.000000001 is 4 (prometheus text round trips, sums of means).
 EPSILON = 1e-6
 
@@ -32,6 +34,47 @@ class Policy:
     @property
     def time_step_s(self) -> int:
         return max(1, min(int(self.scale_down_delay_s // 20), MAX_TIME_STEP_S))
+
+
+@dataclass(frozen=True)
+class AutoscalingSpec:
+    """spec.autoscaling as written (enabled), with the CRD's defaults; the target may be left to the profile."""
+    min_replicas: int = DEFAULT_MIN_REPLICAS
+    max_replicas: int = 1
+    target: int | None = None
+    scale_down_delay_s: int = DEFAULT_SCALE_DOWN_DELAY_S
+    scale_up_window_s: int = DEFAULT_SCALE_UP_WINDOW_S
+
+    def policy(self, default_target: float) -> Policy:
+        return Policy(self.min_replicas, self.max_replicas, float(self.target or default_target),
+                      self.scale_down_delay_s, self.scale_up_window_s)
+
+
+# field → (bounds) of spec.autoscaling, as the CRD has them (for specs applied without the schema)
+_BOUNDS = {"minReplicas": (0, 64), "maxReplicas": (1, 64), "targetInFlightPerReplica": (1, 4096),
+           "scaleDownDelaySeconds": (0, 86400), "scaleUpStabilizationSeconds": (0, 3600)}
+
+
+def parse_autoscaling(spec: dict) -> AutoscalingSpec | None:
+    """spec.autoscaling when it is on, else None; ValueError for what the schema refuses."""
+    block = spec.get("autoscaling")
+    if block is None:
+        return None
+    if not isinstance(block, dict) or "maxReplicas" not in block:
+        raise ValueError("spec.autoscaling.maxReplicas is required")
+    if block.get("enabled", True) is False:
+        return None
+    for name, (low, high) in _BOUNDS.items():
+        value = block.get(name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high):
+            raise ValueError(f"spec.autoscaling.{name} must be an integer from {low} to {high}, not {value!r}")
+    parsed = AutoscalingSpec(min_replicas=block.get("minReplicas", DEFAULT_MIN_REPLICAS),
+                             max_replicas=block["maxReplicas"], target=block.get("targetInFlightPerReplica"),
+                             scale_down_delay_s=block.get("scaleDownDelaySeconds", DEFAULT_SCALE_DOWN_DELAY_S),
+                             scale_up_window_s=block.get("scaleUpStabilizationSeconds", DEFAULT_SCALE_UP_WINDOW_S))
+    if parsed.min_replicas > parsed.max_replicas:
+        raise ValueError("spec.autoscaling.minReplicas must be <= spec.autoscaling.maxReplicas")
+    return parsed
 
 
 @dataclass(frozen=True)

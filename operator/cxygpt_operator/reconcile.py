@@ -14,6 +14,7 @@ from kubernetes.client.rest import ApiException
 
 from cxygpt_profiles import GpuNode, ModelCatalog, NoFit, ProfileTable, Selection
 
+from .autoscale import AUTOSCALING_STATUS
 from .build import (CONFIG_HASH, EngineImages, Owner, build_deployment, build_failed_status, build_network_policy,
                     build_service, build_status, selector_labels)
 from .kube import Kube
@@ -97,7 +98,9 @@ async def reconcile(body: dict, nodes: list[GpuNode], ctx: Context, logger: logg
     """Returns the status written (or kept). `claims` are every ModelDeployment's claim on this one's served
     name. Raises NotYet (a kopf.TemporaryError) when no GPU fits yet and CannotRun (a kopf.PermanentError)
     when only a spec change can help."""
-    meta, previous = body["metadata"], body.get("status") or {}
+    meta = body["metadata"]
+    # status.autoscaling is the autoscaler's: never written here, not even back from an older snapshot
+    previous = {k: v for k, v in (body.get("status") or {}).items() if k != AUTOSCALING_STATUS}
     owner = Owner(meta["name"], meta["namespace"], meta["uid"], meta.get("generation") or 1)
     try:
         spec = parse_spec(body.get("spec") or {})

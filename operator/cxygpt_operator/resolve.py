@@ -8,6 +8,8 @@ from cxygpt_profiles import (AUTO, GpuNode, ModelCatalog, ModelFacts, NoFit, Pro
                              select_profile)
 from cxygpt_profiles.select import node_matches
 
+from .autoscale import AutoscalingSpec, parse_autoscaling
+
 # spec.model.facts (camelCase, as in the CRD) → ModelFacts fields
 MAX_REPLICAS = 64  # the CRD's maximum, repeated for specs applied without the schema
 ROLLOUT_STRATEGIES = ("Surge", "InPlace")
@@ -52,6 +54,7 @@ class ModelSpec:
     trust_remote_code: bool = False
     rollout: str = "Surge"
     task: str = "generate"   # embed: an embedding model (the engine's pooling runner)
+    autoscaling: AutoscalingSpec | None = None  # on: the autoscaler sets `replicas`
 
     def source_for(self, weights: str) -> str:
         return self.source if weights == "bf16" else self.variants[weights]
@@ -126,6 +129,10 @@ def parse_spec(spec: dict) -> ModelSpec:
     if task not in TASKS:
         raise SpecError(f"spec.model.task must be one of {', '.join(TASKS)}, not {task!r}")
     _check_engine(engine)
+    try:
+        autoscaling = parse_autoscaling(spec)
+    except ValueError as e:
+        raise SpecError(str(e)) from None
     return ModelSpec(
         served_name=model["name"], source=model["source"], variants=dict(model.get("variants") or {}),
         facts=dict(model.get("facts") or {}), mode=spec.get("mode") or "multi", profile=spec.get("profile") or AUTO,
@@ -133,7 +140,7 @@ def parse_spec(spec: dict) -> ModelSpec:
         extra_args=tuple(engine.get("args") or ()),
         env=tuple((e["name"], e.get("value", "")) for e in engine.get("env") or ()),
         cache_claim=spec.get("cacheClaim"), fallback_model=spec.get("fallbackModel"),
-        trust_remote_code=engine.get("trustRemoteCode") is True, rollout=rollout, task=task)
+        trust_remote_code=engine.get("trustRemoteCode") is True, rollout=rollout, task=task, autoscaling=autoscaling)
 
 
 def _positive_int(text: str) -> int | None:
