@@ -63,6 +63,12 @@ class GatewaySettings(BaseSettings):
     degraded_temperature_max: float | None = Field(None, ge=0)
     degraded_top_p_max: float | None = Field(None, gt=0, le=1)
     health_interval_s: float = Field(5.0, gt=0, description="how often static upstreams' /health is checked")
+    demand_window_s: float = Field(
+        10.0, gt=0, description="the window of cxygpt_gateway_demand (in flight + waiting, averaged), which the "
+                                "operator's autoscaler reads")
+    cold_start_timeout_s: float = Field(
+        600.0, gt=0, description="how long a request for an autoscaled model with no ready replica (at zero: "
+                                 "woken by it) waits for the first one")
     log_requests: bool = True
     log_level: str = "info"
 

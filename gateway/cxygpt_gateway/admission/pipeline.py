@@ -141,18 +141,26 @@ def _output_cap(target: "ModelRoute", caller: Caller, degraded: bool, requested:
     return min(requested or cap, cap)
 
 
-async def _wait_in_line(ex: Exchange, target: "ModelRoute", priority: int) -> "Slot":
-    """The next free slot, within the queue timeout; a client that leaves meanwhile leaves the line at once."""
+async def _wait_in_line(ex: Exchange, target: "ModelRoute", priority: int, cold_start_s: float) -> "Slot":
+    """The next free slot, within the queue timeout (the cold-start timeout while the model has no replica that
+    could ever free one: it is starting from zero); a client that leaves meanwhile leaves the line at once."""
+    cold = not target.queue.routable()
+    wait_s = cold_start_s if cold else target.limits.timeouts.queue_s
     try:
         with ex.watched():
-            with ex.deadline(target.limits.timeouts.queue_s):
+            with ex.deadline(wait_s):
                 return await target.queue.wait(priority)
     except ClientLeft:
         raise GatewayError(499, "client closed the request while it waited in the queue",
                            code="client_closed_request", reason="client_gone_while_queued") from None
     except TimeoutError:
-        raise GatewayError(503, f"waited {target.limits.timeouts.queue_s:g} s in the queue of model {target.name} "
-                                "without a free slot", code="queue_timeout", reason="queue_timeout",
+        if cold and not target.queue.routable():
+            why = target.spec.unavailable.message if target.spec.unavailable else "no replica is ready"
+            raise GatewayError(503, f"model {target.name} got no ready replica within {wait_s:g} s of this request "
+                                    f"(the cold-start timeout): {why}", code="cold_start_timeout",
+                               reason="cold_start_timeout", retry_after=30) from None
+        raise GatewayError(503, f"waited {wait_s:g} s in the queue of model {target.name} without a free slot",
+                           code="queue_timeout", reason="queue_timeout",
                            retry_after=target.queue.retry_after()) from None
 
 
@@ -160,10 +168,10 @@ async def _wait_in_line(ex: Exchange, target: "ModelRoute", priority: int) -> "S
 SHED_REASONS = frozenset({"queue_full", "queue_timeout"})
 
 
-async def _take_slot(ex: Exchange, target: "ModelRoute", priority: int) -> "Slot":
+async def _take_slot(ex: Exchange, target: "ModelRoute", priority: int, cold_start_s: float) -> "Slot":
     """A slot now or after a wait in line; each outcome is an arrival for the degradation monitor."""
     try:
-        slot = target.queue.try_take() or await _wait_in_line(ex, target, priority)
+        slot = target.queue.try_take() or await _wait_in_line(ex, target, priority, cold_start_s)
     except GatewayError as e:
         if target.degrade_enabled and e.reason in SHED_REASONS:
             target.degrade.observe_arrival(shed=True)
@@ -204,14 +212,21 @@ async def admit(gw: "Gateway", ex: Exchange, kind: Kind) -> Admitted:
                                                           if route.spec.task == "embed" else
                                                           "does not serve embeddings (it generates text)"),
                            code="model_not_supported", param="model", reason="wrong_task")
+    route.demand.arrived()
     degraded = route.is_degraded()
     ex.degraded = degraded
 
     target = route
     if not route.routable():
+        # an autoscaled model wakes (from zero) and the request waits for its first replica, unless a fallback serves
+        cold = route.spec.scale_from_zero is not None
+        if cold:
+            gw.waker.wake(route.name, route.spec.scale_from_zero)
         target = _fallback(gw, route)
         if target is None:
-            raise no_ready_replica(route.name, route.spec.unavailable)
+            if not cold:
+                raise no_ready_replica(route.name, route.spec.unavailable)
+            target = route
     scopes = _rate_scopes(route, caller)
     if scopes:
         await gw.limiter.admit(scopes)
@@ -221,7 +236,7 @@ async def admit(gw: "Gateway", ex: Exchange, kind: Kind) -> Admitted:
     max_tokens = _output_cap(target, caller, target_degraded, req.requested_max_tokens) if req.generates else 0
     upstream_body = _upstream_body(gw, req, target, max_tokens, target_degraded)
 
-    slot = await _take_slot(ex, target, caller.tier.priority)
+    slot = await _take_slot(ex, target, caller.tier.priority, gw.settings.cold_start_timeout_s)
     return Admitted(gateway=gw, request_id=request_id, caller=caller, route=route, target=target, req=req,
                     upstream_body=upstream_body, scopes=scopes, degraded=degraded, input_tokens=input_tokens,
                     max_tokens=max_tokens, slot=slot, arrived=arrived)
