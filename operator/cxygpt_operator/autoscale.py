@@ -10,6 +10,8 @@ TOLERANCE = 0.1
 DEFAULT_MIN_REPLICAS = 1
 DEFAULT_SCALE_DOWN_DELAY_S = 300
 DEFAULT_SCALE_UP_WINDOW_S = 0
+# How often each autoscaled model decides (and the gateways are read, once for all models)
+DEFAULT_INTERVAL_S = 5.0
 # Recommendation times are stored rounded up to this step (a fraction of the window, 1 to 15 s): a steady
 # recommendation rewrites the status at most once per step, and an entry lives at most one step longer.
 MAX_TIME_STEP_S = 15

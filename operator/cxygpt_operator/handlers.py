@@ -18,6 +18,7 @@ from .metrics import OperatorMetrics
 from .nodes import gpu_node
 from .reconcile import CannotRun, Context, NotYet, reconcile
 from .resolve import NameClaim, claimed_since
+from .scaling import Scaler, autoscale
 
 RETRY_BACKOFF_S = (1, 2, 5, 10, 30, 60)
 log = logging.getLogger("cxygpt.operator")
@@ -34,6 +35,8 @@ class Shared:
     # next reconcile starts, so the body's status cannot tell a new failure from one already reported
     reported_failures: dict = field(default_factory=dict)
     metrics: OperatorMetrics = field(default_factory=OperatorMetrics)
+    scale_wakeups: dict = field(default_factory=dict)
+    scaled_generation: dict = field(default_factory=dict)
 
     def wake(self, key) -> None:
         if key in self.wakeups:
@@ -119,6 +122,9 @@ def model_deployment_changed(memo: kopf.Memo, event, namespace: str, name: str, 
     key = (namespace, name)
     if meta.get("generation") != shared.reconciled_generation.get(key):
         shared.wake(key)
+    # the spec or the count changed (a gateway woke the model, kubectl scale): the autoscaler looks at once
+    if meta.get("generation") != shared.scaled_generation.get(key) and key in shared.scale_wakeups:
+        shared.scale_wakeups[key].set()
     # A served name that appears, moves or goes (deleted, or being deleted) may change its owner: wake every
     # model that claims the old or the new name.
     gone = event.get("type") == "DELETED" or meta.get("deletionTimestamp")
@@ -204,6 +210,46 @@ async def keep_reconciled(stopped, namespace: str, name: str, body: kopf.Body, m
         shared.reconciled_generation.pop(key, None)
         shared.reported_failures.pop(key, None)
         metrics.model_gone(key)
+
+
+@kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=10)
+async def keep_scaled(stopped, namespace: str, name: str, body: kopf.Body, memo: kopf.Memo, **_):
+    """Every autoscaling interval, and at once when the spec or the replica count changes: one autoscaling step
+    (spec.autoscaling, or a KEDA ScaledObject's hold at zero; nothing for the other models)."""
+    shared: Shared = memo.shared
+    scaler: Scaler = memo.scaler
+    key = (namespace, name)
+    logger = ObjectLog(log, {"object": f"{namespace}/{name}"})
+    wake = shared.scale_wakeups.setdefault(key, asyncio.Event())
+    written, failures = None, 0
+    try:
+        while not stopped:
+            wake.clear()
+            snapshot = copy.deepcopy(dict(body))
+            shared.scaled_generation[key] = snapshot["metadata"].get("generation")
+            delay = scaler.interval_s
+            if not snapshot["metadata"].get("deletionTimestamp"):
+                try:
+                    step = await autoscale(snapshot, scaler, written=written)
+                    written, failures = step.status, 0
+                    if step.event:
+                        kind, reason, message = step.event
+                        kopf.event(body, type=kind, reason=reason, message=message)
+                except (ApiException, OSError, urllib3.exceptions.HTTPError) as e:
+                    written, failures, delay = None, failures + 1, _backoff(failures)
+                    logger.warning("autoscaling step failed (retry in %ss): %s", delay, getattr(e, "reason", e))
+                except Exception:  # a bug must not stop this model's autoscaling for good
+                    written, failures, delay = None, failures + 1, _backoff(failures)
+                    logger.exception("autoscaling step crashed (retry in %ss)", delay)
+            await _sleep(wake, stopped, delay)
+    finally:
+        shared.scale_wakeups.pop(key, None)
+        shared.scaled_generation.pop(key, None)
+
+
+@kopf.on.cleanup()
+async def close_scaler(memo: kopf.Memo, **_):
+    await memo.scaler.reader.close()
 
 
 @kopf.on.probe(id="gpuNodes")

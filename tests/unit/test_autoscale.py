@@ -178,3 +178,44 @@ def test_decision_status_says_what_and_why():
     same = decision_status(decide(Demand(8), 4, policy, d.history, T0 + 5, last_set=4), Demand(8), policy, 4,
                            status, T0 + 5)
     assert same["lastScaleTime"] == status["lastScaleTime"]   # no change, no new time
+
+
+def test_gateway_endpoints_are_the_ready_ones_on_the_http_port():
+    from cxygpt_operator.demand import gateway_endpoints
+    slices = [{"ports": [{"name": "metrics", "port": 9}, {"name": "http", "port": 8080}], "endpoints": [
+        {"addresses": ["10.0.0.1"], "conditions": {"ready": True}},
+        {"addresses": ["10.0.0.2"]},
+        {"addresses": ["10.0.0.3"], "conditions": {"ready": False}},
+        {"addresses": ["10.0.0.4"], "conditions": {"ready": True, "terminating": True}},
+        {"addresses": ["fd00::5"], "conditions": {"ready": True}}]},
+        {"ports": [], "endpoints": [{"addresses": ["10.0.0.9"]}]}]
+    assert gateway_endpoints(slices) == ["http://10.0.0.1:8080", "http://10.0.0.2:8080", "http://[fd00::5]:8080"]
+
+
+def test_demand_is_parsed_from_the_gateway_metrics_and_summed_over_gateways():
+    from cxygpt_operator.demand import Snapshot, parse_demand
+    page = ("# HELP cxygpt_gateway_demand d\n# TYPE cxygpt_gateway_demand gauge\n"
+            'cxygpt_gateway_demand{model="a"} 1.5\ncxygpt_gateway_demand{model="b"} 0.0\n'
+            "# TYPE cxygpt_gateway_in_flight gauge\n"
+            'cxygpt_gateway_in_flight{model="a"} 9.0\n')
+    assert parse_demand(page) == {"a": 1.5, "b": 0.0}
+    with pytest.raises(ValueError):
+        parse_demand("not {prometheus text")
+    snapshot = Snapshot(0, {"g1": {"a": 1.5}, "g2": {"a": 2.0, "b": 1}}, known=3)
+    assert snapshot.demand("a") == Demand(3.5, complete=False, sources="2/3")
+    assert snapshot.demand("c") == Demand(0.0, complete=False, sources="2/3")
+    assert Snapshot(0, {"g1": {}}, known=1).demand("a") == Demand(0.0, complete=True, sources="1/1")
+    assert Snapshot(0, known=2).demand("a").value is None
+
+
+def test_who_else_scales_a_model_deployment():
+    from cxygpt_operator.scaling import scalers_of
+
+    def scaler(kind, name, target, api="cxygpt.io/v1alpha1", target_kind="ModelDeployment"):
+        return {"kind": kind, "metadata": {"name": name, "namespace": "llm"},
+                "spec": {"scaleTargetRef": {"apiVersion": api, "kind": target_kind, "name": target}}}
+    found = scalers_of([scaler("HorizontalPodAutoscaler", "keda-hpa-chat", "chat"), scaler("ScaledObject", "chat", "chat"),
+                        scaler("HorizontalPodAutoscaler", "web", "web", api="apps/v1", target_kind="Deployment"),
+                        scaler("HorizontalPodAutoscaler", "other", "embed")])
+    assert found == {"chat": ["ScaledObject llm/chat", "HorizontalPodAutoscaler llm/keda-hpa-chat"],
+                     "embed": ["HorizontalPodAutoscaler llm/other"]}

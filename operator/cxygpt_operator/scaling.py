@@ -1,0 +1,131 @@
+"""One autoscaling step of a ModelDeployment: its spec.autoscaling and the gateways' demand in, spec.replicas
+(through the scale subresource) and status.autoscaling out; an HPA or a KEDA ScaledObject on it wins."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from . import GROUP, KIND
+from .autoscale import (AUTOSCALING_STATUS, DEFAULT_INTERVAL_S, Decision, decide, decision_status, external_status, history_from_status,
+                        parse_autoscaling)
+from .demand import DemandReader
+from .kube import Kube
+
+log = logging.getLogger("cxygpt.operator.autoscaler")
+SCALED = ("ScaledUp", "ScaledDown", "ScaledToZero", "ScaledFromZero")
+
+
+def scalers_of(objects: list[dict]) -> dict[str, list[str]]:
+    """ModelDeployment name → the HorizontalPodAutoscalers and ScaledObjects that target it ("Kind ns/name"),
+    ScaledObjects first (KEDA makes an HPA of its own for each)."""
+    found: dict[str, list[str]] = {}
+    for obj in sorted(objects, key=lambda o: (o.get("kind") != "ScaledObject", o["metadata"].get("name", ""))):
+        ref = (obj.get("spec") or {}).get("scaleTargetRef") or {}
+        if ref.get("kind") == KIND and (ref.get("apiVersion") or "").split("/")[0] == GROUP and ref.get("name"):
+            md = obj["metadata"]
+            found.setdefault(ref["name"], []).append(f"{obj.get('kind')} {md.get('namespace')}/{md.get('name')}")
+    return found
+
+
+@dataclass
+class Scaler:
+    """Operator-wide: the demand reader and, per namespace, who else scales what (read once per interval)."""
+    kube: Kube
+    reader: DemandReader
+    interval_s: float = DEFAULT_INTERVAL_S
+    clock: Callable[[], float] = time.monotonic
+    owners: dict[str, tuple[float, dict[str, list[str]]]] = field(default_factory=dict)
+
+    async def others(self, namespace: str, name: str) -> list[str]:
+        at, found = self.owners.get(namespace, (None, {}))
+        if at is None or self.clock() - at >= self.interval_s * 0.8:
+            found = scalers_of(await asyncio.to_thread(self.kube.list_scalers, namespace))
+            self.owners[namespace] = (self.clock(), found)
+        return found.get(name, [])
+
+
+@dataclass(frozen=True)
+class Step:
+    """What one step did: the status.autoscaling now ({}: none), the count written, the Event to post."""
+    status: dict
+    scaled_to: int | None = None
+    event: tuple[str, str, str] | None = None   # (type, reason, message)
+
+
+def _patch(previous: dict, desired: dict) -> dict:
+    return {**{k: None for k in previous if k not in desired}, **desired}
+
+
+async def autoscale(body: dict, scaler: Scaler, *, written: dict | None = None, now: float | None = None) -> Step:
+    """One decision for the ModelDeployment `body` (a snapshot); writes what changed. `written`: the
+    status.autoscaling this operator wrote last, which the body may not show yet (None after a restart: the
+    body's is the truth then)."""
+    meta, spec, status = body["metadata"], body.get("spec") or {}, body.get("status") or {}
+    namespace, name = meta["namespace"], meta["name"]
+    previous = written if written is not None else status.get(AUTOSCALING_STATUS) or {}
+    now = time.time() if now is None else now
+    try:
+        wanted = parse_autoscaling(spec)
+    except ValueError:
+        wanted = None  # the reconcile reports the spec as invalid
+    others = await scaler.others(namespace, name)
+    event = None
+    if others:
+        keda = others[0].startswith("ScaledObject ")
+        if wanted is not None:
+            message = (f"{' and '.join(others)} target{'s' if len(others) == 1 else ''} this ModelDeployment: the operator "
+                       "writes no replica count while spec.autoscaling is on too; remove one of them")
+            desired = external_status(others[0], keda, "ConflictingAutoscaler", message)
+            if previous.get("reason") != "ConflictingAutoscaler":
+                event = ("Warning", "ConflictingAutoscaler", message)
+        elif keda:
+            desired = external_status(others[0], True, "ExternalAutoscaler",
+                                      f"{others[0]} sets the replica count; the gateway holds requests at zero "
+                                      "replicas until it has started one")
+        else:
+            desired = None
+    elif wanted is None:
+        desired = None
+    else:
+        default_target = (status.get("limits") or {}).get("maxConcurrency")
+        if not wanted.target and not default_target:
+            return await _write(scaler, namespace, name, previous, {
+                **{k: previous[k] for k in ("recommendations", "desiredReplicas", "lastScaleTime") if k in previous},
+                "scaler": "Operator", "active": True, "scaleFromZero": True, "reason": "WaitingForProfile",
+                "message": "no targetInFlightPerReplica and no profile chosen yet to take it from"}, None)
+        policy = wanted.policy(default_target)
+        snapshot = await scaler.reader.latest()
+        demand = snapshot.demand((spec.get("model") or {}).get("name", ""))
+        current = spec.get("replicas", 1)
+        active = previous.get("active") is True and previous.get("scaler") == "Operator"
+        decision: Decision = decide(demand, current, policy, history_from_status(previous) if active else None, now,
+                                    last_set=previous.get("desiredReplicas") if active else None)
+        scaled_to = None
+        if decision.replicas != current:
+            if await asyncio.to_thread(scaler.kube.scale, namespace, name, decision.replicas, current):
+                scaled_to = decision.replicas
+                log.info("%s/%s: %s", namespace, name, decision.message, extra={"fields": {
+                    "object": f"{namespace}/{name}", "replicas": decision.replicas, "reason": decision.reason}})
+                event = ("Normal", decision.reason, decision.message)
+            else:  # changed meanwhile (a gateway woke it): decide again on what it is now
+                return Step(previous)
+        desired = decision_status(decision, demand, policy, current, previous, now)
+        if snapshot.why and demand.value is None:
+            desired["message"] = f"{desired['message']}: {snapshot.why}"
+        if scaled_to is not None:
+            desired["lastScaleMessage"] = decision.message
+        elif "lastScaleMessage" in previous:
+            desired["lastScaleMessage"] = previous["lastScaleMessage"]
+        return await _write(scaler, namespace, name, previous, desired, event, scaled_to)
+    return await _write(scaler, namespace, name, previous, desired, event)
+
+
+async def _write(scaler: Scaler, namespace: str, name: str, previous: dict, desired: dict | None,
+                 event, scaled_to: int | None = None) -> Step:
+    if (desired or {}) != previous:
+        patch = None if desired is None else _patch(previous, desired)
+        await asyncio.to_thread(scaler.kube.patch_status, namespace, name, {AUTOSCALING_STATUS: patch})
+    return Step(desired or {}, scaled_to, event)
