@@ -28,6 +28,7 @@ ENV = {
     "sim_seed": "CXYGPT_SIM_SEED",
     "gpu_memory_mib": "CXYGPT_SIM_GPU_MEMORY_MIB",
     "text": "CXYGPT_SIM_TEXT",
+    "load_s": "CXYGPT_SIM_LOAD_S",
 }
 
 # vLLM flags of this shape take no value; any other unknown flag followed by a non-flag takes that value.
@@ -56,6 +57,7 @@ class SimConfig:
     seed: int | None
     text: str
     runner: str = "generate"  # "pooling": an embedding model (/v1/embeddings instead of generation)
+    load_s: float = 0.0       # the simulated model load before the server listens (vLLM: weights, CUDA graphs)
 
     @property
     def served_name(self) -> str:
@@ -167,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"default {DEFAULT_GPU_MEMORY_MIB}")
     s.add_argument("--sim-text", choices=("corpus", "echo"), default=None,
                    help=f"[{ENV['text']}] reply with corpus sentences or echo the prompt; default corpus")
+    s.add_argument("--sim-load-s", type=_non_negative, default=None,
+                   help=f"[{ENV['load_s']}] seconds the model load takes before the server listens, as vLLM "
+                        "loads weights first (a cold start); default 0")
     return p
 
 
@@ -303,5 +308,6 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str] | None = None) -> t
         enable_prefix_caching=a.enable_prefix_caching, vocab_size=budget.vocab_size, api_key=a.api_key,
         shutdown_timeout=a.shutdown_timeout, speed=speed,
         speed_profile=profile, seed=knob("sim_seed", a.sim_seed, int), text=text,
-        runner="pooling" if a.runner == "pooling" or a.convert == "embed" else "generate")
+        runner="pooling" if a.runner == "pooling" or a.convert == "embed" else "generate",
+        load_s=knob("load_s", a.sim_load_s) or 0.0)
     return config, unknown

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+import time
 
 from aiohttp import web
 
@@ -38,6 +39,9 @@ def main(argv: list[str] | None = None) -> None:
         log.warning("ignoring vLLM flags the simulator does not model: %s", " ".join(ignored))
     for line in describe(config):
         log.info(line)
+    if config.load_s:
+        log.info("loading the model: %g s before the server listens", config.load_s)
+        time.sleep(config.load_s)
     try:
         import uvloop
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
