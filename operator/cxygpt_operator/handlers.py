@@ -18,7 +18,7 @@ from .metrics import OperatorMetrics
 from .nodes import gpu_node
 from .reconcile import CannotRun, Context, NotYet, reconcile
 from .resolve import NameClaim, claimed_since
-from .scaling import Scaler, autoscale
+from .scaling import Scaler, autoscale, scale_target
 
 RETRY_BACKOFF_S = (1, 2, 5, 10, 30, 60)
 log = logging.getLogger("cxygpt.operator")
@@ -212,10 +212,32 @@ async def keep_reconciled(stopped, namespace: str, name: str, body: kopf.Body, m
         metrics.model_gone(key)
 
 
+# Who else sets a ModelDeployment's count: (namespace, name) → "Kind ns/name". Watched, not polled; KEDA's resource
+# is served only where KEDA is installed (kopf then says once that it cannot watch it, and picks it up if it comes).
+@kopf.index("autoscaling", "v2", "horizontalpodautoscalers")
+def hpa_targets(namespace: str, name: str, spec, **_):
+    return scale_target("HorizontalPodAutoscaler", namespace, name, dict(spec))
+
+
+@kopf.index("keda.sh", "v1alpha1", "scaledobjects")
+def keda_targets(namespace: str, name: str, spec, **_):
+    return scale_target("ScaledObject", namespace, name, dict(spec))
+
+
+@kopf.on.event("autoscaling", "v2", "horizontalpodautoscalers")
+@kopf.on.event("keda.sh", "v1alpha1", "scaledobjects")
+def scaler_changed(memo: kopf.Memo, namespace: str, **_):
+    """An HPA or a ScaledObject came, went or changed its target: the models of its namespace look again."""
+    for key, wake in list(memo.shared.scale_wakeups.items()):
+        if key[0] == namespace:
+            wake.set()
+
+
 @kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=10)
-async def keep_scaled(stopped, namespace: str, name: str, body: kopf.Body, memo: kopf.Memo, **_):
-    """Every autoscaling interval, and at once when the spec or the replica count changes: one autoscaling step
-    (spec.autoscaling, or a KEDA ScaledObject's hold at zero; nothing for the other models)."""
+async def keep_scaled(stopped, namespace: str, name: str, body: kopf.Body, memo: kopf.Memo,
+                      hpa_targets: kopf.Index, keda_targets: kopf.Index, **_):
+    """One autoscaling step every interval for a model with spec.autoscaling (or that a KEDA ScaledObject
+    scales), and at once when its spec or count, or who else scales it, changes; the others wait for that."""
     shared: Shared = memo.shared
     scaler: Scaler = memo.scaler
     key = (namespace, name)
@@ -227,10 +249,14 @@ async def keep_scaled(stopped, namespace: str, name: str, body: kopf.Body, memo:
             wake.clear()
             snapshot = copy.deepcopy(dict(body))
             shared.scaled_generation[key] = snapshot["metadata"].get("generation")
+            others = sorted(keda_targets.get(key, [])) + sorted(hpa_targets.get(key, []))
             delay = scaler.interval_s
-            if not snapshot["metadata"].get("deletionTimestamp"):
+            if not (snapshot.get("spec") or {}).get("autoscaling") and not others and \
+                    not (snapshot.get("status") or {}).get("autoscaling"):
+                delay = None  # nothing to decide nor to clean up until something changes
+            elif not snapshot["metadata"].get("deletionTimestamp"):
                 try:
-                    step = await autoscale(snapshot, scaler, written=written)
+                    step = await autoscale(snapshot, scaler, others=others, written=written)
                     written, failures = step.status, 0
                     if step.event:
                         kind, reason, message = step.event

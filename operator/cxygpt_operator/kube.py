@@ -1,4 +1,5 @@
-"""All Kubernetes API I/O of the operator: reads as plain dicts, server-side apply, deletes, status patches."""
+"""All Kubernetes API I/O of the operator: reads as plain dicts, server-side apply, deletes, status patches, the
+scale subresource."""
 from __future__ import annotations
 
 import json
@@ -34,7 +35,6 @@ class Kube:
 
     def __init__(self, api: client.ApiClient):
         self.apps = client.AppsV1Api(api)
-        self.autoscaling = client.AutoscalingV2Api(api)
         self.discovery = client.DiscoveryV1Api(api)
         self.core = client.CoreV1Api(api)
         self.custom = client.CustomObjectsApi(api)
@@ -113,16 +113,3 @@ class Kube:
     def list_endpoint_slices(self, namespace: str, service: str) -> list[dict]:
         return _raw(self.discovery.list_namespaced_endpoint_slice(
             namespace, label_selector=f"kubernetes.io/service-name={service}", _preload_content=False)).get("items") or []
-
-    def list_scalers(self, namespace: str) -> list[dict]:
-        """The HorizontalPodAutoscalers and KEDA ScaledObjects of a namespace (none of KEDA's where it is not
-        installed)."""
-        found = _raw(self.autoscaling.list_namespaced_horizontal_pod_autoscaler(
-            namespace, _preload_content=False)).get("items") or []
-        try:
-            found += _raw(self.custom.list_namespaced_custom_object(
-                "keda.sh", "v1alpha1", namespace, "scaledobjects", _preload_content=False)).get("items") or []
-        except ApiException as e:
-            if e.status != 404:
-                raise
-        return found

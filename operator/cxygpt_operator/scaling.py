@@ -5,46 +5,32 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from . import GROUP, KIND
-from .autoscale import (AUTOSCALING_STATUS, DEFAULT_INTERVAL_S, Decision, decide, decision_status, external_status, history_from_status,
-                        parse_autoscaling)
+from .autoscale import (AUTOSCALING_STATUS, DEFAULT_INTERVAL_S, Decision, decide, decision_status, external_status,
+                        history_from_status, parse_autoscaling)
 from .demand import DemandReader
 from .kube import Kube
 
 log = logging.getLogger("cxygpt.operator.autoscaler")
-SCALED = ("ScaledUp", "ScaledDown", "ScaledToZero", "ScaledFromZero")
 
 
-def scalers_of(objects: list[dict]) -> dict[str, list[str]]:
-    """ModelDeployment name → the HorizontalPodAutoscalers and ScaledObjects that target it ("Kind ns/name"),
-    ScaledObjects first (KEDA makes an HPA of its own for each)."""
-    found: dict[str, list[str]] = {}
-    for obj in sorted(objects, key=lambda o: (o.get("kind") != "ScaledObject", o["metadata"].get("name", ""))):
-        ref = (obj.get("spec") or {}).get("scaleTargetRef") or {}
-        if ref.get("kind") == KIND and (ref.get("apiVersion") or "").split("/")[0] == GROUP and ref.get("name"):
-            md = obj["metadata"]
-            found.setdefault(ref["name"], []).append(f"{obj.get('kind')} {md.get('namespace')}/{md.get('name')}")
-    return found
+def scale_target(kind: str, namespace: str, name: str, spec: dict) -> dict[tuple[str, str], str]:
+    """An HPA's or a KEDA ScaledObject's target, when it is a ModelDeployment: {(namespace, name): "Kind ns/name"}
+    (an index entry; {} for any other target)."""
+    ref = (spec or {}).get("scaleTargetRef") or {}
+    if ref.get("kind") == KIND and (ref.get("apiVersion") or "").split("/")[0] == GROUP and ref.get("name"):
+        return {(namespace, ref["name"]): f"{kind} {namespace}/{name}"}
+    return {}
 
 
 @dataclass
 class Scaler:
-    """Operator-wide: the demand reader and, per namespace, who else scales what (read once per interval)."""
+    """Operator-wide: the demand reader, the kube calls and the decision interval."""
     kube: Kube
     reader: DemandReader
     interval_s: float = DEFAULT_INTERVAL_S
-    clock: Callable[[], float] = time.monotonic
-    owners: dict[str, tuple[float, dict[str, list[str]]]] = field(default_factory=dict)
-
-    async def others(self, namespace: str, name: str) -> list[str]:
-        at, found = self.owners.get(namespace, (None, {}))
-        if at is None or self.clock() - at >= self.interval_s * 0.8:
-            found = scalers_of(await asyncio.to_thread(self.kube.list_scalers, namespace))
-            self.owners[namespace] = (self.clock(), found)
-        return found.get(name, [])
 
 
 @dataclass(frozen=True)
@@ -59,10 +45,11 @@ def _patch(previous: dict, desired: dict) -> dict:
     return {**{k: None for k in previous if k not in desired}, **desired}
 
 
-async def autoscale(body: dict, scaler: Scaler, *, written: dict | None = None, now: float | None = None) -> Step:
-    """One decision for the ModelDeployment `body` (a snapshot); writes what changed. `written`: the
-    status.autoscaling this operator wrote last, which the body may not show yet (None after a restart: the
-    body's is the truth then)."""
+async def autoscale(body: dict, scaler: Scaler, *, others: list[str] = (), written: dict | None = None,
+                    now: float | None = None) -> Step:
+    """One decision for the ModelDeployment `body` (a snapshot); writes what changed. `others`: the ScaledObjects,
+    then the HPAs, that target it. `written`: the status.autoscaling this operator wrote last, which the body may
+    not show yet (None after a restart: the body's is the truth then)."""
     meta, spec, status = body["metadata"], body.get("spec") or {}, body.get("status") or {}
     namespace, name = meta["namespace"], meta["name"]
     previous = written if written is not None else status.get(AUTOSCALING_STATUS) or {}
@@ -71,7 +58,6 @@ async def autoscale(body: dict, scaler: Scaler, *, written: dict | None = None, 
         wanted = parse_autoscaling(spec)
     except ValueError:
         wanted = None  # the reconcile reports the spec as invalid
-    others = await scaler.others(namespace, name)
     event = None
     if others:
         keda = others[0].startswith("ScaledObject ")

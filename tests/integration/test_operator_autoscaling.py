@@ -100,7 +100,7 @@ def test_the_count_follows_the_demand_of_every_gateway_and_goes_to_zero_after_th
     wait_until(lambda: c.deployment("chat")["spec"]["replicas"] == 3, what="the engine Deployment scaled")
     assert status["gateways"] == "2/2" and status["demand"] == 4.9 and status["target"] == 2
     assert status["lastScaleMessage"].startswith("1 -> 3") and status["scaler"] == "Operator"
-    assert ("Normal", "ScaledUp") in {e[:2] for e in events(c, "chat")}
+    wait_until(lambda: ("Normal", "ScaledUp") in {e[:2] for e in events(c, "chat")}, what="a ScaledUp Event")
 
     a.demand["chat"] = b.demand["chat"] = 0
     quiet = time.monotonic()
@@ -157,7 +157,8 @@ def test_an_hpa_or_a_scaled_object_owns_the_count_instead(scaled):
                            what="the conflict shown")["autoscaling"]
     assert status["active"] is False and status["scaler"] == "HorizontalPodAutoscaler default/chat-hpa"
     assert not status["scaleFromZero"] and "remove one of them" in status["message"]
-    assert ("Warning", "ConflictingAutoscaler") in {e[:2] for e in events(c, "chat")}
+    wait_until(lambda: ("Warning", "ConflictingAutoscaler") in {e[:2] for e in events(c, "chat")},
+               what="a ConflictingAutoscaler Event")
     c.kubectl("scale", "md", "chat", "--replicas=4")       # the HPA's write: left alone
     a.demand["chat"] = 0
     time.sleep(2)

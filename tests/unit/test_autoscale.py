@@ -209,13 +209,13 @@ def test_demand_is_parsed_from_the_gateway_metrics_and_summed_over_gateways():
 
 
 def test_who_else_scales_a_model_deployment():
-    from cxygpt_operator.scaling import scalers_of
+    from cxygpt_operator.scaling import scale_target
 
-    def scaler(kind, name, target, api="cxygpt.io/v1alpha1", target_kind="ModelDeployment"):
-        return {"kind": kind, "metadata": {"name": name, "namespace": "llm"},
-                "spec": {"scaleTargetRef": {"apiVersion": api, "kind": target_kind, "name": target}}}
-    found = scalers_of([scaler("HorizontalPodAutoscaler", "keda-hpa-chat", "chat"), scaler("ScaledObject", "chat", "chat"),
-                        scaler("HorizontalPodAutoscaler", "web", "web", api="apps/v1", target_kind="Deployment"),
-                        scaler("HorizontalPodAutoscaler", "other", "embed")])
-    assert found == {"chat": ["ScaledObject llm/chat", "HorizontalPodAutoscaler llm/keda-hpa-chat"],
-                     "embed": ["HorizontalPodAutoscaler llm/other"]}
+    def spec(target, api="cxygpt.io/v1alpha1", kind="ModelDeployment"):
+        return {"scaleTargetRef": {"apiVersion": api, "kind": kind, "name": target}}
+    assert scale_target("ScaledObject", "llm", "chat", spec("chat")) == {("llm", "chat"): "ScaledObject llm/chat"}
+    assert scale_target("HorizontalPodAutoscaler", "llm", "h", spec("chat")) == \
+        {("llm", "chat"): "HorizontalPodAutoscaler llm/h"}
+    assert scale_target("HorizontalPodAutoscaler", "llm", "web", spec("web", "apps/v1", "Deployment")) == {}
+    assert scale_target("ScaledObject", "llm", "x", {"scaleTargetRef": {"name": "web"}}) == {}  # KEDA: a Deployment
+    assert scale_target("ScaledObject", "llm", "x", {}) == {}

@@ -681,8 +681,9 @@ def test_autoscaling_rbac_args_and_gateway_settings(monkeypatch):
     assert {g for g in gateway if g[2] not in ("get", "list", "watch")} == \
         expand(("cxygpt.io", "modeldeployments/scale", "patch", ""))
     operator = grants(one(docs, "ClusterRole", f"{RELEASE}-operator"))
-    assert expand(("cxygpt.io", "modeldeployments/scale", "patch", ""), ("autoscaling", "horizontalpodautoscalers", "list", ""),
-                  ("keda.sh", "scaledobjects", "list", "")) <= operator
+    assert expand(("cxygpt.io", "modeldeployments/scale", "patch", ""),
+                  ("autoscaling", "horizontalpodautoscalers", "list watch", ""),
+                  ("keda.sh", "scaledobjects", "list watch", "")) <= operator
     args = container(docs, "operator")["args"]
     assert f"--gateway-service={NAMESPACE}/{RELEASE}-gateway" in args and "--autoscale-interval=5" in args
     assert one(docs, "Service", f"{RELEASE}-gateway")["metadata"]["namespace"] == NAMESPACE
