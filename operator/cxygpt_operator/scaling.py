@@ -35,9 +35,8 @@ class Scaler:
 
 @dataclass(frozen=True)
 class Step:
-    """What one step did: the status.autoscaling now ({}: none), the count written, the Event to post."""
+    """What one step did: the status.autoscaling now ({}: none), and the Event to post."""
     status: dict
-    scaled_to: int | None = None
     event: tuple[str, str, str] | None = None   # (type, reason, message)
 
 
@@ -62,8 +61,9 @@ async def autoscale(body: dict, scaler: Scaler, *, others: list[str] = (), writt
     if others:
         keda = others[0].startswith("ScaledObject ")
         if wanted is not None:
-            message = (f"{' and '.join(others)} target{'s' if len(others) == 1 else ''} this ModelDeployment: the operator "
-                       "writes no replica count while spec.autoscaling is on too; remove one of them")
+            verb = "targets" if len(others) == 1 else "target"
+            message = (f"{' and '.join(others)} {verb} this ModelDeployment: the operator writes no replica count "
+                       "while spec.autoscaling is on too; remove one of them")
             desired = external_status(others[0], keda, "ConflictingAutoscaler", message)
             if previous.get("reason") != "ConflictingAutoscaler":
                 event = ("Warning", "ConflictingAutoscaler", message)
@@ -105,13 +105,12 @@ async def autoscale(body: dict, scaler: Scaler, *, others: list[str] = (), writt
             desired["lastScaleMessage"] = decision.message
         elif "lastScaleMessage" in previous:
             desired["lastScaleMessage"] = previous["lastScaleMessage"]
-        return await _write(scaler, namespace, name, previous, desired, event, scaled_to)
+        return await _write(scaler, namespace, name, previous, desired, event)
     return await _write(scaler, namespace, name, previous, desired, event)
 
 
-async def _write(scaler: Scaler, namespace: str, name: str, previous: dict, desired: dict | None,
-                 event, scaled_to: int | None = None) -> Step:
+async def _write(scaler: Scaler, namespace: str, name: str, previous: dict, desired: dict | None, event) -> Step:
     if (desired or {}) != previous:
         patch = None if desired is None else _patch(previous, desired)
         await asyncio.to_thread(scaler.kube.patch_status, namespace, name, {AUTOSCALING_STATUS: patch})
-    return Step(desired or {}, scaled_to, event)
+    return Step(desired or {}, event)
