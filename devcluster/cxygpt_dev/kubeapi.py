@@ -116,6 +116,17 @@ def _check_json_patch(current: dict, patch: list) -> None:
         raise ApiError(status=422, reason="Invalid", message=f"the JSON patch does not apply: {e}") from None
 
 
+def _scale_of(obj: dict, paths: dict) -> dict:
+    """The autoscaling/v1 Scale of an object, by its scale subresource's paths."""
+    md = obj["metadata"]
+    return {"kind": "Scale", "apiVersion": "autoscaling/v1",
+            "metadata": {k: md[k] for k in ("name", "namespace", "uid", "resourceVersion", "creationTimestamp") if k in md},
+            "spec": {"replicas": _at(obj, paths["specReplicasPath"]) or 0},
+            "status": {"replicas": _at(obj, paths.get("statusReplicasPath", "")) or 0,
+                       **({"selector": _at(obj, paths["labelSelectorPath"])}
+                          if _at(obj, paths.get("labelSelectorPath", "")) else {})}}
+
+
 def _scale_paths(crd_version: dict) -> dict | None:
     return ((crd_version.get("subresources") or {}).get("scale")) or None
 
@@ -220,7 +231,13 @@ class KubeAPI(kmock.KubernetesEmulator):
         if paths is None:
             raise ApiError(status=404, reason="NotFound", message="the server could not find the requested resource")
         if request.action == enums.action.UPDATE:
-            replicas = ((request.data or {}).get("spec") or {}).get("replicas")
+            data = request.data
+            if isinstance(data, list):  # a JSON patch of the Scale (a failed `test` is a 422, as for any patch)
+                try:
+                    data = jsonpatch.apply_patch(_scale_of(current, paths), data)
+                except (jsonpatch.JsonPatchException, jsonpointer.JsonPointerException) as e:
+                    raise ApiError(status=422, reason="Invalid", message=f"the JSON patch does not apply: {e}") from None
+            replicas = ((data or {}).get("spec") or {}).get("replicas")
             if not isinstance(replicas, int) or replicas < 0:
                 raise Invalid(status=422, reason="Invalid", message=f'Scale.autoscaling "{request.name}" is invalid: '
                               "spec.replicas: Invalid value: must be an integer >= 0")
@@ -236,14 +253,7 @@ class KubeAPI(kmock.KubernetesEmulator):
                 obj.patch(patch)
                 await self._buses[request.resource].put({"type": "MODIFIED", "object": obj.raw})
             current = self._current(request)
-        md = current["metadata"]
-        return aiohttp.web.json_response({
-            "kind": "Scale", "apiVersion": "autoscaling/v1",
-            "metadata": {k: md[k] for k in ("name", "namespace", "uid", "resourceVersion", "creationTimestamp") if k in md},
-            "spec": {"replicas": _at(current, paths["specReplicasPath"]) or 0},
-            "status": {"replicas": _at(current, paths.get("statusReplicasPath", "")) or 0,
-                       **({"selector": _at(current, paths["labelSelectorPath"])}
-                          if _at(current, paths.get("labelSelectorPath", "")) else {})}})
+        return aiohttp.web.json_response(_scale_of(current, paths))
 
     def _serve_log(self, request, pod: dict | None):
         """pods/log from the log file the pod runner writes for each container (kubelet's role): tailLines and

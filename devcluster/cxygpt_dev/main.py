@@ -17,6 +17,8 @@ from pathlib import Path
 import aiohttp
 import yaml
 
+from cxygpt_operator.autoscale import DEFAULT_INTERVAL_S
+
 from .kubeapi import write_kubeconfig
 from .podrunner import MAX_ENGINES, PodRunner, free_port
 from .processes import forward_lines, stop_group
@@ -26,6 +28,8 @@ REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 STATE_DIR = Path(".cxygpt-dev")
 GROUP_PATH = "/apis/cxygpt.io/v1alpha1/modeldeployments"
+# the gateway as the operator's autoscaler finds it in a cluster: a Service with one ready endpoint (the process)
+GATEWAY_SERVICE = ("default", "cxygpt-gateway")
 
 
 def tool(name: str) -> str:
@@ -175,7 +179,9 @@ class DevCluster:
             await self._start("operator", [tool("cxygpt-operator"), "--kubeconfig", str(self.kubeconfig),
                                            "--liveness", f"http://127.0.0.1:{op_port}/healthz",
                                            "--metrics-host", "127.0.0.1", "--metrics-port", str(self.operator_metrics),
-                                           "--hf-endpoint", hub],
+                                           "--hf-endpoint", hub,
+                                           "--gateway-service", "/".join(GATEWAY_SERVICE),
+                                           "--autoscale-interval", str(a.autoscale_interval)],
                               f"http://127.0.0.1:{op_port}/healthz", session)
             self.runner = PodRunner(api_url, output=lambda label, line: self.out(f"engine {label}", line),
                                     max_engines=a.max_engines, state_dir=self.state.resolve())
@@ -184,6 +190,7 @@ class DevCluster:
             await self._start("gateway", [tool("cxygpt-gateway"), "--kubernetes", "--kubeconfig", str(self.kubeconfig),
                                           "--host", "127.0.0.1", "--port", str(a.gateway_port)],
                               gateway + "/healthz", session)
+            await self._publish_gateway(session, api_url, a.gateway_port)
             self._print_next_steps(gateway)
             if not a.no_examples:
                 await self._apply_examples()
@@ -196,6 +203,24 @@ class DevCluster:
                 "hub_root": str((self.state / "hub").resolve()),
                 "operator_metrics": f"http://127.0.0.1:{self.operator_metrics}/metrics"}))
             await stop.wait()
+
+    async def _publish_gateway(self, session, api_url: str, port: int):
+        """The gateway's Service and EndpointSlice, as a cluster has them: the autoscaler reads demand there."""
+        namespace, name = GATEWAY_SERVICE
+        labels = {"app.kubernetes.io/name": "cxygpt", "app.kubernetes.io/component": "gateway"}
+        service = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": namespace,
+                                                                      "labels": labels},
+                   "spec": {"ports": [{"name": "http", "port": 80, "targetPort": port, "protocol": "TCP"}]}}
+        slice_ = {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": "IPv4",
+                  "metadata": {"name": f"{name}-local", "namespace": namespace,
+                               "labels": {**labels, "kubernetes.io/service-name": name,
+                                          "endpointslice.kubernetes.io/managed-by": "cxygpt-dev"}},
+                  "ports": [{"name": "http", "port": port, "protocol": "TCP"}],
+                  "endpoints": [{"addresses": ["127.0.0.1"], "conditions": {"ready": True}}]}
+        for path, body in ((f"/api/v1/namespaces/{namespace}/services", service),
+                           (f"/apis/discovery.k8s.io/v1/namespaces/{namespace}/endpointslices", slice_)):
+            async with session.post(api_url + path, json=body) as resp:
+                resp.raise_for_status()
 
     def _kubectl(self) -> str:
         return f"{shown(tool('kubectl'))} --kubeconfig {shown(self.kubeconfig)}"
@@ -318,6 +343,7 @@ def _detach(args) -> int:
     argv += ["--no-examples"] if args.no_examples else []
     argv += ["--hub-rate-mib-s", str(args.hub_rate_mib_s), "--hub-stand-in-mib-per-gib",
              str(args.hub_stand_in_mib_per_gib)]
+    argv += ["--autoscale-interval", str(args.autoscale_interval)]
     with open(state / "detached.log", "ab") as log_file:
         proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
     (state / "pid").write_text(str(proc.pid))
@@ -370,6 +396,8 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--max-engines", type=int, default=MAX_ENGINES,
                     help=f"engine processes this machine runs at most, over every model (default {MAX_ENGINES}); "
                          "more replicas are refused with a Deployment ReplicaFailure condition")
+    up.add_argument("--autoscale-interval", type=float, default=DEFAULT_INTERVAL_S, metavar="SECONDS",
+                    help=f"how often the operator's autoscaler decides (default {DEFAULT_INTERVAL_S:g}, the operator's)")
     up.add_argument("--no-examples", action="store_true", help="do not apply examples/ nor send the first chat")
     up.add_argument("--hub-rate-mib-s", type=float, default=32,
                     help="the local Hub's bandwidth, shared by every download (MiB/s, default 32; 0 = unlimited)")

@@ -31,6 +31,8 @@ from .registry import Registry
 from .settings import GatewaySettings
 from .healthcheck import HealthChecker
 from .upstream import Upstream
+from .demand import sample_demand, sample_period
+from .wake import Waker
 
 log = logging.getLogger("cxygpt.gateway")
 
@@ -47,6 +49,7 @@ class Gateway:
     limiter: RateLimiter | None = None
     upstream: Upstream | None = None
     health_checker: HealthChecker | None = None
+    waker: Waker | None = None
     request_log: RequestLog = field(default_factory=lambda: RequestLog(enabled=False))
 
 
@@ -100,11 +103,12 @@ def create_app(settings: GatewaySettings, *, table: ProfileTable | None = None,
     registry = Registry(table, single_user=settings.single_user, force_profile=settings.force_profile,
                         auto_degrade=settings.auto_degrade, degrade_window_s=settings.degrade_window_s,
                         routing_policy=settings.routing.policy, routing_epsilon=settings.routing.epsilon,
-                        on_degrade=on_degrade)
+                        on_degrade=on_degrade, demand_window_s=settings.demand_window_s)
     gw = Gateway(settings=settings, table=table, registry=registry,
                  keys=KeyStore.from_file(settings.keys_file), metrics=metrics,
                  discovery=discovery or make_discovery(settings, table),
                  request_log=RequestLog(enabled=settings.log_requests))
+    gw.waker = Waker(gw.discovery, on_result=lambda model, result: metrics.wakes.labels(model, result).inc())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -114,7 +118,8 @@ def create_app(settings: GatewaySettings, *, table: ProfileTable | None = None,
         async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as session:
             gw.upstream = Upstream(session)
             await gw.discovery.start(registry)
-            tasks = []
+            tasks = [asyncio.create_task(sample_demand(lambda: registry.routes.values(),
+                                                       sample_period(settings.demand_window_s)))]
             if not settings.kubernetes:
                 gw.health_checker = HealthChecker(registry, gw.upstream, settings.health_interval_s)
                 await gw.health_checker.check_once()
@@ -129,6 +134,7 @@ def create_app(settings: GatewaySettings, *, table: ProfileTable | None = None,
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
+                await gw.waker.close()
                 await gw.discovery.stop()
                 gw.upstream.pool.close()
                 gw.request_log.close()

@@ -25,6 +25,8 @@ class RouteStateCollector:
                                      labels=["model"])
         slots = GaugeMetricFamily("cxygpt_gateway_concurrency_limit", "Requests served at once per replica",
                                   labels=["model"])
+        demand = GaugeMetricFamily("cxygpt_gateway_demand", "Requests in flight + waiting, mean over the demand "
+                                   "window (what the autoscaler reads)", labels=["model"])
         for route in list(self.routes()):
             queue = route.queue
             depth.add_metric([route.name], queue.waiting)
@@ -33,7 +35,8 @@ class RouteStateCollector:
             backends.add_metric([route.name], len(queue.routable()))
             capacity.add_metric([route.name], queue.queue_size)
             slots.add_metric([route.name], queue.max_concurrency)
-        yield from (depth, in_flight, degraded, backends, capacity, slots)
+            demand.add_metric([route.name], route.demand.value())
+        yield from (depth, in_flight, degraded, backends, capacity, slots, demand)
 
 
 class GatewayMetrics:
@@ -68,6 +71,9 @@ class GatewayMetrics:
                               "Requests relayed, by routing policy and how they reached their replica: affinity (the "
                               "policy's first choice), spill (the load bound or a full replica moved it on), other "
                               "(a failover)", ["model", "policy", "choice"], registry=r)
+        self.wakes = Counter("cxygpt_gateway_scale_from_zero_wakes", "Wakes of a model at zero replicas for a "
+                             "request, by result (woken, awake: someone else had, failed)", ["model", "result"],
+                             registry=r)
         self.client_disconnects = Counter("cxygpt_gateway_client_disconnects",
                                           "Requests cancelled because the client went away", ["model"], registry=r)
         r.register(RouteStateCollector(routes))

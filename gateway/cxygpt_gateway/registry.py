@@ -11,6 +11,7 @@ from .admission.degrade import DegradeMonitor
 from .admission.policy import effective
 from .admission.queue import ModelQueue
 from .admission.ratelimit import Rate, Scope
+from .demand import DemandWindow
 from .discovery.base import ModelSpec, Unavailable
 from .errors import GatewayError
 from .routing import Routing, resolve
@@ -34,10 +35,11 @@ def model_gone(name: str) -> GatewayError:
 class ModelRoute:
     def __init__(self, spec: ModelSpec, limits: Limits, mode: str, profile: str | None, routing: Routing, *,
                  auto_degrade: bool, degrade_window_s: float, clock: Callable[[], float],
-                 on_degrade: Callable[[str, bool, str], None]):
+                 on_degrade: Callable[[str, bool, str], None], demand_window_s: float = 10.0):
         self.name = spec.name
         self.queue = ModelQueue(queue_size=limits.queue_size, max_concurrency=limits.max_concurrency,
                                 routing=routing, clock=clock)
+        self.demand = DemandWindow(demand_window_s, clock)
         self.degrade = DegradeMonitor(limits.degrade, window_s=degrade_window_s, clock=clock,
                                       on_change=lambda degraded, why: on_degrade(self.name, degraded, why))
         self.auto_degrade = auto_degrade
@@ -49,6 +51,11 @@ class ModelRoute:
         self.queue.set_limits(queue_size=limits.queue_size, max_concurrency=limits.max_concurrency)
         self.queue.set_routing(routing)
         self.queue.set_backends(spec.urls)
+        # an autoscaled model with no ready replica holds requests until one is (a cold start), others refuse them;
+        # those held when that ends (the model failed, or its autoscaling went) hear why now
+        held, self.queue.hold_empty = self.queue.hold_empty, spec.scale_from_zero is not None
+        if held and not self.queue.hold_empty and not self.queue.routable():
+            self.queue.close(lambda: no_ready_replica(self.name, spec.unavailable))
         self.degrade.thresholds = limits.degrade
 
     @property
@@ -68,6 +75,16 @@ class ModelRoute:
     def routable(self) -> bool:
         return bool(self.queue.routable())
 
+    def state(self) -> str:
+        """ready (a replica takes requests), scaled_to_zero or starting (an autoscaled model: a request waits for
+        its first replica), unavailable (a request is refused with 503, saying why)."""
+        if self.routable():
+            return "ready"
+        target = self.spec.scale_from_zero
+        if target is None:
+            return "unavailable"
+        return "scaled_to_zero" if target.replicas == 0 else "starting"
+
 
 class Registry:
     """The ModelSink discovery writes into; effective limits are applied here, once per change."""
@@ -75,9 +92,11 @@ class Registry:
     def __init__(self, table: ProfileTable, *, single_user: bool | None = None, force_profile: str | None = None,
                  auto_degrade: bool = False, degrade_window_s: float = 30.0, routing_policy: str | None = None,
                  routing_epsilon: float | None = None, clock: Callable[[], float] = time.monotonic,
-                 on_degrade: Callable[[str, bool, str], None] = lambda model, degraded, why: None):
+                 on_degrade: Callable[[str, bool, str], None] = lambda model, degraded, why: None,
+                 demand_window_s: float = 10.0):
         self.table, self.single_user, self.force_profile = table, single_user, force_profile
         self.routing_policy, self.routing_epsilon = routing_policy, routing_epsilon  # every model's defaults
+        self.demand_window_s = demand_window_s
         self.auto_degrade, self.degrade_window_s, self.clock, self.on_degrade = (
             auto_degrade, degrade_window_s, clock, on_degrade)
         self.routes: dict[str, ModelRoute] = {}
@@ -94,7 +113,7 @@ class Registry:
             self.routes[spec.name] = ModelRoute(spec, eff.limits, eff.mode, eff.profile, routing,
                                                 auto_degrade=self.auto_degrade,
                                                 degrade_window_s=self.degrade_window_s, clock=self.clock,
-                                                on_degrade=self.on_degrade)
+                                                on_degrade=self.on_degrade, demand_window_s=self.demand_window_s)
             log.info("model %s routed to %s (profile %s, %s-user, %s routing)", spec.name,
                      ", ".join(spec.urls) or "-", eff.profile, eff.mode, routing.policy)
         elif route.spec != spec:

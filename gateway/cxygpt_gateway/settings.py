@@ -79,6 +79,12 @@ class GatewaySettings(BaseSettings):
     engine_metrics_interval_s: float = Field(
         1.0, ge=0, description="how often each replica's /metrics is read for its waiting requests and KV-cache "
                                "usage (routing's tie-breaks); 0: never")
+    demand_window_s: float = Field(
+        10.0, gt=0, description="the window of cxygpt_gateway_demand (in flight + waiting, averaged), which the "
+                                "operator's autoscaler reads")
+    cold_start_timeout_s: float = Field(
+        600.0, gt=0, description="how long a request for an autoscaled model with no ready replica (at zero: "
+                                 "woken by it) waits for the first one")
     log_requests: bool = True
     log_level: str = "info"
 

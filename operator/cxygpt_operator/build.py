@@ -395,14 +395,21 @@ def engine_state(deployment: dict | None, pods: list[dict]) -> EngineState:
     return EngineState(replicas, ready, rolling, None)
 
 
-def _progress(engines: EngineState, desired: int) -> tuple[bool, str, str]:
+def zero_message(spec: ModelSpec) -> str:
+    if spec.autoscaling is None:
+        return "spec.replicas is 0"
+    return (f"scaled to zero by the autoscaler after {spec.autoscaling.scale_down_delay_s} s without requests; "
+            "the next request starts it")
+
+
+def _progress(engines: EngineState, desired: int, zero_why: str = "spec.replicas is 0") -> tuple[bool, str, str]:
     counts = f"{engines.ready}/{desired} engine replicas ready"
     if engines.rolling:
         return True, "RollingUpdate", f"replacing engine pods; {counts}"
     if engines.replicas > desired:
         return True, "ScalingDown", f"{engines.replicas} engine pods, {desired} wanted; {counts}"
     if desired == 0:
-        return False, "ScaledToZero", "spec.replicas is 0"
+        return False, "ScaledToZero", zero_why
     if engines.ready == 0:
         return True, "EnginesStarting", f"{counts} (loading the model)"
     if engines.ready < desired:
@@ -462,7 +469,7 @@ def build_status(owner: Owner, spec: ModelSpec, outcome: Selection | NoFit, *, t
         failure = ("DeploymentRejected", f"the API server rejected the engine Deployment: {rejected}") if rejected \
             else engines.failure
         warning = capacity_warning(sel, desired, schedulable)
-        progressing, progress_reason, progress_message = _progress(engines, desired)
+        progressing, progress_reason, progress_message = _progress(engines, desired, zero_message(spec))
         if desired == 0:
             phase = "ScaledToZero"
         elif rejected or (failure and not ready):
@@ -489,7 +496,7 @@ def build_status(owner: Owner, spec: ModelSpec, outcome: Selection | NoFit, *, t
             "endpoint": f"http://{owner.name}.{owner.namespace}.svc:{table.vllm.port}",
         }
         if desired == 0:
-            available = (False, "ScaledToZero", "spec.replicas is 0")
+            available = (False, "ScaledToZero", zero_message(spec))
         elif ready:
             available = (True, "MinimumReplicasAvailable", f"{ready}/{desired} engine replicas ready")
         elif failure:

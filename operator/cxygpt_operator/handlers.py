@@ -19,6 +19,7 @@ from .metrics import OperatorMetrics
 from .nodes import gpu_node
 from .reconcile import CannotRun, Context, NotYet, reconcile, recheck_after
 from .resolve import NameClaim, claimed_since
+from .scaling import Scaler, autoscale, scale_target
 
 RETRY_BACKOFF_S = (1, 2, 5, 10, 30, 60)
 log = logging.getLogger("cxygpt.operator")
@@ -37,6 +38,8 @@ class Shared:
     metrics: OperatorMetrics = field(default_factory=OperatorMetrics)
     # (namespace, name) -> (the cache claim it uses, as a CacheUser): who shares each cache
     cache_claims: dict = field(default_factory=dict)
+    scale_wakeups: dict = field(default_factory=dict)
+    scaled_generation: dict = field(default_factory=dict)
 
     def wake(self, key) -> None:
         if key in self.wakeups:
@@ -164,6 +167,9 @@ def model_deployment_changed(memo: kopf.Memo, event, body, namespace: str, name:
     key = (namespace, name)
     if meta.get("generation") != shared.reconciled_generation.get(key):
         shared.wake(key)
+    # the spec or the count changed (a gateway woke the model, kubectl scale): the autoscaler looks at once
+    if meta.get("generation") != shared.scaled_generation.get(key) and key in shared.scale_wakeups:
+        shared.scale_wakeups[key].set()
     # A served name that appears, moves or goes (deleted, or being deleted) may change its owner: wake every
     # model that claims the old or the new name.
     gone = event.get("type") == "DELETED" or meta.get("deletionTimestamp")
@@ -269,6 +275,72 @@ async def keep_reconciled(stopped, namespace: str, name: str, body: kopf.Body, m
         shared.reconciled_generation.pop(key, None)
         shared.reported_failures.pop(key, None)
         metrics.model_gone(key)
+
+
+# Who else sets a ModelDeployment's count: (namespace, name) → "Kind ns/name". Watched, not polled; KEDA's resource
+# is served only where KEDA is installed (kopf then says once that it cannot watch it, and picks it up if it comes).
+@kopf.index("autoscaling", "v2", "horizontalpodautoscalers")
+def hpa_targets(namespace: str, name: str, spec, **_):
+    return scale_target("HorizontalPodAutoscaler", namespace, name, dict(spec))
+
+
+@kopf.index("keda.sh", "v1alpha1", "scaledobjects")
+def keda_targets(namespace: str, name: str, spec, **_):
+    return scale_target("ScaledObject", namespace, name, dict(spec))
+
+
+@kopf.on.event("autoscaling", "v2", "horizontalpodautoscalers")
+@kopf.on.event("keda.sh", "v1alpha1", "scaledobjects")
+def scaler_changed(memo: kopf.Memo, namespace: str, **_):
+    """An HPA or a ScaledObject came, went or changed its target: the models of its namespace look again."""
+    for key, wake in list(memo.shared.scale_wakeups.items()):
+        if key[0] == namespace:
+            wake.set()
+
+
+@kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=10)
+async def keep_scaled(stopped, namespace: str, name: str, body: kopf.Body, memo: kopf.Memo,
+                      hpa_targets: kopf.Index, keda_targets: kopf.Index, **_):
+    """One autoscaling step every interval for a model with spec.autoscaling (or that a KEDA ScaledObject
+    scales), and at once when its spec or count, or who else scales it, changes; the others wait for that."""
+    shared: Shared = memo.shared
+    scaler: Scaler = memo.scaler
+    key = (namespace, name)
+    logger = ObjectLog(log, {"object": f"{namespace}/{name}"})
+    wake = shared.scale_wakeups.setdefault(key, asyncio.Event())
+    written, failures = None, 0
+    try:
+        while not stopped:
+            wake.clear()
+            snapshot = copy.deepcopy(dict(body))
+            shared.scaled_generation[key] = snapshot["metadata"].get("generation")
+            others = sorted(keda_targets.get(key, [])) + sorted(hpa_targets.get(key, []))
+            delay = scaler.interval_s
+            if not (snapshot.get("spec") or {}).get("autoscaling") and not others and \
+                    not (snapshot.get("status") or {}).get("autoscaling"):
+                delay = None  # nothing to decide nor to clean up until something changes
+            elif not snapshot["metadata"].get("deletionTimestamp"):
+                try:
+                    step = await autoscale(snapshot, scaler, others=others, written=written)
+                    written, failures = step.status, 0
+                    if step.event:
+                        kind, reason, message = step.event
+                        kopf.event(body, type=kind, reason=reason, message=message)
+                except (ApiException, OSError, urllib3.exceptions.HTTPError) as e:
+                    written, failures, delay = None, failures + 1, _backoff(failures)
+                    logger.warning("autoscaling step failed (retry in %ss): %s", delay, getattr(e, "reason", e))
+                except Exception:  # a bug must not stop this model's autoscaling for good
+                    written, failures, delay = None, failures + 1, _backoff(failures)
+                    logger.exception("autoscaling step crashed (retry in %ss)", delay)
+            await _sleep(wake, stopped, delay)
+    finally:
+        shared.scale_wakeups.pop(key, None)
+        shared.scaled_generation.pop(key, None)
+
+
+@kopf.on.cleanup()
+async def close_scaler(memo: kopf.Memo, **_):
+    await memo.scaler.reader.close()
 
 
 @kopf.on.probe(id="gpuNodes")

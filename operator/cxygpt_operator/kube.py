@@ -1,4 +1,5 @@
-"""All Kubernetes API I/O of the operator: reads as plain dicts, server-side apply, deletes, status patches."""
+"""All Kubernetes API I/O of the operator: reads as plain dicts, server-side apply, deletes, status patches, the
+scale subresource."""
 from __future__ import annotations
 
 import json
@@ -10,6 +11,7 @@ from kubernetes.client.rest import ApiException
 from . import GROUP, MANAGER, PLURAL, VERSION
 
 MERGE_PATCH = "application/merge-patch+json"
+JSON_PATCH = "application/json-patch+json"
 APPLY_PATCH = "application/apply-patch+yaml"
 
 
@@ -33,6 +35,7 @@ class Kube:
 
     def __init__(self, api: client.ApiClient):
         self.apps = client.AppsV1Api(api)
+        self.discovery = client.DiscoveryV1Api(api)
         self.core = client.CoreV1Api(api)
         self.custom = client.CustomObjectsApi(api)
         self.networking = client.NetworkingV1Api(api)
@@ -151,3 +154,21 @@ class Kube:
         self.custom.patch_namespaced_custom_object_status(
             GROUP, VERSION, namespace, PLURAL, name, {"status": patch},
             _content_type=MERGE_PATCH, _preload_content=False)
+
+    def scale(self, namespace: str, name: str, replicas: int, expected: int) -> bool:
+        """spec.replicas through the scale subresource, from `expected` only: False when someone changed it
+        meanwhile (the next decision sees their count)."""
+        patch = [{"op": "test", "path": "/spec/replicas", "value": expected},
+                 {"op": "replace", "path": "/spec/replicas", "value": replicas}]
+        try:
+            self.custom.patch_namespaced_custom_object_scale(GROUP, VERSION, namespace, PLURAL, name, patch,
+                                                             _content_type=JSON_PATCH, _preload_content=False)
+        except ApiException as e:
+            if e.status in (409, 422):
+                return False
+            raise
+        return True
+
+    def list_endpoint_slices(self, namespace: str, service: str) -> list[dict]:
+        return _raw(self.discovery.list_namespaced_endpoint_slice(
+            namespace, label_selector=f"kubernetes.io/service-name={service}", _preload_content=False)).get("items") or []

@@ -9,6 +9,7 @@ import sys
 from cxygpt_profiles import ProfileTableError, load_catalog, load_table
 
 from . import logs
+from .autoscale import DEFAULT_INTERVAL_S
 from .logs import FORMATS
 
 DEFAULT_SIM_IMAGE = "cxygpt/cxygpt-sim:0.1.0"
@@ -48,6 +49,11 @@ def parse_args(argv):
                     "labelled cxygpt.io/engine-access=true from these namespaces only (default: from any namespace)")
     ap.add_argument("--no-network-policy", action="store_true",
                     help="make no NetworkPolicy per model (and remove ours): engines are then reachable by any pod")
+    ap.add_argument("--gateway-service", metavar="NAMESPACE/NAME",
+                    help="the gateway's Service: its ready endpoints are scraped for the demand that spec.autoscaling "
+                    "follows (without it, autoscaled models keep their count and only wake from zero)")
+    ap.add_argument("--autoscale-interval", type=float, default=DEFAULT_INTERVAL_S, metavar="SECONDS",
+                    help=f"how often autoscaled models decide, reading the gateways (default {DEFAULT_INTERVAL_S:g})")
     ap.add_argument("--log-format", choices=FORMATS, default="json",
                     help="json (default: one object per line, as the gateway's) or text")
     ap.add_argument("-v", "--verbose", action="store_true")
@@ -57,6 +63,13 @@ def parse_args(argv):
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(sys.argv[1:] if argv is None else argv)
     logs.configure(a.log_format, a.verbose)
+    gateway_service = tuple(a.gateway_service.split("/", 1)) if a.gateway_service else None
+    if gateway_service is not None and (len(gateway_service) != 2 or not all(gateway_service)):
+        print(f"cxygpt-operator: --gateway-service {a.gateway_service!r} is not NAMESPACE/NAME", file=sys.stderr)
+        return 2
+    if a.autoscale_interval <= 0:
+        print("cxygpt-operator: --autoscale-interval must be above 0", file=sys.stderr)
+        return 2
     try:  # a broken table stops the operator here, with the field named
         table, catalog = load_table(a.profiles), load_catalog(a.models)
     except ProfileTableError as e:
@@ -70,11 +83,16 @@ def main(argv: list[str] | None = None) -> int:
     from .handlers import Shared  # importing registers the handlers
     from .build import DEFAULT_LOADER_IMAGE, EngineImages
     from .kube import Kube, api_client
+    from .demand import DemandReader
     from .reconcile import Context
+    from .scaling import Scaler
 
     from prometheus_client import start_http_server
 
-    context = Context(table=table, catalog=catalog, kube=Kube(api_client(a.kubeconfig)),
+    kube = Kube(api_client(a.kubeconfig))
+    list_slices = (lambda: kube.list_endpoint_slices(*gateway_service)) if gateway_service else None
+    scaler = Scaler(kube, DemandReader(list_slices, interval_s=a.autoscale_interval), interval_s=a.autoscale_interval)
+    context = Context(table=table, catalog=catalog, kube=kube,
                       images=EngineImages(vllm=a.vllm_image or table.vllm.image, sim=a.sim_image,
                                           loader=a.loader_image or DEFAULT_LOADER_IMAGE),
                       network_policy=not a.no_network_policy, metrics_namespaces=tuple(a.metrics_namespace),
@@ -89,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         peering_name=a.peering,
         priority=a.priority if a.priority is not None else (secrets.randbelow(2**31 - 1) + 1 if a.peering else 0),
         liveness_endpoint=None if a.liveness == "off" else a.liveness,
-        memo=kopf.Memo(context=context, shared=shared),
+        memo=kopf.Memo(context=context, shared=shared, scaler=scaler),
     )
     return 0
 

@@ -14,6 +14,7 @@ from kubernetes.client.rest import ApiException
 
 from cxygpt_profiles import GpuNode, ModelCatalog, NoFit, ProfileTable, Selection
 
+from .autoscale import AUTOSCALING_STATUS
 from .build import (CONFIG_HASH, EngineImages, Owner, build_cache_job, build_deployment, build_failed_status,
                     build_network_policy, build_service, build_status, claims_of, engine_cache, selector_labels)
 from .cache import (CACHE_LABEL, CONTAINER, RETAIN_ANNOTATION, REVISION_ANNOTATION, SOURCE_ANNOTATION,
@@ -252,7 +253,9 @@ async def reconcile(body: dict, nodes: list[GpuNode], ctx: Context, logger: logg
     name, `cache_users` the users of each cache claim in its namespace. Raises NotYet (a kopf.TemporaryError)
     when no GPU fits yet and CannotRun (a kopf.PermanentError) when only a spec change can help."""
     cache_users = cache_users or {}
-    meta, previous = body["metadata"], body.get("status") or {}
+    meta = body["metadata"]
+    # status.autoscaling is the autoscaler's: never written here, not even back from an older snapshot
+    previous = {k: v for k, v in (body.get("status") or {}).items() if k != AUTOSCALING_STATUS}
     owner = Owner(meta["name"], meta["namespace"], meta["uid"], meta.get("generation") or 1)
     try:
         spec = parse_spec(body.get("spec") or {})

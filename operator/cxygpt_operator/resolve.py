@@ -9,6 +9,7 @@ from cxygpt_profiles import (AUTO, GpuNode, ModelCatalog, ModelFacts, NoFit, Pro
 from cxygpt_profiles.select import node_matches
 
 from .cache import CacheSpec, hf_source, parse_cache
+from .autoscale import AutoscalingSpec, parse_autoscaling
 
 # spec.model.facts (camelCase, as in the CRD) → ModelFacts fields
 MAX_REPLICAS = 64  # the CRD's maximum, repeated for specs applied without the schema
@@ -55,6 +56,7 @@ class ModelSpec:
     rollout: str = "Surge"
     task: str = "generate"   # embed: an embedding model (the engine's pooling runner)
     cache: CacheSpec = field(default_factory=CacheSpec)
+    autoscaling: AutoscalingSpec | None = None  # on: the autoscaler sets `replicas`
 
     def source_for(self, weights: str) -> str:
         return self.source if weights == "bf16" else self.variants[weights]
@@ -157,6 +159,10 @@ def parse_spec(spec: dict) -> ModelSpec:
     if task not in TASKS:
         raise SpecError(f"spec.model.task must be one of {', '.join(TASKS)}, not {task!r}")
     _check_engine(engine)
+    try:
+        autoscaling = parse_autoscaling(spec)
+    except ValueError as e:
+        raise SpecError(str(e)) from None
     return ModelSpec(
         served_name=model["name"], source=model["source"], variants=dict(model.get("variants") or {}),
         facts=dict(model.get("facts") or {}), mode=spec.get("mode") or "multi", profile=spec.get("profile") or AUTO,
@@ -164,7 +170,8 @@ def parse_spec(spec: dict) -> ModelSpec:
         extra_args=tuple(engine.get("args") or ()),
         env=tuple((e["name"], e.get("value", "")) for e in engine.get("env") or ()),
         cache_claim=spec.get("cacheClaim"), fallback_model=spec.get("fallbackModel"),
-        trust_remote_code=engine.get("trustRemoteCode") is True, rollout=rollout, task=task, cache=cache)
+        trust_remote_code=engine.get("trustRemoteCode") is True, rollout=rollout, task=task, cache=cache,
+        autoscaling=autoscaling)
 
 
 def _positive_int(text: str) -> int | None:

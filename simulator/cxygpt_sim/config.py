@@ -30,6 +30,7 @@ ENV = {
     "gpu_memory_mib": "CXYGPT_SIM_GPU_MEMORY_MIB",
     "text": "CXYGPT_SIM_TEXT",
     "load_gib_per_s": "CXYGPT_SIM_LOAD_GIB_PER_S",
+    "load_s": "CXYGPT_SIM_LOAD_S",
 }
 
 # vLLM flags of this shape take no value; any other unknown flag followed by a non-flag takes that value.
@@ -60,6 +61,7 @@ class SimConfig:
     runner: str = "generate"  # "pooling": an embedding model (/v1/embeddings instead of generation)
     revision: str | None = None
     load_gib_per_s: float = DEFAULT_LOAD_GIB_PER_S
+    load_s: float = 0.0       # the rest of a start after the weights, before the server listens (vLLM: CUDA graphs)
 
     @property
     def served_name(self) -> str:
@@ -175,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "directory's safetensors, or what was downloaded from $HF_ENDPOINT); default 2, 0 = instant")
     s.add_argument("--sim-text", choices=("corpus", "echo"), default=None,
                    help=f"[{ENV['text']}] reply with corpus sentences or echo the prompt; default corpus")
+    s.add_argument("--sim-load-s", type=_non_negative, default=None,
+                   help=f"[{ENV['load_s']}] seconds the model load takes before the server listens, as vLLM "
+                        "loads weights first (a cold start); default 0")
     return p
 
 
@@ -315,5 +320,6 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str] | None = None) -> t
         shutdown_timeout=a.shutdown_timeout, speed=speed,
         speed_profile=profile, seed=knob("sim_seed", a.sim_seed, int), text=text,
         runner="pooling" if a.runner == "pooling" or a.convert == "embed" else "generate", revision=a.revision,
-        load_gib_per_s=DEFAULT_LOAD_GIB_PER_S if load_rate is None else load_rate)
+        load_gib_per_s=DEFAULT_LOAD_GIB_PER_S if load_rate is None else load_rate,
+        load_s=knob("load_s", a.sim_load_s) or 0.0)
     return config, unknown

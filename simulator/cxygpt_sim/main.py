@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+import time
 
 from aiohttp import web
 
@@ -44,6 +45,9 @@ def main(argv: list[str] | None = None) -> None:
     except WeightsError as e:
         sys.exit(f"cxygpt-sim: error: {e}")
     log.info(loaded.describe())
+    if config.load_s:  # the rest of an engine's start (vLLM: CUDA graphs, warm-up), on top of the weights
+        log.info("starting the engine: %g s before the server listens", config.load_s)
+        time.sleep(config.load_s)
     try:
         import uvloop
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())

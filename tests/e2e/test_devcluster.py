@@ -16,14 +16,15 @@ pytestmark = pytest.mark.timeout(240)
 
 
 class Dev:
-    def __init__(self, tmp: Path):
+    def __init__(self, tmp: Path, *args: str, env: dict | None = None):
         self.state = tmp / "state"
         self.gateway_port = free_port()
         self.gateway = f"http://127.0.0.1:{self.gateway_port}"
         self.log = open(tmp / "dev.log", "wb")
         self.proc = subprocess.Popen([console_script("cxygpt-dev"), "up", "--no-examples", "--state-dir", str(self.state),
-                                      "--gateway-port", str(self.gateway_port)],
-                                     stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp)
+                                      "--gateway-port", str(self.gateway_port), *args],
+                                     stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp,
+                                     env={**os.environ, **(env or {})})
         wait_until(lambda: (self.state / "ready").exists() or self.proc.poll() is not None, timeout=60,
                    what="cxygpt-dev ready")
         assert self.proc.poll() is None, (tmp / "dev.log").read_text()

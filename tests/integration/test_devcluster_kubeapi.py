@@ -92,6 +92,20 @@ def test_kubectl_scale(kube_api):
     scale = httpx.get(kube_api.url + "/apis/cxygpt.io/v1alpha1/namespaces/default/modeldeployments/big/scale").json()
     assert scale["kind"] == "Scale" and scale["apiVersion"] == "autoscaling/v1" and scale["spec"] == {"replicas": 3}
 
+    # a conditional write, as a gateway waking a model from zero makes it: a JSON patch of the Scale
+    headers = {"Content-Type": "application/json-patch+json"}
+    from_zero = [{"op": "test", "path": "/spec/replicas", "value": 0}, {"op": "replace", "path": "/spec/replicas",
+                                                                        "value": 1}]
+    stale = httpx.patch(kube_api.url + "/apis/cxygpt.io/v1alpha1/namespaces/default/modeldeployments/big/scale",
+                        headers=headers, json=from_zero)
+    assert stale.status_code == 422 and stale.json()["kind"] == "Status"
+    assert kubectl(kube_api, "scale", "md", "big", "--replicas=0").returncode == 0
+    woken = httpx.patch(kube_api.url + "/apis/cxygpt.io/v1alpha1/namespaces/default/modeldeployments/big/scale",
+                        headers=headers, json=from_zero)
+    assert woken.status_code == 200 and woken.json()["spec"] == {"replicas": 1}
+    md = json.loads(kubectl(kube_api, "get", "md", "big", "-o", "json").stdout)
+    assert md["spec"]["replicas"] == 1 and md["metadata"]["generation"] == 4
+
     deployment = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web", "namespace": "default"},
                   "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "web"}},
                            "template": {"metadata": {"labels": {"app": "web"}},

@@ -76,12 +76,15 @@ class Install:
                     for n in dict.fromkeys((self.namespace, *namespaces))])
         return self.apply(self.objects)
 
-    def start_operator(self, name: str = "operator", kubeconfig: Path | None = None) -> ServerProcess:
-        """The operator process, run with the installed Deployment's own args (local ports, the mounted table)."""
+    def start_operator(self, name: str = "operator", kubeconfig: Path | None = None,
+                       autoscale_interval: float | None = None) -> ServerProcess:
+        """The operator process, run with the installed Deployment's own args (local ports, the mounted table;
+        a shorter autoscaling interval when given)."""
         op = self.container("operator")
         health, metrics = free_port(), free_port()
         args = local_args(op["args"], {"--liveness": f"http://127.0.0.1:{health}/healthz",
-                                       "--profiles": self.mounted_profiles(), "--metrics-port": str(metrics)})
+                                       "--profiles": self.mounted_profiles(), "--metrics-port": str(metrics),
+                                       **({"--autoscale-interval": str(autoscale_interval)} if autoscale_interval else {})})
         return self.start([console_script(op["command"][0]), *args, "--metrics-host", "127.0.0.1",
                            "--kubeconfig", str(kubeconfig or self.kube_api.kubeconfig)], port=health, health="/healthz",
                           name=name)
@@ -97,12 +100,12 @@ class Install:
                            "--kubeconfig", str(kubeconfig or self.kube_api.kubeconfig)],
                           port=port, health="/healthz", name="gateway", env=env)
 
-    def add_model(self, namespace: str, name: str = "qwen3-small", served: str = "qwen3-0.6b"):
+    def add_model(self, namespace: str, name: str = "qwen3-small", served: str = "qwen3-0.6b", **spec):
         self.apply([NODE, {
             "apiVersion": "cxygpt.io/v1alpha1", "kind": "ModelDeployment",
             "metadata": {"name": name, "namespace": namespace},
             "spec": {"model": {"name": served, "source": "hf://Qwen/Qwen3-0.6B"}, "mode": "multi",
-                     "engine": {"kind": "sim"}}}])
+                     "engine": {"kind": "sim"}, **spec}}])
 
     def engine_deployment(self, namespace: str, name: str = "qwen3-small") -> dict | None:
         out = subprocess.run([console_script("kubectl"), "--kubeconfig", str(self.kube_api.kubeconfig),

@@ -261,8 +261,14 @@ def test_the_chart_rbac_allows_every_call_the_operator_and_gateway_make(scenario
         if peering:  # the post-install hook
             install.apply(peering)
         kubeconfigs = {c: write_kubeconfig(tmp_path / f"{c}.kubeconfig", p.url) for c, p in proxies.items()}
-        install.start_operator(kubeconfig=kubeconfigs["operator"])
+        install.start_operator(kubeconfig=kubeconfigs["operator"], autoscale_interval=0.5)
         gateway = install.start_gateway(kubeconfig=kubeconfigs["gateway"])
+        # the gateway Service's one replica, the process above, where the autoscaler reads demand
+        install.apply([{"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": "IPv4",
+                        "metadata": {"name": f"{RELEASE}-gateway-local", "namespace": NAMESPACE,
+                                     "labels": {"kubernetes.io/service-name": f"{RELEASE}-gateway"}},
+                        "ports": [{"name": "http", "port": gateway.port}],
+                        "endpoints": [{"addresses": ["127.0.0.1"], "conditions": {"ready": True}}]}])
 
         # a model in every namespace the release serves, engines made ready; then a second one that asks
         # for a served name already taken (a name conflict), a second later (timestamps have 1 s granularity)
@@ -312,6 +318,21 @@ def test_the_chart_rbac_allows_every_call_the_operator_and_gateway_make(scenario
                         json.dumps({"status": {"succeeded": 1, "conditions": [
                             {"type": "Complete", "status": "True", "reason": "CompletionsReached"}]}}))
         install.wait_engine(cached_ns, name="qwen3-cached")
+        # autoscaling: idle, the operator takes a model to zero (scale subresource); a request wakes it there (the
+        # gateway's one write) and waits for an engine that never comes here: the client gives up
+        install.add_model(namespaces[0], name="qwen3-idle", served="qwen3-idle",
+                          autoscaling={"minReplicas": 0, "maxReplicas": 2, "scaleDownDelaySeconds": 0})
+        wait_until(lambda: install.get("md", "qwen3-idle", namespaces[0])["spec"]["replicas"] == 0 and
+                   (install.get("md", "qwen3-idle", namespaces[0]).get("status") or {}).get("phase") == "ScaledToZero",
+                   timeout=30, what="the idle model at zero")
+        wait_until(lambda: any(m["id"] == "qwen3-idle" and m["state"] == "scaled_to_zero" for m in
+                               httpx.get(gateway.url + "/v1/models", timeout=5).json()["data"]), timeout=15,
+                   what="the gateway to see it at zero")
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(gateway.url + "/v1/chat/completions", timeout=2,
+                       json={"model": "qwen3-idle", "messages": [{"role": "user", "content": "wake up"}]})
+        wait_until(lambda: install.get("md", "qwen3-idle", namespaces[0])["spec"]["replicas"] >= 1, timeout=10,
+                   what="woken")
 
         # deletion: the operator's finalizer comes off
         for namespace in namespaces:
@@ -338,12 +359,19 @@ def test_the_chart_rbac_allows_every_call_the_operator_and_gateway_make(scenario
                                            ("list", "storage.k8s.io", "storageclasses"), ("list", "", "events"),
                                            ("watch", "cxygpt.io", "modeldeployments"),
                                            ("patch", "cxygpt.io", "modeldeployments/status"),
-                                           ("patch", "cxygpt.io", "modeldeployments")],
+                                           ("patch", "cxygpt.io", "modeldeployments"),
+                                           ("patch", "cxygpt.io", "modeldeployments/scale"),
+                                           ("list", "discovery.k8s.io", "endpointslices"),
+                                           ("watch", "autoscaling", "horizontalpodautoscalers")],
                               "gateway": [("list", "cxygpt.io", "modeldeployments"),
                                           ("watch", "cxygpt.io", "modeldeployments"),
-                                          ("watch", "discovery.k8s.io", "endpointslices")]}.items():
+                                          ("watch", "discovery.k8s.io", "endpointslices"),
+                                          ("patch", "cxygpt.io", "modeldeployments/scale")]}.items():
         seen = {(a.verb, a.group, a.resource) for a in calls[component]}
         assert set(needed) <= seen, f"{component}: {sorted(set(needed) - seen)} not recorded; saw {sorted(seen)}"
-    if watched:  # a namespaced release makes no namespaced call outside its namespaces
-        assert {a.namespace for c in calls.values() for a in c if a.namespace} <= set(watched)
+    if watched:  # a namespaced release makes no namespaced call outside its namespaces (and its own, for the
+        # gateway Service's endpoints)
+        assert {a.namespace for c in calls.values() for a in c if a.namespace and a.resource != "endpointslices"} \
+            <= set(watched)
+        assert {a.namespace for a in calls["operator"] if a.resource == "endpointslices"} == {NAMESPACE}
 

@@ -215,3 +215,27 @@ def test_replicas_are_bounded_and_rollout_defaults_to_surge():
     obj, _ = VALIDATOR.check(_md())
     assert obj["spec"]["rollout"] == {"strategy": "Surge"} and obj["spec"]["engine"]["trustRemoteCode"] is False
     assert "is not one of" in VALIDATOR.check(_md(rollout={"strategy": "Recreate"}))[1][0]
+
+
+def test_autoscaling_defaults_and_rules():
+    obj, errors = VALIDATOR.check(_md(autoscaling={"maxReplicas": 4}))
+    assert errors == []
+    assert obj["spec"]["autoscaling"] == {"enabled": True, "minReplicas": 1, "maxReplicas": 4,
+                                          "scaleDownDelaySeconds": 300, "scaleUpStabilizationSeconds": 0}
+    assert VALIDATOR.check(_md(autoscaling={"minReplicas": 0, "maxReplicas": 1, "targetInFlightPerReplica": 8}))[1] == []
+    for bad, words in [({"minReplicas": 5, "maxReplicas": 4}, "minReplicas must be <= autoscaling.maxReplicas"),
+                       ({"maxReplicas": 65}, "spec.autoscaling.maxReplicas"),
+                       ({"minReplicas": 0}, "'maxReplicas' is a required property"),
+                       ({"maxReplicas": 2, "targetInFlightPerReplica": 0}, "targetInFlightPerReplica"),
+                       ({"maxReplicas": 2, "scaleDownDelay": 10}, "'scaleDownDelay' was unexpected")]:
+        _, errors = VALIDATOR.check(_md(autoscaling=bad))
+        assert any(words in e for e in errors), (bad, errors)
+
+
+def test_autoscaling_status_fits_the_schema():
+    status = {"autoscaling": {"scaler": "Operator", "active": True, "scaleFromZero": True, "target": 2.0,
+                              "demand": 3.4, "gateways": "2/2", "desiredReplicas": 2,
+                              "lastScaleTime": "2026-12-01T00:00:00Z", "reason": "ScaledUp", "message": "1 -> 2",
+                              "recommendations": [{"at": "2026-12-01T00:00:00Z", "replicas": 2}]}}
+    doc = {**_md(), "status": status}
+    assert VALIDATOR.check(doc)[1] == []

@@ -22,9 +22,9 @@ RELEASE, NAMESPACE = "cxygpt", "cxygpt"
 MONITORING_APIS = ("monitoring.coreos.com/v1/ServiceMonitor", "monitoring.coreos.com/v1/PodMonitor",
                    "monitoring.coreos.com/v1/PrometheusRule")
 # custom resources kubernetes-validate has no schema for (it only warns): checked by the tests below
-CUSTOM_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule", "KopfPeering", "ClusterKopfPeering"}
+CUSTOM_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule", "KopfPeering", "ClusterKopfPeering", "ScaledObject"}
 REQUIRED_SCENARIOS = {"defaults", "ha", "redis-apikeys", "servicemonitor", "openwebui", "watch-namespace", "tenants",
-                      "network-policy"}
+                      "network-policy", "keda"}
 
 
 def helm_binary() -> str:
@@ -142,6 +142,9 @@ def test_every_rendered_object_passes_kubernetes_validate(scenario, tmp_path):
     ({"gateway": {"redis": {"url": "localhost:6379"}}}, "url"),                    # not a redis:// URL
     ({"operator": {"networkPolicy": {"metricsNamespaces": ["Mon"]}}}, "metricsNamespaces"),  # not a namespace name
     ({"operator": {"networkPolicy": {"enable": False}}}, "enable"),               # typo'd key
+    ({"modelAutoscaling": {"keda": {"models": [{"name": "m"}]}}}, "maxReplicas"),  # a required key
+    ({"modelAutoscaling": {"keda": {"models": [{"name": "m", "maxReplicas": 2, "target": 3}]}}}, "target"),
+    ({"gateway": {"coldStartTimeoutSeconds": 0}}, "coldStartTimeoutSeconds"),
 ])
 def test_bad_values_fail_on_the_schema(values, complaint, tmp_path):
     out = render_values(tmp_path, values, check=False)
@@ -163,6 +166,12 @@ def test_bad_values_fail_on_the_schema(values, complaint, tmp_path):
     ({"operator": {"networkPolicy": {"namespacePolicy": True}}}, "needs operator.watchNamespaces"),
     ({"operator": {"watchNamespaces": ["llm"], "networkPolicy": {"namespacePolicy": True, "enabled": False}}},
      "needs operator.networkPolicy.enabled"),
+    ({"modelAutoscaling": {"keda": {"enabled": True, "models": [{"name": "m", "maxReplicas": 2}]}}},
+     "needs prometheusAddress"),
+    ({"modelAutoscaling": {"keda": {"enabled": True, "prometheusAddress": "http://p:9090"}}}, "needs models"),
+    ({"modelAutoscaling": {"keda": {"enabled": True, "prometheusAddress": "http://p:9090",
+                                    "models": [{"name": "m", "minReplicas": 3, "maxReplicas": 2}]}}},
+     "m: minReplicas is greater than maxReplicas"),
 ])
 def test_bad_combinations_fail_fast(values, complaint, tmp_path):
     out = render_values(tmp_path, values, check=False)
@@ -326,7 +335,13 @@ CLUSTER_SCOPED = {"nodes", "namespaces", "customresourcedefinitions", "clusterko
 
 def test_rbac_cluster_wide_grants_through_cluster_roles_only():
     docs = render()
-    assert not find(docs, "Role") and not find(docs, "RoleBinding")
+    # but one: the gateway Service's endpoints, which the autoscaler lists in the release namespace only
+    [role] = find(docs, "Role")
+    assert role["metadata"] == {**role["metadata"], "name": f"{RELEASE}-operator-gateway-endpoints", "namespace": NAMESPACE}
+    assert grants(role) == expand(("discovery.k8s.io", "endpointslices", "list", ""))
+    [binding] = find(docs, "RoleBinding")
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": f"{RELEASE}-operator", "namespace": NAMESPACE}]
     for component in ("operator", "gateway"):
         [binding] = find(docs, "ClusterRoleBinding", f"{RELEASE}-{component}")
         assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
@@ -659,3 +674,82 @@ def test_notes_say_when_prometheus_cannot_reach_the_engines():
     assert "operator.networkPolicy.metricsNamespaces" in notes()  # engines carry scrape annotations: blocked
     assert "metricsNamespaces" not in notes("-f", str(SCENARIOS["network-policy"]))
     assert "metricsNamespaces" not in notes("--set", "operator.networkPolicy.enabled=false")
+
+
+# --- autoscaling: the operator's, or KEDA ----------------------------------------------------------------
+
+def test_autoscaling_rbac_args_and_gateway_settings(monkeypatch):
+    docs = render()
+    gateway = grants(one(docs, "ClusterRole", f"{RELEASE}-gateway"))
+    # the gateway writes the scale subresource only (a wake from zero), nothing else of a model
+    assert {g for g in gateway if g[2] not in ("get", "list", "watch")} == \
+        expand(("cxygpt.io", "modeldeployments/scale", "patch", ""))
+    operator = grants(one(docs, "ClusterRole", f"{RELEASE}-operator"))
+    assert expand(("cxygpt.io", "modeldeployments/scale", "patch", ""),
+                  ("autoscaling", "horizontalpodautoscalers", "list watch", ""),
+                  ("keda.sh", "scaledobjects", "list watch", "")) <= operator
+    args = container(docs, "operator")["args"]
+    assert f"--gateway-service={NAMESPACE}/{RELEASE}-gateway" in args and "--autoscale-interval=5" in args
+    assert one(docs, "Service", f"{RELEASE}-gateway")["metadata"]["namespace"] == NAMESPACE
+    gateway_env = env(container(docs, "gateway"))
+    for name in ("CXYGPT_COLD_START_TIMEOUT_S", "CXYGPT_DEMAND_WINDOW_S"):   # settings the gateway reads
+        monkeypatch.setenv(name, gateway_env[name])
+    from cxygpt_gateway.settings import GatewaySettings
+    settings = GatewaySettings()
+    assert (settings.cold_start_timeout_s, settings.demand_window_s) == (600, 10)
+    # with watched namespaces the scale rules come with the namespaced ones
+    watched = render("watch-namespace")
+    for role in find(watched, "Role", f"{RELEASE}-gateway"):
+        assert ("cxygpt.io", "modeldeployments/scale", "patch", "") in grants(role)
+    for role in find(watched, "Role", f"{RELEASE}-operator"):
+        assert ("autoscaling", "horizontalpodautoscalers", "list", "") in grants(role)
+
+
+# KEDA v2's ScaledObject as its CRD has it, for the fields the chart sets (kubernetes-validate has no schema for it)
+SCALED_OBJECT = {
+    "type": "object", "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "keda.sh/v1alpha1"}, "kind": {"const": "ScaledObject"},
+        "metadata": {"type": "object", "required": ["name", "namespace"]},
+        "spec": {"type": "object", "required": ["scaleTargetRef", "triggers"], "additionalProperties": False,
+                 "properties": {
+                     "scaleTargetRef": {"type": "object", "required": ["name"], "additionalProperties": False,
+                                        "properties": {"apiVersion": {"type": "string"}, "kind": {"type": "string"},
+                                                       "name": {"type": "string"}, "envSourceContainerName": {"type": "string"}}},
+                     "minReplicaCount": {"type": "integer", "minimum": 0}, "maxReplicaCount": {"type": "integer", "minimum": 1},
+                     "pollingInterval": {"type": "integer"}, "cooldownPeriod": {"type": "integer"},
+                     "idleReplicaCount": {"type": "integer"}, "advanced": {"type": "object"}, "fallback": {"type": "object"},
+                     "triggers": {"type": "array", "minItems": 1, "items": {
+                         "type": "object", "required": ["type", "metadata"], "additionalProperties": False,
+                         "properties": {"type": {"type": "string"}, "name": {"type": "string"},
+                                        "metricType": {"enum": ["AverageValue", "Value", "Utilization"]},
+                                        "useCachedMetrics": {"type": "boolean"},
+                                        "metadata": {"type": "object", "additionalProperties": {"type": "string"}},
+                                        "authenticationRef": {"type": "object"}}}}}}}}
+
+
+def test_keda_scaled_objects_scale_the_listed_models_on_the_gateway_demand():
+    assert not find(render(), "ScaledObject")
+    docs = render("keda")
+    objects = {o["metadata"]["name"]: o for o in find(docs, "ScaledObject")}
+    assert set(objects) == {"qwen3-14b", "qwen3-small"}
+    for obj in objects.values():
+        jsonschema.validate(obj, SCALED_OBJECT)
+        assert obj["spec"]["scaleTargetRef"] == {"apiVersion": "cxygpt.io/v1alpha1", "kind": "ModelDeployment",
+                                                 "name": obj["metadata"]["name"]}
+        [trigger] = obj["spec"]["triggers"]
+        assert trigger["type"] == "prometheus" and trigger["metricType"] == "AverageValue"
+        assert trigger["metadata"]["serverAddress"] == "http://prometheus-server.monitoring.svc:80"
+        assert trigger["metadata"]["activationThreshold"] == "0"   # from zero as soon as a request waits
+    big, small = objects["qwen3-14b"], objects["qwen3-small"]
+    assert big["metadata"]["namespace"] == "llm" and small["metadata"]["namespace"] == NAMESPACE
+    assert (big["spec"]["minReplicaCount"], big["spec"]["maxReplicaCount"]) == (0, 4)
+    assert (small["spec"]["minReplicaCount"], small["spec"]["maxReplicaCount"]) == (1, 2)
+    assert big["spec"]["triggers"][0]["metadata"]["query"] == 'sum(cxygpt_gateway_demand{model="qwen3-14b"})'
+    assert small["spec"]["triggers"][0]["metadata"]["query"] == 'sum(cxygpt_gateway_demand{model="qwen3-0.6b"})'
+    assert (big["spec"]["triggers"][0]["metadata"]["threshold"], small["spec"]["triggers"][0]["metadata"]["threshold"]) \
+        == ("16", "8")
+    # the metric the query reads is the one the gateway exports, under that name
+    from cxygpt_operator.demand import DEMAND_METRIC
+    assert DEMAND_METRIC == "cxygpt_gateway_demand"
+

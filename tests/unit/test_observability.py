@@ -15,6 +15,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from cxygpt_gateway.admission.queue import ModelQueue
+from cxygpt_gateway.demand import DemandWindow
 from cxygpt_gateway.metrics import GatewayMetrics
 from cxygpt_operator import logs as operator_logs
 from cxygpt_operator.main import parse_args
@@ -72,7 +73,7 @@ def test_dashboard_shape():
 def _gateway_page() -> str:
     queue = ModelQueue(queue_size=4, max_concurrency=2)
     queue.set_backends(["http://a:8000", "http://b:8000"])
-    route = SimpleNamespace(name="qwen3-14b", queue=queue, is_degraded=lambda: False)
+    route = SimpleNamespace(name="qwen3-14b", queue=queue, is_degraded=lambda: False, demand=DemandWindow(10))
     m = GatewayMetrics(lambda: [route])
     m.requests.labels("qwen3-14b", "200").inc()
     m.rejections.labels("qwen3-14b", "queue_full").inc()
@@ -85,6 +86,7 @@ def _gateway_page() -> str:
     m.degrade_transitions.labels("qwen3-14b").inc()
     m.ratelimit_storage_errors.inc()
     m.client_disconnects.labels("qwen3-14b").inc()
+    m.wakes.labels("qwen3-14b", "woken").inc()
     return generate_latest(m.registry).decode()
 
 
@@ -97,13 +99,14 @@ def test_gateway_metrics_follow_prometheus_naming():
             assert name.endswith("_seconds"), name  # base unit in the name
         labels = {k for s in family.samples for k in s.labels}
         # bounded label sets: the configured model, the HTTP status, code-defined reasons; never a key or prompt
-        assert labels <= {"model", "code", "reason", "kind", "le"}, (name, labels)
+        assert labels <= {"model", "code", "reason", "kind", "result", "le"}, (name, labels)
     counters = [s.name for f in families.values() if f.type == "counter" for s in f.samples
                 if not s.name.endswith("_created")]
     assert counters and all(s.endswith("_total") for s in counters)
     assert 'cxygpt_gateway_queue_capacity{model="qwen3-14b"} 4.0' in page
     assert 'cxygpt_gateway_concurrency_limit{model="qwen3-14b"} 2.0' in page
     assert 'cxygpt_gateway_backends_routable{model="qwen3-14b"} 2.0' in page
+    assert 'cxygpt_gateway_demand{model="qwen3-14b"} 0.0' in page
     if PROMTOOL:
         check = promtool("check", "metrics", stdin=page)
         assert check.returncode == 0, check.stdout + check.stderr

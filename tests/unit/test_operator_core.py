@@ -502,3 +502,27 @@ def test_a_model_still_loading_is_never_a_stalled_rollout(case):
     dep = _manifests(case)[0]
     probe = dep["spec"]["template"]["spec"]["containers"][0]["startupProbe"]
     assert dep["spec"]["progressDeadlineSeconds"] > probe["periodSeconds"] * probe["failureThreshold"]
+
+
+def test_parse_spec_reads_autoscaling_when_on():
+    base = {"model": {"name": "m", "source": "hf://Org/Model"}}
+    assert parse_spec(base).autoscaling is None
+    assert parse_spec({**base, "autoscaling": {"enabled": False, "maxReplicas": 3}}).autoscaling is None
+    scaling = parse_spec({**base, "autoscaling": {"minReplicas": 0, "maxReplicas": 3}}).autoscaling
+    assert (scaling.min_replicas, scaling.max_replicas, scaling.target, scaling.scale_down_delay_s) == (0, 3, None, 300)
+    assert scaling.policy(default_target=64).target == 64
+    for bad, message in [({"maxReplicas": 2, "minReplicas": 3}, "minReplicas must be <="),
+                         ({"minReplicas": 0}, "maxReplicas is required"),
+                         ({"maxReplicas": 100}, "maxReplicas must be an integer from 1 to 64")]:
+        with pytest.raises(SpecError, match=message):
+            parse_spec({**base, "autoscaling": bad})
+
+
+def test_a_model_scaled_to_zero_by_the_autoscaler_says_so():
+    spec = parse_spec({"model": {"name": "qwen3-14b", "source": "hf://Qwen/Qwen3-14B"}, "replicas": 0,
+                       "autoscaling": {"minReplicas": 0, "maxReplicas": 2, "scaleDownDelaySeconds": 120}})
+    sel = resolve(spec, [GpuNode(81559, 1, "h100", "NVIDIA-H100-80GB-HBM3")], TABLE, CATALOG)
+    status = build_status(OWNER, spec, sel, table=TABLE, deployment=None, image="i", args=[], previous={}, now=NOW)
+    available = next(c for c in status["conditions"] if c["type"] == "Available")
+    assert status["phase"] == "ScaledToZero" and available["reason"] == "ScaledToZero"
+    assert "autoscaler after 120 s without requests" in available["message"]

@@ -140,3 +140,11 @@ def test_a_missing_catalog_falls_back_to_full_length_sequences(monkeypatch):
     monkeypatch.setattr(sim_config, "default_catalog", unavailable)
     config, _ = parse_config(["Qwen/Qwen3-8B", "--max-model-len", "1024", "--max-num-seqs", "4"], env={})
     assert config.kv_tokens == 4096 and "catalog unavailable" in config.kv_explanation
+
+
+def test_the_model_load_time_from_the_flag_or_the_environment():
+    assert parse_config(["m"], env={})[0].load_s == 0
+    assert parse_config(["m"], env={"CXYGPT_SIM_LOAD_S": "2.5"})[0].load_s == 2.5
+    assert parse_config(["m", "--sim-load-s", "1"], env={"CXYGPT_SIM_LOAD_S": "2.5"})[0].load_s == 1
+    with pytest.raises(ConfigError, match="CXYGPT_SIM_LOAD_S"):
+        parse_config(["m"], env={"CXYGPT_SIM_LOAD_S": "-1"})

@@ -143,18 +143,27 @@ def _output_cap(target: "ModelRoute", caller: Caller, degraded: bool, requested:
     return min(requested or cap, cap)
 
 
-async def _wait_in_line(ex: Exchange, target: "ModelRoute", priority: int, key: int | None) -> "Slot":
-    """The next free slot, within the queue timeout; a client that leaves meanwhile leaves the line at once."""
+async def _wait_in_line(ex: Exchange, target: "ModelRoute", priority: int, key: int | None,
+                        cold_start_s: float) -> "Slot":
+    """The next free slot, within the queue timeout (the cold-start timeout while the model has no replica that
+    could ever free one: it is starting from zero); a client that leaves meanwhile leaves the line at once."""
+    cold = not target.queue.routable()
+    wait_s = cold_start_s if cold else target.limits.timeouts.queue_s
     try:
         with ex.watched():
-            with ex.deadline(target.limits.timeouts.queue_s):
+            with ex.deadline(wait_s):
                 return await target.queue.wait(priority, key)
     except ClientLeft:
         raise GatewayError(499, "client closed the request while it waited in the queue",
                            code="client_closed_request", reason="client_gone_while_queued") from None
     except TimeoutError:
-        raise GatewayError(503, f"waited {target.limits.timeouts.queue_s:g} s in the queue of model {target.name} "
-                                "without a free slot", code="queue_timeout", reason="queue_timeout",
+        if cold and not target.queue.routable():
+            why = target.spec.unavailable.message if target.spec.unavailable else "no replica is ready"
+            raise GatewayError(503, f"model {target.name} got no ready replica within {wait_s:g} s of this request "
+                                    f"(the cold-start timeout): {why}", code="cold_start_timeout",
+                               reason="cold_start_timeout", retry_after=30) from None
+        raise GatewayError(503, f"waited {wait_s:g} s in the queue of model {target.name} without a free slot",
+                           code="queue_timeout", reason="queue_timeout",
                            retry_after=target.queue.retry_after()) from None
 
 
@@ -170,10 +179,11 @@ def _routing_key(target: "ModelRoute", req: OpenAIRequest, session: str | None) 
     return request_key(req.kind, req.body, session)
 
 
-async def _take_slot(ex: Exchange, target: "ModelRoute", priority: int, key: int | None) -> "Slot":
+async def _take_slot(ex: Exchange, target: "ModelRoute", priority: int, key: int | None,
+                     cold_start_s: float) -> "Slot":
     """A slot now or after a wait in line; each outcome is an arrival for the degradation monitor."""
     try:
-        slot = target.queue.try_take(key) or await _wait_in_line(ex, target, priority, key)
+        slot = target.queue.try_take(key) or await _wait_in_line(ex, target, priority, key, cold_start_s)
     except GatewayError as e:
         if target.degrade_enabled and e.reason in SHED_REASONS:
             target.degrade.observe_arrival(shed=True)
@@ -214,14 +224,21 @@ async def admit(gw: "Gateway", ex: Exchange, kind: Kind) -> Admitted:
                                                           if route.spec.task == "embed" else
                                                           "does not serve embeddings (it generates text)"),
                            code="model_not_supported", param="model", reason="wrong_task")
+    route.demand.arrived()
     degraded = route.is_degraded()
     ex.degraded = degraded
 
     target = route
     if not route.routable():
+        # an autoscaled model wakes (from zero) and the request waits for its first replica, unless a fallback serves
+        cold = route.spec.scale_from_zero is not None
+        if cold:
+            gw.waker.wake(route.name, route.spec.scale_from_zero)
         target = _fallback(gw, route)
         if target is None:
-            raise no_ready_replica(route.name, route.spec.unavailable)
+            if not cold:
+                raise no_ready_replica(route.name, route.spec.unavailable)
+            target = route
     scopes = _rate_scopes(route, caller)
     if scopes:
         await gw.limiter.admit(scopes)
@@ -232,7 +249,7 @@ async def admit(gw: "Gateway", ex: Exchange, kind: Kind) -> Admitted:
     upstream_body = _upstream_body(gw, req, target, max_tokens, target_degraded)
 
     key = _routing_key(target, req, headers.get(SESSION_HEADER))
-    slot = await _take_slot(ex, target, caller.tier.priority, key)
+    slot = await _take_slot(ex, target, caller.tier.priority, key, gw.settings.cold_start_timeout_s)
     return Admitted(gateway=gw, request_id=request_id, caller=caller, route=route, target=target, req=req,
                     upstream_body=upstream_body, scopes=scopes, degraded=degraded, input_tokens=input_tokens,
                     max_tokens=max_tokens, slot=slot, arrived=arrived)

@@ -62,6 +62,7 @@ class ModelQueue:
         self._seq = itertools.count()
         self.waiting = 0
         self.service_s_ewma = 1.0  # seed for Retry-After before any request finished
+        self.hold_empty = False    # with no routable replica, wait in line (a cold start) instead of a 503
 
     def set_backends(self, urls: Iterable[str]) -> None:
         """Replace the replica set; requests in flight on a removed replica finish and release normally."""
@@ -113,7 +114,7 @@ class ModelQueue:
             if backend is not None:
                 backend.outstanding += 1
                 return Slot(self, backend, self.clock(), 0.0, key, choice)
-        if not self.routable():
+        if not self.routable() and not self.hold_empty:
             raise GatewayError(503, "no ready replica for this model right now", code="no_ready_replica",
                                reason="no_ready_replica", retry_after=5)
         if self.waiting >= self.queue_size:

@@ -15,6 +15,14 @@ class Unavailable:
 
 
 @dataclass(frozen=True)
+class ScaleTarget:
+    """The ModelDeployment a request wakes from zero replicas (its autoscaler holds the requests meanwhile)."""
+    namespace: str
+    name: str
+    replicas: int   # its spec.replicas as last seen
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     name: str                                  # the OpenAI model name clients send
     urls: tuple[str, ...]                      # base URLs of the replicas (no /v1)
@@ -29,6 +37,7 @@ class ModelSpec:
     task: Literal["generate", "embed"] = "generate"  # embed: /v1/embeddings only
     routing_policy: str | None = None          # unset: the gateway's default (routing.resolve)
     routing_epsilon: float | None = None
+    scale_from_zero: ScaleTarget | None = None  # autoscaled: with no ready replica, requests wait and wake it
 
     @property
     def served_name(self) -> str:
@@ -51,3 +60,6 @@ class Discovery(Protocol):
         """Report the current models, then keep reporting changes until stop()."""
 
     async def stop(self) -> None: ...
+
+    # A source whose models can be woken from zero also has:
+    # async def wake(self, target: ScaleTarget) -> str: "woken", "awake" (not at zero any more) or "failed: why"

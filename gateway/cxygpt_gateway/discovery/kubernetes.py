@@ -12,7 +12,7 @@ from cxygpt_profiles import Limits
 from pydantic import ValidationError
 
 from ..routing import MAX_EPSILON, POLICIES
-from .base import ModelSink, ModelSpec, Unavailable
+from .base import ModelSink, ModelSpec, ScaleTarget, Unavailable
 
 log = logging.getLogger("cxygpt.gateway.kubernetes")
 GROUP_VERSION = "cxygpt.io/v1alpha1"
@@ -24,6 +24,10 @@ WATCH_TIMEOUT_S = 300      # the server ends each watch after this; the loop re-
 INITIAL_SYNC_S = 10.0      # how long start() waits for the first lists before serving anyway
 MAX_BACKOFF_S = 30.0
 LIST_TIMEOUT_S = 30.0
+WAKE_TIMEOUT_S = 10.0
+# 0 -> 1 only if it is still 0: of several gateways (or requests) waking a model at once, one write wins
+WAKE_PATCH = orjson.dumps([{"op": "test", "path": "/spec/replicas", "value": 0},
+                           {"op": "replace", "path": "/spec/replicas", "value": 1}])
 # what is watched: plural → (group/version, label selector)
 PLURALS = {"modeldeployments": (GROUP_VERSION, None),
            "endpointslices": ("discovery.k8s.io/v1", ENGINE_SLICES)}
@@ -59,6 +63,9 @@ def why_unavailable(md: dict) -> Unavailable:
     name, phase = (spec.get("model") or {}).get("name"), status.get("phase")
     ready = status.get("ready") or f"0/{spec.get('replicas', 1)}"
     trouble = _condition(status, "Degraded").get("message") or _condition(status, "Available").get("message")
+    if (spec.get("replicas") == 0 or phase == "ScaledToZero") and scale_target(md):
+        return Unavailable(f"model {name} is scaled to zero for want of requests; a request starts it",
+                           retry_after_s=30)
     if spec.get("replicas") == 0 or phase == "ScaledToZero":
         return Unavailable(f"model {name} is scaled to zero (spec.replicas is 0)", retry_after_s=30)
     if phase == "Failed":
@@ -75,6 +82,16 @@ def why_unavailable(md: dict) -> Unavailable:
     if phase in ("Ready", "PartiallyReady"):
         return Unavailable(f"model {name} is restarting: none of its replicas is ready right now", retry_after_s=5)
     return Unavailable(f"model {name} is being set up (the operator has not reported on it yet)", retry_after_s=5)
+
+
+def scale_target(md: dict) -> ScaleTarget | None:
+    """Where a request wakes this model from zero replicas: when its autoscaler scales from zero (the operator says
+    so in status.autoscaling) and it is not failing (waiting for an engine that crash-loops helps no one)."""
+    meta, status = md.get("metadata") or {}, md.get("status") or {}
+    if not (status.get("autoscaling") or {}).get("scaleFromZero") or status.get("phase") == "Failed":
+        return None
+    replicas = (md.get("spec") or {}).get("replicas", 1)
+    return ScaleTarget(meta.get("namespace") or "", meta.get("name") or "", replicas if isinstance(replicas, int) else 1)
 
 
 def _claim(md: dict) -> tuple[str, str]:
@@ -126,7 +143,7 @@ def spec_from_modeldeployment(md: dict, slices: list[dict]) -> ModelSpec | Unava
                      mode="single" if status.get("mode") == "single" else "multi", profile=status.get("profile"),
                      fallback=spec.get("fallbackModel"), unavailable=None if urls else why_unavailable(md),
                      task="embed" if (spec.get("model") or {}).get("task") == "embed" else "generate",
-                     routing_policy=policy, routing_epsilon=epsilon)
+                     routing_policy=policy, routing_epsilon=epsilon, scale_from_zero=scale_target(md))
 
 
 def routing_of(spec: dict) -> tuple[str | None, float | None]:
@@ -269,6 +286,22 @@ class KubernetesDiscovery:
                 else:
                     continue  # BOOKMARK
                 self._publish()
+
+    async def wake(self, target: ScaleTarget) -> str:
+        """spec.replicas 0 -> 1 through the scale subresource (the gateway may change the count and nothing else
+        of the model), only while it is 0; the operator's autoscaler takes it from there."""
+        url = f"{self._path(GROUP_VERSION, 'modeldeployments', target.namespace)}/{target.name}/scale"
+        try:
+            async with self.session.patch(url, data=WAKE_PATCH, ssl=self.api.ssl_context(),
+                                          headers={**self.api.headers(), "Content-Type": "application/json-patch+json"},
+                                          timeout=aiohttp.ClientTimeout(total=WAKE_TIMEOUT_S)) as r:
+                if r.status == 200:
+                    return "woken"
+                if r.status in (409, 422):  # the test failed: someone else woke it, or it is not at zero
+                    return "awake"
+                return f"failed: {r.status} {(await r.text())[:200]}"
+        except (aiohttp.ClientError, TimeoutError) as e:
+            return f"failed: {e!r}"
 
     def _all(self, plural: str) -> dict[tuple[str, str], dict]:
         merged: dict[tuple[str, str], dict] = {}

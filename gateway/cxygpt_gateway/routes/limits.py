@@ -25,7 +25,8 @@ def model_view(route) -> dict:
             "degraded_reason": route.degrade.reason if degraded else None,
             "auto_degrade": route.degrade_enabled, "routable": route.routable(), "fallback": route.spec.fallback,
             "queue_depth": route.queue.waiting, "in_flight": route.queue.in_flight,
-            "routing": {"policy": route.routing.policy, "epsilon": route.routing.epsilon}}
+            "routing": {"policy": route.routing.policy, "epsilon": route.routing.epsilon},
+            "state": route.state(), "scale_from_zero": route.spec.scale_from_zero is not None}
 
 
 @router.get("/v1/limits", summary="Limits in force: the default (or ?model=) model's, every model's, the key's")

@@ -1,4 +1,4 @@
-"""OpenAI API: chat and text completions, responses and embeddings (relayed), and the models routable now."""
+"""OpenAI API: chat and text completions, responses and embeddings (relayed), and the models that take requests."""
 from __future__ import annotations
 
 import time
@@ -58,14 +58,20 @@ async def embeddings():
 
 def _model(route) -> dict:
     return {"id": route.name, "object": "model", "created": STARTED, "owned_by": "cxygpt",
-            "max_input_tokens": route.limits.max_input_tokens, "max_output_tokens": route.limits.max_output_tokens}
+            "max_input_tokens": route.limits.max_input_tokens, "max_output_tokens": route.limits.max_output_tokens,
+            "state": route.state()}
 
 
-@router.get("/v1/models", summary="Models with at least one routable backend",
-            dependencies=[Depends(authenticated)])
+def _listed(route) -> bool:
+    """Served now, or as soon as the replica a request wakes is ready (an autoscaled model at zero)."""
+    return route.state() != "unavailable"
+
+
+@router.get("/v1/models", summary="Models that take requests: a routable backend, or autoscaled from zero "
+                                  "(state says which)", dependencies=[Depends(authenticated)])
 async def models(request: Request):
     registry = request.app.state.gateway.registry
-    return json_response({"object": "list", "data": [_model(r) for r in registry.routable()]})
+    return json_response({"object": "list", "data": [_model(r) for r in registry.routes.values() if _listed(r)]})
 
 
 @router.get("/v1/models/{model:path}", summary="One model, as listed by GET /v1/models",
@@ -73,7 +79,7 @@ async def models(request: Request):
 async def model(request: Request, model: str):
     registry = request.app.state.gateway.registry
     route = registry.get(model)
-    if route is not None and route.routable():
+    if route is not None and _listed(route):
         return json_response(_model(route))
     why = registry.reserved.get(model) or (route.spec.unavailable if route is not None else None)
     raise GatewayError(404, f"The model `{model}` does not exist" if route is None and why is None else

@@ -1,0 +1,136 @@
+"""Scale from zero in the gateway app (ASGI): requests for an autoscaled model at zero wait in its queue, wake it
+once, and are served by its first replica; the others are refused as before."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+
+import httpx
+import pytest
+from aiohttp import web
+from asgi_support import upstream_serving
+from cxygpt_profiles import default_table
+
+from cxygpt_gateway.app import create_app
+from cxygpt_gateway.discovery.base import ModelSpec, ScaleTarget, Unavailable
+from cxygpt_gateway.settings import GatewaySettings
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+ASLEEP = Unavailable("model m is scaled to zero for want of requests; a request starts it", retry_after_s=30)
+
+
+class ZeroDiscovery:
+    """One autoscaled model at zero replicas (or, with scale=False, one that is not autoscaled); `wake` is
+    recorded, and `ready(url)` is the first replica's endpoint turning ready."""
+
+    def __init__(self, scale: bool = True):
+        limits = default_table().get("DEV_32G").limits.model_copy(update={"queue_size": 3})
+        self.spec = ModelSpec(name="m", urls=(), limits=limits, mode="multi", profile="DEV_32G",
+                              unavailable=ASLEEP, scale_from_zero=ScaleTarget("llm", "m", 0) if scale else None)
+        self.wakes: list[ScaleTarget] = []
+        self.sink = None
+
+    async def start(self, sink):
+        self.sink = sink
+        sink.upsert(self.spec)
+
+    async def stop(self):
+        pass
+
+    async def wake(self, target):
+        self.wakes.append(target)
+        self.spec = dataclasses.replace(self.spec, scale_from_zero=dataclasses.replace(target, replicas=1))
+        self.sink.upsert(self.spec)
+        return "woken"
+
+    def ready(self, url):
+        self.spec = dataclasses.replace(self.spec, urls=(url,), unavailable=None)
+        self.sink.upsert(self.spec)
+
+    def fail(self, why):
+        self.spec = dataclasses.replace(self.spec, scale_from_zero=None, unavailable=Unavailable(why, 60))
+        self.sink.upsert(self.spec)
+
+
+async def _chat(request: web.Request) -> web.Response:
+    body = await request.json()
+    return web.json_response({"id": "x", "object": "chat.completion", "model": body["model"],
+                              "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"},
+                                           "finish_reason": "stop"}],
+                              "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}})
+
+
+@contextlib.asynccontextmanager
+async def gateway(discovery, **settings):
+    app = create_app(GatewaySettings(kubernetes=False, demand_window_s=1, **settings), discovery=discovery)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gateway", timeout=10) as client:
+            yield client, app.state.gateway
+
+
+async def until(predicate, timeout=5.0):
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+async def engine():
+    async with upstream_serving({("POST", "/v1/chat/completions"): _chat}) as url:
+        yield url
+
+
+async def test_requests_at_zero_wait_wake_the_model_once_and_are_served_by_its_first_replica(engine):
+    discovery = ZeroDiscovery()
+    async with gateway(discovery) as (client, gw):
+        listed = (await client.get("/v1/models")).json()["data"]
+        assert [(m["id"], m["state"]) for m in listed] == [("m", "scaled_to_zero")]
+        assert (await client.get("/v1/models/m")).json()["state"] == "scaled_to_zero"
+        limits = (await client.get("/v1/limits")).json()["models"]["m"]
+        assert limits["state"] == "scaled_to_zero" and limits["scale_from_zero"] and not limits["routable"]
+
+        calls = [asyncio.create_task(client.post("/v1/chat/completions", json=CHAT)) for _ in range(2)]
+        await until(lambda: gw.registry.get("m").queue.waiting == 2)
+        assert [w.name for w in discovery.wakes] == ["m"]              # one wake for both
+        assert (await client.get("/v1/models")).json()["data"][0]["state"] == "starting"
+        await until(lambda: gw.registry.get("m").demand.value() >= 1)   # waiting is demand
+        metrics = (await client.get("/metrics")).text
+        assert 'cxygpt_gateway_scale_from_zero_wakes_total{model="m",result="woken"} 1.0' in metrics
+        assert 'cxygpt_gateway_demand{model="m"}' in metrics
+        discovery.ready(engine)
+        answers = await asyncio.wait_for(asyncio.gather(*calls), 5)
+        assert [a.status_code for a in answers] == [200, 200]
+        assert (await client.get("/v1/models")).json()["data"][0]["state"] == "ready"
+
+
+async def test_a_client_that_leaves_leaves_the_queue_and_the_cold_start_timeout_answers_503(engine):
+    async with gateway(ZeroDiscovery(), cold_start_timeout_s=0.5) as (client, gw):
+        leaving = asyncio.create_task(client.post("/v1/chat/completions", json=CHAT))
+        await until(lambda: gw.registry.get("m").queue.waiting == 1)
+        leaving.cancel()
+        await asyncio.gather(leaving, return_exceptions=True)
+        await until(lambda: gw.registry.get("m").queue.waiting == 0)
+        r = await client.post("/v1/chat/completions", json=CHAT)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "cold_start_timeout"
+        assert "0.5 s" in r.json()["error"]["message"] and r.headers["retry-after"] == "30"
+
+
+async def test_a_held_request_hears_at_once_when_the_model_fails_to_start():
+    discovery = ZeroDiscovery()
+    async with gateway(discovery) as (client, gw):
+        call = asyncio.create_task(client.post("/v1/chat/completions", json=CHAT))
+        await until(lambda: gw.registry.get("m").queue.waiting == 1)
+        discovery.fail("model m cannot serve: pod m-1: engine exited with code 1")
+        r = await asyncio.wait_for(call, 2)
+        assert r.status_code == 503 and "engine exited" in r.json()["error"]["message"]
+
+
+async def test_a_model_at_zero_without_autoscaling_is_refused_at_once_as_before():
+    discovery = ZeroDiscovery(scale=False)
+    async with gateway(discovery) as (client, gw):
+        assert (await client.get("/v1/models")).json()["data"] == []
+        r = await client.post("/v1/chat/completions", json=CHAT)
+        assert r.status_code == 503 and r.headers["retry-after"] == "30" and "scaled to zero" in r.json()["error"]["message"]
+        assert discovery.wakes == [] and gw.registry.get("m").queue.waiting == 0
