@@ -30,6 +30,7 @@ class Dev:
         assert self.proc.poll() is None, (tmp / "dev.log").read_text()
         info = json.loads((self.state / "ready").read_text())
         self.kubeconfig, self.api = info["kubeconfig"], info["api"]
+        self.hub, self.hub_root = info.get("hub"), Path(info["hub_root"]) if info.get("hub_root") else None
         self.client = openai.OpenAI(base_url=self.gateway + "/v1", api_key="none", max_retries=0, timeout=30)
 
     def kubectl(self, *args, stdin=None, check=True):

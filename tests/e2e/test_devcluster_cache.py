@@ -9,50 +9,28 @@ import subprocess
 from pathlib import Path
 
 import httpx
-import openai
 import pytest
 import yaml
 
 from cxygpt_dev.hub import make_repo
-from harness import console_script, free_port, wait_until
+from harness import wait_until
+from test_devcluster import Dev as DevCluster
 
 pytestmark = pytest.mark.timeout(240)
 MIB = 2**20
 
 
-class Dev:
-    def __init__(self, tmp: Path):
-        self.state = tmp / "state"
-        self.gateway = f"http://127.0.0.1:{(port := free_port())}"
-        self.log = open(tmp / "dev.log", "wb")
-        self.proc = subprocess.Popen([console_script("cxygpt-dev"), "up", "--no-examples", "--state-dir",
-                                      str(self.state), "--gateway-port", str(port), "--hub-rate-mib-s", "8"],
-                                     stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp)
-        wait_until(lambda: (self.state / "ready").exists() or self.proc.poll() is not None, timeout=60,
-                   what="cxygpt-dev ready")
-        assert self.proc.poll() is None, (tmp / "dev.log").read_text()
-        info = json.loads((self.state / "ready").read_text())
-        self.kubeconfig, self.hub, self.hub_root = info["kubeconfig"], info["hub"], Path(info["hub_root"])
-        self.client = openai.OpenAI(base_url=self.gateway + "/v1", api_key="none", max_retries=0, timeout=30)
+class Dev(DevCluster):
+    """The dev cluster with its Hub slowed to 8 MiB/s, so a download can be killed in the middle."""
 
-    def kubectl(self, *args, stdin=None, check=True):
-        out = subprocess.run([console_script("kubectl"), "--kubeconfig", self.kubeconfig, "--cache-dir",
-                              str(self.state / "kc"), *args], capture_output=True, text=True, input=stdin, timeout=60)
-        if check and out.returncode != 0:
-            raise AssertionError(f"kubectl {args}: {out.stderr}")
-        return out
+    def __init__(self, tmp: Path):
+        super().__init__(tmp, "--hub-rate-mib-s", "8")
 
     def status(self, name):
-        return json.loads(self.kubectl("get", "md", name, "-o", "json").stdout).get("status") or {}
+        return self.md(name).get("status") or {}
 
     def stats(self):
         return httpx.get(self.hub + "/_dev/stats").json()
-
-    def stop(self):
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGINT)
-            self.proc.wait(timeout=40)
-        self.log.close()
 
 
 def cached_md(name, repo, *, replicas=1):
