@@ -15,7 +15,9 @@ NO_HEALTH_CHECKS = {"CXYGPT_HEALTH_INTERVAL_S": "3600"}
 
 
 def gateway_for(tmp_path, *sims, env=NO_HEALTH_CHECKS):
-    config = {"models": [{"name": "m", "urls": [s.url for s in sims], "profile": "SRV_MULTI_80G"}]}
+    # least-load: idle replicas are taken in the order listed, whatever their ports hash to (prefix routing)
+    config = {"models": [{"name": "m", "urls": [s.url for s in sims], "profile": "SRV_MULTI_80G",
+                          "routing": {"policy": "least-load"}}]}
     return start_gateway(tmp_path, config, env=env)
 
 
@@ -65,7 +67,9 @@ def test_a_replica_back_after_its_pause_serves_again(tmp_path):
 def test_a_refused_request_waits_ahead_of_the_line_when_the_other_replicas_are_busy(tmp_path):
     alive = start_sim(tmp_path, "m", ttft_ms=1, itl_ms=20)
     doomed = start_sim(tmp_path, "m", ttft_ms=1, itl_ms=1)
+    # least-load, so the first request takes the first replica listed (`alive`) whatever the ports hash to
     config = {"models": [{"name": "m", "urls": [alive.url, doomed.url], "profile": "SRV_MULTI_80G",
+                          "routing": {"policy": "least-load"},
                           "limits": {"max_concurrency": 1, "timeouts": {"queue_s": 10}}}]}
     gateway = start_gateway(tmp_path, config, env=NO_HEALTH_CHECKS)
     try:
