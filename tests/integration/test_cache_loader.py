@@ -62,17 +62,33 @@ def test_a_download_is_pinned_verified_and_recorded(hub, tmp_path):
     # the weights came as the Hub serves LFS files: a redirect to another origin, a signed URL there
     assert stats(hub)["files"]["model.safetensors"] == 3 * MIB
 
-    # a second run downloads nothing; a corrupted file is found, removed, and downloaded again next time
+    # a second run downloads nothing
     before = stats(hub)["bytes"]
     assert load(hub, tmp_path, "test/tiny")[0] == 0 and stats(hub)["bytes"] == before
     weights = tmp_path / "claim/test/tiny/model.safetensors"
-    with open(weights, "r+b") as f:
-        f.seek(1000)
-        f.write(b"X")
+    meta = tmp_path / "claim/test/tiny/.cache/huggingface/download/model.safetensors.metadata"
+    written_at = float(meta.read_text().splitlines()[2])
+
+    def corrupt(mtime: float) -> None:
+        with open(weights, "r+b") as f:
+            f.seek(1000)
+            f.write(b"X")
+        os.utime(weights, (mtime, mtime))
+
+    # huggingface_hub trusts a file changed within 1 s of its record (mtime is imprecise, it says): our own
+    # check finds it, removes it, and the next attempt downloads it again
+    corrupt(written_at)
     code, lines, result = load(hub, tmp_path, "test/tiny")
     assert code == 1 and result["reason"] == "VerificationFailed" and "model.safetensors" in result["message"]
     assert not weights.exists()
     assert load(hub, tmp_path, "test/tiny")[0] == 0 and weights.stat().st_size == 3 * MIB
+    # a file changed later than that huggingface_hub hashes again, and downloads in the same attempt
+    written_at = float(meta.read_text().splitlines()[2])
+    before = stats(hub)["files"]["model.safetensors"]
+    corrupt(written_at + 5)
+    assert load(hub, tmp_path, "test/tiny")[0] == 0
+    assert stats(hub)["files"]["model.safetensors"] == before + 3 * MIB
+    assert (tmp_path / "claim/.cxygpt-cache.json").exists()
 
 
 def test_a_killed_download_resumes_where_it_stopped(hub, tmp_path):

@@ -202,4 +202,6 @@ def test_an_operator_restart_keeps_the_decisions(scaled):
     elapsed = time.monotonic() - quiet
     # counted from the last demand, not from the restart (which would be more than 1 + 10) nor at once
     assert 10 - 0.5 <= elapsed < 1 + 10 + 0.5, elapsed
-    assert c.md("chat")["status"]["autoscaling"]["lastScaleMessage"] == "3 -> 0: no demand for 10 s"
+    # the scale is written first, the status after it
+    c.wait_status("chat", lambda s: (s.get("autoscaling") or {}).get("lastScaleMessage") == "3 -> 0: no demand for 10 s",
+                  timeout=5, what="the scale-down recorded")
