@@ -705,6 +705,27 @@ def test_autoscaling_rbac_args_and_gateway_settings(monkeypatch):
         assert ("autoscaling", "horizontalpodautoscalers", "list", "") in grants(role)
 
 
+def test_routing_values_reach_the_gateway_as_its_settings(tmp_path, monkeypatch):
+    from cxygpt_gateway.settings import GatewaySettings
+
+    def settings(docs):
+        monkeypatch.delenv("CXYGPT_ROUTING", raising=False)
+        for name, value in env(container(docs, "gateway")).items():
+            if name.startswith("CXYGPT_") and isinstance(value, str):
+                monkeypatch.setenv(name, value)
+        return GatewaySettings()
+
+    default = settings(render())                   # nothing set: the gateway's own defaults per model's mode
+    assert (default.routing.policy, default.routing.epsilon, default.engine_metrics_interval_s) == (None, None, 1)
+    chosen = settings(render_values(tmp_path, {"gateway": {"routing": {"policy": "least-load", "epsilon": 0.5},
+                                                           "engineMetricsIntervalSeconds": 0}}))
+    assert (chosen.routing.policy, chosen.routing.epsilon, chosen.engine_metrics_interval_s) == ("least-load", 0.5, 0)
+    only_epsilon = settings(render_values(tmp_path, {"gateway": {"routing": {"epsilon": 1}}}))
+    assert (only_epsilon.routing.policy, only_epsilon.routing.epsilon) == (None, 1)
+    refused = render_values(tmp_path, {"gateway": {"routing": {"policy": "random"}}}, check=False)
+    assert refused.returncode != 0 and "/gateway/routing/policy" in refused.stderr
+
+
 # KEDA v2's ScaledObject as its CRD has it, for the fields the chart sets (kubernetes-validate has no schema for it)
 SCALED_OBJECT = {
     "type": "object", "required": ["apiVersion", "kind", "metadata", "spec"],
