@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from cxygpt_gateway.admission.queue import Backend, ModelQueue
+from cxygpt_gateway.admission.queue import MAX_PASSES, Backend, ModelQueue
 from cxygpt_gateway.enginemetrics import engine_load
 from cxygpt_gateway.routing import (KEY_CHARS, PROMPT_KEY_CHARS, Ring, Router, Routing, load_bound, order,
                                     request_key, resolve)
@@ -294,6 +294,69 @@ async def test_nobody_overtakes_the_head_of_the_line():
     for s in held:
         s.release()
     assert (await asyncio.wait_for(waiting, 1)).backend is home
+
+
+def homed_at(q, backend, count=1):
+    """`count` keys whose home is `backend`."""
+    return [k for k in KEYS if walk_of(q, k)[0] is backend][:count]
+
+
+def full(q, keys):
+    """Every replica busy: one slot taken at each key's home."""
+    return {walk_of(q, k)[0]: q.try_take(k) for k in keys}
+
+
+async def test_a_freed_slot_goes_to_a_waiter_close_behind_whose_home_it_is():
+    q = prefix_queue(2, limit=1)
+    a, b = q.backends.values()
+    (ka,), (kb,) = homed_at(q, a), homed_at(q, b)
+    held = full(q, [ka, kb])
+    head = asyncio.ensure_future(q.wait(key=ka))      # waits for a
+    behind = asyncio.ensure_future(q.wait(key=kb))    # waits for b
+    await asyncio.sleep(0)
+    held[b].release()                                  # b is not the head's home, but is the one behind's
+    slot = await asyncio.wait_for(behind, 1)
+    assert slot.backend is b and slot.choice == "affinity" and not head.done() and q.waiting == 1
+    held[a].release()
+    slot = await asyncio.wait_for(head, 1)
+    assert slot.backend is a and slot.choice == "affinity" and q.waiting == 0 and not q._heap
+
+
+async def test_the_head_is_passed_over_a_bounded_number_of_times():
+    q = prefix_queue(2, limit=1, size=MAX_PASSES + 4)
+    a, b = q.backends.values()
+    (ka,), kbs = homed_at(q, a), homed_at(q, b, MAX_PASSES + 2)
+    held = full(q, [ka, kbs[0]])
+    head = asyncio.ensure_future(q.wait(key=ka))
+    behind = [asyncio.ensure_future(q.wait(key=k)) for k in kbs[1:]]
+    await asyncio.sleep(0)
+    slot = held[b]
+    for passed in range(MAX_PASSES):                   # b frees again and again: its own waiters take it
+        slot.release()
+        slot = await asyncio.wait_for(behind[passed], 1)
+        assert slot.backend is b and not head.done()
+    slot.release()                                     # then the head has waited long enough: it spills
+    taken = await asyncio.wait_for(head, 1)
+    assert taken.backend is b and taken.choice == "spill" and not behind[MAX_PASSES].done()
+
+
+async def test_nobody_behind_at_home_or_of_another_priority_leaves_the_spill_to_the_head():
+    q = prefix_queue(2, limit=1)
+    a, b = q.backends.values()
+    ka, ka2 = homed_at(q, a, 2)
+    (kb,) = homed_at(q, b)
+    held = full(q, [ka, kb])
+    head = asyncio.ensure_future(q.wait(key=ka))
+    same_home = asyncio.ensure_future(q.wait(key=ka2))   # wants a too
+    later = asyncio.ensure_future(q.wait(1, key=kb))     # b's, but of a later priority
+    cancelled = asyncio.ensure_future(q.wait(key=kb))
+    await asyncio.sleep(0)
+    cancelled.cancel()
+    await asyncio.sleep(0)
+    held[b].release()
+    slot = await asyncio.wait_for(head, 1)
+    assert slot.backend is b and slot.choice == "spill"
+    assert not same_home.done() and not later.done() and q.waiting == 2
 
 
 async def test_a_queue_changes_its_policy_and_its_ring_follows_its_replicas():

@@ -8,7 +8,14 @@ import time
 from collections.abc import Callable, Iterable
 
 from ..errors import GatewayError
-from ..routing import Router, Routing
+from ..routing import AFFINITY, SPILL, Router, Routing
+
+# A slot that frees on a replica which is not the head of the line's first choice goes to the first of the next
+# LOOKAHEAD waiters (of the head's priority) whose first choice it is: their prefixes are cached there, and a full
+# fleet would otherwise hand every freed slot to whoever is first and lose the affinity routing built. The head is
+# passed over at most MAX_PASSES times, so nobody waits more than that many freed slots longer than strict FIFO.
+LOOKAHEAD = 8
+MAX_PASSES = 4
 
 
 class Backend:
@@ -42,16 +49,23 @@ class Slot:
 
 
 class _Waiter:
-    __slots__ = ("future", "key", "cancelled")
+    __slots__ = ("future", "key", "cancelled", "passes")
 
     def __init__(self, future: asyncio.Future, key: int | None):
-        self.future, self.key, self.cancelled = future, key, False
+        self.future, self.key, self.cancelled, self.passes = future, key, False, 0
+
+    @property
+    def gone(self) -> bool:
+        """Left the line (cancelled), or was handed a slot from behind the head (still in the heap until it
+        reaches the top)."""
+        return self.cancelled or self.future.done()
 
 
 class ModelQueue:
     """FIFO within a priority (lower first); waiting is bounded by `queue_size` and overflow fails at once;
     a freed slot is handed straight to the next waiter (futures, no polling). A request takes the first replica
-    in its routing order that has a free slot; the head of the line, when a slot frees, its best free one."""
+    in its routing order that has a free slot; the head of the line, when a slot frees, its best free one, unless
+    that is not its first choice and a waiter close behind has it first (LOOKAHEAD, MAX_PASSES)."""
 
     def __init__(self, *, queue_size: int, max_concurrency: int, routing: Routing = Routing(),
                  clock: Callable[[], float] = time.monotonic):
@@ -164,16 +178,34 @@ class ModelQueue:
 
     def _dispatch(self) -> None:
         """The head of the line takes its best free replica, until none is free. Every healthy replica is in every
-        order, so when the head finds no free slot nobody behind it would: nobody overtakes."""
+        order, so when the head finds no free slot nobody behind it would; a waiter behind it overtakes only to
+        take a replica that is its own first choice and not the head's."""
         while self._heap:
-            waiter = self._heap[0][2]
-            if waiter.cancelled or waiter.future.cancelled():
+            priority, _, waiter = self._heap[0]
+            if waiter.gone:
                 heapq.heappop(self._heap)
                 continue  # left the line; a cancelled future whose task has not run yet is counted out by wait()
             backend, choice = self.router.pick(waiter.key, self.backends.values(), self.max_concurrency)
             if backend is None:
                 return
-            heapq.heappop(self._heap)
+            taker = waiter
+            if choice == SPILL and waiter.passes < MAX_PASSES:
+                taker = self._first_at_home(backend, priority) or waiter
+            if taker is waiter:
+                heapq.heappop(self._heap)
+            else:
+                waiter.passes += 1
+                choice = AFFINITY
             self.waiting -= 1
             backend.outstanding += 1
-            waiter.future.set_result((backend, choice))
+            taker.future.set_result((backend, choice))
+
+    def _first_at_home(self, backend: Backend, priority: int) -> _Waiter | None:
+        """Of the LOOKAHEAD waiters behind the head with its priority, the first whose first choice is `backend`."""
+        for p, _, w in heapq.nsmallest(LOOKAHEAD + 1, self._heap)[1:]:
+            if p != priority:
+                break
+            if w.key is not None and not w.gone and self.router.pick(w.key, self.backends.values(), self.max_concurrency) == (
+                    backend, AFFINITY):
+                return w
+        return None
