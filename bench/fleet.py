@@ -46,8 +46,11 @@ SIM_ARGS = ("--max-num-seqs", str(SLOTS), "--max-model-len", "16384", "--max-num
             "--sim-itl-batch-slope", "0.03", "--block-size", str(BLOCK_SIZE), "--enable-prefix-caching")
 # the capacity probe's replica: the same engine with a cache that never evicts within a run
 CAPACITY_BLOCKS = 1_000_000
-# the gateway admits everything (no 429/503 of its own): the fronts are compared on routing, not on admission
-FLEET_LIMITS = {"rate_qps": 1_000_000, "rate_tpm": 1_000_000_000, "max_concurrency": 1024, "queue_size": 4096,
+# the gateway refuses nothing (no 429/503 of its own): the fronts are compared on routing, not on admission. Its
+# slots per replica are the engine's, as the operator derives them (a profile's max_concurrency is at most its
+# max_num_seqs), so the gateway holds what the engines cannot run yet and places it when a slot frees;
+# --gateway-slots 1024 sends everything to the engines at once (the runs before 2026-12-02 06:00 UTC)
+FLEET_LIMITS = {"rate_qps": 1_000_000, "rate_tpm": 1_000_000_000, "max_concurrency": SLOTS, "queue_size": 4096,
                 "max_input_tokens": 65536, "max_output_tokens": 512, "degraded_max_output_tokens": 512,
                 "timeouts": {"connect_s": 5, "ttft_s": 120, "total_s": 300, "queue_s": 60}}
 FRONTS = ("gw-prefix", "gw-least-load", "gw-round-robin", "random", "vr-cache_aware", "vr-round_robin", "gw-prefix-x2")
@@ -303,7 +306,7 @@ def routing_supported(notes: list[str]) -> bool:
 
 
 def start_front(front: str, logs: Path, urls: list[str], *, routing: bool, epsilon: float | None,
-                vr_cache_args: tuple[str, ...]) -> list[Proc] | None:
+                vr_cache_args: tuple[str, ...], limits: dict = FLEET_LIMITS) -> list[Proc] | None:
     """The front's processes (none for random); None when this front cannot run here."""
     if front in ("random", "sticky"):
         return []
@@ -318,7 +321,7 @@ def start_front(front: str, logs: Path, urls: list[str], *, routing: bool, epsil
     if routing:
         settings["routing"] = {"policy": policy, **({"epsilon": epsilon} if epsilon is not None else {})}
     count = 2 if front == "gw-prefix-x2" else 1
-    procs = [gateway(logs, urls, FLEET_LIMITS, profile="SRV_80G", model_settings=settings, wait=False)
+    procs = [gateway(logs, urls, limits, profile="SRV_80G", model_settings=settings, wait=False)
              for _ in range(count)]
     try:
         for p in procs:
@@ -408,7 +411,7 @@ def run_point(front: str, load: float, rate: float, spec: fleet.WorkloadSpec, a,
     procs: list[Proc] = []
     try:
         got = start_front(front, logs, fl.urls, routing=routing, epsilon=a.epsilon,
-                          vr_cache_args=tuple(shlex.split(a.vr_cache_args)))
+                          vr_cache_args=tuple(shlex.split(a.vr_cache_args)), limits=a.gateway_limits)
         if got is None:
             return None
         procs = got
@@ -577,7 +580,7 @@ def render(r: dict) -> str:
                     f"that = **{cap['fleet_rps']:.2f} req/s**.")
     lines += ["", measured + f" Points: {r['duration_s']:g} s of "
               f"arrivals each, measured from second {r['warm_s']:g}; workload seed {w['seed']}, session ids: "
-              f"{r['session']}. KV cache: {KV_BLOCKS * BLOCK_SIZE} tokens per replica, {REPLICAS * KV_BLOCKS * BLOCK_SIZE} in the "
+              f"{r['session']}; the gateway's slots per replica: {r['gateway_limits']['max_concurrency']}. KV cache: {KV_BLOCKS * BLOCK_SIZE} tokens per replica, {REPLICAS * KV_BLOCKS * BLOCK_SIZE} in the "
               "fleet; what the fleet would have to keep to lose nothing that comes back (the latest prompt of every "
               "conversation with turns to come, system prompts once), mean / max over the requests: "
               + ", ".join(f"{load} {fmt(ws['mean'])} / {fmt(ws['max'])}" for load, ws in working_sets(r).items())
@@ -643,6 +646,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epsilon", type=float, help="the gateway's bounded-load slack (default: the gateway's)")
     ap.add_argument("--vr-cache-args", default="", help="more vllm-router flags for cache_aware, e.g. "
                     "'--balance-abs-threshold 8' (default: none, its defaults)")
+    ap.add_argument("--gateway-slots", type=int, default=SLOTS,
+                    help=f"the gateway's max_concurrency per replica (default {SLOTS}, the engines' max-num-seqs)")
     ap.add_argument("--sample-s", type=float, default=0.25, help="seconds between samples of the replicas' load")
     ap.add_argument("--no-write", action="store_true", help="print, do not write results or BENCHMARKS.md")
     ap.add_argument("--results", metavar="PATH", help="also write the results JSON here (with --no-write too)")
@@ -653,6 +658,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     a.duration = a.duration or (8.0 if a.quick else 20.0)
     a.warm = a.duration / 4 if a.warm is None else a.warm
+    a.gateway_limits = {**FLEET_LIMITS, "max_concurrency": a.gateway_slots}
     a.capacity_s = a.capacity_s or (10.0 if a.quick else 20.0)
     loads = a.loads or ((0.8,) if a.quick else LOADS)
     fronts = a.fronts or FRONTS
@@ -668,7 +674,7 @@ def main(argv: list[str] | None = None) -> int:
                "machine": f"{os.cpu_count()} CPUs, {platform.python_implementation()} {platform.python_version()}",
                "load_before": "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg()), "notes": notes,
                "workload": asdict(spec), "sim_args": list(SIM_ARGS), "kv_blocks": KV_BLOCKS,
-               "gateway_limits": FLEET_LIMITS, "duration_s": a.duration, "warm_s": a.warm, "session": a.session,
+               "gateway_limits": a.gateway_limits, "duration_s": a.duration, "warm_s": a.warm, "session": a.session,
                "epsilon": a.epsilon, "vr_cache_args": a.vr_cache_args, "fronts": list(fronts),
                "loads": [load_name(x) for x in loads], "points": {}, "revision": revision()}
     log(f"fleet benchmark started ({r['load_before']})")
