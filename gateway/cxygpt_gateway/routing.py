@@ -230,9 +230,11 @@ class Router:
 
     def pick(self, key: int | None, replicas: Sequence[Replica], limit: int,
              exclude: tuple = ()) -> tuple[Replica | None, str]:
-        """The first healthy replica in the policy's order with fewer than `limit` in flight, not in `exclude`;
-        (None, "") when none has a slot. The choice: `affinity` when it is the policy's first choice, `spill`
+        """The first healthy replica in the policy's order with fewer than `limit` in flight (prefix: its key's
+        home within the load bound, fewer than `limit` + ⌊ε × limit⌋), not in `exclude`; (None, "") when none has
+        a slot. The choice: `affinity` when it is the policy's first choice, `spill`
         when the load bound or a full replica moved the request on, `other` for a failover (`exclude` given)."""
+        home_limit = limit
         if self.ring is None or key is None:
             if self.routing.policy != "round-robin":
                 return self._least_load(replicas, limit, exclude)
@@ -243,8 +245,13 @@ class Router:
             if not healthy:
                 return None, ""
             ranked, first = _prefix(self.routing, healthy, key, self.ring)
+            if ranked[0] is first:
+                # the key's home, within the load bound, may hold ⌊ε × limit⌋ more than its slots: those few
+                # wait in its engine, where their prefix is cached, rather than a free replica computing it all
+                # again (measured in BENCHMARKS.md, "Fleet")
+                home_limit += math.floor(self.routing.epsilon * limit)
         for at, r in enumerate(ranked):
-            if r.outstanding < limit and r not in exclude:
+            if r.outstanding < (home_limit if at == 0 else limit) and r not in exclude:
                 if self.routing.policy == "round-robin":
                     self.turn += at + 1
                 return r, OTHER if exclude else AFFINITY if r is first else SPILL

@@ -15,7 +15,8 @@ class RoutingConfig(BaseModel):
     policy: Literal["prefix", "least-load", "round-robin"] | None = Field(
         None, description="default: prefix for a multi-user model, least-load for a single-user one")
     epsilon: float | None = Field(None, gt=0, le=4, description="prefix's load bound: no replica above "
-                                  "(1 + epsilon) x the mean in flight; default 0.25")
+                                  "(1 + epsilon) x the mean in flight, and a key's home within it takes "
+                                  "floor(epsilon x max_concurrency) more than its slots; default 0.25")
 
 
 class ModelConfig(BaseModel):

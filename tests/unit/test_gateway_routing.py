@@ -218,9 +218,36 @@ def test_pick_is_the_first_free_replica_of_the_order(routing):
         router = Router(routing, [r.url for r in rs])
         router.turn = rng.randint(0, 10)
         key, tried = rng.getrandbits(64), tuple(r for r in rs if rng.random() < 0.2)
-        expected = next((r for r in order(routing, rs, key, ring=router.ring, turn=router.turn)
-                         if r.outstanding < 4 and r not in tried), None)
+        ranked = order(routing, rs, key, ring=router.ring, turn=router.turn)
+        home = next((r for url in router.ring.walk(key) for r in rs if r.url == url and r.healthy), None) \
+            if routing.policy == "prefix" else None
+        # prefix: the key's home, first when within the bound, has ⌊0.25 × 4⌋ = 1 place more
+        expected = next((r for at, r in enumerate(ranked)
+                         if r.outstanding < 4 + (at == 0 and r is home) and r not in tried), None)
         assert router.pick(key, rs, limit=4, exclude=tried)[0] is expected
+
+
+def test_a_keys_home_within_the_bound_holds_epsilon_more_than_its_slots():
+    rs = replicas(4)
+    router = Router(PREFIX, [r.url for r in rs])
+    home, second, *_ = (next(r for r in rs if r.url == url) for url in router.ring.walk(KEYS[3]))
+    for r in rs:
+        r.outstanding = 8
+    assert router.pick(KEYS[3], rs, limit=8) == (home, "affinity")     # 8 < 8 + ⌊0.25 × 8⌋
+    home.outstanding = 10
+    assert router.pick(KEYS[3], rs, limit=8) == (None, "")             # only the home has more, and it is full
+    home.outstanding, second.outstanding = 10, 7
+    assert router.pick(KEYS[3], rs, limit=8) == (second, "spill")      # another replica only into a free slot
+    for r in rs:
+        r.outstanding = 2
+    home.outstanding = 7                                               # above ⌈1.25 × 14 / 4⌉ = 5: no extra
+    assert router.pick(KEYS[3], rs, limit=8)[1] == "spill"
+    for r in rs:
+        r.outstanding = 8
+    home.outstanding = 12                                              # at ⌈1.25 × 37 / 4⌉ = 12: nobody has more
+    assert router.pick(KEYS[3], rs, limit=8) == (None, "")
+    home.outstanding = 8
+    assert Router(PREFIX, [r.url for r in rs]).pick(None, rs, limit=8) == (None, "")   # no key: no home
 
 
 def test_prefix_names_its_choices():
