@@ -205,7 +205,8 @@ class ModelQueue:
         for p, _, w in heapq.nsmallest(LOOKAHEAD + 1, self._heap)[1:]:
             if p != priority:
                 break
-            if w.key is not None and not w.gone and self.router.pick(w.key, self.backends.values(), self.max_concurrency) == (
-                    backend, AFFINITY):
+            if w.key is None or w.gone:
+                continue
+            if self.router.pick(w.key, self.backends.values(), self.max_concurrency) == (backend, AFFINITY):
                 return w
         return None
