@@ -25,6 +25,7 @@ import aiohttp
 import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import run  # noqa: E402
 from run import REPO, RESULTS, MODEL, Proc, gateway, log, simulator, vllm_router  # noqa: E402
 
 from cxygpt_bench import fleet  # noqa: E402
@@ -610,14 +611,7 @@ def render(r: dict) -> str:
 
 
 def write_benchmarks(section: str) -> None:
-    path = REPO / "BENCHMARKS.md"
-    text = path.read_text()
-    if MARK_BEGIN in text and MARK_END in text:
-        head, rest = text.split(MARK_BEGIN, 1)
-        text = head + section + rest.split(MARK_END, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n## Fleet (issue 15): latest results\n\n" + section + "\n"
-    path.write_text(text)
+    run.write_benchmarks(section, (MARK_BEGIN, MARK_END), "Fleet (issue 15): latest results")
 
 
 def revision() -> str | None:

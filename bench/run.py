@@ -589,14 +589,18 @@ def render(r: dict, command: str) -> str:
     return "\n".join(lines)
 
 
-def write_benchmarks(section: str) -> None:
+def write_benchmarks(section: str, marks: tuple[str, str] = (MARK_BEGIN, MARK_END),
+                     heading: str = "Latest results") -> None:
+    """`section` (which starts and ends with `marks`) in place of BENCHMARKS.md's section between those marks, or
+    at the end under `heading`."""
+    begin, end = marks
     path = REPO / "BENCHMARKS.md"
     text = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    if MARK_BEGIN in text and MARK_END in text:
-        head, rest = text.split(MARK_BEGIN, 1)
-        text = head + section + rest.split(MARK_END, 1)[1]
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + section + rest.split(end, 1)[1]
     else:
-        text = text.rstrip() + "\n\n## Latest results\n\n" + section + "\n"
+        text = text.rstrip() + f"\n\n## {heading}\n\n" + section + "\n"
     path.write_text(text)
 
 

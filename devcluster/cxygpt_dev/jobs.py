@@ -15,10 +15,10 @@ import time
 from pathlib import Path
 
 import aiohttp
-import orjson
 
 from .processes import forward_lines, stop_group
 from .volumes import Unbound, Volumes, rewrite, rewrite_all
+from .watching import follow
 
 log = logging.getLogger("cxygpt.pods")
 # between failed attempts: the Job controller waits 10 s doubling to 6 min; the dev cluster is quicker
@@ -75,25 +75,16 @@ class Jobs:
         return await self.runner._request(*args, **kw)
 
     async def watch(self, session: aiohttp.ClientSession, api_url: str) -> None:
-        path = "/apis/batch/v1/jobs?watch=true"
-        while True:
-            try:
-                async with session.get(api_url + path, timeout=aiohttp.ClientTimeout(total=None, sock_read=None)) as resp:
-                    async for line in resp.content:
-                        if not line.strip():
-                            continue
-                        event = orjson.loads(line)
-                        job = event.get("object") or {}
-                        key = (job.get("metadata", {}).get("namespace"), job.get("metadata", {}).get("name"))
-                        if event.get("type") == "DELETED" or job.get("metadata", {}).get("deletionTimestamp"):
-                            task = self.tasks.pop(key, None)
-                            if task:
-                                task.cancel()
-                        elif key not in self.tasks and not finished(job):
-                            self.tasks[key] = asyncio.create_task(self._run(job))
-            except (aiohttp.ClientError, orjson.JSONDecodeError) as e:
-                log.warning("job watch broke (%s); watching again", e)
-                await asyncio.sleep(1)
+        async def handle(kind: str | None, job: dict) -> None:
+            key = (job.get("metadata", {}).get("namespace"), job.get("metadata", {}).get("name"))
+            if kind == "DELETED" or job.get("metadata", {}).get("deletionTimestamp"):
+                task = self.tasks.pop(key, None)
+                if task:
+                    task.cancel()
+            elif key not in self.tasks and not finished(job):
+                self.tasks[key] = asyncio.create_task(self._run(job))
+
+        await follow(session, api_url + "/apis/batch/v1/jobs?watch=true", handle, "job")
 
     async def stop_all(self) -> None:
         tasks = list(self.tasks.values())

@@ -25,6 +25,7 @@ from .jobs import Jobs
 from .processes import forward_lines, stop_group
 from .rollout import PodView, rollout_step, strategy_of
 from .volumes import Unbound, Volumes, rewrite, rewrite_all
+from .watching import follow
 
 log = logging.getLogger("cxygpt.pods")
 MANAGED = "app.kubernetes.io/managed-by=cxygpt-operator"
@@ -175,23 +176,17 @@ class PodRunner:
 
     async def _watch_pod_deletions(self):
         """A Pod deleted through the API (`kubectl delete pod`) terminates gracefully; its Deployment replaces it."""
-        path = "/api/v1/pods?labelSelector=pod-template-hash&watch=true"
-        while True:
-            try:
-                async with self.session.get(self.api_url + path,
-                                            timeout=aiohttp.ClientTimeout(total=None, sock_read=None)) as resp:
-                    async for line in resp.content:
-                        obj = orjson.loads(line).get("object", {}) if line.strip() else {}
-                        md = obj.get("metadata", {})
-                        owner = next((r["name"] for r in md.get("ownerReferences", []) if r.get("kind") == "Deployment"), None)
-                        workload = self.workloads.get((md.get("namespace"), owner))
-                        pod = workload.pods.get(md.get("name")) if workload else None
-                        if pod and md.get("deletionTimestamp") and not pod.terminating:
-                            self._begin_termination(workload, pod)
-                            workload.changed.set()
-            except (aiohttp.ClientError, orjson.JSONDecodeError) as e:
-                log.warning("pod watch broke (%s); watching again", e)
-                await asyncio.sleep(1)
+        async def handle(kind: str | None, obj: dict) -> None:
+            md = obj.get("metadata", {})
+            owner = next((r["name"] for r in md.get("ownerReferences", []) if r.get("kind") == "Deployment"), None)
+            workload = self.workloads.get((md.get("namespace"), owner))
+            pod = workload.pods.get(md.get("name")) if workload else None
+            if pod and md.get("deletionTimestamp") and not pod.terminating:
+                self._begin_termination(workload, pod)
+                workload.changed.set()
+
+        await follow(self.session, self.api_url + "/api/v1/pods?labelSelector=pod-template-hash&watch=true", handle,
+                     "pod")
 
     def _begin_termination(self, workload: Workload, pod: Pod):
         pod.terminating = True

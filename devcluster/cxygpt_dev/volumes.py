@@ -8,7 +8,8 @@ import shutil
 from pathlib import Path
 
 import aiohttp
-import orjson
+
+from .watching import follow
 
 log = logging.getLogger("cxygpt.pods")
 PROVISIONER = "cxygpt.io/local-directory"
@@ -187,29 +188,20 @@ class Volumes:
                     except (RuntimeError, aiohttp.ClientError) as e:
                         log.warning("%s/%s: claim not bound: %s", *key, e)
 
+        async def handle(kind: str | None, pvc: dict) -> None:
+            key = (pvc.get("metadata", {}).get("namespace"), pvc.get("metadata", {}).get("name"))
+            if kind == "DELETED":
+                pending.pop(key, None)
+                await self.release(pvc)
+            elif kind in ("ADDED", "MODIFIED"):
+                if (pvc.get("status") or {}).get("phase") == "Bound":
+                    pending.pop(key, None)
+                else:
+                    pending[key] = pvc
+                    await self.bind(pvc)
+
         retrier = asyncio.create_task(retry_pending())
         try:
-            while True:
-                try:
-                    async with session.get(api_url + path + "?watch=true",
-                                           timeout=aiohttp.ClientTimeout(total=None, sock_read=None)) as resp:
-                        async for line in resp.content:
-                            if not line.strip():
-                                continue
-                            event = orjson.loads(line)
-                            pvc = event.get("object") or {}
-                            key = (pvc.get("metadata", {}).get("namespace"), pvc.get("metadata", {}).get("name"))
-                            if event.get("type") == "DELETED":
-                                pending.pop(key, None)
-                                await self.release(pvc)
-                            elif event.get("type") in ("ADDED", "MODIFIED"):
-                                if (pvc.get("status") or {}).get("phase") == "Bound":
-                                    pending.pop(key, None)
-                                else:
-                                    pending[key] = pvc
-                                    await self.bind(pvc)
-                except (aiohttp.ClientError, RuntimeError, orjson.JSONDecodeError) as e:
-                    log.warning("claim watch broke (%s); watching again", e)
-                    await asyncio.sleep(1)
+            await follow(session, api_url + path + "?watch=true", handle, "claim", errors=(RuntimeError,))
         finally:
             retrier.cancel()

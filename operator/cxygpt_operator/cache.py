@@ -265,27 +265,21 @@ def record(result: dict) -> str:
     return json.dumps({"phase": "Ready", **keep}, sort_keys=True, separators=(",", ":"))
 
 
-def _json(text: str | None) -> dict | None:
+def _json(text: str | None, accept=lambda value: True) -> dict | None:
+    """The last line of `text` that is a JSON object `accept` takes."""
     for line in reversed((text or "").strip().splitlines()):
         try:
             value = json.loads(line)
         except ValueError:
             continue
-        if isinstance(value, dict):
+        if isinstance(value, dict) and accept(value):
             return value
     return None
 
 
 def progress_from_log(text: str | None) -> dict | None:
     """The last progress line the loader printed ({"event": "progress", "bytesDone", "bytesTotal", ...})."""
-    for line in reversed((text or "").strip().splitlines()):
-        try:
-            value = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(value, dict) and value.get("event") == "progress":
-            return value
-    return None
+    return _json(text, lambda value: value.get("event") == "progress")
 
 
 def _terminated(pod: dict) -> dict | None:
