@@ -1,9 +1,10 @@
-"""The engines' own load, read from each replica's /metrics at a short interval: routing's tie-breaks."""
+"""The engines' own load, read from each replica's /metrics at a short interval: what other senders hold there,
+and routing's tie-breaks."""
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
@@ -12,34 +13,49 @@ if TYPE_CHECKING:
     from .registry import Registry
 
 log = logging.getLogger("cxygpt.gateway")
-WAITING, KV_USAGE = "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc"
+RUNNING, WAITING, KV_USAGE = "vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc"
 # the lines that carry them (samples and their HELP/TYPE), picked before parsing: vLLM's page holds hundreds of
 # histogram lines the gateway does not need
-WANTED = tuple(prefix + name for name in (WAITING, KV_USAGE) for prefix in ("", "# HELP ", "# TYPE "))
+WANTED = tuple(prefix + name for name in (RUNNING, WAITING, KV_USAGE) for prefix in ("", "# HELP ", "# TYPE "))
 MAX_PAGE_BYTES = 4 << 20   # a page larger than this is not read to its end (and says nothing)
 MAX_TIMEOUT_S = 1.0        # a scrape waits at most this, and never longer than the interval
 
 
-def engine_load(page: str) -> tuple[int, float] | None:
-    """(requests waiting, KV-cache usage 0..1) from a Prometheus text page, summed and the highest over the
-    page's engines (a data-parallel vLLM has one per rank); None when the page has neither or cannot be read."""
+class EngineLoad(NamedTuple):
+    running: int      # requests in the engine's batch
+    waiting: int      # requests in the engine's own queue
+    kv_usage: float   # KV-cache usage 0..1
+
+
+def engine_load(page: str) -> EngineLoad | None:
+    """The engine's load from a Prometheus text page: requests running and waiting summed, KV-cache usage the
+    highest, over the page's engines (a data-parallel vLLM has one per rank); None when the page has none of
+    them or cannot be read."""
     wanted = "\n".join(line for line in page.splitlines() if line.startswith(WANTED))
-    waiting, usage, seen = 0.0, 0.0, False
+    running, waiting, usage, seen = 0.0, 0.0, 0.0, False
     try:
         for family in text_string_to_metric_families(wanted + "\n"):
             for sample in family.samples:
-                if sample.name == WAITING:
+                if sample.name == RUNNING:
+                    running, seen = running + sample.value, True
+                elif sample.name == WAITING:
                     waiting, seen = waiting + sample.value, True
                 elif sample.name == KV_USAGE:
                     usage, seen = max(usage, sample.value), True
     except ValueError:
         return None
-    return (int(waiting), min(max(usage, 0.0), 1.0)) if seen else None
+    return EngineLoad(int(running), int(waiting), min(max(usage, 0.0), 1.0)) if seen else None
 
 
 class EngineLoadScraper:
     """Every interval, each non-external replica's /metrics, all at once with a timeout; a replica that does not
-    answer (or answers nothing usable) reads as unknown (0) until it does, never as its last value."""
+    answer (or answers nothing usable) reads as unknown (0) until it does, never as its last value.
+
+    What the engine holds beyond this gateway's own requests (`others`: another gateway replica's, another model
+    name's on the same engine, a client's that reached it directly) is counted against the replica's slots, so
+    that several gateways together keep an engine at its slots, not each of them (one gateway's limit × their
+    number). Its own count is taken as the larger of before and after the read, so that a request it released
+    while the page was made is not taken for somebody else's."""
 
     def __init__(self, registry: "Registry", session: aiohttp.ClientSession, interval_s: float):
         self.registry, self.session, self.interval_s = registry, session, interval_s
@@ -48,11 +64,16 @@ class EngineLoadScraper:
     async def scrape_once(self) -> None:
         backends = [b for r in self.registry.routes.values() if not r.spec.external for b in r.queue.backends.values()]
         urls = list(dict.fromkeys(b.url for b in backends))  # an engine serving several names is read once
+        before = [b.outstanding for b in backends]
         loads = dict(zip(urls, await asyncio.gather(*(self._load(url) for url in urls))))
-        for b in backends:
-            b.waiting, b.kv_usage = loads[b.url] or (0, 0.0)
+        for b, own in zip(backends, before):
+            load = loads[b.url] or EngineLoad(0, 0, 0.0)
+            b.others = max(0, load.running + load.waiting - max(own, b.outstanding))
+            b.waiting, b.kv_usage = load.waiting, load.kv_usage
+        for r in self.registry.routes.values():
+            r.queue.dispatch()  # a place another sender freed serves those waiting now
 
-    async def _load(self, url: str) -> tuple[int, float] | None:
+    async def _load(self, url: str) -> EngineLoad | None:
         try:
             async with self.session.get(url + "/metrics", timeout=self.timeout) as r:
                 if r.status != 200:

@@ -29,10 +29,12 @@ AFFINITY, SPILL, OTHER = "affinity", "spill", "other"
 
 
 class Replica(Protocol):
-    """What routing reads of a replica: this gateway's requests in flight on it, and the engine's own load."""
+    """What routing reads of a replica: this gateway's requests in flight on it, and the engine's own load. Its
+    load is `outstanding + others`: the slots are the engine's, whoever fills them."""
     url: str
     outstanding: int
     healthy: bool
+    others: int         # requests the engine holds that are not this gateway's (as last read), 0 when unknown
     waiting: int        # the engine's waiting requests (vllm:num_requests_waiting), 0 when unknown
     kv_usage: float     # the engine's KV-cache usage 0..1 (vllm:kv_cache_usage_perc), 0 when unknown
 
@@ -164,9 +166,14 @@ class Ring:
 
 # ---- the order ------------------------------------------------------------------------------------------------
 
+def load(r: Replica) -> int:
+    """The requests on the replica: this gateway's in flight and the others' it last read from the engine."""
+    return r.outstanding + r.others
+
+
 def load_rank(r: Replica) -> tuple[int, int, float]:
     """Fewest in flight, then fewest waiting in the engine, then the lowest KV-cache usage."""
-    return r.outstanding, r.waiting, r.kv_usage
+    return r.outstanding + r.others, r.waiting, r.kv_usage
 
 
 def load_bound(epsilon: float, in_flight: int, replicas: int) -> int:
@@ -184,6 +191,9 @@ def _prefix(routing: Routing, healthy: list[Replica], key: int, ring: Ring) -> t
     if len(walk) < len(healthy):  # a replica the ring was not built with: after the others
         on_ring = set(ring.urls)
         walk += [r for r in healthy if r.url not in on_ring]
+    # the bound balances this gateway's own requests: another gateway's, read up to an interval ago, would move a
+    # conversation off its home at low load for a request that has ended (every gateway balancing its share
+    # balances the sum); the engine's slots count everybody's (pick)
     bound = load_bound(routing.epsilon, sum(r.outstanding for r in healthy), len(healthy))
     within = [r for r in walk if r.outstanding < bound]
     return within + sorted((r for r in walk if r.outstanding >= bound), key=load_rank), walk[0]
@@ -230,7 +240,7 @@ class Router:
 
     def pick(self, key: int | None, replicas: Sequence[Replica], limit: int,
              exclude: tuple = ()) -> tuple[Replica | None, str]:
-        """The first healthy replica in the policy's order with fewer than `limit` in flight (prefix: its key's
+        """The first healthy replica in the policy's order with a load under `limit` (prefix: its key's
         home within the load bound, fewer than `limit` + ⌊ε × limit⌋), not in `exclude`; (None, "") when none has
         a slot. The choice: `affinity` when it is the policy's first choice, `spill`
         when the load bound or a full replica moved the request on, `other` for a failover (`exclude` given)."""
@@ -251,7 +261,7 @@ class Router:
                 # again (measured in BENCHMARKS.md, "Fleet")
                 home_limit += math.floor(self.routing.epsilon * limit)
         for at, r in enumerate(ranked):
-            if r.outstanding < (home_limit if at == 0 else limit) and r not in exclude:
+            if load(r) < (home_limit if at == 0 else limit) and r not in exclude:
                 if self.routing.policy == "round-robin":
                     self.turn += at + 1
                 return r, OTHER if exclude else AFFINITY if r is first else SPILL
@@ -262,7 +272,7 @@ class Router:
         """order()'s first free replica for least-load, in one pass and no list (the relay's hot path)."""
         best, fewest = None, limit
         for r in replicas:
-            n = r.outstanding
+            n = r.outstanding + r.others
             if n > fewest or not r.healthy or r in exclude:
                 continue
             if n < fewest or best is not None and (r.waiting < best.waiting or r.waiting == best.waiting

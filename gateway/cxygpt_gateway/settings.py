@@ -78,8 +78,9 @@ class GatewaySettings(BaseSettings):
     health_interval_s: float = Field(5.0, gt=0, description="how often static upstreams' /health is checked")
     routing: RoutingConfig = Field(default_factory=RoutingConfig, description="every model's routing default")
     engine_metrics_interval_s: float = Field(
-        1.0, ge=0, description="how often each replica's /metrics is read for its waiting requests and KV-cache "
-                               "usage (routing's tie-breaks); 0: never")
+        1.0, ge=0, description="how often each replica's /metrics is read for the requests others hold there "
+                               "(counted against its slots) and its waiting requests and KV-cache usage "
+                               "(routing's tie-breaks); 0: never")
     demand_window_s: float = Field(
         10.0, gt=0, description="the window of cxygpt_gateway_demand (in flight + waiting, averaged), which the "
                                 "operator's autoscaler reads")

@@ -6,7 +6,7 @@ import random
 import pytest
 
 from cxygpt_gateway.admission.queue import MAX_PASSES, Backend, ModelQueue
-from cxygpt_gateway.enginemetrics import engine_load
+from cxygpt_gateway.enginemetrics import EngineLoad, engine_load
 from cxygpt_gateway.routing import (KEY_CHARS, PROMPT_KEY_CHARS, Ring, Router, Routing, load_bound, order,
                                     request_key, resolve)
 
@@ -214,6 +214,7 @@ def test_pick_is_the_first_free_replica_of_the_order(routing):
         rs = replicas(rng.randint(1, 6))
         for r in rs:
             r.outstanding, r.waiting, r.kv_usage = rng.randint(0, 4), rng.randint(0, 2), rng.choice([0.0, 0.5])
+            r.others = rng.choice([0, 0, 1, 3])
             r.healthy = rng.random() < 0.8
         router = Router(routing, [r.url for r in rs])
         router.turn = rng.randint(0, 10)
@@ -223,7 +224,7 @@ def test_pick_is_the_first_free_replica_of_the_order(routing):
             if routing.policy == "prefix" else None
         # prefix: the key's home, first when within the bound, has ⌊0.25 × 4⌋ = 1 place more
         expected = next((r for at, r in enumerate(ranked)
-                         if r.outstanding < 4 + (at == 0 and r is home) and r not in tried), None)
+                         if r.outstanding + r.others < 4 + (at == 0 and r is home) and r not in tried), None)
         assert router.pick(key, rs, limit=4, exclude=tried)[0] is expected
 
 
@@ -248,6 +249,30 @@ def test_a_keys_home_within_the_bound_holds_epsilon_more_than_its_slots():
     assert router.pick(KEYS[3], rs, limit=8) == (None, "")
     home.outstanding = 8
     assert Router(PREFIX, [r.url for r in rs]).pick(None, rs, limit=8) == (None, "")   # no key: no home
+
+
+@pytest.mark.parametrize("routing", [PREFIX, LEAST, ROUND], ids=lambda r: r.policy)
+def test_the_slots_are_the_engines_and_what_other_senders_hold_there_fills_them(routing):
+    rs = replicas(2)
+    router = Router(routing, [r.url for r in rs])
+    home = next(r for r in rs if r.url == router.ring.walk(KEYS[5])[0]) if router.ring else rs[0]
+    other = rs[1] if home is rs[0] else rs[0]
+    home.others = 10  # another gateway's requests: the engine is full though this gateway sends it nothing
+    assert router.pick(KEYS[5], rs, limit=8) == (other, "spill" if routing.policy != "least-load" else "affinity")
+    other.outstanding, other.others = 3, 5
+    assert router.pick(KEYS[5], rs, limit=8) == (None, "")
+    home.others = 0
+    assert router.pick(KEYS[5], rs, limit=8)[0] is home
+
+
+def test_the_load_bound_balances_this_gateways_own_requests():
+    rs = replicas(4)
+    router = Router(PREFIX, [r.url for r in rs])
+    home = next(r for r in rs if r.url == router.ring.walk(KEYS[6])[0])
+    home.others = 4          # another gateway's 4 at the home (read up to an interval ago): still its home
+    assert router.pick(KEYS[6], rs, limit=8) == (home, "affinity")
+    home.outstanding = 1     # this gateway's own 1 + 1 > ⌈1.25 × 2 / 4⌉ = 1: the next one on the ring
+    assert router.pick(KEYS[6], rs, limit=8)[1] == "spill"
 
 
 def test_prefix_names_its_choices():
@@ -416,7 +441,8 @@ vllm:e2e_request_latency_seconds_bucket{engine="0",le="0.3",model_name="m"} 1.0
 
 
 def test_engine_load_is_read_from_vllms_metrics_page():
-    assert engine_load(VLLM_PAGE) == (5, 0.75)  # waiting summed over the engines, the fullest KV cache
+    # running and waiting summed over the engines, the fullest KV cache
+    assert engine_load(VLLM_PAGE) == EngineLoad(running=8, waiting=5, kv_usage=0.75)
 
 
 @pytest.mark.parametrize("page", ["", "not prometheus at all {{{", "# TYPE x gauge\nx 1\n",

@@ -12,7 +12,7 @@ from fastapi import Request
 
 from ..errors import GatewayError
 from ..registry import no_ready_replica
-from ..routing import request_key
+from ..routing import load, request_key
 from ..exchange import ClientLeft, Exchange, body_too_large
 from .auth import Caller
 from .ratelimit import Scope
@@ -76,7 +76,7 @@ async def count_input(gw: "Gateway", req: OpenAIRequest, target: "ModelRoute", l
         return estimate_tokens(req)
     backends = target.queue.routable()
     if backends:
-        base = min(backends, key=lambda b: b.outstanding).url
+        base = min(backends, key=load).url
         counts = await asyncio.gather(*(gw.upstream.tokenize(base, payload, target.limits.timeouts.connect_s)
                                         for payload in tokenize_payloads(req, target.spec.served_name)))
         if all(c is not None for c in counts):

@@ -20,12 +20,12 @@ MAX_PASSES = 4
 
 class Backend:
     """One upstream replica: the requests it is serving for this gateway, and the engine's own load as last read
-    from its /metrics (0 when unknown)."""
-    __slots__ = ("url", "outstanding", "healthy", "waiting", "kv_usage")
+    from its /metrics (0 when unknown): what others hold there, its waiting requests and KV-cache usage."""
+    __slots__ = ("url", "outstanding", "healthy", "others", "waiting", "kv_usage")
 
     def __init__(self, url: str):
         self.url, self.outstanding, self.healthy = url, 0, True
-        self.waiting, self.kv_usage = 0, 0.0
+        self.others, self.waiting, self.kv_usage = 0, 0, 0.0
 
     def __repr__(self):
         return f"Backend({self.url!r}, outstanding={self.outstanding}, healthy={self.healthy})"
@@ -83,16 +83,16 @@ class ModelQueue:
         urls = list(dict.fromkeys(urls))
         self.backends = {u: self.backends.get(u) or Backend(u) for u in urls}
         self.router.set_replicas(urls)
-        self._dispatch()
+        self.dispatch()
 
     def set_routing(self, routing: Routing) -> None:
         if routing != self.router.routing:
             self.router = Router(routing, self.backends)
-            self._dispatch()
+            self.dispatch()
 
     def set_limits(self, *, queue_size: int, max_concurrency: int) -> None:
         self.queue_size, self.max_concurrency = queue_size, max_concurrency
-        self._dispatch()
+        self.dispatch()
 
     @property
     def in_flight(self) -> int:
@@ -102,7 +102,7 @@ class ModelQueue:
         """A replica's health as checked; one that is back (or a new one) serves those waiting at once."""
         backend.healthy = healthy
         if healthy:
-            self._dispatch()
+            self.dispatch()
 
     def routable(self) -> list[Backend]:
         return [b for b in self.backends.values() if b.healthy]
@@ -165,7 +165,7 @@ class ModelQueue:
         slot.backend.outstanding -= 1
         if served:
             self.service_s_ewma += 0.2 * ((self.clock() - slot.started) - self.service_s_ewma)
-        self._dispatch()
+        self.dispatch()
 
     def close(self, make_error: Callable[[], Exception]) -> None:
         """The model is gone, or lost its route: everyone waiting gets an answer now (`make_error()` each), not
@@ -176,7 +176,7 @@ class ModelQueue:
                 self.waiting -= 1
                 waiter.future.set_exception(make_error())
 
-    def _dispatch(self) -> None:
+    def dispatch(self) -> None:
         """The head of the line takes its best free replica, until none is free. Every healthy replica is in every
         order, so when the head finds no free slot nobody behind it would; a waiter behind it overtakes only to
         take a replica that is its own first choice and not the head's."""
