@@ -322,7 +322,9 @@ def start_front(front: str, logs: Path, urls: list[str], *, routing: bool, epsil
     if routing:
         settings["routing"] = {"policy": policy, **({"epsilon": epsilon} if epsilon is not None else {})}
     count = 2 if front == "gw-prefix-x2" else 1
-    procs = [gateway(logs, urls, limits, profile="SRV_80G", model_settings=settings, wait=False)
+    # each gateway told how many share the engines, as the chart tells them (gateway_replicas)
+    shared = {"gateway_replicas": count} if routing and count > 1 else {}
+    procs = [gateway(logs, urls, limits, profile="SRV_80G", model_settings=settings, settings=shared, wait=False)
              for _ in range(count)]
     try:
         for p in procs:

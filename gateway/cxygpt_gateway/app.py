@@ -103,7 +103,8 @@ def create_app(settings: GatewaySettings, *, table: ProfileTable | None = None,
     registry = Registry(table, single_user=settings.single_user, force_profile=settings.force_profile,
                         auto_degrade=settings.auto_degrade, degrade_window_s=settings.degrade_window_s,
                         routing_policy=settings.routing.policy, routing_epsilon=settings.routing.epsilon,
-                        on_degrade=on_degrade, demand_window_s=settings.demand_window_s)
+                        on_degrade=on_degrade, demand_window_s=settings.demand_window_s,
+                        gateways=settings.gateway_replicas)
     gw = Gateway(settings=settings, table=table, registry=registry,
                  keys=KeyStore.from_file(settings.keys_file), metrics=metrics,
                  discovery=discovery or make_discovery(settings, table),

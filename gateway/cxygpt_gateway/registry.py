@@ -35,10 +35,10 @@ def model_gone(name: str) -> GatewayError:
 class ModelRoute:
     def __init__(self, spec: ModelSpec, limits: Limits, mode: str, profile: str | None, routing: Routing, *,
                  auto_degrade: bool, degrade_window_s: float, clock: Callable[[], float],
-                 on_degrade: Callable[[str, bool, str], None], demand_window_s: float = 10.0):
+                 on_degrade: Callable[[str, bool, str], None], demand_window_s: float = 10.0, gateways: int = 1):
         self.name = spec.name
         self.queue = ModelQueue(queue_size=limits.queue_size, max_concurrency=limits.max_concurrency,
-                                routing=routing, clock=clock)
+                                routing=routing, clock=clock, gateways=gateways)
         self.demand = DemandWindow(demand_window_s, clock)
         self.degrade = DegradeMonitor(limits.degrade, window_s=degrade_window_s, clock=clock,
                                       on_change=lambda degraded, why: on_degrade(self.name, degraded, why))
@@ -93,8 +93,9 @@ class Registry:
                  auto_degrade: bool = False, degrade_window_s: float = 30.0, routing_policy: str | None = None,
                  routing_epsilon: float | None = None, clock: Callable[[], float] = time.monotonic,
                  on_degrade: Callable[[str, bool, str], None] = lambda model, degraded, why: None,
-                 demand_window_s: float = 10.0):
+                 demand_window_s: float = 10.0, gateways: int = 1):
         self.table, self.single_user, self.force_profile = table, single_user, force_profile
+        self.gateways = gateways
         self.routing_policy, self.routing_epsilon = routing_policy, routing_epsilon  # every model's defaults
         self.demand_window_s = demand_window_s
         self.auto_degrade, self.degrade_window_s, self.clock, self.on_degrade = (
@@ -113,7 +114,8 @@ class Registry:
             self.routes[spec.name] = ModelRoute(spec, eff.limits, eff.mode, eff.profile, routing,
                                                 auto_degrade=self.auto_degrade,
                                                 degrade_window_s=self.degrade_window_s, clock=self.clock,
-                                                on_degrade=self.on_degrade, demand_window_s=self.demand_window_s)
+                                                on_degrade=self.on_degrade, demand_window_s=self.demand_window_s,
+                                                gateways=self.gateways)
             log.info("model %s routed to %s (profile %s, %s-user, %s routing)", spec.name,
                      ", ".join(spec.urls) or "-", eff.profile, eff.mode, routing.policy)
         elif route.spec != spec:

@@ -239,15 +239,18 @@ class Router:
                 self.ring = Ring(urls)
 
     def pick(self, key: int | None, replicas: Sequence[Replica], limit: int,
-             exclude: tuple = ()) -> tuple[Replica | None, str]:
-        """The first healthy replica in the policy's order with a load under `limit` (prefix: its key's
-        home within the load bound, fewer than `limit` + ⌊ε × limit⌋), not in `exclude`; (None, "") when none has
-        a slot. The choice: `affinity` when it is the policy's first choice, `spill`
+             exclude: tuple = (), share: int = 0) -> tuple[Replica | None, str]:
+        """The first healthy replica in the policy's order with a free slot, not in `exclude`; (None, "") when
+        none has one. A slot is free while the replica's load is under `limit` (prefix: its key's home within
+        the load bound, under `limit` + ⌊ε × limit⌋), or while this gateway's own requests there are fewer than
+        `share` (its part of the engine's slots, which it may always use: a freed slot goes first to the gateway
+        that freed it, the others learn of it at their next read, so without a share a gateway whose line fell
+        behind would stay behind). The choice: `affinity` when it is the policy's first choice, `spill`
         when the load bound or a full replica moved the request on, `other` for a failover (`exclude` given)."""
         home_limit = limit
         if self.ring is None or key is None:
             if self.routing.policy != "round-robin":
-                return self._least_load(replicas, limit, exclude)
+                return self._least_load(replicas, limit, exclude, share)
             ranked = order(self.routing, replicas, turn=self.turn)
             first = ranked[0] if ranked else None
         else:
@@ -261,22 +264,24 @@ class Router:
                 # again (measured in BENCHMARKS.md, "Fleet")
                 home_limit += math.floor(self.routing.epsilon * limit)
         for at, r in enumerate(ranked):
-            if load(r) < (home_limit if at == 0 else limit) and r not in exclude:
+            if (load(r) < (home_limit if at == 0 else limit) or r.outstanding < share) and r not in exclude:
                 if self.routing.policy == "round-robin":
                     self.turn += at + 1
                 return r, OTHER if exclude else AFFINITY if r is first else SPILL
         return None, ""
 
     @staticmethod
-    def _least_load(replicas: Sequence[Replica], limit: int, exclude: tuple) -> tuple[Replica | None, str]:
+    def _least_load(replicas: Sequence[Replica], limit: int, exclude: tuple,
+                    share: int) -> tuple[Replica | None, str]:
         """order()'s first free replica for least-load, in one pass and no list (the relay's hot path)."""
-        best, fewest = None, limit
+        best, fewest = None, 0
         for r in replicas:
             n = r.outstanding + r.others
-            if n > fewest or not r.healthy or r in exclude:
+            if n >= limit and r.outstanding >= share or best is not None and n > fewest or not r.healthy \
+                    or r in exclude:
                 continue
-            if n < fewest or best is not None and (r.waiting < best.waiting or r.waiting == best.waiting
-                                                   and r.kv_usage < best.kv_usage):
+            if best is None or n < fewest or r.waiting < best.waiting or r.waiting == best.waiting \
+                    and r.kv_usage < best.kv_usage:
                 best, fewest = r, n
         if best is None:
             return None, ""

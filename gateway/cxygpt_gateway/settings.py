@@ -81,6 +81,10 @@ class GatewaySettings(BaseSettings):
         1.0, ge=0, description="how often each replica's /metrics is read for the requests others hold there "
                                "(counted against its slots) and its waiting requests and KV-cache usage "
                                "(routing's tie-breaks); 0: never")
+    gateway_replicas: int = Field(
+        1, ge=1, le=1000, description="how many gateway replicas share the engines: each may always use "
+                                      "⌈max_concurrency / this⌉ of a replica's slots, and the rest while the "
+                                      "engine's last read leaves them free")
     demand_window_s: float = Field(
         10.0, gt=0, description="the window of cxygpt_gateway_demand (in flight + waiting, averaged), which the "
                                 "operator's autoscaler reads")

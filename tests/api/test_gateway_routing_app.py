@@ -1,5 +1,5 @@
 """Routing in the gateway app (ASGI) over in-test upstreams: the engines' load read from their /metrics breaks
-least-load's ties and goes stale never, and what others hold there fills the replica's slots; a session header
+least-load's ties and goes stale never, and what others hold there fills the replica's slots beyond this gateway's share; a session header
 keeps a session on one replica; what /v1/limits and /metrics say."""
 from __future__ import annotations
 
@@ -92,26 +92,24 @@ async def test_the_engines_load_breaks_least_loads_ties_and_a_silent_engine_read
         await until(lambda: (backends[urls[0]].waiting, backends[urls[0]].kv_usage) == (0, 0.0))
 
 
-async def test_what_others_hold_at_an_engine_fills_its_slots_and_a_place_they_free_serves_those_waiting():
-    a, b = Engine(others=2), Engine()  # another gateway keeps a's two slots busy
-    b.held.clear()
-    async with fleet(a, b, engine_metrics_interval_s=0.05, health_interval_s=600, routing={"policy": "least-load"},
-                     limits={"max_concurrency": 2, "queue_size": 8}) as (client, gw, urls):
-        queue = gw.registry.get("m").queue
+async def test_a_gateway_uses_its_share_of_an_engine_others_fill_and_a_place_they_free_serves_those_waiting():
+    engine = Engine(others=4)  # another gateway fills all 4 of the engine's slots
+    engine.held.clear()
+    async with fleet(engine, engine_metrics_interval_s=0.05, health_interval_s=600, gateway_replicas=2,
+                     limits={"max_concurrency": 4, "queue_size": 8}) as (client, gw, urls):
+        queue, backend = gw.registry.get("m").queue, gw.registry.get("m").queue.backends[urls[0]]
         try:
-            await until(lambda: queue.backends[urls[0]].others == 2)
-            first = [asyncio.create_task(client.post("/v1/chat/completions", json=chat())) for _ in range(2)]
-            await until(lambda: b.running == 2)  # both to b, whose engine holds nothing else
-            third = asyncio.create_task(client.post("/v1/chat/completions", json=chat()))
-            await until(lambda: queue.waiting == 1)
-            await asyncio.sleep(0.3)  # six reads: this gateway's own two at b are not taken for somebody else's
-            assert (queue.backends[urls[1]].others, queue.waiting, len(a.served)) == (0, 1, 0)
-            a.others = 0  # the other gateway's requests end: the next read hands a's place to the one waiting
-            assert (await asyncio.wait_for(third, 1)).status_code == 200
-            assert (len(a.served), len(b.served)) == (1, 2)
+            await until(lambda: backend.others == 4)
+            sent = [asyncio.create_task(client.post("/v1/chat/completions", json=chat())) for _ in range(3)]
+            await until(lambda: engine.running == 2 and queue.waiting == 1)  # its share, ⌈4 / 2⌉; one waits
+            await asyncio.sleep(0.3)  # six reads: this gateway's own two are not taken for somebody else's
+            assert (backend.others, engine.running, queue.waiting) == (4, 2, 1)
+            engine.others = 1  # three of the other gateway's requests end: the next read hands a place on
+            await until(lambda: engine.running == 3, timeout=1)
+            assert queue.waiting == 0
         finally:
-            b.held.set()
-        assert [r.status_code for r in await asyncio.gather(*first)] == [200, 200]
+            engine.held.set()
+        assert [r.status_code for r in await asyncio.gather(*sent)] == [200] * 3
 
 
 async def test_a_session_header_keeps_a_session_on_one_replica_and_limits_and_metrics_say_so():

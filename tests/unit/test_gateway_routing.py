@@ -217,7 +217,7 @@ def test_pick_is_the_first_free_replica_of_the_order(routing):
             r.others = rng.choice([0, 0, 1, 3])
             r.healthy = rng.random() < 0.8
         router = Router(routing, [r.url for r in rs])
-        router.turn = rng.randint(0, 10)
+        router.turn = turn = rng.randint(0, 10)
         key, tried = rng.getrandbits(64), tuple(r for r in rs if rng.random() < 0.2)
         ranked = order(routing, rs, key, ring=router.ring, turn=router.turn)
         home = next((r for url in router.ring.walk(key) for r in rs if r.url == url and r.healthy), None) \
@@ -226,6 +226,11 @@ def test_pick_is_the_first_free_replica_of_the_order(routing):
         expected = next((r for at, r in enumerate(ranked)
                          if r.outstanding + r.others < 4 + (at == 0 and r is home) and r not in tried), None)
         assert router.pick(key, rs, limit=4, exclude=tried)[0] is expected
+        share, router.turn = rng.randint(0, 4), turn  # own requests under the share: free whatever others hold
+        expected = next((r for at, r in enumerate(ranked)
+                         if (r.outstanding + r.others < 4 + (at == 0 and r is home) or r.outstanding < share)
+                         and r not in tried), None)
+        assert router.pick(key, rs, limit=4, exclude=tried, share=share)[0] is expected
 
 
 def test_a_keys_home_within_the_bound_holds_epsilon_more_than_its_slots():
@@ -263,6 +268,26 @@ def test_the_slots_are_the_engines_and_what_other_senders_hold_there_fills_them(
     assert router.pick(KEYS[5], rs, limit=8) == (None, "")
     home.others = 0
     assert router.pick(KEYS[5], rs, limit=8)[0] is home
+
+
+@pytest.mark.parametrize("routing", [PREFIX, LEAST, ROUND], ids=lambda r: r.policy)
+def test_a_gateway_may_always_use_its_share_of_an_engines_slots(routing):
+    rs = replicas(1)
+    router = Router(routing, [r.url for r in rs])
+    rs[0].others = 8                                   # full by the engine's count
+    assert router.pick(KEYS[7], rs, limit=8, share=4)[0] is rs[0]
+    rs[0].outstanding = 4                              # its share used: the rest only as the engine's count allows
+    assert router.pick(KEYS[7], rs, limit=8, share=4) == (None, "")
+    rs[0].others = 3
+    assert router.pick(KEYS[7], rs, limit=8, share=4)[0] is rs[0]
+
+
+def test_least_load_ranks_a_replica_free_by_the_share_by_its_load():
+    a, b = replicas(2)
+    a.others, b.outstanding, b.others = 8, 5, 1        # a: full by the engine's count; b: 6 of 8
+    assert Router(LEAST).pick(None, [a, b], limit=8, share=4)[0] is b
+    b.others = 3                                       # b full: a, within this gateway's share
+    assert Router(LEAST).pick(None, [a, b], limit=8, share=4)[0] is a
 
 
 def test_the_load_bound_balances_this_gateways_own_requests():

@@ -717,6 +717,10 @@ def test_routing_values_reach_the_gateway_as_its_settings(tmp_path, monkeypatch)
 
     default = settings(render())                   # nothing set: the gateway's own defaults per model's mode
     assert (default.routing.policy, default.routing.epsilon, default.engine_metrics_interval_s) == (None, None, 1)
+    assert default.gateway_replicas == 1
+    assert settings(render_values(tmp_path, {"gateway": {"replicaCount": 3}})).gateway_replicas == 3
+    scaled = {"gateway": {"replicaCount": 3, "autoscaling": {"enabled": True, "minReplicas": 2, "maxReplicas": 6}}}
+    assert settings(render_values(tmp_path, scaled)).gateway_replicas == 6   # the HPA's most
     chosen = settings(render_values(tmp_path, {"gateway": {"routing": {"policy": "least-load", "epsilon": 0.5},
                                                            "engineMetricsIntervalSeconds": 0}}))
     assert (chosen.routing.policy, chosen.routing.epsilon, chosen.engine_metrics_interval_s) == ("least-load", 0.5, 0)

@@ -68,8 +68,9 @@ class ModelQueue:
     that is not its first choice and a waiter close behind has it first (LOOKAHEAD, MAX_PASSES)."""
 
     def __init__(self, *, queue_size: int, max_concurrency: int, routing: Routing = Routing(),
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, gateways: int = 1):
         self.queue_size, self.max_concurrency, self.clock = queue_size, max_concurrency, clock
+        self.gateways = gateways  # the gateway replicas that share the engines' slots
         self.backends: dict[str, Backend] = {}
         self.router = Router(routing)
         self._heap: list[tuple[int, int, _Waiter]] = []
@@ -95,6 +96,11 @@ class ModelQueue:
         self.dispatch()
 
     @property
+    def share(self) -> int:
+        """This gateway's part of each replica's slots, which it may always use: ⌈max_concurrency / gateways⌉."""
+        return -(-self.max_concurrency // self.gateways)
+
+    @property
     def in_flight(self) -> int:
         return sum(b.outstanding for b in self.backends.values())
 
@@ -110,7 +116,7 @@ class ModelQueue:
     def take_other(self, tried: tuple[Backend, ...], queued_s: float = 0.0, key: int | None = None) -> Slot | None:
         """For a request none of which reached the replicas it `tried`: a free slot on the next one in its order,
         ahead of those waiting (it was admitted before them), or None."""
-        backend, choice = self.router.pick(key, self.backends.values(), self.max_concurrency, tried)
+        backend, choice = self.router.pick(key, self.backends.values(), self.max_concurrency, tried, self.share)
         if backend is None:
             return None
         backend.outstanding += 1
@@ -124,7 +130,7 @@ class ModelQueue:
     def try_take(self, key: int | None = None) -> Slot | None:
         """A slot now; None when the caller must wait in line; 503 when nothing is routable or the line is full."""
         if not self.waiting:  # never overtake those waiting
-            backend, choice = self.router.pick(key, self.backends.values(), self.max_concurrency)
+            backend, choice = self.router.pick(key, self.backends.values(), self.max_concurrency, share=self.share)
             if backend is not None:
                 backend.outstanding += 1
                 return Slot(self, backend, self.clock(), 0.0, key, choice)
@@ -185,7 +191,7 @@ class ModelQueue:
             if waiter.gone:
                 heapq.heappop(self._heap)
                 continue  # left the line; a cancelled future whose task has not run yet is counted out by wait()
-            backend, choice = self.router.pick(waiter.key, self.backends.values(), self.max_concurrency)
+            backend, choice = self.router.pick(waiter.key, self.backends.values(), self.max_concurrency, share=self.share)
             if backend is None:
                 return
             taker = waiter
@@ -207,6 +213,7 @@ class ModelQueue:
                 break
             if w.key is None or w.gone:
                 continue
-            if self.router.pick(w.key, self.backends.values(), self.max_concurrency) == (backend, AFFINITY):
+            if self.router.pick(w.key, self.backends.values(), self.max_concurrency,
+                                share=self.share) == (backend, AFFINITY):
                 return w
         return None
