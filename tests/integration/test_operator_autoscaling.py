@@ -198,10 +198,13 @@ def test_an_operator_restart_keeps_the_decisions(scaled):
     before = c.md("chat")["status"]["autoscaling"]
     assert before["reason"] == "ScaleDownStabilized" and before["recommendations"]
     c.start_operator("--gateway-service", "default/cxygpt-gateway", "--autoscale-interval", INTERVAL)
+    restarted = time.monotonic() - quiet
     wait_until(lambda: replicas(c, "chat") == 0, timeout=30, what="scaled to zero after the restart")
     elapsed = time.monotonic() - quiet
-    # counted from the last demand, not from the restart (which would be more than 1 + 10) nor at once
-    assert 10 - 0.5 <= elapsed < 1 + 10 + 0.5, elapsed
+    print(f"restarted after {restarted:.2f} s, at zero after {elapsed:.2f} s")
+    # counted from the last demand, not from the restart (which would be 10 s after it at the earliest) nor at once;
+    # a slow restart (two test workers on two cores) may decide only once it is up
+    assert 10 - 0.5 <= elapsed < min(restarted + 10 - 0.5, max(10, restarted) + 2), (restarted, elapsed)
     # the scale is written first, the status after it
     c.wait_status("chat", lambda s: (s.get("autoscaling") or {}).get("lastScaleMessage") == "3 -> 0: no demand for 10 s",
                   timeout=5, what="the scale-down recorded")
