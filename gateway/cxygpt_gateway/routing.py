@@ -173,7 +173,7 @@ def load(r: Replica) -> int:
 
 def load_rank(r: Replica) -> tuple[int, int, float]:
     """Fewest in flight, then fewest waiting in the engine, then the lowest KV-cache usage."""
-    return r.outstanding + r.others, r.waiting, r.kv_usage
+    return load(r), r.waiting, r.kv_usage
 
 
 def load_bound(epsilon: float, in_flight: int, replicas: int) -> int:
