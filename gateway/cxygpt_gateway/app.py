@@ -77,7 +77,8 @@ class GatewayApp(FastAPI):
 def make_discovery(settings: GatewaySettings, table: ProfileTable) -> Discovery:
     if settings.kubernetes:
         from .discovery.kubernetes import KubernetesDiscovery
-        return KubernetesDiscovery(namespaces=settings.namespaces, kubeconfig=settings.kubeconfig)
+        return KubernetesDiscovery(namespaces=settings.namespaces, kubeconfig=settings.kubeconfig,
+                                   gateway_service=settings.gateway_service)
     from .discovery.static import StaticDiscovery
     return StaticDiscovery(settings.models, table)
 
@@ -92,7 +93,7 @@ def create_app(settings: GatewaySettings, *, table: ProfileTable | None = None,
         except KeyError:
             raise ValueError(f"FORCE_PROFILE={settings.force_profile!r} is not one of {', '.join(table.names)}") from None
     # the metrics read the registry at scrape time; the registry reports degradation into the metrics
-    metrics = GatewayMetrics(lambda: registry.routes.values())
+    metrics = GatewayMetrics(lambda: registry.routes.values(), lambda: registry.gateways)
 
     def on_degrade(model: str, degraded: bool, why: str) -> None:
         if degraded:

@@ -11,10 +11,13 @@ class RouteStateCollector:
     """Queue depth and capacity, in-flight, degraded state and routable replicas read from the routes at
     scrape time: the hot path keeps no gauges up to date."""
 
-    def __init__(self, routes):
-        self.routes = routes
+    def __init__(self, routes, gateways):
+        self.routes, self.gateways = routes, gateways
 
     def collect(self):
+        yield GaugeMetricFamily("cxygpt_gateway_replicas", "Gateway replicas sharing the engines' slots, "
+                                "this one included (the gateway Service's ready endpoints, or gateway_replicas)",
+                                value=self.gateways())
         depth = GaugeMetricFamily("cxygpt_gateway_queue_depth", "Requests waiting for a slot", labels=["model"])
         in_flight = GaugeMetricFamily("cxygpt_gateway_in_flight", "Requests being served upstream",
                                       labels=["model"])
@@ -40,7 +43,7 @@ class RouteStateCollector:
 
 
 class GatewayMetrics:
-    def __init__(self, routes):
+    def __init__(self, routes, gateways):
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("cxygpt_gateway_requests", "Requests answered, by model and HTTP status",
@@ -76,4 +79,4 @@ class GatewayMetrics:
                              registry=r)
         self.client_disconnects = Counter("cxygpt_gateway_client_disconnects",
                                           "Requests cancelled because the client went away", ["model"], registry=r)
-        r.register(RouteStateCollector(routes))
+        r.register(RouteStateCollector(routes, gateways))

@@ -95,7 +95,7 @@ class Registry:
                  on_degrade: Callable[[str, bool, str], None] = lambda model, degraded, why: None,
                  demand_window_s: float = 10.0, gateways: int = 1):
         self.table, self.single_user, self.force_profile = table, single_user, force_profile
-        self.gateways = gateways
+        self.gateways = self.configured_gateways = gateways
         self.routing_policy, self.routing_epsilon = routing_policy, routing_epsilon  # every model's defaults
         self.demand_window_s = demand_window_s
         self.auto_degrade, self.degrade_window_s, self.clock, self.on_degrade = (
@@ -133,6 +133,15 @@ class Registry:
         if (route := self.routes.pop(name, None)) is not None:
             log.info("model %s removed", name)
             route.queue.close(lambda: model_gone(name))
+
+    def set_gateways(self, count: int | None) -> None:
+        """The gateway replicas sharing the engines' slots, as discovery counts them; None: the configured count."""
+        gateways = count or self.configured_gateways
+        if gateways != self.gateways:
+            log.info("%d gateway replicas share the engines' slots", gateways)
+            self.gateways = gateways
+            for route in self.routes.values():
+                route.queue.set_gateways(gateways)
 
     def get(self, name: str) -> ModelRoute | None:
         return self.routes.get(name)

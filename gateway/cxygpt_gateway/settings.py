@@ -84,7 +84,12 @@ class GatewaySettings(BaseSettings):
     gateway_replicas: int = Field(
         1, ge=1, le=1000, description="how many gateway replicas share the engines: each may always use "
                                       "⌈max_concurrency / this⌉ of a replica's slots, and the rest while the "
-                                      "engine's last read leaves them free")
+                                      "engine's last read leaves them free; with gateway_service, the count "
+                                      "until that Service lists a ready replica")
+    gateway_service: str | None = Field(
+        None, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?/[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+        description="namespace/name of the Service in front of the gateway replicas (with kubernetes): its ready "
+                    "endpoints are counted, and the count is gateway_replicas while the Service lists any")
     demand_window_s: float = Field(
         10.0, gt=0, description="the window of cxygpt_gateway_demand (in flight + waiting, averaged), which the "
                                 "operator's autoscaler reads")

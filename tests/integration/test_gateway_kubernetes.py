@@ -157,3 +157,44 @@ def sim_requests(sim) -> float:
     text = httpx.get(sim.url + "/metrics", timeout=5).text
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                if line.startswith("vllm:request_success_total"))
+
+
+def gateway_replicas(url: str) -> float:
+    text = httpx.get(url + "/metrics", timeout=5).text
+    return float(next(line.split()[1] for line in text.splitlines() if line.startswith("cxygpt_gateway_replicas ")))
+
+
+def test_the_gateways_sharing_the_engines_are_counted_from_their_services_ready_endpoints(tmp_path, kube_api):
+    api = kube_api.api_client()
+    k = Cluster(api)
+    for ns in ("llm", "cxygpt-system"):
+        k.namespace(ns)
+    # the gateway's own namespace is not one it watches for models: its Service's slices are read all the same
+    gateway = start_gateway(tmp_path, {}, env={"CXYGPT_GATEWAY_SERVICE": "cxygpt-system/cxygpt-gateway",
+                                               "CXYGPT_GATEWAY_REPLICAS": "3"},
+                            extra_args=("--kubernetes", "--kubeconfig", str(kube_api.kubeconfig), "--namespace", "llm"))
+
+    def slice_of(service, *pods):
+        return {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": "IPv4",
+                "metadata": {"name": f"{service}-x", "labels": {"kubernetes.io/service-name": service}},
+                "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+                "endpoints": [{"addresses": [f"10.0.0.{i}"], "conditions": conditions,
+                               "targetRef": {"kind": "Pod", "namespace": "cxygpt-system", "name": f"{service}-{i}"}}
+                              for i, conditions in enumerate(pods)]}
+    try:
+        assert gateway_replicas(gateway.url) == 3                 # nothing listed yet: the setting
+        k.discovery.create_namespaced_endpoint_slice("cxygpt-system", slice_of(
+            "other", *[{"ready": True}] * 5))                      # another Service's pods are not gateways
+        ready, not_ready = {"ready": True}, {"ready": False}
+        k.discovery.create_namespaced_endpoint_slice("cxygpt-system", slice_of(
+            "cxygpt-gateway", ready, ready, not_ready))
+        wait_until(lambda: gateway_replicas(gateway.url) == 2, timeout=10, what="two ready gateways counted")
+        k.discovery.patch_namespaced_endpoint_slice("cxygpt-gateway-x", "cxygpt-system", slice_of(
+            "cxygpt-gateway", ready, {"ready": False, "serving": True, "terminating": True}, not_ready))
+        wait_until(lambda: gateway_replicas(gateway.url) == 1, timeout=10, what="a terminating gateway not counted")
+        k.discovery.delete_namespaced_endpoint_slice("cxygpt-gateway-x", "cxygpt-system")
+        wait_until(lambda: gateway_replicas(gateway.url) == 3, timeout=10, what="the setting again")
+        assert model_ids(gateway.url) == []                        # and no slice of theirs became a route
+    finally:
+        api.close()
+        gateway.stop()

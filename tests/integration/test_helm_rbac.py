@@ -374,4 +374,6 @@ def test_the_chart_rbac_allows_every_call_the_operator_and_gateway_make(scenario
         assert {a.namespace for c in calls.values() for a in c if a.namespace and a.resource != "endpointslices"} \
             <= set(watched)
         assert {a.namespace for a in calls["operator"] if a.resource == "endpointslices"} == {NAMESPACE}
+    # the gateways count themselves from their Service's slices, in the release namespace
+    assert ("watch", NAMESPACE) in {(a.verb, a.namespace) for a in calls["gateway"] if a.resource == "endpointslices"}
 

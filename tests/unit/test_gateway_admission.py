@@ -477,6 +477,28 @@ async def test_registry_keeps_queues_and_in_flight_counts_across_discovery_updat
     assert registry.get("m") is None and registry.routable() == []
 
 
+async def test_the_gateway_count_discovered_sets_every_models_share_and_a_larger_share_lets_a_waiter_go(clock):
+    from cxygpt_gateway.discovery.base import ModelSpec
+    from cxygpt_gateway.registry import Registry
+    table = default_table()
+    registry = Registry(table, clock=clock, gateways=4)         # the setting: 4 gateways, each 1 of 4 slots
+    limits = table.get("DEV_32G").limits.model_copy(update={"max_concurrency": 4})
+    registry.upsert(ModelSpec(name="m", urls=("http://a",), limits=limits, mode="multi", profile="DEV_32G"))
+    queue = registry.get("m").queue
+    queue.backends["http://a"].others = 4                       # the engine is full of other gateways' requests
+    first = await asyncio.wait_for(queue.acquire(), 1)           # this gateway's share is still its own
+    second = asyncio.ensure_future(queue.acquire())
+    await asyncio.sleep(0)
+    assert not second.done() and queue.share == 1
+    registry.set_gateways(2)                                     # its Service lists two ready gateways
+    assert (await asyncio.wait_for(second, 1)).backend.url == "http://a" and queue.share == 2
+    registry.upsert(ModelSpec(name="n", urls=("http://b",), limits=limits, mode="multi", profile="DEV_32G"))
+    assert registry.get("n").queue.share == 2 and registry.gateways == 2   # a model added later shares alike
+    registry.set_gateways(None)                                  # none listed ready: the setting again
+    assert (queue.share, registry.get("n").queue.share) == (1, 1)
+    first.release()
+
+
 def test_upstream_answers_keep_their_4xx_but_an_engine_refusing_the_gateway_is_a_502():
     from cxygpt_gateway.relay import upstream_error
     overflow = upstream_error(400, b'{"error": {"message": "maximum context length is 4096 tokens"}}')

@@ -4,7 +4,8 @@ from __future__ import annotations
 from cxygpt_profiles import default_table
 
 from cxygpt_gateway.discovery.base import ModelSpec, Unavailable
-from cxygpt_gateway.discovery.kubernetes import desired_routes, name_owners, ready_endpoint_urls, why_unavailable
+from cxygpt_gateway.discovery.kubernetes import (desired_routes, name_owners, ready_endpoint_count, ready_endpoint_urls,
+                                                 why_unavailable)
 
 
 def modeldeployment(name="qwen3-14b", phase="Ready", namespace="llm", *, served=None, created="2026-12-01T10:00:00Z",
@@ -31,6 +32,19 @@ def test_every_ready_endpoint_serves_and_not_ready_or_terminating_ones_drain():
         {"addresses": ["10.0.0.5"], "conditions": {"serving": True, "terminating": True}},
         {"addresses": ["fd00::1"], "conditions": {"ready": True}}])]
     assert ready_endpoint_urls(slices) == ["http://10.0.0.1:8000", "http://10.0.0.2:8000", "http://[fd00::1]:8000"]
+
+
+def test_the_gateways_are_the_ready_pods_of_their_service_each_counted_once():
+    pod = lambda name, *addresses, **conditions: {"addresses": list(addresses), "conditions": conditions,  # noqa: E731
+                                                  "targetRef": {"kind": "Pod", "name": name, "uid": f"uid-{name}"}}
+    ipv4 = endpointslice("gw", endpoints=[pod("a", "10.0.0.1", ready=True), pod("b", "10.0.0.2"),
+                                          pod("c", "10.0.0.3", ready=False),
+                                          pod("d", "10.0.0.4", ready=False, serving=True, terminating=True)])
+    ipv6 = endpointslice("gw", endpoints=[pod("a", "fd00::1", ready=True), pod("b", "fd00::2", ready=True)])
+    assert ready_endpoint_count([ipv4, ipv6]) == 2      # a dual-stack Service lists each pod in both slices
+    assert ready_endpoint_count([endpointslice("gw", endpoints=[{"addresses": ["10.0.0.1"]},
+                                                                {"addresses": ["10.0.0.2"]}])]) == 2  # no targetRef
+    assert ready_endpoint_count([]) == ready_endpoint_count([endpointslice("gw")]) == 0
 
 
 def test_a_model_routes_to_its_ready_endpoints_whatever_its_phase():

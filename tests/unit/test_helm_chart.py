@@ -335,13 +335,20 @@ CLUSTER_SCOPED = {"nodes", "namespaces", "customresourcedefinitions", "clusterko
 
 def test_rbac_cluster_wide_grants_through_cluster_roles_only():
     docs = render()
-    # but one: the gateway Service's endpoints, which the autoscaler lists in the release namespace only
-    [role] = find(docs, "Role")
-    assert role["metadata"] == {**role["metadata"], "name": f"{RELEASE}-operator-gateway-endpoints", "namespace": NAMESPACE}
-    assert grants(role) == expand(("discovery.k8s.io", "endpointslices", "list", ""))
-    [binding] = find(docs, "RoleBinding")
-    assert binding["roleRef"]["name"] == role["metadata"]["name"]
-    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": f"{RELEASE}-operator", "namespace": NAMESPACE}]
+    # but the gateway Service's endpoints, in the release namespace only: the autoscaler lists them (the gateways'
+    # demand), the gateways watch them (how many share the engines' slots)
+    roles = {r["metadata"]["name"]: r for r in find(docs, "Role")}
+    assert set(roles) == {f"{RELEASE}-operator-gateway-endpoints", f"{RELEASE}-gateway-peers"}
+    assert grants(roles[f"{RELEASE}-operator-gateway-endpoints"]) == expand(("discovery.k8s.io", "endpointslices",
+                                                                            "list", ""))
+    assert grants(roles[f"{RELEASE}-gateway-peers"]) == expand(("discovery.k8s.io", "endpointslices", "list watch", ""))
+    bindings = {b["metadata"]["name"]: b for b in find(docs, "RoleBinding")}
+    assert set(bindings) == set(roles)
+    for name, component in ((f"{RELEASE}-operator-gateway-endpoints", "operator"), (f"{RELEASE}-gateway-peers", "gateway")):
+        assert roles[name]["metadata"]["namespace"] == bindings[name]["metadata"]["namespace"] == NAMESPACE
+        assert bindings[name]["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name}
+        assert bindings[name]["subjects"] == [{"kind": "ServiceAccount", "name": f"{RELEASE}-{component}",
+                                               "namespace": NAMESPACE}]
     for component in ("operator", "gateway"):
         [binding] = find(docs, "ClusterRoleBinding", f"{RELEASE}-{component}")
         assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
@@ -717,7 +724,7 @@ def test_routing_values_reach_the_gateway_as_its_settings(tmp_path, monkeypatch)
 
     default = settings(render())                   # nothing set: the gateway's own defaults per model's mode
     assert (default.routing.policy, default.routing.epsilon, default.engine_metrics_interval_s) == (None, None, 1)
-    assert default.gateway_replicas == 1
+    assert default.gateway_replicas == 1 and default.gateway_service == f"{NAMESPACE}/{RELEASE}-gateway"
     assert settings(render_values(tmp_path, {"gateway": {"replicaCount": 3}})).gateway_replicas == 3
     scaled = {"gateway": {"replicaCount": 3, "autoscaling": {"enabled": True, "minReplicas": 2, "maxReplicas": 6}}}
     assert settings(render_values(tmp_path, scaled)).gateway_replicas == 6   # the HPA's most

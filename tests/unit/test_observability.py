@@ -74,7 +74,7 @@ def _gateway_page() -> str:
     queue = ModelQueue(queue_size=4, max_concurrency=2)
     queue.set_backends(["http://a:8000", "http://b:8000"])
     route = SimpleNamespace(name="qwen3-14b", queue=queue, is_degraded=lambda: False, demand=DemandWindow(10))
-    m = GatewayMetrics(lambda: [route])
+    m = GatewayMetrics(lambda: [route], lambda: 2)
     m.requests.labels("qwen3-14b", "200").inc()
     m.rejections.labels("qwen3-14b", "queue_full").inc()
     m.ttft.labels("qwen3-14b").observe(0.2)
@@ -107,6 +107,7 @@ def test_gateway_metrics_follow_prometheus_naming():
     assert 'cxygpt_gateway_concurrency_limit{model="qwen3-14b"} 2.0' in page
     assert 'cxygpt_gateway_backends_routable{model="qwen3-14b"} 2.0' in page
     assert 'cxygpt_gateway_demand{model="qwen3-14b"} 0.0' in page
+    assert "cxygpt_gateway_replicas 2.0" in page
     if PROMTOOL:
         check = promtool("check", "metrics", stdin=page)
         assert check.returncode == 0, check.stdout + check.stderr

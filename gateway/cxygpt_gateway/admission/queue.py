@@ -95,6 +95,11 @@ class ModelQueue:
         self.queue_size, self.max_concurrency = queue_size, max_concurrency
         self.dispatch()
 
+    def set_gateways(self, gateways: int) -> None:
+        if gateways != self.gateways:
+            self.gateways = gateways
+            self.dispatch()  # a larger share may let a waiter go now
+
     @property
     def share(self) -> int:
         """This gateway's part of each replica's slots, which it may always use: ⌈max_concurrency / gateways⌉."""

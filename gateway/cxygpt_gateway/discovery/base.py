@@ -54,6 +54,9 @@ class ModelSink(Protocol):
 
     def remove(self, name: str) -> None: ...
 
+    def set_gateways(self, count: int | None) -> None:
+        """How many gateway replicas share the engines' slots, as counted (None: not known; the setting stands)."""
+
 
 class Discovery(Protocol):
     async def start(self, sink: ModelSink) -> None:

@@ -28,9 +28,9 @@ WAKE_TIMEOUT_S = 10.0
 # 0 -> 1 only if it is still 0: of several gateways (or requests) waking a model at once, one write wins
 WAKE_PATCH = orjson.dumps([{"op": "test", "path": "/spec/replicas", "value": 0},
                            {"op": "replace", "path": "/spec/replicas", "value": 1}])
-# what is watched: plural → (group/version, label selector)
-PLURALS = {"modeldeployments": (GROUP_VERSION, None),
-           "endpointslices": ("discovery.k8s.io/v1", ENGINE_SLICES)}
+# what is watched in each watched namespace: name → (group/version, plural, label selector)
+WATCHES = {"modeldeployments": (GROUP_VERSION, "modeldeployments", None),
+           "endpointslices": ("discovery.k8s.io/v1", "endpointslices", ENGINE_SLICES)}
 
 
 def ready_endpoint_urls(slices: list[dict]) -> list[str]:
@@ -51,6 +51,20 @@ def ready_endpoint_urls(slices: list[dict]) -> list[str]:
                 host = f"[{address}]" if ":" in address else address
                 urls.append(f"http://{host}:{port}")
     return sorted(set(urls))
+
+
+def ready_endpoint_count(slices: list[dict]) -> int:
+    """How many pods a Service's slices list as ready (and not terminating): the gateway replicas taking requests.
+    A pod is counted once however many slices name it (dual-stack Services have one slice per address family)."""
+    pods = set()
+    for s in slices:
+        for endpoint in s.get("endpoints") or []:
+            conditions = endpoint.get("conditions") or {}
+            if conditions.get("ready") is False or conditions.get("terminating") is True:
+                continue
+            ref = endpoint.get("targetRef") or {}
+            pods.add(ref.get("uid") or ref.get("name") or tuple(endpoint.get("addresses") or ()))
+    return len(pods)
 
 
 def _condition(status: dict, type_: str) -> dict:
@@ -208,14 +222,22 @@ class ApiServer:
 
 
 class KubernetesDiscovery:
-    """Lists and watches ModelDeployments and EndpointSlices in each watched namespace (or the whole cluster)."""
+    """Lists and watches ModelDeployments and EndpointSlices in each watched namespace (or the whole cluster), and
+    the EndpointSlices of the gateway's own Service when it is named (how many gateways share the engines)."""
 
-    def __init__(self, *, namespaces: list[str] | tuple[str, ...] = (), kubeconfig: str | None = None):
+    def __init__(self, *, namespaces: list[str] | tuple[str, ...] = (), kubeconfig: str | None = None,
+                 gateway_service: str | None = None):
         self.namespaces, self.api = tuple(dict.fromkeys(namespaces)) or (None,), ApiServer(kubeconfig)
-        # (plural, namespace watched) → that list's objects by (namespace, name); each watch owns its own part
+        self.watches = dict(WATCHES)
+        # (watch, namespace watched) → that list's objects by (namespace, name); each watch owns its own part
         self.objects: dict[tuple[str, str | None], dict[tuple[str, str], dict]] = {
-            (plural, ns): {} for plural in PLURALS for ns in self.namespaces}
+            (watch, ns): {} for watch in WATCHES for ns in self.namespaces}
+        if gateway_service:
+            namespace, service = gateway_service.split("/", 1)
+            self.watches["gateways"] = ("discovery.k8s.io/v1", "endpointslices", f"{SERVICE_NAME_LABEL}={service}")
+            self.objects["gateways", namespace] = {}
         self.published: set[str] = set()
+        self.gateways: int | None = None  # the count last told to the sink
         self.tasks: list[asyncio.Task] = []
         self.session: aiohttp.ClientSession | None = None
         self.sink: ModelSink | None = None
@@ -228,10 +250,10 @@ class KubernetesDiscovery:
         self.sink = sink
         self.session = aiohttp.ClientSession(read_bufsize=1 << 20)
         synced = {part: asyncio.Event() for part in self.objects}
-        self.tasks = [asyncio.create_task(self._follow(plural, ns, synced[plural, ns])) for plural, ns in self.objects]
+        self.tasks = [asyncio.create_task(self._follow(watch, ns, synced[watch, ns])) for watch, ns in self.objects]
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(INITIAL_SYNC_S):
-                await asyncio.gather(*(e.wait() for e in synced.values()))
+            async with asyncio.timeout(INITIAL_SYNC_S):  # the routes; the gateway count may come later
+                await asyncio.gather(*(e.wait() for (watch, _), e in synced.items() if watch in WATCHES))
 
     async def stop(self) -> None:
         for task in self.tasks:
@@ -240,10 +262,10 @@ class KubernetesDiscovery:
         if self.session is not None:
             await self.session.close()
 
-    async def _follow(self, plural: str, namespace: str | None, synced: asyncio.Event) -> None:
+    async def _follow(self, watch: str, namespace: str | None, synced: asyncio.Event) -> None:
         """List, then watch from the list's resourceVersion; start over after an error or expiry."""
-        group_version, selector = PLURALS[plural]
-        url, backoff, part = self._path(group_version, plural, namespace), 1.0, (plural, namespace)
+        group_version, plural, selector = self.watches[watch]
+        url, backoff, part = self._path(group_version, plural, namespace), 1.0, (watch, namespace)
         params = {"labelSelector": selector} if selector else {}
         while True:
             try:
@@ -262,7 +284,8 @@ class KubernetesDiscovery:
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # API server away or answering nonsense: keep the last known routes
-                log.warning("watching %s%s failed, retrying in %.0f s: %s", plural,
+                log.warning("watching %s%s failed, retrying in %.0f s: %s",
+                            plural if watch in WATCHES else f"{plural} ({selector})",
                             f" in {namespace}" if namespace else "", backoff, e)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF_S)
@@ -303,10 +326,10 @@ class KubernetesDiscovery:
         except (aiohttp.ClientError, TimeoutError) as e:
             return f"failed: {e!r}"
 
-    def _all(self, plural: str) -> dict[tuple[str, str], dict]:
+    def _all(self, watch: str) -> dict[tuple[str, str], dict]:
         merged: dict[tuple[str, str], dict] = {}
-        for (p, _), objects in self.objects.items():
-            if p == plural:
+        for (w, _), objects in self.objects.items():
+            if w == watch:
                 merged.update(objects)
         return merged
 
@@ -320,6 +343,12 @@ class KubernetesDiscovery:
             else:
                 self.sink.upsert(route)
         self.published = set(routes)
+        if "gateways" in self.watches:
+            # none listed ready (not created yet, a wrong name): the configured count stands
+            gateways = ready_endpoint_count(list(self._all("gateways").values())) or None
+            if gateways != self.gateways:
+                self.gateways = gateways
+                self.sink.set_gateways(gateways)
 
 
 def _key(obj: dict) -> tuple[str, str]:
