@@ -17,7 +17,7 @@ from .build import MODEL_DEPLOYMENT_LABEL, failure_of
 from .cache import CACHE_LABEL, CacheUser
 from .metrics import OperatorMetrics
 from .nodes import gpu_node
-from .reconcile import CannotRun, Context, NotYet, reconcile, recheck_after
+from .reconcile import CannotRun, Context, NotYet, as_written, reconcile, recheck_after
 from .resolve import NameClaim, claimed_since
 from .scaling import Scaler, autoscale, scale_target
 
@@ -234,10 +234,12 @@ async def keep_reconciled(stopped, namespace: str, name: str, body: kopf.Body, m
     wake = shared.wakeups.setdefault(key, asyncio.Event())
     failures = 0
     metrics = shared.metrics
+    written = None  # the status this loop last wrote or kept: the body may not show it yet
     try:
         while not stopped:
             wake.clear()
-            snapshot = copy.deepcopy(dict(body))  # the live body changes under us; decide on one version
+            # the live body changes under us: decide on one version, with the status as we last wrote it
+            snapshot = as_written(copy.deepcopy(dict(body)), written)
             logger.extra["generation"] = snapshot["metadata"].get("generation")
             delay, result, status = None, "ok", None
             served = ((snapshot.get("spec") or {}).get("model") or {}).get("name")
@@ -261,6 +263,7 @@ async def keep_reconciled(stopped, namespace: str, name: str, body: kopf.Body, m
                     logger.exception("reconcile crashed (retry in %ss)", delay)
             metrics.reconciles.labels(result).inc()
             if status is not None:
+                written = status
                 metrics.model_seen(key, snapshot, status)
                 _report_failure(shared, key, snapshot, status)
                 _report_cache(snapshot, status)

@@ -79,6 +79,18 @@ def recheck_after(status: dict) -> float | None:
     return CACHE_PROGRESS_S if phase == "Downloading" else CACHE_PENDING_S if phase == "Pending" else None
 
 
+def as_written(body: dict, written: dict | None) -> dict:
+    """The body to decide on: with its status as this operator last wrote (or kept) it, when it has. A wake-up can
+    come before the watch event of that write, and deciding on the older status would move the conditions'
+    lastTransitionTime and write the status again for nothing. status.autoscaling stays the body's (the
+    autoscaler's, never written here)."""
+    if written is None:
+        return body
+    status = body.get("status") or {}
+    autoscaling = {AUTOSCALING_STATUS: status[AUTOSCALING_STATUS]} if AUTOSCALING_STATUS in status else {}
+    return {**body, "status": {**autoscaling, **written}}
+
+
 def _now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 

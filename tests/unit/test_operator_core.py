@@ -483,6 +483,73 @@ def test_a_rejected_deployment_fails_with_the_api_servers_message():
     assert kube.statuses == [status] and kube.applied == ["Service", "NetworkPolicy"]
 
 
+class _AcceptingKube(_RejectingKube):
+    def apply_deployment(self, body):
+        self.applied.append(body["kind"])
+        return body
+
+
+def test_a_wake_up_before_the_event_of_our_own_status_write_writes_nothing_again(monkeypatch):
+    """The daemon decides on the status it last wrote, not on a body whose watch event has not come yet: deciding
+    on the older one moved every condition's lastTransitionTime and wrote the status again (seen in CI)."""
+    import asyncio
+    from types import SimpleNamespace
+    from cxygpt_operator import handlers, reconcile as reconcile_module
+    from cxygpt_operator.reconcile import Context
+    kube, clock, runs = _AcceptingKube(), ["2026-12-01T10:00:00Z"], []
+    monkeypatch.setattr(reconcile_module, "_now", lambda: clock[0])
+    real = handlers.reconcile
+
+    async def counted(*args, **kwargs):
+        try:
+            return await real(*args, **kwargs)
+        finally:
+            runs.append(clock[0])
+    monkeypatch.setattr(handlers, "reconcile", counted)
+
+    class Stopped:
+        def __init__(self):
+            self.event = asyncio.Event()
+
+        def __bool__(self):
+            return self.event.is_set()
+
+        async def wait(self):
+            await self.event.wait()
+
+    async def scenario():
+        shared = handlers.Shared()
+        memo = SimpleNamespace(context=Context(table=TABLE, catalog=CATALOG, kube=kube, images=IMAGES), shared=shared)
+        # the live body never shows our write: its watch event is late
+        body = {"metadata": {"name": OWNER.name, "namespace": OWNER.namespace, "uid": OWNER.uid, "generation": 1,
+                             "creationTimestamp": "2026-12-01T09:59:59Z"}, "spec": EXAMPLE["spec"]}
+        stopped = Stopped()
+        daemon = asyncio.create_task(handlers.keep_reconciled(
+            stopped, namespace=OWNER.namespace, name=OWNER.name, body=body, memo=memo,
+            gpu_nodes={"node": [H100]}, model_names={}))
+        for woken in range(3):
+            while len(runs) <= woken:
+                await asyncio.sleep(0.01)
+            clock[0] = f"2026-12-01T10:00:0{woken + 5}Z"            # a later second
+            shared.wake((OWNER.namespace, OWNER.name))                # e.g. another model took the same name
+        while len(runs) < 4:
+            await asyncio.sleep(0.01)
+        stopped.event.set()
+        await asyncio.wait_for(daemon, 5)
+    asyncio.run(scenario())
+    assert len(kube.statuses) == 1, kube.statuses                   # written once, its times kept
+    assert {c["lastTransitionTime"] for c in kube.statuses[0]["conditions"]} == {"2026-12-01T10:00:00Z"}
+
+
+def test_the_status_decided_on_is_the_one_written_but_the_autoscalers_part_stays_the_bodys():
+    from cxygpt_operator.reconcile import as_written
+    body = {"metadata": {"name": "m"}, "status": {"phase": "Pending", "gone": 1, "autoscaling": {"desiredReplicas": 3}}}
+    assert as_written(body, None) is body
+    assert as_written(body, {"phase": "Starting"}) == {
+        "metadata": {"name": "m"}, "status": {"autoscaling": {"desiredReplicas": 3}, "phase": "Starting"}}
+    assert as_written({"metadata": {}}, {"phase": "Starting"})["status"] == {"phase": "Starting"}
+
+
 def test_a_name_is_claimed_once_and_a_rename_makes_a_new_claim():
     from cxygpt_operator.resolve import UNCONFIRMED, claimed_since, name_claim
     created = {"metadata": {"creationTimestamp": "2026-12-01T10:00:00Z", "generation": 1},
