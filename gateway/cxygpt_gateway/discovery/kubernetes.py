@@ -33,38 +33,36 @@ WATCHES = {"modeldeployments": (GROUP_VERSION, "modeldeployments", None),
            "endpointslices": ("discovery.k8s.io/v1", "endpointslices", ENGINE_SLICES)}
 
 
-def ready_endpoint_urls(slices: list[dict]) -> list[str]:
-    """Base URLs (one per pod: the replicas) of the endpoints that take new requests. An endpoint that is not
-    ready, or is terminating, drains: it gets nothing new, and what it serves finishes (EndpointSlice API:
-    an absent `ready` means ready)."""
-    urls = []
+def _taking_requests(slices: list[dict]):
+    """(slice, endpoint) for each endpoint that takes new requests. One that is not ready, or is terminating,
+    drains: it gets nothing new, and what it serves finishes (EndpointSlice API: an absent `ready` means ready)."""
     for s in slices:
+        for endpoint in s.get("endpoints") or []:
+            conditions = endpoint.get("conditions") or {}
+            if conditions.get("ready") is not False and conditions.get("terminating") is not True:
+                yield s, endpoint
+
+
+def ready_endpoint_urls(slices: list[dict]) -> list[str]:
+    """Base URLs (one per pod: the replicas) of the endpoints that take new requests."""
+    urls = set()
+    for s, endpoint in _taking_requests(slices):
         ports = s.get("ports") or []
         port = ports[0].get("port") if ports else None
         if not port:
             continue
-        for endpoint in s.get("endpoints") or []:
-            conditions = endpoint.get("conditions") or {}
-            if conditions.get("ready") is False or conditions.get("terminating") is True:
-                continue
-            for address in endpoint.get("addresses") or []:
-                host = f"[{address}]" if ":" in address else address
-                urls.append(f"http://{host}:{port}")
-    return sorted(set(urls))
+        for address in endpoint.get("addresses") or []:
+            urls.add(f"http://[{address}]:{port}" if ":" in address else f"http://{address}:{port}")
+    return sorted(urls)
 
 
 def ready_endpoint_count(slices: list[dict]) -> int:
-    """How many pods a Service's slices list as ready (and not terminating): the gateway replicas taking requests.
-    A pod is counted once however many slices name it (dual-stack Services have one slice per address family)."""
-    pods = set()
-    for s in slices:
-        for endpoint in s.get("endpoints") or []:
-            conditions = endpoint.get("conditions") or {}
-            if conditions.get("ready") is False or conditions.get("terminating") is True:
-                continue
-            ref = endpoint.get("targetRef") or {}
-            pods.add(ref.get("uid") or ref.get("name") or tuple(endpoint.get("addresses") or ()))
-    return len(pods)
+    """How many pods a Service's slices list as taking requests: the gateway replicas. A pod is counted once
+    however many slices name it (dual-stack Services have one slice per address family)."""
+    def pod(endpoint: dict):
+        ref = endpoint.get("targetRef") or {}
+        return ref.get("uid") or ref.get("name") or tuple(endpoint.get("addresses") or ())
+    return len({pod(endpoint) for _, endpoint in _taking_requests(slices)})
 
 
 def _condition(status: dict, type_: str) -> dict:
@@ -237,7 +235,6 @@ class KubernetesDiscovery:
             self.watches["gateways"] = ("discovery.k8s.io/v1", "endpointslices", f"{SERVICE_NAME_LABEL}={service}")
             self.objects["gateways", namespace] = {}
         self.published: set[str] = set()
-        self.gateways: int | None = None  # the count last told to the sink
         self.tasks: list[asyncio.Task] = []
         self.session: aiohttp.ClientSession | None = None
         self.sink: ModelSink | None = None
@@ -274,7 +271,7 @@ class KubernetesDiscovery:
                     r.raise_for_status()
                     listed = orjson.loads(await r.read())
                 self.objects[part] = {_key(o): o for o in listed.get("items") or []}
-                self._publish()
+                self._publish(watch)
                 synced.set()
                 version = (listed.get("metadata") or {}).get("resourceVersion")
                 await self._watch(url, part, {**params, "watch": "true", "allowWatchBookmarks": "true",
@@ -308,7 +305,7 @@ class KubernetesDiscovery:
                     self.objects[part].pop(_key(obj), None)
                 else:
                     continue  # BOOKMARK
-                self._publish()
+                self._publish(part[0])
 
     async def wake(self, target: ScaleTarget) -> str:
         """spec.replicas 0 -> 1 through the scale subresource (the gateway may change the count and nothing else
@@ -333,7 +330,12 @@ class KubernetesDiscovery:
                 merged.update(objects)
         return merged
 
-    def _publish(self) -> None:
+    def _publish(self, watch: str) -> None:
+        """Tells the sink what changed with `watch`'s objects: the gateway count, or the routes."""
+        if watch == "gateways":
+            # none listed ready (not created yet, a wrong name): None, and the configured count stands
+            self.sink.set_gateways(ready_endpoint_count(list(self._all("gateways").values())) or None)
+            return
         routes = desired_routes(self._all("modeldeployments"), self._all("endpointslices"))
         for name in self.published - routes.keys():
             self.sink.remove(name)
@@ -343,12 +345,6 @@ class KubernetesDiscovery:
             else:
                 self.sink.upsert(route)
         self.published = set(routes)
-        if "gateways" in self.watches:
-            # none listed ready (not created yet, a wrong name): the configured count stands
-            gateways = ready_endpoint_count(list(self._all("gateways").values())) or None
-            if gateways != self.gateways:
-                self.gateways = gateways
-                self.sink.set_gateways(gateways)
 
 
 def _key(obj: dict) -> tuple[str, str]:
