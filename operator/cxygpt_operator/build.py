@@ -155,10 +155,12 @@ def _affinity(sel: Selection) -> dict:
 
 
 def build_cache_job(key: CacheKey, namespace: str, spec: ModelSpec, sel: Selection, size: str, users: list,
-                    table: ProfileTable, images: EngineImages, hf_endpoint: str | None = None) -> dict:
+                    table: ProfileTable, images: EngineImages, hf_endpoint: str | None = None, *,
+                    claim_uid: str) -> dict:
     """The cache's download Job, placed like the engines (see cache.build_job)."""
     return build_job(key, namespace, spec.cache, size, users, image=images.loader, affinity=_affinity(sel),
-                     tolerations=[dict(t) for t in GPU_TOLERATIONS], consts=table.cache, hf_endpoint=hf_endpoint)
+                     tolerations=[dict(t) for t in GPU_TOLERATIONS], consts=table.cache, hf_endpoint=hf_endpoint,
+                     claim_uid=claim_uid)
 
 
 def claims_of(deployment: dict | None) -> set[str]:

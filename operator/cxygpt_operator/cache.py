@@ -17,6 +17,7 @@ REVISION_ANNOTATION = f"{GROUP}/revision"     # as requested: a branch, a tag or
 USERS_ANNOTATION = f"{GROUP}/users"           # the ModelDeployments that use it, comma-separated
 RETAIN_ANNOTATION = f"{GROUP}/retain"         # "true": kept when its last user goes (it has no owners then)
 STATE_ANNOTATION = f"{GROUP}/cache-state"     # written once the download was verified: revision, bytes, files
+CLAIM_UID_ANNOTATION = f"{GROUP}/claim-uid"   # on a Job: the uid of the claim it fills (a claim made again is another)
 DEFAULT_REVISION = "main"                     # the Hub's default branch
 ACCESS_MODES = ("ReadWriteOnce", "ReadWriteMany")
 JOB_MOUNT = "/cache"
@@ -26,6 +27,7 @@ CONTAINER = "download"
 PERMANENT_EXIT = 2        # the loader's exit code for what no retry can fix (no such repository, ...)
 LOADER_UID = 10001        # the operator image's user, which runs the loader
 MIB, GIB = 2**20, 2**30
+MAX_CACHE_BYTES = 2**50   # 1 PiB: no model's weights come near it
 PHASES = ("Pending", "Downloading", "Ready", "Failed")
 # waiting reasons of a download container that will not start however long it waits
 CANNOT_START = ("ImagePullBackOff", "ErrImagePull", "InvalidImageName", "CreateContainerConfigError",
@@ -33,6 +35,7 @@ CANNOT_START = ("ImagePullBackOff", "ErrImagePull", "InvalidImageName", "CreateC
 HF_SOURCE = re.compile(r"^hf://(?P<repo>[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*)"
                        r"(@(?P<revision>[A-Za-z0-9][A-Za-z0-9._-]*))?$")
 _QUANTITY = re.compile(r"^(?P<number>[0-9]+(\.[0-9]+)?)(?P<unit>Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)?$")
+_SECRET_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _UNITS = {None: 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15,
           "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50}
 
@@ -57,20 +60,25 @@ def parse_cache(raw: dict | None) -> CacheSpec:
         raise ValueError(f"spec.model.cache.accessMode must be one of {', '.join(ACCESS_MODES)}, not {mode!r}")
     size = raw.get("size")
     if size is not None and quantity_bytes(str(size)) is None:
-        raise ValueError(f"spec.model.cache.size {size!r} is not a storage quantity (e.g. 40Gi)")
+        raise ValueError(f"spec.model.cache.size {str(size)[:40]!r} is not a storage quantity of at most 1Pi "
+                         "(e.g. 40Gi)")
     token = raw.get("tokenSecretRef") or {}
+    if token.get("name") and not _SECRET_NAME.match(str(token["name"])):
+        raise ValueError(f"spec.model.cache.tokenSecretRef.name {str(token['name'])[:40]!r} is not a Secret's name in "
+                         "this namespace (a lower case DNS subdomain, no namespace/ prefix)")
     return CacheSpec(enabled=raw.get("enabled") is True, storage_class=raw.get("storageClassName") or None,
                      size=str(size) if size is not None else None, access_mode=mode, retain=raw.get("retain") is True,
                      token_secret=token.get("name") or None, token_key=token.get("key") or "token")
 
 
 def quantity_bytes(text: str) -> int | None:
-    """A Kubernetes storage quantity (40Gi, 500M, 1.5Ti) in bytes; None when it is not one or not positive."""
+    """A Kubernetes storage quantity (40Gi, 500M, 1.5Ti) in bytes; None when it is not one, not positive, or beyond
+    any volume (past MAX_CACHE_BYTES: a size that would overflow the Job's deadline)."""
     match = _QUANTITY.match(text.strip())
-    if not match:
+    if not match or len(match["number"]) > 24:
         return None
     value = int(float(match["number"]) * _UNITS[match["unit"]])
-    return value or None
+    return value if 0 < value <= MAX_CACHE_BYTES else None
 
 
 def hf_source(uri: str) -> tuple[str, str | None] | None:
@@ -184,7 +192,8 @@ def weights_path(key: CacheKey, root: str) -> str:
 
 
 def build_job(key: CacheKey, namespace: str, cache: CacheSpec, size: str, users: list[CacheUser], *, image: str,
-              affinity: dict, tolerations: list[dict], consts: CacheConstants, hf_endpoint: str | None) -> dict:
+              affinity: dict, tolerations: list[dict], consts: CacheConstants, hf_endpoint: str | None,
+              claim_uid: str) -> dict:
     """The download: huggingface_hub's snapshot_download into the claim (the loader), verified, retried with
     resume. It runs where the engines will (their node affinity, no GPU requested), so a zonal or node-local
     volume is provisioned where the engines can mount it."""
@@ -218,9 +227,11 @@ def build_job(key: CacheKey, namespace: str, cache: CacheSpec, size: str, users:
                             "fsGroupChangePolicy": "OnRootMismatch", "seccompProfile": {"type": "RuntimeDefault"}},
         "affinity": affinity, "tolerations": tolerations,
     }
+    metadata = _present(claim_metadata(key, users))
+    metadata["annotations"][CLAIM_UID_ANNOTATION] = claim_uid  # what it fills: this claim, not one of its name
     return {
         "apiVersion": "batch/v1", "kind": "Job",
-        "metadata": {"name": key.claim, "namespace": namespace, **_present(claim_metadata(key, users))},
+        "metadata": {"name": key.claim, "namespace": namespace, **metadata},
         "spec": {
             "backoffLimit": consts.download_retries,
             "activeDeadlineSeconds": download_deadline_s(size, consts),
@@ -247,6 +258,18 @@ class CacheState:
     @property
     def ready(self) -> bool:
         return self.phase == "Ready"
+
+
+def fills(job: dict | None, pvc: dict | None) -> bool:
+    """Whether `job` downloads into this very claim (not an earlier claim of the same name, deleted and made again):
+    the claim's uid it records; a Job from before that record counts when it is not older than the claim."""
+    if job is None or pvc is None:
+        return False
+    job_md, pvc_md = job.get("metadata") or {}, pvc.get("metadata") or {}
+    uid = (job_md.get("annotations") or {}).get(CLAIM_UID_ANNOTATION)
+    if uid is not None:
+        return uid == pvc_md.get("uid")
+    return (job_md.get("creationTimestamp") or "") >= (pvc_md.get("creationTimestamp") or "")
 
 
 def recorded(pvc: dict | None) -> dict | None:
@@ -343,6 +366,12 @@ def cache_state(key: CacheKey, pvc: dict | None, job: dict | None, pods: list[di
                           done.get("bytes"), done.get("files"))
     if pvc is None:
         return CacheState("Pending", "CreatingClaim", f"creating the claim {key.claim}")
+    if (pvc.get("metadata") or {}).get("deletionTimestamp"):
+        return CacheState("Pending", "ClaimDeleting", f"claim {key.claim} is being deleted (its engines still mount it);"
+                          " a new one is made and filled once it is gone")
+    if job is not None and not fills(job, pvc):
+        return CacheState("Pending", "ReplacingJob", f"claim {key.claim} was made again: the download Job of the "
+                          "claim before it is replaced, to fill this one")
     job = job or {}
     if _condition(job, "Complete"):
         result = job_result(pods) or {}

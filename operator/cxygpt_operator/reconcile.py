@@ -19,7 +19,7 @@ from .build import (CONFIG_HASH, EngineImages, Owner, build_cache_job, build_dep
                     build_network_policy, build_service, build_status, claims_of, engine_cache, selector_labels)
 from .cache import (CACHE_LABEL, CONTAINER, RETAIN_ANNOTATION, REVISION_ANNOTATION, SOURCE_ANNOTATION,
                     STATE_ANNOTATION, USERS_ANNOTATION, CacheKey, CacheState, CacheUser, build_claim, cache_key,
-                    cache_state, claim_metadata, default_size, metadata_differs, progress_from_log, record, recorded)
+                    cache_state, claim_metadata, default_size, fills, metadata_differs, progress_from_log, record, recorded)
 from .kube import Kube
 from .resolve import NameClaim, SpecError, name_claim, name_owner, parse_spec, resolve, schedulable_replicas
 
@@ -178,12 +178,17 @@ async def _cache(ctx: Context, owner: Owner, spec, sel: Selection, users: list[C
     job = await asyncio.to_thread(ctx.kube.get_job, ns, key.claim)
     if job is not None and metadata_differs(job, metadata):
         job = await asyncio.to_thread(ctx.kube.patch_metadata, "Job", ns, key.claim, metadata)
-    if recorded(pvc):
+    if recorded(pvc) or (pvc.get("metadata") or {}).get("deletionTimestamp"):
+        return Cache(key, cache_state(key, pvc, job, []), size)
+    if job is not None and not fills(job, pvc):  # the claim was deleted and made again: its Job filled the old one
+        await asyncio.to_thread(ctx.kube.delete, "Job", ns, key.claim)
+        logger.info("deleted the download Job %s: it filled an earlier claim of that name", key.claim)
         return Cache(key, cache_state(key, pvc, job, []), size)
     if job is None:
         try:
             job = await asyncio.to_thread(ctx.kube.create_job, build_cache_job(
-                key, ns, spec, sel, size, everyone, ctx.table, ctx.images, ctx.hf_endpoint))
+                key, ns, spec, sel, size, everyone, ctx.table, ctx.images, ctx.hf_endpoint,
+                claim_uid=pvc["metadata"]["uid"]))
             logger.info("created the download Job %s for %s", key.claim, key.describe)
         except ApiException as e:
             if e.status == 409:

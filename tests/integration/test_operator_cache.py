@@ -240,3 +240,37 @@ def test_a_new_revision_downloads_beside_the_old_which_goes_once_the_engines_mov
     wait_until(lambda: names(cluster, "pvc,job") == [f"job.batch/{new['claimName']}",
                                                       f"persistentvolumeclaim/{new['claimName']}"],
                what="the old cache deleted once no engine mounts it")
+
+
+def test_a_claim_deleted_by_hand_is_made_again_and_filled_again_before_it_is_ready(cluster):
+    """The old Job (Complete) filled the old claim: the new one of the same name is empty until a Job fills it."""
+    cluster.apply(STANDARD)
+    cluster.start_operator()
+    cluster.apply(cached("alpha"))
+    name = cluster.wait_status("alpha", lambda s: s.get("cache", {}).get("claimName"))["cache"]["claimName"]
+    first_uid = claim(cluster, name)["metadata"]["uid"]
+    job = cluster.batch.read_namespaced_job(name, "default")
+    assert job.metadata.annotations["cxygpt.io/claim-uid"] == first_uid
+    bind(cluster, name)
+    job_pod(cluster, name, f"{name}-aaaaa", "Succeeded", terminated={
+        "exitCode": 0, "reason": "Completed", "message": '{"bytes": 1000, "files": 2, "revision": "c0ffee"}'})
+    job_status(cluster, name, "Complete", "CompletionsReached")
+    cluster.wait_status("alpha", lambda s: s.get("cache", {}).get("phase") == "Ready")
+
+    cluster.kubectl("delete", "pvc", name, "--timeout=20s")
+    new = wait_until(lambda: (c := claim(cluster, name))["metadata"]["uid"] != first_uid and c, timeout=20,
+                     what="the claim made again")
+    assert "cxygpt.io/cache-state" not in (new["metadata"].get("annotations") or {})
+    status = cluster.wait_status("alpha", lambda s: s.get("cache", {}).get("phase") == "Pending")
+    assert status["cache"]["reason"] in ("ReplacingJob", "DownloadStarting", "WaitingForVolume")
+    # the old Job is replaced by one that fills the new claim; never Ready on the old Job's word
+    new_job = wait_until(lambda: (j := cluster.batch.read_namespaced_job(name, "default")).metadata.annotations.get(
+        "cxygpt.io/claim-uid") == new["metadata"]["uid"] and j, timeout=20, what="a Job for the new claim")
+    assert not (new_job.status and new_job.status.conditions)
+    assert cluster.md("alpha")["status"]["cache"]["phase"] != "Ready"
+    bind(cluster, name)
+    job_pod(cluster, name, f"{name}-bbbbb", "Succeeded", terminated={
+        "exitCode": 0, "reason": "Completed", "message": '{"bytes": 1000, "files": 2, "revision": "c0ffee"}'})
+    job_status(cluster, name, "Complete", "CompletionsReached")
+    cluster.wait_status("alpha", lambda s: s.get("cache", {}).get("phase") == "Ready")
+    assert "cxygpt.io/cache-state" in claim(cluster, name)["metadata"]["annotations"]

@@ -11,7 +11,7 @@ import yaml
 
 from cxygpt_operator.build import (EngineImages, Owner, build_cache_job, build_deployment, build_status,
                                    claims_of, engine_cache)
-from cxygpt_operator.cache import (CacheKey, CacheState, CacheUser, build_claim, cache_key, cache_state,
+from cxygpt_operator.cache import (CacheKey, download_deadline_s, fills, CacheState, CacheUser, build_claim, cache_key, cache_state,
                                    claim_metadata, default_size, download_deadline_s, metadata_differs,
                                    owner_references, progress_from_log, quantity_bytes, record)
 from cxygpt_operator.resolve import SpecError, parse_spec, resolve
@@ -60,6 +60,10 @@ def test_cache_spec_with_defaults_and_its_source():
     ({"model": {"name": "m", "source": "hf://a/b", "cache": {"enabled": True}}, "cacheClaim": "c"}, "exclude"),
     ({"model": {"name": "m", "source": "hf://a/b", "cache": {"size": "-3"}}}, "not a storage quantity"),
     ({"model": {"name": "m", "source": "hf://a/b", "cache": {"accessMode": "ReadOnlyMany"}}}, "accessMode"),
+    ({"model": {"name": "m", "source": "hf://a/b", "cache": {"size": "99999999999999999999999999999Pi"}}},
+     "not a storage quantity of at most 1Pi"),
+    ({"model": {"name": "m", "source": "hf://a/b", "cache": {"tokenSecretRef": {"name": "kube-system/hf-token"}}}},
+     "no namespace/ prefix"),
 ])
 def test_specs_the_schema_refuses_are_refused_by_the_operator_too(raw, message):
     with pytest.raises(SpecError, match=re.escape(message)):
@@ -69,6 +73,9 @@ def test_specs_the_schema_refuses_are_refused_by_the_operator_too(raw, message):
 def test_quantities():
     assert quantity_bytes("40Gi") == 40 * 2**30 and quantity_bytes("1.5G") == 1_500_000_000
     assert quantity_bytes("0") is None and quantity_bytes("lots") is None
+    assert quantity_bytes("1Pi") == 2**50 and quantity_bytes("1025Ti") is None  # beyond any model's weights
+    # the largest size the operator takes still makes a deadline a Job can carry (int64)
+    assert download_deadline_s("1Pi", TABLE.cache) < 2**63
 
 
 # --- names, sizes, owners ------------------------------------------------------------------------------------------
@@ -116,7 +123,8 @@ def _manifests():
     spec, sel = _selected()
     users = [CacheUser("qwen3-14b", "0000-uid")]
     return [build_claim(KEY, "llm", spec.cache, "35Gi", users),
-            build_cache_job(KEY, "llm", spec, sel, "35Gi", users, TABLE, IMAGES, hf_endpoint="http://hub.local"),
+            build_cache_job(KEY, "llm", spec, sel, "35Gi", users, TABLE, IMAGES, hf_endpoint="http://hub.local",
+                            claim_uid="1111-claim-uid"),
             build_deployment(OWNER, spec, sel, TABLE, IMAGES, hf_endpoint="http://hub.local")]
 
 
@@ -194,11 +202,24 @@ def _pod(name, phase, *, created="2026-12-02T00:00:0{}Z", n=1, terminated=None, 
                        "containerStatuses": [{"name": "download", "state": state}]}}
 
 
-def _job(condition=None, failed=0, reason="BackoffLimitExceeded"):
+def _job(condition=None, failed=0, reason="BackoffLimitExceeded", claim_uid=None):
     status = {"failed": failed}
     if condition:
         status["conditions"] = [{"type": condition, "status": "True", "reason": reason}]
-    return {"metadata": {"name": KEY.claim}, "status": status}
+    annotations = {"cxygpt.io/claim-uid": claim_uid} if claim_uid else {}
+    return {"metadata": {"name": KEY.claim, "annotations": annotations}, "status": status}
+
+
+PVC_NEW = {"metadata": {"name": KEY.claim, "uid": "uid-new", "annotations": {}}, "status": {"phase": "Bound"}}
+
+
+def test_a_job_fills_the_claim_whose_uid_it_records_or_one_not_newer_than_itself():
+    pvc = {"metadata": {"uid": "u2", "creationTimestamp": "2026-12-06T10:00:00Z"}}
+    assert fills({"metadata": {"annotations": {"cxygpt.io/claim-uid": "u2"}}}, pvc)
+    assert not fills({"metadata": {"annotations": {"cxygpt.io/claim-uid": "u1"}}}, pvc)
+    assert fills({"metadata": {"creationTimestamp": "2026-12-06T10:00:01Z"}}, pvc)  # made before the record
+    assert not fills({"metadata": {"creationTimestamp": "2026-12-06T09:00:00Z"}}, pvc)
+    assert not fills(None, pvc) and not fills({"metadata": {}}, None)
 
 
 @pytest.mark.parametrize("case, args, kw, expected", [
@@ -231,6 +252,16 @@ def _job(condition=None, failed=0, reason="BackoffLimitExceeded"):
     ("retry pending", (PVC_BOUND, _job(failed=1), [_pod("a", "Failed", terminated={"exitCode": 1})]), {},
      ("Pending", "DownloadStarting", None, None)),
     ("no claim yet", (None, None, []), {}, ("Pending", "CreatingClaim", None, None)),
+    # a claim deleted by hand and made again is another claim: the Job that filled the old one does not fill it
+    ("claim made again", (PVC_NEW, _job("Complete", reason="CompletionsReached", claim_uid="uid-old"),
+                          [_pod("p", "Succeeded", terminated={"exitCode": 0, "message": '{"bytes": 100}'})]), {},
+     ("Pending", "ReplacingJob", None, None)),
+    ("its own Job", (PVC_NEW, _job("Complete", reason="CompletionsReached", claim_uid="uid-new"),
+                     [_pod("p", "Succeeded", terminated={"exitCode": 0, "message": '{"bytes": 100}'})]), {},
+     ("Ready", "Downloaded", None, 100)),
+    ("claim deleting", ({**PVC_NEW, "metadata": {**PVC_NEW["metadata"], "deletionTimestamp": "2026-12-06T00:00:00Z"}},
+                        _job("Complete", reason="CompletionsReached", claim_uid="uid-new"), []), {},
+     ("Pending", "ClaimDeleting", None, None)),
 ])
 def test_cache_state_from_claim_job_and_pods(case, args, kw, expected):
     state = cache_state(KEY, *args, **kw)
