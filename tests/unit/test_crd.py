@@ -63,10 +63,30 @@ def test_defaults_are_applied():
     ({"model": {"name": "m", "source": "hf://a/b", "cache": {"enabled": True}}, "cacheClaim": "c"},
      "spec.cacheClaim and spec.model.cache.enabled exclude each other"),
     ({"model": {"name": "m", "source": "hf://a/b", "cache": {"tokenSecretRef": {"key": "k"}}}}, "'name' is a required"),
+    # sizes and names bounded at admission: an absurd size overflowed the download Job's deadline, a
+    # namespace/name Secret failed only later
+    ({"model": {"name": "m", "source": "hf://a/b", "cache": {"size": "99999999999999999999999999999Pi"}}},
+     "spec.model.cache.size"),
+    ({"model": {"name": "m", "source": "hf://a/b", "cache": {"size": "9999999Ti"}}}, "at most 6 digits"),
+    ({"model": {"name": "m", "source": "hf://a/b", "cache": {"size": "0Gi"}}}, "cache.size must be"),
+    ({"model": {"name": "m", "source": "hf://a/b", "cache": {"tokenSecretRef": {"name": "kube-system/hf-token"}}}},
+     "without a namespace/ prefix"),
+    ({"model": {"name": "m", "source": "hf://a/b", "cache": {"tokenSecretRef": {"name": "t", "key": "a b"}}}},
+     "tokenSecretRef.key must be a Secret key"),
+    ({"acceptFallbackFrom": ["team-a", "Team_B"]}, "acceptFallbackFrom lists namespace names or *"),
+    ({"acceptFallbackFrom": [f"ns{i}" for i in range(65)]}, "spec.acceptFallbackFrom"),
 ])
 def test_bad_specs_fail_with_a_message_naming_the_field(spec, message):
     _, errors = VALIDATOR.check(_md(**spec))
     assert any(message in e for e in errors), errors
+
+
+def test_bounded_sizes_names_and_fallback_namespaces_that_pass():
+    for size in ("40Gi", "1.5Ti", "500M", "999999Mi"):
+        assert VALIDATOR.check(_md(model={"name": "m", "source": "hf://a/b", "cache": {"size": size}}))[1] == []
+    secret = {"name": "hf-token.v2", "key": "hf_token.txt"}
+    assert VALIDATOR.check(_md(model={"name": "m", "source": "hf://a/b", "cache": {"tokenSecretRef": secret}}))[1] == []
+    assert VALIDATOR.check(_md(acceptFallbackFrom=["*", "team-a"]))[1] == []
 
 
 def test_routing_takes_a_policy_and_an_epsilon_above_0_up_to_4():
