@@ -19,6 +19,7 @@ from starlette.responses import HTMLResponse, Response
 
 from .admission.auth import KeyStore
 from .admission.ratelimit import RateLimiter, open_windows
+from .connections import ConnectionCounts, ConnectionLimits
 from .discovery.base import Discovery
 from .enginemetrics import EngineLoadScraper
 from .errors import GatewayError
@@ -46,6 +47,7 @@ class Gateway:
     keys: KeyStore
     metrics: GatewayMetrics
     discovery: Discovery
+    connections: ConnectionCounts
     limiter: RateLimiter | None = None
     upstream: Upstream | None = None
     health_checker: HealthChecker | None = None
@@ -93,7 +95,9 @@ def create_app(settings: GatewaySettings, *, table: ProfileTable | None = None,
         except KeyError:
             raise ValueError(f"FORCE_PROFILE={settings.force_profile!r} is not one of {', '.join(table.names)}") from None
     # the metrics read the registry at scrape time; the registry reports degradation into the metrics
-    metrics = GatewayMetrics(lambda: registry.routes.values(), lambda: registry.gateways)
+    connections = ConnectionCounts(ConnectionLimits(settings.max_connections, settings.max_connections_per_client,
+                                                    settings.health_connections))
+    metrics = GatewayMetrics(lambda: registry.routes.values(), lambda: registry.gateways, lambda: connections.total)
 
     def on_degrade(model: str, degraded: bool, why: str) -> None:
         if degraded:
@@ -108,7 +112,7 @@ def create_app(settings: GatewaySettings, *, table: ProfileTable | None = None,
                         gateways=settings.gateway_replicas)
     gw = Gateway(settings=settings, table=table, registry=registry,
                  keys=KeyStore.from_file(settings.keys_file), metrics=metrics,
-                 discovery=discovery or make_discovery(settings, table),
+                 discovery=discovery or make_discovery(settings, table), connections=connections,
                  request_log=RequestLog(enabled=settings.log_requests))
     gw.waker = Waker(gw.discovery, on_result=lambda model, result: metrics.wakes.labels(model, result).inc())
 
@@ -118,7 +122,7 @@ def create_app(settings: GatewaySettings, *, table: ProfileTable | None = None,
                                  on_storage_error=gw.metrics.ratelimit_storage_errors.inc)
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=30, keepalive_timeout=30)
         async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as session:
-            gw.upstream = Upstream(session)
+            gw.upstream = Upstream(session, tokenize_concurrency=settings.tokenize_concurrency)
             await gw.discovery.start(registry)
             tasks = [asyncio.create_task(sample_demand(lambda: registry.routes.values(),
                                                        sample_period(settings.demand_window_s)))]

@@ -10,15 +10,24 @@ from typing import TextIO
 import orjson
 
 REQUEST_LOGGER = "cxygpt.gateway.requests"
+# a log line quotes at most this much of one field (a message that quotes a client's input, say)
+FIELD_CHARS = 2048
+
+
+def bounded(value):
+    """A field as a log line carries it: a long string cut, with its length."""
+    if isinstance(value, str) and len(value) > FIELD_CHARS:
+        return f"{value[:FIELD_CHARS]}... ({len(value)} characters)"
+    return value
 
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         line = {"ts": round(record.created, 3), "level": record.levelname.lower(), "logger": record.name,
-                "msg": record.getMessage()}
+                "msg": bounded(record.getMessage())}
         fields = getattr(record, "fields", None)
         if fields:
-            line.update(fields)
+            line.update({k: bounded(v) for k, v in fields.items()})
         if record.exc_info:
             line["exc"] = self.formatException(record.exc_info)
         return orjson.dumps(line, default=str).decode()
@@ -50,6 +59,8 @@ class RequestLog:
     def write(self, **fields) -> None:
         if not self.enabled:
             return
+        if fields.get("error"):  # the one field that may quote what a client sent
+            fields["error"] = bounded(fields["error"])
         line = {"ts": round(time.time(), 3), "level": "info", "logger": REQUEST_LOGGER, "msg": "request", **fields}
         self._lines.append(orjson.dumps(line, default=str))
         if self._timer is None:

@@ -11,6 +11,7 @@ from pydantic import ValidationError
 
 from . import logs
 from .app import create_app
+from .connections import raise_fd_limit, usable_connections
 from .server import GatewayHttpProtocol
 from .settings import load_settings
 
@@ -31,6 +32,12 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings(a.config, host=a.host, port=a.port, kubernetes=a.kubernetes,
                                  kubeconfig=a.kubeconfig, namespaces=a.namespaces, keys_file=a.keys_file)
         logs.configure(settings.log_level)
+        # every connection is a descriptor: the cap is what the process may open, or the fd limit ends everyone
+        allowed = usable_connections(settings.max_connections + settings.health_connections, raise_fd_limit())
+        if allowed < settings.max_connections + settings.health_connections:
+            settings.max_connections = max(1, allowed - settings.health_connections)
+            print(f"cxygpt-gateway: max_connections lowered to {settings.max_connections} (the open-files limit)",
+                  file=sys.stderr)
         prometheus_client.disable_created_metrics()  # *_created series only double every counter's size
         app = create_app(settings)
     except (OSError, ValueError, ValidationError) as e:
@@ -41,8 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     gc.collect()
     gc.freeze()
     # uvloop + httptools, no access log, no proxy-header rewriting (nothing reads the client address): measured
+    # no WebSocket routes: an upgrade request is refused rather than handed to another protocol
     uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, access_log=False, proxy_headers=False,
-                loop="uvloop", http=GatewayHttpProtocol, timeout_graceful_shutdown=5)
+                loop="uvloop", http=GatewayHttpProtocol, ws="none", timeout_graceful_shutdown=5,
+                timeout_keep_alive=settings.keepalive_timeout_s)
     return 0
 
 

@@ -11,13 +11,15 @@ class RouteStateCollector:
     """Queue depth and capacity, in-flight, degraded state and routable replicas read from the routes at
     scrape time: the hot path keeps no gauges up to date."""
 
-    def __init__(self, routes, gateways):
-        self.routes, self.gateways = routes, gateways
+    def __init__(self, routes, gateways, connections=lambda: 0):
+        self.routes, self.gateways, self.connections = routes, gateways, connections
 
     def collect(self):
         yield GaugeMetricFamily("cxygpt_gateway_replicas", "Gateway replicas sharing the engines' slots, "
                                 "this one included (the gateway Service's ready endpoints, or gateway_replicas)",
                                 value=self.gateways())
+        yield GaugeMetricFamily("cxygpt_gateway_connections", "Client connections open (the gateway's own server)",
+                                value=self.connections())
         depth = GaugeMetricFamily("cxygpt_gateway_queue_depth", "Requests waiting for a slot", labels=["model"])
         in_flight = GaugeMetricFamily("cxygpt_gateway_in_flight", "Requests being served upstream",
                                       labels=["model"])
@@ -43,7 +45,7 @@ class RouteStateCollector:
 
 
 class GatewayMetrics:
-    def __init__(self, routes, gateways):
+    def __init__(self, routes, gateways, connections=lambda: 0):
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("cxygpt_gateway_requests", "Requests answered, by model and HTTP status",
@@ -79,4 +81,9 @@ class GatewayMetrics:
                              registry=r)
         self.client_disconnects = Counter("cxygpt_gateway_client_disconnects",
                                           "Requests cancelled because the client went away", ["model"], registry=r)
-        r.register(RouteStateCollector(routes, gateways))
+        self.connections_refused = Counter("cxygpt_gateway_connections_refused",
+                                           "Client connections answered and closed by a bound: connection_limit, "
+                                           "header_timeout, body_timeout, header_too_large", ["reason"], registry=r)
+        self.tokenize_calls = Counter("cxygpt_gateway_tokenize_calls", "/tokenize calls made to count inputs",
+                                      ["model"], registry=r)
+        r.register(RouteStateCollector(routes, gateways, connections))

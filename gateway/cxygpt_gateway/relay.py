@@ -30,6 +30,10 @@ RESPONSE_ENDS = (b'"response.completed"', b'"response.incomplete"', b'"response.
 EJECT_S = 5.0
 # a request none of which reached its replica goes back in line ahead of every tier (they are 0 and up)
 FAILOVER_PRIORITY = -1
+# failures that mean no engine read the request: it used no tokens
+UNSENT_REASONS = frozenset({"replica_unreachable"})
+# how much of an upstream's error message is relayed (an engine may quote the prompt in it)
+UPSTREAM_MESSAGE_CHARS = 1000
 
 
 async def serve(gw: "Gateway", ex: Exchange, kind: str) -> None:
@@ -103,7 +107,9 @@ def upstream_error(status: int, body: bytes) -> GatewayError:
         message = err.get("message") if isinstance(err, dict) else None
     except (ValueError, orjson.JSONDecodeError):
         message = None
-    message = message or body[:200].decode(errors="replace") or f"HTTP {status}"
+    message = str(message or body[:200].decode(errors="replace") or f"HTTP {status}")
+    if len(message) > UPSTREAM_MESSAGE_CHARS:
+        message = f"{message[:UPSTREAM_MESSAGE_CHARS]}... ({len(message)} characters)"
     if status in (401, 403):  # the engine refused the gateway, not the caller: a 401 here means the caller's key
         return GatewayError(502, f"upstream refused the gateway's request with HTTP {status}: {message}",
                             code="upstream_error", reason="upstream_auth")
@@ -326,5 +332,9 @@ class Relay:
                              queue_time=rounded(a.slot.queued_s), upstream_time=rounded(now - started),
                              ttft=rounded(ttft), prompt_tokens=prompt, completion_tokens=completion,
                              counted_input_tokens=a.input_tokens, max_tokens=a.max_tokens, degraded=a.degraded)
-        if usage and a.scopes:
-            await gw.limiter.settle(a.scopes, int(usage.get("total_tokens") or (prompt or 0) + (completion or 0)))
+        # what it used settles its reservation; unknown (cut off mid-answer), the reservation stands; nothing sent
+        # (no replica took it), every token comes back
+        used = int(usage.get("total_tokens") or (prompt or 0) + (completion or 0)) if usage else None
+        if used is None and error is not None and error.reason in UNSENT_REASONS:
+            used = 0
+        await gw.limiter.settle(a.reservation, used)

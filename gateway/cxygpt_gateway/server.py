@@ -1,4 +1,5 @@
-"""The gateway's HTTP server: uvicorn's httptools protocol, with the two relayed routes carried on the connection."""
+"""The gateway's HTTP server: uvicorn's httptools protocol, with the relayed routes carried on the connection, and
+every connection bounded (count in all and per client, head and body read times, head size)."""
 from __future__ import annotations
 
 import asyncio
@@ -7,7 +8,9 @@ import logging
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from .app import HOT_PATHS
+from .connections import HEALTH_PATHS
 from .deadlines import deadlines_of
+from .errors import GatewayError
 from .exchange import Exchange, body_too_large, client_gone_early
 from .relay import serve
 
@@ -26,10 +29,122 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
-        self.gateway = self.config.app.state.gateway
+        gw = self.gateway = self.config.app.state.gateway
         self.deadlines = deadlines_of(self.loop)
+        self.address = self.client[0] if self.client else "-"
+        self.verdict = gw.connections.opened(self.address)
+        self.refused, self.head_bytes, self.timer = False, 0, None
+        if self.verdict == "drop":  # past even the health checks' room: no request is read, no descriptor kept
+            gw.metrics.connections_refused.labels("connection_limit").inc()
+            self.refused = True
+            transport.abort()
+            return
+        self._arm(gw.settings.header_timeout_s, self._head_timed_out)
+
+    def connection_lost(self, exc) -> None:
+        self.gateway.connections.closed(self.address)
+        self._disarm()
+        cycle = self.cycle
+        super().connection_lost(exc)
+        if isinstance(cycle, NativeExchange) and not cycle.response_complete:
+            cycle.left()
+
+    # -- bounds: the head's time and size, the body's time, the connection's verdict --
+
+    def _arm(self, seconds: float, callback) -> None:
+        self._disarm()
+        self.timer = self.deadlines.call_at(self.loop.time() + seconds, callback)
+
+    def _disarm(self) -> None:
+        if self.timer is not None:
+            self.deadlines.cancel(self.timer)
+            self.timer = None
+
+    def _refuse(self, reason: str, error: GatewayError) -> None:
+        """Answer `error` on this connection and close it; nothing more of it is read."""
+        self.timer = None
+        if self.refused or self.transport.is_closing():
+            return
+        self.refused = True
+        self.gateway.metrics.connections_refused.labels(reason).inc()
+        busy = self.cycle is not None and not self.cycle.response_complete
+        if busy:  # an answer is on its way (a pipelined request came slowly): it ends the connection
+            self.cycle.keep_alive = False
+            self.flow.pause_reading()
+            return
+        head = [STATUS_LINE[error.status], b"content-type: application/json\r\nconnection: close\r\n"]
+        head += [b"%s: %s\r\n" % (k.lower().encode(), str(v).encode()) for k, v in error.headers.items()]
+        body = error.body()
+        self.transport.write(b"".join(head) + b"content-length: %d\r\n\r\n" % len(body) + body)
+        self.transport.close()
+
+    def _head_timed_out(self) -> None:
+        seconds = self.gateway.settings.header_timeout_s
+        self._refuse("header_timeout", GatewayError(408, f"the request line and headers did not arrive within "
+                                                         f"{seconds:g} s", code="request_timeout"))
+
+    def _body_timed_out(self) -> None:
+        self.timer = None
+        cycle = self.cycle
+        if isinstance(cycle, NativeExchange):  # it answers 408 itself, from read_body
+            cycle.body_late()
+        elif cycle is not None and cycle.more_body:
+            self.gateway.metrics.connections_refused.labels("body_timeout").inc()
+            self.transport.close()  # an ASGI route still reading: it sees the client gone
+
+    def _count_head(self, size: int) -> bool:
+        self.head_bytes += size
+        if self.head_bytes <= self.gateway.settings.max_header_bytes:
+            return True
+        limit = self.gateway.settings.max_header_bytes
+        self._refuse("header_too_large", GatewayError(431, f"the request line and headers are over the limit of "
+                                                           f"{limit} bytes", code="header_too_large"))
+        return False
+
+    def data_received(self, data: bytes) -> None:
+        if not self.refused:
+            super().data_received(data)
+
+    def on_message_begin(self) -> None:
+        if self.refused:
+            return
+        super().on_message_begin()
+        self.head_bytes = 0
+        self._arm(self.gateway.settings.header_timeout_s, self._head_timed_out)
+
+    # once refused, the rest of what the parser has in hand is passed over (data_received reads no more)
+
+    def on_url(self, url: bytes) -> None:
+        if not self.refused and self._count_head(len(url)):
+            super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self.refused and self._count_head(len(name) + len(value) + 4):
+            super().on_header(name, value)
+
+    def on_body(self, body: bytes) -> None:
+        if not self.refused:
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        self._disarm()  # the body's timer: it all came
+        if not self.refused:
+            super().on_message_complete()
 
     def on_headers_complete(self) -> None:
+        if self.refused:
+            return
+        self._disarm()
+        if self.verdict != "serve" and self.url.partition(b"?")[0] not in HEALTH_PATHS:
+            counts = self.gateway.connections
+            limits = counts.limits
+            self._refuse("connection_limit", GatewayError(
+                503, f"the gateway is at its connection limit ({limits.max_connections} in all, "
+                     f"{limits.per_client} per client address; this one has {counts.by_client.get(self.address, 0)})"
+                     ": close idle connections or retry", code="connection_limit", retry_after=1))
+            return
+        if self.cycle is None or self.cycle.response_complete:  # a pipelined body waits on us: not timed
+            self._arm(self.gateway.settings.body_timeout_s, self._body_timed_out)
         kind = HOT_TARGETS.get(self.url) if self.parser.get_method() == b"POST" else None
         if kind is None or self.parser.should_upgrade():
             return super().on_headers_complete()
@@ -41,18 +156,13 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             self.flow.pause_reading()
             self.pipeline.appendleft((self.cycle, None))
 
-    def connection_lost(self, exc) -> None:
-        cycle = self.cycle
-        super().connection_lost(exc)
-        if isinstance(cycle, NativeExchange) and not cycle.response_complete:
-            cycle.left()
 
 
 class NativeExchange(Exchange):
     """One relayed request on a GatewayHttpProtocol connection. It has the attributes uvicorn's protocol drives a
     request cycle by (body, more_body, message_event, response_complete, disconnected, keep_alive, run_asgi)."""
     __slots__ = ("protocol", "kind", "transport", "flow", "body", "more_body", "message_event", "response_complete",
-                 "disconnected", "keep_alive", "expect_100", "started", "on_response")
+                 "disconnected", "keep_alive", "expect_100", "started", "on_response", "late")
 
     def __init__(self, protocol: GatewayHttpProtocol, kind: str, keep_alive: bool):
         super().__init__(protocol.loop, protocol.headers, protocol.deadlines)
@@ -64,16 +174,24 @@ class NativeExchange(Exchange):
         self.response_complete = self.disconnected = self.started = False
         self.keep_alive, self.expect_100 = keep_alive, protocol.expect_100_continue
         self.on_response = protocol.on_response_complete
+        self.late = False
+
+    def body_late(self) -> None:
+        """The body did not arrive in time: read_body answers 408 (the connection then closes: more_body)."""
+        self.late = True
+        self.message_event.set()
 
     async def run_asgi(self, _app) -> None:
         """The request's task (started by uvicorn's protocol, which knows it by this name)."""
         try:
             await serve(self.protocol.gateway, self, self.kind)
-        except Exception:
+        except Exception as e:
             log.exception("serving %s failed", self.request_id)
             if not self.started:
                 self.keep_alive = False
-                await self.respond(500, [(b"content-type", b"text/plain; charset=utf-8")], b"Internal Server Error")
+                error = GatewayError(500, f"the gateway failed on this request ({e.__class__.__name__}); it was not "
+                                          "relayed", code="gateway_error")
+                await self.respond(500, [(b"content-type", b"application/json")], error.body())
             else:
                 self.transport.close()
         finally:
@@ -90,6 +208,10 @@ class NativeExchange(Exchange):
                 return bytes(self.body)
             if self.disconnected:
                 raise client_gone_early()
+            if self.late:
+                seconds = self.protocol.gateway.settings.body_timeout_s
+                raise GatewayError(408, f"the request body did not arrive within {seconds:g} s of its headers",
+                                   code="request_timeout", reason="body_timeout")
             self.flow.resume_reading()  # paused by the protocol above 64 KiB buffered
             await self.message_event.wait()
             self.message_event.clear()

@@ -96,6 +96,26 @@ class GatewaySettings(BaseSettings):
     cold_start_timeout_s: float = Field(
         600.0, gt=0, description="how long a request for an autoscaled model with no ready replica (at zero: "
                                  "woken by it) waits for the first one")
+    tokenize_concurrency: int = Field(
+        8, ge=1, le=256, description="/tokenize calls open to one upstream at a time, all requests together")
+    max_connections: int = Field(
+        4096, ge=1, description="client connections served at once; past it (up to health_connections more) only "
+                                "/healthz, /readyz and /metrics are served and other requests get 503, beyond that "
+                                "new connections are closed at once. Lowered at start to what the process's "
+                                "file-descriptor limit allows")
+    max_connections_per_client: int = Field(
+        512, ge=1, description="connections one client address may hold; its requests on more get 503")
+    health_connections: int = Field(
+        64, ge=1, description="connections kept for health checks and scrapes past max_connections")
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="a request's line and headers must arrive within this (from the connection or the "
+                                "request's first byte); else 408 and the connection closes")
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="a request's body must arrive within this after its headers; else 408")
+    keepalive_timeout_s: float = Field(
+        5.0, gt=0, description="an idle kept-alive connection is closed after this")
+    max_header_bytes: int = Field(
+        65536, ge=1024, description="request line and headers together; past it 431 and the connection closes")
     log_requests: bool = True
     log_level: str = "info"
 

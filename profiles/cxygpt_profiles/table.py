@@ -74,6 +74,10 @@ class Limits(Strict):
     rate_tpm: int | None = Field(None, gt=0)
     queue_size: int = Field(ge=0)
     max_concurrency: int = Field(ge=1)
+    # what one request may ask for: choices (`n`) and prompts or inputs in one batch; each choice is a sequence
+    # the engine runs, each prompt one /tokenize call, so a request past these is refused (400), not queued
+    max_n: int = Field(8, ge=1, le=128)
+    max_batch: int = Field(64, ge=1, le=2048)
     timeouts: Timeouts
     degrade: DegradeThresholds
 

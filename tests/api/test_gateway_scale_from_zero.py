@@ -134,3 +134,89 @@ async def test_a_model_at_zero_without_autoscaling_is_refused_at_once_as_before(
         r = await client.post("/v1/chat/completions", json=CHAT)
         assert r.status_code == 503 and r.headers["retry-after"] == "30" and "scaled to zero" in r.json()["error"]["message"]
         assert discovery.wakes == [] and gw.registry.get("m").queue.waiting == 0
+
+
+class Fleet:
+    """Several models, each as given; `wake` recorded."""
+
+    def __init__(self, *specs: ModelSpec):
+        self.specs = {s.name: s for s in specs}
+        self.wakes: list[ScaleTarget] = []
+        self.sink = None
+
+    async def start(self, sink):
+        self.sink = sink
+        for spec in self.specs.values():
+            sink.upsert(spec)
+
+    async def stop(self):
+        pass
+
+    async def wake(self, target):
+        self.wakes.append(target)
+        return "woken"
+
+    def update(self, name, **changes):
+        self.specs[name] = dataclasses.replace(self.specs[name], **changes)
+        self.sink.upsert(self.specs[name])
+
+
+def asleep(name: str, **limits) -> ModelSpec:
+    base = default_table().get("DEV_32G").limits
+    return ModelSpec(name=name, urls=(), limits=base.model_copy(update={"queue_size": 3, **limits}), mode="multi",
+                     profile="DEV_32G", unavailable=ASLEEP, scale_from_zero=ScaleTarget("llm", name, 0))
+
+
+async def test_requests_refused_by_rate_limits_or_length_wake_no_gpu_and_are_no_demand(tmp_path):
+    keys = tmp_path / "keys.yaml"
+    keys.write_text("allow_anonymous: true\ntiers: {slow: {rate_qps: 0.1}}\nkeys: [{id: slow-key, tier: slow, key_sha256: "
+                    "'" + __import__("hashlib").sha256(b"sk-slow").hexdigest() + "'}]\n")
+    fleet = Fleet(asleep("m"), asleep("n"), asleep("o"))
+    auth = {"Authorization": "Bearer sk-slow"}
+    async with gateway(fleet, keys_file=str(keys)) as (client, gw):
+        first = asyncio.create_task(client.post("/v1/chat/completions", json=CHAT, headers=auth))
+        await until(lambda: gw.registry.get("m").queue.waiting == 1)
+        assert [w.name for w in fleet.wakes] == ["m"]
+        for name in ("n", "o"):  # the key's one request per 10 s is spent: refused, and nothing woken for it
+            r = await client.post("/v1/chat/completions", json={**CHAT, "model": name}, headers=auth)
+            assert r.status_code == 429
+        # too long for the model (counted by the estimate: no replica to ask): refused, nothing woken
+        long = {**CHAT, "model": "o", "messages": [{"role": "user", "content": "word " * 20_000}]}
+        for _ in range(4):
+            r = await client.post("/v1/chat/completions", json=long)
+            assert r.status_code == 413
+        assert [w.name for w in fleet.wakes] == ["m"]
+        await asyncio.sleep(1.1)  # a demand sample or more (demand_window_s=1)
+        assert gw.registry.get("n").demand.value() == 0 and gw.registry.get("o").demand.value() == 0
+        metrics = (await client.get("/metrics")).text
+        assert 'cxygpt_gateway_scale_from_zero_wakes_total{model="o"' not in metrics
+        first.cancel()
+        await asyncio.gather(first, return_exceptions=True)
+
+
+async def _health(request: web.Request) -> web.Response:
+    return web.Response(text="ok")
+
+
+@pytest.fixture
+async def healthy_engine():
+    async with upstream_serving({("POST", "/v1/chat/completions"): _chat, ("GET", "/health"): _health}) as url:
+        yield url
+
+
+async def test_a_fallback_to_another_namespace_only_when_its_owner_accepts_it(healthy_engine):
+    engine = healthy_engine
+    down = ModelSpec(name="a", urls=(), limits=default_table().get("DEV_32G").limits, mode="multi",
+                     profile="DEV_32G", unavailable=Unavailable("model a is restarting", 5), fallback="b",
+                     namespace="team-a")
+    other = ModelSpec(name="b", urls=(engine,), limits=default_table().get("DEV_32G").limits, mode="multi",
+                      profile="DEV_32G", namespace="team-b")
+    fleet = Fleet(down, other)
+    async with gateway(fleet) as (client, gw):
+        r = await client.post("/v1/chat/completions", json={**CHAT, "model": "a"})
+        assert r.status_code == 503 and "restarting" in r.json()["error"]["message"]
+        fleet.update("b", accept_fallback_from=("team-a",))
+        r = await client.post("/v1/chat/completions", json={**CHAT, "model": "a"})
+        assert r.status_code == 200 and r.headers["x-cxygpt-fallback-from"] == "a"
+        fleet.update("b", accept_fallback_from=("*",))
+        assert (await client.post("/v1/chat/completions", json={**CHAT, "model": "a"})).status_code == 200

@@ -14,7 +14,8 @@ from cxygpt_gateway.admission.degrade import MAX_SAMPLES, DegradeMonitor
 from cxygpt_gateway.admission.policy import effective
 from cxygpt_gateway.admission.queue import ModelQueue
 from cxygpt_gateway.admission.ratelimit import LocalWindows, Rate, RateLimiter, Scope, Window, request_window
-from cxygpt_gateway.admission.request import cannot_exceed, decode, estimate_tokens, token_id_count, validate
+from cxygpt_gateway.admission.request import (batch_size, cannot_exceed, choices, decode, echo, estimate_tokens,
+                                             token_id_count, validate)
 from cxygpt_gateway.discovery.static import spec_from_config
 from cxygpt_gateway.errors import GatewayError
 from cxygpt_gateway.settings import ModelConfig
@@ -83,22 +84,52 @@ def test_keys_file_names_unknown_tiers():
 ])
 def test_bad_bodies_get_a_precise_400(raw, param):
     with pytest.raises(GatewayError) as e:
-        validate(decode(raw), "chat", len(raw))
+        check(decode(raw), "chat", len(raw))
     assert e.value.status == 400 and e.value.param == param
+
+
+def check(body: dict, kind: str, size: int, max_n: int = 8, max_batch: int = 64):
+    return validate(body, kind, size, max_n=max_n, max_batch=max_batch)
+
+
+def test_choices_and_batches_are_bounded_per_model_with_the_limit_named():
+    with pytest.raises(GatewayError) as e:
+        check({"model": "m", "messages": [{"role": "user"}], "n": 10000}, "chat", 10, max_n=8)
+    assert e.value.status == 400 and e.value.param == "n" and "10000" in e.value.message and "8" in e.value.message
+    assert choices(check({"model": "m", "messages": [{"role": "user"}], "n": 8}, "chat", 10, max_n=8)) == 8
+    with pytest.raises(GatewayError):
+        check({"model": "m", "messages": [{"role": "user"}], "n": 0}, "chat", 10)
+    prompts = ["a"] * 25000
+    with pytest.raises(GatewayError) as e:
+        check({"model": "m", "prompt": prompts}, "completions", 10, max_batch=64)
+    assert (e.value.status, e.value.param, e.value.code) == (400, "prompt", "batch_too_large")
+    assert "25000 prompts" in e.value.message and "64" in e.value.message
+    with pytest.raises(GatewayError):
+        check({"model": "m", "input": [[1, 2]] * 65}, "embeddings", 10, max_batch=64)
+    req = check({"model": "m", "prompt": ["a"] * 64, "n": 2}, "completions", 10, max_batch=64)
+    assert (batch_size(req), choices(req)) == (64, 2)
+    assert batch_size(check({"model": "m", "prompt": [1, 2, 3]}, "completions", 10)) == 1  # one prompt of ids
+
+
+def test_a_client_string_is_echoed_cut_with_its_length():
+    assert echo("qwen3") == "'qwen3'"
+    long = "x" * 1_000_000
+    shown = echo(long)
+    assert len(shown) < 120 and "1000000 characters" in shown
 
 
 def test_prompts_and_token_counting_shortcuts():
     raw = orjson.dumps({"model": "m", "prompt": [1, 2, 3, 4]})
-    req = validate(decode(raw), "completions", len(raw))
+    req = check(decode(raw), "completions", len(raw))
     assert token_id_count(req) == 4
     raw = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "x" * 400}]})
-    req = validate(decode(raw), "chat", len(raw))
+    req = check(decode(raw), "chat", len(raw))
     assert token_id_count(req) is None
     assert cannot_exceed(req, 1000, template_margin=128)          # 450 bytes + 128 ≤ 1000
     assert not cannot_exceed(req, 500, template_margin=128)       # might be over: ask the upstream
     assert estimate_tokens(req) == 100 + 4
     with pytest.raises(GatewayError):
-        validate(decode(b'{"model": "m", "prompt": [1, "a"]}'), "completions", 10)
+        check(decode(b'{"model": "m", "prompt": [1, "a"]}'), "completions", 10)
 
 
 # ---- rate limits --------------------------------------------------------------------------------------------
@@ -134,7 +165,8 @@ async def test_tokens_settle_after_the_response_and_block_until_the_minute_turns
     limiter = RateLimiter(LocalWindows(clock))
     scope = Scope("model:m", "model m", Rate(tpm=1000))
     await limiter.admit([scope])
-    await limiter.settle([scope], 1500)  # a long answer is paid in full, even past the budget
+    held = await limiter.reserve([scope], 900)
+    await limiter.settle(held, 1500)  # more than it reserved (its input was under-counted) is paid in full
     clock.advance(20)
     with pytest.raises(GatewayError) as e:
         await limiter.admit([scope])
@@ -142,6 +174,52 @@ async def test_tokens_settle_after_the_response_and_block_until_the_minute_turns
     assert int(e.value.headers["Retry-After"]) == 40
     clock.advance(41)
     await limiter.admit([scope])
+
+
+async def test_concurrent_requests_cannot_slip_past_the_token_budget_together(clock):
+    limiter = RateLimiter(LocalWindows(clock))
+    scope = Scope("key:a", "key a", Rate(tpm=1000))
+    first = await limiter.reserve([scope], 600)  # both pass "is any budget left?": only one may hold 600
+    await limiter.admit([scope])
+    with pytest.raises(GatewayError) as e:
+        await limiter.reserve([scope], 600)
+    assert e.value.status == 429 and "may use 600" in e.value.message and "Retry-After" in e.value.headers
+    await limiter.settle(first, 100)  # it used 100: 500 come back
+    second = await limiter.reserve([scope], 600)
+    await limiter.settle(second, None)  # cut off, usage unknown: the reservation stands
+    with pytest.raises(GatewayError):
+        await limiter.reserve([scope], 400)
+
+
+async def test_one_request_over_the_whole_budget_is_told_to_ask_for_less(clock):
+    limiter = RateLimiter(LocalWindows(clock))
+    scope = Scope("key:a", "key a", Rate(tpm=1000))
+    with pytest.raises(GatewayError) as e:
+        await limiter.reserve([scope], 10_000 * 256)  # n=10000 x max_tokens 256
+    assert (e.value.status, e.value.code) == (429, "tokens_exceed_limit") and "lower max_tokens or n" in e.value.message
+    await limiter.reserve([scope], 1000)  # nothing was held by the refusal
+
+
+async def test_a_refusal_by_one_budget_gives_back_what_the_others_held(clock):
+    limiter = RateLimiter(LocalWindows(clock))
+    model, key = Scope("model:m", "model m", Rate(tpm=10_000)), Scope("key:a", "key a", Rate(tpm=1000))
+    await limiter.reserve([model, key], 1000)
+    for _ in range(20):
+        with pytest.raises(GatewayError):
+            await limiter.reserve([model, key], 500)  # the key is spent; the model's budget must not leak
+    other_key = Scope("key:b", "key b", Rate(tpm=10_000))
+    await limiter.reserve([model, other_key], 9000)
+
+
+async def test_unused_tokens_come_back_only_to_the_window_they_came_from(clock):
+    limiter = RateLimiter(LocalWindows(clock))
+    scope = Scope("key:a", "key a", Rate(tpm=1000))
+    held = await limiter.reserve([scope], 800)
+    clock.advance(61)  # a new minute
+    await limiter.reserve([scope], 900)
+    await limiter.settle(held, 0)  # its 800 were in the last minute: none come back to this one
+    with pytest.raises(GatewayError):
+        await limiter.reserve([scope], 200)
 
 
 async def test_fractional_qps_keeps_its_rate(clock):

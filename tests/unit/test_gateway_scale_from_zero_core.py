@@ -131,3 +131,32 @@ def test_discovery_holds_only_for_an_autoscaler_that_scales_from_zero_and_a_mode
     external = modeldeployment(replicas=2, autoscaling={"scaleFromZero": False, "scaler": "HorizontalPodAutoscaler"})
     ready = [endpointslice("qwen3-14b", endpoints=[{"addresses": ["10.0.0.1"], "conditions": {"ready": True}}])]
     assert spec_from_modeldeployment(external, ready).scale_from_zero is None
+
+
+def test_a_model_no_gpu_node_can_hold_is_not_woken_and_says_it_cannot_start():
+    """Waking it would leave a pod Pending while requests wait the cold-start timeout for nothing."""
+    unplaceable = {"type": "ProfileSelected", "status": "False", "reason": "NoMatchingGPU",
+                   "message": "no schedulable GPU node fits a multi profile (nodes: 1x 24 GiB)"}
+    md = modeldeployment(phase="Pending", replicas=0, autoscaling={"scaleFromZero": True}, conditions=[unplaceable])
+    spec = spec_from_modeldeployment(md, [])
+    assert spec.scale_from_zero is None
+    assert spec.unavailable.message.startswith("model qwen3-14b cannot start: no schedulable GPU node fits")
+    assert spec.unavailable.retry_after_s == 60
+    md = modeldeployment(phase="Pending", replicas=1, autoscaling={"scaleFromZero": True}, conditions=[unplaceable])
+    assert "cannot start" in why_unavailable(md).message  # woken before the nodes changed: said as such too
+    placed = dict(unplaceable, status="True", reason="AutoSelected")
+    md = modeldeployment(phase="ScaledToZero", replicas=0, autoscaling={"scaleFromZero": True}, conditions=[placed])
+    assert spec_from_modeldeployment(md, []).scale_from_zero is not None
+
+
+def test_the_namespaces_a_model_takes_fallbacks_from():
+    md = modeldeployment(namespace="team-b")
+    md["spec"]["acceptFallbackFrom"] = ["team-a", 7]
+    spec = spec_from_modeldeployment(md, [])
+    assert (spec.namespace, spec.accept_fallback_from) == ("team-b", ("team-a",))
+    assert spec.accepts_fallback_from("team-b") and spec.accepts_fallback_from("team-a")
+    assert not spec.accepts_fallback_from("team-c")
+    md["spec"]["acceptFallbackFrom"] = ["*"]
+    assert spec_from_modeldeployment(md, []).accepts_fallback_from("anyone")
+    static = ModelSpec(name="s", urls=(), limits=default_table().get("DEV_32G").limits, mode="multi")
+    assert static.accepts_fallback_from(None)  # the static file's models are one owner's

@@ -735,6 +735,16 @@ def test_routing_values_reach_the_gateway_as_its_settings(tmp_path, monkeypatch)
     assert (only_epsilon.routing.policy, only_epsilon.routing.epsilon) == (None, 1)
     refused = render_values(tmp_path, {"gateway": {"routing": {"policy": "random"}}}, check=False)
     assert refused.returncode != 0 and "/gateway/routing/policy" in refused.stderr
+    # the connection bounds
+    assert (default.max_connections, default.max_connections_per_client, default.health_connections,
+            default.header_timeout_s, default.body_timeout_s, default.keepalive_timeout_s) == (4096, 512, 64, 10, 30, 5)
+    bounded = settings(render_values(tmp_path, {"gateway": {"connections": {
+        "max": 100, "perClient": 10, "healthRoom": 5, "headerTimeoutSeconds": 2, "bodyTimeoutSeconds": 3,
+        "keepAliveTimeoutSeconds": 4}}}))
+    assert (bounded.max_connections, bounded.max_connections_per_client, bounded.health_connections,
+            bounded.header_timeout_s, bounded.body_timeout_s, bounded.keepalive_timeout_s) == (100, 10, 5, 2, 3, 4)
+    refused = render_values(tmp_path, {"gateway": {"connections": {"max": 0}}}, check=False)
+    assert refused.returncode != 0 and "/gateway/connections/max" in refused.stderr
 
 
 # KEDA v2's ScaledObject as its CRD has it, for the fields the chart sets (kubernetes-validate has no schema for it)

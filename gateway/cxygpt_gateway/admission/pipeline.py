@@ -1,4 +1,4 @@
-"""Admission: auth → body → model → schema → rate → input tokens → output cap → routing key → queue."""
+"""Admission: auth → body → model → schema → rate → input tokens → (wake, demand) → tokens reserved → queue."""
 from __future__ import annotations
 
 import asyncio
@@ -15,9 +15,9 @@ from ..registry import no_ready_replica
 from ..routing import load, request_key
 from ..exchange import ClientLeft, Exchange, body_too_large
 from .auth import Caller
-from .ratelimit import Scope
-from .request import (INPUT_PARAM, Kind, OpenAIRequest, cannot_exceed, decode, estimate_tokens, model_name, token_id_count,
-                      tokenize_payloads, validate)
+from .ratelimit import Reservation, Scope
+from .request import (INPUT_PARAM, Kind, OpenAIRequest, batch_size, cannot_exceed, choices, decode, echo,
+                      estimate_tokens, model_name, prompt_bytes, token_id_count, tokenize_payloads, validate)
 
 if TYPE_CHECKING:
     from ..app import Gateway
@@ -35,7 +35,7 @@ class Admitted:
     target: "ModelRoute"           # the model that serves it (a fallback when needed)
     req: OpenAIRequest
     upstream_body: bytes
-    scopes: list[Scope]
+    reservation: Reservation       # the tokens it holds in its budgets until it settles
     degraded: bool
     input_tokens: int | None       # None: certainly within the limit, not counted
     max_tokens: int
@@ -57,44 +57,62 @@ def read_headers(headers: list[tuple[bytes, bytes]]) -> dict[bytes, str]:
     return found
 
 
-def _rate_scopes(route: "ModelRoute", caller: Caller) -> list[Scope]:
-    if route.mode == "single":  # one user: nothing to share out
-        return []
-    return [route.scope, caller.scope]
+def _rate_scopes(route: "ModelRoute", target: "ModelRoute", caller: Caller) -> list[Scope]:
+    """The budgets a request is charged to: the model asked for, the model that does the work (a fallback's own
+    limits hold for the traffic others send it) and the caller's key."""
+    scopes = [r.scope for r in dict.fromkeys((route, target)) if r.mode != "single"]  # one user: nothing to share
+    return [*scopes, caller.scope] if scopes else []
 
 
 async def count_input(gw: "Gateway", req: OpenAIRequest, target: "ModelRoute", limit: int) -> int | None:
-    """Exact from the upstream's /tokenize, skipped when the input cannot be over `limit`;
-    the documented estimate when the upstream cannot count."""
+    """Exact from the upstream's /tokenize for the prompts that might be over `limit` (the longest counts), skipped
+    when none can be; the documented estimate when the upstream cannot count (or has no replica yet)."""
     ids = token_id_count(req)
     if ids is not None:
         return ids
     mode = gw.settings.tokenize
-    if mode == "auto" and cannot_exceed(req, limit, gw.settings.tokenize_skip_margin):
+    margin = gw.settings.tokenize_skip_margin
+    if mode == "auto" and cannot_exceed(req, limit, margin):
         return None
     if mode == "never" or target.spec.external:
         return estimate_tokens(req)
     backends = target.queue.routable()
-    if backends:
-        base = min(backends, key=load).url
-        counts = await asyncio.gather(*(gw.upstream.tokenize(base, payload, target.limits.timeouts.connect_s)
-                                        for payload in tokenize_payloads(req, target.spec.served_name)))
-        if all(c is not None for c in counts):
-            return max(counts)
-    return estimate_tokens(req)
+    if not backends:
+        return estimate_tokens(req)
+    payloads = tokenize_payloads(req, target.spec.served_name)
+    if mode == "auto" and len(payloads) > 1:  # only the prompts that could be over it are counted
+        payloads = [p for p in payloads if prompt_bytes(p) + margin > limit]
+        if not payloads:
+            return None
+    gw.metrics.tokenize_calls.labels(target.name).inc(len(payloads))
+    counts = await gw.upstream.tokenize_all(min(backends, key=load).url, payloads, target.limits.timeouts.connect_s)
+    return max(counts) if counts is not None else estimate_tokens(req)
 
 
 def _fallback(gw: "Gateway", route: "ModelRoute") -> "ModelRoute | None":
+    """The model that serves for `route` when it cannot: its fallbackModel, when ready, of the same task, and
+    accepting fallbacks from the route's namespace (its owner's say: spec.acceptFallbackFrom)."""
     fb = gw.registry.get(route.spec.fallback) if route.spec.fallback else None
-    usable = fb is not None and fb is not route and fb.spec.task == route.spec.task and fb.routable()
+    usable = (fb is not None and fb is not route and fb.spec.task == route.spec.task and fb.routable()
+              and fb.spec.accepts_fallback_from(route.spec.namespace))
     return fb if usable else None
+
+
+def encode(body: dict) -> bytes:
+    """The body for the engine; JSON that decodes but cannot be encoded again (nested deeper than the encoder's 255
+    levels) is the client's error, said as such."""
+    try:
+        return orjson.dumps(body)
+    except orjson.JSONEncodeError as e:
+        raise GatewayError(400, f"request body cannot be relayed: {e} (JSON nested deeper than 255 levels?)",
+                           code="invalid_request", reason="invalid_request") from None
 
 
 def _upstream_body(gw: "Gateway", req: OpenAIRequest, target: "ModelRoute", max_tokens: int, degraded: bool) -> bytes:
     body = dict(req.body)
     body["model"] = target.spec.served_name
     if not req.generates:
-        return orjson.dumps(body)
+        return encode(body)
     if req.kind == "responses":  # its streams end with the usage in response.completed: nothing to ask for
         body["max_output_tokens"] = max_tokens
     else:
@@ -109,7 +127,7 @@ def _upstream_body(gw: "Gateway", req: OpenAIRequest, target: "ModelRoute", max_
             if cap is not None:
                 given = body.get(param)
                 body[param] = min(1.0 if given is None else given, cap)  # unset means the engine's 1.0
-    return orjson.dumps(body)
+    return encode(body)
 
 
 async def _admit_input(gw: "Gateway", req: OpenAIRequest, route: "ModelRoute", target: "ModelRoute",
@@ -193,6 +211,26 @@ async def _take_slot(ex: Exchange, target: "ModelRoute", priority: int, key: int
     return slot
 
 
+async def _unknown_model(gw: "Gateway", caller: Caller, name: str) -> GatewayError:
+    """A name nobody serves: 404, quoting the name cut short; the caller's own request rate is charged (a flood of
+    unknown names is a flood still)."""
+    if caller.scope.requests is not None:
+        await gw.limiter.admit([caller.scope])
+    why = gw.registry.reserved.get(name)
+    if why is not None:
+        return no_ready_replica(name, why)
+    return GatewayError(404, f"model {echo(name)} does not exist or is not served here; see GET /v1/models",
+                        code="model_not_found", param="model", reason="unknown_model")
+
+
+def _reserved_tokens(req: OpenAIRequest, input_tokens: int | None, max_tokens: int) -> int:
+    """What a request may use at most, held against the token budgets: every prompt's input and every choice's
+    output (a batch of prompts with n choices each is prompts x n sequences)."""
+    prompts = batch_size(req)
+    counted = input_tokens if input_tokens is not None else estimate_tokens(req)
+    return counted * prompts + max_tokens * choices(req) * prompts
+
+
 async def admit(gw: "Gateway", ex: Exchange, kind: Kind) -> Admitted:
     arrived = time.monotonic()
     headers = read_headers(ex.headers)
@@ -212,47 +250,55 @@ async def admit(gw: "Gateway", ex: Exchange, kind: Kind) -> Admitted:
     name = model_name(body)
     route = gw.registry.get(name)
     if route is None:
-        why = gw.registry.reserved.get(name)
-        if why is not None:
-            raise no_ready_replica(name, why)
-        raise GatewayError(404, f"model {name!r} does not exist or is not served here; see GET /v1/models",
-                           code="model_not_found", param="model", reason="unknown_model")
+        raise await _unknown_model(gw, caller, name)
     ex.model = route.name
-    req = validate(body, kind, len(raw))
+    req = validate(body, kind, len(raw), max_n=route.limits.max_n, max_batch=route.limits.max_batch)
     if (kind == "embeddings") != (route.spec.task == "embed"):
         raise GatewayError(400, f"model {route.name} " + ("serves embeddings only: use POST /v1/embeddings"
                                                           if route.spec.task == "embed" else
                                                           "does not serve embeddings (it generates text)"),
                            code="model_not_supported", param="model", reason="wrong_task")
-    route.demand.arrived()
     degraded = route.is_degraded()
     ex.degraded = degraded
 
-    target = route
+    # an autoscaled model with no ready replica is woken (from zero) and the request waits for it, unless a fallback
+    # serves; both only once the request has passed the rate limits and the length check (so a refused request
+    # wakes no GPU and counts as no demand)
+    target, cold = route, False
     if not route.routable():
-        # an autoscaled model wakes (from zero) and the request waits for its first replica, unless a fallback serves
         cold = route.spec.scale_from_zero is not None
-        if cold:
-            gw.waker.wake(route.name, route.spec.scale_from_zero)
         target = _fallback(gw, route)
         if target is None:
             if not cold:
                 raise no_ready_replica(route.name, route.spec.unavailable)
             target = route
-    scopes = _rate_scopes(route, caller)
+    scopes = _rate_scopes(route, target, caller)
     if scopes:
         await gw.limiter.admit(scopes)
 
+    counted_on = target
     target, input_tokens = await _admit_input(gw, req, route, target, degraded)
+    if target is not counted_on:  # the input was too long for the model: its fallback's limits hold too
+        scopes = _rate_scopes(route, target, caller)
+        if target.mode != "single":
+            await gw.limiter.admit([target.scope])
+    route.demand.arrived()
+    if cold:
+        gw.waker.wake(route.name, route.spec.scale_from_zero)
     target_degraded = degraded if target is route else target.is_degraded()
     max_tokens = _output_cap(target, caller, target_degraded, req.requested_max_tokens) if req.generates else 0
     upstream_body = _upstream_body(gw, req, target, max_tokens, target_degraded)
+    reservation = await gw.limiter.reserve(scopes, _reserved_tokens(req, input_tokens, max_tokens))
 
     key = _routing_key(target, req, headers.get(SESSION_HEADER))
-    slot = await _take_slot(ex, target, caller.tier.priority, key, gw.settings.cold_start_timeout_s)
+    try:
+        slot = await _take_slot(ex, target, caller.tier.priority, key, gw.settings.cold_start_timeout_s)
+    except GatewayError:
+        await gw.limiter.settle(reservation, 0)  # nothing reached an engine: every token comes back
+        raise
     return Admitted(gateway=gw, request_id=request_id, caller=caller, route=route, target=target, req=req,
-                    upstream_body=upstream_body, scopes=scopes, degraded=degraded, input_tokens=input_tokens,
-                    max_tokens=max_tokens, slot=slot, arrived=arrived)
+                    upstream_body=upstream_body, reservation=reservation, degraded=degraded,
+                    input_tokens=input_tokens, max_tokens=max_tokens, slot=slot, arrived=arrived)
 
 
 async def authenticated(request: Request) -> Caller:

@@ -5,7 +5,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Protocol
 
@@ -57,13 +57,17 @@ class Scope:
 
 
 class Windows(Protocol):
-    """Counters: requests on a moving window (a refused request costs nothing), tokens on a fixed window that
-    records every token charged, even past the budget (a long answer is paid in full)."""
+    """Counters: requests on a moving window (a refused request costs nothing); tokens on a fixed window where a
+    request reserves what it may use (input + max_tokens x n) on admission, and settles when it ends: the
+    unused part comes back (only to the window it was taken from), what it used beyond is charged anyway."""
 
     async def requests_free(self, key: str, w: Window) -> bool: ...
     async def take_request(self, key: str, w: Window) -> bool: ...
     async def tokens_left(self, key: str, w: Window) -> bool: ...
-    async def charge_tokens(self, key: str, w: Window, cost: int) -> None: ...
+    async def reserve_tokens(self, key: str, w: Window, cost: int) -> float | None:
+        """Take `cost` if it fits in what is left: the window it was taken from (its id), else None, taking nothing."""
+    async def adjust_tokens(self, key: str, w: Window, delta: int, window: float | None) -> None:
+        """Charge `delta` (> 0) to the current window; give `-delta` back (< 0) only to `window`, if still current."""
     async def requests_retry_after(self, key: str, w: Window) -> float: ...
     async def tokens_retry_after(self, key: str, w: Window) -> float: ...
 
@@ -106,8 +110,20 @@ class LocalWindows:
     async def tokens_left(self, key: str, w: Window) -> bool:
         return self._token_window(key, w)[1] < w.amount
 
-    async def charge_tokens(self, key: str, w: Window, cost: int) -> None:
-        self._token_window(key, w)[1] += cost
+    async def reserve_tokens(self, key: str, w: Window, cost: int) -> float | None:
+        window = self._token_window(key, w)
+        if window[1] + cost > w.amount:
+            return None
+        window[1] += cost
+        return window[0]
+
+    async def adjust_tokens(self, key: str, w: Window, delta: int, window: float | None) -> None:
+        if delta > 0:
+            self._token_window(key, w)[1] += delta
+        elif delta < 0:
+            current = self._token_window(key, w)
+            if current[0] == window:
+                current[1] = max(0, current[1] + delta)
 
     async def requests_retry_after(self, key: str, w: Window) -> float:
         stamps = self._recent(key, w)
@@ -143,8 +159,23 @@ class SharedWindows:
     async def tokens_left(self, key: str, w: Window) -> bool:
         return await self._tokens.test(self._item(w), key)
 
-    async def charge_tokens(self, key: str, w: Window, cost: int) -> None:
-        await self._tokens.hit(self._item(w), key, cost=cost)
+    async def reserve_tokens(self, key: str, w: Window, cost: int) -> float | None:
+        # incr first, then undo when over: atomic per replica's call, so concurrent reservations cannot both fit
+        item = self._item(w)
+        counter = item.key_for(key)
+        if await self.storage.incr(counter, item.get_expiry(), amount=cost) > w.amount:
+            await self.storage.incr(counter, item.get_expiry(), amount=-cost)
+            return None
+        return await self.storage.get_expiry(counter)
+
+    async def adjust_tokens(self, key: str, w: Window, delta: int, window: float | None) -> None:
+        item = self._item(w)
+        counter = item.key_for(key)
+        if delta > 0:
+            await self.storage.incr(counter, item.get_expiry(), amount=delta)
+        elif delta < 0 and window is not None and abs(await self.storage.get_expiry(counter) - window) < 0.5:
+            if await self.storage.incr(counter, item.get_expiry(), amount=delta) < 0:  # raced the window's end
+                await self.storage.clear(counter)
 
     async def requests_retry_after(self, key: str, w: Window) -> float:
         return (await self._requests.get_window_stats(self._item(w), key)).reset_time - time.time()
@@ -157,10 +188,20 @@ def open_windows(redis_url: str | None) -> Windows:
     return SharedWindows(redis_url) if redis_url else LocalWindows()
 
 
+@dataclass
+class Reservation:
+    """Tokens a request holds in each token budget it is charged to, until it settles."""
+    tokens: int
+    held: list[tuple[Scope, float | None]] = field(default_factory=list)  # scope, window it was taken from
+
+
 class RateLimiter:
-    """Requests are checked and counted on arrival; tokens are checked on arrival (is any budget left?) and
-    charged after the response with the exact usage. Counter failures fail open, counted by `on_storage_error`;
-    after one, the counters are left alone for a pause so a black-holed Redis does not slow every request."""
+    """Requests are checked and counted on arrival. Tokens: on arrival only "is any budget left?" (cheap, before the
+    input is counted); once it is, the request reserves its input + max_tokens x n in every token budget, or is
+    refused; when it ends it is charged what it used and the rest comes back. So concurrent requests cannot slip
+    past a limit together, and one request cannot spend more than it reserved. Counter failures fail open, counted
+    by `on_storage_error`; after one, the counters are left alone for a pause so a black-holed Redis does not slow
+    every request."""
 
     def __init__(self, windows: Windows, *, clock: Callable[[], float] = time.monotonic,
                  on_storage_error: Callable[[], None] = lambda: None, retry_storage_after_s: float = 2.0):
@@ -168,10 +209,15 @@ class RateLimiter:
         self.retry_storage_after_s = retry_storage_after_s
         self._storage_down_until = float("-inf")
 
-    async def admit(self, scopes: list[Scope]) -> None:
-        """Count one request in every scope or raise a 429 with Retry-After from the limiting window."""
+    def _storage_up(self) -> bool:
         if self.clock() < self._storage_down_until:
             self.on_storage_error()
+            return False
+        return True
+
+    async def admit(self, scopes: list[Scope]) -> None:
+        """Count one request in every scope or raise a 429 with Retry-After from the limiting window."""
+        if not self._storage_up():
             return
         w = self.windows
         try:
@@ -193,14 +239,45 @@ class RateLimiter:
         except Exception as e:  # the counters are unreachable: serving beats refusing everyone
             self._storage_failed(e)
 
-    async def settle(self, scopes: list[Scope], tokens: int) -> None:
-        """Charge the tokens a finished request used to every scope with a token budget."""
-        if tokens <= 0 or self.clock() < self._storage_down_until:
+    async def reserve(self, scopes: list[Scope], tokens: int) -> Reservation:
+        """Hold `tokens` in every token budget of `scopes`, or none of them and a 429: one that the whole minute's
+        budget cannot hold says so (retrying will not help; a smaller max_tokens or n will)."""
+        reservation = Reservation(tokens)
+        budgets = [s for s in scopes if s.tokens is not None]
+        if not budgets or not self._storage_up():
+            return reservation
+        for scope in budgets:
+            if tokens > scope.tokens.amount:
+                raise GatewayError(429, f"this request may use {tokens} tokens (its input plus max_tokens x n), "
+                                        f"over the whole limit of {scope.rate.tpm} tokens per minute for "
+                                        f"{scope.description}: lower max_tokens or n", code="tokens_exceed_limit",
+                                   reason="tokens_exceed_limit", retry_after=TOKEN_WINDOW_S)
+        w = self.windows
+        try:
+            for scope in budgets:
+                window = await w.reserve_tokens(scope.key, scope.tokens, tokens)
+                if window is None:
+                    await self.settle(reservation, 0)  # give back what the other budgets held
+                    raise _limited(scope, f"{scope.rate.tpm} tokens per minute (this request may use {tokens})",
+                                   await w.tokens_retry_after(scope.key, scope.tokens))
+                reservation.held.append((scope, window))
+        except GatewayError:
+            raise
+        except Exception as e:
+            self._storage_failed(e)
+        return reservation
+
+    async def settle(self, reservation: Reservation, used: int | None) -> None:
+        """Charge what the request used (None: not known, the reservation stands) and give the rest back."""
+        if used is None or not reservation.held or self.clock() < self._storage_down_until:
+            return
+        delta, held = used - reservation.tokens, reservation.held
+        reservation.held = []  # settled once
+        if delta == 0:
             return
         try:
-            for scope in scopes:
-                if scope.tokens is not None:
-                    await self.windows.charge_tokens(scope.key, scope.tokens, tokens)
+            for scope, window in held:
+                await self.windows.adjust_tokens(scope.key, scope.tokens, delta, window)
         except Exception as e:
             self._storage_failed(e)
 

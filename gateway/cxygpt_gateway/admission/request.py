@@ -17,6 +17,8 @@ OUTPUT_PARAMS = {"chat": ("max_completion_tokens", "max_tokens"), "completions":
 # the documented estimate when the upstream cannot count: ~4 bytes of text per token plus role markers
 ESTIMATE_BYTES_PER_TOKEN = 4
 ESTIMATE_TOKENS_PER_MESSAGE = 4
+# how much of a client's string an answer or a log line quotes
+ECHO_CHARS = 64
 
 
 def _bad(message: str, param: str | None = None) -> GatewayError:
@@ -40,6 +42,13 @@ def model_name(body: dict) -> str:
     return model
 
 
+def echo(text: str, limit: int = ECHO_CHARS) -> str:
+    """A client's string as an answer or a log line may quote it: whole when short, else its start and length."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
+
+
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -60,8 +69,9 @@ class OpenAIRequest:
         return self.kind != "embeddings"
 
 
-def validate(body: dict, kind: Kind, raw_size: int) -> OpenAIRequest:
-    """Only what admission relies on is checked; the upstream validates the rest and its 400 is relayed."""
+def validate(body: dict, kind: Kind, raw_size: int, *, max_n: int, max_batch: int) -> OpenAIRequest:
+    """Only what admission relies on is checked, and what one request may make the engine do (`max_n` choices,
+    `max_batch` prompts); the upstream validates the rest and its 400 is relayed."""
     if kind == "chat":
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
@@ -78,8 +88,21 @@ def validate(body: dict, kind: Kind, raw_size: int) -> OpenAIRequest:
             raise _bad("'instructions' must be a string", "instructions")
     else:
         param = INPUT_PARAM[kind]
-        if not _valid_prompt(body.get(param)):
+        prompt = body.get(param)
+        if not _valid_prompt(prompt):
             raise _bad(f"'{param}' must be a string, an array of strings, or token ids", param)
+        batch = _batch_size(prompt)
+        if batch > max_batch:
+            raise GatewayError(400, f"'{param}' holds {batch} prompts, over this model's limit of {max_batch} in one "
+                                    "request: send them in several requests", code="batch_too_large", param=param,
+                               reason="batch_too_large")
+    n = body.get("n")
+    if n is not None and kind in ("chat", "completions"):
+        if not _is_int(n) or n < 1:
+            raise _bad("'n' must be a positive integer", "n")
+        if n > max_n:
+            raise GatewayError(400, f"'n' is {n}, over this model's limit of {max_n} choices per request",
+                               code="n_too_large", param="n", reason="n_too_large")
     stream = body.get("stream", False) if kind != "embeddings" else False
     if stream is None:
         stream = False
@@ -102,6 +125,29 @@ def validate(body: dict, kind: Kind, raw_size: int) -> OpenAIRequest:
     return OpenAIRequest(kind=kind, body=body, raw_size=raw_size, model=body["model"], stream=stream,
                          client_wants_usage=bool(options and options.get("include_usage")),
                          requested_max_tokens=requested)
+
+
+def _batch_size(prompt) -> int:
+    """Prompts in a completions or embeddings input: one string or one list of token ids is one."""
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        return len(prompt)
+    return 1
+
+
+def batch_size(req: OpenAIRequest) -> int:
+    return _batch_size(req.body.get(INPUT_PARAM[req.kind])) if req.kind in ("completions", "embeddings") else 1
+
+
+def prompt_bytes(payload: dict) -> int:
+    """UTF-8 bytes of one /tokenize payload's prompt (a real tokenizer never makes more tokens than that)."""
+    prompt = payload.get("prompt")
+    return len(prompt.encode()) if isinstance(prompt, str) else 1 << 62
+
+
+def choices(req: OpenAIRequest) -> int:
+    """Sequences the engine generates for this request (`n`, validated)."""
+    n = req.body.get("n") if req.kind in ("chat", "completions") else None
+    return n if isinstance(n, int) and n > 0 else 1
 
 
 def _valid_prompt(prompt) -> bool:

@@ -38,10 +38,18 @@ class ModelSpec:
     routing_policy: str | None = None          # unset: the gateway's default (routing.resolve)
     routing_epsilon: float | None = None
     scale_from_zero: ScaleTarget | None = None  # autoscaled: with no ready replica, requests wait and wake it
+    namespace: str | None = None               # its ModelDeployment's (None: a static model)
+    accept_fallback_from: tuple[str, ...] = ()  # other namespaces whose models may fall back to it ("*": any)
 
     @property
     def served_name(self) -> str:
         return self.upstream_model or self.name
+
+    def accepts_fallback_from(self, namespace: str | None) -> bool:
+        """Whether a model of `namespace` may send its requests here: its own namespace's (and static models) always,
+        another's only when this model's owner lists it."""
+        return (namespace == self.namespace or "*" in self.accept_fallback_from
+                or namespace in self.accept_fallback_from)
 
 
 class ModelSink(Protocol):

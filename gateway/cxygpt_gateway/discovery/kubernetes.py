@@ -65,6 +65,10 @@ def ready_endpoint_count(slices: list[dict]) -> int:
     return len({pod(endpoint) for _, endpoint in _taking_requests(slices)})
 
 
+# the operator's reasons (ProfileSelected False) for a model no node of the cluster can hold
+CANNOT_PLACE = frozenset({"NoMatchingGPU", "InsufficientGPUMemory"})
+
+
 def _condition(status: dict, type_: str) -> dict:
     return next((c for c in status.get("conditions") or [] if c.get("type") == type_), {})
 
@@ -75,6 +79,10 @@ def why_unavailable(md: dict) -> Unavailable:
     name, phase = (spec.get("model") or {}).get("name"), status.get("phase")
     ready = status.get("ready") or f"0/{spec.get('replicas', 1)}"
     trouble = _condition(status, "Degraded").get("message") or _condition(status, "Available").get("message")
+    placed = _condition(status, "ProfileSelected")
+    if placed.get("status") == "False" and placed.get("reason") in CANNOT_PLACE:
+        return Unavailable(f"model {name} cannot start: {placed.get('message') or placed['reason']}; a request does "
+                           "not change that, a GPU node that fits does", retry_after_s=60)
     if (spec.get("replicas") == 0 or phase == "ScaledToZero") and scale_target(md):
         return Unavailable(f"model {name} is scaled to zero for want of requests; a request starts it",
                            retry_after_s=30)
@@ -102,6 +110,9 @@ def scale_target(md: dict) -> ScaleTarget | None:
     meta, status = md.get("metadata") or {}, md.get("status") or {}
     if not (status.get("autoscaling") or {}).get("scaleFromZero") or status.get("phase") == "Failed":
         return None
+    placed = _condition(status, "ProfileSelected")
+    if placed.get("status") == "False" and placed.get("reason") in CANNOT_PLACE:
+        return None  # no GPU node fits it: a wake would only leave a pod Pending while the request waits
     replicas = (md.get("spec") or {}).get("replicas", 1)
     return ScaleTarget(meta.get("namespace") or "", meta.get("name") or "", replicas if isinstance(replicas, int) else 1)
 
@@ -155,7 +166,15 @@ def spec_from_modeldeployment(md: dict, slices: list[dict]) -> ModelSpec | Unava
                      mode="single" if status.get("mode") == "single" else "multi", profile=status.get("profile"),
                      fallback=spec.get("fallbackModel"), unavailable=None if urls else why_unavailable(md),
                      task="embed" if (spec.get("model") or {}).get("task") == "embed" else "generate",
-                     routing_policy=policy, routing_epsilon=epsilon, scale_from_zero=scale_target(md))
+                     routing_policy=policy, routing_epsilon=epsilon, scale_from_zero=scale_target(md),
+                     namespace=(md.get("metadata") or {}).get("namespace"),
+                     accept_fallback_from=accepted_fallbacks(spec))
+
+
+def accepted_fallbacks(spec: dict) -> tuple[str, ...]:
+    """spec.acceptFallbackFrom: the namespaces (or "*") whose models may name this one as their fallbackModel."""
+    given = spec.get("acceptFallbackFrom")
+    return tuple(n for n in given if isinstance(n, str)) if isinstance(given, list) else ()
 
 
 def routing_of(spec: dict) -> tuple[str | None, float | None]:
