@@ -34,13 +34,14 @@ def checkout(rev: str, into: Path) -> dict:
     return env
 
 
-def gateway_of(env: dict, logs: Path, upstream: str) -> Proc:
+def gateway_of(env: dict, logs: Path, upstream: str, *, wrap: list[str] = (), ready_timeout: float = 90.0) -> Proc:
+    """The revision's gateway (its command after `wrap`, e.g. a valgrind line) in front of `upstream`."""
     port = free_port()
     config = logs / f"gateway-{port}.yaml"
     config.write_text(yaml.safe_dump({"models": [{"name": MODEL, "url": upstream, "profile": "DEV_32G",
                                                   "limits": OPEN_LIMITS}]}))
-    argv = [str(BIN / "python"), "-m", "cxygpt_gateway.main", "--config", str(config), "--port", str(port)]
-    return Proc("cxygpt", argv, port, "/readyz", logs, env=env).start()
+    argv = [*wrap, str(BIN / "python"), "-m", "cxygpt_gateway.main", "--config", str(config), "--port", str(port)]
+    return Proc("cxygpt", argv, port, "/readyz", logs, env=env).start(ready_timeout)
 
 
 def main(argv: list[str] | None = None) -> int:

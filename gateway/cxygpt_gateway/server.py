@@ -33,13 +33,14 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self.deadlines = deadlines_of(self.loop)
         self.address = self.client[0] if self.client else "-"
         self.verdict = gw.connections.opened(self.address)
-        self.refused, self.head_bytes, self.timer = False, 0, None
+        self.refused, self.head_bytes, self.chunk, self.timer, self.timing = False, 0, 0, None, None
+        self.max_head = gw.settings.max_header_bytes
         if self.verdict == "drop":  # past even the health checks' room: no request is read, no descriptor kept
             gw.metrics.connections_refused.labels("connection_limit").inc()
             self.refused = True
             transport.abort()
             return
-        self._arm(gw.settings.header_timeout_s, self._head_timed_out)
+        self._arm("head")
 
     def connection_lost(self, exc) -> None:
         self.gateway.connections.closed(self.address)
@@ -49,20 +50,46 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         if isinstance(cycle, NativeExchange) and not cycle.response_complete:
             cycle.left()
 
-    # -- bounds: the head's time and size, the body's time, the connection's verdict --
+    # -- bounds: the head's time and size, the body's time, the connection's verdict. Kept in data_received, so a
+    # request whose head and body come in one segment (nearly all) costs no timer and no callback of ours --
 
-    def _arm(self, seconds: float, callback) -> None:
+    def data_received(self, data: bytes) -> None:
+        if self.refused:
+            return
+        self.chunk = len(data)
+        super().data_received(data)
+        if self.refused or self.transport.is_closing():
+            return
+        cycle = self.cycle
+        if cycle is None or cycle.response_complete:  # a head not complete yet
+            self.head_bytes += len(data)
+            if self.head_bytes > self.max_head:
+                self._head_too_large()
+            elif self.timing is None:
+                self._arm("head")
+        else:  # its head came: its answer is under way, maybe its body still on the way
+            self.head_bytes = 0
+            if cycle.more_body:
+                if self.timing != "body":
+                    self._arm("body")
+            elif self.timing is not None:
+                self._disarm()
+
+    def _arm(self, timing: str) -> None:
         self._disarm()
-        self.timer = self.deadlines.call_at(self.loop.time() + seconds, callback)
+        settings = self.gateway.settings
+        seconds, callback = ((settings.header_timeout_s, self._head_timed_out) if timing == "head" else
+                             (settings.body_timeout_s, self._body_timed_out))
+        self.timer, self.timing = self.deadlines.call_at(self.loop.time() + seconds, callback), timing
 
     def _disarm(self) -> None:
         if self.timer is not None:
             self.deadlines.cancel(self.timer)
-            self.timer = None
+            self.timer = self.timing = None
 
     def _refuse(self, reason: str, error: GatewayError) -> None:
         """Answer `error` on this connection and close it; nothing more of it is read."""
-        self.timer = None
+        self._disarm()
         if self.refused or self.transport.is_closing():
             return
         self.refused = True
@@ -72,19 +99,25 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             self.cycle.keep_alive = False
             self.flow.pause_reading()
             return
+        self.cycle = REFUSED  # what the parser still has in hand of this request finds it answered
         head = [STATUS_LINE[error.status], b"content-type: application/json\r\nconnection: close\r\n"]
         head += [b"%s: %s\r\n" % (k.lower().encode(), str(v).encode()) for k, v in error.headers.items()]
         body = error.body()
         self.transport.write(b"".join(head) + b"content-length: %d\r\n\r\n" % len(body) + body)
         self.transport.close()
 
+    def _head_too_large(self) -> None:
+        self._refuse("header_too_large", GatewayError(
+            431, f"the request line and headers are over the limit of {self.max_head} bytes", code="header_too_large"))
+
     def _head_timed_out(self) -> None:
+        self.timer = self.timing = None
         seconds = self.gateway.settings.header_timeout_s
         self._refuse("header_timeout", GatewayError(408, f"the request line and headers did not arrive within "
                                                          f"{seconds:g} s", code="request_timeout"))
 
     def _body_timed_out(self) -> None:
-        self.timer = None
+        self.timer = self.timing = None
         cycle = self.cycle
         if isinstance(cycle, NativeExchange):  # it answers 408 itself, from read_body
             cycle.body_late()
@@ -92,49 +125,12 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             self.gateway.metrics.connections_refused.labels("body_timeout").inc()
             self.transport.close()  # an ASGI route still reading: it sees the client gone
 
-    def _count_head(self, size: int) -> bool:
-        self.head_bytes += size
-        if self.head_bytes <= self.gateway.settings.max_header_bytes:
-            return True
-        limit = self.gateway.settings.max_header_bytes
-        self._refuse("header_too_large", GatewayError(431, f"the request line and headers are over the limit of "
-                                                           f"{limit} bytes", code="header_too_large"))
-        return False
-
-    def data_received(self, data: bytes) -> None:
-        if not self.refused:
-            super().data_received(data)
-
-    def on_message_begin(self) -> None:
-        if self.refused:
-            return
-        super().on_message_begin()
-        self.head_bytes = 0
-        self._arm(self.gateway.settings.header_timeout_s, self._head_timed_out)
-
-    # once refused, the rest of what the parser has in hand is passed over (data_received reads no more)
-
-    def on_url(self, url: bytes) -> None:
-        if not self.refused and self._count_head(len(url)):
-            super().on_url(url)
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if not self.refused and self._count_head(len(name) + len(value) + 4):
-            super().on_header(name, value)
-
-    def on_body(self, body: bytes) -> None:
-        if not self.refused:
-            super().on_body(body)
-
-    def on_message_complete(self) -> None:
-        self._disarm()  # the body's timer: it all came
-        if not self.refused:
-            super().on_message_complete()
-
     def on_headers_complete(self) -> None:
         if self.refused:
             return
-        self._disarm()
+        # a head that came whole in one segment: measured only when that segment could hold too much
+        if self.head_bytes + self.chunk > self.max_head and head_size(self.url, self.headers) > self.max_head:
+            return self._head_too_large()
         if self.verdict != "serve" and self.url.partition(b"?")[0] not in HEALTH_PATHS:
             counts = self.gateway.connections
             limits = counts.limits
@@ -143,8 +139,6 @@ class GatewayHttpProtocol(HttpToolsProtocol):
                      f"{limits.per_client} per client address; this one has {counts.by_client.get(self.address, 0)})"
                      ": close idle connections or retry", code="connection_limit", retry_after=1))
             return
-        if self.cycle is None or self.cycle.response_complete:  # a pipelined body waits on us: not timed
-            self._arm(self.gateway.settings.body_timeout_s, self._body_timed_out)
         kind = HOT_TARGETS.get(self.url) if self.parser.get_method() == b"POST" else None
         if kind is None or self.parser.should_upgrade():
             return super().on_headers_complete()
@@ -156,6 +150,19 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             self.flow.pause_reading()
             self.pipeline.appendleft((self.cycle, None))
 
+
+
+def head_size(url: bytes, headers: list[tuple[bytes, bytes]]) -> int:
+    return len(url) + sum(len(name) + len(value) + 4 for name, value in headers)
+
+
+class _Refused:
+    """The request cycle of a connection that was answered and closed by a bound."""
+    response_complete, more_body, keep_alive = True, False, False
+    message_event = asyncio.Event()
+
+
+REFUSED = _Refused()
 
 
 class NativeExchange(Exchange):

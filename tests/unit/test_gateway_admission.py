@@ -14,7 +14,7 @@ from cxygpt_gateway.admission.degrade import MAX_SAMPLES, DegradeMonitor
 from cxygpt_gateway.admission.policy import effective
 from cxygpt_gateway.admission.queue import ModelQueue
 from cxygpt_gateway.admission.ratelimit import LocalWindows, Rate, RateLimiter, Scope, Window, request_window
-from cxygpt_gateway.admission.request import (batch_size, cannot_exceed, choices, decode, echo, estimate_tokens,
+from cxygpt_gateway.admission.request import (cannot_exceed, decode, echo, estimate_tokens,
                                              token_id_count, validate)
 from cxygpt_gateway.discovery.static import spec_from_config
 from cxygpt_gateway.errors import GatewayError
@@ -96,7 +96,7 @@ def test_choices_and_batches_are_bounded_per_model_with_the_limit_named():
     with pytest.raises(GatewayError) as e:
         check({"model": "m", "messages": [{"role": "user"}], "n": 10000}, "chat", 10, max_n=8)
     assert e.value.status == 400 and e.value.param == "n" and "10000" in e.value.message and "8" in e.value.message
-    assert choices(check({"model": "m", "messages": [{"role": "user"}], "n": 8}, "chat", 10, max_n=8)) == 8
+    assert check({"model": "m", "messages": [{"role": "user"}], "n": 8}, "chat", 10, max_n=8).n == 8
     with pytest.raises(GatewayError):
         check({"model": "m", "messages": [{"role": "user"}], "n": 0}, "chat", 10)
     prompts = ["a"] * 25000
@@ -107,8 +107,8 @@ def test_choices_and_batches_are_bounded_per_model_with_the_limit_named():
     with pytest.raises(GatewayError):
         check({"model": "m", "input": [[1, 2]] * 65}, "embeddings", 10, max_batch=64)
     req = check({"model": "m", "prompt": ["a"] * 64, "n": 2}, "completions", 10, max_batch=64)
-    assert (batch_size(req), choices(req)) == (64, 2)
-    assert batch_size(check({"model": "m", "prompt": [1, 2, 3]}, "completions", 10)) == 1  # one prompt of ids
+    assert (req.prompts, req.n) == (64, 2)
+    assert check({"model": "m", "prompt": [1, 2, 3]}, "completions", 10).prompts == 1  # one prompt of ids
 
 
 def test_a_client_string_is_echoed_cut_with_its_length():

@@ -16,7 +16,7 @@ from ..routing import load, request_key
 from ..exchange import ClientLeft, Exchange, body_too_large
 from .auth import Caller
 from .ratelimit import Reservation, Scope
-from .request import (INPUT_PARAM, Kind, OpenAIRequest, batch_size, cannot_exceed, choices, decode, echo,
+from .request import (ESTIMATE_BYTES_PER_TOKEN, INPUT_PARAM, Kind, OpenAIRequest, cannot_exceed, decode, echo,
                       estimate_tokens, model_name, prompt_bytes, token_id_count, tokenize_payloads, validate)
 
 if TYPE_CHECKING:
@@ -60,7 +60,8 @@ def read_headers(headers: list[tuple[bytes, bytes]]) -> dict[bytes, str]:
 def _rate_scopes(route: "ModelRoute", target: "ModelRoute", caller: Caller) -> list[Scope]:
     """The budgets a request is charged to: the model asked for, the model that does the work (a fallback's own
     limits hold for the traffic others send it) and the caller's key."""
-    scopes = [r.scope for r in dict.fromkeys((route, target)) if r.mode != "single"]  # one user: nothing to share
+    routes = (route,) if target is route else (route, target)
+    scopes = [r.scope for r in routes if r.mode != "single"]  # one user: nothing to share
     return [*scopes, caller.scope] if scopes else []
 
 
@@ -224,11 +225,10 @@ async def _unknown_model(gw: "Gateway", caller: Caller, name: str) -> GatewayErr
 
 
 def _reserved_tokens(req: OpenAIRequest, input_tokens: int | None, max_tokens: int) -> int:
-    """What a request may use at most, held against the token budgets: every prompt's input and every choice's
-    output (a batch of prompts with n choices each is prompts x n sequences)."""
-    prompts = batch_size(req)
-    counted = input_tokens if input_tokens is not None else estimate_tokens(req)
-    return counted * prompts + max_tokens * choices(req) * prompts
+    """What a request may use, held against the token budgets: every prompt's input (counted: the longest, for each;
+    not counted: the body's bytes at the estimate's rate) and every choice's output (prompts x n sequences)."""
+    given = input_tokens * req.prompts if input_tokens is not None else req.raw_size // ESTIMATE_BYTES_PER_TOKEN
+    return given + max_tokens * req.n * req.prompts
 
 
 async def admit(gw: "Gateway", ex: Exchange, kind: Kind) -> Admitted:

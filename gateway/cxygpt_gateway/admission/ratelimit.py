@@ -209,15 +209,10 @@ class RateLimiter:
         self.retry_storage_after_s = retry_storage_after_s
         self._storage_down_until = float("-inf")
 
-    def _storage_up(self) -> bool:
-        if self.clock() < self._storage_down_until:
-            self.on_storage_error()
-            return False
-        return True
-
     async def admit(self, scopes: list[Scope]) -> None:
         """Count one request in every scope or raise a 429 with Retry-After from the limiting window."""
-        if not self._storage_up():
+        if self.clock() < self._storage_down_until:
+            self.on_storage_error()
             return
         w = self.windows
         try:
@@ -244,7 +239,10 @@ class RateLimiter:
         budget cannot hold says so (retrying will not help; a smaller max_tokens or n will)."""
         reservation = Reservation(tokens)
         budgets = [s for s in scopes if s.tokens is not None]
-        if not budgets or not self._storage_up():
+        if not budgets:
+            return reservation
+        if self.clock() < self._storage_down_until:
+            self.on_storage_error()
             return reservation
         for scope in budgets:
             if tokens > scope.tokens.amount:

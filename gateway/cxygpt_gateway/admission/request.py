@@ -62,6 +62,8 @@ class OpenAIRequest:
     stream: bool
     client_wants_usage: bool
     requested_max_tokens: int | None
+    prompts: int = 1      # of a completions or embeddings batch
+    n: int = 1            # choices per prompt (chat, completions)
 
     @property
     def generates(self) -> bool:
@@ -72,6 +74,7 @@ class OpenAIRequest:
 def validate(body: dict, kind: Kind, raw_size: int, *, max_n: int, max_batch: int) -> OpenAIRequest:
     """Only what admission relies on is checked, and what one request may make the engine do (`max_n` choices,
     `max_batch` prompts); the upstream validates the rest and its 400 is relayed."""
+    prompts = 1
     if kind == "chat":
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
@@ -91,18 +94,19 @@ def validate(body: dict, kind: Kind, raw_size: int, *, max_n: int, max_batch: in
         prompt = body.get(param)
         if not _valid_prompt(prompt):
             raise _bad(f"'{param}' must be a string, an array of strings, or token ids", param)
-        batch = _batch_size(prompt)
+        prompts = batch = _batch_size(prompt)
         if batch > max_batch:
             raise GatewayError(400, f"'{param}' holds {batch} prompts, over this model's limit of {max_batch} in one "
                                     "request: send them in several requests", code="batch_too_large", param=param,
                                reason="batch_too_large")
     n = body.get("n")
-    if n is not None and kind in ("chat", "completions"):
-        if not _is_int(n) or n < 1:
-            raise _bad("'n' must be a positive integer", "n")
-        if n > max_n:
-            raise GatewayError(400, f"'n' is {n}, over this model's limit of {max_n} choices per request",
-                               code="n_too_large", param="n", reason="n_too_large")
+    if n is None or kind not in ("chat", "completions"):
+        n = 1
+    elif not _is_int(n) or n < 1:
+        raise _bad("'n' must be a positive integer", "n")
+    elif n > max_n:
+        raise GatewayError(400, f"'n' is {n}, over this model's limit of {max_n} choices per request",
+                           code="n_too_large", param="n", reason="n_too_large")
     stream = body.get("stream", False) if kind != "embeddings" else False
     if stream is None:
         stream = False
@@ -124,7 +128,7 @@ def validate(body: dict, kind: Kind, raw_size: int, *, max_n: int, max_batch: in
             raise _bad(f"'{param}' must be a number", param)
     return OpenAIRequest(kind=kind, body=body, raw_size=raw_size, model=body["model"], stream=stream,
                          client_wants_usage=bool(options and options.get("include_usage")),
-                         requested_max_tokens=requested)
+                         requested_max_tokens=requested, prompts=prompts, n=n)
 
 
 def _batch_size(prompt) -> int:
@@ -134,20 +138,10 @@ def _batch_size(prompt) -> int:
     return 1
 
 
-def batch_size(req: OpenAIRequest) -> int:
-    return _batch_size(req.body.get(INPUT_PARAM[req.kind])) if req.kind in ("completions", "embeddings") else 1
-
-
 def prompt_bytes(payload: dict) -> int:
     """UTF-8 bytes of one /tokenize payload's prompt (a real tokenizer never makes more tokens than that)."""
     prompt = payload.get("prompt")
     return len(prompt.encode()) if isinstance(prompt, str) else 1 << 62
-
-
-def choices(req: OpenAIRequest) -> int:
-    """Sequences the engine generates for this request (`n`, validated)."""
-    n = req.body.get("n") if req.kind in ("chat", "completions") else None
-    return n if isinstance(n, int) and n > 0 else 1
 
 
 def _valid_prompt(prompt) -> bool:
