@@ -99,21 +99,21 @@ def _fallback(gw: "Gateway", route: "ModelRoute") -> "ModelRoute | None":
     return fb if usable else None
 
 
-def encode(body: dict) -> bytes:
-    """The body for the engine; JSON that decodes but cannot be encoded again (nested deeper than the encoder's 255
-    levels) is the client's error, said as such."""
-    try:
-        return orjson.dumps(body)
-    except orjson.JSONEncodeError as e:
-        raise GatewayError(400, f"request body cannot be relayed: {e} (JSON nested deeper than 255 levels?)",
-                           code="invalid_request", reason="invalid_request") from None
+def not_relayable(error: orjson.JSONEncodeError) -> GatewayError:
+    """JSON that decodes but cannot be encoded again (nested deeper than the encoder's 255 levels) is the client's
+    error, said as such."""
+    return GatewayError(400, f"request body cannot be relayed: {error} (JSON nested deeper than 255 levels?)",
+                        code="invalid_request", reason="invalid_request")
 
 
 def _upstream_body(gw: "Gateway", req: OpenAIRequest, target: "ModelRoute", max_tokens: int, degraded: bool) -> bytes:
     body = dict(req.body)
     body["model"] = target.spec.served_name
     if not req.generates:
-        return encode(body)
+        try:
+            return orjson.dumps(body)
+        except orjson.JSONEncodeError as e:
+            raise not_relayable(e) from None
     if req.kind == "responses":  # its streams end with the usage in response.completed: nothing to ask for
         body["max_output_tokens"] = max_tokens
     else:
@@ -128,7 +128,10 @@ def _upstream_body(gw: "Gateway", req: OpenAIRequest, target: "ModelRoute", max_
             if cap is not None:
                 given = body.get(param)
                 body[param] = min(1.0 if given is None else given, cap)  # unset means the engine's 1.0
-    return encode(body)
+    try:
+        return orjson.dumps(body)
+    except orjson.JSONEncodeError as e:
+        raise not_relayable(e) from None
 
 
 async def _admit_input(gw: "Gateway", req: OpenAIRequest, route: "ModelRoute", target: "ModelRoute",
