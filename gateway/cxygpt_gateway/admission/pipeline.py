@@ -60,8 +60,9 @@ def read_headers(headers: list[tuple[bytes, bytes]]) -> dict[bytes, str]:
 def _rate_scopes(route: "ModelRoute", target: "ModelRoute", caller: Caller) -> list[Scope]:
     """The budgets a request is charged to: the model asked for, the model that does the work (a fallback's own
     limits hold for the traffic others send it) and the caller's key."""
-    routes = (route,) if target is route else (route, target)
-    scopes = [r.scope for r in routes if r.mode != "single"]  # one user: nothing to share
+    if target is route:  # nearly always: no list built for the rest
+        return [] if route.mode == "single" else [route.scope, caller.scope]  # one user: nothing to share
+    scopes = [r.scope for r in (route, target) if r.mode != "single"]
     return [*scopes, caller.scope] if scopes else []
 
 

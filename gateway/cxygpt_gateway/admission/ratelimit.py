@@ -18,6 +18,7 @@ from ..errors import GatewayError
 log = logging.getLogger("cxygpt.gateway")
 NAMESPACE = "cxygpt"
 TOKEN_WINDOW_S = 60
+NEVER = float("-inf")
 
 
 @dataclass(frozen=True)
@@ -207,7 +208,7 @@ class RateLimiter:
                  on_storage_error: Callable[[], None] = lambda: None, retry_storage_after_s: float = 2.0):
         self.windows, self.clock, self.on_storage_error = windows, clock, on_storage_error
         self.retry_storage_after_s = retry_storage_after_s
-        self._storage_down_until = float("-inf")
+        self._storage_down_until = NEVER
 
     async def admit(self, scopes: list[Scope]) -> None:
         """Count one request in every scope or raise a 429 with Retry-After from the limiting window."""
@@ -241,7 +242,7 @@ class RateLimiter:
         budgets = [s for s in scopes if s.tokens is not None]
         if not budgets:
             return reservation
-        if self.clock() < self._storage_down_until:
+        if self._storage_down_until > NEVER and self.clock() < self._storage_down_until:
             self.on_storage_error()
             return reservation
         for scope in budgets:
@@ -267,7 +268,8 @@ class RateLimiter:
 
     async def settle(self, reservation: Reservation, used: int | None) -> None:
         """Charge what the request used (None: not known, the reservation stands) and give the rest back."""
-        if used is None or not reservation.held or self.clock() < self._storage_down_until:
+        if used is None or not reservation.held or (
+                self._storage_down_until > NEVER and self.clock() < self._storage_down_until):
             return
         delta, held = used - reservation.tokens, reservation.held
         reservation.held = []  # settled once
