@@ -1,12 +1,13 @@
-"""The gateway's relayed routes on granian's public RSGI interface: a measured alternative to server.py (issue 15)."""
+"""The gateway's relayed routes on granian's public RSGI interface: a measured alternative to its own server
+(servers/uvicorn_native.py; issue 15)."""
 from __future__ import annotations
 
 import asyncio
 import os
 
-from cxygpt_gateway.app import HOT_PATHS, create_app
-from cxygpt_gateway.exchange import Exchange, body_too_large
-from cxygpt_gateway.relay import serve
+from cxygpt_gateway.admission.request import RELAYED
+from cxygpt_gateway.app import create_app
+from cxygpt_gateway.exchange.port import Exchange, body_too_large
 from cxygpt_gateway.settings import load_settings
 
 
@@ -50,7 +51,7 @@ class RsgiGateway:
 
     def __init__(self):
         self.app = create_app(load_settings(os.environ["CXYGPT_GATEWAY_CONFIG"]))
-        self.gateway = self.app.state.gateway
+        self.director = self.app.director
         self._lifespan = None
 
     def __rsgi_init__(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -62,13 +63,13 @@ class RsgiGateway:
         loop.run_until_complete(self._lifespan.__aexit__(None, None, None))
 
     async def __rsgi__(self, scope, proto) -> None:
-        kind = HOT_PATHS.get(scope.path) if scope.method == "POST" else None
+        kind = RELAYED.get(scope.path) if scope.method == "POST" else None
         if kind is None:
             proto.response_bytes(200 if scope.path == "/healthz" else 404, [("content-type", "text/plain")], b"ok")
             return
         ex = RsgiExchange(self.loop, scope, proto)
         try:
-            await serve(self.gateway, ex, kind)
+            await self.director.serve(ex, kind)
         finally:
             ex.close()
 

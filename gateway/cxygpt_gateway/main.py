@@ -6,13 +6,12 @@ import gc
 import sys
 
 import prometheus_client
-import uvicorn
 from pydantic import ValidationError
 
 from . import logs
 from .app import create_app
-from .connections import raise_fd_limit, usable_connections
-from .server import GatewayHttpProtocol
+from .servers import uvicorn_native
+from .servers.connections import raise_fd_limit, usable_connections
 from .settings import load_settings
 
 
@@ -47,11 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     # walks it (measured, BENCHMARKS.md)
     gc.collect()
     gc.freeze()
-    # uvloop + httptools, no access log, no proxy-header rewriting (nothing reads the client address): measured
-    # no WebSocket routes: an upgrade request is refused rather than handed to another protocol
-    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, access_log=False, proxy_headers=False,
-                loop="uvloop", http=GatewayHttpProtocol, ws="none", timeout_graceful_shutdown=5,
-                timeout_keep_alive=settings.keepalive_timeout_s)
+    gw = app.state.gateway
+    uvicorn_native.run(app, settings, gw.director, gw.connections, gw.metrics)
     return 0
 
 

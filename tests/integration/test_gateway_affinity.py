@@ -13,7 +13,9 @@ import openai
 import pytest
 from test_gateway_support import metric, start_gateway, start_sim, wait_until
 
-from cxygpt_gateway.routing import Ring, load_bound, request_key
+from cxygpt_gateway.routing.keys import request_key
+from cxygpt_gateway.routing.policies import load_bound
+from cxygpt_gateway.routing.ring import Ring
 
 SYSTEM = {"role": "system", "content": "You are the helpdesk of ACME Corp. Answer briefly and politely. " * 20}
 LIMITS = {"rate_qps": 1000, "rate_tpm": 100_000_000, "max_concurrency": 16}

@@ -19,7 +19,7 @@ from cxygpt_gateway.admission.request import (cannot_exceed, decode, echo, estim
 from cxygpt_gateway.discovery.static import spec_from_config
 from cxygpt_gateway.errors import GatewayError
 from cxygpt_gateway.settings import ModelConfig
-from cxygpt_gateway.relay import scan_stream
+from cxygpt_gateway.upstream.relay import scan_stream
 
 
 class FakeClock:
@@ -538,7 +538,7 @@ def test_the_shipped_examples_load(monkeypatch):
 
 async def test_registry_keeps_queues_and_in_flight_counts_across_discovery_updates(clock):
     from cxygpt_gateway.discovery.base import ModelSpec
-    from cxygpt_gateway.registry import Registry
+    from cxygpt_gateway.routing.registry import Registry
     table = default_table()
     registry = Registry(table, clock=clock)
     limits = table.get("DEV_32G").limits
@@ -557,7 +557,7 @@ async def test_registry_keeps_queues_and_in_flight_counts_across_discovery_updat
 
 async def test_the_gateway_count_discovered_sets_every_models_share_and_a_larger_share_lets_a_waiter_go(clock):
     from cxygpt_gateway.discovery.base import ModelSpec
-    from cxygpt_gateway.registry import Registry
+    from cxygpt_gateway.routing.registry import Registry
     table = default_table()
     registry = Registry(table, clock=clock, gateways=4)         # the setting: 4 gateways, each 1 of 4 slots
     limits = table.get("DEV_32G").limits.model_copy(update={"max_concurrency": 4})
@@ -578,7 +578,7 @@ async def test_the_gateway_count_discovered_sets_every_models_share_and_a_larger
 
 
 def test_upstream_answers_keep_their_4xx_but_an_engine_refusing_the_gateway_is_a_502():
-    from cxygpt_gateway.relay import upstream_error
+    from cxygpt_gateway.upstream.relay import upstream_error
     overflow = upstream_error(400, b'{"error": {"message": "maximum context length is 4096 tokens"}}')
     assert (overflow.status, overflow.message) == (400, "maximum context length is 4096 tokens")
     for status in (401, 403):  # a 401 from the gateway means the caller's key; this one is the engine's
@@ -589,7 +589,7 @@ def test_upstream_answers_keep_their_4xx_but_an_engine_refusing_the_gateway_is_a
 
 async def test_a_removed_model_answers_its_waiters_at_once(clock):
     from cxygpt_gateway.discovery.base import ModelSpec, Unavailable
-    from cxygpt_gateway.registry import Registry
+    from cxygpt_gateway.routing.registry import Registry
     table = default_table()
     registry = Registry(table, clock=clock)
     limits = table.get("DEV_32G").limits.model_copy(update={"max_concurrency": 1})

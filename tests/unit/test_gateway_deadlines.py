@@ -6,7 +6,7 @@ import asyncio
 import pytest
 import uvloop
 
-from cxygpt_gateway.deadlines import SWEEP_SLACK, Deadline, Deadlines, deadlines_of
+from cxygpt_gateway.exchange.deadlines import SWEEP_SLACK, Deadline, Deadlines, deadlines_of
 
 
 def on_both_loops(test):

@@ -5,8 +5,8 @@ import asyncio
 
 import pytest
 
-from cxygpt_gateway import pool as pool_module
-from cxygpt_gateway.pool import UpstreamPool, UpstreamUnreachable
+from cxygpt_gateway.upstream import pool as pool_module
+from cxygpt_gateway.upstream.pool import UpstreamPool, UpstreamUnreachable
 from harness import free_port
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"

@@ -6,9 +6,10 @@ import random
 import pytest
 
 from cxygpt_gateway.admission.queue import MAX_PASSES, Backend, ModelQueue
-from cxygpt_gateway.enginemetrics import EngineLoad, engine_load
-from cxygpt_gateway.routing import (KEY_CHARS, PROMPT_KEY_CHARS, Ring, Router, Routing, load_bound, order,
-                                    request_key, resolve)
+from cxygpt_gateway.upstream.engine_metrics import EngineLoad, engine_load
+from cxygpt_gateway.routing.keys import KEY_CHARS, PROMPT_KEY_CHARS, request_key
+from cxygpt_gateway.routing.policies import Router, Routing, load_bound, order, resolve
+from cxygpt_gateway.routing.ring import Ring
 
 PREFIX = Routing("prefix", 0.25)
 LEAST = Routing("least-load")
@@ -482,7 +483,7 @@ def test_a_models_routing_comes_from_its_entry_then_the_top_level_then_its_mode(
     from cxygpt_profiles import default_table
 
     from cxygpt_gateway.discovery.static import StaticDiscovery
-    from cxygpt_gateway.registry import Registry
+    from cxygpt_gateway.routing.registry import Registry
     from cxygpt_gateway.settings import load_settings
     config = tmp_path / "gateway.yaml"
     config.write_text("""

@@ -1,5 +1,5 @@
-"""server.py drives uvicorn's private httptools request-cycle interface: this fails loudly, naming what moved, when
-an upgrade breaks that contract (the public alternatives are measured by bench/servers.py: BENCHMARKS.md)."""
+"""servers/uvicorn_native.py drives uvicorn's private httptools request-cycle interface: this fails loudly, naming what
+moved, when an upgrade breaks that contract (the public alternatives are measured by bench/servers.py: BENCHMARKS.md)."""
 import inspect
 import re
 
@@ -7,11 +7,11 @@ import uvicorn
 from uvicorn.protocols.http import httptools_impl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from cxygpt_gateway.server import GatewayHttpProtocol, NativeExchange
+from cxygpt_gateway.servers.uvicorn_native import GatewayHttpProtocol, NativeExchange
 
-WHY = ("the gateway's server.py carries the relayed POSTs on uvicorn's httptools protocol through its private "
-       "request-cycle interface; re-check server.py against this uvicorn (and re-run bench/servers.py) before "
-       "moving the pin in pyproject.toml")
+WHY = ("the gateway's servers/uvicorn_native.py carries the relayed POSTs on uvicorn's httptools protocol through its "
+       "private request-cycle interface; re-check it against this uvicorn (and re-run bench/servers.py) before moving "
+       "the pin in pyproject.toml")
 
 # what GatewayHttpProtocol and NativeExchange use of the protocol they extend
 PROTOCOL_METHODS = ("connection_made", "connection_lost", "on_headers_complete", "on_body", "on_message_complete",

@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Iterable
 
 from ..errors import GatewayError
-from ..routing import AFFINITY, SPILL, Router, Routing
+from ..routing.policies import AFFINITY, SPILL, Router, Routing
 
 # A slot that frees on a replica which is not the head of the line's first choice goes to the first of the next
 # LOOKAHEAD waiters (of the head's priority) whose first choice it is: their prefixes are cached there, and a full

@@ -10,6 +10,10 @@ import orjson
 from ..errors import GatewayError
 
 Kind = Literal["chat", "completions", "responses", "embeddings"]
+# the routes relayed to an engine: the one table every server and the relay read (request path → kind → path)
+RELAYED: dict[str, Kind] = {"/v1/chat/completions": "chat", "/v1/completions": "completions",
+                            "/v1/responses": "responses", "/v1/embeddings": "embeddings"}
+PATHS: dict[Kind, str] = {kind: path for path, kind in RELAYED.items()}
 # each kind's input field (a 413 names it) and the fields that cap its output (the smallest wins)
 INPUT_PARAM = {"chat": "messages", "completions": "prompt", "responses": "input", "embeddings": "input"}
 OUTPUT_PARAMS = {"chat": ("max_completion_tokens", "max_tokens"), "completions": ("max_tokens",),
@@ -47,6 +51,11 @@ def echo(text: str, limit: int = ECHO_CHARS) -> str:
     if len(text) <= limit:
         return repr(text)
     return f"{text[:limit]!r}... ({len(text)} characters)"
+
+
+def cut(text: str, limit: int = ECHO_CHARS) -> str:
+    """The same, unquoted (a path, say)."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def _is_int(value) -> bool:

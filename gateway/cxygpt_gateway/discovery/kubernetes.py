@@ -11,7 +11,7 @@ import orjson
 from cxygpt_profiles import Limits
 from pydantic import ValidationError
 
-from ..routing import MAX_EPSILON, POLICIES
+from ..routing.policies import MAX_EPSILON, POLICIES
 from .base import ModelSink, ModelSpec, ScaleTarget, Unavailable
 
 log = logging.getLogger("cxygpt.gateway.kubernetes")

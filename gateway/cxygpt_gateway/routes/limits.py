@@ -1,14 +1,13 @@
 """GET /v1/limits: the limits in force, per model and for the caller's key, and degradation state."""
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends
 
-from ..admission.auth import Caller
-from ..admission.pipeline import authenticated
+from ..admission.auth import Caller, KeyStore
+from ..admission.request import echo
 from ..errors import GatewayError
-from . import json_response
-
-router = APIRouter(tags=["limits"])
+from ..routing.registry import Registry
+from . import authenticated, json_response
 
 
 def model_view(route) -> dict:
@@ -29,18 +28,26 @@ def model_view(route) -> dict:
             "state": route.state(), "scale_from_zero": route.spec.scale_from_zero is not None}
 
 
-@router.get("/v1/limits", summary="Limits in force: the default (or ?model=) model's, every model's, the key's")
-async def limits(request: Request, model: str | None = None, caller: Caller = Depends(authenticated)):
-    gw = request.app.state.gateway
-    routes = gw.registry.routes
+def router(registry: Registry, keys: KeyStore) -> APIRouter:
+    routes = APIRouter(tags=["limits"])
+
+    @routes.get("/v1/limits", summary="Limits in force: the default (or ?model=) model's, every model's, the key's")
+    async def limits(model: str | None = None, caller: Caller = Depends(authenticated(keys))):
+        return json_response(limits_view(registry, model, caller))
+
+    return routes
+
+
+def limits_view(registry: Registry, model: str | None, caller: Caller) -> dict:
+    routes = registry.routes
     if model is not None and model not in routes:
-        raise GatewayError(404, f"model {model!r} is not served here", code="model_not_found", param="model",
+        raise GatewayError(404, f"model {echo(model)} is not served here", code="model_not_found", param="model",
                            reason="unknown_model")
     views = {name: model_view(route) for name, route in routes.items()}
     chosen = model or next(iter(views), None)
     top = views.get(chosen, {})
     tier = caller.tier
-    return json_response({
+    return {
         "model": chosen,
         **{k: top.get(k) for k in ("max_input_tokens", "max_output_tokens", "rate_qps", "rate_tpm", "queue_size",
                                    "single_user", "profile")},
@@ -48,4 +55,4 @@ async def limits(request: Request, model: str | None = None, caller: Caller = De
         "key": {"id": caller.key_id, "tier": caller.tier_name, "rate_qps": tier.rate_qps, "rate_tpm": tier.rate_tpm,
                 "priority": tier.priority, "max_output_tokens": tier.max_output_tokens},
         "models": views,
-    })
+    }

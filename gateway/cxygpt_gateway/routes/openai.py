@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import time
 
-from fastapi import APIRouter, Depends, Request
-from . import json_response
+from fastapi import APIRouter, Depends
 
-from ..admission.pipeline import authenticated
+from ..admission.auth import KeyStore
+from ..admission.request import echo
 from ..errors import GatewayError
+from ..routing.registry import Registry
+from . import authenticated, json_response
 
-router = APIRouter(tags=["openai"])
 STARTED = int(time.time())
 
 
@@ -21,7 +22,7 @@ def _body_doc(example: dict) -> dict:
 
 def _served_before_routing() -> RuntimeError:
     """The relayed routes are declared here for the OpenAPI document and the 405 on other methods; their POSTs
-    are served before routing (GatewayApp, server.py)."""
+    are served before routing (servers/asgi.py, servers/uvicorn_native.py)."""
     return RuntimeError("POST /v1/(chat/)completions is served by GatewayApp before FastAPI's routing")
 
 
@@ -30,30 +31,6 @@ CHAT_EXAMPLE = {"model": "qwen3-14b", "messages": [{"role": "user", "content": "
 COMPLETION_EXAMPLE = {"model": "qwen3-14b", "prompt": "Once upon a time", "max_tokens": 64, "stream": False}
 RESPONSES_EXAMPLE = {"model": "qwen3-14b", "input": "Hello!", "max_output_tokens": 64, "stream": False}
 EMBEDDINGS_EXAMPLE = {"model": "bge-m3", "input": ["first text", "second text"]}
-
-
-@router.post("/v1/chat/completions", summary="Chat completion (stream or not), relayed to the model's engine",
-             openapi_extra=_body_doc(CHAT_EXAMPLE))
-async def chat_completions():
-    raise _served_before_routing()
-
-
-@router.post("/v1/completions", summary="Text completion (stream or not), relayed to the model's engine",
-             openapi_extra=_body_doc(COMPLETION_EXAMPLE))
-async def completions():
-    raise _served_before_routing()
-
-
-@router.post("/v1/responses", summary="Response (Responses API, stream or not), relayed to the model's engine",
-             openapi_extra=_body_doc(RESPONSES_EXAMPLE))
-async def responses():
-    raise _served_before_routing()
-
-
-@router.post("/v1/embeddings", summary="Embeddings, relayed to an embedding model's engine",
-             openapi_extra=_body_doc(EMBEDDINGS_EXAMPLE))
-async def embeddings():
-    raise _served_before_routing()
 
 
 def _model(route) -> dict:
@@ -67,21 +44,44 @@ def _listed(route) -> bool:
     return route.state() != "unavailable"
 
 
-@router.get("/v1/models", summary="Models that take requests: a routable backend, or autoscaled from zero "
-                                  "(state says which)", dependencies=[Depends(authenticated)])
-async def models(request: Request):
-    registry = request.app.state.gateway.registry
-    return json_response({"object": "list", "data": [_model(r) for r in registry.routes.values() if _listed(r)]})
+def router(registry: Registry, keys: KeyStore) -> APIRouter:
+    routes = APIRouter(tags=["openai"])
+    caller = Depends(authenticated(keys))
 
+    @routes.post("/v1/chat/completions", summary="Chat completion (stream or not), relayed to the model's engine",
+                 openapi_extra=_body_doc(CHAT_EXAMPLE))
+    async def chat_completions():
+        raise _served_before_routing()
 
-@router.get("/v1/models/{model:path}", summary="One model, as listed by GET /v1/models",
-            dependencies=[Depends(authenticated)])
-async def model(request: Request, model: str):
-    registry = request.app.state.gateway.registry
-    route = registry.get(model)
-    if route is not None and _listed(route):
-        return json_response(_model(route))
-    why = registry.reserved.get(model) or (route.spec.unavailable if route is not None else None)
-    raise GatewayError(404, f"The model `{model}` does not exist" if route is None and why is None else
-                       (why.message if why else f"model {model} has no ready replica right now"),
-                       code="model_not_found", param="model", reason="unknown_model")
+    @routes.post("/v1/completions", summary="Text completion (stream or not), relayed to the model's engine",
+                 openapi_extra=_body_doc(COMPLETION_EXAMPLE))
+    async def completions():
+        raise _served_before_routing()
+
+    @routes.post("/v1/responses", summary="Response (Responses API, stream or not), relayed to the model's engine",
+                 openapi_extra=_body_doc(RESPONSES_EXAMPLE))
+    async def responses():
+        raise _served_before_routing()
+
+    @routes.post("/v1/embeddings", summary="Embeddings, relayed to an embedding model's engine",
+                 openapi_extra=_body_doc(EMBEDDINGS_EXAMPLE))
+    async def embeddings():
+        raise _served_before_routing()
+
+    @routes.get("/v1/models", summary="Models that take requests: a routable backend, or autoscaled from zero "
+                                      "(state says which)", dependencies=[caller])
+    async def models():
+        return json_response({"object": "list", "data": [_model(r) for r in registry.routes.values() if _listed(r)]})
+
+    @routes.get("/v1/models/{model:path}", summary="One model, as listed by GET /v1/models",
+                dependencies=[caller])
+    async def model(model: str):
+        route = registry.get(model)
+        if route is not None and _listed(route):
+            return json_response(_model(route))
+        why = registry.reserved.get(model) or (route.spec.unavailable if route is not None else None)
+        raise GatewayError(404, f"The model {echo(model)} does not exist" if route is None and why is None else
+                           (why.message if why else f"model {model} has no ready replica right now"),
+                           code="model_not_found", param="model", reason="unknown_model")
+
+    return routes

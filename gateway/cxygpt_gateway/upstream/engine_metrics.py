@@ -6,11 +6,11 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, NamedTuple
 
-import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 if TYPE_CHECKING:
-    from .registry import Registry
+    from ..routing.registry import Registry
+    from .client import EngineClient
 
 log = logging.getLogger("cxygpt.gateway")
 RUNNING, WAITING, KV_USAGE = "vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc"
@@ -57,9 +57,9 @@ class EngineLoadScraper:
     number). Its own count is taken as the larger of before and after the read, so that a request it released
     while the page was made is not taken for somebody else's."""
 
-    def __init__(self, registry: "Registry", session: aiohttp.ClientSession, interval_s: float):
-        self.registry, self.session, self.interval_s = registry, session, interval_s
-        self.timeout = aiohttp.ClientTimeout(total=min(interval_s, MAX_TIMEOUT_S))
+    def __init__(self, registry: "Registry", engines: "EngineClient", interval_s: float):
+        self.registry, self.engines, self.interval_s = registry, engines, interval_s
+        self.timeout_s = min(interval_s, MAX_TIMEOUT_S)
 
     async def scrape_once(self) -> None:
         backends = [b for r in self.registry.routes.values() if not r.spec.external for b in r.queue.backends.values()]
@@ -74,18 +74,8 @@ class EngineLoadScraper:
             r.queue.dispatch()  # a place another sender freed serves those waiting now
 
     async def _load(self, url: str) -> EngineLoad | None:
-        try:
-            async with self.session.get(url + "/metrics", timeout=self.timeout) as r:
-                if r.status != 200:
-                    return None
-                page = bytearray()
-                async for chunk in r.content.iter_chunked(1 << 16):
-                    page += chunk
-                    if len(page) > MAX_PAGE_BYTES:
-                        return None
-            return engine_load(page.decode(errors="replace"))
-        except (aiohttp.ClientError, TimeoutError):
-            return None
+        page = await self.engines.page(url, "/metrics", self.timeout_s, MAX_PAGE_BYTES)
+        return engine_load(page) if page is not None else None
 
     async def run(self) -> None:
         while True:

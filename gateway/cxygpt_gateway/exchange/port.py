@@ -1,14 +1,10 @@
-"""One relayed request as admission and the relay see it, whichever server side carries the connection."""
+"""The port: one relayed request as admission and the relay see it, whichever server carries the connection."""
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
 
+from ..errors import GatewayError
 from .deadlines import Deadline, Deadlines, deadlines_of
-from .errors import GatewayError
-
-if TYPE_CHECKING:
-    from .app import Gateway
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -75,72 +71,6 @@ class Exchange:
             if self._task.uncancel() <= self._cancelling:
                 raise ClientLeft() from None
         return False
-
-
-def count_rejection(gw: "Gateway", error: GatewayError, *, model: str, request_id: str | None, key_id: str | None,
-                    degraded: bool) -> None:
-    """A request the gateway answered itself: counted and logged."""
-    gw.metrics.requests.labels(model, str(error.status)).inc()
-    gw.metrics.rejections.labels(model, error.reason).inc()
-    gw.request_log.write(request_id=request_id, key_id=key_id, model=model, status=error.status,
-                         error=error.message, reason=error.reason, degraded=degraded)
-
-
-async def answer_error(gw: "Gateway", ex: Exchange, error: GatewayError) -> None:
-    count_rejection(gw, error, model=ex.model, request_id=ex.request_id, key_id=ex.key_id, degraded=ex.degraded)
-    if ex.client_left:
-        return
-    headers = [(b"content-type", b"application/json")]
-    headers += [(k.lower().encode(), str(v).encode()) for k, v in error.headers.items()]
-    if ex.request_id:
-        headers.append((b"x-request-id", ex.request_id.encode()))
-    await ex.respond(error.status, headers, error.body())
-
-
-class AsgiExchange(Exchange):
-    """An exchange carried by an ASGI server (the app mounted elsewhere, the ASGI tests); the gateway's own
-    server carries the relayed routes natively (server.py)."""
-    __slots__ = ("receive", "send", "_listener")
-
-    def __init__(self, scope: dict, receive, send):
-        super().__init__(asyncio.get_running_loop(), scope["headers"])
-        self.receive, self.send = receive, send
-        self._listener: asyncio.Future | None = None
-
-    async def read_body(self, limit: int) -> bytes:
-        chunks, size = [], 0
-        while True:
-            message = await self.receive()
-            if message["type"] == "http.disconnect":
-                self.left()
-                raise client_gone_early()
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                raise body_too_large(limit)
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        self._listener = asyncio.ensure_future(self._until_disconnect())
-        return b"".join(chunks)
-
-    async def _until_disconnect(self) -> None:
-        while (await self.receive())["type"] != "http.disconnect":
-            pass
-        self.left()
-
-    async def respond(self, status: int, headers: Headers, body: bytes, *, more: bool = False) -> None:
-        if not more:
-            headers = [*headers, (b"content-length", str(len(body)).encode())]
-        await self.send({"type": "http.response.start", "status": status, "headers": headers})
-        await self.send({"type": "http.response.body", "body": body, "more_body": more})
-
-    async def write(self, body: bytes, *, more: bool) -> None:
-        await self.send({"type": "http.response.body", "body": body, "more_body": more})
-
-    def close(self) -> None:
-        if self._listener is not None:
-            self._listener.cancel()
 
 
 def body_too_large(limit: int, declared: str | None = None) -> GatewayError:

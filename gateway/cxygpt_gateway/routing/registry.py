@@ -7,14 +7,14 @@ from collections.abc import Callable
 
 from cxygpt_profiles import Limits, ProfileTable
 
-from .admission.degrade import DegradeMonitor
-from .admission.policy import effective
-from .admission.queue import ModelQueue
-from .admission.ratelimit import Rate, Scope
-from .demand import DemandWindow
-from .discovery.base import ModelSpec, Unavailable
-from .errors import GatewayError
-from .routing import Routing, resolve
+from ..admission.degrade import DegradeMonitor
+from ..admission.demand import DemandWindow
+from ..admission.policy import effective
+from ..admission.queue import ModelQueue
+from ..admission.ratelimit import Rate, Scope
+from ..discovery.base import ModelSpec, Unavailable
+from ..errors import GatewayError
+from .policies import Routing, resolve
 
 log = logging.getLogger("cxygpt.gateway")
 

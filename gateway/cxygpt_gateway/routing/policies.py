@@ -1,29 +1,17 @@
 """Which replica a request goes to (pure): prefix affinity with bounded loads, least load, or round robin."""
 from __future__ import annotations
 
-import bisect
-import hashlib
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-import orjson
+from .ring import Ring
 
 Policy = Literal["prefix", "least-load", "round-robin"]
 POLICIES: tuple[Policy, ...] = ("prefix", "least-load", "round-robin")
 DEFAULT_EPSILON = 0.25
 MAX_EPSILON = 4.0
-# points per replica on the hash ring: the share of keys each replica owns varies by about 1/sqrt of this
-VIRTUAL_NODES = 128
-# what the prefix key covers, bounded so that a long prompt costs no more: of a chat, the messages up to and
-# including the first user one (at most KEY_MESSAGES), at most KEY_CHARS characters of each, with its length (a
-# conversation differs from its tenant's others in its first user message; hashing costs ~1 µs per KiB); of a
-# completion's prompt, its first PROMPT_KEY_CHARS characters (or a quarter as many token ids) alone, since the
-# prompt grows with each turn: one shorter than that moves on the ring as it grows
-KEY_CHARS = 1024
-KEY_MESSAGES = 32
-PROMPT_KEY_CHARS = 256
 # how a request reached its replica (the routed metric's `choice`)
 AFFINITY, SPILL, OTHER = "affinity", "spill", "other"
 
@@ -50,121 +38,6 @@ def resolve(policy: str | None, epsilon: float | None, mode: str) -> Routing:
     return Routing(policy or ("prefix" if mode == "multi" else "least-load"),
                    DEFAULT_EPSILON if epsilon is None else epsilon)
 
-
-def stable_hash(data: bytes) -> int:
-    """64 bits of BLAKE2b: the same in every process and version (Python's hash() is salted per process)."""
-    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
-
-
-# ---- the key --------------------------------------------------------------------------------------------------
-
-def _text(content) -> str:
-    """A message's content as text: a string, or a list of parts (their texts; other parts as JSON)."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        texts = []
-        for part in content:
-            text = part.get("text") if isinstance(part, dict) else None
-            texts.append(text if isinstance(text, str) else orjson.dumps(part, option=orjson.OPT_SORT_KEYS)[
-                :KEY_CHARS].decode(errors="replace"))
-        return "\n".join(texts)
-    return "" if content is None else str(content)
-
-
-def _chain(parent: bytes, role: str, text: str) -> bytes:
-    """The next block's (message's) hash: over its parent's hash, its role and its text, cut to KEY_CHARS but
-    with its whole length, so that a cut never makes two lengths equal."""
-    block = b"%b%d\0%b%d\0%b" % (parent, len(role), role[:64].encode(errors="replace"), len(text),
-                                 text[:KEY_CHARS].encode(errors="replace"))
-    return hashlib.blake2b(block, digest_size=16).digest()
-
-
-def _messages_key(messages: list) -> bytes:
-    """Chained over the messages up to and including the first user message: one key for every turn of a
-    conversation, and different keys for users who share a long system prompt."""
-    digest = b""
-    for m in messages[:KEY_MESSAGES]:
-        if not isinstance(m, dict):
-            continue
-        role = m.get("role") if isinstance(m.get("role"), str) else ""
-        digest = _chain(digest, role, _text(m.get("content")))
-        if role == "user":
-            break
-    return digest
-
-
-def _prompt_key(prompt) -> bytes:
-    """A completion's prompt (or an embedding's input): its leading characters, of the first of a batch; token
-    ids as JSON."""
-    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
-        prompt = prompt[0]
-    if isinstance(prompt, list):  # token ids
-        lead = orjson.dumps(prompt[:PROMPT_KEY_CHARS // 4])
-    else:
-        lead = (prompt if isinstance(prompt, str) else "")[:PROMPT_KEY_CHARS].encode(errors="replace")
-    return hashlib.blake2b(lead, digest_size=16).digest()
-
-
-def request_key(kind: str, body: dict, session: str | None = None) -> int:
-    """The request's place on the ring: its session (the `x-session-id` header, else the `user` field) when it
-    names one, else its conversation's identity (the messages up to the first user message; a prompt's or an
-    input's leading characters)."""
-    if not session:
-        user = body.get("user")
-        session = user if isinstance(user, str) else None
-    if session:
-        return stable_hash(b"session\0" + session[:KEY_CHARS].encode(errors="replace"))
-    if kind == "chat":
-        digest = _messages_key(body.get("messages") or [])
-    elif kind == "responses":
-        given = body.get("input")
-        messages = [{"role": "system", "content": body["instructions"]}] if body.get("instructions") else []
-        if isinstance(given, str):
-            messages.append({"role": "user", "content": given})
-        elif isinstance(given, list):  # input items: messages (a missing role is the user's)
-            messages += [{"role": i.get("role") or "user", "content": i.get("content", i.get("output"))}
-                         for i in given[:KEY_MESSAGES] if isinstance(i, dict)]
-        digest = _messages_key(messages)
-    else:
-        digest = _prompt_key(body.get("prompt" if kind == "completions" else "input"))
-    return int.from_bytes(digest[:8], "big")
-
-
-# ---- the ring -------------------------------------------------------------------------------------------------
-
-class Ring:
-    """Consistent hashing: VIRTUAL_NODES points per replica URL, placed by stable hashes of the URL alone, so every
-    gateway with the same replicas has the same ring, and a replica joining or leaving moves only the keys it
-    takes or gives (~1/N of them)."""
-    __slots__ = ("urls", "points", "owners", "_walks")
-
-    def __init__(self, urls: Iterable[str], vnodes: int = VIRTUAL_NODES):
-        self.urls = tuple(sorted(set(urls)))
-        placed = sorted((stable_hash(f"{url}#{i}".encode()), url) for url in self.urls for i in range(vnodes))
-        self.points = [point for point, _ in placed]
-        self.owners = [url for _, url in placed]
-        self._walks: dict[int, tuple[str, ...]] = {}
-
-    def walk(self, key: int) -> tuple[str, ...]:
-        """Every replica once, in ring order from the key's point on: the key's home first."""
-        if not self.points:
-            return ()
-        start = bisect.bisect_left(self.points, key) % len(self.points)
-        found = self._walks.get(start)
-        if found is None:
-            seen: dict[str, None] = {}
-            at = start
-            while len(seen) < len(self.urls):
-                seen.setdefault(self.owners[at])
-                at = (at + 1) % len(self.points)
-            found = tuple(seen)
-            if len(self._walks) < 1 << 16:  # one per ring point at most; bounded anyway
-                self._walks[start] = found
-        return found
-
-
-# ---- the order ------------------------------------------------------------------------------------------------
 
 def load(r: Replica) -> int:
     """The requests on the replica: this gateway's in flight and the others' it last read from the engine."""

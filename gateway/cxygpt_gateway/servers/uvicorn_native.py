@@ -1,23 +1,41 @@
-"""The gateway's HTTP server: uvicorn's httptools protocol, with the relayed routes carried on the connection, and
-every connection bounded (count in all and per client, head and body read times, head size)."""
+"""The gateway's own HTTP server: uvicorn's httptools protocol, with the relayed routes carried natively on the
+connection and every connection bounded. The one module that uses uvicorn's private interface (its protocol's request
+cycle): tests/unit/test_uvicorn_contract.py guards it, bench/servers.py measured the public alternatives."""
 from __future__ import annotations
 
 import asyncio
 import logging
+from typing import TYPE_CHECKING
 
+import uvicorn
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-from .app import HOT_PATHS
-from .connections import HEALTH_PATHS
-from .deadlines import deadlines_of
-from .errors import GatewayError
-from .exchange import Exchange, body_too_large, client_gone_early
-from .relay import serve
+from ..admission.request import RELAYED
+from ..errors import GatewayError
+from ..exchange.deadlines import deadlines_of
+from ..exchange.port import Exchange, body_too_large, client_gone_early
+from .connections import HEALTH_PATHS, ConnectionCounts
+
+if TYPE_CHECKING:
+    from ..director import Director
+    from ..metrics import GatewayMetrics
+    from ..settings import GatewaySettings
 
 log = logging.getLogger("cxygpt.gateway")
 
 # exact request targets only: anything else (a query string, a root path) takes the ASGI route to the same code
-HOT_TARGETS = {path.encode(): kind for path, kind in HOT_PATHS.items()}
+HOT_TARGETS = {path.encode(): kind for path, kind in RELAYED.items()}
+
+
+def run(app, settings: "GatewaySettings", director: "Director", counts: ConnectionCounts,
+        metrics: "GatewayMetrics") -> None:
+    """Serve `app` until a signal stops it: uvloop + httptools, no access log, no proxy-header rewriting (nothing
+    reads the client address), no WebSocket routes (an upgrade is refused rather than handed to another protocol)."""
+    protocol = type("BoundGatewayHttpProtocol", (GatewayHttpProtocol,),
+                    {"director": director, "counts": counts, "settings": settings, "metrics": metrics})
+    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, access_log=False, proxy_headers=False,
+                loop="uvloop", http=protocol, ws="none", timeout_graceful_shutdown=5,
+                timeout_keep_alive=settings.keepalive_timeout_s)
 
 
 class GatewayHttpProtocol(HttpToolsProtocol):
@@ -25,25 +43,29 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     on the connection (no ASGI scope, messages, header checks or listener task per request), the answer's head
     and first bytes in one write. Keep-alive, pipelining, flow control, timeouts and graceful shutdown stay
     uvicorn's: the exchange takes the place of uvicorn's request cycle. A minimal relay built this way passed
-    vllm-router where every ASGI stack stayed below it (../shared/notes/perf-peers.md; BENCHMARKS.md)."""
+    vllm-router where every ASGI stack stayed below it (BENCHMARKS.md). `run` binds what it uses: the director
+    that serves the relayed requests, the connection counts, the settings and the metrics."""
+    director: "Director"
+    counts: ConnectionCounts
+    settings: "GatewaySettings"
+    metrics: "GatewayMetrics"
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
-        gw = self.gateway = self.config.app.state.gateway
         self.deadlines = deadlines_of(self.loop)
         self.address = self.client[0] if self.client else "-"
-        self.verdict = gw.connections.opened(self.address)
+        self.verdict = self.counts.opened(self.address)
         self.refused, self.head_bytes, self.chunk, self.timer, self.timing = False, 0, 0, None, None
-        self.max_head = gw.settings.max_header_bytes
+        self.max_head = self.settings.max_header_bytes
         if self.verdict == "drop":  # past even the health checks' room: no request is read, no descriptor kept
-            gw.metrics.connections_refused.labels("connection_limit").inc()
+            self.metrics.connections_refused.labels("connection_limit").inc()
             self.refused = True
             transport.abort()
             return
         self._arm("head")
 
     def connection_lost(self, exc) -> None:
-        self.gateway.connections.closed(self.address)
+        self.counts.closed(self.address)
         self._disarm()
         cycle = self.cycle
         super().connection_lost(exc)
@@ -77,7 +99,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
     def _arm(self, timing: str) -> None:
         self._disarm()
-        settings = self.gateway.settings
+        settings = self.settings
         seconds, callback = ((settings.header_timeout_s, self._head_timed_out) if timing == "head" else
                              (settings.body_timeout_s, self._body_timed_out))
         self.timer, self.timing = self.deadlines.call_at(self.loop.time() + seconds, callback), timing
@@ -93,7 +115,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         if self.refused or self.transport.is_closing():
             return
         self.refused = True
-        self.gateway.metrics.connections_refused.labels(reason).inc()
+        self.metrics.connections_refused.labels(reason).inc()
         busy = self.cycle is not None and not self.cycle.response_complete
         if busy:  # an answer is on its way (a pipelined request came slowly): it ends the connection
             self.cycle.keep_alive = False
@@ -112,7 +134,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
     def _head_timed_out(self) -> None:
         self.timer = self.timing = None
-        seconds = self.gateway.settings.header_timeout_s
+        seconds = self.settings.header_timeout_s
         self._refuse("header_timeout", GatewayError(408, f"the request line and headers did not arrive within "
                                                          f"{seconds:g} s", code="request_timeout"))
 
@@ -122,7 +144,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         if isinstance(cycle, NativeExchange):  # it answers 408 itself, from read_body
             cycle.body_late()
         elif cycle is not None and cycle.more_body:
-            self.gateway.metrics.connections_refused.labels("body_timeout").inc()
+            self.metrics.connections_refused.labels("body_timeout").inc()
             self.transport.close()  # an ASGI route still reading: it sees the client gone
 
     def on_headers_complete(self) -> None:
@@ -132,7 +154,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         if self.head_bytes + self.chunk > self.max_head and head_size(self.url, self.headers) > self.max_head:
             return self._head_too_large()
         if self.verdict != "serve" and self.url.partition(b"?")[0] not in HEALTH_PATHS:
-            counts = self.gateway.connections
+            counts = self.counts
             limits = counts.limits
             self._refuse("connection_limit", GatewayError(
                 503, f"the gateway is at its connection limit ({limits.max_connections} in all, "
@@ -191,7 +213,7 @@ class NativeExchange(Exchange):
     async def run_asgi(self, _app) -> None:
         """The request's task (started by uvicorn's protocol, which knows it by this name)."""
         try:
-            await serve(self.protocol.gateway, self, self.kind)
+            await self.protocol.director.serve(self, self.kind)
         except Exception as e:
             log.exception("serving %s failed", self.request_id)
             if not self.started:
@@ -216,7 +238,7 @@ class NativeExchange(Exchange):
             if self.disconnected:
                 raise client_gone_early()
             if self.late:
-                seconds = self.protocol.gateway.settings.body_timeout_s
+                seconds = self.protocol.settings.body_timeout_s
                 raise GatewayError(408, f"the request body did not arrive within {seconds:g} s of its headers",
                                    code="request_timeout", reason="body_timeout")
             self.flow.resume_reading()  # paused by the protocol above 64 KiB buffered

@@ -1,4 +1,4 @@
-"""The relay of admitted requests to their upstream, and `serve`: admission then relay for one exchange."""
+"""The relay of admitted requests to their engines: the answer streamed back, failures answered, all accounted."""
 from __future__ import annotations
 
 import asyncio
@@ -8,22 +8,22 @@ from typing import TYPE_CHECKING
 
 import orjson
 
-from .admission.pipeline import Admitted, admit
-from .errors import GatewayError
-from .exchange import ClientLeft, Exchange, answer_error
-from .logs import rounded
-from .pool import UpstreamConnectTimeout, UpstreamResponse, UpstreamUnreachable
-from .routing import OTHER
-from .upstream import JSON_HEADERS
+from ..admission.pipeline import Admitted
+from ..admission.request import PATHS
+from ..errors import GatewayError
+from ..exchange.port import ClientLeft, Exchange
+from ..logs import RequestLog, rounded
+from ..routing.policies import OTHER
+from .client import JSON_HEADERS
+from .pool import UpstreamConnectTimeout, UpstreamPool, UpstreamResponse, UpstreamUnreachable
 
 if TYPE_CHECKING:
-    from .admission.queue import Backend, ModelQueue, Slot
-    from .registry import ModelRoute
-    from .app import Gateway
+    from ..admission.queue import Backend, ModelQueue, Slot
+    from ..admission.ratelimit import RateLimiter
+    from ..metrics import GatewayMetrics
+    from ..routing.registry import ModelRoute
 
 log = logging.getLogger("cxygpt.gateway")
-PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions", "responses": "/v1/responses",
-         "embeddings": "/v1/embeddings"}
 # the events that end a Responses API stream (it has no [DONE])
 RESPONSE_ENDS = (b'"response.completed"', b'"response.incomplete"', b'"response.failed"')
 # how long a replica that refused connections stays out of rotation when nothing re-checks it
@@ -34,16 +34,6 @@ FAILOVER_PRIORITY = -1
 UNSENT_REASONS = frozenset({"replica_unreachable"})
 # how much of an upstream's error message is relayed (an engine may quote the prompt in it)
 UPSTREAM_MESSAGE_CHARS = 1000
-
-
-async def serve(gw: "Gateway", ex: Exchange, kind: str) -> None:
-    """A chat or text completion: admission, then the relay; every way out answers, counts and logs."""
-    try:
-        admitted = await admit(gw, ex, kind)
-    except GatewayError as error:
-        await answer_error(gw, ex, error)
-        return
-    await Relay(admitted, ex).run()
 
 
 def eject(queue: "ModelQueue", backend: "Backend", *, restore_after: float | None) -> None:
@@ -139,14 +129,27 @@ def child(metric, *labels: str):
     return found
 
 
+class Relayer:
+    """What every relay uses: the engines' connection pool, the metrics, the request log, the limiter that settles
+    each request's tokens, and whether a health check restores a replica taken out of rotation."""
+
+    def __init__(self, pool: UpstreamPool, metrics: "GatewayMetrics", request_log: RequestLog,
+                 limiter: "RateLimiter", *, health_checked: bool):
+        self.pool, self.metrics, self.request_log, self.limiter = pool, metrics, request_log, limiter
+        self.health_checked = health_checked
+
+    async def relay(self, admitted: Admitted, ex: Exchange) -> None:
+        await Relay(self, admitted, ex).run()
+
+
 class Relay:
     """Sends an admitted request upstream and relays the answer. Errors before the first byte are real HTTP
     errors (504/502/upstream 4xx); after it, a final SSE error event. A client that goes away cancels the
     upstream request at once. Always: slot released, tokens settled, metrics and one log line."""
-    __slots__ = ("admitted", "ex", "sent_head", "usage", "ttft")
+    __slots__ = ("up", "admitted", "ex", "sent_head", "usage", "ttft")
 
-    def __init__(self, admitted: Admitted, ex: Exchange):
-        self.admitted, self.ex = admitted, ex
+    def __init__(self, up: Relayer, admitted: Admitted, ex: Exchange):
+        self.up, self.admitted, self.ex = up, admitted, ex
         self.sent_head = False
         self.usage: dict | None = None
         self.ttft: float | None = None
@@ -160,7 +163,7 @@ class Relay:
             with self.ex.watched():
                 status, error = await self._relay(started)
         except ClientLeft:
-            child(a.gateway.metrics.client_disconnects, a.target.name).inc()
+            child(self.up.metrics.client_disconnects, a.target.name).inc()
         finally:
             a.slot.release()
             await self._account(status, started, error)
@@ -211,7 +214,7 @@ class Relay:
         """The answer's head from the slot's replica; a replica that nothing of the request reached (connection
         refused or not accepted in time) is taken out of rotation and the next free one is tried."""
         a = self.admitted
-        gw, target = a.gateway, a.target
+        up, target = self.up, a.target
         timeouts = target.limits.timeouts
         # the engine's logs and response id carry the request id
         headers = {**JSON_HEADERS, "X-Request-Id": a.request_id}
@@ -221,13 +224,13 @@ class Relay:
         while True:
             backend = a.slot.backend
             try:
-                return await gw.upstream.pool.post(backend.url, PATHS[a.req.kind], a.upstream_body, headers,
+                return await up.pool.post(backend.url, PATHS[a.req.kind], a.upstream_body, headers,
                                                    timeouts.connect_s)
             except UpstreamUnreachable as e:
                 failure = f"unreachable: {e.strerror or e}"
             except UpstreamConnectTimeout:
                 failure = f"did not accept the connection within {timeouts.connect_s:g} s"
-            checked = gw.health_checker is not None and not target.spec.external  # a health check restores it
+            checked = up.health_checked and not target.spec.external  # a health check restores it
             eject(target.queue, backend, restore_after=None if checked else EJECT_S)
             tried += (backend,)
             queued_s, key = a.slot.queued_s, a.slot.key
@@ -242,7 +245,7 @@ class Relay:
                 other.queued_s += queued_s
                 other.choice = OTHER
             a.slot = other
-            child(gw.metrics.failovers, target.name).inc()
+            child(up.metrics.failovers, target.name).inc()
 
     async def _wait_ahead(self, target: "ModelRoute", key: int | None, failure: str) -> "Slot":
         """Back in line, ahead of everyone (this request was admitted before them), for the next free replica."""
@@ -298,7 +301,7 @@ class Relay:
 
     async def _send_error(self, error: GatewayError) -> int:
         a, ex = self.admitted, self.ex
-        a.gateway.metrics.upstream_errors.labels(a.target.name, error.reason).inc()
+        self.up.metrics.upstream_errors.labels(a.target.name, error.reason).inc()
         try:
             if self.sent_head:
                 await ex.write(error.sse_event(responses=a.req.kind == "responses"), more=False)
@@ -311,8 +314,8 @@ class Relay:
     async def _account(self, status: int, started: float, error: GatewayError | None) -> None:
         a = self.admitted
         usage, ttft = self.usage, self.ttft
-        gw, name = a.gateway, a.target.name
-        m = gw.metrics
+        up, name = self.up, a.target.name
+        m = up.metrics
         now = time.monotonic()
         child(m.requests, name, str(status)).inc()
         child(m.latency, name).observe(now - a.arrived)
@@ -327,7 +330,7 @@ class Relay:
             completion = usage.get("completion_tokens") or usage.get("output_tokens") or 0
             child(m.prompt_tokens, name).inc(prompt)
             child(m.completion_tokens, name).inc(completion)
-        gw.request_log.write(request_id=a.request_id, key_id=a.caller.key_id, model=a.route.name, served_by=name,
+        up.request_log.write(request_id=a.request_id, key_id=a.caller.key_id, model=a.route.name, served_by=name,
                              status=status, error=error.message if error else None, stream=a.req.stream,
                              queue_time=rounded(a.slot.queued_s), upstream_time=rounded(now - started),
                              ttft=rounded(ttft), prompt_tokens=prompt, completion_tokens=completion,
@@ -337,4 +340,4 @@ class Relay:
         used = int(usage.get("total_tokens") or (prompt or 0) + (completion or 0)) if usage else None
         if used is None and error is not None and error.reason in UNSENT_REASONS:
             used = 0
-        await gw.limiter.settle(a.reservation, used)
+        await up.limiter.settle(a.reservation, used)

@@ -7,7 +7,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from .discovery.base import ScaleTarget
+from .base import ScaleTarget
 
 log = logging.getLogger("cxygpt.gateway")
 # how soon the same gateway wakes a model again while it still looks asleep (the watch may lag the write)

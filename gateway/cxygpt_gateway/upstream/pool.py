@@ -1,4 +1,4 @@
-"""The relay's HTTP/1.1 client: keep-alive connections per upstream, one write per request, httptools parsing."""
+"""The HTTP/1.1 client of the engines: keep-alive connections per upstream, one write per request, httptools parsing."""
 from __future__ import annotations
 
 import asyncio
@@ -19,6 +19,10 @@ class UpstreamUnreachable(ConnectionError):
 
 class UpstreamConnectTimeout(Exception):
     """The connection was not accepted within the connect timeout: nothing of the request was sent."""
+
+
+class AnswerTooLarge(Exception):
+    """An answer longer than its reader takes (its connection is then dropped, not reused)."""
 
 
 # an idle connection older than this is not reused: servers close idle keep-alive connections (vLLM after 5 s)
@@ -145,10 +149,14 @@ class UpstreamResponse:
         self.conn.resume()
         return data
 
-    async def read(self) -> bytes:
-        parts = []
+    async def read(self, limit: int | None = None) -> bytes:
+        """The whole body; with `limit`, AnswerTooLarge once it is over that many bytes (the rest is not read)."""
+        parts, size = [], 0
         while (data := await self._more()) is not None:
             parts.append(data)
+            size += len(data)
+            if limit is not None and size > limit:
+                raise AnswerTooLarge(limit)
         return b"".join(parts)
 
     async def events(self) -> bytes | None:
@@ -252,8 +260,15 @@ class UpstreamPool:
     async def post(self, base_url: str, path: str, body: bytes, headers: dict[str, str],
                    connect_timeout_s: float) -> UpstreamResponse:
         """Send one POST and wait for the answer's status and headers."""
+        return await self.request(b"POST ", base_url, path, body, headers, connect_timeout_s)
+
+    async def get(self, base_url: str, path: str, connect_timeout_s: float) -> UpstreamResponse:
+        return await self.request(b"GET ", base_url, path, b"", {}, connect_timeout_s)
+
+    async def request(self, method: bytes, base_url: str, path: str, body: bytes, headers: dict[str, str],
+                      connect_timeout_s: float) -> UpstreamResponse:
         key, host, prefix = self._target(base_url)
-        head = [b"POST ", prefix.encode(), path.encode(), b" HTTP/1.1\r\nHost: ", host,
+        head = [method, prefix.encode(), path.encode(), b" HTTP/1.1\r\nHost: ", host,
                 b"\r\nContent-Length: ", str(len(body)).encode(), b"\r\n"]
         for name, value in headers.items():
             head += (name.encode(), b": ", value.encode(), b"\r\n")
