@@ -11,7 +11,8 @@ import sys
 
 from .engine import engine_args
 from .select import AUTO, GpuNode, NoFit, Selection, select_profile
-from .table import ProfileTableError, load_catalog, load_table
+from .load import load_table
+from .table import ProfileTableError, load_catalog
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(gib|gb|g|mib|mb|m)?\s*$", re.IGNORECASE)
 
