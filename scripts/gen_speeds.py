@@ -28,10 +28,11 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from cxygpt_profiles import default_catalog, default_table
+from cxygpt_profiles import default_catalog
 from cxygpt_profiles.gpus import default_gpus
 from cxygpt_profiles.roofline import StepShape, Workload, decode_step, prefill_step, step_bytes, step_flops
 from cxygpt_profiles.speed import AttentionTable, Grids, Roofline, SiliconSpeed, SiliconTable, SpeedTable
+from cxygpt_profiles.table import parse_table
 
 BACKEND = "vllm"
 GRIDS = Grids(decode_batch=[1, 2, 4, 8, 16, 32, 64, 128, 256, 512],
@@ -43,6 +44,7 @@ KV_LAYOUTS = ("bfloat16", "fp8")
 # tensor parallelism only fp8 is measured (bf16 on an A100, which has no fp8)
 MULTI_GPU_KV_LAYOUTS = ("fp8", "bfloat16")
 TP_SIZES = (1, 2, 4, 8)
+DISPATCH_PROMPT = 1024         # the one request whose estimate, less its prefill, is the dispatch time
 MAX_TP_BY_MEMORY = 70 * 1024   # tensor parallel only where a profile takes several GPUs: 80 GB-class cards
 # AIConfigurator's aggregated-serving estimates recorded for comparison: the issue's Qwen3-14B shape, and the
 # shapes of the published vLLM figures in BENCHMARKS.md ("Simulator calibration")
@@ -104,8 +106,15 @@ class Aic:
         attention = ops.pop("context_attention")
         return sum(ops.values()), attention
 
-    def agg(self, model_dir: str, kv: str, prompt: int, output: int, batch: int):
-        return self._run(model_dir, "agg", batch_size=batch, isl=prompt, osl=output, kvcache_quant_mode=kv)
+    def agg(self, model_dir: str, kv: str, prompt: int, output: int, batch: int, tp: int = 1):
+        return self._run(model_dir, "agg", batch_size=batch, isl=prompt, osl=output, kvcache_quant_mode=kv, tp_size=tp)
+
+    def dispatch(self, model_dir: str, tp: int, kv: str) -> float:
+        """What its estimate of one request adds to the request's prefill: vLLM's CPU dispatch, not in kernel
+        timings (its vLLM backend charges it per layer)."""
+        alone = self._run(model_dir, "static_ctx", batch_size=1, isl=DISPATCH_PROMPT, osl=1, tp_size=tp,
+                          kvcache_quant_mode=kv).ttft
+        return self.agg(model_dir, kv, DISPATCH_PROMPT, 2, 1, tp).ttft - alone
 
 
 def build_table(aic: Aic, model_dir: str, tp: int) -> SiliconTable | None:
@@ -127,7 +136,9 @@ def build_table(aic: Aic, model_dir: str, tp: int) -> SiliconTable | None:
                                        prefill_ms=[[a for _, a in row] for row in prefill])
     if not attention:
         return None
-    return SiliconTable(decode_linear_ms=decode_linear, prefill_linear_ms=prefill_linear, attention=attention)
+    kv = next(iter(attention))
+    return SiliconTable(decode_linear_ms=decode_linear, prefill_linear_ms=prefill_linear, attention=attention,
+                        dispatch_ms=aic.dispatch(model_dir, tp, kv))
 
 
 def check_table(aic: Aic, model_dir: str, tp: int, table: SiliconTable) -> float:
@@ -166,7 +177,8 @@ def samples(tables: dict[str, SiliconTable]) -> list[tuple[str, StepShape, float
     return out
 
 
-def fit_roofline(points, workloads, bandwidth_gbs: float, peak_tflops: float, system: str) -> Roofline:
+def fit_roofline(points, workloads, bandwidth_gbs: float, peak_tflops: float, system: str,
+                 dispatch_ms_per_layer: float) -> Roofline:
     """Efficiencies (at most 1) and a per-step overhead that best match the measured steps, by least squares on
     the log of the ratio (a grid search: the surface has a kink where memory and compute cross)."""
     memory = np.array([step_bytes(workloads[repo], s) for repo, s, _ in points]) / (bandwidth_gbs * 1e6)
@@ -184,7 +196,8 @@ def fit_roofline(points, workloads, bandwidth_gbs: float, peak_tflops: float, sy
     _, me_, ce_, overhead_ = best
     pred = overhead_ + np.maximum(memory / me_, compute / ce_)
     return Roofline(memory_efficiency=round(me_, 2), compute_efficiency=round(ce_, 2),
-                    step_overhead_ms=round(overhead_, 2), fitted_on=system,
+                    step_overhead_ms=round(overhead_, 2), dispatch_ms_per_layer=round(dispatch_ms_per_layer, 3),
+                    fitted_on=system,
                     median_error=round(float(np.median(np.abs(pred / actual - 1))), 3))
 
 
@@ -219,7 +232,8 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     quiet()
     began = time.monotonic()
-    gpus, catalog, consts = default_gpus(), default_catalog(), default_table().fit
+    # the table as its schema has it: loading it checks its limits against the speeds this script makes
+    gpus, catalog, consts = default_gpus(), default_catalog(), parse_table().fit
     models = {repo: e for repo, e in catalog.models.items() if not a.models or repo in a.models}
     chosen = {k: g for k, g in gpus.gpus.items() if not a.gpus or k in a.gpus}
     workdir = Path(tempfile.mkdtemp(prefix="gen-speeds-"))
@@ -263,7 +277,8 @@ def main() -> int:
             tables = tables_for(aic, memory, (1,))
         tp1 = {repo: by_tp["tp1"] for repo, by_tp in tables.items() if "tp1" in by_tp}
         workloads = {repo: Workload(catalog.lookup(repo), "bf16", "auto", 1, consts) for repo in tp1}
-        fitted[key] = fit_roofline(samples(tp1), workloads, bandwidth, peak, system)
+        per_layer = float(np.median([t.dispatch_ms / workloads[repo].facts.layers for repo, t in tp1.items()]))
+        fitted[key] = fit_roofline(samples(tp1), workloads, bandwidth, peak, system, per_layer)
         log.info("%s: roofline %s", key, fitted[key])
     estimates = []
     for key, repo, prompt, output, batch in ESTIMATES:

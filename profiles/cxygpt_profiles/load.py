@@ -6,14 +6,14 @@ from functools import lru_cache
 from pathlib import Path
 
 from .predict import check_table
-from .table import DEFAULT_TABLE, TABLE_ENV, ProfileTable, ProfileTableError, _parse, default_catalog
+from .table import DEFAULT_TABLE, TABLE_ENV, ProfileTable, ProfileTableError, default_catalog, parse_table
 
 
 def load_table(path: str | os.PathLike | None = None) -> ProfileTable:
     """A table whose TTFT threshold or timeouts its own engines break at the concurrency and context it sizes
     them for (cxygpt_profiles.predict) is refused: the gateway would degrade or time out at that load."""
     path = Path(path or os.environ.get(TABLE_ENV) or DEFAULT_TABLE)
-    table = _parse(ProfileTable, path)
+    table = parse_table(path)
     problems = check_table(table, default_catalog())
     if problems:
         raise ProfileTableError(f"{path}: limits below the engines' own speed: " + "; ".join(problems))

@@ -47,7 +47,8 @@ def steady_state(model: StepModel, *, concurrency: int, prompt: int, output: int
     """(TTFT ms, TPOT ms, prefill-bound) of a closed loop: `concurrency` requests of `prompt` tokens in and
     `output` out, each followed at once by the next, arrivals spread out, on an engine with `budget` tokens per step
     (vLLM's chunked prefill: the running sequences' decode tokens first, a prompt in chunks of what is left).
-    - TTFT: the steps that carry the request's own prompt beside the others decoding (no wait for other prompts).
+    - TTFT: the request's dispatch, then the steps that carry its prompt beside the others decoding (no wait for
+      other prompts).
     - TPOT: a decode step of all of them at their mean context, with the steps the others' prompts turn into
       prefill steps (about one prompt each while this request decodes) spread over its tokens.
     - Prefill-bound: the prompts need more steps than a request lives, so every step prefills (TPOT is such a
@@ -62,7 +63,7 @@ def steady_state(model: StepModel, *, concurrency: int, prompt: int, output: int
         chunks.append(model.step_ms(StepShape(prefill=((tokens, done),), decode_count=others,
                                               decode_context=decode_context)))
         done += tokens
-    ttft, mixed = sum(chunks), sum(chunks) / len(chunks)
+    ttft, mixed = model.dispatch_ms + sum(chunks), sum(chunks) / len(chunks)
     decode = model.step_ms(StepShape(decode_count=concurrency, decode_context=round(concurrency * context)))
     gaps = output - 1
     if gaps <= 0:

@@ -23,6 +23,7 @@ KV_LAYOUT = {"auto": "bfloat16", "bfloat16": "bfloat16", "float16": "bfloat16",
 
 class StepModel(Protocol):
     source: str
+    dispatch_ms: float   # a request's time on the CPU before its prefill, beside the engine's steps
 
     def step_ms(self, shape: StepShape) -> float: ...
 
@@ -47,6 +48,9 @@ class SiliconTable(Strict):
     decode_linear_ms: list[float]    # [decode_batch]: everything but attention in a decode-only step
     prefill_linear_ms: list[float]   # [prefill_tokens]: everything but attention in a step that prefills
     attention: dict[str, AttentionTable]   # by KV layout (bfloat16, fp8)
+    # what AIConfigurator adds to each request's TTFT for vLLM's dispatch on the CPU (Python, kernel launches across
+    # the layers), which its kernel timings do not hold: its estimate of one request minus its prefill alone
+    dispatch_ms: float = Field(ge=0)
 
 
 class SiliconGpu(Strict):
@@ -61,6 +65,7 @@ class Roofline(Strict):
     memory_efficiency: float = Field(gt=0, le=1)
     compute_efficiency: float = Field(gt=0, le=1)
     step_overhead_ms: float = Field(ge=0)
+    dispatch_ms_per_layer: float = Field(ge=0)   # SiliconTable.dispatch_ms on fitted_on, per layer of the model
     fitted_on: str                    # the AIConfigurator system whose vLLM step times it was fitted to
     median_error: float               # of the fit on those step times, relative
 
@@ -134,6 +139,10 @@ class SiliconSpeed:
     grids: Grids
     source: str
 
+    @property
+    def dispatch_ms(self) -> float:
+        return self.table.dispatch_ms
+
     def step_ms(self, shape: StepShape) -> float:
         if not shape.sequences:
             return 0.0
@@ -158,6 +167,10 @@ class RooflineSpeed:
     workload: Workload
     fit: Roofline
     source: str
+
+    @property
+    def dispatch_ms(self) -> float:
+        return self.fit.dispatch_ms_per_layer * self.workload.facts.layers
 
     def step_ms(self, shape: StepShape) -> float:
         if not shape.sequences:

@@ -240,6 +240,11 @@ def _parse(model: type[BaseModel], path: Path):
         raise ProfileTableError(f"{path}: {problems}") from None
 
 
+def parse_table(path: str | os.PathLike | None = None) -> ProfileTable:
+    """The table as its schema has it; load_table (load.py) also checks its limits against its engines' speed."""
+    return _parse(ProfileTable, Path(path or os.environ.get(TABLE_ENV) or DEFAULT_TABLE))
+
+
 def load_catalog(path: str | os.PathLike | None = None) -> ModelCatalog:
     return _parse(ModelCatalog, Path(path or os.environ.get(CATALOG_ENV) or DEFAULT_CATALOG))
 

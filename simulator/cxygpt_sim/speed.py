@@ -17,6 +17,7 @@ class Speed:
     itl_batch_slope: float     # the fixed part gets this fraction slower per additional sequence in the step
     context_ms_per_1k: float = 0.0  # extra time per 1000 tokens of context (KV) the step's sequences attend to
     jitter: float = 0.0        # each step varies by up to ± this fraction (seeded RNG)
+    dispatch_s = 0.0           # no time on the CPU before a request's prefill: --ttft-ms says it all
 
     @property
     def instant_decode(self) -> bool:
@@ -58,11 +59,17 @@ class GpuSpeed:
     jitter: float = 0.0
     instant_decode = False
 
+    @property
+    def dispatch_s(self) -> float:
+        """Each request's time on the CPU before the scheduler sees it (vLLM's dispatch, beside the running
+        steps): part of its TTFT, not of the engine's steps."""
+        return self.model.dispatch_ms / 1000
+
     def step_s(self, shape: StepShape) -> float:
         return self.model.step_ms(shape) / 1000
 
     def describe(self) -> str:
-        return f"{self.model.source}, jitter {self.jitter:g}"
+        return f"{self.model.source}, dispatch {self.model.dispatch_ms:.1f} ms per request, jitter {self.jitter:g}"
 
 
 def knob_base(model: StepModel) -> Speed:
