@@ -133,12 +133,11 @@ def gpus_of(table: ProfileTable, profile: Profile, gpus: GpuTable) -> list[str]:
     return [key for key, gpu in gpus.gpus.items() if profile.gpu.min_memory_mib <= gpu.memory_mib < below]
 
 
-def check_table(table: ProfileTable, catalog: ModelCatalog, gpus: GpuTable | None = None,
-                speeds: SpeedTable | None = None) -> list[str]:
-    """Every profile on every GPU it is for (at its fewest GPUs), with every catalogued model it fits there: the
-    limits that its engine's own TTFT and request time at its concurrency and context break."""
+def profile_predictions(table: ProfileTable, catalog: ModelCatalog, gpus: GpuTable | None = None,
+                        speeds: SpeedTable | None = None):
+    """(profile, catalogued model, prediction) for every profile on every GPU it is for (at its fewest GPUs), with
+    every catalogued model it fits there."""
     gpus, speeds = gpus or default_gpus(), speeds or default_speeds()
-    problems = []
     for profile in table.profiles:
         count = profile.gpu.min_count
         for gpu_key in gpus_of(table, profile, gpus):
@@ -152,9 +151,14 @@ def check_table(table: ProfileTable, catalog: ModelCatalog, gpus: GpuTable | Non
                 fit = estimate_fit(facts, weights=profile.weights, kv_cache_dtype=profile.engine.kv_cache_dtype,
                                    max_model_len=max_len, gpu_memory_utilization=profile.engine.gpu_memory_utilization,
                                    gpu_memory_mib=gpus.gpus[gpu_key].memory_mib, gpu_count=count, consts=table.fit)
-                if not fit.fits:
-                    continue
-                p = predict_profile(profile, gpu=gpu_key, gpu_count=count, facts=facts, repo=repo,
-                                    max_model_len=max_len, consts=table.fit, gpus=gpus, speeds=speeds)
-                problems += [f"{msg} ({repo})" for msg in limit_problems(profile, p)]
-    return problems
+                if fit.fits:
+                    yield profile, repo, predict_profile(profile, gpu=gpu_key, gpu_count=count, facts=facts,
+                                                         repo=repo, max_model_len=max_len, consts=table.fit,
+                                                         gpus=gpus, speeds=speeds)
+
+
+def check_table(table: ProfileTable, catalog: ModelCatalog, gpus: GpuTable | None = None,
+                speeds: SpeedTable | None = None) -> list[str]:
+    """The limits that the engines' own TTFT and request time break, at each profile's concurrency and context."""
+    return [f"{msg} ({repo})" for profile, repo, p in profile_predictions(table, catalog, gpus, speeds)
+            for msg in limit_problems(profile, p)]

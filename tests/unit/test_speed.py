@@ -2,13 +2,15 @@
 interpolation, the predictions, and the limits checked against them."""
 import itertools
 import json
+from pathlib import Path
 
 import pytest
+import yaml
 
 from cxygpt_bench.closed_loop import closed_loop
 from cxygpt_profiles import GpuNode, ProfileTableError, default_catalog, default_table, load_table, select_profile
 from cxygpt_profiles.gpus import default_gpus
-from cxygpt_profiles.predict import check_table, gpus_of, predict_profile, steady_state
+from cxygpt_profiles.predict import check_table, gpus_of, predict_profile, profile_predictions, steady_state
 from cxygpt_profiles.roofline import StepShape, Workload, decode_step, floor_ms, prefill_step, step_bytes, step_flops
 from cxygpt_profiles.speed import (KV_LAYOUT, RooflineSpeed, SiliconSpeed, default_speeds, interpolate, load_speeds,
                                    step_model)
@@ -212,6 +214,18 @@ def test_a_ttft_threshold_below_the_engines_own_ttft_is_refused_at_load(tmp_path
     predicted = predict_profile(TABLE.get("SRV_80G"), gpu="h100-80g", gpu_count=1, facts=CATALOG.lookup(
         "Qwen/Qwen3-14B"), repo="Qwen/Qwen3-14B", max_model_len=16384, consts=TABLE.fit)
     assert 500 < predicted.ttft_ms <= TABLE.get("SRV_80G").limits.degrade.p95_ttft_ms
+
+
+def test_the_charts_defaults_hold_the_engines_own_speed():
+    """The chart ships the profile table (its thresholds and timeouts are checked as it loads) and a cold-start
+    timeout, which must outlast the slowest engine's own first token, the engine's start aside."""
+    chart = Path(__file__).parents[2] / "deploy/helm/cxygpt"
+    shipped = load_table(chart / "files/profiles.yaml")
+    assert shipped == TABLE
+    predictions = [p for _, _, p in profile_predictions(shipped, CATALOG)]
+    assert len(predictions) > 40 and {p.gpu for p in predictions} == set(GPUS.gpus)
+    cold_start_s = yaml.safe_load((chart / "values.yaml").read_text())["gateway"]["coldStartTimeoutSeconds"]
+    assert cold_start_s * 1000 > max(p.ttft_ms for p in predictions)
 
 
 def test_a_damaged_speed_table_names_the_field(tmp_path):
