@@ -141,7 +141,7 @@ def build_table(aic: Aic, model_dir: str, tp: int) -> SiliconTable | None:
                         dispatch_ms=aic.dispatch(model_dir, tp, kv))
 
 
-def check_table(aic: Aic, model_dir: str, tp: int, table: SiliconTable) -> float:
+def interpolation_error(aic: Aic, model_dir: str, tp: int, table: SiliconTable) -> float:
     """The largest relative difference between the interpolated table and AIConfigurator at off-grid shapes."""
     worst = 0.0
     for kv, attention in table.attention.items():
@@ -258,16 +258,16 @@ def main() -> int:
                     out.setdefault(repo, {})[f"tp{tp}"] = table
         return out
 
-    silicon, fitted, worst = {}, {}, {}
+    silicon, fitted, worst, aics = {}, {}, {}, {}
     for key, gpu in chosen.items():
         system = gpu.speed.aiconfigurator_system or gpu.speed.fitted_on
-        aic = Aic(system)
+        aic = aics[system] = Aic(system)
         if gpu.speed.source == "silicon":
             tps = TP_SIZES if gpu.memory_mib >= MAX_TP_BY_MEMORY else (1,)
             tables = tables_for(aic, gpu.memory_mib, tps)
             silicon[key] = {"aiconfigurator_system": system, "database": f"{BACKEND} {aic.version}",
                             "models": tables}
-            worst[key] = max(check_table(aic, model_dirs[repo], int(tp[2:]), t)
+            worst[key] = max(interpolation_error(aic, model_dirs[repo], int(tp[2:]), t)
                              for repo, by_tp in tables.items() for tp, t in by_tp.items())
             log.info("%s: interpolation within %.1f%% of AIConfigurator off the grid", key, 100 * worst[key])
             bandwidth, peak = gpu.memory_bandwidth_gbs, gpu.peak_tflops["bf16"]
@@ -284,8 +284,7 @@ def main() -> int:
     for key, repo, prompt, output, batch in ESTIMATES:
         if key not in silicon or repo not in models:
             continue
-        aic = Aic(silicon[key]["aiconfigurator_system"])
-        r = aic.agg(model_dirs[repo], "bfloat16", prompt, output, batch)
+        r = aics[silicon[key]["aiconfigurator_system"]].agg(model_dirs[repo], "bfloat16", prompt, output, batch)
         estimates.append({"gpu": key, "model": repo, "kv_cache_dtype": "auto", "prompt": prompt, "output": output,
                           "batch": batch, "ttft_ms": r.ttft, "tpot_ms": r.tpot})
     versions = {"aiconfigurator": importlib.metadata.version("aiconfigurator"),

@@ -36,11 +36,6 @@ class Prediction:
     def as_dict(self) -> dict:
         return asdict(self)
 
-    def describe(self) -> str:
-        bound = "; prefill-bound: prompts queue for longer than that" if self.prefill_bound else ""
-        return (f"TTFT {self.ttft_ms:.0f} ms, TPOT {self.tpot_ms:.1f} ms at concurrency {self.concurrency}, "
-                f"{self.prompt_tokens} tokens in, {self.output_tokens} out, on {self.gpu} ({self.source}){bound}")
-
 
 def steady_state(model: StepModel, *, concurrency: int, prompt: int, output: int,
                  budget: int) -> tuple[float, float, bool]:
