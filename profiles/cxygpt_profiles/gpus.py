@@ -15,6 +15,12 @@ GPUS_ENV = "CXYGPT_GPUS"
 LARGE_GPU_MIB = 70 * 1024  # vLLM's threshold for its larger per-step token budget
 
 
+def vllm_token_budget(memory_mib: int, *, a100: bool) -> int:
+    """vLLM's API-server default --max-num-batched-tokens (EngineArgs.get_batch_defaults): 8192 on a GPU of 70 GiB or
+    more that is not an A100, whose throughput dropped with the larger budget (vLLM PR #17885), else 2048."""
+    return 8192 if memory_mib >= LARGE_GPU_MIB and not a100 else 2048
+
+
 class SpeedSource(Strict):
     source: Literal["silicon", "fitted"]
     aiconfigurator_system: str | None = Field(None, description="silicon: the system in AIConfigurator's database")
@@ -52,9 +58,7 @@ class Gpu(Strict):
 
     @property
     def default_max_num_batched_tokens(self) -> int:
-        """vLLM's API-server default (EngineArgs.get_batch_defaults): 8192 on a GPU of 70 GiB or more that is not an
-        A100, whose throughput dropped with the larger budget (vLLM PR #17885), else 2048."""
-        return 8192 if self.memory_mib >= LARGE_GPU_MIB and "A100" not in self.name else 2048
+        return vllm_token_budget(self.memory_mib, a100="A100" in self.name)
 
 
 class GpuTable(Strict):

@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from cxygpt_profiles import ModelFacts, ProfileTableError, default_catalog, default_table, estimate_fit
-from cxygpt_profiles.gpus import default_gpus
+from cxygpt_profiles.gpus import default_gpus, vllm_token_budget
 from cxygpt_profiles.roofline import Workload
 from cxygpt_profiles.speed import step_model
 
@@ -19,7 +19,6 @@ from .weights import DEFAULT_LOAD_GIB_PER_S
 
 DEFAULT_GPU_MEMORY_MIB = 81559  # an H100 80GB as GPU Feature Discovery reports it (a test profile's GPU)
 DEFAULT_MAX_MODEL_LEN = 8192    # when neither the flag nor the model catalog says
-LARGE_GPU_MIB = 70 * 1024       # vLLM's threshold for its larger per-step token budget
 
 # Simulator knob -> environment variable, so a Deployment can set speed without touching the vLLM args.
 ENV = {
@@ -307,12 +306,6 @@ def engine_speed(profile: str, budget: KvBudget, tp: int, knobs: dict, jitter: f
     return GpuSpeed(model, jitter=jitter or 0.0)
 
 
-def default_max_num_batched_tokens(gpu_memory_mib: int, speed_profile: str) -> int:
-    """vLLM's EngineArgs.get_batch_defaults for the API server: larger on big GPUs except the A100, whose
-    throughput dropped with the larger budget (vLLM PR #17885)."""
-    return 8192 if gpu_memory_mib >= LARGE_GPU_MIB and "a100" not in speed_profile else 2048
-
-
 def parse_config(argv: Sequence[str], env: Mapping[str, str] | None = None) -> tuple[SimConfig, list[str]]:
     """SimConfig and the ignored vLLM flags; argparse exits on bad known flags like vLLM does."""
     env = os.environ if env is None else env
@@ -346,7 +339,7 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str] | None = None) -> t
     if budget.tokens // a.block_size * a.block_size < budget.max_model_len:
         raise ConfigError(f"KV budget of {budget.tokens} tokens cannot hold one sequence of max-model-len "
                           f"{budget.max_model_len}; raise --num-gpu-blocks-override")
-    max_num_batched_tokens = a.max_num_batched_tokens or default_max_num_batched_tokens(gpu_memory_mib, profile)
+    max_num_batched_tokens = a.max_num_batched_tokens or vllm_token_budget(gpu_memory_mib, a100="a100" in profile)
     if max_num_batched_tokens <= 0:
         raise ConfigError(f"--max-num-batched-tokens must be positive, got {max_num_batched_tokens}")
     knobs = dict(ttft_ms=knob("ttft_ms", a.ttft_ms), itl_ms=knob("itl_ms", a.itl_ms),
