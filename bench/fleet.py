@@ -44,7 +44,8 @@ SLOTS = 8
 KV_BLOCKS = 3072
 SIM_ARGS = ("--max-num-seqs", str(SLOTS), "--max-model-len", "16384", "--max-num-batched-tokens", "2048",
             "--speed-profile", "h100-80g", "--ttft-ms", "30", "--itl-ms", "10", "--sim-prefill-ms-per-1k", "100",
-            "--sim-itl-batch-slope", "0.03", "--block-size", str(BLOCK_SIZE), "--enable-prefix-caching")
+            "--sim-itl-batch-slope", "0.03", "--sim-context-ms-per-1k", "0.078125", "--block-size", str(BLOCK_SIZE),
+            "--enable-prefix-caching")
 # the capacity probe's replica: the same engine with a cache that never evicts within a run
 CAPACITY_BLOCKS = 1_000_000
 # the gateway refuses nothing (no 429/503 of its own): the fronts are compared on routing, not on admission. Its

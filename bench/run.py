@@ -328,8 +328,10 @@ def g3(logs: Path, peers: bool, notes: list[str], d: float) -> dict:
 # must not depend on the arrivals: every request sends the same prompt, so with the prefix cache on each one
 # after the first would skip 96 of its ~117 prompt tokens (a best case no real workload has); the token budget
 # (8 × ~117 never fills it) and the KV blocks (no preemption) are pinned so a change of the simulator's
-# defaults cannot move the capacity, and so is the speed profile the prefill cost per token is scaled from
-G4_SIM = ("--max-num-seqs", "8", "--ttft-ms", "20", "--itl-ms", "10", "--sim-itl-batch-slope", "0", "--sim-text", "echo",
+# defaults cannot move the capacity, and so is every speed knob: prefill and context per 1k tokens are what the
+# 20 ms TTFT and 10 ms ITL scaled from the h100-80g profile's knobs before it came from silicon data (issue 29)
+G4_SIM = ("--max-num-seqs", "8", "--ttft-ms", "20", "--itl-ms", "10", "--sim-itl-batch-slope", "0",
+          "--sim-prefill-ms-per-1k", "45.4545", "--sim-context-ms-per-1k", "0.078125", "--sim-text", "echo",
           "--speed-profile", "h100-80g", "--no-enable-prefix-caching", "--max-num-batched-tokens", "8192",
           "--num-gpu-blocks-override", "2048")
 G4_PROMPT, G4_MAX = 100, 48

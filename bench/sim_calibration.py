@@ -1,103 +1,102 @@
-"""Prints BENCHMARKS.md's "Simulator calibration": the pure engine on published vLLM workload shapes, clock injected."""
+"""Prints BENCHMARKS.md's "Simulator calibration": the simulator beside AIConfigurator and published vLLM figures."""
 from __future__ import annotations
 
 import argparse
-import itertools
-import statistics
 from dataclasses import dataclass
 
-from cxygpt_sim.engine import Capacity, Scheduler, Sequence
-from cxygpt_sim.speed import SPEED_PROFILES
+from cxygpt_bench.closed_loop import Measured, closed_loop
+from cxygpt_profiles import default_catalog, default_table
+from cxygpt_profiles.gpus import default_gpus
+from cxygpt_profiles.predict import steady_state
+from cxygpt_profiles.roofline import Workload
+from cxygpt_profiles.speed import default_speeds, step_model
+from cxygpt_sim.speed import GpuSpeed
 
-KV_BLOCKS = 100_000  # the sources' engines never ran out of KV blocks on these shapes
+LLAMA = "meta-llama/Llama-3.1-8B-Instruct"
+QWEN = "Qwen/Qwen3-14B"
 
 
 @dataclass(frozen=True)
-class Published:
-    """One published point: the workload shape and what vLLM measured (None: not published)."""
-    profile: str
+class Point:
+    """One workload shape and what vLLM measured there (None: not published; no source: none at all)."""
+    gpu: str
+    model: str
     source: str
     shape: str
     prompt: int
     output: int
     concurrency: int
     requests: int
-    budget: int               # the source's --max-num-batched-tokens (vLLM's default on that GPU)
     ttft_ms: float | None = None
-    itl_ms: float | None = None
+    tpot_ms: float | None = None
     output_tok_s: float | None = None
     latency_ms: float | None = None   # mean end-to-end latency of a batch sent at once
+    at_once: bool = False             # a batch sent at once (vLLM's latency benchmark), else clients spread out
 
 
-# Sources (simulator/README.md, "Speed model", has the links and how each figure was read).
+# Sources: simulator/README.md, "Speed model", has the links and how each figure was read.
 POINTS = (
-    Published("h100-80g", "vLLM perf CI latency_llama8B_tp1", "32 in / 128 out, batch 8 at once", 32, 128, 8, 8,
-              8192, latency_ms=997.5),
-    Published("h100-80g", "InferenceBench sweep, vLLM 0.21", "chatbot-short (~128 in / 128 out assumed), c=1",
-              128, 128, 1, 20, 8192, ttft_ms=13.98, itl_ms=6.48, output_tok_s=122.2),
-    Published("h100-80g", "InferenceBench sweep, vLLM 0.21", "chatbot-short (~128 in / 128 out assumed), c=4",
-              128, 128, 4, 80, 8192, ttft_ms=22.75, itl_ms=6.59, output_tok_s=580.3),
-    Published("h100-80g", "InferenceBench sweep, vLLM 0.21", "chatbot-short (~128 in / 128 out assumed), c=16",
-              128, 128, 16, 320, 8192, ttft_ms=41.69, itl_ms=10.94, output_tok_s=1384.2),
-    Published("a100-80g", "vLLM perf CI latency_llama8B_tp1 (A100-SXM4-80GB)", "32 in / 128 out, batch 8 at once",
-              32, 128, 8, 8, 2048, latency_ms=1585.4),
-    Published("a100-80g", "A100 40GB sweep, vLLM 0.23", "1024 in / 128 out, c=1", 1024, 128, 1, 20, 2048,
-              output_tok_s=75),
-    Published("a100-80g", "A100 40GB sweep, vLLM 0.23", "1024 in / 128 out, c=8", 1024, 128, 8, 160, 2048,
-              output_tok_s=6.6 * 75),
+    Point("h100-80g", LLAMA, "vLLM perf CI latency_llama8B_tp1", "32 in / 128 out, batch 8 at once", 32, 128, 8, 8,
+          latency_ms=997.5, at_once=True),
+    *(Point("h100-80g", LLAMA, "InferenceBench sweep, vLLM 0.21", f"chatbot-short (~128 in / 128 out assumed), c={c}",
+            128, 128, c, 20 * c, ttft_ms=ttft, tpot_ms=tpot, output_tok_s=tok_s)
+      for c, ttft, tpot, tok_s in ((1, 13.98, 6.48, 122.2), (4, 22.75, 6.59, 580.3), (16, 41.69, 10.94, 1384.2))),
+    Point("a100-80g", LLAMA, "vLLM perf CI latency_llama8B_tp1 (A100-SXM4-80GB)", "32 in / 128 out, batch 8 at once",
+          32, 128, 8, 8, latency_ms=1585.4, at_once=True),
+    Point("a100-80g", LLAMA, "sweep on an A100 40GB, vLLM 0.23", "1024 in / 128 out, c=1", 1024, 128, 1, 20,
+          output_tok_s=75),
+    Point("a100-80g", LLAMA, "sweep on an A100 40GB, vLLM 0.23", "1024 in / 128 out, c=8", 1024, 128, 8, 160,
+          output_tok_s=6.6 * 75),
+    *(Point("h100-80g", QWEN, "none (the issue's shape)", f"2000 in / 256 out, c={c}", 2000, 256, c, 4 * c)
+      for c in (1, 8, 32)),
 )
+METRICS = (("TTFT p50 ms", "ttft_ms"), ("TPOT p50 ms", "tpot_ms"), ("output tok/s", "output_tok_s"),
+           ("batch latency ms", "latency_ms"))
 
 
-@dataclass(frozen=True)
-class Simulated:
-    ttft_ms: float
-    itl_ms: float
-    output_tok_s: float
-    latency_ms: float
+def simulate(p: Point) -> Measured:
+    """The engine core at the GPU's speed for the model (bf16 weights and KV, as the sources ran), clock injected,
+    vLLM's token budget on that GPU; a batch at once, or a closed loop (vLLM's bench serve --max-concurrency) whose
+    clients start spread over one request's predicted time, the steady state the sweeps and AIConfigurator report
+    (started at once, answers of one length keep every client's prompt in the same steps)."""
+    workload = Workload(default_catalog().lookup(p.model), "bf16", "auto", 1, default_table().fit)
+    model = step_model(p.gpu, workload, p.model)
+    budget = default_gpus().gpus[p.gpu].default_max_num_batched_tokens
+    ttft, tpot, _ = steady_state(model, concurrency=p.concurrency, prompt=p.prompt, output=p.output, budget=budget)
+    ramp_s = 0.0 if p.at_once else (ttft + (p.output - 1) * tpot) / 1000
+    return closed_loop(GpuSpeed(model), prompt=p.prompt, output=p.output, concurrency=p.concurrency,
+                       requests=p.requests, budget=budget, ramp_s=ramp_s)
 
 
-def simulate(p: Published) -> Simulated:
-    """Closed loop: `concurrency` clients, each sending its next request when its answer ends (vLLM's
-    bench serve --max-concurrency); a batch test is the same with one request per client."""
-    scheduler = Scheduler(Capacity(max_num_seqs=256, kv_blocks=KV_BLOCKS, max_num_batched_tokens=p.budget),
-                          SPEED_PROFILES[p.profile], seed=0)
-    ids = itertools.count()
-    # distinct random-like prompts, as vLLM's random dataset: nothing comes from the prefix cache
-    new = lambda now: Sequence(id=str(next(ids)), prompt_ids=[next(ids) for _ in range(p.prompt)],
-                               output_tokens=p.output, arrived=now)
-    sent, done, now = 0, [], 0.0
-    for _ in range(min(p.concurrency, p.requests)):
-        scheduler.submit(new(now))
-        sent += 1
-    while scheduler.has_work:
-        now += scheduler.begin_step(now).duration_s
-        for progress in scheduler.end_step(now):
-            if progress.done:
-                done.append(progress.seq)
-                if sent < p.requests:
-                    scheduler.submit(new(now))
-                    sent += 1
-    return Simulated(
-        ttft_ms=1000 * statistics.median(s.first_token_at - s.arrived for s in done),
-        itl_ms=1000 * statistics.median((s.last_token_at - s.first_token_at) / (s.generated - 1) for s in done),
-        output_tok_s=sum(s.generated for s in done) / now,
-        latency_ms=1000 * statistics.mean(s.last_token_at - s.arrived for s in done))
+def estimated(p: Point) -> Measured | None:
+    """AIConfigurator's aggregated-serving estimate for the shape (speeds.json), in the same figures."""
+    e = default_speeds().estimate(p.gpu, p.model, p.prompt, p.output, p.concurrency)
+    if e is None:
+        return None
+    latency = e.ttft_ms + (p.output - 1) * e.tpot_ms
+    return Measured(ttft_ms=e.ttft_ms, tpot_ms=e.tpot_ms, output_tok_s=p.concurrency * p.output * 1000 / latency,
+                    latency_ms=latency)
 
 
-def cell(simulated: float, published: float | None, unit: str = "") -> str:
-    if published is None:
-        return f"{simulated:.1f}{unit} (–)"
-    return f"{simulated:.1f} / {published:g}{unit} ({simulated / published - 1:+.0%})"
+def off(value: float, reference: float | None) -> str:
+    return f"{value / reference - 1:+.0%}" if reference else "–"
 
 
 def table() -> str:
-    rows = ["| profile | source | workload shape | TTFT p50 ms | ITL p50 ms | output tok/s | batch latency ms |",
-            "|---|---|---|---|---|---|---|"]
+    rows = ["| GPU | model | source | workload shape | figure | published | AIConfigurator (vs published) | "
+            "simulator (vs published, vs AIConfigurator) |", "|---|---|---|---|---|---|---|---|"]
     for p in POINTS:
-        s = simulate(p)
-        latency = cell(s.latency_ms, p.latency_ms) if p.latency_ms else "–"
-        rows.append(f"| {p.profile} | {p.source} | {p.shape} | {cell(s.ttft_ms, p.ttft_ms)} | "
-                    f"{cell(s.itl_ms, p.itl_ms)} | {cell(s.output_tok_s, p.output_tok_s)} | {latency} |")
+        sim, aic = simulate(p), estimated(p)
+        for label, field in METRICS:
+            published = getattr(p, field)
+            if published is None and (field == "latency_ms" or p.output_tok_s is not None or p.latency_ms):
+                continue  # the source publishes other figures of this shape: only those are compared
+            a = getattr(aic, field) if aic else None
+            s = getattr(sim, field)
+            rows.append(f"| {p.gpu} | {p.model.split('/')[1]} | {p.source} | {p.shape} | {label} | "
+                        f"{published if published is not None else '–'} | "
+                        f"{f'{a:.1f} ({off(a, published)})' if a is not None else '–'} | "
+                        f"{s:.1f} ({off(s, published)}, {off(s, a)}) |")
     return "\n".join(rows)
 
 

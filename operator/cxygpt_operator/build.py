@@ -495,6 +495,7 @@ def build_status(owner: Owner, spec: ModelSpec, outcome: Selection | NoFit, *, t
                     "node": sel.node.name, "summary": f"{sel.gpu_count}x{sel.node.memory_mib // 1024}GiB"},
             "limits": sel.limits.model_dump(by_alias=True),
             "fit": sel.fit.as_status() if sel.fit else None,
+            "predicted": sel.prediction.as_status() if sel.prediction else None,
             "endpoint": f"http://{owner.name}.{owner.namespace}.svc:{table.vllm.port}",
         }
         if desired == 0:

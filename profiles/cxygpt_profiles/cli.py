@@ -10,8 +10,10 @@ import subprocess
 import sys
 
 from .engine import engine_args
+from .gpus import default_gpus
+from .load import load_table
 from .select import AUTO, GpuNode, NoFit, Selection, select_profile
-from .table import ProfileTableError, load_catalog, load_table
+from .table import ProfileTableError, load_catalog
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(gib|gb|g|mib|mb|m)?\s*$", re.IGNORECASE)
 
@@ -59,6 +61,7 @@ def describe(sel: Selection, model: str, served: str, port: int) -> dict:
         "command": ["vllm", "serve", *args],
         "limits": sel.limits.model_dump(),
         "fit": sel.fit.as_dict() if sel.fit else None,
+        "predicted": sel.prediction.as_dict() if sel.prediction else None,
         "notes": list(sel.notes),
     }
 
@@ -77,6 +80,16 @@ def render_text(d: dict) -> str:
     ]
     if d["fit"]:
         lines.append(f"fit       {d['fit']['message']}")
+    p = d["predicted"]
+    if p:
+        bound = "; prefill-bound: prompts queue for longer" if p["prefill_bound"] else ""
+        lines.append(f"speed     TTFT {p['ttft_ms']:.0f} ms, TPOT {p['tpot_ms']:.1f} ms with {p['concurrency']} "
+                     f"running, {p['prompt_tokens']} tokens in, {p['output_tokens']} out ({p['gpu']}: "
+                     f"{p['source']}){bound}")
+    else:
+        product = d["gpu"]["product"]
+        which = "which GPU is not known" if product == "unknown" else f"{product} is not in profiles/gpus.yaml"
+        lines.append(f"speed     not predicted: {which} (--gpu-type {'|'.join(default_gpus().gpus)})")
     lines += [f"note      {n}" for n in d["notes"]]
     lines += ["command", "  " + shlex.join(d["command"])]
     return "\n".join(lines)
@@ -86,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="cxygpt-profile", description=__doc__)
     ap.add_argument("--gpu-memory", type=parse_memory_mib, help="memory per GPU (32GiB, 80G, 81559); "
                     "default: read from nvidia-smi")
+    ap.add_argument("--gpu-type", help="the GPU, for the engine's predicted speed: one of profiles/gpus.yaml "
+                    f"({', '.join(default_gpus().gpus)}) or its product name; its memory unless --gpu-memory "
+                    "(default: nvidia-smi's)")
     ap.add_argument("--gpu-count", type=int, default=1, help="GPUs on the machine (default 1)")
     ap.add_argument("--mode", choices=["single", "multi"], default="multi", help="single-user quality or "
                     "multi-user throughput (default multi)")
@@ -106,8 +122,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if a.gpu_count < 1:
         ap.error("--gpu-count must be at least 1")
-    nodes = ([GpuNode(memory_mib=a.gpu_memory, count=a.gpu_count, name="given")] if a.gpu_memory
-             else read_nvidia_smi())
+    gpus = default_gpus()
+    gpu = None
+    if a.gpu_type:
+        gpu = a.gpu_type if a.gpu_type in gpus.gpus else gpus.by_product(a.gpu_type)
+        if gpu is None:
+            ap.error(f"--gpu-type {a.gpu_type!r}: not one of {', '.join(gpus.gpus)} nor their product names")
+    if a.gpu_memory or gpu:
+        nodes = [GpuNode(memory_mib=a.gpu_memory or gpus.gpus[gpu].memory_mib, count=a.gpu_count, name="given",
+                         product=gpus.gpus[gpu].products[0] if gpu else "unknown")]
+    else:
+        nodes = read_nvidia_smi()
     found = catalog.entry(a.model)
     facts = catalog.lookup(a.model)
     int4 = a.int4 or (found[1].variants.get("int4") if found else None)

@@ -1,10 +1,12 @@
 """Profile selection (pure): spec facts × GPU nodes × profile table → the profile and its resolved numbers."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .fit import FitEstimate, estimate_fit
-from .table import Limits, ModelFacts, Profile, ProfileTable
+from .gpus import default_gpus
+from .predict import Prediction, predict_profile
+from .table import Limits, ModelFacts, Profile, ProfileTable, default_catalog
 
 AUTO = "auto"
 
@@ -29,6 +31,7 @@ class Selection:
     fit: FitEstimate | None
     forced: bool
     notes: tuple[str, ...] = field(default=())
+    prediction: Prediction | None = None   # the engine's TTFT and TPOT at the profile's concurrency and context
 
     @property
     def tensor_parallel_size(self) -> int:
@@ -92,6 +95,18 @@ def _evaluate(table: ProfileTable, profile: Profile, node: GpuNode, facts: Model
                      limits=_limits_for(profile, max_len), fit=fit, forced=forced, notes=tuple(notes))
 
 
+def _with_prediction(table: ProfileTable, sel: Selection, facts: ModelFacts | None) -> Selection:
+    """The selection with its engine's predicted speed, when the model's facts and the node's GPU are known (its
+    product in the GPU table: a node's memory alone does not say which GPU it is)."""
+    gpu = default_gpus().by_product(sel.node.product)
+    if facts is None or gpu is None:
+        return sel
+    return replace(sel, prediction=predict_profile(sel.profile, gpu=gpu, gpu_count=sel.gpu_count, facts=facts,
+                                                   repo=default_catalog().repo_of(facts),
+                                                   max_model_len=sel.max_model_len, consts=table.fit,
+                                                   limits=sel.limits))
+
+
 def _floor_node(profile: Profile) -> GpuNode:
     """The smallest GPU set a profile accepts, for judging a forced profile before any node exists."""
     count = profile.gpu.min_count
@@ -123,7 +138,7 @@ def select_profile(table: ProfileTable, *, mode: str, requested: str = AUTO, nod
         result = _evaluate(table, profile, max(matching, key=lambda n: (n.count, n.memory_mib)), facts, forced=True)
         if isinstance(result, NoFit):
             raise result
-        return result
+        return _with_prediction(table, result, facts)
 
     candidates = [p for p in table.profiles if p.mode == mode and p.weights in variants]
     if not candidates:
@@ -139,7 +154,7 @@ def select_profile(table: ProfileTable, *, mode: str, requested: str = AUTO, nod
         for node in matching:
             result = _evaluate(table, profile, node, facts, forced=False)
             if isinstance(result, Selection):
-                return result
+                return _with_prediction(table, result, facts)
             misses.append(result)
     if not nodes:
         raise NoFit("NoMatchingGPU", "no schedulable GPU node is known (GPU Feature Discovery labels "

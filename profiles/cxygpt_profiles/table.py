@@ -1,6 +1,7 @@
 """The profile table and model catalog: pydantic schemas, loading, and errors that name the bad field."""
 from __future__ import annotations
 
+import json
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -181,6 +182,9 @@ class ModelFacts(Strict):
 class CatalogEntry(ModelFacts):
     aliases: list[str] = []
     variants: dict[WeightFormat, str] = {}
+    # config.json's, for scripts/gen_speeds.py (AIConfigurator rebuilds the model's layers from them)
+    architecture: str | None = None
+    intermediate_size: int | None = Field(None, gt=0)
 
 
 class ModelCatalog(Strict):
@@ -199,7 +203,15 @@ class ModelCatalog(Strict):
 
     def lookup(self, *keys: str) -> ModelFacts | None:
         found = self.entry(*keys)
-        return ModelFacts(**found[1].model_dump(include=set(ModelFacts.model_fields))) if found else None
+        return facts_of(found[1]) if found else None
+
+    def repo_of(self, facts: ModelFacts) -> str | None:
+        """The catalogued repository whose facts these are (a spec's own facts for a model not catalogued: None)."""
+        return next((repo for repo, entry in self.models.items() if facts_of(entry) == facts), None)
+
+
+def facts_of(entry: CatalogEntry) -> ModelFacts:
+    return ModelFacts(**entry.model_dump(include=set(ModelFacts.model_fields)))
 
 
 def _field_path(loc: tuple, data) -> str:
@@ -217,12 +229,14 @@ def _field_path(loc: tuple, data) -> str:
 
 
 def _parse(model: type[BaseModel], path: Path):
+    """A YAML file, or a JSON one (a large generated table: the YAML parser would take a second)."""
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_text()
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except OSError as e:
         raise ProfileTableError(f"{path}: cannot read: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise ProfileTableError(f"{path}: not valid YAML: {e}") from None
+    except (yaml.YAMLError, ValueError) as e:
+        raise ProfileTableError(f"{path}: not valid {path.suffix.lstrip('.').upper() or 'YAML'}: {e}") from None
     try:
         return model.model_validate(data)
     except ValidationError as e:
@@ -230,17 +244,13 @@ def _parse(model: type[BaseModel], path: Path):
         raise ProfileTableError(f"{path}: {problems}") from None
 
 
-def load_table(path: str | os.PathLike | None = None) -> ProfileTable:
+def parse_table(path: str | os.PathLike | None = None) -> ProfileTable:
+    """The table as its schema has it; load_table (load.py) also checks its limits against its engines' speed."""
     return _parse(ProfileTable, Path(path or os.environ.get(TABLE_ENV) or DEFAULT_TABLE))
 
 
 def load_catalog(path: str | os.PathLike | None = None) -> ModelCatalog:
     return _parse(ModelCatalog, Path(path or os.environ.get(CATALOG_ENV) or DEFAULT_CATALOG))
-
-
-@lru_cache(maxsize=1)
-def default_table() -> ProfileTable:
-    return load_table()
 
 
 @lru_cache(maxsize=1)

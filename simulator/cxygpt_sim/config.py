@@ -7,16 +7,18 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from cxygpt_profiles import ProfileTableError, default_catalog, default_table, estimate_fit
+from cxygpt_profiles import ModelFacts, ProfileTableError, default_catalog, default_table, estimate_fit
+from cxygpt_profiles.gpus import default_gpus, vllm_token_budget
+from cxygpt_profiles.roofline import Workload
+from cxygpt_profiles.speed import step_model
 
 from .engine import Capacity
-from .speed import DEFAULT_SPEED_PROFILE, SPEED_PROFILES, Speed
+from .speed import DEFAULT_SPEED_PROFILE, REFERENCE_MODEL, TEST_PROFILES, GpuSpeed, Speed, knob_base
 from .text import DEFAULT_VOCAB_SIZE
 from .weights import DEFAULT_LOAD_GIB_PER_S
 
-DEFAULT_GPU_MEMORY_MIB = 81559  # an H100 80GB as GPU Feature Discovery reports it
+DEFAULT_GPU_MEMORY_MIB = 81559  # an H100 80GB as GPU Feature Discovery reports it (a test profile's GPU)
 DEFAULT_MAX_MODEL_LEN = 8192    # when neither the flag nor the model catalog says
-LARGE_GPU_MIB = 70 * 1024       # vLLM's threshold for its larger per-step token budget
 
 # Simulator knob -> environment variable, so a Deployment can set speed without touching the vLLM args.
 ENV = {
@@ -25,6 +27,7 @@ ENV = {
     "itl_ms": "CXYGPT_SIM_ITL_MS",
     "prefill_ms_per_1k": "CXYGPT_SIM_PREFILL_MS_PER_1K",
     "itl_batch_slope": "CXYGPT_SIM_ITL_BATCH_SLOPE",
+    "context_ms_per_1k": "CXYGPT_SIM_CONTEXT_MS_PER_1K",
     "jitter": "CXYGPT_SIM_JITTER",
     "sim_seed": "CXYGPT_SIM_SEED",
     "gpu_memory_mib": "CXYGPT_SIM_GPU_MEMORY_MIB",
@@ -54,7 +57,7 @@ class SimConfig:
     vocab_size: int
     api_key: str | None
     shutdown_timeout: float
-    speed: Speed
+    speed: Speed | GpuSpeed
     speed_profile: str
     seed: int | None
     text: str
@@ -116,9 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
         usage="cxygpt-sim [serve] [model_tag] [options]",
         description="vLLM-compatible engine simulator: vLLM's command line and OpenAI HTTP API, no GPU. "
                     "Other vLLM flags are accepted and ignored with one warning line.",
-        epilog="speed profiles (ttft ms / itl ms / prefill ms per 1k prompt tokens / itl batch slope): " + "; ".join(
-            f"{name} {s.ttft_ms:g}/{s.itl_ms:g}/{s.prefill_ms_per_1k:g}/{s.itl_batch_slope:g}"
-            for name, s in SPEED_PROFILES.items()))
+        epilog="speed profiles: a GPU's (profiles/gpus.yaml): step times measured on it for the served model "
+               "(AIConfigurator's database, profiles/speeds.json) or a fitted roofline; an uncatalogued model runs "
+               f"at {REFERENCE_MODEL}'s speed. Test profiles, on no GPU: " + "; ".join(
+                   f"{name} (ttft {s.ttft_ms:g} ms, itl {s.itl_ms:g} ms)" for name, s in TEST_PROFILES.items()))
     v = p.add_argument_group("vLLM flags the simulator models")
     v.add_argument("model_tag", nargs="?", help="model (vLLM's positional; wins over --model)")
     v.add_argument("--model", default=None)
@@ -153,8 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--seed", type=int, default=None, help="accepted; the simulator's seed is --sim-seed")
     v.add_argument("--shutdown-timeout", type=_non_negative, default=0,
                    help="seconds in-flight requests may finish after SIGTERM; default 0 (abort them)")
-    s = p.add_argument_group("simulator knobs (flag > environment variable > speed profile)")
-    s.add_argument("--speed-profile", choices=sorted(SPEED_PROFILES), default=None,
+    s = p.add_argument_group("simulator knobs (flag > environment variable > speed profile); any of --ttft-ms, "
+                             "--itl-ms, --sim-prefill-ms-per-1k, --sim-itl-batch-slope, --sim-context-ms-per-1k "
+                             "turns a GPU profile into its knobs' shape with those replaced")
+    s.add_argument("--speed-profile", default=None, metavar="{" + ",".join(speed_profiles()) + "}",
                    help=f"[{ENV['speed_profile']}] step timings; default {DEFAULT_SPEED_PROFILE}")
     s.add_argument("--ttft-ms", type=_non_negative, default=None,
                    help=f"[{ENV['ttft_ms']}] first-token time of a short prompt on an idle engine")
@@ -165,13 +171,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "(scales with --ttft-ms when unset)")
     s.add_argument("--sim-itl-batch-slope", type=_non_negative, default=None,
                    help=f"[{ENV['itl_batch_slope']}] decode step grows by this fraction per extra running sequence")
+    s.add_argument("--sim-context-ms-per-1k", type=_non_negative, default=None,
+                   help=f"[{ENV['context_ms_per_1k']}] extra step time per 1000 tokens of context the step's "
+                        "sequences attend to (scales with --itl-ms when unset)")
     s.add_argument("--sim-jitter", type=_non_negative, default=None,
                    help=f"[{ENV['jitter']}] each step varies by up to ± this fraction")
     s.add_argument("--sim-seed", type=int, default=None,
                    help=f"[{ENV['sim_seed']}] seed for jitter and reply text, for deterministic runs")
     s.add_argument("--sim-gpu-memory-mib", type=_positive(int), default=None,
-                   help=f"[{ENV['gpu_memory_mib']}] simulated memory per GPU for the KV budget, "
-                        f"default {DEFAULT_GPU_MEMORY_MIB}")
+                   help=f"[{ENV['gpu_memory_mib']}] simulated memory per GPU for the KV budget; default the "
+                        f"speed profile's GPU's (a test profile's: {DEFAULT_GPU_MEMORY_MIB})")
     s.add_argument("--sim-load-gib-per-s", type=_non_negative, default=None,
                    help=f"[{ENV['load_gib_per_s']}] the rate the weights are read at before serving (a model "
                         "directory's safetensors, or what was downloaded from $HF_ENDPOINT); default 2, 0 = instant")
@@ -219,6 +228,10 @@ class KvBudget:
     tokens: int
     vocab_size: int
     explanation: str
+    repo: str | None = None           # the catalogued model, when it is one
+    facts: ModelFacts | None = None
+    weights: str = "bf16"
+    kv_cache_dtype: str = "auto"
 
 
 def _catalog():
@@ -242,16 +255,17 @@ def kv_budget(*, model: str, served_name: str, max_model_len: int | None, dtype:
     if max_model_len is None:
         max_model_len = facts.max_context if facts else DEFAULT_MAX_MODEL_LEN
     vocab_size = facts.vocab_size if facts else DEFAULT_VOCAB_SIZE
+    variant_int4 = bool(found) and found[1].variants.get("int4", "").lower() in (keys[0].lower(), keys[1].lower())
+    weights = "int4" if quantization or variant_int4 else "bf16"
+    kv_dtype = kv_cache_dtype if consts and kv_cache_dtype in consts.kv_bytes_per_element else "auto"
+    model_is = dict(repo=found[0] if found else None, facts=facts, weights=weights, kv_cache_dtype=kv_dtype)
     if num_gpu_blocks_override:
         return KvBudget(max_model_len, num_gpu_blocks_override * block_size, vocab_size,
-                        f"--num-gpu-blocks-override {num_gpu_blocks_override} x --block-size {block_size}")
+                        f"--num-gpu-blocks-override {num_gpu_blocks_override} x --block-size {block_size}", **model_is)
     if facts is None:
         reason = problem or f"model {model!r} is not in the catalog"
         return KvBudget(max_model_len, max_num_seqs * max_model_len, vocab_size,
-                        f"{reason}: --max-num-seqs {max_num_seqs} x --max-model-len {max_model_len}")
-    variant_int4 = found[1].variants.get("int4", "").lower() in (keys[0].lower(), keys[1].lower())
-    weights = "int4" if quantization or variant_int4 else "bf16"
-    kv_dtype = kv_cache_dtype if kv_cache_dtype in consts.kv_bytes_per_element else "auto"
+                        f"{reason}: --max-num-seqs {max_num_seqs} x --max-model-len {max_model_len}", **model_is)
     fit = estimate_fit(facts, weights=weights, kv_cache_dtype=kv_dtype, max_model_len=max_model_len,
                        gpu_memory_utilization=gpu_memory_utilization, gpu_memory_mib=gpu_memory_mib,
                        gpu_count=gpu_count, consts=consts)
@@ -262,13 +276,34 @@ def kv_budget(*, model: str, served_name: str, max_model_len: int | None, dtype:
         # vLLM would refuse to start; the simulator keeps serving so demos and tests still run
         tokens = max(tokens, max_model_len)
         note += f"; WOULD NOT FIT on real GPUs, budget raised to max-model-len {max_model_len}"
-    return KvBudget(max_model_len, tokens, vocab_size, note)
+    return KvBudget(max_model_len, tokens, vocab_size, note, **model_is)
 
 
-def default_max_num_batched_tokens(gpu_memory_mib: int, speed_profile: str) -> int:
-    """vLLM's EngineArgs.get_batch_defaults for the API server: larger on big GPUs except the A100, whose
-    throughput dropped with the larger budget (vLLM PR #17885)."""
-    return 8192 if gpu_memory_mib >= LARGE_GPU_MIB and "a100" not in speed_profile else 2048
+def speed_profiles() -> list[str]:
+    """The test profiles, then every GPU of the GPU table (none if it cannot be loaded: then only the tests')."""
+    try:
+        gpus = sorted(default_gpus().gpus)
+    except ProfileTableError:
+        gpus = []
+    return [*TEST_PROFILES, *gpus]
+
+
+def engine_speed(profile: str, budget: KvBudget, tp: int, knobs: dict, jitter: float | None) -> Speed | GpuSpeed:
+    """A test profile's knobs; else the GPU's step model for the served model (an uncatalogued one at the
+    reference model's speed), or, when knobs are given, the knobs' shape of that model with them replaced."""
+    if profile in TEST_PROFILES:
+        return TEST_PROFILES[profile].with_overrides(**knobs, jitter=jitter)
+    try:
+        catalog, consts = default_catalog(), default_table().fit
+        repo, facts = (budget.repo, budget.facts) if budget.facts else (REFERENCE_MODEL,
+                                                                        catalog.lookup(REFERENCE_MODEL))
+        workload = Workload(facts, budget.weights, budget.kv_cache_dtype, tp, consts)
+        model = step_model(profile, workload, repo)
+    except ProfileTableError as e:
+        raise ConfigError(f"speed profile {profile} needs the GPU, speed and model data: {e}") from None
+    if any(v is not None for v in knobs.values()):
+        return knob_base(model).with_overrides(**knobs, jitter=jitter)
+    return GpuSpeed(model, jitter=jitter or 0.0)
 
 
 def parse_config(argv: Sequence[str], env: Mapping[str, str] | None = None) -> tuple[SimConfig, list[str]]:
@@ -288,7 +323,13 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str] | None = None) -> t
     def knob(key: str, given, parse=_non_negative):
         return given if given is not None else _env_value(env, key, parse)
 
-    gpu_memory_mib = knob("gpu_memory_mib", a.sim_gpu_memory_mib, _positive(int)) or DEFAULT_GPU_MEMORY_MIB
+    profile = a.speed_profile or _env_value(env, "speed_profile", str) or DEFAULT_SPEED_PROFILE
+    profiles = speed_profiles()
+    if profile not in profiles:
+        raise ConfigError(f"{ENV['speed_profile']}={profile!r}: choose one of {', '.join(profiles)}")
+    # a GPU profile's memory unless told otherwise: the KV budget of the GPU whose speed it has
+    gpu_memory_mib = (knob("gpu_memory_mib", a.sim_gpu_memory_mib, _positive(int))
+                      or (DEFAULT_GPU_MEMORY_MIB if profile in TEST_PROFILES else default_gpus().gpus[profile].memory_mib))
     budget = kv_budget(
         model=model, served_name=served[0], max_model_len=a.max_model_len, dtype=a.dtype,
         quantization=a.quantization, kv_cache_dtype=a.kv_cache_dtype,
@@ -298,16 +339,14 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str] | None = None) -> t
     if budget.tokens // a.block_size * a.block_size < budget.max_model_len:
         raise ConfigError(f"KV budget of {budget.tokens} tokens cannot hold one sequence of max-model-len "
                           f"{budget.max_model_len}; raise --num-gpu-blocks-override")
-    profile = a.speed_profile or _env_value(env, "speed_profile", str) or DEFAULT_SPEED_PROFILE
-    if profile not in SPEED_PROFILES:
-        raise ConfigError(f"{ENV['speed_profile']}={profile!r}: choose one of {', '.join(sorted(SPEED_PROFILES))}")
-    max_num_batched_tokens = a.max_num_batched_tokens or default_max_num_batched_tokens(gpu_memory_mib, profile)
+    max_num_batched_tokens = a.max_num_batched_tokens or vllm_token_budget(gpu_memory_mib, a100="a100" in profile)
     if max_num_batched_tokens <= 0:
         raise ConfigError(f"--max-num-batched-tokens must be positive, got {max_num_batched_tokens}")
-    speed = SPEED_PROFILES[profile].with_overrides(
-        ttft_ms=knob("ttft_ms", a.ttft_ms), itl_ms=knob("itl_ms", a.itl_ms),
-        prefill_ms_per_1k=knob("prefill_ms_per_1k", a.sim_prefill_ms_per_1k),
-        itl_batch_slope=knob("itl_batch_slope", a.sim_itl_batch_slope), jitter=knob("jitter", a.sim_jitter))
+    knobs = dict(ttft_ms=knob("ttft_ms", a.ttft_ms), itl_ms=knob("itl_ms", a.itl_ms),
+                 prefill_ms_per_1k=knob("prefill_ms_per_1k", a.sim_prefill_ms_per_1k),
+                 itl_batch_slope=knob("itl_batch_slope", a.sim_itl_batch_slope),
+                 context_ms_per_1k=knob("context_ms_per_1k", a.sim_context_ms_per_1k))
+    speed = engine_speed(profile, budget, a.tensor_parallel_size, knobs, knob("jitter", a.sim_jitter))
     load_rate = knob("load_gib_per_s", a.sim_load_gib_per_s)
     text = a.sim_text or _env_value(env, "text", str) or "corpus"
     if text not in ("corpus", "echo"):

@@ -6,8 +6,10 @@ from collections import deque
 from collections.abc import Sequence as Ids
 from dataclasses import dataclass, field
 
+from cxygpt_profiles.roofline import StepShape
+
 from .kvcache import KVCache, block_hashes
-from .speed import Speed
+from .speed import GpuSpeed, Speed
 
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 8192  # vLLM's API-server default on a GPU of 70 GiB or more that is not an A100
 
@@ -66,13 +68,26 @@ class Progress:
     done: bool
 
 
+def step_shape(scheduled: dict[Sequence, int]) -> StepShape:
+    """A sequence with output that computes just its last token decodes; every other computes a prefill chunk
+    after the tokens it has computed (a prefix-cache hit among them)."""
+    prefill, decoding, context = [], 0, 0
+    for seq, tokens in scheduled.items():
+        if seq.generated and seq.computed + 1 == seq.num_tokens:
+            decoding += 1
+            context += seq.num_tokens
+        else:
+            prefill.append((tokens, seq.computed))
+    return StepShape(prefill=tuple(prefill), decode_count=decoding, decode_context=context)
+
+
 class Scheduler:
     """Each step gives every running sequence (oldest first) the tokens it still needs, up to the step's token
     budget; with budget left and no preemption in the step, waiting sequences are admitted FCFS with their
     prompt in chunks. When KV blocks run out the newest running sequence is preempted: it frees its blocks and
     goes back to the front of the queue to recompute (its prompt blocks may still be cached)."""
 
-    def __init__(self, capacity: Capacity, speed: Speed, seed: int | None = None):
+    def __init__(self, capacity: Capacity, speed: Speed | GpuSpeed, seed: int | None = None):
         self.capacity, self.speed = capacity, speed
         self.kv = KVCache(capacity.kv_blocks, capacity.block_size)
         self.waiting: deque[Sequence] = deque()
@@ -155,15 +170,11 @@ class Scheduler:
             scheduled[seq] = tokens
             budget -= tokens
             admitted += 1
-        # a sequence with output that computes just its last token decodes; every other token is prefill
-        decoding = sum(1 for seq in scheduled if seq.generated and seq.computed + 1 == seq.num_tokens)
-        total = sum(scheduled.values())
-        prefill = total - decoding
-        context = sum(seq.computed + n for seq, n in scheduled.items())
-        duration = self.speed.step_s(prefill_tokens=prefill, sequences=len(scheduled), context_tokens=context)
+        shape = step_shape(scheduled)
+        duration = self.speed.step_s(shape)
         if self.speed.jitter and duration:
             duration *= 1 + self.speed.jitter * self._rng.uniform(-1, 1)
-        return Step(duration, admitted, total, prefill, decoding)
+        return Step(duration, admitted, shape.tokens, shape.prefill_tokens, shape.decode_count)
 
     def end_step(self, now: float) -> list[Progress]:
         """The step's tokens are computed; a sequence whose every token is computed samples its next one (all of

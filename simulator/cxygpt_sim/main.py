@@ -16,17 +16,13 @@ log = logging.getLogger("cxygpt_sim")
 
 
 def describe(config: SimConfig) -> list[str]:
-    s = config.speed
     return [
         f"serving {config.model} as {', '.join(config.served_model_names)} on {config.host}:{config.port}",
         f"max-model-len {config.max_model_len}, max-num-seqs {config.max_num_seqs}, max-num-batched-tokens "
         f"{config.max_num_batched_tokens}, prefix caching {'on' if config.enable_prefix_caching else 'off'}",
         f"KV budget {config.kv_tokens} tokens ({config.capacity.kv_blocks} blocks of {config.block_size}): "
         f"{config.kv_explanation}",
-        f"speed profile {config.speed_profile}: ttft {s.ttft_ms} ms + {s.prefill_ms_per_1k} ms per 1k prompt "
-        f"tokens, itl {s.itl_ms} ms x (1 + {s.itl_batch_slope} per extra sequence in a step) + "
-        f"{s.context_ms_per_1k} ms per 1k context tokens, jitter {s.jitter}, "
-        f"seed {config.seed}, text {config.text}",
+        f"speed profile {config.speed_profile}: {config.speed.describe()}, seed {config.seed}, text {config.text}",
     ]
 
 

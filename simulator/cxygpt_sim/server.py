@@ -62,9 +62,17 @@ class Engine:
         the reply ends with, counted in vllm:request_success_total."""
         seq = Sequence(id=next(self._ids), prompt_ids=prompt_ids, output_tokens=output_tokens, arrived=self._clock())
         flight = self.flights[seq.id] = Flight(seq, request_id or seq.id, finish_reason, stream)
-        self.scheduler.submit(seq)
-        self._wake.set()
+        if self.config.speed.dispatch_s:
+            asyncio.get_running_loop().call_later(self.config.speed.dispatch_s, self._schedule, seq)
+        else:
+            self._schedule(seq)
         return flight
+
+    def _schedule(self, seq: Sequence) -> None:
+        """The request reaches the scheduler (after its dispatch), unless it was aborted meanwhile."""
+        if seq.state == "new":
+            self.scheduler.submit(seq)
+            self._wake.set()
 
     def release(self, flight: Flight) -> None:
         """Called when the handler ends: a request that did not finish is aborted and frees its slot now."""

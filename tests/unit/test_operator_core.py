@@ -287,6 +287,16 @@ def test_status_starting_then_ready():
     assert _status(sel, deployment={"status": {"replicas": 1, "readyReplicas": 1}}, previous=ready, now="x") == ready
 
 
+def test_status_carries_the_engines_predicted_speed_on_a_known_gpu():
+    sel = resolve(parse_spec(EXAMPLE["spec"]), [H100], TABLE, CATALOG)
+    predicted = _status(sel, deployment={"status": {"replicas": 1}})["predicted"]
+    assert predicted == sel.prediction.as_status() and predicted["gpu"] == "h100-80g"
+    assert predicted["source"] == "silicon" and predicted["promptTokens"] == 16128 and predicted["outputTokens"] == 256
+    assert predicted["tpotMs"] >= 8.4 and 0 < predicted["ttftMs"] <= TABLE.get("SRV_80G").limits.degrade.p95_ttft_ms
+    unknown = gpu_node(_node("n", {"nvidia.com/gpu.memory": "81559", "nvidia.com/gpu.count": "1"}))
+    assert "predicted" not in _status(resolve(parse_spec(EXAMPLE["spec"]), [unknown], TABLE, CATALOG))
+
+
 def test_status_pending_and_failed():
     pending = _status(NoFit("NoMatchingGPU", "no node", permanent=False))
     assert pending["phase"] == "Pending"

@@ -72,3 +72,20 @@ def test_reads_nvidia_smi_when_present(tmp_path):
     data = json.loads(run("--json", env={"PATH": f"{tmp_path}:{os.environ['PATH']}"}).stdout)
     assert data["profile"] == "SRV_MULTI_80G" and data["gpu"] == {
         "memory_mib": 81559, "count": 2, "product": "NVIDIA H100 80GB HBM3"}
+    # nvidia-smi's name is the GPU's product: the speed is predicted for two H100s
+    assert data["predicted"]["gpu"] == "h100-80g" and data["predicted"]["source"] == "silicon"
+
+
+def test_the_predicted_speed_at_the_profiles_concurrency_and_context():
+    out = run("--gpu-type", "h100-80g", "--model", "Qwen/Qwen3-14B")
+    assert out.returncode == 0, out.stderr
+    assert "gpu       1 x 81559 MiB NVIDIA-H100-80GB-HBM3" in out.stdout
+    speed = next(line for line in out.stdout.splitlines() if line.startswith("speed"))
+    assert "running, 16128 tokens in, 256 out (h100-80g: silicon)" in speed and "TTFT" in speed and "TPOT" in speed
+    data = json.loads(run("--gpu-type", "NVIDIA-GeForce-RTX-5090", "--json").stdout)
+    assert data["profile"] == "DEV_32G" and data["predicted"]["source"] == "fitted"
+    assert data["predicted"]["ttft_ms"] <= data["limits"]["degrade"]["p95_ttft_ms"]
+    # memory alone does not say which GPU it is
+    assert "speed     not predicted: which GPU is not known (--gpu-type h100-80g|" in run("--gpu-memory", "80G").stdout
+    out = run("--gpu-type", "v100")
+    assert out.returncode == 2 and "--gpu-type 'v100': not one of h100-80g" in out.stderr

@@ -4,7 +4,8 @@ import pytest
 from cxygpt_profiles import GpuNode, ProfileTableError, default_catalog, default_table, engine_args, select_profile
 from cxygpt_sim import config as sim_config
 from cxygpt_sim.config import ConfigError, build_parser, parse_config, split_unknown
-from cxygpt_sim.speed import SPEED_PROFILES
+from cxygpt_profiles.roofline import StepShape
+from cxygpt_sim.speed import GpuSpeed
 
 OPERATOR_ARGS = ["serve", "Qwen/Qwen3-14B", "--served-model-name", "qwen3-14b", "--host", "0.0.0.0", "--port", "8000",
                  "--dtype", "bfloat16", "--kv-cache-dtype", "fp8", "--max-model-len", "16384",
@@ -97,9 +98,10 @@ def test_a_budget_smaller_than_one_sequence_is_refused():
 
 def test_speed_from_flags_then_environment_then_profile():
     config, _ = parse_config(["m", "--max-model-len", "1024"], env={})
-    assert config.speed == SPEED_PROFILES["h100-80g"]
+    # an uncatalogued model on the default GPU: the reference model's step times measured on an H100
+    assert isinstance(config.speed, GpuSpeed) and config.speed.model.source.startswith("silicon")
     config, _ = parse_config(["m", "--max-model-len", "1024", "--ttft-ms", "0", "--itl-ms", "0"], env={})
-    assert config.speed.step_s(prefill_tokens=5000, sequences=4, context_tokens=9000) == 0
+    assert config.speed.step_s(StepShape(prefill=((5000, 0),), decode_count=3, decode_context=4000)) == 0
     assert config.speed.instant_decode
     env = {"CXYGPT_SIM_TTFT_MS": "250", "CXYGPT_SIM_ITL_MS": "30", "CXYGPT_SIM_SEED": "3",
            "CXYGPT_SIM_SPEED_PROFILE": "rtx5090-32g", "CXYGPT_SIM_TEXT": "echo"}
@@ -138,8 +140,12 @@ def test_a_missing_catalog_falls_back_to_full_length_sequences(monkeypatch):
     def unavailable():
         raise ProfileTableError("models.yaml: cannot read: No such file or directory")
     monkeypatch.setattr(sim_config, "default_catalog", unavailable)
-    config, _ = parse_config(["Qwen/Qwen3-8B", "--max-model-len", "1024", "--max-num-seqs", "4"], env={})
+    config, _ = parse_config(["Qwen/Qwen3-8B", "--max-model-len", "1024", "--max-num-seqs", "4",
+                              "--speed-profile", "fast"], env={})
     assert config.kv_tokens == 4096 and "catalog unavailable" in config.kv_explanation
+    # a GPU's speed is the model's on it: without the catalog there is none to give
+    with pytest.raises(ConfigError, match="speed profile h100-80g needs .* data: models.yaml: cannot read"):
+        parse_config(["Qwen/Qwen3-8B", "--max-model-len", "1024", "--max-num-seqs", "4"], env={})
 
 
 def test_the_model_load_time_from_the_flag_or_the_environment():

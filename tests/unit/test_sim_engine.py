@@ -2,7 +2,10 @@
 import pytest
 
 from cxygpt_sim.engine import Capacity, Scheduler, Sequence
-from cxygpt_sim.speed import SPEED_PROFILES, Speed
+from cxygpt_profiles import default_catalog, default_table
+from cxygpt_profiles.roofline import StepShape, Workload
+from cxygpt_profiles.speed import step_model
+from cxygpt_sim.speed import TEST_PROFILES, GpuSpeed, Speed, knob_base
 
 STEADY = Speed(ttft_ms=100, itl_ms=10, prefill_ms_per_1k=0, itl_batch_slope=0)
 
@@ -42,23 +45,28 @@ def test_waves_of_ttft_follow_queueing():
             assert q.generated == 10 and q.state == "finished"
 
 
-def test_a_step_grows_with_prefill_tokens_batch_and_context():
-    speed = SPEED_PROFILES["h100-80g"]
+def h100(repo="Qwen/Qwen3-14B", kv="auto"):
+    return step_model("h100-80g", Workload(default_catalog().lookup(repo), "bf16", kv, 1, default_table().fit), repo)
 
-    def step(prefill=0, sequences=1, context=100):
-        return speed.step_s(prefill_tokens=prefill, sequences=sequences, context_tokens=context)
+
+def test_a_step_grows_with_prefill_tokens_batch_and_context():
+    speed = GpuSpeed(h100())
+
+    def step(prefill=0, decoding=1, context=100):
+        return speed.step_s(StepShape(prefill=((prefill, 0),) if prefill else (), decode_count=decoding,
+                                      decode_context=decoding * context))
     assert step(prefill=4000) > step(prefill=100) > step() > 0
-    assert step(sequences=64) > step(sequences=1)
+    assert step(decoding=64) > step(decoding=1)
     assert step(context=100_000) > step(context=100)
-    assert speed.step_s(prefill_tokens=0, sequences=0, context_tokens=0) == 0
+    assert speed.step_s(StepShape()) == 0
 
 
 def test_the_knobs_keep_their_meaning_on_an_idle_engine():
     speed = Speed(ttft_ms=100, itl_ms=10, prefill_ms_per_1k=50, itl_batch_slope=0.1, context_ms_per_1k=1)
     # a short prompt alone: --ttft-ms (plus its tiny prefill and context); one decoding sequence: --itl-ms
-    assert speed.step_s(prefill_tokens=1, sequences=1, context_tokens=0) == pytest.approx(0.10005)
-    assert speed.step_s(prefill_tokens=0, sequences=1, context_tokens=0) == pytest.approx(0.010)
-    assert speed.step_s(prefill_tokens=0, sequences=11, context_tokens=2000) == pytest.approx(0.022)
+    assert speed.step_s(StepShape(prefill=((1, 0),))) == pytest.approx(0.100051)
+    assert speed.step_s(StepShape(decode_count=1, decode_context=0)) == pytest.approx(0.010)
+    assert speed.step_s(StepShape(decode_count=11, decode_context=2000)) == pytest.approx(0.022)
 
 
 def test_a_request_without_kv_blocks_waits_at_the_head():
@@ -109,7 +117,7 @@ def test_cancel_during_a_step_drops_the_sequence_from_that_step():
 
 
 def test_instant_decode_finishes_a_request_in_one_step():
-    s = Scheduler(Capacity(max_num_seqs=8, kv_blocks=100), SPEED_PROFILES["instant"])
+    s = Scheduler(Capacity(max_num_seqs=8, kv_blocks=100), TEST_PROFILES["instant"])
     (a,) = seqs(1, output=50)
     s.submit(a)
     assert s.begin_step(0.0).duration_s == 0
@@ -148,9 +156,9 @@ def test_jitter_is_deterministic_with_a_seed():
 
 
 def test_overrides_scale_prefill_with_ttft_so_zero_means_instant():
-    base = SPEED_PROFILES["h100-80g"]
-    assert base.with_overrides(ttft_ms=0, itl_ms=0).step_s(prefill_tokens=10_000, sequences=8,
-                                                           context_tokens=50_000) == 0
+    base = knob_base(h100())
+    assert base.with_overrides(ttft_ms=0, itl_ms=0).step_s(StepShape(prefill=((10_000, 0),), decode_count=7,
+                                                                     decode_context=40_000)) == 0
     assert base.with_overrides(itl_ms=base.itl_ms * 2).context_ms_per_1k == pytest.approx(base.context_ms_per_1k * 2)
     assert base.with_overrides(ttft_ms=base.ttft_ms * 2).prefill_ms_per_1k == base.prefill_ms_per_1k * 2
     assert base.with_overrides(ttft_ms=0, prefill_ms_per_1k=5).prefill_ms_per_1k == 5
