@@ -15,7 +15,20 @@
   const plots = {};
   let shape = "";
 
+  function legend(models) {
+    const list = document.getElementById("chart-legend");
+    list.replaceChildren(...models.map((model, i) => {
+      const item = document.createElement("li");
+      const swatch = document.createElement("span");
+      swatch.className = "swatch";
+      swatch.style.background = COLORS[i % COLORS.length];
+      item.append(swatch, document.createTextNode(model));
+      return item;
+    }));
+  }
+
   function build(models, data) {
+    legend(models);
     for (const [name, chart] of Object.entries(CHARTS)) {
       const holder = root.querySelector(`[data-chart="${name}"] .plot`);
       if (plots[name]) plots[name].destroy();
@@ -28,7 +41,7 @@
         width: Math.max(280, holder.clientWidth), height: 180, series: series,
         axes: [{}, {size: 56, values: (u, ticks) => ticks.map(t => +t.toFixed(2))}],
         scales: {y: {range: (u, min, max) => [0, Math.max(1, max * 1.1)]}},
-        legend: {live: true},
+        legend: {show: false},
       };
       plots[name] = new uPlot(options, columns(models, data, chart), holder);
     }
