@@ -30,12 +30,12 @@ profile: bootstrap
 clean:
 	rm -rf $(VENV) $(TOOLS) .pytest_cache
 
-# Container images of the operator, gateway and simulator, tagged with the chart's appVersion (needs a
+# Container images of the operator, gateway, simulator and console, tagged with the chart's appVersion (needs a
 # Docker engine; not part of `make test`). IMAGE_PREFIX=registry/org changes the repository prefix.
 .PHONY: images
 images:
 	@command -v docker >/dev/null || { echo "make images: needs docker" >&2; exit 1; }
 	@tag=$$(sed -n 's/^appVersion: *"*\([^"]*\)"*$$/\1/p' deploy/helm/cxygpt/Chart.yaml); \
-	for target in operator gateway sim; do \
+	for target in operator gateway sim console; do \
 	  docker build --target $$target -t $${IMAGE_PREFIX:-cxygpt}/cxygpt-$$target:$$tag . || exit 1; \
 	done

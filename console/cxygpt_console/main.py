@@ -31,7 +31,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
                     token=token, interval_s=args.interval, secure_cookies=args.secure_cookies)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="cxygpt-console", description=__doc__)
     ap.add_argument("--gateway-url", required=True, help="the gateway, e.g. http://cxygpt-gateway.cxygpt.svc:80")
     ap.add_argument("--gateway-service", type=parse_service, metavar="NAMESPACE/NAME",
@@ -53,7 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--secure-cookies", action="store_true",
                     help="session cookie only over HTTPS (set when the console is served behind TLS)")
     ap.add_argument("--log-level", default="info")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         app = create_app(settings_from(args))
