@@ -173,6 +173,10 @@
         body: JSON.stringify({model: els.model.value, messages: outgoing(prompt)}), signal: counter.signal});
       const data = await answer.json();
       if (!answer.ok) { els.count.textContent = `Tokens not counted: ${data.error.message}`; return; }
+      // the limit read with the user's own key is the one in force for them; the console's is the fallback
+      const limit = limits ? limits.max_input_tokens : data.max_input_tokens;
+      data.max_input_tokens = limit;
+      data.over_by = limit == null ? 0 : Math.max(0, data.count - limit);
       els.count.className = "token-count" + (data.over_by ? " over" : "");
       els.count.textContent = data.over_by
         ? `${data.count} input tokens: over the limit of ${data.max_input_tokens} by ${data.over_by}. ` +
