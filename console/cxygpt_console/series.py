@@ -46,10 +46,11 @@ def parse_scrape(text: str, max_models: int = MAX_MODELS) -> Scrape:
             models[model] = ModelCounters()
         return models[model]
 
+    wanted = {REQUESTS + "_total", OUTPUT_TOKENS + "_total", QUEUE, TTFT + "_bucket"}
     for family in text_string_to_metric_families(text):
-        if family.name not in (REQUESTS, TTFT, OUTPUT_TOKENS, QUEUE):
-            continue
-        for sample in family.samples:
+        for sample in family.samples:  # by the sample's name: the family's depends on the TYPE line's spelling
+            if sample.name not in wanted:
+                continue
             c = counters(sample.labels)
             if c is None:
                 continue
