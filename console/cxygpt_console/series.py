@@ -101,7 +101,7 @@ def intervals(previous: dict[str, Scrape], current: dict[str, Scrape], seconds: 
 
 def quantile(q: float, buckets: dict[float, float]) -> float | None:
     """histogram_quantile() of Prometheus on cumulative bucket counts: linear within the bucket; in the +Inf
-    bucket, the highest finite bound. None with no observations."""
+    bucket, the highest finite bound. None with no observations, or no finite bound to give."""
     bounds = sorted(buckets)
     if not bounds or buckets[bounds[-1]] <= 0:
         return None
@@ -112,7 +112,7 @@ def quantile(q: float, buckets: dict[float, float]) -> float | None:
         count = buckets[bound]
         if count >= rank:
             if math.isinf(bound):
-                return lower_bound
+                return lower_bound if bound != bounds[0] else None
             if count == lower_count:
                 return bound
             return lower_bound + (bound - lower_bound) * (rank - lower_count) / (count - lower_count)
