@@ -5,7 +5,7 @@ TOOLS ?= .tools
 PY    := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(CURDIR)/$(TOOLS)/bin:$(PATH)
 
-.PHONY: bootstrap bootstrap-test demo test test-unit profile clean
+.PHONY: bootstrap bootstrap-test demo test test-unit test-openwebui profile clean
 
 bootstrap:
 	@scripts/bootstrap.sh
@@ -23,6 +23,14 @@ test: bootstrap-test
 
 test-unit: bootstrap-test
 	$(PY) -m pytest -q tests/unit
+
+# Open WebUI's pip package chatting through the dev cluster's gateway. Not part of `make test`: the package brings
+# torch with CUDA (about 7 GB and 6 minutes to install here); console/README.md, "Open WebUI"
+OPENWEBUI_VERSION ?= 0.12.4
+test-openwebui: bootstrap-test
+	@[ -x $(TOOLS)/openwebui/bin/open-webui ] || { python3 -m venv $(TOOLS)/openwebui \
+	  && $(TOOLS)/openwebui/bin/pip install -q --disable-pip-version-check open-webui==$(OPENWEBUI_VERSION); }
+	OPEN_WEBUI=$(CURDIR)/$(TOOLS)/openwebui/bin/open-webui $(PY) -m pytest -q tests/e2e/test_openwebui.py
 
 profile: bootstrap
 	cxygpt-profile --gpu-memory 32GiB --mode single
