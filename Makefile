@@ -5,7 +5,7 @@ TOOLS ?= .tools
 PY    := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(CURDIR)/$(TOOLS)/bin:$(PATH)
 
-.PHONY: bootstrap bootstrap-test demo test test-unit test-openwebui profile clean
+.PHONY: bootstrap bootstrap-test demo test test-unit test-openwebui screenshots profile clean
 
 bootstrap:
 	@scripts/bootstrap.sh
@@ -31,6 +31,10 @@ test-openwebui: bootstrap-test
 	@[ -x $(TOOLS)/openwebui/bin/open-webui ] || { python3 -m venv $(TOOLS)/openwebui \
 	  && $(TOOLS)/openwebui/bin/pip install -q --disable-pip-version-check open-webui==$(OPENWEBUI_VERSION); }
 	OPEN_WEBUI=$(CURDIR)/$(TOOLS)/openwebui/bin/open-webui $(PY) -m pytest -q tests/e2e/test_openwebui.py
+
+# The console's screenshots in docs/console/ (the README shows them), taken by its browser tests
+screenshots: bootstrap-test
+	CXYGPT_SCREENSHOTS_DIR=docs/console $(PY) -m pytest -q tests/e2e/test_console_browser.py
 
 profile: bootstrap
 	cxygpt-profile --gpu-memory 32GiB --mode single

@@ -1,9 +1,11 @@
 """The console in a real browser (Debian's Chromium driven by Playwright) against `cxygpt-dev up`: the fleet follows a
 scale-up without a reload, a model's page follows its log, the playground streams an answer, explains a 413 and counts
-down a 429. Each page's screenshot goes to docs/console/ (shown in the README)."""
+down a 429; every page has labelled controls and readable contrast. Each page's screenshot is taken; with
+CXYGPT_SCREENSHOTS_DIR=docs/console (`make screenshots`) they replace the README's."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from pathlib import Path
@@ -20,7 +22,39 @@ CHROMIUM = Path("/usr/bin/chromium")
 # no download, no background traffic of the browser's own: it talks to 127.0.0.1 only
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-SHOTS = REPO / "docs" / "console"
+# every visible control has a name, and every visible text stands out from what is behind it (WCAG 2.1 AA: 4.5:1,
+# large text 3:1)
+A11Y_PROBLEMS = """() => {
+  const problems = [];
+  const visible = e => e.offsetParent !== null || e.getClientRects().length > 0;
+  for (const e of document.querySelectorAll('input, select, textarea, button, a[href]')) {
+    if (!visible(e) || e.type === 'hidden') continue;
+    const named = (e.labels && e.labels.length) || e.getAttribute('aria-label') || e.textContent.trim();
+    if (!named) problems.push('no name: ' + e.outerHTML.slice(0, 100));
+  }
+  const rgb = c => (c.match(/[\\d.]+/g) || []).map(Number);
+  const lum = ([r, g, b]) => [r, g, b].map(v => { v /= 255; return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4; })
+    .reduce((sum, v, i) => sum + v * [0.2126, 0.7152, 0.0722][i], 0);
+  const background = e => {
+    for (; e; e = e.parentElement) {
+      const c = rgb(getComputedStyle(e).backgroundColor);
+      if (c.length === 3 || (c.length === 4 && c[3] === 1)) return c.slice(0, 3);
+    }
+    return [255, 255, 255];
+  };
+  for (const e of document.querySelectorAll('body *')) {
+    if (!visible(e) || e.closest('.u-wrap, svg, canvas, .sr-only')) continue;
+    if (![...e.childNodes].some(n => n.nodeType === 3 && n.textContent.trim())) continue;
+    const style = getComputedStyle(e);
+    if (style.visibility === 'hidden' || e.closest('button:disabled')) continue;
+    const [l1, l2] = [lum(rgb(style.color).slice(0, 3)), lum(background(e))];
+    const ratio = (Math.max(l1, l2) + 0.05) / (Math.min(l1, l2) + 0.05);
+    const size = parseFloat(style.fontSize), bold = parseInt(style.fontWeight) >= 700;
+    const needed = size >= 24 || (bold && size >= 18.66) ? 3 : 4.5;
+    if (ratio < needed) problems.push(`contrast ${ratio.toFixed(2)} < ${needed}: ${e.tagName} "${e.textContent.trim().slice(0, 40)}"`);
+  }
+  return problems;
+}"""
 CHAT, FLOOD = "console-chat", "console-flood"
 
 
@@ -60,16 +94,25 @@ def page(browser, dev):
     assert not errors, f"JavaScript errors on the page: {errors}"
 
 
-def shoot(page, name: str):
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory):
+    given = os.environ.get("CXYGPT_SCREENSHOTS_DIR")
+    return (REPO / given) if given else tmp_path_factory.mktemp("screenshots")
+
+
+def shoot(page, shots, name: str):
+    """The page as a person sees it, checked first for unnamed controls and unreadable text."""
+    problems = page.evaluate(A11Y_PROBLEMS)
+    assert not problems, f"{name}: {problems}"
+    shots.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(shots / f"{name}.png"), full_page=True)
 
 
 def card(page, model: str):
     return page.locator(f'article.card[data-model="default/{model}"]')
 
 
-def test_the_fleet_shows_a_scale_up_without_a_reload(page, dev):
+def test_the_fleet_shows_a_scale_up_without_a_reload(page, dev, shots):
     from playwright.sync_api import expect
     for _ in range(6):  # some traffic for the charts (streamed: time to first token is measured on streams)
         list(dev.client.chat.completions.create(model=CHAT, max_tokens=8, stream=True,
@@ -84,15 +127,15 @@ def test_the_fleet_shows_a_scale_up_without_a_reload(page, dev):
     expect(card(page, CHAT).locator('[data-testid="replicas"]')).to_have_text(re.compile(r"[12]/2"), timeout=15000)
     expect(card(page, CHAT).locator('[data-testid="replicas"]')).to_have_text("2/2", timeout=60000)
     assert page.evaluate("window.notReloaded") is True
-    # the charts have data once two scrape rounds have passed
-    wait_until(lambda: page.evaluate("document.querySelectorAll('#charts canvas').length") == 4, timeout=30,
-               what="four charts drawn")
+    # the charts, drawn once a few scrape rounds (5 s each) with the traffic have passed
+    wait_until(lambda: int(page.get_attribute("#charts", "data-rounds") or 0) >= 4, timeout=60,
+               what="four rounds charted")
+    assert page.evaluate("document.querySelectorAll('#charts canvas').length") == 4
     expect(page.locator("#chart-legend")).to_contain_text(CHAT)
-    time.sleep(1)
-    shoot(page, "fleet")
+    shoot(page, shots, "fleet")
 
 
-def test_a_model_page_follows_its_engine_log(page, dev):
+def test_a_model_page_follows_its_engine_log(page, dev, shots):
     from playwright.sync_api import expect
     page.goto(f"/models/default/{CHAT}")
     expect(page.locator("h1")).to_contain_text(CHAT)
@@ -101,26 +144,31 @@ def test_a_model_page_follows_its_engine_log(page, dev):
     expect(page.locator("#model table tbody tr")).to_have_count(2, timeout=30000)
     expect(page.locator("#log")).to_contain_text("cxygpt_sim", timeout=20000)
     expect(page.locator(".timeline")).to_contain_text("Available True")
-    shoot(page, "model")
+    shoot(page, shots, "model")
 
 
-def test_the_gpus_page_names_nodes_and_models(page, dev):
+def test_the_gpus_page_names_nodes_and_models(page, dev, shots):
     from playwright.sync_api import expect
     page.goto("/gpus")
     expect(page.locator("table.gpus tbody tr")).to_have_count(3)
     expect(page.locator("table.gpus")).to_contain_text("NVIDIA-H100-80GB-HBM3")
     expect(page.locator("table.gpus")).to_contain_text(f"default/{FLOOD}")
-    shoot(page, "gpus")
+    shoot(page, shots, "gpus")
 
 
-def test_the_playground_streams_an_answer(page, dev):
+def test_the_playground_streams_an_answer(page, dev, shots):
     from playwright.sync_api import expect
     page.goto("/playground")
     page.select_option("#model", CHAT)
-    page.click("#settings-toggle")
+    # the settings drawer by keyboard: it opens on Enter with the focus inside, Escape closes it and gives it back
+    page.focus("#settings-toggle")
+    page.keyboard.press("Enter")
+    assert page.evaluate("document.activeElement.id") == "api-key"
+    assert page.get_attribute("#settings-toggle", "aria-expanded") == "true"
     page.fill("#system-prompt", "You are terse.")
     page.fill("#max-tokens", "40")
-    page.click("#settings-close")
+    page.keyboard.press("Escape")
+    assert page.locator("#settings").is_hidden() and page.evaluate("document.activeElement.id") == "settings-toggle"
     page.fill("#prompt", "How does the gateway protect the engines?")
     expect(page.locator("#token-count")).to_have_text(re.compile(r"^\d+ of 16128 input tokens$"), timeout=10000)
     page.click("#send")
@@ -137,10 +185,10 @@ def test_the_playground_streams_an_answer(page, dev):
     # the conversation lives in this browser only
     stored = json.loads(page.evaluate("localStorage.getItem('cxygpt.conversations')"))
     assert stored[0]["messages"][-1] == {"role": "assistant", "content": answer}
-    shoot(page, "playground")
+    shoot(page, shots, "playground")
 
 
-def test_a_too_long_prompt_shows_what_the_413_means(page, dev):
+def test_a_too_long_prompt_shows_what_the_413_means(page, dev, shots):
     from playwright.sync_api import expect
     page.goto("/playground")
     page.select_option("#model", CHAT)
@@ -159,10 +207,10 @@ def test_a_too_long_prompt_shows_what_the_413_means(page, dev):
     assert gateway_count == counted
     expect(refusal).to_contain_text(f"is {gateway_count} tokens and the model takes at most 16128: "
                                     f"shorten it by {gateway_count - 16128} tokens")
-    shoot(page, "playground-413")
+    shoot(page, shots, "playground-413")
 
 
-def test_a_flood_shows_the_429_countdown(page, dev):
+def test_a_flood_shows_the_429_countdown(page, dev, shots):
     from playwright.sync_api import expect
     # the model's tokens-per-minute budget (60k for DEV_32G) used up by long prompts, at the 5 requests a second
     # it admits: after that every request is refused until the minute's window frees tokens
@@ -190,7 +238,7 @@ def test_a_flood_shows_the_429_countdown(page, dev):
     first = int(re.search(r"\d+", countdown.text_content()).group())
     assert first > 2, f"a tokens-per-minute refusal waits for the window: {first} s"
     assert page.locator("#send").is_disabled()
-    shoot(page, "playground-429")
+    shoot(page, shots, "playground-429")
     # it counts down, a second at a time
     wait_until(lambda: int(re.search(r"\d+", countdown.text_content()).group()) <= first - 2, timeout=10,
                what="the countdown to go down")

@@ -3,7 +3,7 @@
 (function () {
   const root = document.getElementById("charts");
   if (!root || !window.uPlot) return;
-  const REFRESH_MS = 5000;
+  const REFRESH_MS = 5000, WINDOW_S = 900;
   // Okabe–Ito: told apart with the common kinds of colour blindness
   const COLORS = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#F0E442"];
   const CHARTS = {
@@ -40,7 +40,9 @@
       const options = {
         width: Math.max(280, holder.clientWidth), height: 180, series: series,
         axes: [{}, {size: 56, values: (u, ticks) => ticks.map(t => +t.toFixed(2))}],
-        scales: {y: {range: (u, min, max) => [0, Math.max(1, max * 1.1)]}},
+        // always the whole window, the newest round at the right edge
+        scales: {x: {time: true, range: (u, min, max) => [max - WINDOW_S, max]},
+                 y: {range: (u, min, max) => [0, Math.max(1, max * 1.1)]}},
         legend: {show: false},
       };
       plots[name] = new uPlot(options, columns(models, data, chart), holder);
@@ -66,6 +68,7 @@
         for (const [name, chart] of Object.entries(CHARTS)) plots[name].setData(columns(models, data, chart));
       }
       root.classList.remove("stale");
+      root.dataset.rounds = String(data.t.length);
     } catch (e) {
       root.classList.add("stale");
     }
