@@ -281,18 +281,24 @@ def create_app(settings: Settings) -> FastAPI:
             console.log_followers += 1
             console.live += 1
             lines = console.cluster.follow_log(namespace, pod, container)
+            # the next batch is awaited across keep-alives: cancelling a read would end the log's generator
+            pending: asyncio.Task | None = None
             try:
                 yield "retry: 3000\n\n"
                 ends = time.monotonic() + LIVE_MAX_S
                 while time.monotonic() < ends:
-                    try:
-                        batch = await asyncio.wait_for(anext(lines), KEEPALIVE_S)
-                    except TimeoutError:
+                    pending = pending or asyncio.ensure_future(anext(lines))
+                    done, _ = await asyncio.wait({pending}, timeout=KEEPALIVE_S)
+                    if not done:
                         yield ": keep-alive\n\n"
                         continue
+                    batch, pending = pending.result(), None
                     shown, hidden = shown_lines(batch)
                     yield _sse("lines", orjson.dumps({"lines": shown, "hidden": hidden}).decode())
             finally:
+                if pending is not None:
+                    pending.cancel()
+                    await asyncio.gather(pending, return_exceptions=True)
                 await lines.aclose()
                 console.log_followers -= 1
                 console.live -= 1

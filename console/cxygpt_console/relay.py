@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import aiohttp
 import orjson
@@ -82,6 +83,30 @@ def engine_urls(md: dict, slices: list[dict]) -> list[str]:
     return ready_urls(own)
 
 
+class Relayed(StreamingResponse):
+    """The gateway's answer as it comes: its status, Retry-After and request id; `done` runs however the exchange
+    ends (the browser may be gone before the first byte, when a generator's own cleanup would never run)."""
+
+    def __init__(self, upstream: aiohttp.ClientResponse, done: Callable[[], None]):
+        super().__init__(self._chunks(upstream), status_code=upstream.status,
+                         headers={k: upstream.headers[k] for k in PASSED_BACK if k in upstream.headers})
+        self.done = done
+
+    @staticmethod
+    async def _chunks(upstream: aiohttp.ClientResponse):
+        try:
+            async for chunk in upstream.content.iter_any():
+                yield chunk
+        except (aiohttp.ClientError, TimeoutError):
+            pass  # the gateway went away mid-answer: the stream ends, the playground says it ended early
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.done()
+
+
 class GatewayRelay:
     def __init__(self, gateway_url: str):
         self.gateway_url = gateway_url.rstrip("/")
@@ -128,18 +153,10 @@ class GatewayRelay:
             self.streams -= 1
             return openai_error(502, f"the console could not reach the gateway: {e!r}"[:300], "gateway_unreachable")
 
-        async def stream():
-            try:
-                async for chunk in upstream.content.iter_any():
-                    yield chunk
-            except (aiohttp.ClientError, TimeoutError):
-                pass  # the gateway went away mid-answer: the stream ends, the playground says it ended early
-            finally:
-                upstream.release()
-                self.streams -= 1
-
-        passed = {k: upstream.headers[k] for k in PASSED_BACK if k in upstream.headers}
-        return StreamingResponse(stream(), status_code=upstream.status, headers=passed)
+        def done():
+            upstream.release()
+            self.streams -= 1
+        return Relayed(upstream, done)
 
     async def count_tokens(self, request: Request, mds: list[dict], slices: list[dict], limits: dict | None) -> Response:
         """The input's tokens as the model's engine counts them (its /tokenize, as the gateway's 413 does), and the

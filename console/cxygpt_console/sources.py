@@ -73,8 +73,12 @@ class Gateway:
         self.session = session
         while True:
             started = time.monotonic()
-            await asyncio.gather(self.poll_limits(), self.scrape() if self.prometheus is None else self.prometheus.refresh(
-                session))
+            try:
+                await asyncio.gather(self.poll_limits(), self.scrape() if self.prometheus is None
+                                     else self.prometheus.refresh(session))
+            except Exception as e:  # an answer of an unexpected shape: said on the pages, tried again next round
+                log.warning("reading the gateway failed: %r", e)
+                self.scrape_errors = [f"reading the gateway failed: {e!r}"[:300]]
             self.changes.bump()
             await asyncio.sleep(max(0.0, self.interval_s - (time.monotonic() - started)))
 
@@ -167,6 +171,6 @@ class Prometheus:
         async with session.get(self.url + "/api/v1/query_range", params=params,
                                timeout=aiohttp.ClientTimeout(total=READ_TIMEOUT_S * 2)) as r:
             body = orjson.loads(await read_bounded(r))
-            if r.status != 200 or body.get("status") != "success":
-                raise ValueError(f"{r.status}: {body.get('error') or body}"[:300])
-            return body["data"]["result"]
+            if r.status != 200 or not isinstance(body, dict) or body.get("status") != "success":
+                raise ValueError(f"{r.status}: {body.get('error') if isinstance(body, dict) else body}"[:300])
+            return (body.get("data") or {}).get("result") or []

@@ -163,6 +163,15 @@ def test_only_the_playground_calls_are_relayed_streamed_and_refusals_passed_on(s
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         events = [line for line in r.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "data: [DONE]" and len(events) > 3
+    # answers cut by the browser free their place: more of them than the console relays at once, then one more
+    long = {**body, "max_tokens": 400}
+    for _ in range(40):
+        with client.stream("POST", "/gateway/v1/chat/completions", json=long, headers=auth) as r:
+            assert r.status_code == 200
+            next(r.iter_bytes())
+        time.sleep(0.07)  # under the model's 20 requests a second
+    with client.stream("POST", "/gateway/v1/chat/completions", json=body, headers=auth) as r:
+        assert r.status_code == 200
     limits = client.get(f"/gateway/v1/limits?model={MODEL}", headers=auth).json()
     assert limits["key"]["id"] == "team-gold" and limits["model"] == MODEL
     # a key of one request a second: the second in a row is the gateway's 429, with its Retry-After
@@ -198,9 +207,9 @@ def test_engine_logs_follow_without_users_request_lines(stack):
     url = f"{stack['tokened']}/events/logs/{NAMESPACE}/{POD}"
     cookies = {"cxygpt_console": client.cookies["cxygpt_console"]}
     log_file = stack["logs"] / NAMESPACE / POD / "engine.log"
-    with httpx.stream("GET", url, cookies=cookies, timeout=20) as r:
+    with httpx.stream("GET", url, cookies=cookies, timeout=30) as r:
         assert r.status_code == 200
-        batches = []
+        batches, quiet = [], False
         for line in r.iter_lines():
             if line.startswith("data: "):
                 batches.append(json.loads(line[6:]))
@@ -208,11 +217,16 @@ def test_engine_logs_follow_without_users_request_lines(stack):
                     with open(log_file, "a") as f:
                         f.write('INFO:     10.0.0.7:40000 - "GET /v1/models HTTP/1.1" 200 OK\n'
                                 "INFO engine: KV cache usage 3%\n")
-            if sum(len(b["lines"]) for b in batches) >= 3:
+            elif line == ": keep-alive" and not quiet:  # a quiet log keeps being followed
+                quiet = True
+                with open(log_file, "a") as f:
+                    f.write("INFO engine: still here\n")
+            if sum(len(b["lines"]) for b in batches) >= 4:
                 break
     shown = [line for b in batches for line in b["lines"]]
-    assert shown == ["INFO engine: loading weights", "INFO engine: ready to serve", "INFO engine: KV cache usage 3%"]
-    assert sum(b["hidden"] for b in batches) == 3
+    assert shown == ["INFO engine: loading weights", "INFO engine: ready to serve", "INFO engine: KV cache usage 3%",
+                     "INFO engine: still here"]
+    assert sum(b["hidden"] for b in batches) == 3 and quiet
     # only the engines of a model: no other pod's log
     other = httpx.get(f"{stack['tokened']}/events/logs/{NAMESPACE}/someone-else", cookies=cookies, timeout=10)
     assert other.status_code == 404

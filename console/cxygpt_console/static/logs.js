@@ -30,7 +30,10 @@
       if (paused) held.push(...batch.lines); else show(batch.lines);
       status.textContent = `Following ${pod}` + (hidden ? ` · ${hidden} request lines not shown` : "");
     });
-    source.onerror = () => { status.textContent = `Reconnecting to ${pod}'s log…`; };
+    // a reconnected stream starts with the log's tail again: what was shown goes, so no line shows twice
+    let broken = false;
+    source.onerror = () => { broken = true; status.textContent = `Reconnecting to ${pod}'s log…`; };
+    source.onopen = () => { if (broken) { out.textContent = ""; hidden = 0; held = []; broken = false; } };
   }
 
   pause.addEventListener("click", () => {
