@@ -67,6 +67,7 @@ class Console:
         self.auth = Auth(settings.auth, token=settings.token, check_key=self.relay.check_key)
         self.live = 0
         self.log_followers = 0
+        self._rendered: dict[str, tuple[int, str | None]] = {}
         self.session: aiohttp.ClientSession | None = None
         self.tasks: list[asyncio.Task] = []
 
@@ -82,6 +83,15 @@ class Console:
         await asyncio.gather(*self.tasks, return_exceptions=True)
         await self.cluster.stop()
         await self.session.close()
+
+    def rendered(self, key: str, version: int, html_of: Callable[[], str | None]) -> str | None:
+        """A live part as of `version`, rendered once for every page that shows it (at most MAX_LIVE kept)."""
+        cached = self._rendered.get(key)
+        if cached is None or cached[0] != version:
+            if key not in self._rendered and len(self._rendered) >= MAX_LIVE:
+                del self._rendered[next(iter(self._rendered))]
+            cached = self._rendered[key] = (version, html_of())
+        return cached[1]
 
     def problems(self) -> list[str]:
         return self.cluster.problems() + self.gateway.problems()
@@ -166,7 +176,7 @@ def create_app(settings: Settings) -> FastAPI:
                                          console.cluster.all("pods"))}
 
     # ---------------------------------------------------------------- live parts
-    async def live_stream(html_of: Callable[[], str | None], event: str) -> AsyncIterator[str]:
+    async def live_stream(key: str, html_of: Callable[[], str | None], event: str) -> AsyncIterator[str]:
         console.live += 1
         try:
             yield "retry: 2000\n\n"
@@ -177,7 +187,7 @@ def create_app(settings: Settings) -> FastAPI:
                     yield ": keep-alive\n\n"
                     continue
                 seen = version
-                html = html_of()
+                html = console.rendered(key, version, html_of)
                 if html is None:  # the object is gone: the page says so once and the stream ends
                     yield _sse("gone", "")
                     return
@@ -188,12 +198,12 @@ def create_app(settings: Settings) -> FastAPI:
         finally:
             console.live -= 1
 
-    def open_live(html_of: Callable[[], str | None], event: str) -> Response:
+    def open_live(key: str, html_of: Callable[[], str | None], event: str) -> Response:
         if console.live >= MAX_LIVE:
             return JSONResponse({"error": {"message": f"{MAX_LIVE} live views are open; try again shortly",
                                            "type": "console_error", "code": "console_busy", "param": None}},
                                 status_code=503, headers={"Retry-After": "5"})
-        return StreamingResponse(live_stream(html_of, event), media_type="text/event-stream",
+        return StreamingResponse(live_stream(key, html_of, event), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
     # ---------------------------------------------------------------- routes
@@ -238,7 +248,7 @@ def create_app(settings: Settings) -> FastAPI:
     @app.get("/events/fleet")
     async def fleet_live(request: Request):
         user_of(request)
-        return open_live(lambda: render("_fleet.html", **fleet_context()), "fleet")
+        return open_live("fleet", lambda: render("_fleet.html", **fleet_context()), "fleet")
 
     @app.get("/api/series")
     async def series(request: Request):
@@ -261,7 +271,7 @@ def create_app(settings: Settings) -> FastAPI:
         def model_html():
             context = model_context(namespace, name)
             return None if context is None else render("_model.html", **context)
-        return open_live(model_html, "model")
+        return open_live(f"model {namespace}/{name}", model_html, "model")
 
     @app.get("/events/logs/{namespace}/{pod}")
     async def logs_live(request: Request, namespace: str, pod: str, container: str = "engine"):
@@ -312,7 +322,7 @@ def create_app(settings: Settings) -> FastAPI:
     @app.get("/events/gpus")
     async def gpus_live(request: Request):
         user_of(request)
-        return open_live(lambda: render("_gpus.html", **gpus_context()), "gpus")
+        return open_live("gpus", lambda: render("_gpus.html", **gpus_context()), "gpus")
 
     @app.get("/playground", response_class=HTMLResponse)
     async def playground(request: Request):

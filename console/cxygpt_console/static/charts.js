@@ -38,7 +38,7 @@
         value: (u, v) => v == null ? "–" : `${v} ${chart.unit}`,
       })));
       const options = {
-        width: Math.max(280, holder.clientWidth), height: 180, series: series,
+        width: Math.max(240, holder.clientWidth), height: 180, series: series,
         axes: [{}, {size: 56, values: (u, ticks) => ticks.map(t => +t.toFixed(2))}],
         // always the whole window, the newest round at the right edge
         scales: {x: {time: true, range: (u, min, max) => [max - WINDOW_S, max]},
@@ -77,7 +77,7 @@
   window.addEventListener("resize", () => {
     for (const [name, plot] of Object.entries(plots)) {
       const holder = root.querySelector(`[data-chart="${name}"] .plot`);
-      plot.setSize({width: Math.max(280, holder.clientWidth), height: 180});
+      plot.setSize({width: Math.max(240, holder.clientWidth), height: 180});
     }
   });
   refresh();
