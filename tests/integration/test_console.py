@@ -267,3 +267,30 @@ def test_the_charts_come_from_prometheus_when_told_where_it_is(stack, tmp_path):
     finally:
         console.stop()
         prometheus.stop()
+
+
+def test_in_a_browser_a_key_signs_in_and_the_playground_uses_it_from_the_browser(stack):
+    from playwright.sync_api import expect, sync_playwright
+
+    from browser import accessibility_problems, launch
+    with sync_playwright() as p:
+        browser = launch(p)
+        try:
+            page = browser.new_page(viewport={"width": 1366, "height": 768})
+            page.goto(stack["keyed"] + "/playground")
+            assert page.url.endswith("/login?next=/playground")
+            assert accessibility_problems(page) == []
+            page.fill("#credential", "sk-wrong")
+            page.click("button[type=submit]")
+            expect(page.locator("#login-error")).to_have_text("the gateway does not know this API key")
+            page.fill("#credential", KEY)
+            page.click("button[type=submit]")
+            page.wait_for_url(stack["keyed"] + "/playground")
+            # the key is the browser's: kept in its storage, sent by the playground, never in the console's cookie
+            assert page.evaluate("localStorage.getItem('cxygpt.apiKey')") == KEY
+            assert all(KEY not in c["value"] for c in page.context.cookies())
+            expect(page.locator("#model option")).to_have_text([MODEL])
+            expect(page.locator("#limits-line")).to_contain_text("your key: team-gold (gold)")
+            assert accessibility_problems(page) == []
+        finally:
+            browser.close()

@@ -44,6 +44,7 @@
   }
   els.toggle.addEventListener("click", () => openDrawer(els.drawer.hidden));
   $("settings-close").addEventListener("click", () => openDrawer(false));
+  $("settings-form").addEventListener("submit", e => { e.preventDefault(); openDrawer(false); });
   els.drawer.addEventListener("keydown", e => { if (e.key === "Escape") openDrawer(false); });
   els.key.value = localStorage.getItem(KEY) || "";
   els.system.value = settings.system || "";
