@@ -13,6 +13,7 @@ from typing import AsyncIterator, Callable
 from urllib.parse import quote
 
 import aiohttp
+import anyio
 import orjson
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
@@ -306,12 +307,15 @@ def create_app(settings: Settings) -> FastAPI:
                     shown, hidden = shown_lines(batch)
                     yield _sse("lines", orjson.dumps({"lines": shown, "hidden": hidden}).decode())
             finally:
-                if pending is not None:
-                    pending.cancel()
-                    await asyncio.gather(pending, return_exceptions=True)
-                await lines.aclose()
                 console.log_followers -= 1
                 console.live -= 1
+                # a viewer who left cancels this stream, and every await in here again: the log's read is ended
+                # shielded from that
+                with anyio.CancelScope(shield=True):
+                    if pending is not None:
+                        pending.cancel()
+                        await asyncio.gather(pending, return_exceptions=True)
+                    await lines.aclose()
         return StreamingResponse(stream(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 

@@ -232,6 +232,41 @@ def test_engine_logs_follow_without_users_request_lines(stack):
     assert other.status_code == 404
 
 
+def test_logs_followed_at_once_are_bounded(stack):
+    import threading
+    cookies = {"cxygpt_console": signed_in(stack["tokened"], TOKEN).cookies["cxygpt_console"]}
+    url = f"{stack['tokened']}/events/logs/{NAMESPACE}/{POD}"
+    opened, release = threading.Semaphore(0), threading.Event()
+
+    def follow():
+        with httpx.stream("GET", url, cookies=cookies, timeout=30) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()  # kept: a dropped line iterator closes the response
+            next(lines)
+            opened.release()
+            release.wait(30)
+    followers = [threading.Thread(target=follow) for _ in range(16)]
+    for t in followers:
+        t.start()
+    try:
+        for _ in followers:
+            assert opened.acquire(timeout=20)
+        busy = httpx.get(url, cookies=cookies, timeout=10)
+        assert busy.status_code == 503 and busy.headers["retry-after"] == "5"
+        assert "16 logs are followed at once" in busy.json()["error"]["message"]
+    finally:
+        release.set()
+        for t in followers:
+            t.join(timeout=30)
+    # the places come back once their viewers leave
+    wait_until(lambda: _first_line(url, cookies), timeout=15, what="a log view again")
+
+
+def _first_line(url: str, cookies: dict) -> bool:
+    with httpx.stream("GET", url, cookies=cookies, timeout=10) as r:
+        return r.status_code == 200 and bool(next(r.iter_lines(), None))
+
+
 def test_the_fleet_shows_the_operators_limits_when_the_gateway_cannot_be_read(stack, tmp_path):
     console = start_console(tmp_path, stack["kubeconfig"], f"http://127.0.0.1:{free_port()}")
     try:
