@@ -9,7 +9,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 WINDOW_S = 900             # what the charts show: the last 15 minutes
 SMOOTHING_S = 15.0         # rates and quantiles of each point are over at least this long (a few scrapes)
-MAX_MODELS = 256           # model labels kept per scrape; the rest are dropped (and counted)
+MAX_MODELS = 64            # model labels kept per scrape (a chart of more is unreadable); the rest are dropped, counted
 CHARTS = ("rps", "ttft_p50", "ttft_p95", "queue", "tps")
 REQUESTS, TTFT, OUTPUT_TOKENS, QUEUE = ("cxygpt_gateway_requests", "cxygpt_gateway_ttft_seconds",
                                         "cxygpt_gateway_completion_tokens", "cxygpt_gateway_queue_depth")

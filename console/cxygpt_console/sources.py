@@ -10,7 +10,7 @@ import aiohttp
 import orjson
 
 from .kube import Changes, Cluster
-from .series import CHARTS, WINDOW_S, SeriesStore, Scrape, parse_scrape
+from .series import CHARTS, MAX_MODELS, WINDOW_S, SeriesStore, Scrape, parse_scrape
 
 log = logging.getLogger("cxygpt.console.sources")
 READ_TIMEOUT_S = 3.0
@@ -154,7 +154,7 @@ class Prometheus:
         index = {t: i for i, t in enumerate(times)}
         models: dict[str, dict[str, list]] = {}
         for chart, series in zip(PROMQL, results):
-            for s in series[:256]:
+            for s in series[:MAX_MODELS]:
                 model = (s.get("metric") or {}).get("model")
                 if model is None:
                     continue
