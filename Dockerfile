@@ -2,6 +2,7 @@
 #   docker build --target operator -t cxygpt/cxygpt-operator:0.1.0 .
 #   docker build --target gateway  -t cxygpt/cxygpt-gateway:0.1.0 .
 #   docker build --target sim      -t cxygpt/cxygpt-sim:0.1.0 .
+#   docker build --target console  -t cxygpt/cxygpt-console:0.1.0 .
 # Each installs only the packages its component imports, at the versions pyproject.toml pins. The base
 # is pinned by tag; pin its digest too in a release pipeline: --build-arg BASE=python:3.11.13-slim-bookworm@sha256:…
 ARG BASE=python:3.11.13-slim-bookworm
@@ -37,6 +38,14 @@ RUN python pick_deps.py aiohttp orjson uvloop prometheus-client pydantic pyyaml 
 COPY simulator ./simulator
 RUN pip install --no-deps .
 
+FROM builder AS console-build
+# every page asset (templates, scripts, the vendored uPlot) is package data: nothing is fetched at run time
+RUN python pick_deps.py fastapi uvicorn jinja2 itsdangerous aiohttp orjson prometheus-client kubernetes pyyaml limits \
+    > requirements.txt \
+ && pip install -r requirements.txt
+COPY console ./console
+RUN pip install --no-deps .
+
 FROM ${BASE} AS runtime
 ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 RUN useradd --system --uid 10001 --user-group --no-create-home cxygpt
@@ -61,3 +70,9 @@ EXPOSE 8000
 ENTRYPOINT ["cxygpt-sim"]
 CMD ["serve", "Qwen/Qwen3-0.6B", "--served-model-name", "qwen3-0.6b", "--host", "0.0.0.0", "--port", "8000", \
      "--max-model-len", "4096", "--max-num-seqs", "32"]
+
+FROM runtime AS console
+COPY --from=console-build /opt/venv /opt/venv
+EXPOSE 8090
+ENTRYPOINT ["cxygpt-console"]
+CMD ["--host", "0.0.0.0", "--port", "8090", "--gateway-url", "http://cxygpt-gateway"]

@@ -5,7 +5,7 @@ TOOLS ?= .tools
 PY    := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(CURDIR)/$(TOOLS)/bin:$(PATH)
 
-.PHONY: bootstrap bootstrap-test demo test test-unit profile clean
+.PHONY: bootstrap bootstrap-test demo test test-unit test-openwebui screenshots profile clean
 
 bootstrap:
 	@scripts/bootstrap.sh
@@ -24,18 +24,30 @@ test: bootstrap-test
 test-unit: bootstrap-test
 	$(PY) -m pytest -q tests/unit
 
+# Open WebUI's pip package chatting through the dev cluster's gateway. Not part of `make test`: the package brings
+# torch with CUDA (about 7 GB and 6 minutes to install here); console/README.md, "Open WebUI"
+OPENWEBUI_VERSION ?= 0.12.4
+test-openwebui: bootstrap-test
+	@[ -x $(TOOLS)/openwebui/bin/open-webui ] || { python3 -m venv $(TOOLS)/openwebui \
+	  && $(TOOLS)/openwebui/bin/pip install -q --disable-pip-version-check open-webui==$(OPENWEBUI_VERSION); }
+	OPEN_WEBUI=$(CURDIR)/$(TOOLS)/openwebui/bin/open-webui $(PY) -m pytest -q tests/e2e/test_openwebui.py
+
+# The console's screenshots in docs/console/ (the README shows them), taken by its browser tests
+screenshots: bootstrap-test
+	CXYGPT_SCREENSHOTS_DIR=docs/console $(PY) -m pytest -q tests/e2e/test_console_browser.py
+
 profile: bootstrap
 	cxygpt-profile --gpu-memory 32GiB --mode single
 
 clean:
 	rm -rf $(VENV) $(TOOLS) .pytest_cache
 
-# Container images of the operator, gateway and simulator, tagged with the chart's appVersion (needs a
+# Container images of the operator, gateway, simulator and console, tagged with the chart's appVersion (needs a
 # Docker engine; not part of `make test`). IMAGE_PREFIX=registry/org changes the repository prefix.
 .PHONY: images
 images:
 	@command -v docker >/dev/null || { echo "make images: needs docker" >&2; exit 1; }
 	@tag=$$(sed -n 's/^appVersion: *"*\([^"]*\)"*$$/\1/p' deploy/helm/cxygpt/Chart.yaml); \
-	for target in operator gateway sim; do \
+	for target in operator gateway sim console; do \
 	  docker build --target $$target -t $${IMAGE_PREFIX:-cxygpt}/cxygpt-$$target:$$tag . || exit 1; \
 	done

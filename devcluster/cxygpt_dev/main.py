@@ -30,6 +30,7 @@ STATE_DIR = Path(".cxygpt-dev")
 GROUP_PATH = "/apis/cxygpt.io/v1alpha1/modeldeployments"
 # the gateway as the operator's autoscaler finds it in a cluster: a Service with one ready endpoint (the process)
 GATEWAY_SERVICE = ("default", "cxygpt-gateway")
+CONSOLE_PORT = 8090  # the console's, when --console-port is not given and it is free (else any free port)
 
 
 def tool(name: str) -> str:
@@ -59,6 +60,9 @@ def check_ports(args) -> None:
     if port_taken(args.gateway_port):
         raise SystemExit(f"cxygpt-dev: 127.0.0.1:{args.gateway_port} (the gateway's port) is in use, e.g. by another "
                          "`cxygpt-dev up` (`cxygpt-dev down` stops a detached one); choose another with --gateway-port")
+    if args.console_port is not None and port_taken(args.console_port):
+        raise SystemExit(f"cxygpt-dev: 127.0.0.1:{args.console_port} (the console's port) is in use; choose another "
+                         "with --console-port")
 
 
 class Output:
@@ -191,7 +195,13 @@ class DevCluster:
                                           "--host", "127.0.0.1", "--port", str(a.gateway_port)],
                               gateway + "/healthz", session)
             await self._publish_gateway(session, api_url, a.gateway_port)
-            self._print_next_steps(gateway)
+            console_port = a.console_port or (CONSOLE_PORT if not port_taken(CONSOLE_PORT) else free_port())
+            console = f"http://127.0.0.1:{console_port}"
+            await self._start("console", [tool("cxygpt-console"), "--kubeconfig", str(self.kubeconfig),
+                                          "--gateway-url", gateway, "--gateway-service", "/".join(GATEWAY_SERVICE),
+                                          "--host", "127.0.0.1", "--port", str(console_port)],
+                              console + "/healthz", session)
+            self._print_next_steps(gateway, console)
             if not a.no_examples:
                 await self._apply_examples()
                 await self._wait_ready(session, api_url, stop)
@@ -200,7 +210,7 @@ class DevCluster:
             self.out.say("cxygpt-dev: up. Ctrl-C (or `cxygpt-dev down`) stops everything.")
             (self.state / "ready").write_text(json.dumps({
                 "gateway": gateway, "kubeconfig": str(self.kubeconfig), "api": api_url, "hub": hub,
-                "hub_root": str((self.state / "hub").resolve()),
+                "hub_root": str((self.state / "hub").resolve()), "console": console,
                 "operator_metrics": f"http://127.0.0.1:{self.operator_metrics}/metrics"}))
             await stop.wait()
 
@@ -225,10 +235,12 @@ class DevCluster:
     def _kubectl(self) -> str:
         return f"{shown(tool('kubectl'))} --kubeconfig {shown(self.kubeconfig)}"
 
-    def _print_next_steps(self, gateway: str):
+    def _print_next_steps(self, gateway: str, console: str):
         k = self._kubectl()
         self.out.say("")
-        self.out.say("cxygpt-dev: Kubernetes API, operator, pod runner and gateway are running. Next:")
+        self.out.say("cxygpt-dev: Kubernetes API, operator, pod runner, gateway and console are running.")
+        self.out.say(f"  the console (fleet, GPUs, playground) in a browser: {console}")
+        self.out.say("Next:")
         self.out.say(f"  {k} apply -f {shown(REPO / 'examples')}/")
         self.out.say(f"  {k} get md -A")
         self.out.say(f"  curl -N {gateway}/v1/chat/completions -H 'Content-Type: application/json' "
@@ -340,6 +352,7 @@ def _detach(args) -> int:
     argv = [sys.executable, "-m", "cxygpt_dev.main", "up", "--state-dir", str(state), "--gateway-port", str(args.gateway_port),
             "--max-engines", str(args.max_engines)]
     argv += ["--kubeconfig", args.kubeconfig] if args.kubeconfig else []
+    argv += ["--console-port", str(args.console_port)] if args.console_port else []
     argv += ["--no-examples"] if args.no_examples else []
     argv += ["--hub-rate-mib-s", str(args.hub_rate_mib_s), "--hub-stand-in-mib-per-gib",
              str(args.hub_stand_in_mib_per_gib)]
@@ -392,6 +405,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="start everything (foreground; Ctrl-C stops)")
     up.add_argument("--gateway-port", type=int, default=8001, help="gateway port on 127.0.0.1 (default 8001)")
+    up.add_argument("--console-port", type=int,
+                    help=f"the console's port on 127.0.0.1 (default {CONSOLE_PORT}, or a free one when that is taken)")
     up.add_argument("--kubeconfig", help="where to write the kubeconfig (default .cxygpt-dev/kubeconfig)")
     up.add_argument("--max-engines", type=int, default=MAX_ENGINES,
                     help=f"engine processes this machine runs at most, over every model (default {MAX_ENGINES}); "

@@ -145,6 +145,9 @@ def test_every_rendered_object_passes_kubernetes_validate(scenario, tmp_path):
     ({"modelAutoscaling": {"keda": {"models": [{"name": "m"}]}}}, "maxReplicas"),  # a required key
     ({"modelAutoscaling": {"keda": {"models": [{"name": "m", "maxReplicas": 2, "target": 3}]}}}, "target"),
     ({"gateway": {"coldStartTimeoutSeconds": 0}}, "coldStartTimeoutSeconds"),
+    ({"console": {"auth": {"mode": "password"}}}, "mode"),                        # not an enum value
+    ({"console": {"prometheusUrl": "prometheus:9090"}}, "prometheusUrl"),         # not an http(s) URL
+    ({"console": {"replicaCount": 2}}, "replicaCount"),                           # one replica: not a value
 ])
 def test_bad_values_fail_on_the_schema(values, complaint, tmp_path):
     out = render_values(tmp_path, values, check=False)
@@ -172,6 +175,9 @@ def test_bad_values_fail_on_the_schema(values, complaint, tmp_path):
     ({"modelAutoscaling": {"keda": {"enabled": True, "prometheusAddress": "http://p:9090",
                                     "models": [{"name": "m", "minReplicas": 3, "maxReplicas": 2}]}}},
      "m: minReplicas is greater than maxReplicas"),
+    ({"console": {"enabled": True, "auth": {"mode": "apiKey"}}}, "needs gateway.apiKeys.enabled"),
+    ({"console": {"enabled": True, "auth": {"mode": "token"}}}, "needs console.auth.existingSecret"),
+    ({"console": {"enabled": True, "auth": {"existingSecret": "t"}}}, "console.auth.mode is not token"),
 ])
 def test_bad_combinations_fail_fast(values, complaint, tmp_path):
     out = render_values(tmp_path, values, check=False)
@@ -507,7 +513,7 @@ def test_gateway_pods_carry_the_engine_access_label_outside_the_selector():
         gw = one(render(scenario), "Deployment", f"{RELEASE}-gateway")
         assert gw["spec"]["template"]["metadata"]["labels"]["cxygpt.io/engine-access"] == "true"
         assert "cxygpt.io/engine-access" not in gw["spec"]["selector"]["matchLabels"]
-        for name in (f"{RELEASE}-operator", f"{RELEASE}-openwebui", f"{RELEASE}-test"):  # nobody else has it
+        for name in (f"{RELEASE}-operator", f"{RELEASE}-openwebui", f"{RELEASE}-test"):  # nobody else but the console
             for doc in find(render(scenario), "Deployment", name) + find(render(scenario), "Pod", name):
                 labels = (doc["spec"].get("template") or doc)["metadata"]["labels"]
                 assert "cxygpt.io/engine-access" not in labels, name
@@ -654,6 +660,78 @@ def test_open_webui_sends_its_key_when_the_gateway_wants_keys(tmp_path):
     assert env(container(docs, "openwebui"))["OPENAI_API_KEY"] == {"secretKeyRef": {"name": "webui-key", "key": "api-key"}}
 
 
+# --- the console ---------------------------------------------------------------------------------------------
+
+CONSOLE_READS = expand(("cxygpt.io", "modeldeployments", "list watch", ""), ("", "pods events", "list watch", ""),
+                       ("", "pods/log", "get", ""), ("discovery.k8s.io", "endpointslices", "list watch", ""))
+NODES = expand(("", "nodes", "list watch", ""))
+
+
+def console_objects(docs) -> list[dict]:
+    return [d for d in docs if (d["metadata"].get("labels") or {}).get("app.kubernetes.io/component") == "console"]
+
+
+def test_the_console_is_off_by_default():
+    for scenario in SCENARIOS:
+        if not scenario.startswith("console"):
+            assert not console_objects(render(scenario)), scenario
+
+
+def test_the_console_reads_and_never_writes():
+    """Exactly these grants, bound to the console's own account; whether the console uses each of them and nothing
+    more is checked against its real calls in tests/integration/test_console_rbac.py."""
+    docs = render("console")
+    sa = one(docs, "Deployment", f"{RELEASE}-console")["spec"]["template"]["spec"]["serviceAccountName"]
+    assert sa == f"{RELEASE}-console" and one(docs, "ServiceAccount", sa)
+    assert grants(one(docs, "ClusterRole", f"{RELEASE}-console")) == CONSOLE_READS | NODES
+    [binding] = find(docs, "ClusterRoleBinding", f"{RELEASE}-console")
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa, "namespace": NAMESPACE}]
+    assert not [d for d in console_objects(docs) if d["kind"] in ("Role", "RoleBinding")]
+    # watching namespaces: a Role in each, nodes alone cluster-wide, the gateway Service's slices in the release's
+    docs = render("console-namespaces")
+    roles = {(r["metadata"]["name"], r["metadata"].get("namespace")): grants(r)
+             for r in console_objects(docs) if r["kind"] in ("Role", "ClusterRole")}
+    assert roles == {(f"{RELEASE}-console", "llm"): CONSOLE_READS, (f"{RELEASE}-console", "team-b"): CONSOLE_READS,
+                     (f"{RELEASE}-console-nodes", None): NODES,
+                     (f"{RELEASE}-console-gateways", NAMESPACE): expand(("discovery.k8s.io", "endpointslices",
+                                                                        "list watch", ""))}
+    bindings = [b for b in console_objects(docs) if b["kind"] in ("RoleBinding", "ClusterRoleBinding")]
+    assert len(bindings) == len(roles)
+    for binding in bindings:
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": f"{RELEASE}-console", "namespace": NAMESPACE}]
+        assert (binding["roleRef"]["name"], binding["metadata"].get("namespace")) in roles
+    for scenario in ("console", "console-namespaces"):
+        for role in (r for r in console_objects(render(scenario)) if r["kind"] in ("Role", "ClusterRole")):
+            assert {v for _, _, v, _ in grants(role)} <= {"get", "list", "watch"}, role
+            assert not any(r.startswith("secrets") for _, r, _, _ in grants(role)), role
+
+
+def test_the_console_is_configured_from_values():
+    from cxygpt_console.main import parser
+
+    docs = render("console")
+    c = container(docs, "console")
+    args = parser().parse_args(c["args"])  # argparse exits on an unknown flag
+    assert c["command"] == ["cxygpt-console"] and c["image"] == "cxygpt/cxygpt-console:0.1.0"
+    assert args.gateway_url == f"http://{RELEASE}-gateway.{NAMESPACE}.svc:80"
+    assert args.gateway_service == (NAMESPACE, f"{RELEASE}-gateway") and not args.namespace
+    assert args.auth == "api-key" and args.prometheus_url == "http://prometheus-server.monitoring.svc:80"
+    assert args.port == 8090 and args.host == "0.0.0.0" and not args.secure_cookies and "env" not in c
+    svc = one(docs, "Service", f"{RELEASE}-console")
+    assert svc["spec"]["ports"][0]["targetPort"] == "http" and svc["spec"]["type"] == "ClusterIP"
+    deployment = one(docs, "Deployment", f"{RELEASE}-console")
+    assert deployment["spec"]["replicas"] == 1  # sessions are signed by the process
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert labels["cxygpt.io/engine-access"] == "true"  # it counts tokens with the engines' /tokenize
+    assert "cxygpt.io/engine-access" not in deployment["spec"]["selector"]["matchLabels"]
+    c = container(render("console-namespaces"), "console")
+    args = parser().parse_args(c["args"])
+    assert args.namespace == ["llm", "team-b"] and args.auth == "token" and args.secure_cookies
+    assert not args.prometheus_url and args.token_file is None
+    assert c["env"] == [{"name": "CXYGPT_CONSOLE_TOKEN", "valueFrom": {
+        "secretKeyRef": {"name": "console-token", "key": "token"}}}]
+
+
 def test_helm_test_hook_calls_healthz_and_models():
     pod = one(render(), "Pod", f"{RELEASE}-test")
     assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
@@ -670,6 +748,9 @@ def test_notes_give_the_next_commands():
     assert f"deployment/{RELEASE}-operator deployment/{RELEASE}-gateway" in notes
     assert f"port-forward service/{RELEASE}-gateway 8080:80" in notes
     assert f"port-forward service/{RELEASE}-openwebui" in notes
+    assert f"port-forward service/{RELEASE}-console" not in notes
+    out = helm("install", RELEASE, str(CHART), "-n", NAMESPACE, "--dry-run=client", "-f", str(SCENARIOS["console"])).stdout
+    assert f"port-forward service/{RELEASE}-console 8090:80" in out.split("NOTES:", 1)[1]
     assert f"helm test {RELEASE} -n {NAMESPACE}" in notes
     assert "engine: {kind: sim}" in notes
 

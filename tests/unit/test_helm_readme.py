@@ -40,7 +40,8 @@ def test_commands_use_the_chart_and_kind_names():
     images = {f"{load.group(2)}{name}:{load.group(3)}" for name in load.group(1).split()}
     assert images == {f"{values['operator']['image']['repository']}:{chart['appVersion']}",
                       f"{values['gateway']['image']['repository']}:{chart['appVersion']}",
-                      f"{values['operator']['simImage']['repository']}:{chart['appVersion']}"}
+                      f"{values['operator']['simImage']['repository']}:{chart['appVersion']}",
+                      f"{values['console']['image']['repository']}:{chart['appVersion']}"}
     assert load.group(4) == kind["name"]
     assert len([n for n in kind["nodes"] if n["role"] == "worker" and "nvidia.com/gpu.memory" in n.get("labels", {})]) == 3
     for path in re.findall(r"kubectl apply -f ([^\s`]+)", SECTION) + ["kind-config.yaml", "deploy/helm/cxygpt/ci"]:
@@ -59,3 +60,5 @@ def test_uninstall_names_what_the_chart_leaves_behind(tmp_path):
         assert set(name.split()) <= crds
     openwebui = one(render("openwebui"), "Service", f"{RELEASE}-openwebui")
     assert f"service/{openwebui['metadata']['name']} 3000:80" in SECTION
+    console = one(render("console"), "Service", f"{RELEASE}-console")
+    assert f"service/{console['metadata']['name']} 8090:80" in SECTION

@@ -102,3 +102,11 @@ helm.sh/chart: {{ printf "%s-%s" $root.Chart.Name $root.Chart.Version | replace 
 {{- define "cxygpt.prometheusRule" -}}
 {{- if and .Values.metrics.prometheusRule.enabled (.Capabilities.APIVersions.Has "monitoring.coreos.com/v1/PrometheusRule") }}true{{ end }}
 {{- end }}
+
+{{- define "cxygpt.console.serviceAccountName" -}}
+{{- if .Values.console.serviceAccount.create }}
+{{- default (include "cxygpt.componentName" (list . "console")) .Values.console.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.console.serviceAccount.name }}
+{{- end }}
+{{- end }}
