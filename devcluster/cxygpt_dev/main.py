@@ -17,7 +17,7 @@ from pathlib import Path
 import aiohttp
 import yaml
 
-from cxygpt_operator.autoscale import DEFAULT_INTERVAL_S
+from cxygpt_operator.autoscaling.policy import DEFAULT_INTERVAL_S
 
 from .kubeapi import write_kubeconfig
 from .podrunner import MAX_ENGINES, PodRunner, free_port

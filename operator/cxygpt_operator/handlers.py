@@ -13,13 +13,15 @@ import urllib3
 from kubernetes.client.rest import ApiException
 
 from . import GROUP, MANAGER, PLURAL, VERSION
-from .build import MODEL_DEPLOYMENT_LABEL, failure_of
+from .autoscaling.policy import autoscaling_of
+from .autoscaling.step import Scaler, autoscale, scale_target
 from .cache import CACHE_LABEL, CacheUser
+from .manifests import MODEL_DEPLOYMENT_LABEL
 from .metrics import OperatorMetrics
 from .nodes import gpu_node
-from .reconcile import CannotRun, Context, NotYet, as_written, reconcile, recheck_after
+from .reconcile import CannotRun, Context, NotYet, as_written, recheck_after, reconcile
 from .resolve import NameClaim, claimed_since
-from .scaling import Scaler, autoscale, scale_target
+from .status import failure_of
 
 RETRY_BACKOFF_S = (1, 2, 5, 10, 30, 60)
 log = logging.getLogger("cxygpt.operator")
@@ -221,6 +223,28 @@ async def _sleep(wake: asyncio.Event, stopped, timeout: float | None) -> None:
             waiter.cancel()
 
 
+async def follow(stopped, body: kopf.Body, wake: asyncio.Event, step, logger, what: str,
+                 on_failure=lambda: None) -> None:
+    """The loop of both daemons: a step on a snapshot of the body (the live one changes under us), then sleep until
+    woken, stopped or the delay the step asks for (None: until woken). A step that fails on the API is retried with
+    backoff; one that crashes (a bug) too, logged, so one model's bug never stops its loop for good."""
+    failures = 0
+    while not stopped:
+        wake.clear()
+        try:
+            delay = await step(copy.deepcopy(dict(body)))
+            failures = 0
+        except (ApiException, OSError, urllib3.exceptions.HTTPError) as e:
+            delay, failures = _backoff(failures), failures + 1
+            logger.warning("%s failed (retry in %ss): %s", what, delay, getattr(e, "reason", e))
+            on_failure()
+        except Exception:
+            delay, failures = _backoff(failures), failures + 1
+            logger.exception("%s crashed (retry in %ss)", what, delay)
+            on_failure()
+        await _sleep(wake, stopped, delay)
+
+
 @kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=10)
 async def keep_reconciled(stopped, namespace: str, name: str, body: kopf.Body, memo: kopf.Memo,
                           gpu_nodes: kopf.Index, model_names: kopf.Index, **_):
@@ -232,46 +256,38 @@ async def keep_reconciled(stopped, namespace: str, name: str, body: kopf.Body, m
     key = (namespace, name)
     logger = ObjectLog(log, {"object": f"{namespace}/{name}"})
     wake = shared.wakeups.setdefault(key, asyncio.Event())
-    failures = 0
     metrics = shared.metrics
     written = None  # the status this loop last wrote or kept: the body may not show it yet
+
+    async def step(snapshot: dict) -> float | None:
+        nonlocal written
+        snapshot = as_written(snapshot, written)  # decide with the status as we last wrote it
+        shared.reconciled_generation[key] = generation = snapshot["metadata"].get("generation")
+        logger.extra["generation"] = generation
+        delay, result, status = None, "ok", None
+        served = ((snapshot.get("spec") or {}).get("model") or {}).get("name")
+        claims = list(model_names.get(served, [])) if served else []
+        with metrics.duration.time():
+            try:
+                status = await reconcile(snapshot, _inventory(gpu_nodes), ctx, logger, claims,
+                                         shared.cache_users(namespace))
+            except NotYet as e:
+                logger.info("waiting: %s", e)
+                delay, result, status = e.delay, "waiting", e.status
+            except CannotRun as e:
+                logger.warning("cannot run until the spec changes: %s", e)
+                result, status, delay = "failed", e.status, e.retry
+        metrics.reconciles.labels(result).inc()
+        written = status
+        metrics.model_seen(key, snapshot, status)
+        _report_failure(shared, key, snapshot, status)
+        _report_cache(snapshot, status)
+        shared.cache_used(key, cache_entry(snapshot, status))
+        return recheck_after(status) if delay is None else delay
+
     try:
-        while not stopped:
-            wake.clear()
-            # the live body changes under us: decide on one version, with the status as we last wrote it
-            snapshot = as_written(copy.deepcopy(dict(body)), written)
-            logger.extra["generation"] = snapshot["metadata"].get("generation")
-            delay, result, status = None, "ok", None
-            served = ((snapshot.get("spec") or {}).get("model") or {}).get("name")
-            claims = list(model_names.get(served, [])) if served else []
-            with metrics.duration.time():
-                try:
-                    status = await reconcile(snapshot, _inventory(gpu_nodes), ctx, logger, claims,
-                                             shared.cache_users(namespace))
-                    failures = 0
-                except NotYet as e:
-                    logger.info("waiting: %s", e)
-                    delay, failures, result, status = e.delay, 0, "waiting", e.status
-                except CannotRun as e:
-                    logger.warning("cannot run until the spec changes: %s", e)
-                    failures, result, status, delay = 0, "failed", e.status, e.retry
-                except (ApiException, OSError, urllib3.exceptions.HTTPError) as e:
-                    failures, result, delay = failures + 1, "error", _backoff(failures)
-                    logger.warning("reconcile failed (retry in %ss): %s", delay, getattr(e, "reason", e))
-                except Exception:  # a bug must not stop this model's loop for good: log it, back off, retry
-                    failures, result, delay = failures + 1, "error", _backoff(failures)
-                    logger.exception("reconcile crashed (retry in %ss)", delay)
-            metrics.reconciles.labels(result).inc()
-            if status is not None:
-                written = status
-                metrics.model_seen(key, snapshot, status)
-                _report_failure(shared, key, snapshot, status)
-                _report_cache(snapshot, status)
-                shared.cache_used(key, cache_entry(snapshot, status))
-                if delay is None:
-                    delay = recheck_after(status)
-            shared.reconciled_generation[key] = snapshot["metadata"].get("generation")
-            await _sleep(wake, stopped, delay)
+        await follow(stopped, body, wake, step, logger, "reconcile",
+                     on_failure=lambda: metrics.reconciles.labels("error").inc())
     finally:
         shared.cache_used(key, None)
         shared.wakeups.pop(key, None)
@@ -311,31 +327,29 @@ async def keep_scaled(stopped, namespace: str, name: str, body: kopf.Body, memo:
     key = (namespace, name)
     logger = ObjectLog(log, {"object": f"{namespace}/{name}"})
     wake = shared.scale_wakeups.setdefault(key, asyncio.Event())
-    written, failures = None, 0
+    written = None  # the status.autoscaling this loop last wrote: the body may not show it yet
+
+    async def step(snapshot: dict) -> float | None:
+        nonlocal written
+        shared.scaled_generation[key] = snapshot["metadata"].get("generation")
+        others = sorted(keda_targets.get(key, [])) + sorted(hpa_targets.get(key, []))
+        wanted = autoscaling_of(snapshot.get("spec") or {})  # the one parse of spec.autoscaling in this step
+        if wanted is None and not others and not (snapshot.get("status") or {}).get("autoscaling"):
+            return None  # nothing to decide nor to clean up until something changes
+        if not snapshot["metadata"].get("deletionTimestamp"):
+            done = await autoscale(snapshot, wanted, scaler, others=others, written=written)
+            written = done.status
+            if done.event:
+                kind, reason, message = done.event
+                kopf.event(body, type=kind, reason=reason, message=message)
+        return scaler.interval_s
+
+    def forget() -> None:
+        nonlocal written
+        written = None
+
     try:
-        while not stopped:
-            wake.clear()
-            snapshot = copy.deepcopy(dict(body))
-            shared.scaled_generation[key] = snapshot["metadata"].get("generation")
-            others = sorted(keda_targets.get(key, [])) + sorted(hpa_targets.get(key, []))
-            delay = scaler.interval_s
-            if not (snapshot.get("spec") or {}).get("autoscaling") and not others and \
-                    not (snapshot.get("status") or {}).get("autoscaling"):
-                delay = None  # nothing to decide nor to clean up until something changes
-            elif not snapshot["metadata"].get("deletionTimestamp"):
-                try:
-                    step = await autoscale(snapshot, scaler, others=others, written=written)
-                    written, failures = step.status, 0
-                    if step.event:
-                        kind, reason, message = step.event
-                        kopf.event(body, type=kind, reason=reason, message=message)
-                except (ApiException, OSError, urllib3.exceptions.HTTPError) as e:
-                    written, failures, delay = None, failures + 1, _backoff(failures)
-                    logger.warning("autoscaling step failed (retry in %ss): %s", delay, getattr(e, "reason", e))
-                except Exception:  # a bug must not stop this model's autoscaling for good
-                    written, failures, delay = None, failures + 1, _backoff(failures)
-                    logger.exception("autoscaling step crashed (retry in %ss)", delay)
-            await _sleep(wake, stopped, delay)
+        await follow(stopped, body, wake, step, logger, "autoscaling step", on_failure=forget)
     finally:
         shared.scale_wakeups.pop(key, None)
         shared.scaled_generation.pop(key, None)

@@ -9,7 +9,7 @@ import sys
 from cxygpt_profiles import ProfileTableError, load_catalog, load_table
 
 from . import logs
-from .autoscale import DEFAULT_INTERVAL_S
+from .autoscaling.policy import DEFAULT_INTERVAL_S
 from .logs import FORMATS
 
 DEFAULT_SIM_IMAGE = "cxygpt/cxygpt-sim:0.1.0"
@@ -81,11 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     import kopf  # imported after the environment is settled
 
     from .handlers import Shared  # importing registers the handlers
-    from .build import DEFAULT_LOADER_IMAGE, EngineImages
+    from .manifests import DEFAULT_LOADER_IMAGE, EngineImages
     from .kube import Kube, api_client
-    from .demand import DemandReader
+    from .autoscaling.demand import DemandReader
     from .reconcile import Context
-    from .scaling import Scaler
+    from .autoscaling.step import Scaler
 
     from prometheus_client import start_http_server
 

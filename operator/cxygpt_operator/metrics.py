@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
-from .build import FAILURE_REASONS
+from .status import FAILURE_REASONS
 from .cache import PHASES as CACHE_PHASES
 
 RESULTS = ("ok", "waiting", "failed", "error")

@@ -9,14 +9,14 @@ from dataclasses import dataclass
 import json
 from dataclasses import field
 
-import kopf
 from kubernetes.client.rest import ApiException
 
 from cxygpt_profiles import GpuNode, ModelCatalog, NoFit, ProfileTable, Selection
 
-from .autoscale import AUTOSCALING_STATUS
-from .build import (CONFIG_HASH, EngineImages, Owner, build_cache_job, build_deployment, build_failed_status,
-                    build_network_policy, build_service, build_status, claims_of, engine_cache, selector_labels)
+from .autoscaling.policy import AUTOSCALING_STATUS
+from .manifests import (CONFIG_HASH, EngineImages, Owner, build_cache_job, build_deployment, build_network_policy,
+                        build_service, claims_of, engine_cache, selector_labels)
+from .status import build_failed_status, build_status
 from .cache import (CACHE_LABEL, CONTAINER, RETAIN_ANNOTATION, REVISION_ANNOTATION, SOURCE_ANNOTATION,
                     STATE_ANNOTATION, USERS_ANNOTATION, CacheKey, CacheState, CacheUser, build_claim, cache_key,
                     cache_state, claim_metadata, default_size, fills, metadata_differs, progress_from_log, record, recorded)
@@ -37,15 +37,16 @@ LOG_TAIL_LINES = 20
 DEFAULT_CLASS_ANNOTATION = "storageclass.kubernetes.io/is-default-class"
 
 
-class NotYet(kopf.TemporaryError):
-    """No GPU fits yet; carries the status that was written."""
+class NotYet(Exception):
+    """No GPU fits yet: the model's loop tries again after `delay`; carries the status that was written. (A plain
+    exception: the loop, not kopf, acts on it.)"""
 
     def __init__(self, message: str, *, delay: float, status: dict):
-        super().__init__(message, delay=delay)
-        self.status = status
+        super().__init__(message)
+        self.delay, self.status = delay, status
 
 
-class CannotRun(kopf.PermanentError):
+class CannotRun(Exception):
     """Only a spec change (or, after `retry` seconds, maybe the cluster) can help; carries the status written."""
 
     def __init__(self, message: str, *, status: dict, retry: float | None = None):

@@ -9,7 +9,7 @@ from cxygpt_profiles import (AUTO, GpuNode, ModelCatalog, ModelFacts, NoFit, Pro
 from cxygpt_profiles.select import node_matches
 
 from .cache import CacheSpec, hf_source, parse_cache
-from .autoscale import AutoscalingSpec, parse_autoscaling
+from .autoscaling.policy import AutoscalingSpec, parse_autoscaling
 
 # spec.model.facts (camelCase, as in the CRD) → ModelFacts fields
 MAX_REPLICAS = 64  # the CRD's maximum, repeated for specs applied without the schema

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from cxygpt_operator.autoscale import (Demand, History, Policy, decide, decision_status, history_from_status,
+from cxygpt_operator.autoscaling.policy import (Demand, History, Policy, decide, decision_status, history_from_status,
                                        recommend, round_demand)
 
 T0 = 1_800_000_000.0  # an epoch time; the core never reads a clock
@@ -181,7 +181,7 @@ def test_decision_status_says_what_and_why():
 
 
 def test_gateway_endpoints_are_the_ready_ones_on_the_http_port():
-    from cxygpt_operator.demand import gateway_endpoints
+    from cxygpt_operator.autoscaling.demand import gateway_endpoints
     slices = [{"ports": [{"name": "metrics", "port": 9}, {"name": "http", "port": 8080}], "endpoints": [
         {"addresses": ["10.0.0.1"], "conditions": {"ready": True}},
         {"addresses": ["10.0.0.2"]},
@@ -193,7 +193,7 @@ def test_gateway_endpoints_are_the_ready_ones_on_the_http_port():
 
 
 def test_demand_is_parsed_from_the_gateway_metrics_and_summed_over_gateways():
-    from cxygpt_operator.demand import Snapshot, parse_demand
+    from cxygpt_operator.autoscaling.demand import Snapshot, parse_demand
     page = ("# HELP cxygpt_gateway_demand d\n# TYPE cxygpt_gateway_demand gauge\n"
             'cxygpt_gateway_demand{model="a"} 1.5\ncxygpt_gateway_demand{model="b"} 0.0\n'
             "# TYPE cxygpt_gateway_in_flight gauge\n"
@@ -209,7 +209,7 @@ def test_demand_is_parsed_from_the_gateway_metrics_and_summed_over_gateways():
 
 
 def test_who_else_scales_a_model_deployment():
-    from cxygpt_operator.scaling import scale_target
+    from cxygpt_operator.autoscaling.step import scale_target
 
     def spec(target, api="cxygpt.io/v1alpha1", kind="ModelDeployment"):
         return {"scaleTargetRef": {"apiVersion": api, "kind": kind, "name": target}}

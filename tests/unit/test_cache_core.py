@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cxygpt_operator.build import (EngineImages, Owner, build_cache_job, build_deployment, build_status,
-                                   claims_of, engine_cache)
+from cxygpt_operator.manifests import EngineImages, Owner, build_cache_job, build_deployment, claims_of, engine_cache
+from cxygpt_operator.status import build_status
 from cxygpt_operator.cache import (CacheKey, download_deadline_s, fills, CacheState, CacheUser, build_claim, cache_key, cache_state,
                                    claim_metadata, default_size, download_deadline_s, metadata_differs,
                                    owner_references, progress_from_log, quantity_bytes, record)

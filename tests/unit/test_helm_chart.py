@@ -603,7 +603,7 @@ def test_service_monitors_or_scrape_annotations():
         assert port_name in [p["name"] for p in svc["spec"]["ports"]]
         assert svc["spec"]["selector"] == selectors(docs)[f"{RELEASE}-{component}"]
         assert "prometheus.io/scrape" not in pod_annotations(docs, component)
-    # the engines the operator creates: selected by the labels build.py gives them, on their http port
+    # the engines the operator creates: selected by the labels manifests.py gives them, on their http port
     pm = one(docs, "PodMonitor", f"{RELEASE}-engines")
     assert pm["spec"]["selector"]["matchLabels"] == {"app.kubernetes.io/name": "cxygpt-engine",
                                                      "app.kubernetes.io/managed-by": "cxygpt-operator"}
@@ -873,6 +873,6 @@ def test_keda_scaled_objects_scale_the_listed_models_on_the_gateway_demand():
     assert (big["spec"]["triggers"][0]["metadata"]["threshold"], small["spec"]["triggers"][0]["metadata"]["threshold"]) \
         == ("16", "8")
     # the metric the query reads is the one the gateway exports, under that name
-    from cxygpt_operator.demand import DEMAND_METRIC
+    from cxygpt_operator.autoscaling.demand import DEMAND_METRIC
     assert DEMAND_METRIC == "cxygpt_gateway_demand"
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cxygpt_operator.build import (CONFIG_HASH, EngineImages, Owner, build_deployment, build_failed_status,
-                                   build_network_policy, build_service, build_status, failure_of)
+from cxygpt_operator.manifests import CONFIG_HASH, EngineImages, Owner, build_deployment, build_network_policy, build_service
+from cxygpt_operator.status import build_failed_status, build_status, failure_of
 from cxygpt_operator.nodes import gpu_node
 from cxygpt_operator.reconcile import status_patch
 from cxygpt_operator.resolve import (NameClaim, SpecError, engine_overrides, model_facts, name_owner, parse_spec,

@@ -79,6 +79,14 @@ def parse_autoscaling(spec: dict) -> AutoscalingSpec | None:
     return parsed
 
 
+def autoscaling_of(spec: dict) -> AutoscalingSpec | None:
+    """What the autoscaler acts on: spec.autoscaling when it is on and valid (the reconcile reports an invalid one)."""
+    try:
+        return parse_autoscaling(spec)
+    except ValueError:
+        return None
+
+
 @dataclass(frozen=True)
 class Demand:
     """What the gateways report for one model: in flight + waiting, summed over the gateways. `value` None: no

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from .autoscale import Demand
+from .policy import Demand
 
 log = logging.getLogger("cxygpt.operator.demand")
 DEMAND_METRIC = "cxygpt_gateway_demand"

@@ -7,11 +7,19 @@ import logging
 import time
 from dataclasses import dataclass
 
-from . import GROUP, KIND
-from .autoscale import (AUTOSCALING_STATUS, DEFAULT_INTERVAL_S, Decision, decide, decision_status, external_status,
-                        history_from_status, parse_autoscaling)
+from .. import GROUP, KIND
+from ..kube import Kube
 from .demand import DemandReader
-from .kube import Kube
+from .policy import (
+    AUTOSCALING_STATUS,
+    DEFAULT_INTERVAL_S,
+    AutoscalingSpec,
+    Decision,
+    decide,
+    decision_status,
+    external_status,
+    history_from_status,
+)
 
 log = logging.getLogger("cxygpt.operator.autoscaler")
 
@@ -44,19 +52,15 @@ def _patch(previous: dict, desired: dict) -> dict:
     return {**{k: None for k in previous if k not in desired}, **desired}
 
 
-async def autoscale(body: dict, scaler: Scaler, *, others: list[str] = (), written: dict | None = None,
-                    now: float | None = None) -> Step:
-    """One decision for the ModelDeployment `body` (a snapshot); writes what changed. `others`: the ScaledObjects,
-    then the HPAs, that target it. `written`: the status.autoscaling this operator wrote last, which the body may
-    not show yet (None after a restart: the body's is the truth then)."""
+async def autoscale(body: dict, wanted: AutoscalingSpec | None, scaler: Scaler, *, others: list[str] = (),
+                    written: dict | None = None, now: float | None = None) -> Step:
+    """One decision for the ModelDeployment `body` (a snapshot) and its spec.autoscaling as parsed (`wanted`); writes
+    what changed. `others`: the ScaledObjects, then the HPAs, that target it. `written`: the status.autoscaling this
+    operator wrote last, which the body may not show yet (None after a restart: the body's is the truth then)."""
     meta, spec, status = body["metadata"], body.get("spec") or {}, body.get("status") or {}
     namespace, name = meta["namespace"], meta["name"]
     previous = written if written is not None else status.get(AUTOSCALING_STATUS) or {}
     now = time.time() if now is None else now
-    try:
-        wanted = parse_autoscaling(spec)
-    except ValueError:
-        wanted = None  # the reconcile reports the spec as invalid
     event = None
     if others:
         keda = others[0].startswith("ScaledObject ")
