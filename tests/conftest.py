@@ -37,3 +37,13 @@ def kube_api(tmp_path):
     api = start_kube_api(tmp_path)
     yield api
     api.process.stop()
+
+
+@pytest.fixture(scope="session")
+def control_plane(tmp_path_factory):
+    """A real control plane (etcd, kube-apiserver, kube-controller-manager, kube-scheduler), one per test process:
+    it starts in seconds, and each test keeps to namespaces of its own."""
+    from cxygpt_dev.controlplane import ControlPlane
+    plane = ControlPlane(root=tmp_path_factory.mktemp("kube")).start()
+    yield plane
+    plane.stop()
