@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs the project into .venv (idempotent; registries only). With --test, also what the tests need: helm into
-# .tools, and Debian's redis-server and prometheus with apt when missing (the only step that may need root).
+# .tools, and Debian's redis-server, prometheus and iproute2 with apt when missing (the only step that may need root).
 set -euo pipefail
 test_tools=$([ "${1:-}" = --test ] && echo 1 || echo 0)
 cd "$(dirname "$0")/.."
@@ -36,6 +36,9 @@ fi
 need=()
 command -v redis-server >/dev/null || need+=(redis-server)
 command -v prometheus >/dev/null || need+=(prometheus)
+# the real dev cluster's network: namespaces for the cluster and each pod, veth pairs (cxygpt_dev.network)
+command -v ip >/dev/null || need+=(iproute2)
+command -v nsenter >/dev/null || need+=(util-linux)
 if [ ${#need[@]} -gt 0 ]; then
   SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
   $SUDO apt-get update -qq

@@ -88,6 +88,7 @@ class ControlPlane:
     extra names and addresses in the serving certificate."""
     address: str = "127.0.0.1"
     hosts: tuple[str, ...] = ()
+    cluster_cidr: str | None = None  # when given, the controller-manager hands each node a /24 of it
     bin_dir: Path | None = None
     root: Path | None = None
     components: list[Component] = field(default_factory=list)
@@ -114,6 +115,9 @@ class ControlPlane:
                                        organizations=("system:masters",), client=True)
         self.admin = ca.issue("admin", "cxygpt-dev-admin", organizations=("system:masters",), client=True)
         self.sa = service_account_keys(self.pki)
+        # the front proxy (the aggregation layer's client) has a CA of its own, as kubeadm makes it
+        self.front_proxy_ca = Authority(self.pki / "front-proxy", "front-proxy-ca")
+        self.front_proxy = self.front_proxy_ca.issue("front-proxy-client", "front-proxy-client", client=True)
         for user in ("kube-controller-manager", "kube-scheduler"):
             pair = ca.issue(user, f"system:{user}", client=True)
             write_kubeconfig(self.root / f"{user}.kubeconfig", self.url, ca.pair.cert, user=f"system:{user}",
@@ -149,6 +153,10 @@ class ControlPlane:
                 f"--service-account-key-file={self.sa.cert}", f"--service-account-signing-key-file={self.sa.key}",
                 f"--service-cluster-ip-range={SERVICE_CIDR}", "--authorization-mode=Node,RBAC",
                 f"--enable-admission-plugins={ADMISSION_PLUGINS}", "--allow-privileged=true",
+                f"--requestheader-client-ca-file={self.front_proxy_ca.pair.cert}",
+                "--requestheader-allowed-names=front-proxy-client", "--requestheader-username-headers=X-Remote-User",
+                "--requestheader-group-headers=X-Remote-Group", "--requestheader-extra-headers-prefix=X-Remote-Extra-",
+                f"--proxy-client-cert-file={self.front_proxy.cert}", f"--proxy-client-key-file={self.front_proxy.key}",
                 f"--kubelet-client-certificate={self.kubelet_client.cert}",
                 f"--kubelet-client-key={self.kubelet_client.key}",
                 f"--kubelet-certificate-authority={self.ca.pair.cert}",
@@ -161,7 +169,11 @@ class ControlPlane:
                 "--use-service-account-credentials=true", f"--service-account-private-key-file={self.sa.key}",
                 f"--root-ca-file={self.ca.pair.cert}", f"--cluster-signing-cert-file={self.ca.pair.cert}",
                 f"--cluster-signing-key-file={self.ca.pair.key}", f"--service-cluster-ip-range={SERVICE_CIDR}",
-                "--controllers=*,bootstrapsigner,tokencleaner", "--v=1"),
+                "--controllers=*,bootstrapsigner,tokencleaner", "--v=1",
+                # a new node's not-ready taint comes off within a second of its Ready status (default: 5 s)
+                "--node-monitor-period=1s",
+                *([f"--cluster-cidr={self.cluster_cidr}", "--allocate-node-cidrs=true", "--node-cidr-mask-size=24"]
+                  if self.cluster_cidr else [])),
                 self.root / "kube-controller-manager.log"), f"https://127.0.0.1:{kcm_port}/healthz", False),
             (Component("kube-scheduler", self._argv(
                 "kube-scheduler", *self._client_flags("kube-scheduler", scheduler_port), "--v=1"),
