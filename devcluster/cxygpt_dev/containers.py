@@ -44,6 +44,16 @@ def tail_message(lines) -> str:
     return "\n".join(lines).encode()[-TAIL_BYTES:].decode(errors="ignore")
 
 
+def requests_in_flight(metrics: str) -> float:
+    """vllm:num_requests_running + vllm:num_requests_waiting from a Prometheus text exposition (an engine whose
+    preStop drain is done has none)."""
+    total = 0.0
+    for line in metrics.splitlines():
+        if line.startswith(("vllm:num_requests_running", "vllm:num_requests_waiting")):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
 @dataclass
 class Run:
     """One run of a container: the process, its log file and tail, and how it ended."""

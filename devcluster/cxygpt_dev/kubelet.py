@@ -15,7 +15,7 @@ import ssl
 import sys
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -24,7 +24,7 @@ from aiohttp import web
 
 from . import network
 from .certs import Pair
-from .containers import Run, local_program, now, probe_once
+from .containers import Run, local_program, now, probe_once, requests_in_flight
 from .podvolumes import CannotStart, PodVolumes
 from .volumes import rewrite, rewrite_all
 from .watching import follow
@@ -503,15 +503,6 @@ class PodWorker:
         await asyncio.gather(self.task, return_exceptions=True)
         self.reporter.cancel()
         await self._release()
-
-
-def requests_in_flight(metrics: str) -> float:
-    """vllm:num_requests_running + vllm:num_requests_waiting from a Prometheus text exposition."""
-    total = 0.0
-    for line in metrics.splitlines():
-        if line.startswith(("vllm:num_requests_running", "vllm:num_requests_waiting")):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 class Kubelet:

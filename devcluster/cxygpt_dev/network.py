@@ -112,14 +112,14 @@ class PodNetwork:
     def __init__(self, node_address: str, pod_cidr: str):
         if not in_private_network():
             raise NetworkError("pods need the dev cluster's network: call network.enter_private_network() first")
-        self.node_address = node_address
+        self.node_address, self.pod_cidr = node_address, pod_cidr
         # the lowest first (.0 and .1 left out, as a bridge plugin keeps them); a released address goes last, so its
         # old veth (which the kernel removes a little after the namespace) is long gone when it comes round again
         self.free = collections.deque(str(a) for a in list(ipaddress.ip_network(pod_cidr).hosts())[1:])
 
     async def create(self) -> Sandbox:
         if not self.free:
-            raise NetworkError(f"no pod address left in {POD_CIDR}")
+            raise NetworkError(f"no pod address left in the node's pod CIDR {self.pod_cidr}")
         address = self.free.popleft()
         holder = await asyncio.create_subprocess_exec("unshare", "--net", "--mount", "--propagation", "private", "--",
                                                       "sleep", "infinity", start_new_session=True)
