@@ -238,13 +238,15 @@ class PodWorker:
         while not self.terminating.is_set():
             try:
                 return await self.kubelet.volumes.prepare(self.pod)
-            except CannotStart as e:
-                if shown != e.message:
-                    shown = e.message
+            except (CannotStart, RuntimeError, aiohttp.ClientError) as e:
+                # a 403 too: the node authorizer learns of a pod's Secrets and ConfigMaps a little after its binding
+                reason, message = (e.reason, e.message) if isinstance(e, CannotStart) else ("ContainerCreating", str(e))
+                if shown != message:
+                    shown = message
                     for c in self.containers.values():
-                        c.waiting = (e.reason, e.message)
+                        c.waiting = (reason, message)
                     self.report()
-                    await self.kubelet.event(self.pod, "Warning", "FailedMount", e.message)
+                    await self.kubelet.event(self.pod, "Warning", "FailedMount", message)
             await asyncio.sleep(1)
         return None
 
@@ -257,6 +259,7 @@ class PodWorker:
                 if mount["mountPath"] == SERVICE_ACCOUNT_DIR:
                     mounts[SERVICE_ACCOUNT_DIR] = str(volumes[mount["name"]])
         resolv = self.kubelet.volumes.pod_dir(self.pod) / "resolv.conf"
+        resolv.parent.mkdir(parents=True, exist_ok=True)
         resolv.write_text(f"nameserver {network.DNS_ADDRESS}\nsearch {self.namespace}.svc.cluster.local "
                           "svc.cluster.local cluster.local\noptions ndots:5\n")
         mounts["/etc/resolv.conf"] = str(resolv)
