@@ -160,7 +160,7 @@ class ControlPlane:
                 f"--kubelet-client-certificate={self.kubelet_client.cert}",
                 f"--kubelet-client-key={self.kubelet_client.key}",
                 f"--kubelet-certificate-authority={self.ca.pair.cert}",
-                "--kubelet-preferred-address-types=InternalIP", "--profiling=false", f"--cert-dir={pki}", "--v=1",
+                "--kubelet-preferred-address-types=InternalIP", "--profiling=false", f"--cert-dir={pki}", "--v=0",
                 # the `kubernetes` Service's endpoint cannot be a loopback address
                 *(["--endpoint-reconciler-type=none"] if ipaddress.ip_address(self.address).is_loopback else [])),
                 self.root / "kube-apiserver.log"), f"{self.url}/readyz", True),
@@ -169,14 +169,14 @@ class ControlPlane:
                 "--use-service-account-credentials=true", f"--service-account-private-key-file={self.sa.key}",
                 f"--root-ca-file={self.ca.pair.cert}", f"--cluster-signing-cert-file={self.ca.pair.cert}",
                 f"--cluster-signing-key-file={self.ca.pair.key}", f"--service-cluster-ip-range={SERVICE_CIDR}",
-                "--controllers=*,bootstrapsigner,tokencleaner", "--v=1",
+                "--controllers=*,bootstrapsigner,tokencleaner", "--v=0",
                 # a new node's not-ready taint comes off within a second of its Ready status (default: 5 s)
                 "--node-monitor-period=1s",
                 *([f"--cluster-cidr={self.cluster_cidr}", "--allocate-node-cidrs=true", "--node-cidr-mask-size=24"]
                   if self.cluster_cidr else [])),
                 self.root / "kube-controller-manager.log"), f"https://127.0.0.1:{kcm_port}/healthz", False),
             (Component("kube-scheduler", self._argv(
-                "kube-scheduler", *self._client_flags("kube-scheduler", scheduler_port), "--v=1"),
+                "kube-scheduler", *self._client_flags("kube-scheduler", scheduler_port), "--v=0"),
                 self.root / "kube-scheduler.log"), f"https://127.0.0.1:{scheduler_port}/healthz", False),
         ]
 
