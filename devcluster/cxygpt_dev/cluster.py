@@ -41,6 +41,7 @@ class Cluster:
     kubelets: dict[str, Component] = field(default_factory=dict)
     addons: Component | None = None
     plane: ControlPlane | None = None
+    api_port: int | None = None
 
     @property
     def kubeconfig(self) -> Path:
@@ -57,7 +58,7 @@ class Cluster:
         network.enter_private_network()
         self.root = Path(self.root)
         self.plane = ControlPlane(address=network.HOST_ADDRESS, root=self.root / "control-plane",
-                                  cluster_cidr=network.CLUSTER_CIDR)
+                                  cluster_cidr=network.CLUSTER_CIDR, api_port=self.api_port)
         try:
             self.plane.start()
             self.kubectl("apply", "-f", "-", stdin=yaml.safe_dump_all([storage_class(), *rbac(), {

@@ -89,6 +89,7 @@ class ControlPlane:
     address: str = "127.0.0.1"
     hosts: tuple[str, ...] = ()
     cluster_cidr: str | None = None  # when given, the controller-manager hands each node a /24 of it
+    api_port: int | None = None      # the API server's port (default: a free one)
     bin_dir: Path | None = None
     root: Path | None = None
     components: list[Component] = field(default_factory=list)
@@ -99,7 +100,7 @@ class ControlPlane:
         self.own_root = self.root is None
         self.root = Path(self.root or tempfile.mkdtemp(prefix="cxygpt-kube-"))
         self.pki = self.root / "pki"
-        self.api_port = free_port(self.address)
+        self.api_port = self.api_port or free_port(self.address)
         self.url = f"https://{self.address}:{self.api_port}"
         self.kubeconfig = self.root / "admin.kubeconfig"
         self.etcd_dir: Path | None = None

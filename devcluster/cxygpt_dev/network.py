@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import ctypes
 import ipaddress
 import os
@@ -41,11 +42,12 @@ def in_private_network() -> bool:
     return os.environ.get(_ENTERED) == HOST_ADDRESS
 
 
-def enter_private_network() -> None:
+def enter_private_network(fresh: bool = False) -> None:
     """Moves this process (its calling thread, and so every child and thread it starts later) into a new network
     namespace with the host address on its loopback interface. Root does it directly; another user through a user
-    namespace of its own, which must then be done before any other thread starts. Idempotent."""
-    if in_private_network():
+    namespace of its own, which must then be done before any other thread starts. Idempotent, unless `fresh`: a
+    network of its own even when started inside another one (a dev cluster started by a test)."""
+    if in_private_network() and not fresh:
         return
     for tool in ("ip", "nsenter", "unshare"):
         if shutil.which(tool) is None:
@@ -153,3 +155,25 @@ class PodNetwork:
         if holder.returncode is None:
             holder.kill()
             await holder.wait()
+
+
+async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str, port: int) -> None:
+    """A TCP connection passed on to host:port, both ways, until either side closes."""
+    try:
+        upstream_reader, upstream_writer = await asyncio.open_connection(host, port)
+    except OSError:
+        writer.close()
+        return
+
+    async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        try:
+            while data := await src.read(65536):
+                dst.write(data)
+                await dst.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            with contextlib.suppress(Exception):
+                dst.close()
+
+    await asyncio.gather(pipe(reader, upstream_writer), pipe(upstream_reader, writer))

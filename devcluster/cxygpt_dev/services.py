@@ -5,7 +5,6 @@ Service's to its ready endpoints) at kube-dns's address."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 
@@ -16,7 +15,7 @@ import dns.rcode
 import dns.rdatatype
 import dns.rrset
 
-from .network import DNS_ADDRESS
+from .network import DNS_ADDRESS, relay
 from .watching import follow
 
 log = logging.getLogger("cxygpt.services")
@@ -102,24 +101,7 @@ class Services:
             writer.close()
             return
         host, number = endpoints[next(self.turn) % len(endpoints)]
-        try:
-            upstream_reader, upstream_writer = await asyncio.open_connection(host, number)
-        except OSError:
-            writer.close()
-            return
-
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            try:
-                while data := await src.read(65536):
-                    dst.write(data)
-                    await dst.drain()
-            except (ConnectionError, OSError):
-                pass
-            finally:
-                with contextlib.suppress(Exception):
-                    dst.close()
-
-        await asyncio.gather(pipe(reader, upstream_writer), pipe(upstream_reader, writer))
+        await relay(reader, writer, host, number)
 
     # --- the DNS -------------------------------------------------------------------------------------------------------
 
