@@ -135,6 +135,15 @@ async def wait_http(session: aiohttp.ClientSession, url: str, what: str, compone
     raise SystemExit(f"cxygpt-dev: {what} did not answer at {url} within {timeout:.0f}s")
 
 
+def settled(model: dict) -> bool:
+    """A ModelDeployment that will not change by itself soon: Ready, Failed, at zero, or Pending because the
+    scheduler has no node for its engines."""
+    status = model.get("status") or {}
+    available = next((c for c in status.get("conditions") or [] if c.get("type") == "Available"), {})
+    return status.get("phase") in ("Ready", "Failed", "ScaledToZero") or (
+        status.get("phase") == "Pending" and available.get("reason") == "Unschedulable")
+
+
 def gpu_nodes_from_kind_config(path: Path) -> list[dict]:
     """The GPU workers of kind-config.yaml as Node objects (one source for both clusters)."""
     config = yaml.safe_load(path.read_text())
@@ -336,7 +345,9 @@ class DevCluster:
             raise SystemExit("cxygpt-dev: applying examples/ failed (see above)")
 
     async def _wait_ready(self, session, api_url: str, stop: asyncio.Event, timeout: float = 120):
-        deadline, last = time.monotonic() + timeout, None
+        """Until every model is settled (Ready, Failed, scaled to zero, or Pending on the scheduler), printing each
+        change of their phases; then one line for each model that is not Ready, saying why."""
+        deadline, last, items = time.monotonic() + timeout, None, []
         while time.monotonic() < deadline and not stop.is_set():
             async with session.get(api_url + GROUP_PATH, ssl=self.api_ssl) as resp:
                 items = (await resp.json())["items"]
@@ -345,10 +356,18 @@ class DevCluster:
             if line != last:
                 self.out.say(line)
                 last = line
-            if states and all(p in ("Ready", "Failed") for p in states.values()):
-                return
+            if items and all(settled(i) for i in items):
+                break
             await asyncio.sleep(0.25)
-        self.out.say("cxygpt-dev: not every model became Ready in time; the system keeps running")
+        else:
+            if not stop.is_set():
+                self.out.say(f"cxygpt-dev: not every model settled in {timeout:.0f} s; the system keeps running")
+        for item in items:
+            status = item.get("status") or {}
+            if status.get("phase") != "Ready":
+                available = next((c for c in status.get("conditions") or [] if c.get("type") == "Available"), {})
+                self.out.say(f"  {item['metadata']['namespace']}/{item['metadata']['name']}: "
+                             f"{status.get('phase', 'New')}: {available.get('message', '')}")
 
     async def _first_chat(self, session, gateway: str):
         """One streamed chat through the gateway, as a client would send it."""

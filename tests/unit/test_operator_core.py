@@ -363,6 +363,22 @@ def test_crash_loop_with_no_replica_ready_is_failed_with_exit_code_and_last_line
                                                     "last log line: ValueError: max_num_seqs must be positive")
 
 
+def test_an_engine_pod_the_scheduler_cannot_place_keeps_the_model_pending_with_the_schedulers_reason():
+    spec = _spec(replicas=2)
+    why = "0/1 nodes are available: 1 Insufficient nvidia.com/gpu. preemption: 0/1 nodes are available"
+    unplaced = _pod("b", created="2026-11-21T00:00:05Z")
+    unplaced["status"] = {"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "False",
+                                                              "reason": "Unschedulable", "message": why}]}
+    status = _status(_sel(spec), deployment=DEP, spec=spec, pods=[_pod("a"), unplaced])
+    phase, conds = _summary(status)
+    assert phase == "Pending" and conds["Available"] == ("False", "Unschedulable")
+    assert conds["Progressing"] == ("True", "Unschedulable") and conds["Degraded"] == ("False", "AsExpected")
+    assert _cond(status, "Available")["message"].endswith(f"pod b: {why}")
+    # one replica served meanwhile: partially ready, and the other's reason still shows
+    phase, conds = _summary(_status(_sel(spec), deployment=DEP, spec=spec, pods=[_pod("a", ready=True), unplaced]))
+    assert phase == "PartiallyReady" and conds["Progressing"] == ("True", "Unschedulable")
+
+
 def test_crash_with_a_replica_ready_is_partially_ready_and_degraded():
     spec = _spec(replicas=2)
     phase, conds = _summary(_status(_sel(spec), deployment=DEP, spec=spec, pods=[_pod("a", ready=True), _pod("b", crash=137)]))
