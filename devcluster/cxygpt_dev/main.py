@@ -32,6 +32,7 @@ from .processes import forward_lines, stop_group
 from .volumes import default_storage_class
 
 REPO = Path(__file__).resolve().parents[2]
+CHART, CHART_RELEASE = Path("deploy/helm/cxygpt"), "cxygpt"  # the real cluster runs the chart
 BIN = Path(sys.executable).parent
 STATE_DIR = Path(".cxygpt-dev")
 GROUP_PATH = "/apis/cxygpt.io/v1alpha1/modeldeployments"
@@ -157,8 +158,8 @@ def gpu_nodes_from_kind_config(path: Path) -> list[dict]:
 
 class Forwards:
     """The real cluster's doors in the network cxygpt-dev was started in: the gateway's port and the API server's,
-    listening there before cxygpt-dev moves to the cluster's own network, each passed on to the same port of the
-    cluster's host address."""
+    listening there before cxygpt-dev moves to the cluster's own network, each passed on to an address there (the
+    API server's, the gateway Service's)."""
 
     def __init__(self, gateway_port: int):
         self.sockets = {}
@@ -172,10 +173,9 @@ class Forwards:
         self.gateway_port, self.api_port = list(self.sockets)
         self.servers: list[asyncio.base_events.Server] = []
 
-    async def start(self):
-        for port, s in self.sockets.items():
-            self.servers.append(await asyncio.start_server(
-                lambda r, w, port=port: network.relay(r, w, network.HOST_ADDRESS, port), sock=s))
+    async def start(self, port: int, host: str, target_port: int):
+        self.servers.append(await asyncio.start_server(
+            lambda r, w: network.relay(r, w, host, target_port), sock=self.sockets[port]))
 
     def close(self):
         for server in self.servers:
@@ -199,6 +199,7 @@ class DevCluster:
         self.internal_kubeconfig = self.kubeconfig
         self.api_ssl: ssl.SSLContext | bool = True
         self.host = "127.0.0.1"
+        self.operator_metrics: int | None = None
 
     async def _start(self, name: str, argv: list[str], health: str, session, env=None) -> Component:
         component = Component(name, argv, self.out, env)
@@ -227,8 +228,8 @@ class DevCluster:
 
     async def _start_real(self) -> str:
         """The real control plane, our kubelets of kind-config.yaml's GPU nodes and the add-ons, in this process's
-        network; the CRDs applied; a kubeconfig for the user through the forwarded API port."""
-        await self.forwards.start()
+        network; a kubeconfig for the user through the forwarded API port."""
+        await self.forwards.start(self.forwards.api_port, network.HOST_ADDRESS, self.forwards.api_port)
         root = (self.state / "cluster").resolve()
         shutil.rmtree(root, ignore_errors=True)  # a stopped run's certificates and logs
         self.real = Cluster(root=root, api_port=self.forwards.api_port)
@@ -241,7 +242,6 @@ class DevCluster:
         self.out.say(f"cxygpt-dev: Kubernetes {self._server_version()} (etcd, kube-apiserver, kube-controller-manager, "
                      f"kube-scheduler) and {len(self.real.nodes)} GPU nodes up in {time.monotonic() - began:.0f} s; "
                      f"their logs in {shown(root)}")
-        await asyncio.to_thread(self.real.kubectl, "apply", "-f", str(REPO / "deploy" / "crds"))
         write_tls_kubeconfig(self.kubeconfig, f"https://127.0.0.1:{self.forwards.api_port}", plane.ca.pair.cert,
                              user="cxygpt-dev-admin", client=plane.admin)
         self.internal_kubeconfig = plane.kubeconfig
@@ -249,6 +249,36 @@ class DevCluster:
         self.api_ssl.load_cert_chain(str(plane.admin.cert), str(plane.admin.key))
         self.host = network.HOST_ADDRESS
         return plane.url
+
+    async def _install_chart(self, hub: str) -> str:
+        """The chart, as `helm install --wait` puts it on a cluster: its CRD, the operator and the gateway as pods
+        under their ServiceAccounts (the chart's RBAC enforced), the gateway's Service; the forwarded gateway port
+        leads to that Service."""
+        helm = tool("helm") if shutil.which("helm") or (BIN / "helm").exists() else str(REPO / ".tools/bin/helm")
+        sets = {"operator.hfEndpoint": hub, "modelAutoscaling.intervalSeconds": f"{self.args.autoscale_interval:g}"}
+        for env, value in (("CXYGPT_DEMAND_WINDOW_S", "gateway.demandWindowSeconds"),
+                           ("CXYGPT_COLD_START_TIMEOUT_S", "gateway.coldStartTimeoutSeconds")):
+            if os.environ.get(env):  # as the in-memory run's gateway process takes them
+                sets[value] = os.environ[env]
+        argv = [helm, "--kubeconfig", str(self.internal_kubeconfig), "install", CHART_RELEASE, str(REPO / CHART),
+                "--namespace", CHART_RELEASE, "--create-namespace", "--wait", "--timeout", "180s",
+                *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")]]
+        began = time.monotonic()
+        proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE,
+                                                    stderr=asyncio.subprocess.STDOUT)
+        output, _ = await proc.communicate()
+        for line in output.decode(errors="replace").splitlines():
+            self.out("helm", line)
+        if proc.returncode != 0:
+            raise SystemExit(f"cxygpt-dev: helm install of the chart failed (its output is in the log file): "
+                             f"{output.decode(errors='replace').strip().splitlines()[-1:]}")
+        service = json.loads(await asyncio.to_thread(self.real.kubectl, "get", "service", "cxygpt-gateway", "-n",
+                                                     CHART_RELEASE, "-o", "json"))
+        await self.forwards.start(self.forwards.gateway_port, service["spec"]["clusterIP"],
+                                  service["spec"]["ports"][0]["port"])
+        self.out.say(f"cxygpt-dev: helm installed the chart (release {CHART_RELEASE}: the CRD, the operator and the "
+                     f"gateway as pods) in {time.monotonic() - began:.0f} s")
+        return f"http://{service['spec']['clusterIP']}:{service['spec']['ports'][0]['port']}"
 
     def _server_version(self) -> str:
         return json.loads(self.real.kubectl("version", "-o", "json"))["serverVersion"]["gitVersion"]
@@ -266,23 +296,10 @@ class DevCluster:
                         "--catalog-stand-ins", str(a.hub_stand_in_mib_per_gib)]
             hub_argv += ["--rate-mib-s", str(a.hub_rate_mib_s)] if a.hub_rate_mib_s else []
             await self._start("hub", hub_argv, hub + "/health", session)
-            op_port, self.operator_metrics = free_port(), free_port()
-            await self._start("operator", [tool("cxygpt-operator"), "--kubeconfig", str(self.internal_kubeconfig),
-                                           "--liveness", f"http://127.0.0.1:{op_port}/healthz",
-                                           "--metrics-host", "127.0.0.1", "--metrics-port", str(self.operator_metrics),
-                                           "--hf-endpoint", hub,
-                                           "--gateway-service", "/".join(GATEWAY_SERVICE),
-                                           "--autoscale-interval", str(a.autoscale_interval)],
-                              f"http://127.0.0.1:{op_port}/healthz", session)
-            if not self.real:  # the in-memory API's kubelet and controllers
-                self.runner = PodRunner(api_url, output=lambda label, line: self.out(f"engine {label}", line),
-                                        max_engines=a.max_engines, state_dir=self.state.resolve())
-                self.runner_task = asyncio.create_task(self.runner.run())
-            inside = f"http://{self.host}:{a.gateway_port}"
-            await self._start("gateway", [tool("cxygpt-gateway"), "--kubernetes", "--kubeconfig",
-                                          str(self.internal_kubeconfig), "--host", self.host, "--port",
-                                          str(a.gateway_port)], inside + "/healthz", session)
-            await self._publish_gateway(session, api_url, a.gateway_port)
+            if self.real:
+                inside = await self._install_chart(hub)
+            else:
+                inside = await self._start_processes(session, api_url, hub)
             gateway = f"http://127.0.0.1:{a.gateway_port}"
             self._print_next_steps(gateway)
             if not a.no_examples:
@@ -293,11 +310,36 @@ class DevCluster:
             self.out.say("cxygpt-dev: up. Ctrl-C (or `cxygpt-dev down`) stops everything; every component's lines "
                          f"are in {shown(self.state / 'cxygpt-dev.log')}.")
             (self.state / "ready").write_text(json.dumps({
-                "gateway": gateway, "kubeconfig": str(self.kubeconfig), "api": api_url, "hub": hub,
+                "gateway": gateway, "kubeconfig": str(self.kubeconfig), "hub": hub,
+                "api": f"https://127.0.0.1:{self.forwards.api_port}" if self.real else api_url,
                 "hub_root": str((self.state / "hub").resolve()),
                 "control_plane": "real" if self.real else "in-memory",
-                "operator_metrics": f"http://{self.host}:{self.operator_metrics}/metrics"}))
+                **({"operator_metrics": f"http://127.0.0.1:{self.operator_metrics}/metrics"}
+                   if self.operator_metrics else {})}))
             await stop.wait()
+
+    async def _start_processes(self, session, api_url: str, hub: str) -> str:
+        """The operator, the pod runner and the gateway as processes of this machine, with the admin's kubeconfig;
+        the gateway's Service and EndpointSlice. The gateway's URL."""
+        a = self.args
+        op_port, self.operator_metrics = free_port(), free_port()
+        await self._start("operator", [tool("cxygpt-operator"), "--kubeconfig", str(self.internal_kubeconfig),
+                                       "--liveness", f"http://127.0.0.1:{op_port}/healthz",
+                                       "--metrics-host", "127.0.0.1", "--metrics-port", str(self.operator_metrics),
+                                       "--hf-endpoint", hub,
+                                       "--gateway-service", "/".join(GATEWAY_SERVICE),
+                                       "--autoscale-interval", str(a.autoscale_interval)],
+                          f"http://127.0.0.1:{op_port}/healthz", session)
+        # the in-memory API's kubelet and controllers
+        self.runner = PodRunner(api_url, output=lambda label, line: self.out(f"engine {label}", line),
+                                max_engines=a.max_engines, state_dir=self.state.resolve())
+        self.runner_task = asyncio.create_task(self.runner.run())
+        gateway = f"http://127.0.0.1:{a.gateway_port}"
+        await self._start("gateway", [tool("cxygpt-gateway"), "--kubernetes", "--kubeconfig",
+                                      str(self.internal_kubeconfig), "--host", "127.0.0.1", "--port",
+                                      str(a.gateway_port)], gateway + "/healthz", session)
+        await self._publish_gateway(session, api_url, a.gateway_port)
+        return gateway
 
     async def _publish_gateway(self, session, api_url: str, port: int):
         """The gateway's Service and EndpointSlice, as a cluster has them: the autoscaler reads demand there."""
@@ -375,7 +417,8 @@ class DevCluster:
                 "messages": [{"role": "user", "content": "Say hello to the dev cluster."}]}
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
-            async with session.post(gateway + "/v1/chat/completions", json=body) as resp:
+            async with session.post(gateway + "/v1/chat/completions", json=body,
+                                    timeout=aiohttp.ClientTimeout(total=30)) as resp:
                 if resp.status == 200:
                     text = []
                     async for raw in resp.content:

@@ -67,6 +67,8 @@ def enter_private_network(fresh: bool = False) -> None:
             f.write(f"0 {gid} 1")
     _ip("link", "set", "lo", "up")
     _ip("addr", "add", f"{HOST_ADDRESS}/32", "dev", "lo")
+    with open("/proc/sys/net/ipv4/ip_forward", "w") as f:  # pod to pod: from one veth to another (this namespace's)
+        f.write("1")
     _ip("route", "add", "local", SERVICE_CIDR, "dev", "lo")  # the service proxy listens on cluster IPs
     os.environ[_ENTERED] = HOST_ADDRESS
 
