@@ -24,6 +24,7 @@ from aiohttp import web
 
 from . import network
 from .certs import Pair
+from .network import DEV_CLUSTER_MARK
 from .containers import Run, local_program, now, probe_once, requests_in_flight
 from .podvolumes import CannotStart, PodVolumes
 from .volumes import rewrite, rewrite_all
@@ -282,7 +283,8 @@ class PodWorker:
             raise CannotStart("CreateContainerConfigError", "no command: this node runs no images, only their "
                               "programs (set the container's command)")
         argv = [local_program(command[0]), *rewrite_all(command[1:] + list(spec.get("args") or []), mapping)]
-        base = {k: v for k, v in os.environ.items() if k in ("PATH", "LANG", "LC_ALL", "TZ")}
+        # of this machine's environment only what a container image would set, and the dev cluster's mark
+        base = {k: v for k, v in os.environ.items() if k in ("PATH", "LANG", "LC_ALL", "TZ", DEV_CLUSTER_MARK)}
         environment = {**base, "HOSTNAME": self.name, **self.kubelet.service_env, **env}
         return self.sandbox.enter(argv), environment, termination
 

@@ -157,20 +157,20 @@ def gpu_nodes_from_kind_config(path: Path) -> list[dict]:
 
 
 class Forwards:
-    """The real cluster's doors in the network cxygpt-dev was started in: the gateway's port and the API server's,
-    listening there before cxygpt-dev moves to the cluster's own network, each passed on to an address there (the
-    API server's, the gateway Service's)."""
+    """The real cluster's doors in the network cxygpt-dev was started in: the gateway's port, the API server's and
+    the Hub's, listening there before cxygpt-dev moves to the cluster's own network, each passed on to an address
+    there (the gateway Service's, the API server's, the Hub's)."""
 
     def __init__(self, gateway_port: int):
         self.sockets = {}
-        for port in (gateway_port, 0):
+        for port in (gateway_port, 0, 0):
             s = socket.socket()
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.bind(("127.0.0.1", port))
             s.listen(128)
             s.setblocking(False)
             self.sockets[s.getsockname()[1]] = s
-        self.gateway_port, self.api_port = list(self.sockets)
+        self.gateway_port, self.api_port, self.hub_port = list(self.sockets)
         self.servers: list[asyncio.base_events.Server] = []
 
     async def start(self, port: int, host: str, target_port: int):
@@ -287,7 +287,7 @@ class DevCluster:
         a = self.args
         async with aiohttp.ClientSession() as session:
             api_url = await (self._start_real() if self.forwards else self._start_in_memory(session))
-            hub_port = free_port(self.host)
+            hub_port = self.forwards.hub_port if self.real else free_port(self.host)
             hub = f"http://{self.host}:{hub_port}"
             # the Hub the download Jobs and the engines use: the tests' repositories, and a stand-in for each
             # model of the catalog
@@ -296,6 +296,8 @@ class DevCluster:
                         "--catalog-stand-ins", str(a.hub_stand_in_mib_per_gib)]
             hub_argv += ["--rate-mib-s", str(a.hub_rate_mib_s)] if a.hub_rate_mib_s else []
             await self._start("hub", hub_argv, hub + "/health", session)
+            if self.real:
+                await self.forwards.start(hub_port, self.host, hub_port)
             if self.real:
                 inside = await self._install_chart(hub)
             else:
@@ -310,7 +312,8 @@ class DevCluster:
             self.out.say("cxygpt-dev: up. Ctrl-C (or `cxygpt-dev down`) stops everything; every component's lines "
                          f"are in {shown(self.state / 'cxygpt-dev.log')}.")
             (self.state / "ready").write_text(json.dumps({
-                "gateway": gateway, "kubeconfig": str(self.kubeconfig), "hub": hub,
+                "gateway": gateway, "kubeconfig": str(self.kubeconfig),
+                "hub": f"http://127.0.0.1:{hub_port}" if self.real else hub,
                 "api": f"https://127.0.0.1:{self.forwards.api_port}" if self.real else api_url,
                 "hub_root": str((self.state / "hub").resolve()),
                 "control_plane": "real" if self.real else "in-memory",
@@ -448,6 +451,7 @@ class DevCluster:
 
 def _up(args) -> int:
     forwards = None
+    os.environ[network.DEV_CLUSTER_MARK] = str(Path(args.state_dir).resolve())
     try:
         check_ports(args)
         if args.control_plane == "real":

@@ -22,7 +22,10 @@ CLUSTER_CIDR = "10.244.0.0/16"  # the controller-manager gives each node a /24 o
 SERVICE_CIDR = "10.96.0.0/16"
 DNS_ADDRESS = "10.96.0.10"      # kube-dns's cluster IP, as kubeadm has it
 _CLONE_NEWNET, _CLONE_NEWUSER = 0x40000000, 0x10000000
-_ENTERED = "CXYGPT_DEV_NETWORK"  # set once this process (and so its children) is in the private network
+_ENTERED = "CXYGPT_DEV_NETWORK"
+# in the environment of every process a dev cluster starts, its pods' too: its state directory (nothing it started
+# can hide from `cxygpt-dev down` or a test)
+DEV_CLUSTER_MARK = "CXYGPT_DEV_CLUSTER"  # set once this process (and so its children) is in the private network
 
 
 class NetworkError(RuntimeError):

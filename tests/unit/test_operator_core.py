@@ -609,3 +609,12 @@ def test_a_model_scaled_to_zero_by_the_autoscaler_says_so():
     available = next(c for c in status["conditions"] if c["type"] == "Available")
     assert status["phase"] == "ScaledToZero" and available["reason"] == "ScaledToZero"
     assert "autoscaler after 120 s without requests" in available["message"]
+
+
+def test_a_node_that_stops_taking_pods_leaves_the_gpu_index():
+    """kopf keeps an object's old index entry when the indexer returns None: a cordoned node must index as empty."""
+    from cxygpt_operator.handlers import gpu_nodes
+    labels = {"nvidia.com/gpu.memory": "81559", "nvidia.com/gpu.count": "1"}
+    node = {"metadata": {"name": "n", "labels": labels}, "spec": {}, "status": {"allocatable": {"nvidia.com/gpu": "1"}}}
+    assert list(gpu_nodes(body=node, name="n")) == ["n"]
+    assert gpu_nodes(body={**node, "spec": {"unschedulable": True}}, name="n") == {}
