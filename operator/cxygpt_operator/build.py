@@ -117,14 +117,17 @@ def _revision(spec: ModelSpec, weights: str) -> str | None:
     return found[1] if found and not spec.cache.enabled else None
 
 
-STARTUP_PERIOD_S = 10
+# an engine is Ready within this long of answering /health (kubelet runs the readiness probe only once the startup
+# probe passed): a request held while a model starts from zero waits for it, so it is short; the budget stays
+STARTUP_PERIOD_S = 2
 # scheduling and an image pull (vLLM's image is ~10 GB) come before the startup probe's budget
 PULL_MARGIN_S = 600
 
 
 def _startup_failures(kind: str) -> int:
-    # vLLM answers /health only once weights are loaded: a long startup budget (downloads, 30 min)
-    return 180 if kind == "vllm" else 30
+    # vLLM answers /health only once weights are loaded: a long startup budget (downloads, 30 min); 5 min for the
+    # simulator
+    return (1800 if kind == "vllm" else 300) // STARTUP_PERIOD_S
 
 
 def _probes(kind: str) -> dict:

@@ -196,7 +196,8 @@ def scenario_steps(cluster: Cluster, hub: str, kube: Kubectl, scenario: str) -> 
          "180s", "--set", f"operator.hfEndpoint={hub}", "--set", "modelAutoscaling.intervalSeconds=1",
          "--set", "gateway.logLevel=debug")
     after = {p["metadata"]["name"] for p in json.loads(kube("get", "pods", "-n", NAMESPACE, "-l",
-                                                            "app.kubernetes.io/component=gateway", "-o", "json"))["items"]}
+                                                            "app.kubernetes.io/component=gateway", "-o", "json"))["items"]
+             if not p["metadata"].get("deletionTimestamp")}  # the old ones may still drain (their preStop)
     assert after and not after & before
     wait_until(lambda: "small-0" in served(gateway), timeout=30, what="served after the upgrade")
 
