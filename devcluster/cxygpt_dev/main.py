@@ -255,14 +255,15 @@ class DevCluster:
         under their ServiceAccounts (the chart's RBAC enforced), the gateway's Service; the forwarded gateway port
         leads to that Service."""
         helm = tool("helm") if shutil.which("helm") or (BIN / "helm").exists() else str(REPO / ".tools/bin/helm")
-        sets = {"operator.hfEndpoint": hub, "modelAutoscaling.intervalSeconds": f"{self.args.autoscale_interval:g}"}
+        values = {"operator.hfEndpoint": hub, "modelAutoscaling.intervalSeconds": self.args.autoscale_interval}
         for env, value in (("CXYGPT_DEMAND_WINDOW_S", "gateway.demandWindowSeconds"),
                            ("CXYGPT_COLD_START_TIMEOUT_S", "gateway.coldStartTimeoutSeconds")):
             if os.environ.get(env):  # as the in-memory run's gateway process takes them
-                sets[value] = os.environ[env]
+                values[value] = float(os.environ[env])
         argv = [helm, "--kubeconfig", str(self.internal_kubeconfig), "install", CHART_RELEASE, str(REPO / CHART),
                 "--namespace", CHART_RELEASE, "--create-namespace", "--wait", "--timeout", "180s",
-                *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")]]
+                # JSON values: numbers stay numbers (`--set` makes 2.5 a string)
+                *[a for k, v in values.items() for a in ("--set-json", f"{k}={json.dumps(v)}")]]
         began = time.monotonic()
         proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE,
                                                     stderr=asyncio.subprocess.STDOUT)
