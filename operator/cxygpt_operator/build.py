@@ -154,7 +154,15 @@ def _affinity(sel: Selection) -> dict:
             expressions.append({"key": GPU_COUNT_LABEL, "operator": "Gt", "values": [str(sel.gpu_count - 1)]})
         return {"matchExpressions": expressions}
     terms = [term(GPU_MEMORY_LABEL), term(MEMORY_OVERRIDE_LABEL)]
-    return {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": terms}}}
+    # preferred: nodes like the one the engine was sized for (its GPU memory and count), so a small engine does not
+    # take a GPU of a larger node that another model needs whole (the scheduler otherwise spreads pods)
+    sized = sel.node
+    preferred = [{"weight": 100, "preference": {"matchExpressions": [
+        {"key": label, "operator": "In", "values": [str(sized.memory_mib)]},
+        {"key": GPU_COUNT_LABEL, "operator": "In", "values": [str(sized.count)]}]}}
+        for label in (GPU_MEMORY_LABEL, MEMORY_OVERRIDE_LABEL)]
+    return {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": terms},
+                             "preferredDuringSchedulingIgnoredDuringExecution": preferred}}
 
 
 def build_cache_job(key: CacheKey, namespace: str, spec: ModelSpec, sel: Selection, size: str, users: list,
