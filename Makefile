@@ -5,7 +5,7 @@ TOOLS ?= .tools
 PY    := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(CURDIR)/$(TOOLS)/bin:$(PATH)
 
-.PHONY: bootstrap bootstrap-test demo test test-unit test-openwebui screenshots profile clean
+.PHONY: bootstrap bootstrap-test kube demo test test-unit test-openwebui screenshots profile clean
 
 bootstrap:
 	@scripts/bootstrap.sh
@@ -13,12 +13,17 @@ bootstrap:
 bootstrap-test:
 	@scripts/bootstrap.sh --test
 
+# the real control plane the tests run on (kube-apiserver, kube-controller-manager, kube-scheduler, etcd), built
+# from their Go modules once per pinned version into $(TOOLS)/kube (devcluster/kube/go.mod pins them)
+kube:
+	@TOOLS=$(TOOLS) scripts/build_kube.sh
+
 demo: bootstrap
 	cxygpt-dev up
 
 # two workers, each taking whole files (their module-scoped dev clusters stay in one process): half the time of
 # one on 2 cores, since most tests wait on the servers and clusters they start
-test: bootstrap-test
+test: bootstrap-test kube
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
 test-unit: bootstrap-test

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the project into .venv (idempotent; registries only). With --test, also what the tests need: helm into
-# .tools, and Debian's redis-server, prometheus and chromium with apt when missing (the only step that may need root).
+# .tools, and Debian's redis-server, prometheus, chromium and iproute2 with apt when missing (the only step that may
+# need root).
 set -euo pipefail
 test_tools=$([ "${1:-}" = --test ] && echo 1 || echo 0)
 cd "$(dirname "$0")/.."
@@ -38,6 +39,9 @@ command -v redis-server >/dev/null || need+=(redis-server)
 command -v prometheus >/dev/null || need+=(prometheus)
 # the console's browser tests drive this one through Playwright (which downloads no browser of its own here)
 [ -x /usr/bin/chromium ] || need+=(chromium)
+# the real dev cluster's network: namespaces for the cluster and each pod, veth pairs (cxygpt_dev.network)
+command -v ip >/dev/null || need+=(iproute2)
+command -v nsenter >/dev/null || need+=(util-linux)
 if [ ${#need[@]} -gt 0 ]; then
   SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
   $SUDO apt-get update -qq

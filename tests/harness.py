@@ -40,15 +40,15 @@ class ServerProcess:
     """A real process serving HTTP on 127.0.0.1:port; output goes to a log file shown when it fails."""
 
     def __init__(self, argv: list[str], *, port: int, log_path: Path, health: str = "/health",
-                 env: dict | None = None, ready_timeout: float = 20.0):
-        self.argv, self.port, self.log_path, self.health = argv, port, log_path, health
+                 env: dict | None = None, ready_timeout: float = 20.0, host: str = "127.0.0.1"):
+        self.argv, self.port, self.log_path, self.health, self.host = argv, port, log_path, health, host
         self.env = {**os.environ, **(env or {})}
         self.ready_timeout = ready_timeout
         self.proc: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def start(self) -> "ServerProcess":
         self._log = open(self.log_path, "ab")

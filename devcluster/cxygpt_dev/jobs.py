@@ -8,14 +8,13 @@ import datetime
 import logging
 import os
 import secrets
-import shutil
 import string
-import sys
 import time
 from pathlib import Path
 
 import aiohttp
 
+from .containers import TAIL_LINES, TERMINATION_BYTES, local_program, tail_message
 from .processes import forward_lines, stop_group
 from .volumes import Unbound, Volumes, rewrite, rewrite_all
 from .watching import follow
@@ -24,8 +23,6 @@ log = logging.getLogger("cxygpt.pods")
 # between failed attempts: the Job controller waits 10 s doubling to 6 min; the dev cluster is quicker
 BACKOFF_S = (1, 2, 4, 8)
 RETRY_S = 1.0
-TERMINATION_BYTES = 4096
-TAIL_LINES, TAIL_BYTES = 80, 2048
 _ALNUM = string.ascii_lowercase + string.digits
 
 
@@ -39,14 +36,6 @@ class CannotStart(Exception):
     def __init__(self, reason: str, message: str):
         super().__init__(message)
         self.reason, self.message = reason, message
-
-
-def local_command(command: list[str]) -> list[str]:
-    """The container's program on this machine: a console script of this environment, else one on PATH."""
-    if not command:
-        return command
-    here = Path(sys.executable).parent / command[0]
-    return [str(here) if here.exists() else (shutil.which(command[0]) or command[0]), *command[1:]]
 
 
 def finished(job: dict) -> bool:
@@ -245,8 +234,9 @@ class Jobs:
             if overdue():
                 return "deadline", 0, name
             await asyncio.sleep(RETRY_S)
-        argv = local_command(rewrite_all(container.get("command") or [], mapping)) + \
-            rewrite_all(container.get("args") or [], mapping)
+        command = rewrite_all(container.get("command") or [], mapping)
+        argv = [local_program(command[0]), *command[1:]] if command else []
+        argv += rewrite_all(container.get("args") or [], mapping)
         log_file = self.logs / ns / name / f"{cname}.log"
         log_file.parent.mkdir(parents=True, exist_ok=True)
         tail: list[str] = []
@@ -284,7 +274,7 @@ class Jobs:
         exit_code = code if code >= 0 else 128 - code
         message = termination.read_text(errors="replace")[:TERMINATION_BYTES]
         if not message.strip() and exit_code and container.get("terminationMessagePolicy") == "FallbackToLogsOnError":
-            message = "\n".join(tail).encode()[-TAIL_BYTES:].decode(errors="ignore")
+            message = tail_message(tail)
         reason = "Completed" if exit_code == 0 else "DeadlineExceeded" if outcome == "deadline" else "Error"
         try:
             await self._pod_status(ns, name, {

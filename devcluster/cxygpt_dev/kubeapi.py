@@ -121,7 +121,8 @@ def _scale_of(obj: dict, paths: dict) -> dict:
     md = obj["metadata"]
     return {"kind": "Scale", "apiVersion": "autoscaling/v1",
             "metadata": {k: md[k] for k in ("name", "namespace", "uid", "resourceVersion", "creationTimestamp") if k in md},
-            "spec": {"replicas": _at(obj, paths["specReplicasPath"]) or 0},
+            # autoscaling/v1 leaves spec.replicas out when it is 0 (omitempty), as a real API server shows it
+            "spec": {k: v for k, v in {"replicas": _at(obj, paths["specReplicasPath"]) or 0}.items() if v},
             "status": {"replicas": _at(obj, paths.get("statusReplicasPath", "")) or 0,
                        **({"selector": _at(obj, paths["labelSelectorPath"])}
                           if _at(obj, paths.get("labelSelectorPath", "")) else {})}}
@@ -237,7 +238,8 @@ class KubeAPI(kmock.KubernetesEmulator):
                     data = jsonpatch.apply_patch(_scale_of(current, paths), data)
                 except (jsonpatch.JsonPatchException, jsonpointer.JsonPointerException) as e:
                     raise ApiError(status=422, reason="Invalid", message=f"the JSON patch does not apply: {e}") from None
-            replicas = ((data or {}).get("spec") or {}).get("replicas")
+            spec = (data or {}).get("spec")
+            replicas = spec.get("replicas", 0) if isinstance(spec, dict) else None
             if not isinstance(replicas, int) or replicas < 0:
                 raise Invalid(status=422, reason="Invalid", message=f'Scale.autoscaling "{request.name}" is invalid: '
                               "spec.replicas: Invalid value: must be an integer >= 0")

@@ -1,4 +1,5 @@
-"""`cxygpt-dev`: the whole system on one machine — Kubernetes API, operator, engines, gateway — no cluster, no GPU."""
+"""`cxygpt-dev`: the whole system on one machine — Kubernetes API, operator, engines, gateway — no cluster, no GPU.
+`--control-plane real` runs it on the real control plane (`make kube`) with our kubelets, in a network of its own."""
 from __future__ import annotations
 
 import argparse
@@ -9,6 +10,8 @@ import logging
 import os
 import shutil
 import signal
+import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -19,18 +22,24 @@ import yaml
 
 from cxygpt_operator.autoscaling.policy import DEFAULT_INTERVAL_S
 
+from . import network
+from .certs import write_kubeconfig as write_tls_kubeconfig
+from .cluster import Cluster
+from .controlplane import ControlPlaneError, free_port
 from .kubeapi import write_kubeconfig
-from .podrunner import MAX_ENGINES, PodRunner, free_port
+from .podrunner import MAX_ENGINES, PodRunner
 from .processes import forward_lines, stop_group
 from .volumes import default_storage_class
 
 REPO = Path(__file__).resolve().parents[2]
+CHART, CHART_RELEASE = Path("deploy/helm/cxygpt"), "cxygpt"  # the real cluster runs the chart
 BIN = Path(sys.executable).parent
 STATE_DIR = Path(".cxygpt-dev")
 GROUP_PATH = "/apis/cxygpt.io/v1alpha1/modeldeployments"
 # the gateway as the operator's autoscaler finds it in a cluster: a Service with one ready endpoint (the process)
 GATEWAY_SERVICE = ("default", "cxygpt-gateway")
 CONSOLE_PORT = 8090  # the console's, when --console-port is not given and it is free (else any free port)
+DETACH_READY_S = 240
 
 
 def tool(name: str) -> str:
@@ -46,8 +55,10 @@ def shown(path) -> str:
 
 
 def port_taken(port: int) -> bool:
-    import socket
+    """Whether a server listens on 127.0.0.1:port. A port that only TIME-WAIT sockets of a stopped run hold is
+    free: with SO_REUSEADDR (as the gateway binds) only a listening socket refuses the bind."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
@@ -66,16 +77,17 @@ def check_ports(args) -> None:
 
 
 class Output:
-    """Every component's lines in one place, prefixed by component, on the terminal and in a log file."""
+    """Every component's lines in one log file, prefixed by component; the terminal shows cxygpt-dev's own lines (what
+    started, what is Ready, where to look), and the components' too with --verbose."""
 
-    def __init__(self, log_file: Path, quiet: set[str] = frozenset()):
+    def __init__(self, log_file: Path, verbose: bool = False):
         self.file = open(log_file, "a", buffering=1)
-        self.quiet = quiet
+        self.verbose = verbose
 
     def __call__(self, component: str, line: str):
         text = f"[{component}] {line}"
         self.file.write(text + "\n")
-        if not any(component.startswith(q) for q in self.quiet):
+        if self.verbose:
             print(text, flush=True)
 
     def say(self, line: str = ""):
@@ -116,7 +128,8 @@ async def wait_http(session: aiohttp.ClientSession, url: str, what: str, compone
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if component and component.process.returncode is not None:
-            raise SystemExit(f"cxygpt-dev: {what} exited with {component.process.returncode} (see its log lines above)")
+            raise SystemExit(f"cxygpt-dev: {what} exited with {component.process.returncode} (its lines are in the log "
+                             "file)")
         try:
             async with session.get(url, timeout=aiohttp.ClientTimeout(total=2)) as resp:
                 if resp.status == 200:
@@ -125,6 +138,15 @@ async def wait_http(session: aiohttp.ClientSession, url: str, what: str, compone
             pass
         await asyncio.sleep(0.1)
     raise SystemExit(f"cxygpt-dev: {what} did not answer at {url} within {timeout:.0f}s")
+
+
+def settled(model: dict) -> bool:
+    """A ModelDeployment that will not change by itself soon: Ready, Failed, at zero, or Pending because the
+    scheduler has no node for its engines."""
+    status = model.get("status") or {}
+    available = next((c for c in status.get("conditions") or [] if c.get("type") == "Available"), {})
+    return status.get("phase") in ("Ready", "Failed", "ScaledToZero") or (
+        status.get("phase") == "Pending" and available.get("reason") == "Unschedulable")
 
 
 def gpu_nodes_from_kind_config(path: Path) -> list[dict]:
@@ -138,63 +160,154 @@ def gpu_nodes_from_kind_config(path: Path) -> list[dict]:
             for i, node in enumerate(workers)]
 
 
+class Forwards:
+    """The real cluster's doors in the network cxygpt-dev was started in: the gateway's port, the API server's and
+    the Hub's, listening there before cxygpt-dev moves to the cluster's own network, each passed on to an address
+    there (the gateway Service's, the API server's, the Hub's)."""
+
+    def __init__(self, gateway_port: int):
+        self.sockets = {}
+        for port in (gateway_port, 0, 0):
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("127.0.0.1", port))
+            s.listen(128)
+            s.setblocking(False)
+            self.sockets[s.getsockname()[1]] = s
+        self.gateway_port, self.api_port, self.hub_port = list(self.sockets)
+        self.servers: list[asyncio.base_events.Server] = []
+
+    async def start(self, port: int, host: str, target_port: int):
+        self.servers.append(await asyncio.start_server(
+            lambda r, w: network.relay(r, w, host, target_port), sock=self.sockets[port]))
+
+    def close(self):
+        for server in self.servers:
+            server.close()
+
+
 class DevCluster:
-    def __init__(self, args: argparse.Namespace):
+    def __init__(self, args: argparse.Namespace, forwards: Forwards | None = None):
         self.args = args
         self.state = Path(args.state_dir)
         self.state.mkdir(parents=True, exist_ok=True)
-        self.out = Output(self.state / "cxygpt-dev.log", quiet=set(args.quiet or []))
+        self.out = Output(self.state / "cxygpt-dev.log", verbose=args.verbose)
         self.kubeconfig = Path(args.kubeconfig or self.state / "kubeconfig").resolve()
         logging.getLogger("cxygpt.pods").addHandler(OutputHandler(self.out, "pods"))
         self.components: list[Component] = []
         self.runner: PodRunner | None = None
         self.runner_task: asyncio.Task | None = None
+        self.forwards = forwards
+        self.real: Cluster | None = None
+        # where the components reach the API and each other (the cluster's network with the real control plane)
+        self.internal_kubeconfig = self.kubeconfig
+        self.api_ssl: ssl.SSLContext | bool = True
+        self.host = "127.0.0.1"
+        self.operator_metrics: int | None = None
 
     async def _start(self, name: str, argv: list[str], health: str, session, env=None) -> Component:
         component = Component(name, argv, self.out, env)
         await component.start()
         self.components.append(component)
         await wait_http(session, health, name, component)
+        self.out.say(f"cxygpt-dev: {name} started")
         return component
+
+    async def _start_in_memory(self, session) -> str:
+        """The in-memory API, its GPU nodes and StorageClass; the pod runner starts once the operator runs."""
+        api_port = free_port()
+        api_url = f"http://127.0.0.1:{api_port}"
+        await self._start("Kubernetes API (in memory)", [
+            sys.executable, "-m", "cxygpt_dev.kubeapi", "--port", str(api_port), "--preload",
+            str(REPO / "deploy" / "crds"), "--pod-logs", str((self.state / "pod-logs").resolve())],
+            api_url + "/version", session)
+        write_kubeconfig(self.kubeconfig, api_url)
+        for node in gpu_nodes_from_kind_config(REPO / "kind-config.yaml"):
+            async with session.post(api_url + "/api/v1/nodes", json=node) as resp:
+                resp.raise_for_status()
+        async with session.post(api_url + "/apis/storage.k8s.io/v1/storageclasses",
+                                json=default_storage_class()) as resp:
+            resp.raise_for_status()
+        return api_url
+
+    async def _start_real(self) -> str:
+        """The real control plane, our kubelets of kind-config.yaml's GPU nodes and the add-ons, in this process's
+        network; a kubeconfig for the user through the forwarded API port."""
+        await self.forwards.start(self.forwards.api_port, network.HOST_ADDRESS, self.forwards.api_port)
+        root = (self.state / "cluster").resolve()
+        shutil.rmtree(root, ignore_errors=True)  # a stopped run's certificates and logs
+        self.real = Cluster(root=root, api_port=self.forwards.api_port)
+        began = time.monotonic()
+        try:
+            await asyncio.to_thread(self.real.start)
+        except ControlPlaneError as e:
+            raise SystemExit(f"cxygpt-dev: the real control plane did not start: {e}") from None
+        plane = self.real.plane
+        self.out.say(f"cxygpt-dev: Kubernetes {self._server_version()} (etcd, kube-apiserver, kube-controller-manager, "
+                     f"kube-scheduler) and {len(self.real.nodes)} GPU nodes up in {time.monotonic() - began:.0f} s; "
+                     f"their logs in {shown(root)}")
+        write_tls_kubeconfig(self.kubeconfig, f"https://127.0.0.1:{self.forwards.api_port}", plane.ca.pair.cert,
+                             user="cxygpt-dev-admin", client=plane.admin)
+        self.internal_kubeconfig = plane.kubeconfig
+        self.api_ssl = ssl.create_default_context(cafile=str(plane.ca.pair.cert))
+        self.api_ssl.load_cert_chain(str(plane.admin.cert), str(plane.admin.key))
+        self.host = network.HOST_ADDRESS
+        return plane.url
+
+    async def _install_chart(self, hub: str) -> str:
+        """The chart, as `helm install --wait` puts it on a cluster: its CRD, the operator and the gateway as pods
+        under their ServiceAccounts (the chart's RBAC enforced), the gateway's Service; the forwarded gateway port
+        leads to that Service."""
+        helm = tool("helm") if shutil.which("helm") or (BIN / "helm").exists() else str(REPO / ".tools/bin/helm")
+        values = {"operator.hfEndpoint": hub, "modelAutoscaling.intervalSeconds": self.args.autoscale_interval}
+        for env, value in (("CXYGPT_DEMAND_WINDOW_S", "gateway.demandWindowSeconds"),
+                           ("CXYGPT_COLD_START_TIMEOUT_S", "gateway.coldStartTimeoutSeconds")):
+            if os.environ.get(env):  # as the in-memory run's gateway process takes them
+                values[value] = float(os.environ[env])
+        argv = [helm, "--kubeconfig", str(self.internal_kubeconfig), "install", CHART_RELEASE, str(REPO / CHART),
+                "--namespace", CHART_RELEASE, "--create-namespace", "--wait", "--timeout", "180s",
+                # JSON values: numbers stay numbers (`--set` makes 2.5 a string)
+                *[a for k, v in values.items() for a in ("--set-json", f"{k}={json.dumps(v)}")]]
+        began = time.monotonic()
+        proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE,
+                                                    stderr=asyncio.subprocess.STDOUT)
+        output, _ = await proc.communicate()
+        for line in output.decode(errors="replace").splitlines():
+            self.out("helm", line)
+        if proc.returncode != 0:
+            raise SystemExit(f"cxygpt-dev: helm install of the chart failed (its output is in the log file): "
+                             f"{output.decode(errors='replace').strip().splitlines()[-1:]}")
+        service = json.loads(await asyncio.to_thread(self.real.kubectl, "get", "service", "cxygpt-gateway", "-n",
+                                                     CHART_RELEASE, "-o", "json"))
+        await self.forwards.start(self.forwards.gateway_port, service["spec"]["clusterIP"],
+                                  service["spec"]["ports"][0]["port"])
+        self.out.say(f"cxygpt-dev: helm installed the chart (release {CHART_RELEASE}: the CRD, the operator and the "
+                     f"gateway as pods) in {time.monotonic() - began:.0f} s")
+        return f"http://{service['spec']['clusterIP']}:{service['spec']['ports'][0]['port']}"
+
+    def _server_version(self) -> str:
+        return json.loads(self.real.kubectl("version", "-o", "json"))["serverVersion"]["gitVersion"]
 
     async def up(self, stop: asyncio.Event):
         a = self.args
         async with aiohttp.ClientSession() as session:
-            api_port, hub_port = free_port(), free_port()
-            api_url, hub = f"http://127.0.0.1:{api_port}", f"http://127.0.0.1:{hub_port}"
-            await self._start("kubeapi", [sys.executable, "-m", "cxygpt_dev.kubeapi", "--port", str(api_port),
-                                          "--preload", str(REPO / "deploy" / "crds"),
-                                          "--pod-logs", str((self.state / "pod-logs").resolve())],
-                              api_url + "/version", session)
-            write_kubeconfig(self.kubeconfig, api_url)
-            for node in gpu_nodes_from_kind_config(REPO / "kind-config.yaml"):
-                async with session.post(api_url + "/api/v1/nodes", json=node) as resp:
-                    resp.raise_for_status()
-            async with session.post(api_url + "/apis/storage.k8s.io/v1/storageclasses",
-                                    json=default_storage_class()) as resp:
-                resp.raise_for_status()
+            api_url = await (self._start_real() if self.forwards else self._start_in_memory(session))
+            hub_port = self.forwards.hub_port if self.real else free_port(self.host)
+            hub = f"http://{self.host}:{hub_port}"
             # the Hub the download Jobs and the engines use: the tests' repositories, and a stand-in for each
             # model of the catalog
             hub_argv = [sys.executable, "-m", "cxygpt_dev.hub", "--root", str((self.state / "hub").resolve()),
-                        "--port", str(hub_port), "--catalog-stand-ins", str(a.hub_stand_in_mib_per_gib)]
+                        "--host", self.host, "--port", str(hub_port),
+                        "--catalog-stand-ins", str(a.hub_stand_in_mib_per_gib)]
             hub_argv += ["--rate-mib-s", str(a.hub_rate_mib_s)] if a.hub_rate_mib_s else []
             await self._start("hub", hub_argv, hub + "/health", session)
-            op_port, self.operator_metrics = free_port(), free_port()
-            await self._start("operator", [tool("cxygpt-operator"), "--kubeconfig", str(self.kubeconfig),
-                                           "--liveness", f"http://127.0.0.1:{op_port}/healthz",
-                                           "--metrics-host", "127.0.0.1", "--metrics-port", str(self.operator_metrics),
-                                           "--hf-endpoint", hub,
-                                           "--gateway-service", "/".join(GATEWAY_SERVICE),
-                                           "--autoscale-interval", str(a.autoscale_interval)],
-                              f"http://127.0.0.1:{op_port}/healthz", session)
-            self.runner = PodRunner(api_url, output=lambda label, line: self.out(f"engine {label}", line),
-                                    max_engines=a.max_engines, state_dir=self.state.resolve())
-            self.runner_task = asyncio.create_task(self.runner.run())
+            if self.real:
+                await self.forwards.start(hub_port, self.host, hub_port)
+            if self.real:
+                inside = await self._install_chart(hub)
+            else:
+                inside = await self._start_processes(session, api_url, hub)
             gateway = f"http://127.0.0.1:{a.gateway_port}"
-            await self._start("gateway", [tool("cxygpt-gateway"), "--kubernetes", "--kubeconfig", str(self.kubeconfig),
-                                          "--host", "127.0.0.1", "--port", str(a.gateway_port)],
-                              gateway + "/healthz", session)
-            await self._publish_gateway(session, api_url, a.gateway_port)
             console_port = a.console_port or (CONSOLE_PORT if not port_taken(CONSOLE_PORT) else free_port())
             console = f"http://127.0.0.1:{console_port}"
             await self._start("console", [tool("cxygpt-console"), "--kubeconfig", str(self.kubeconfig),
@@ -206,18 +319,47 @@ class DevCluster:
                 await self._apply_examples()
                 await self._wait_ready(session, api_url, stop)
                 if not stop.is_set():
-                    await self._first_chat(session, gateway)
-            self.out.say("cxygpt-dev: up. Ctrl-C (or `cxygpt-dev down`) stops everything.")
+                    await self._first_chat(session, inside)
+            self.out.say("cxygpt-dev: up. Ctrl-C (or `cxygpt-dev down`) stops everything; every component's lines "
+                         f"are in {shown(self.state / 'cxygpt-dev.log')}.")
             (self.state / "ready").write_text(json.dumps({
-                "gateway": gateway, "kubeconfig": str(self.kubeconfig), "api": api_url, "hub": hub,
+                "gateway": gateway, "kubeconfig": str(self.kubeconfig),
+                "hub": f"http://127.0.0.1:{hub_port}" if self.real else hub,
+                "api": f"https://127.0.0.1:{self.forwards.api_port}" if self.real else api_url,
                 "hub_root": str((self.state / "hub").resolve()), "console": console,
-                "operator_metrics": f"http://127.0.0.1:{self.operator_metrics}/metrics"}))
+                "control_plane": "real" if self.real else "in-memory",
+                **({"operator_metrics": f"http://127.0.0.1:{self.operator_metrics}/metrics"}
+                   if self.operator_metrics else {})}))
             await stop.wait()
+
+    async def _start_processes(self, session, api_url: str, hub: str) -> str:
+        """The operator, the pod runner and the gateway as processes of this machine, with the admin's kubeconfig;
+        the gateway's Service and EndpointSlice. The gateway's URL."""
+        a = self.args
+        op_port, self.operator_metrics = free_port(), free_port()
+        await self._start("operator", [tool("cxygpt-operator"), "--kubeconfig", str(self.internal_kubeconfig),
+                                       "--liveness", f"http://127.0.0.1:{op_port}/healthz",
+                                       "--metrics-host", "127.0.0.1", "--metrics-port", str(self.operator_metrics),
+                                       "--hf-endpoint", hub,
+                                       "--gateway-service", "/".join(GATEWAY_SERVICE),
+                                       "--autoscale-interval", str(a.autoscale_interval)],
+                          f"http://127.0.0.1:{op_port}/healthz", session)
+        # the in-memory API's kubelet and controllers
+        self.runner = PodRunner(api_url, output=lambda label, line: self.out(f"engine {label}", line),
+                                max_engines=a.max_engines, state_dir=self.state.resolve())
+        self.runner_task = asyncio.create_task(self.runner.run())
+        gateway = f"http://127.0.0.1:{a.gateway_port}"
+        await self._start("gateway", [tool("cxygpt-gateway"), "--kubernetes", "--kubeconfig",
+                                      str(self.internal_kubeconfig), "--host", "127.0.0.1", "--port",
+                                      str(a.gateway_port)], gateway + "/healthz", session)
+        await self._publish_gateway(session, api_url, a.gateway_port)
+        return gateway
 
     async def _publish_gateway(self, session, api_url: str, port: int):
         """The gateway's Service and EndpointSlice, as a cluster has them: the autoscaler reads demand there."""
         namespace, name = GATEWAY_SERVICE
         labels = {"app.kubernetes.io/name": "cxygpt", "app.kubernetes.io/component": "gateway"}
+        address = self.host
         service = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": namespace,
                                                                       "labels": labels},
                    "spec": {"ports": [{"name": "http", "port": 80, "targetPort": port, "protocol": "TCP"}]}}
@@ -226,10 +368,10 @@ class DevCluster:
                                "labels": {**labels, "kubernetes.io/service-name": name,
                                           "endpointslice.kubernetes.io/managed-by": "cxygpt-dev"}},
                   "ports": [{"name": "http", "port": port, "protocol": "TCP"}],
-                  "endpoints": [{"addresses": ["127.0.0.1"], "conditions": {"ready": True}}]}
+                  "endpoints": [{"addresses": [address], "conditions": {"ready": True}}]}
         for path, body in ((f"/api/v1/namespaces/{namespace}/services", service),
                            (f"/apis/discovery.k8s.io/v1/namespaces/{namespace}/endpointslices", slice_)):
-            async with session.post(api_url + path, json=body) as resp:
+            async with session.post(api_url + path, json=body, ssl=self.api_ssl) as resp:
                 resp.raise_for_status()
 
     def _kubectl(self) -> str:
@@ -238,9 +380,8 @@ class DevCluster:
     def _print_next_steps(self, gateway: str, console: str):
         k = self._kubectl()
         self.out.say("")
-        self.out.say("cxygpt-dev: Kubernetes API, operator, pod runner, gateway and console are running.")
-        self.out.say(f"  the console (fleet, GPUs, playground) in a browser: {console}")
-        self.out.say("Next:")
+        self.out.say(f"cxygpt-dev: the gateway is at {gateway}; the console (fleet, GPUs, playground) at {console}. "
+                     "Next:")
         self.out.say(f"  {k} apply -f {shown(REPO / 'examples')}/")
         self.out.say(f"  {k} get md -A")
         self.out.say(f"  curl -N {gateway}/v1/chat/completions -H 'Content-Type: application/json' "
@@ -251,8 +392,8 @@ class DevCluster:
         self.out.say("")
 
     async def _apply_examples(self):
-        argv = [tool("kubectl"), "--kubeconfig", str(self.kubeconfig), "--cache-dir", str(self.state / "kubectl-cache"),
-                "apply", "-f", str(REPO / "examples")]
+        argv = [tool("kubectl"), "--kubeconfig", str(self.internal_kubeconfig), "--cache-dir",
+                str(self.state / "kubectl-cache"), "apply", "-f", str(REPO / "examples")]
         proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
         output, _ = await proc.communicate()
         for line in output.decode().splitlines():
@@ -261,19 +402,29 @@ class DevCluster:
             raise SystemExit("cxygpt-dev: applying examples/ failed (see above)")
 
     async def _wait_ready(self, session, api_url: str, stop: asyncio.Event, timeout: float = 120):
-        deadline, last = time.monotonic() + timeout, None
+        """Until every model is settled (Ready, Failed, scaled to zero, or Pending on the scheduler), printing each
+        change of their phases; then one line for each model that is not Ready, saying why."""
+        deadline, last, items = time.monotonic() + timeout, None, []
         while time.monotonic() < deadline and not stop.is_set():
-            async with session.get(api_url + GROUP_PATH) as resp:
+            async with session.get(api_url + GROUP_PATH, ssl=self.api_ssl) as resp:
                 items = (await resp.json())["items"]
             states = {i["metadata"]["name"]: (i.get("status") or {}).get("phase", "New") for i in items}
             line = "waiting for models: " + ", ".join(f"{n} {p}" for n, p in sorted(states.items()))
             if line != last:
                 self.out.say(line)
                 last = line
-            if states and all(p in ("Ready", "Failed") for p in states.values()):
-                return
+            if items and all(settled(i) for i in items):
+                break
             await asyncio.sleep(0.25)
-        self.out.say("cxygpt-dev: not every model became Ready in time; the system keeps running")
+        else:
+            if not stop.is_set():
+                self.out.say(f"cxygpt-dev: not every model settled in {timeout:.0f} s; the system keeps running")
+        for item in items:
+            status = item.get("status") or {}
+            if status.get("phase") != "Ready":
+                available = next((c for c in status.get("conditions") or [] if c.get("type") == "Available"), {})
+                self.out.say(f"  {item['metadata']['namespace']}/{item['metadata']['name']}: "
+                             f"{status.get('phase', 'New')}: {available.get('message', '')}")
 
     async def _first_chat(self, session, gateway: str):
         """One streamed chat through the gateway, as a client would send it."""
@@ -281,7 +432,8 @@ class DevCluster:
                 "messages": [{"role": "user", "content": "Say hello to the dev cluster."}]}
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
-            async with session.post(gateway + "/v1/chat/completions", json=body) as resp:
+            async with session.post(gateway + "/v1/chat/completions", json=body,
+                                    timeout=aiohttp.ClientTimeout(total=30)) as resp:
                 if resp.status == 200:
                     text = []
                     async for raw in resp.content:
@@ -302,16 +454,29 @@ class DevCluster:
                 await self.runner_task
         for component in reversed(self.components):
             await component.stop()
+        if self.real:
+            await asyncio.to_thread(self.real.stop)
+        if self.forwards:
+            self.forwards.close()
         (self.state / "ready").unlink(missing_ok=True)
 
 
 def _up(args) -> int:
+    forwards = None
+    os.environ[network.DEV_CLUSTER_MARK] = str(Path(args.state_dir).resolve())
     try:
         check_ports(args)
+        if args.control_plane == "real":
+            # the doors first, in the network this was started in; then a network of the cluster's own
+            forwards = Forwards(args.gateway_port)
+            network.enter_private_network(fresh=True)
     except SystemExit as e:
         print(e, file=sys.stderr)
         return 1
-    cluster = DevCluster(args)
+    except (OSError, network.NetworkError) as e:
+        print(f"cxygpt-dev: the real cluster's network cannot be made here: {e}", file=sys.stderr)
+        return 1
+    cluster = DevCluster(args, forwards)
 
     async def run():
         stop = asyncio.Event()
@@ -354,24 +519,29 @@ def _detach(args) -> int:
     argv += ["--kubeconfig", args.kubeconfig] if args.kubeconfig else []
     argv += ["--console-port", str(args.console_port)] if args.console_port else []
     argv += ["--no-examples"] if args.no_examples else []
+    argv += ["--verbose"] if args.verbose else []
     argv += ["--hub-rate-mib-s", str(args.hub_rate_mib_s), "--hub-stand-in-mib-per-gib",
              str(args.hub_stand_in_mib_per_gib)]
-    argv += ["--autoscale-interval", str(args.autoscale_interval)]
+    argv += ["--autoscale-interval", str(args.autoscale_interval), "--control-plane", args.control_plane]
     with open(state / "detached.log", "ab") as log_file:
         proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
     (state / "pid").write_text(str(proc.pid))
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + DETACH_READY_S
     while time.monotonic() < deadline:
         if (state / "ready").exists():
-            print(f"cxygpt-dev: up in the background (pid {proc.pid}); logs in {state / 'cxygpt-dev.log'}; "
-                  f"`cxygpt-dev down` stops it.")
-            print(json.loads((state / "ready").read_text()))
+            info = json.loads((state / "ready").read_text())
+            print(f"cxygpt-dev: up in the background (pid {proc.pid}), on the {info['control_plane']} control plane.")
+            print(f"  gateway     {info['gateway']}  (OpenAI API at {info['gateway']}/v1)")
+            print(f"  kubectl     {shown(tool('kubectl'))} --kubeconfig {shown(info['kubeconfig'])} get md -A")
+            print(f"  logs        {shown(state / 'cxygpt-dev.log')}")
+            print("  stop        cxygpt-dev down" + (f" --state-dir {shown(state)}" if state != STATE_DIR else ""))
             return 0
         if proc.poll() is not None:
             print(f"cxygpt-dev: exited with {proc.returncode}; see {state / 'detached.log'}", file=sys.stderr)
             return 1
         time.sleep(0.2)
-    print("cxygpt-dev: not ready after 180 s; still starting in the background", file=sys.stderr)
+    print(f"cxygpt-dev: not ready after {DETACH_READY_S} s; still starting in the background (see "
+          f"{state / 'cxygpt-dev.log'})", file=sys.stderr)
     return 1
 
 
@@ -419,9 +589,13 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--hub-stand-in-mib-per-gib", type=float, default=1,
                     help="the fake weights of the catalog's models on the local Hub: MiB per GiB of the real ones "
                          "(default 1)")
+    up.add_argument("--control-plane", choices=("in-memory", "real"), default="in-memory",
+                    help="in-memory (default: starts at once) or real: Kubernetes' own kube-apiserver, etcd, "
+                         "controller-manager and scheduler (built by `make kube`) with our kubelets, in a network "
+                         "namespace of its own (needs root or user namespaces)")
     up.add_argument("--detach", action="store_true", help="run in the background; `cxygpt-dev down` stops it")
-    up.add_argument("--quiet", action="append", metavar="COMPONENT",
-                    help="keep this component's lines out of the terminal (still in the log file); repeatable")
+    up.add_argument("--verbose", action="store_true",
+                    help="every component's lines on the terminal too (they are always in the log file)")
     down = sub.add_parser("down", help="stop a detached run")
     for p in (up, down):
         p.add_argument("--state-dir", default=str(STATE_DIR), help="kubeconfig, logs and pid file (default .cxygpt-dev)")

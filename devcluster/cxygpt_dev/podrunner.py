@@ -21,6 +21,7 @@ from pathlib import Path
 import aiohttp
 import orjson
 
+from .containers import TAIL_LINES, requests_in_flight, tail_message
 from .jobs import Jobs
 from .processes import forward_lines, stop_group
 from .rollout import PodView, rollout_step, strategy_of
@@ -35,7 +36,6 @@ SLICE_MANAGER = "cxygpt-dev"
 RESTART_BACKOFF_S = (0.5, 1, 2, 5, 10)
 # Engine processes this machine runs at most, over every Deployment: more replicas are refused (ReplicaFailure).
 MAX_ENGINES = 32
-TAIL_LINES, TAIL_BYTES = 80, 2048  # kubelet's FallbackToLogsOnError message: the last lines of the output
 _ALNUM = string.ascii_lowercase + string.digits
 # Keeps a deleted Pod visible (with its deletionTimestamp) until its engine has stopped, as kubelet's graceful
 # termination does; the pod runner removes it then.
@@ -65,20 +65,6 @@ def template_hash(template: dict) -> str:
 
 def _now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def tail_message(lines) -> str:
-    text = "\n".join(lines)
-    return text.encode()[-TAIL_BYTES:].decode(errors="ignore")
-
-
-def requests_in_flight(metrics: str) -> float:
-    """vllm:num_requests_running + vllm:num_requests_waiting from a Prometheus text exposition."""
-    total = 0.0
-    for line in metrics.splitlines():
-        if line.startswith(("vllm:num_requests_running", "vllm:num_requests_waiting")):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 @dataclass

@@ -113,7 +113,9 @@ def configure(settings: kopf.OperatorSettings, **_):
 @kopf.index("nodes")
 def gpu_nodes(body: kopf.Body, name: str, **_):
     node = gpu_node(dict(body))
-    return {name: node} if node else None
+    # an empty mapping, not None: kopf keeps an object's old entry when its indexer returns None, so a node
+    # cordoned or turned NotReady would have stayed in the inventory
+    return {name: node} if node else {}
 
 
 def _inventory(index) -> list:

@@ -117,14 +117,17 @@ def _revision(spec: ModelSpec, weights: str) -> str | None:
     return found[1] if found and not spec.cache.enabled else None
 
 
-STARTUP_PERIOD_S = 10
+# an engine is Ready within this long of answering /health (kubelet runs the readiness probe only once the startup
+# probe passed): a request held while a model starts from zero waits for it, so it is short; the budget stays
+STARTUP_PERIOD_S = 2
 # scheduling and an image pull (vLLM's image is ~10 GB) come before the startup probe's budget
 PULL_MARGIN_S = 600
 
 
 def _startup_failures(kind: str) -> int:
-    # vLLM answers /health only once weights are loaded: a long startup budget (downloads, 30 min)
-    return 180 if kind == "vllm" else 30
+    # vLLM answers /health only once weights are loaded: a long startup budget (downloads, 30 min); 5 min for the
+    # simulator
+    return (1800 if kind == "vllm" else 300) // STARTUP_PERIOD_S
 
 
 def _probes(kind: str) -> dict:
@@ -151,7 +154,15 @@ def _affinity(sel: Selection) -> dict:
             expressions.append({"key": GPU_COUNT_LABEL, "operator": "Gt", "values": [str(sel.gpu_count - 1)]})
         return {"matchExpressions": expressions}
     terms = [term(GPU_MEMORY_LABEL), term(MEMORY_OVERRIDE_LABEL)]
-    return {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": terms}}}
+    # preferred: nodes like the one the engine was sized for (its GPU memory and count), so a small engine does not
+    # take a GPU of a larger node that another model needs whole (the scheduler otherwise spreads pods)
+    sized = sel.node
+    preferred = [{"weight": 100, "preference": {"matchExpressions": [
+        {"key": label, "operator": "In", "values": [str(sized.memory_mib)]},
+        {"key": GPU_COUNT_LABEL, "operator": "In", "values": [str(sized.count)]}]}}
+        for label in (GPU_MEMORY_LABEL, MEMORY_OVERRIDE_LABEL)]
+    return {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": terms},
+                             "preferredDuringSchedulingIgnoredDuringExecution": preferred}}
 
 
 def build_cache_job(key: CacheKey, namespace: str, spec: ModelSpec, sel: Selection, size: str, users: list,

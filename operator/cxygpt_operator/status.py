@@ -38,6 +38,7 @@ class EngineState:
     ready: int
     rolling: bool
     failure: tuple[str, str] | None  # (reason, message) of the first failing pod, oldest first
+    unscheduled: str | None = None   # why the scheduler has no node for the oldest pod without one
 
 
 def _pod_ready(pod: dict) -> bool:
@@ -71,6 +72,14 @@ def pod_failure(pod: dict) -> tuple[str, str] | None:
     return None
 
 
+def pod_unscheduled(pod: dict) -> str | None:
+    """The scheduler's reason when it found no node for the pod (its PodScheduled condition), else None."""
+    for cond in (pod.get("status") or {}).get("conditions") or []:
+        if cond.get("type") == "PodScheduled" and cond.get("status") == "False" and cond.get("reason") == "Unschedulable":
+            return f"pod {pod.get('metadata', {}).get('name', '')}: {cond.get('message') or 'no node fits'}"
+    return None
+
+
 def engine_state(deployment: dict | None, pods: list[dict]) -> EngineState:
     """Counts from the Pods when there are any (fresher than the Deployment's status), else the Deployment's."""
     status = (deployment or {}).get("status") or {}
@@ -81,21 +90,24 @@ def engine_state(deployment: dict | None, pods: list[dict]) -> EngineState:
     rolling = (len(hashes) > 1
                or (updated is not None and updated < (status.get("replicas") or 0))
                or (generation is not None and status.get("observedGeneration", generation) < generation))
-    failures = [f for p in sorted(live, key=lambda p: p.get("metadata", {}).get("creationTimestamp") or "")
-                if (f := pod_failure(p))]
+    oldest_first = sorted(live, key=lambda p: p.get("metadata", {}).get("creationTimestamp") or "")
+    failures = [f for p in oldest_first if (f := pod_failure(p))]
+    unscheduled = next((u for p in oldest_first if (u := pod_unscheduled(p))), None)
     if pods:
         replicas, ready = len(live), sum(_pod_ready(p) for p in live)
     else:
         replicas, ready = status.get("replicas") or 0, status.get("readyReplicas") or 0
     if failures:
-        return EngineState(replicas, ready, rolling, failures[0])
+        return EngineState(replicas, ready, rolling, failures[0], unscheduled)
     for cond in status.get("conditions") or []:
         if cond.get("type") == "ReplicaFailure" and cond.get("status") == "True":
-            return EngineState(replicas, ready, rolling, ("EngineFailure", cond.get("message") or "replica failure"))
+            return EngineState(replicas, ready, rolling, ("EngineFailure", cond.get("message") or "replica failure"),
+                               unscheduled)
         if cond.get("type") == "Progressing" and cond.get("status") == "False":
             return EngineState(replicas, ready, rolling,
-                               ("EngineFailure", cond.get("message") or cond.get("reason") or "rollout stalled"))
-    return EngineState(replicas, ready, rolling, None)
+                               ("EngineFailure", cond.get("message") or cond.get("reason") or "rollout stalled"),
+                               unscheduled)
+    return EngineState(replicas, ready, rolling, None, unscheduled)
 
 
 def zero_message(spec: ModelSpec) -> str:
@@ -113,6 +125,8 @@ def _progress(engines: EngineState, desired: int, zero_why: str = "spec.replicas
         return True, "ScalingDown", f"{engines.replicas} engine pods, {desired} wanted; {counts}"
     if desired == 0:
         return False, "ScaledToZero", zero_why
+    if engines.unscheduled:  # waits for a node (one added, or GPUs freed)
+        return True, "Unschedulable", f"{counts}; no node for an engine pod yet: {engines.unscheduled}"
     if engines.ready == 0:
         return True, "EnginesStarting", f"{counts} (loading the model)"
     if engines.ready < desired:
@@ -178,7 +192,7 @@ def build_status(owner: Owner, spec: ModelSpec, outcome: Selection | NoFit, *, t
         elif rejected or (failure and not ready):
             phase = "Failed"
         elif not ready:
-            phase = "Starting"
+            phase = "Pending" if engines.unscheduled else "Starting"
         elif ready < desired or progressing:
             phase = "PartiallyReady"
         else:
@@ -205,6 +219,9 @@ def build_status(owner: Owner, spec: ModelSpec, outcome: Selection | NoFit, *, t
             available = (True, "MinimumReplicasAvailable", f"{ready}/{desired} engine replicas ready")
         elif failure:
             available = (False, failure[0], failure[1])
+        elif engines.unscheduled:
+            available = (False, "Unschedulable", f"0/{desired} engine replicas ready; no node for an engine pod yet: "
+                         f"{engines.unscheduled}")
         else:
             available = (False, "EnginesStarting", f"0/{desired} engine replicas ready (loading the model)")
         if warning and not failure and ready < desired:

@@ -1,12 +1,9 @@
-"""Autoscaling on the dev cluster with real processes, driven with the openai SDK and every request counted: idle
+"""Autoscaling on the dev cluster (the real control plane, the chart's operator and gateway as pods) with real processes, driven with the openai SDK and every request counted: idle
 to zero, the first request answered once an engine has loaded, a load step to the maximum and back to zero without
 a request cut, a steady load that leaves the count alone, and operator restarts in the middle of it."""
 from __future__ import annotations
 
-import os
 import re
-import signal
-import subprocess
 import threading
 import time
 from dataclasses import dataclass
@@ -14,6 +11,9 @@ from dataclasses import dataclass
 import httpx
 import openai
 import pytest
+import urllib3
+from kubernetes import client, config
+from kubernetes.client.rest import ApiException
 from test_devcluster import Dev, sim_md
 
 from harness import wait_until
@@ -28,14 +28,9 @@ LOAD_S = 3.0           # each engine takes this long to load before it serves (C
 def dev(tmp_path_factory):
     d = Dev(tmp_path_factory.mktemp("dev"), "--autoscale-interval", str(INTERVAL_S),
             env={"CXYGPT_DEMAND_WINDOW_S": str(WINDOW_S)})
-    d.restarted = []
     yield d
-    for proc in d.restarted:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=30)
     d.stop()
-    assert d.pids(f"--kubeconfig {d.kubeconfig}") == []
+    assert d.leftovers() == []
 
 
 def autoscaled_md(name, *, min_replicas=0, max_replicas=3, target=2, delay=4, itl_ms=20, replicas=1):
@@ -110,11 +105,12 @@ class Replicas:
         self.thread.start()
 
     def _watch(self):
-        url = f"{self.dev.api}/apis/cxygpt.io/v1alpha1/namespaces/default/modeldeployments/{self.name}"
+        api = client.CustomObjectsApi(config.new_client_from_config(config_file=self.dev.kubeconfig))
         while not self.stopping.is_set():
             try:
-                replicas = httpx.get(url, timeout=5).json()["spec"]["replicas"]
-            except (httpx.HTTPError, KeyError, ValueError):
+                replicas = api.get_namespaced_custom_object("cxygpt.io", "v1alpha1", "default", "modeldeployments",
+                                                            self.name, _request_timeout=5)["spec"]["replicas"]
+            except (ApiException, OSError, urllib3.exceptions.HTTPError, KeyError):
                 replicas = None
             if replicas is not None and (not self.changes or self.changes[-1][1] != replicas):
                 self.changes.append((time.monotonic(), replicas))
@@ -148,16 +144,8 @@ def autoscaling(dev: Dev, name: str) -> dict:
 
 
 def restart_operator(dev: Dev) -> None:
-    """SIGKILL the operator (no clean shutdown) and start it again with the same command line."""
-    [pid] = [p for p in dev.pids(f"cxygpt-operator --kubeconfig {dev.kubeconfig}")]
-    with open(f"/proc/{pid}/cmdline", "rb") as f:
-        argv = [a.decode() for a in f.read().split(b"\0") if a]
-    os.kill(pid, signal.SIGKILL)
-    wait_until(lambda: not dev.pids(f"cxygpt-operator --kubeconfig {dev.kubeconfig}"), what="operator gone")
-    log = open(dev.state / f"operator-restart-{len(dev.restarted)}.log", "wb")
-    dev.restarted.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
-    health = next(a.split("=", 1)[1] if "=" in a else argv[i + 1] for i, a in enumerate(argv) if a.startswith("--liveness"))
-    wait_until(lambda: httpx.get(health, timeout=1).status_code == 200, timeout=30, what="operator back")
+    """SIGKILL the operator (no clean shutdown); its container restarts (the kubelet) with the same command line."""
+    dev.wait_operator_back(dev.kill_operator(), timeout=30)
 
 
 def test_an_idle_model_goes_to_zero_and_its_next_request_is_answered_once_an_engine_has_loaded(dev):
@@ -167,7 +155,7 @@ def test_an_idle_model_goes_to_zero_and_its_next_request_is_answered_once_an_eng
     try:
         wait_until(lambda: replicas.now() == 0, timeout=30, what="scaled to zero")
         assert replicas.since(0) - applied >= 4       # nobody asked for it from the start: zero after the delay
-        wait_until(lambda: not dev.engine_ports("sleepy") and not dev.pids("--served-model-name sleepy"),
+        wait_until(lambda: not dev.engines("sleepy") and not dev.pids("--served-model-name sleepy"),
                    timeout=30, what="no engine left")
         status = dev.wait_phase("sleepy", "ScaledToZero")
         assert status["autoscaling"]["lastScaleMessage"] == "1 -> 0: no demand for 4 s"
@@ -206,21 +194,21 @@ def test_a_load_step_reaches_the_maximum_and_every_scale_down_drains_back_to_zer
         users = Users(dev, "steppy", 6)              # ~6 in flight against a target of 2 per replica: 3
         wait_until(lambda: replicas.now() == 3, timeout=30, what="the maximum")
         reached = replicas.since(3)
-        wait_until(lambda: len(dev.engine_ports("steppy")) == 3, timeout=60, what="three engines serving")
+        wait_until(lambda: len(dev.engines("steppy")) == 3, timeout=60, what="three engines serving")
         served = len(users.outcomes)
         wait_until(lambda: len(users.outcomes) > served + 30, timeout=60, what="load on three engines")
         users.resize(1)                               # demand drops to ~1: one replica, after the window
         dropped = time.monotonic()
         wait_until(lambda: replicas.now() == 1, timeout=30, what="down to one")
         assert replicas.since(1) - dropped >= 6 - WINDOW_S - 1
-        wait_until(lambda: len(dev.engine_ports("steppy")) == 1, timeout=60, what="two engines drained")
+        wait_until(lambda: len(dev.engines("steppy")) == 1, timeout=60, what="two engines drained")
         served = len(users.outcomes)
         wait_until(lambda: len(users.outcomes) > served + 5, timeout=30, what="load on one engine")
         users.stop()
         stopped = time.monotonic()
         wait_until(lambda: replicas.now() == 0, timeout=30, what="back to zero")
         assert replicas.since(0) - stopped >= 6 - 1
-        wait_until(lambda: not dev.engine_ports("steppy"), timeout=60, what="no engine left")
+        wait_until(lambda: not dev.engines("steppy"), timeout=60, what="no engine left")
         assert users.failures() == [], summary(users.failures())   # nothing was cut by any scale-down
         # the step: the first request woke it, the demand read next took it to the maximum
         assert reached - step < LOAD_S + WINDOW_S + 3 * INTERVAL_S + 4, (reached - step, replicas.changes)
@@ -245,7 +233,7 @@ def test_a_steady_but_bursty_load_changes_the_count_once_and_then_leaves_it_alon
         wait_until(lambda: httpx.get(dev.gateway + "/v1/limits", params={"model": "steady"}).status_code == 200,
                    timeout=30, what="the model's route")
         users = Users(dev, "steady", 6)
-        wait_until(lambda: len(dev.engine_ports("steady")) >= 1, timeout=60, what="an engine")
+        wait_until(lambda: len(dev.engines("steady")) >= 1, timeout=60, what="an engine")
         settled, bursts = None, 0
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and (settled is None or time.monotonic() - settled < 30):
@@ -273,11 +261,11 @@ def test_operator_restarts_in_the_middle_keep_the_decisions(dev):
     replicas = Replicas(dev, "restart")
     users = None
     try:
-        wait_until(lambda: len(dev.engine_ports("restart")) == 1, timeout=60, what="the first engine")
+        wait_until(lambda: len(dev.engines("restart")) == 1, timeout=60, what="the first engine")
         users = Users(dev, "restart", 3)
         wait_until(lambda: replicas.now() == 3, timeout=30, what="three replicas")
         restart_operator(dev)                         # mid-scale: the two new engines are still loading
-        wait_until(lambda: len(dev.engine_ports("restart")) == 3, timeout=60, what="three engines serving")
+        wait_until(lambda: len(dev.engines("restart")) == 3, timeout=60, what="three engines serving")
         assert [r for _, r in replicas.changes][-1:] == [3]
         users.stop()
         stopped = time.monotonic()

@@ -1,4 +1,4 @@
-"""Chaos on the dev cluster under steady load through the gateway: rolling update, scale-up, killed engines, a name
+"""Chaos on the dev cluster (the real control plane) under steady load through the gateway: rolling update, scale-up, killed engines, a name
 conflict between tenants and hostile specs; every request is counted and any answer a client would not expect is
 lost."""
 from __future__ import annotations
@@ -91,8 +91,9 @@ def summary(outcomes: list[Outcome]) -> str:
     return "; ".join(f"{n} x {status} {message}" for (status, message), n in sorted(by.items()))
 
 
-def ready_ports(dev: Dev, service: str) -> set[int]:
-    return set(dev.engine_ports(service))
+def ready_engines(dev: Dev, service: str) -> set[str]:
+    """The ready endpoints (address:port) of a model's Service."""
+    return set(dev.engines(service))
 
 
 @contextlib.contextmanager
@@ -100,14 +101,17 @@ def serving(dev: Dev, name: str, replicas: int):
     """A simulator model with `replicas` ready engines for the block; deleted after it."""
     dev.apply(sim_md(name, name, replicas=replicas, env={"CXYGPT_SIM_ITL_MS": "2"}))
     try:
-        wait_until(lambda: len(ready_ports(dev, name)) == replicas, timeout=90, what=f"{replicas} engines of {name}")
+        wait_until(lambda: len(ready_engines(dev, name)) == replicas, timeout=90, what=f"{replicas} engines of {name}")
         yield
     finally:
         dev.kubectl("delete", "md", name, "--timeout=60s", check=False)
 
 
-def kill_engine(dev: Dev, port: int) -> None:
-    for pid in dev.pids(f"--port {port}"):
+def kill_engine(dev: Dev, service: str, endpoint: str) -> None:
+    """SIGKILL the engine process behind one endpoint (its pod's container; the kubelet restarts it)."""
+    pids = dev.pod_pids(dev.engines(service)[endpoint])
+    assert pids
+    for pid in pids:
         os.kill(pid, signal.SIGKILL)
 
 
@@ -115,16 +119,16 @@ def test_rolling_update_and_scale_up_lose_no_request(dev):
     with serving(dev, "roll", 2):
         dev.kubectl("wait", "--for=condition=Available", "md/roll", "--timeout=90s")
         with Trickle(dev, "roll") as load:
-            old = ready_ports(dev, "roll")
+            old = ready_engines(dev, "roll")
             dev.kubectl("patch", "md", "roll", "--type=merge", "-p",
                         json.dumps({"spec": {"engine": {"env": [{"name": "CXYGPT_SIM_ITL_MS", "value": "3"}]}}}))
             # every old engine replaced by a new one, two serving at the end
-            wait_until(lambda: (lambda now: len(now) == 2 and not now & old)(ready_ports(dev, "roll")), timeout=120,
+            wait_until(lambda: (lambda now: len(now) == 2 and not now & old)(ready_engines(dev, "roll")), timeout=120,
                        interval=0.2, what="rollout replaced both engines")
             wait_until(lambda: dev.md("roll")["status"].get("phase") == "Ready", timeout=60, what="rollout Ready")
             rolled = load.count()
             dev.kubectl("scale", "md", "roll", "--replicas=3")
-            wait_until(lambda: len(ready_ports(dev, "roll")) == 3, timeout=60, what="three engines")
+            wait_until(lambda: len(ready_engines(dev, "roll")) == 3, timeout=60, what="three engines")
             wait_until(lambda: load.count() > rolled + 20, timeout=30, what="load on three engines")
         assert load.failures() == [], summary(load.failures())
         assert load.count() > rolled > 20  # requests flowed through the rollout and through the scale-up
@@ -133,11 +137,11 @@ def test_rolling_update_and_scale_up_lose_no_request(dev):
 def test_one_of_three_engines_killed_loses_only_what_was_in_flight_on_it(dev):
     with serving(dev, "trio", 3):
         with Trickle(dev, "trio") as load:
-            victim = sorted(ready_ports(dev, "trio"))[0]
-            kill_engine(dev, victim)
+            victim = sorted(ready_engines(dev, "trio"))[0]
+            kill_engine(dev, "trio", victim)
             killed = time.monotonic() + IN_FLIGHT_S
             wait_until(lambda: load.count(since=killed + 2) > 50, timeout=60, what="load after the kill")
-            wait_until(lambda: len(ready_ports(dev, "trio")) == 3, timeout=60, what="the engine restarted")
+            wait_until(lambda: len(ready_engines(dev, "trio")) == 3, timeout=60, what="the engine restarted")
             back = time.monotonic()
             wait_until(lambda: load.count(since=back) > 20, timeout=30, what="load after the restart")
         lost = load.failures()
@@ -149,10 +153,10 @@ def test_one_of_three_engines_killed_loses_only_what_was_in_flight_on_it(dev):
 def test_the_only_engine_killed_is_503_with_retry_after_until_it_is_back(dev):
     with serving(dev, "solo", 1):
         with Trickle(dev, "solo") as load:
-            [port] = ready_ports(dev, "solo")
-            kill_engine(dev, port)
+            [endpoint] = ready_engines(dev, "solo")
+            kill_engine(dev, "solo", endpoint)
             killed = time.monotonic() + IN_FLIGHT_S
-            wait_until(lambda: ready_ports(dev, "solo") and load.count(since=time.monotonic() - 1) > 10
+            wait_until(lambda: ready_engines(dev, "solo") and load.count(since=time.monotonic() - 1) > 10
                        and not load.failures(since=time.monotonic() - 1), timeout=60, interval=0.2,
                        what="served again")
         lost = load.failures()
@@ -239,12 +243,12 @@ def test_plain_kubectl_apply_and_explain_work(dev):
 
 def test_deleting_a_model_under_load_finishes_the_streams_in_flight(dev):
     with serving(dev, "doomed", 1):
-        fast = ready_ports(dev, "doomed")
+        fast = ready_engines(dev, "doomed")
         dev.kubectl("patch", "md", "doomed", "--type=merge", "-p", json.dumps(
             {"spec": {"engine": {"env": [{"name": "CXYGPT_SIM_ITL_MS", "value": "40"}]}}}))
         # the slower engine alone: the fast one it replaces stays ready until the new one is (a rolling update)
         wait_until(lambda: dev.md("doomed")["status"].get("phase") == "Ready"
-                   and (lambda now: len(now) == 1 and not now & fast)(ready_ports(dev, "doomed")),
+                   and (lambda now: len(now) == 1 and not now & fast)(ready_engines(dev, "doomed")),
                    timeout=60, what="slower engine")
 
         def stream():

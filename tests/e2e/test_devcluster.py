@@ -1,6 +1,8 @@
-"""End to end: `cxygpt-dev up` (API, operator, pod runner, engines, gateway) driven with kubectl and the openai SDK."""
+"""End to end: `cxygpt-dev up --control-plane real` (the real control plane, our kubelets, the chart's operator and
+gateway as pods, engines) driven with kubectl and the openai SDK."""
 import json
 import os
+import re
 import signal
 import subprocess
 from pathlib import Path
@@ -17,18 +19,19 @@ pytestmark = pytest.mark.timeout(240)
 
 class Dev:
     def __init__(self, tmp: Path, *args: str, env: dict | None = None):
-        self.state = tmp / "state"
+        self.state = (tmp / "state").resolve()
         self.gateway_port = free_port()
         self.gateway = f"http://127.0.0.1:{self.gateway_port}"
         self.log = open(tmp / "dev.log", "wb")
-        self.proc = subprocess.Popen([console_script("cxygpt-dev"), "up", "--no-examples", "--state-dir", str(self.state),
-                                      "--gateway-port", str(self.gateway_port), *args],
+        self.proc = subprocess.Popen([console_script("cxygpt-dev"), "up", "--control-plane", "real", "--no-examples",
+                                      "--state-dir", str(self.state), "--gateway-port", str(self.gateway_port), *args],
                                      stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp,
                                      env={**os.environ, **(env or {})})
-        wait_until(lambda: (self.state / "ready").exists() or self.proc.poll() is not None, timeout=60,
+        wait_until(lambda: (self.state / "ready").exists() or self.proc.poll() is not None, timeout=150,
                    what="cxygpt-dev ready")
         assert self.proc.poll() is None, (tmp / "dev.log").read_text()
         info = json.loads((self.state / "ready").read_text())
+        assert info["control_plane"] == "real"
         self.kubeconfig, self.api = info["kubeconfig"], info["api"]
         self.hub, self.hub_root = info.get("hub"), Path(info["hub_root"]) if info.get("hub_root") else None
         self.client = openai.OpenAI(base_url=self.gateway + "/v1", api_key="none", max_retries=0, timeout=30)
@@ -53,10 +56,67 @@ class Dev:
     def models(self):
         return {m["id"] for m in httpx.get(self.gateway + "/v1/models").json()["data"]}
 
-    def engine_ports(self, service):
-        slices = json.loads(self.kubectl("get", "endpointslices", "-l", f"kubernetes.io/service-name={service}",
-                                         "-o", "json").stdout)["items"]
-        return sorted(s["ports"][0]["port"] for s in slices if s["endpoints"][0]["conditions"]["ready"])
+    def engines(self, service, namespace="default") -> dict[str, str]:
+        """The Service's ready endpoints as the EndpointSlice controller publishes them: address:port -> pod."""
+        slices = json.loads(self.kubectl("get", "endpointslices", "-n", namespace, "-l",
+                                         f"kubernetes.io/service-name={service}", "-o", "json").stdout)["items"]
+        return {f"{address}:{s['ports'][0]['port']}": e["targetRef"]["name"] for s in slices
+                for e in s.get("endpoints") or [] if e["conditions"].get("ready") for address in e["addresses"]}
+
+    def engine_get(self, endpoint: str, path: str, namespace="default") -> dict:
+        """A GET to one engine through the API server's pod proxy (the engines' addresses are the cluster's)."""
+        pod, port = self.engines_pod(endpoint), endpoint.rsplit(":", 1)[1]
+        return json.loads(self.kubectl("get", "--raw", f"/api/v1/namespaces/{namespace}/pods/{pod}:{port}/proxy"
+                                       f"{path}").stdout)
+
+    def engines_pod(self, endpoint: str) -> str:
+        pods = json.loads(self.kubectl("get", "pods", "-A", "-o", "json").stdout)["items"]
+        return next(p["metadata"]["name"] for p in pods if p["status"].get("podIP") == endpoint.rsplit(":", 1)[0])
+
+    def pod_pids(self, pod: str) -> list[int]:
+        """The processes of a pod's containers: this cluster's, with the pod's name as their HOSTNAME."""
+        return [pid for pid, env in self._environs().items()
+                if f"HOSTNAME={pod}" in env and f"CXYGPT_DEV_CLUSTER={self.state}" in env]
+
+    def leftovers(self) -> list[int]:
+        """Every process this dev cluster started (they carry its mark), its pods' too."""
+        return [pid for pid, env in self._environs().items() if f"CXYGPT_DEV_CLUSTER={self.state}" in env]
+
+    @staticmethod
+    def _environs() -> dict[int, list[str]]:
+        found = {}
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    found[int(entry.name)] = (entry / "environ").read_bytes().decode(errors="replace").split("\0")
+                except OSError:
+                    pass
+        return found
+
+    def component_pods(self, component: str) -> list[dict]:
+        return json.loads(self.kubectl("get", "pods", "-n", "cxygpt", "-l", f"app.kubernetes.io/component={component}",
+                                       "-o", "json").stdout)["items"]
+
+    def kill_operator(self) -> int:
+        """SIGKILL the operator's process (no clean shutdown); the kubelet restarts its container. The restart
+        count it had."""
+        [pod] = self.component_pods("operator")
+        restarts = pod["status"]["containerStatuses"][0]["restartCount"]
+        for pid in self.pod_pids(pod["metadata"]["name"]):
+            os.kill(pid, signal.SIGKILL)
+        return restarts
+
+    def wait_operator_back(self, restarts: int, timeout: float = 60) -> None:
+        def back():
+            [pod] = self.component_pods("operator")
+            status = pod["status"]["containerStatuses"][0]
+            return status["restartCount"] > restarts and status["ready"]
+        wait_until(back, timeout=timeout, interval=0.2, what="the operator restarted and ready")
+
+    def claim_dir(self, claim: str, namespace="default") -> Path:
+        """A claim's directory: its PersistentVolume's, as the provisioner made it."""
+        volume = json.loads(self.kubectl("get", "pvc", claim, "-n", namespace, "-o", "json").stdout)["spec"]["volumeName"]
+        return Path(json.loads(self.kubectl("get", "pv", volume, "-o", "json").stdout)["spec"]["hostPath"]["path"])
 
     def pids(self, pattern):
         out = subprocess.run(["pgrep", "-f", "--", pattern], capture_output=True, text=True)
@@ -65,7 +125,7 @@ class Dev:
     def stop(self):
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGINT)  # Ctrl-C
-            self.proc.wait(timeout=40)
+            self.proc.wait(timeout=90)
         self.log.close()
 
 
@@ -83,8 +143,8 @@ def dev(tmp_path_factory):
     d = Dev(tmp_path_factory.mktemp("dev"))
     yield d
     d.stop()
-    # Ctrl-C leaves nothing behind: no engine, operator, gateway or API process of this run
-    assert d.pids(f"--kubeconfig {d.kubeconfig}") == []
+    # Ctrl-C leaves nothing behind: no engine, operator, gateway, kubelet or control plane process of this run
+    assert d.leftovers() == []
     assert d.proc.returncode == 0
 
 
@@ -105,11 +165,11 @@ def test_apply_chat_and_delete(dev):
     row = dev.kubectl("get", "md", "chat", "--no-headers").stdout.split()
     assert row[1:6] == ["chat-model", "SRV_MULTI_80G", "2x79GiB", "1/1", "Ready"]
 
-    port = dev.engine_ports("chat")[0]
-    assert dev.pids(f"--port {port}")
+    [pod] = dev.engines("chat").values()
+    assert dev.pod_pids(pod)
     dev.kubectl("delete", "md", "chat", "--timeout=30s")
     wait_until(lambda: "chat-model" not in dev.models(), what="chat-model gone from /v1/models")
-    wait_until(lambda: not dev.pids(f"--port {port}"), what="engine process stopped")
+    wait_until(lambda: not dev.pod_pids(pod), what="engine process stopped")
 
 
 def test_profile_follows_hardware(dev):
@@ -119,13 +179,13 @@ def test_profile_follows_hardware(dev):
     assert dev.wait_phase("hw-single")["profile"] == "SINGLE_32G"
 
     def engine_max_len(name):
-        port = wait_until(lambda: dev.engine_ports(name), what=f"{name} endpoints")[0]
-        return httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["data"][0]["max_model_len"]
+        endpoint = sorted(wait_until(lambda: dev.engines(name), what=f"{name} endpoints"))[0]
+        return dev.engine_get(endpoint, "/v1/models")["data"][0]["max_model_len"]
 
     assert engine_max_len("hw-single") == 3072
     assert engine_max_len("hw-multi") == 16384
     try:
-        dev.kubectl("delete", "node", "cxygpt-worker2", "cxygpt-worker3")  # the 80 GiB nodes
+        dev.kubectl("cordon", "cxygpt-worker2", "cxygpt-worker3")  # the 80 GiB nodes take no new pods
         wait_until(lambda: (dev.md("hw-multi").get("status") or {}).get("profile") == "DEV_32G", what="DEV_32G")
         status = dev.wait_phase("hw-multi")
         args = json.loads(dev.kubectl("get", "deployment", "hw-multi", "-o", "json").stdout)[
@@ -134,9 +194,7 @@ def test_profile_follows_hardware(dev):
         assert status["engineArgs"] == args
         wait_until(lambda: engine_max_len("hw-multi") == 4096, what="engine restarted with 4096")
     finally:
-        nodes = yaml.safe_load((REPO / "kind-config.yaml").read_text())["nodes"]
-        for i, name in ((2, "cxygpt-worker2"), (3, "cxygpt-worker3")):
-            dev.apply({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": nodes[i]["labels"]}})
+        dev.kubectl("uncordon", "cxygpt-worker2", "cxygpt-worker3")
         dev.kubectl("delete", "md", "hw-multi", "hw-single", "--timeout=30s")
 
 
@@ -196,15 +254,16 @@ def test_an_embedding_model_serves_embeddings_through_the_gateway(dev):
 def test_faults(dev, tmp_path):
     dev.apply(sim_md("ha", "ha", replicas=2, env={"CXYGPT_SIM_ITL_MS": "50"}))
     dev.wait_phase("ha")
-    wait_until(lambda: len(dev.engine_ports("ha")) == 2, what="two engines")
+    wait_until(lambda: len(dev.engines("ha")) == 2, what="two engines")
     try:
         # an engine killed mid-stream: the client gets an error event; the next request goes to the other replica
-        ports = dev.engine_ports("ha")
+        pods = dev.engines("ha").values()
         stream = dev.client.chat.completions.create(model="ha", max_tokens=200, stream=True,
                                                     messages=[{"role": "user", "content": "long"}])
         first = next(iter(stream))
         assert first is not None
-        victims = [p for port in ports for p in dev.pids(f"--port {port}")]
+        victims = [p for pod in pods for p in dev.pod_pids(pod)]
+        assert victims
         for pid in victims:
             os.kill(pid, signal.SIGKILL)
         with pytest.raises(openai.APIError):
@@ -214,55 +273,48 @@ def test_faults(dev, tmp_path):
             model="ha", max_tokens=4, messages=[{"role": "user", "content": "again"}]).choices, timeout=30,
             what="served again after engine restart")
 
-        # operator killed and restarted: converges, no duplicate objects
-        [operator] = dev.pids(f"cxygpt-operator --kubeconfig {dev.kubeconfig}")
-        os.kill(operator, signal.SIGKILL)
+        # the operator's process killed: its container restarts (the kubelet), and it converges, no duplicate objects
+        restarts = dev.kill_operator()
         dev.kubectl("patch", "md", "ha", "--type=merge", "-p", '{"spec": {"replicas": 3}}')
-        port = free_port()
-        with open(tmp_path / "operator2.log", "wb") as log:
-            op = subprocess.Popen([console_script("cxygpt-operator"), "--kubeconfig", dev.kubeconfig, "--liveness",
-                                   f"http://127.0.0.1:{port}/healthz", "--metrics-port", "0"],
-                                  stdout=log, stderr=subprocess.STDOUT)
-            try:
-                wait_until(lambda: dev.md("ha")["status"].get("replicas") == 3 and dev.md("ha")["status"]["phase"] == "Ready",
-                           timeout=60, what="converged to 3 replicas")
-                assert dev.kubectl("get", "deployments", "-o", "name").stdout.split().count("deployment.apps/ha") == 1
-                assert dev.kubectl("get", "services", "-o", "name").stdout.split().count("service/ha") == 1
-            finally:
-                op.terminate()
-                op.wait(timeout=20)
+        dev.wait_operator_back(restarts)
+        wait_until(lambda: dev.md("ha")["status"].get("replicas") == 3 and dev.md("ha")["status"]["phase"] == "Ready",
+                   timeout=60, what="converged to 3 replicas")
+        assert dev.kubectl("get", "deployments", "-o", "name").stdout.split().count("deployment.apps/ha") == 1
+        assert dev.kubectl("get", "services", "-o", "name").stdout.split().count("service/ha") == 1
 
-        # a new gateway process recovers every route from the API
-        port = free_port()
-        with open(tmp_path / "gateway2.log", "wb") as log:
-            gw = subprocess.Popen([console_script("cxygpt-gateway"), "--kubernetes", "--kubeconfig", dev.kubeconfig,
-                                   "--host", "127.0.0.1", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
-            try:
-                wait_until(lambda: "ha" in {m["id"] for m in httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["data"]},
-                           timeout=30, what="routes recovered")
-                assert httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200
-            finally:
-                gw.terminate()
-                gw.wait(timeout=20)
+        # a new gateway pod (the old one deleted) recovers every route from the API
+        [old] = [p["metadata"]["name"] for p in dev.component_pods("gateway")]
+        dev.kubectl("delete", "pod", old, "-n", "cxygpt", "--wait=false")
+        wait_until(lambda: [p for p in dev.component_pods("gateway") if p["metadata"]["name"] != old and any(
+            c["type"] == "Ready" and c["status"] == "True" for c in p["status"].get("conditions") or [])],
+            timeout=60, what="a new gateway pod ready")
+        wait_until(lambda: "ha" in dev.models() and httpx.get(dev.gateway + "/readyz").status_code == 200,
+                   timeout=30, what="routes recovered")
     finally:
         dev.kubectl("delete", "md", "ha", "--timeout=30s", check=False)
 
 
 def test_detached_run_and_down(tmp_path):
     state, port = tmp_path / "state", free_port()
-    up = subprocess.run([console_script("cxygpt-dev"), "up", "--detach", "--no-examples", "--state-dir", str(state),
-                         "--gateway-port", str(port)], capture_output=True, text=True, timeout=90, cwd=tmp_path)
+    up = subprocess.run([console_script("cxygpt-dev"), "up", "--control-plane", "real", "--detach", "--no-examples",
+                         "--state-dir", str(state), "--gateway-port", str(port)], capture_output=True, text=True,
+                        timeout=200, cwd=tmp_path)
     assert up.returncode == 0, up.stdout + up.stderr + (state / "detached.log").read_text()
-    assert "up in the background" in up.stdout
-    kubeconfig = json.loads((state / "ready").read_text())["kubeconfig"]
+    assert "up in the background" in up.stdout and "on the real control plane" in up.stdout
+    assert "{" not in up.stdout  # words, not a dict
     assert httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200
+    kubeconfig = json.loads((state / "ready").read_text())["kubeconfig"]
+    version = subprocess.run([console_script("kubectl"), "--kubeconfig", kubeconfig, "version", "-o", "json"],
+                             capture_output=True, text=True, timeout=30)
+    pinned = re.search(r"^\s*k8s.io/kubernetes (v\S+)", (REPO / "devcluster/kube/go.mod").read_text(), re.M)[1]
+    assert json.loads(version.stdout)["serverVersion"]["gitVersion"] == pinned
     log = (state / "cxygpt-dev.log").read_text()
-    assert "[kubeapi]" in log and "[operator]" in log and "[gateway]" in log  # every component, one place
+    assert f"Kubernetes {pinned}" in log and "[helm]" in log and "helm installed the chart" in log
     down = subprocess.run([console_script("cxygpt-dev"), "down", "--state-dir", str(state)], capture_output=True,
-                          text=True, timeout=60)
+                          text=True, timeout=120)
     assert down.returncode == 0 and "stopped" in down.stdout
-    left = subprocess.run(["pgrep", "-f", "--", f"--kubeconfig {kubeconfig}"], capture_output=True, text=True).stdout
-    assert left.strip() == ""
+    marked = f"CXYGPT_DEV_CLUSTER={state.resolve()}"
+    assert [pid for pid, env in Dev._environs().items() if marked in env] == []
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"http://127.0.0.1:{port}/healthz")
 

@@ -1,5 +1,6 @@
-"""End to end, the model cache on `cxygpt-dev up`: a ModelDeployment with a cache downloads its weights once through
-the local Hub with the real huggingface_hub (the download Job a local process, the claim a local directory), its
+"""End to end, the model cache on `cxygpt-dev up --control-plane real`: a ModelDeployment with a cache downloads its
+weights once through the local Hub with the real huggingface_hub (the download Job's pod a local process, the claim a
+local directory the provisioner made), its
 engines start from that directory and serve; a download killed in the middle resumes; the last user takes the cache
 along."""
 import json
@@ -50,7 +51,7 @@ def dev(tmp_path_factory):
     d = Dev(tmp_path_factory.mktemp("dev-cache"))
     yield d
     d.stop()
-    assert pids(f"--kubeconfig {d.kubeconfig}") == [] and d.proc.returncode == 0
+    assert d.leftovers() == [] and d.proc.returncode == 0
 
 
 def test_a_cached_model_downloads_once_through_the_hub_and_serves_from_the_claim(dev):
@@ -72,7 +73,7 @@ def test_a_cached_model_downloads_once_through_the_hub_and_serves_from_the_claim
     # two replicas, one download: the weights left the hub once
     weights = sum(v for k, v in dev.stats()["files"].items() if k.endswith(".safetensors"))
     assert weights == 16 * MIB, dev.stats()
-    claim_dir = dev.state / "volumes" / "default" / cache["claimName"]
+    claim_dir = dev.claim_dir(cache["claimName"])
     assert (claim_dir / "cxygpt-test/chat/model-00001-of-00002.safetensors").stat().st_size == 8 * MIB
     assert json.loads((claim_dir / ".cxygpt-cache.json").read_text())["revision"] == cache["revision"]
     # the engines read the claim's directory, offline
@@ -99,7 +100,9 @@ def test_a_download_killed_in_the_middle_resumes(dev):
     httpx.post(dev.hub + "/_dev/stats/reset")
     dev.kubectl("apply", "-f", "-", stdin=yaml.safe_dump(cached_md("resume", "cxygpt-test/resume")))
     claim = wait_until(lambda: dev.status("resume").get("cache", {}).get("claimName"), what="the claim")
-    partial = dev.state / "volumes" / "default" / claim / "cxygpt-test/resume/.cxygpt-partial"
+    wait_until(lambda: json.loads(dev.kubectl("get", "pvc", claim, "-o", "json").stdout)["status"].get("phase")
+               == "Bound", what="the claim bound")
+    partial = dev.claim_dir(claim) / "cxygpt-test/resume/.cxygpt-partial"
     wait_until(lambda: sum(p.stat().st_size for p in partial.glob("*.safetensors")) >= 8 * MIB, timeout=60,
                interval=0.1, what="8 MiB downloaded")
     status = dev.status("resume")

@@ -66,3 +66,23 @@ def test_readme_quickstart_runs_as_printed(tmp_path):
     finally:
         subprocess.run([console_script("cxygpt-dev"), "down", "--state-dir", str(tmp_path / ".cxygpt-dev")],
                        capture_output=True, timeout=60)
+
+
+def test_a_port_held_only_by_a_stopped_runs_closed_connections_is_free():
+    """Right after a stop, the gateway's port may be held by TIME-WAIT sockets only: `cxygpt-dev up` takes it."""
+    from cxygpt_dev.main import port_taken
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    client = socket.create_connection(("127.0.0.1", port))
+    served, _ = listener.accept()
+    assert port_taken(port)  # a server listens
+    served.close()  # the server closes first: its side of the connection waits in TIME-WAIT
+    client.close()
+    listener.close()
+    states = subprocess.run(["ss", "-tanH", "state", "time-wait", f"( sport = :{port} )"], capture_output=True,
+                            text=True).stdout
+    assert states.strip(), "no TIME-WAIT socket: the test would prove nothing"
+    assert not port_taken(port)

@@ -4,8 +4,11 @@ import subprocess
 import threading
 
 import httpx
+import orjson
 import pytest
 import yaml
+
+from cxygpt_gateway.discovery.kubernetes import WAKE_PATCH
 
 from harness import REPO, console_script
 
@@ -94,8 +97,7 @@ def test_kubectl_scale(kube_api):
 
     # a conditional write, as a gateway waking a model from zero makes it: a JSON patch of the Scale
     headers = {"Content-Type": "application/json-patch+json"}
-    from_zero = [{"op": "test", "path": "/spec/replicas", "value": 0}, {"op": "replace", "path": "/spec/replicas",
-                                                                        "value": 1}]
+    from_zero = orjson.loads(WAKE_PATCH)
     stale = httpx.patch(kube_api.url + "/apis/cxygpt.io/v1alpha1/namespaces/default/modeldeployments/big/scale",
                         headers=headers, json=from_zero)
     assert stale.status_code == 422 and stale.json()["kind"] == "Status"

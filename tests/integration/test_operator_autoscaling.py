@@ -8,7 +8,10 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
+import orjson
 import pytest
+
+from cxygpt_gateway.discovery.kubernetes import WAKE_PATCH
 
 from harness import free_port, wait_until
 from test_operator import Cluster, md
@@ -115,7 +118,7 @@ def test_the_count_follows_the_demand_of_every_gateway_and_goes_to_zero_after_th
     wait_until(lambda: c.deployment("chat")["spec"]["replicas"] == 0, what="the engine Deployment at zero")
 
     # a gateway wakes it for a request (0 -> 1 on the scale subresource) before any demand is read
-    wake = [{"op": "test", "path": "/spec/replicas", "value": 0}, {"op": "replace", "path": "/spec/replicas", "value": 1}]
+    wake = orjson.loads(WAKE_PATCH)
     r = httpx.patch(c.kube_api.url + "/apis/cxygpt.io/v1alpha1/namespaces/default/modeldeployments/chat/scale",
                     headers={"Content-Type": "application/json-patch+json"}, json=wake)
     assert r.status_code == 200

@@ -333,8 +333,8 @@ def expand(*rules) -> set[tuple]:
     return {(g, r, v, names) for g, resources, verbs, names in rules for r in resources.split() for v in verbs.split()}
 
 
-# Whether the rules allow what the operator and the gateway call is checked against their real calls in
-# tests/integration/test_helm_rbac.py; here: scope, bindings and namespaces.
+# Whether the rules allow what the operator and the gateway call is checked by the real authorizer in
+# tests/integration/test_kube_helm.py; here: scope, bindings and namespaces.
 # cluster-scoped resources (Kubernetes' and kopf's): the only ones a ClusterRole may grant with watchNamespaces
 CLUSTER_SCOPED = {"nodes", "namespaces", "customresourcedefinitions", "clusterkopfpeerings", "storageclasses"}
 

@@ -373,6 +373,22 @@ def test_crash_loop_with_no_replica_ready_is_failed_with_exit_code_and_last_line
                                                     "last log line: ValueError: max_num_seqs must be positive")
 
 
+def test_an_engine_pod_the_scheduler_cannot_place_keeps_the_model_pending_with_the_schedulers_reason():
+    spec = _spec(replicas=2)
+    why = "0/1 nodes are available: 1 Insufficient nvidia.com/gpu. preemption: 0/1 nodes are available"
+    unplaced = _pod("b", created="2026-11-21T00:00:05Z")
+    unplaced["status"] = {"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "False",
+                                                              "reason": "Unschedulable", "message": why}]}
+    status = _status(_sel(spec), deployment=DEP, spec=spec, pods=[_pod("a"), unplaced])
+    phase, conds = _summary(status)
+    assert phase == "Pending" and conds["Available"] == ("False", "Unschedulable")
+    assert conds["Progressing"] == ("True", "Unschedulable") and conds["Degraded"] == ("False", "AsExpected")
+    assert _cond(status, "Available")["message"].endswith(f"pod b: {why}")
+    # one replica served meanwhile: partially ready, and the other's reason still shows
+    phase, conds = _summary(_status(_sel(spec), deployment=DEP, spec=spec, pods=[_pod("a", ready=True), unplaced]))
+    assert phase == "PartiallyReady" and conds["Progressing"] == ("True", "Unschedulable")
+
+
 def test_crash_with_a_replica_ready_is_partially_ready_and_degraded():
     spec = _spec(replicas=2)
     phase, conds = _summary(_status(_sel(spec), deployment=DEP, spec=spec, pods=[_pod("a", ready=True), _pod("b", crash=137)]))
@@ -603,3 +619,12 @@ def test_a_model_scaled_to_zero_by_the_autoscaler_says_so():
     available = next(c for c in status["conditions"] if c["type"] == "Available")
     assert status["phase"] == "ScaledToZero" and available["reason"] == "ScaledToZero"
     assert "autoscaler after 120 s without requests" in available["message"]
+
+
+def test_a_node_that_stops_taking_pods_leaves_the_gpu_index():
+    """kopf keeps an object's old index entry when the indexer returns None: a cordoned node must index as empty."""
+    from cxygpt_operator.handlers import gpu_nodes
+    labels = {"nvidia.com/gpu.memory": "81559", "nvidia.com/gpu.count": "1"}
+    node = {"metadata": {"name": "n", "labels": labels}, "spec": {}, "status": {"allocatable": {"nvidia.com/gpu": "1"}}}
+    assert list(gpu_nodes(body=node, name="n")) == ["n"]
+    assert gpu_nodes(body={**node, "spec": {"unschedulable": True}}, name="n") == {}

@@ -1,7 +1,8 @@
 """The pod runner's Deployment-controller decisions: rollout order, scaling, Recreate, the engine cap."""
 import time
 
-from cxygpt_dev.podrunner import requests_in_flight, tail_message, template_hash
+from cxygpt_dev.containers import requests_in_flight, tail_message
+from cxygpt_dev.podrunner import template_hash
 from cxygpt_dev.rollout import PodView, Step, Strategy, rollout_step, strategy_of
 
 SURGE = Strategy(max_surge=1, max_unavailable=0)

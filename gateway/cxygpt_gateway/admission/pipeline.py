@@ -1,7 +1,6 @@
 """Admission: auth → body → model → schema → rate → input tokens → (wake, demand) → tokens reserved → queue."""
 from __future__ import annotations
 
-import asyncio
 import random
 import time
 from dataclasses import dataclass

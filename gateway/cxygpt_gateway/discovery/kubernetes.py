@@ -25,9 +25,10 @@ INITIAL_SYNC_S = 10.0      # how long start() waits for the first lists before s
 MAX_BACKOFF_S = 30.0
 LIST_TIMEOUT_S = 30.0
 WAKE_TIMEOUT_S = 10.0
-# 0 -> 1 only if it is still 0: of several gateways (or requests) waking a model at once, one write wins
-WAKE_PATCH = orjson.dumps([{"op": "test", "path": "/spec/replicas", "value": 0},
-                           {"op": "replace", "path": "/spec/replicas", "value": 1}])
+# 0 -> 1 only if it is still 0: of several gateways (or requests) waking a model at once, one write wins. An
+# autoscaling/v1 Scale leaves replicas out when it is 0 (omitempty): its spec is then {}, and only then
+WAKE_PATCH = orjson.dumps([{"op": "test", "path": "/spec", "value": {}},
+                           {"op": "add", "path": "/spec/replicas", "value": 1}])
 # what is watched in each watched namespace: name → (group/version, plural, label selector)
 WATCHES = {"modeldeployments": (GROUP_VERSION, "modeldeployments", None),
            "endpointslices": ("discovery.k8s.io/v1", "endpointslices", ENGINE_SLICES)}

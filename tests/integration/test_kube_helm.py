@@ -1,0 +1,215 @@
+"""The chart on the real control plane, as an operator of a cluster runs it: `helm install --wait` (hooks included),
+`helm test`, `helm upgrade`, `helm uninstall`. The operator and the gateway run as pods under the chart's
+ServiceAccounts, so the real RBAC authorizer enforces the chart's roles on every call they make."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from cxygpt_dev import network
+from cxygpt_dev.cluster import Cluster
+from cxygpt_dev.controlplane import free_port
+from cxygpt_dev.hub import make_repo
+from harness import REPO, ServerProcess, wait_until
+from kube import Kubectl
+
+pytestmark = pytest.mark.timeout(400)
+CHART = REPO / "deploy" / "helm" / "cxygpt"
+RELEASE = NAMESPACE = "cxygpt"
+TINY = "cxygpt-test/tiny"
+
+
+@pytest.fixture(scope="module")
+def chart_cluster(tmp_path_factory):
+    """A cluster of this module's own (the chart owns the CRD it installs), and a Hub with a small repository and
+    stand-ins of the catalog's models (which the engines download)."""
+    root = tmp_path_factory.mktemp("chart-cluster")
+    cluster = Cluster(root=root).start()
+    make_repo(root / "hub", TINY, weights_bytes=2 * 2**20)
+    port = free_port(network.HOST_ADDRESS)  # where the pods reach it: the cluster's host address
+    hub = ServerProcess([sys.executable, "-m", "cxygpt_dev.hub", "--root", str(root / "hub"), "--host",
+                         network.HOST_ADDRESS, "--port", str(port), "--catalog-stand-ins", "1"], port=port,
+                        host=network.HOST_ADDRESS,
+                        log_path=root / "hub.log")
+    try:
+        hub.start()
+        yield cluster, hub.url
+    finally:
+        hub.stop()
+        cluster.stop()
+
+
+def helm(kubeconfig: Path, *args: str, timeout: float = 240) -> str:
+    binary = shutil.which("helm") or str(REPO / ".tools" / "bin" / "helm")
+    out = subprocess.run([binary, "--kubeconfig", str(kubeconfig), *args], capture_output=True, text=True,
+                         timeout=timeout)
+    assert out.returncode == 0, f"helm {' '.join(args)}:\n{out.stdout}\n{out.stderr}"
+    return out.stdout
+
+
+def sim_model(name: str, served: str, namespace: str, **spec) -> dict:
+    return {"apiVersion": "cxygpt.io/v1alpha1", "kind": "ModelDeployment",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {"model": {"name": served, "source": "hf://Qwen/Qwen3-0.6B"}, "engine": {"kind": "sim"}, **spec}}
+
+
+def phase(kube: Kubectl, name: str, namespace: str) -> dict:
+    """The ModelDeployment's status."""
+    return json.loads(kube("get", "md", name, "-n", namespace, "-o", "json")).get("status") or {}
+
+
+def redis() -> list[dict]:
+    """Redis as a pod of the release namespace (Debian's redis-server as its program), for the HA values."""
+    labels = {"app": "redis"}
+    return [{"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "redis", "namespace": NAMESPACE},
+             "spec": {"selector": {"matchLabels": labels}, "template": {"metadata": {"labels": labels}, "spec": {
+                 "containers": [{"name": "redis", "image": "redis:8", "command": [
+                     "redis-server", "--port", "6379", "--save", "", "--appendonly", "no"],
+                     "ports": [{"name": "redis", "containerPort": 6379}],
+                     "readinessProbe": {"tcpSocket": {"port": "redis"}, "periodSeconds": 1}}]}}}},
+            {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "redis", "namespace": NAMESPACE},
+             "spec": {"selector": labels, "ports": [{"name": "redis", "port": 6379, "targetPort": "redis"}]}}]
+
+
+def forbidden_lines(kube: Kubectl, component: str) -> list[str]:
+    """What the authorizer refused the component's pods, from their logs (every container, restarts included)."""
+    lines = []
+    for pod in json.loads(kube("get", "pods", "-n", NAMESPACE, "-l", f"app.kubernetes.io/component={component}",
+                               "-o", "json"))["items"]:
+        text = kube("logs", "-n", NAMESPACE, pod["metadata"]["name"])
+        lines += [line for line in text.splitlines() if "Forbidden" in line or " 403" in line or "forbidden" in line]
+    return lines
+
+
+def served(gateway: str) -> dict[str, str]:
+    return {m["id"]: m.get("state", "") for m in httpx.get(gateway + "/v1/models", timeout=5).json()["data"]}
+
+
+def diagnosis(kube: Kubectl) -> str:
+    """The release's pods' last log lines and the cluster's warnings, for a failure's message."""
+    parts = [kube.run("get", "pods,md", "-A", "-o", "wide", check=False).stdout]
+    for pod in json.loads(kube("get", "pods", "-n", NAMESPACE, "-o", "json"))["items"]:
+        parts.append(f"--- {pod['metadata']['name']}:\n" + kube.run(
+            "logs", "-n", NAMESPACE, pod["metadata"]["name"], "--tail=25", check=False).stdout)
+    parts.append(kube.run("get", "events", "-A", "--field-selector=type=Warning", check=False).stdout)
+    return "\n".join(parts)[-12000:]
+
+
+@pytest.mark.parametrize("scenario", ["defaults", "ha", "watch-namespaces-ha"])
+def test_install_test_upgrade_and_uninstall_with_the_charts_rbac_enforced(chart_cluster, tmp_path, scenario):
+    cluster, hub = chart_cluster
+    kube = Kubectl(cluster.kubeconfig, cache=tmp_path / "kubectl-cache")
+    try:
+        scenario_steps(cluster, hub, kube, scenario)
+    except (AssertionError, httpx.HTTPError) as e:
+        raise AssertionError(f"{e!r}\n{diagnosis(kube)}") from None
+
+
+def scenario_steps(cluster: Cluster, hub: str, kube: Kubectl, scenario: str) -> None:
+    values = [] if scenario == "defaults" else ["-f", str(CHART / "ci" / f"{scenario}-values.yaml")]
+    watched = yaml.safe_load((CHART / "ci" / f"{scenario}-values.yaml").read_text())["operator"].get(
+        "watchNamespaces", []) if values else []
+    namespaces = watched or ["default"]
+    for namespace in {NAMESPACE, *watched}:  # a namespaced release's Roles go into namespaces that exist
+        kube.run("create", "namespace", namespace, check=False)
+    if scenario == "ha":
+        kube.apply(*redis())
+    began = time.monotonic()
+    helm(cluster.kubeconfig, "install", RELEASE, str(CHART), "-n", NAMESPACE, *values, "--wait", "--timeout", "180s",
+         "--set", f"operator.hfEndpoint={hub}", "--set", "modelAutoscaling.intervalSeconds=1")
+    installed_in = time.monotonic() - began
+    operators = json.loads(kube("get", "pods", "-n", NAMESPACE, "-l", "app.kubernetes.io/component=operator",
+                                "-o", "json"))["items"]
+    assert len(operators) == (2 if scenario != "defaults" else 1) and installed_in < 120
+    assert all(p["spec"]["serviceAccountName"] == f"{RELEASE}-operator" for p in operators)
+    # the authorizer is the chart's: what it grants, and nothing else
+    assert kube.run("auth", "can-i", "patch", "deployments", "-n", namespaces[0],
+                    f"--as=system:serviceaccount:{NAMESPACE}:{RELEASE}-operator").stdout.strip() == "yes"
+    assert kube.run("auth", "can-i", "create", "deployments", "-n", namespaces[0],
+                    f"--as=system:serviceaccount:{NAMESPACE}:{RELEASE}-gateway", check=False).stdout.strip() == "no"
+
+    # helm test: the hook pod reaches the gateway by its Service's name
+    out = helm(cluster.kubeconfig, "test", RELEASE, "-n", NAMESPACE, "--logs")
+    assert "Phase:          Succeeded" in out and "ok: [" in out, out
+    gateway_service = json.loads(kube("get", "service", f"{RELEASE}-gateway", "-n", NAMESPACE, "-o", "json"))
+    gateway = f"http://{gateway_service['spec']['clusterIP']}:{gateway_service['spec']['ports'][0]['port']}"
+
+    # a model in each namespace the release serves; then one that asks for a served name already taken
+    for n, namespace in enumerate(namespaces):
+        kube.apply(sim_model("small", f"small-{n}", namespace))
+    for namespace in namespaces:
+        wait_until(lambda: phase(kube, "small", namespace).get("phase") == "Ready", timeout=90, interval=0.5,
+                   what=f"the model in {namespace} Ready")
+    wait_until(lambda: {f"small-{n}" for n in range(len(namespaces))} <= set(served(gateway)), timeout=30,
+               what="the gateway serving every namespace's model")
+    reply = httpx.post(gateway + "/v1/chat/completions", timeout=30, json={
+        "model": "small-0", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]})
+    assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"]
+    time.sleep(1.05)  # creationTimestamp has one-second granularity: the next one must be younger
+    kube.apply(sim_model("other", "small-0", namespaces[-1]))
+    wait_until(lambda: phase(kube, "other", namespaces[-1]).get("phase") == "Failed" and any(
+        c.get("reason") == "ModelNameConflict" for c in phase(kube, "other", namespaces[-1]).get("conditions", [])),
+        timeout=30, what="the name conflict")
+
+    if scenario == "defaults":
+        # the model cache: a claim (the standard class's provisioner), a download Job from the Hub, its pod's log
+        # read for the progress (pods/log), the engines mounting the claim
+        kube.apply({**sim_model("cached", "cached", "default"),
+                    "spec": {"model": {"name": "cached", "source": f"hf://{TINY}", "cache": {"enabled": True,
+                                                                                            "size": "1Gi"}},
+                             "engine": {"kind": "sim"}}})
+        status = wait_until(lambda: (s := phase(kube, "cached", "default")).get("phase") == "Ready" and s,
+                            timeout=120, interval=0.5, what="the cached model Ready")
+        assert status["cache"]["phase"] == "Ready"
+        # autoscaling: idle, the operator takes a model to zero (scale subresource); a request wakes it (the
+        # gateway's write) and is answered once an engine serves
+        kube.apply(sim_model("idle", "idle", "default", autoscaling={
+            "minReplicas": 0, "maxReplicas": 2, "scaleDownDelaySeconds": 0}))
+        wait_until(lambda: phase(kube, "idle", "default").get("phase") == "ScaledToZero", timeout=60,
+                   interval=0.5, what="the idle model at zero")
+        wait_until(lambda: served(gateway).get("idle") == "scaled_to_zero", timeout=30, what="the gateway sees it")
+        woken = httpx.post(gateway + "/v1/chat/completions", timeout=90, json={
+            "model": "idle", "max_tokens": 4, "messages": [{"role": "user", "content": "wake up"}]})
+        assert woken.status_code == 200, woken.text
+
+    if scenario == "ha":
+        # two operators, one active: the active one gone, the standby takes over
+        active = next(p["metadata"]["name"] for p in operators
+                      if "small" in kube("logs", "-n", NAMESPACE, p["metadata"]["name"]))
+        kube("delete", "pod", active, "-n", NAMESPACE, "--wait=false")
+        kube.apply(sim_model("later", "later", namespaces[0]))
+        wait_until(lambda: phase(kube, "later", namespaces[0]).get("phase") == "Ready", timeout=90, interval=0.5,
+                   what="a model reconciled by the standby")
+
+    # helm upgrade: a changed value rolls the gateway's pods; the release still serves
+    before = {p["metadata"]["name"] for p in json.loads(kube("get", "pods", "-n", NAMESPACE, "-l",
+                                                             "app.kubernetes.io/component=gateway", "-o", "json"))["items"]}
+    helm(cluster.kubeconfig, "upgrade", RELEASE, str(CHART), "-n", NAMESPACE, *values, "--wait", "--timeout",
+         "180s", "--set", f"operator.hfEndpoint={hub}", "--set", "modelAutoscaling.intervalSeconds=1",
+         "--set", "gateway.logLevel=debug")
+    after = {p["metadata"]["name"] for p in json.loads(kube("get", "pods", "-n", NAMESPACE, "-l",
+                                                            "app.kubernetes.io/component=gateway", "-o", "json"))["items"]
+             if not p["metadata"].get("deletionTimestamp")}  # the old ones may still drain (their preStop)
+    assert after and not after & before
+    wait_until(lambda: "small-0" in served(gateway), timeout=30, what="served after the upgrade")
+
+    # nothing either component did was refused by the authorizer
+    assert forbidden_lines(kube, "operator") == [] and forbidden_lines(kube, "gateway") == []
+
+    # uninstall: the models first (the operator removes its finalizers), then the release; the CRD stays
+    for namespace in namespaces:
+        kube("delete", "md", "--all", "-n", namespace, "--timeout=90s")
+    helm(cluster.kubeconfig, "uninstall", RELEASE, "-n", NAMESPACE, "--wait", "--timeout", "120s")
+    wait_until(lambda: not json.loads(kube("get", "pods", "-n", NAMESPACE, "-o", "json"))["items"] or scenario == "ha",
+               timeout=60, what="the release's pods gone")
+    assert kube.run("get", "crd", "modeldeployments.cxygpt.io", check=False).returncode == 0  # crds.keep
+    if scenario == "ha":
+        kube("delete", "-f", "-", stdin=yaml.safe_dump_all(redis()))
