@@ -12,9 +12,8 @@ from pathlib import Path
 
 import yaml
 
-from run import BIN, MODEL, OPEN_LIMITS, REPO, Proc, Target, fake_upstream, log, measure
-
 from cxygpt_bench.procstat import free_port
+from run import BIN, MODEL, OPEN_LIMITS, REPO, Proc, Target, fake_upstream, log, measure
 
 POINTS = {"c1": dict(stream=False, concurrency=1, tool="wrk"), "c16": dict(stream=False, concurrency=16, tool="wrk"),
           "stream c32": dict(stream=True, concurrency=32)}

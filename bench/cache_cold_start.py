@@ -65,7 +65,8 @@ def scenario(c: Cluster, name: str, repo: str, cache: bool, replicas: int, scale
     httpx.post(c.hub + "/_dev/stats/reset")
     began = time.monotonic()
     c.kubectl("apply", "-f", "-", stdin=yaml.safe_dump({
-        "apiVersion": "cxygpt.io/v1alpha1", "kind": "ModelDeployment", "metadata": {"name": name, "namespace": "default"},
+        "apiVersion": "cxygpt.io/v1alpha1", "kind": "ModelDeployment",
+        "metadata": {"name": name, "namespace": "default"},
         "spec": {"model": model, "replicas": replicas, "engine": {"kind": "sim"}}}))
     cold = c.wait_ready(name, replicas)
     cold_bytes = c.hub_bytes()

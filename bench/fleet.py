@@ -26,11 +26,10 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run  # noqa: E402
-from run import REPO, RESULTS, MODEL, Proc, gateway, log, simulator, vllm_router  # noqa: E402
-
 from cxygpt_bench import fleet  # noqa: E402
 from cxygpt_bench.procstat import cpu_s  # noqa: E402
 from cxygpt_bench.stats import percentile  # noqa: E402
+from run import MODEL, REPO, RESULTS, Proc, gateway, log, simulator, vllm_router  # noqa: E402
 
 MARK_BEGIN, MARK_END = "<!-- fleet:begin (bench/fleet.py writes this section) -->", "<!-- fleet:end -->"
 REPLICAS = 4
@@ -172,7 +171,7 @@ class Client:
             try:
                 res.status, res.ttft, res.text, res.tokens = await _exchange(session, url, body, {**headers, **extra},
                                                                              clock)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 res.status = "timeout"
             except (aiohttp.ClientError, OSError):
                 res.status = "connection"
@@ -189,7 +188,7 @@ class Client:
                 self.samples.append((now, loads))
             try:
                 await asyncio.wait_for(stop.wait(), self.sample_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     @staticmethod
@@ -197,7 +196,7 @@ class Client:
         try:
             async with session.get(base + "/metrics") as r:
                 m = metrics(await r.read())
-        except (aiohttp.ClientError, OSError, asyncio.TimeoutError):
+        except (TimeoutError, aiohttp.ClientError, OSError):
             return None
         return m.get("vllm:num_requests_running", 0) + m.get("vllm:num_requests_waiting", 0)
 
@@ -528,7 +527,7 @@ class _ClosedLoop:
                         try:
                             res.status, res.ttft, res.text, res.tokens = await _exchange(
                                 session, c.pick(conv.index, turn, 0)[0], body, headers, clock)
-                        except (asyncio.TimeoutError, aiohttp.ClientError, OSError):
+                        except (TimeoutError, aiohttp.ClientError, OSError):
                             res.status = "connection"
                         res.total, res.end = clock() - start, clock() - t0
                         if res.status != "ok":
@@ -665,7 +664,7 @@ def main(argv: list[str] | None = None) -> int:
         i = args.index("--results")
         del args[i:i + 2]
     command = "python bench/fleet.py" + (" " + shlex.join(args) if args else "")
-    started = dt.datetime.now(dt.timezone.utc)
+    started = dt.datetime.now(dt.UTC)
     notes: list[str] = []
     r: dict = {"started": started.strftime("%Y-%m-%d %H:%M UTC"), "command": command,
                "machine": f"{os.cpu_count()} CPUs, {platform.python_implementation()} {platform.python_version()}",
@@ -704,7 +703,7 @@ def main(argv: list[str] | None = None) -> int:
             check_same_answers(answers, load_name(load), notes)
     r["goals"] = fleet.judge(goal_points(r), [x for x in r["loads"] if x in fleet.JUDGED_LOADS])
     r["load_after"] = "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
-    r["finished"] = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    r["finished"] = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     name = "fleet-" + started.strftime("%Y-%m-%dT%H%M") + ".json"
     r["results_file"] = f"bench/results/{name}"
     raw = json.dumps(r, indent=1, default=str) + "\n"

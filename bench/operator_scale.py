@@ -70,8 +70,8 @@ async def run(models: int, nodes: int, tmp: Path) -> dict:
             start_s = time.monotonic() - started
             spy = os.environ.get("PROFILE")  # py-spy samples of the operator or the API while it converges
             target = api if os.environ.get("PROFILE_TARGET") == "api" else operator
-            profiler = subprocess.Popen([str(BIN / "py-spy"), "record", "--pid", str(target.pid), "-o", spy, "-f", "raw",
-                                         "--nonblocking"]) if spy else None
+            profiler = subprocess.Popen([str(BIN / "py-spy"), "record", "--pid", str(target.pid), "-o", spy,
+                                         "-f", "raw", "--nonblocking"]) if spy else None
             created = time.monotonic()
             for i in range(models):
                 async with session.post(base + MD_PATH, json=model(i)) as r:

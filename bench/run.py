@@ -52,17 +52,17 @@ class Proc:
     def pid(self) -> int:
         return self.proc.pid
 
-    def start(self, timeout: float = 90.0) -> "Proc":
+    def start(self, timeout: float = 90.0) -> Proc:
         return self.spawn().wait_ready(timeout)
 
-    def spawn(self) -> "Proc":
+    def spawn(self) -> Proc:
         """Start the process without waiting (several can then start at once; wait_ready each)."""
         self._spawned = time.monotonic()
         self.proc = subprocess.Popen(self.argv, stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT,
                                      env=self.env, cwd=REPO, start_new_session=True)
         return self
 
-    def wait_ready(self, timeout: float = 90.0) -> "Proc":
+    def wait_ready(self, timeout: float = 90.0) -> Proc:
         started = self._spawned
         with httpx.Client(timeout=1.0) as client:
             while time.monotonic() - started < timeout:
@@ -630,7 +630,7 @@ def main(argv: list[str] | None = None) -> int:
     only = set(a.only or ["G1", "G2", "G3", "G4", "G5", "G6"])
     command = "python bench/run.py" + ("" if argv is None and len(sys.argv) == 1 else
                                        " " + shlex.join(argv if argv is not None else sys.argv[1:]))
-    started = dt.datetime.now(dt.timezone.utc)
+    started = dt.datetime.now(dt.UTC)
     notes: list[str] = []
     if not shutil.which("wrk"):
         notes.append("wrk not installed: G2 measured with cxygpt-bench")
@@ -656,7 +656,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"G6 gateway start to ready {r['g6']['gateway_ready_s']:.2f} s")
         if "G5" in only:
             r["g5"] = g5(a.models)
-    r["finished"] = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    r["finished"] = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     name = started.strftime("%Y-%m-%dT%H%M") + ".json"
     r["results_file"] = f"bench/results/{name}"
     section = render(r, command)

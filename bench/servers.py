@@ -12,9 +12,8 @@ from pathlib import Path
 
 import yaml
 
-from run import BIN, MODEL, OPEN_LIMITS, VENVS, Proc, Target, fake_upstream, log, measure, vllm_router
-
 from cxygpt_bench.procstat import free_port
+from run import BIN, MODEL, OPEN_LIMITS, VENVS, Proc, Target, fake_upstream, log, measure, vllm_router
 
 POINTS = {"G1 stream c32": dict(stream=True, concurrency=32), "G2 non-stream c16": dict(stream=False, concurrency=16,
                                                                                             tool="wrk")}

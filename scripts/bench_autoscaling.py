@@ -178,8 +178,8 @@ def main(argv=None) -> int:
           f"({', '.join(f'{s:.2f}' for s in starts)}) |")
     print(f"| cold start from zero (request -> first token, streamed) | {med(colds):.2f} s "
           f"({', '.join(f'{s:.2f}' for s in colds)}) |")
-    print(f"| load step, 1 idle replica -> {a.users} users (target 2, max 4): first change / at max / 4 engines serving | "
-          f"{step['first_change_s']:.1f} / {step['at_max_s']:.1f} / {step['max_serving_s']:.1f} s "
+    print(f"| load step, 1 idle replica -> {a.users} users (target 2, max 4): first change / at max / 4 engines "
+          f"serving | {step['first_change_s']:.1f} / {step['at_max_s']:.1f} / {step['max_serving_s']:.1f} s "
           f"({step['answered']} answered, {step['failed']} failed) |")
     return 0
 

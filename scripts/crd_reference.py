@@ -37,7 +37,8 @@ def _rows(schema: dict, path: str, required: set[str]):
                f"{description}{' — ' + '; '.join(rules) if rules else ''} |")
         target = sub.get("items") if sub.get("type") == "array" else sub
         if isinstance(target, dict) and target.get("properties"):
-            yield from _rows(target, f"{field}[]" if sub.get("type") == "array" else field, set(target.get("required", [])))
+            path = f"{field}[]" if sub.get("type") == "array" else field
+            yield from _rows(target, path, set(target.get("required", [])))
 
 
 def render() -> str:

@@ -46,7 +46,8 @@ class Answers:
         self.models = _http(b"200 OK", orjson.dumps({"object": "list", "data": [
             {"id": model, "object": "model", "created": 1, "owned_by": "fake", "max_model_len": 32768}]}))
         self.tokenize = _http(b"200 OK", b'{"count":16,"max_model_len":32768,"tokens":[]}')
-        self.not_found = _http(b"404 Not Found", b'{"error":{"message":"not found","type":"NotFoundError","param":null,"code":404}}')
+        self.not_found = _http(b"404 Not Found",
+                               b'{"error":{"message":"not found","type":"NotFoundError","param":null,"code":404}}')
 
     def _whole(self, kind: str, n: int) -> dict:
         text = "".join(f" tok{i}" for i in range(n))

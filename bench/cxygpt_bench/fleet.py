@@ -250,10 +250,10 @@ def judge(points: dict[str, dict[str, dict]], loads: Iterable[str] = JUDGED_LOAD
     and met (None when a front it needs was not measured)."""
     rows = []
     for load in loads:
-        get = lambda front: (points.get(front) or {}).get(load)
+        get = lambda front, load=load: (points.get(front) or {}).get(load)
         p, ll, ca, two = get(PREFIX), get(LEAST), get(CACHE_AWARE), get(TWO)
 
-        def row(goal, target, value, met, fmt="{:.2f}×"):
+        def row(goal, target, value, met, fmt="{:.2f}×", load=load):
             rows.append({"load": load, "goal": goal, "target": target,
                          "measured": "-" if value is None else fmt.format(value),
                          "met": None if value is None else bool(met)})

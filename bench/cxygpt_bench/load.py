@@ -142,7 +142,7 @@ class LoadRun:
                     data = await r.read()
                     m = COMPLETION_TOKENS.search(data)
                     rec = Record(status, head, clock() - started, tokens=int(m.group(1)) if m else 0)
-        except (aiohttp.ClientError, OSError, asyncio.TimeoutError):
+        except (TimeoutError, aiohttp.ClientError, OSError):
             rec = Record(NO_STATUS, None, clock() - started)
         finally:
             self.in_flight -= 1
@@ -166,7 +166,7 @@ class LoadRun:
         status = 200 if done and b'"error"' not in tail[-600:] else 599  # 599: the stream ended in an error
         return Record(status, ttft, total, tokens=tokens, chunks=chunks - (1 if m else 0))
 
-    async def run(self, progress: Callable[["LoadRun", float], None] | None = None) -> Report:
+    async def run(self, progress: Callable[[LoadRun, float], None] | None = None) -> Report:
         cfg = self.cfg
         connector = aiohttp.TCPConnector(limit=cfg.concurrency, ttl_dns_cache=300)
         timeout = aiohttp.ClientTimeout(total=cfg.timeout)

@@ -1,4 +1,5 @@
-"""The console's web app: pages, their live parts (server-sent events), its small JSON API and the playground's relay."""
+"""The console's web app: pages, their live parts (server-sent events), its small JSON API and the playground's
+relay."""
 from __future__ import annotations
 
 import asyncio
@@ -6,10 +7,10 @@ import contextlib
 import logging
 import secrets
 import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import AsyncIterator, Callable
 from urllib.parse import quote
 
 import aiohttp
@@ -142,26 +143,26 @@ def create_app(settings: Settings) -> FastAPI:
         return RedirectResponse(f"/login?next={quote(request.url.path)}", status_code=303)
 
     def page(request: Request, template: str, user: str, **context) -> HTMLResponse:
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         return templates.TemplateResponse(request, template, {
             "user": user, "auth": console.auth.mode, "problems": console.problems(), "now": now, **context})
 
     def render(template: str, **context) -> str:
-        return templates.get_template(template).render(now=datetime.now(timezone.utc), problems=console.problems(),
+        return templates.get_template(template).render(now=datetime.now(UTC), problems=console.problems(),
                                                        **context)
 
     # ---------------------------------------------------------------- what each page shows, computed on demand
     def fleet_context() -> dict:
         export = console.gateway.export()
         rows = views.fleet_rows(console.cluster.all("modeldeployments"), console.gateway.limits, latest(export),
-                                datetime.now(timezone.utc))
+                                datetime.now(UTC))
         return {"rows": rows, "limits_known": console.gateway.limits is not None}
 
     def model_context(namespace: str, name: str) -> dict | None:
         md = console.md(namespace, name)
         if md is None:
             return None
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         pods = console.cluster.all("pods")
         served = ((md.get("spec") or {}).get("model") or {}).get("name")
         limits = console.gateway.limits
@@ -225,7 +226,8 @@ def create_app(settings: Settings) -> FastAPI:
             return RedirectResponse("/", status_code=303)
         try:
             body = await read_body(request, MAX_FORM_BYTES)
-            user = await console.auth.login(form_field(body, "credential"), request.client.host if request.client else "")
+            address = request.client.host if request.client else ""
+            user = await console.auth.login(form_field(body, "credential"), address)
         except (LoginRefused, TooLarge) as e:
             status = e.status if isinstance(e, LoginRefused) else 413
             message = str(e) if isinstance(e, LoginRefused) else "the form is too large"

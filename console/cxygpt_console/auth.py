@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import hmac
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Awaitable, Callable
 from urllib.parse import parse_qs
 
 from limits import RateLimitItemPerMinute

@@ -5,8 +5,8 @@ import asyncio
 import contextlib
 import logging
 import ssl
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import AsyncIterator
 
 import aiohttp
 import orjson
@@ -59,7 +59,8 @@ class ApiServer:
                     raise
                 config.load_incluster_config(client_configuration=self.configuration)
         except (config.ConfigException, OSError, TypeError) as e:
-            raise ValueError(f"no Kubernetes API (kubeconfig {kubeconfig or '$KUBECONFIG'} or in-cluster): {e}") from None
+            where = kubeconfig or "$KUBECONFIG"
+            raise ValueError(f"no Kubernetes API (kubeconfig {where} or in-cluster): {e}") from None
 
     @property
     def host(self) -> str:
@@ -151,7 +152,8 @@ class Cluster:
     def problems(self) -> list[str]:
         """What the pages should say about the cluster view: watches failing, objects left out."""
         out = [f"cannot read {kind}{' in ' + ns if ns else ''}: {error}" for (kind, ns), error in self.errors.items()]
-        out += [f"{n} {kind} left out (more than {self.kinds[kind].max_objects})" for kind, n in self.left_out.items() if n]
+        out += [f"{n} {kind} left out (more than {self.kinds[kind].max_objects})"
+                for kind, n in self.left_out.items() if n]
         return out
 
     async def start(self, session: aiohttp.ClientSession, initial_sync_s: float = 10.0) -> None:
@@ -215,8 +217,8 @@ class Cluster:
             except Exception as e:  # the API server away, or refusing: keep what was known, say so, retry
                 self.errors[part] = str(e)[:300]
                 self.changes.bump()
-                log.warning("reading %s%s failed, retrying in %.0f s: %s", kind, f" in {namespace}" if namespace else "",
-                            backoff, e)
+                log.warning("reading %s%s failed, retrying in %.0f s: %s", kind,
+                            f" in {namespace}" if namespace else "", backoff, e)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF_S)
 

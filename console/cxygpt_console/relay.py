@@ -1,8 +1,8 @@
 """The playground's way to the gateway (the browser's own key, streamed through unchanged) and its token counter."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import aiohttp
 import orjson
@@ -158,7 +158,8 @@ class GatewayRelay:
             self.streams -= 1
         return Relayed(upstream, done)
 
-    async def count_tokens(self, request: Request, mds: list[dict], slices: list[dict], limits: dict | None) -> Response:
+    async def count_tokens(self, request: Request, mds: list[dict], slices: list[dict],
+                           limits: dict | None) -> Response:
         """The input's tokens as the model's engine counts them (its /tokenize, as the gateway's 413 does), and the
         model's input limit."""
         if self.counting >= MAX_TOKENIZE:

@@ -1,4 +1,5 @@
-"""The fleet's charts from the gateways' /metrics: per-model rates and quantiles between scrapes, the last 15 minutes."""
+"""The fleet's charts from the gateways' /metrics: per-model rates and quantiles between scrapes, the last 15
+minutes."""
 from __future__ import annotations
 
 import math

@@ -10,7 +10,7 @@ import aiohttp
 import orjson
 
 from .kube import Changes, Cluster
-from .series import CHARTS, MAX_MODELS, WINDOW_S, SeriesStore, Scrape, parse_scrape
+from .series import CHARTS, MAX_MODELS, WINDOW_S, Scrape, SeriesStore, parse_scrape
 
 log = logging.getLogger("cxygpt.console.sources")
 READ_TIMEOUT_S = 3.0
@@ -54,7 +54,7 @@ class Gateway:
     scrapes /metrics of every gateway replica each round into the last 15 minutes of samples."""
 
     def __init__(self, url: str, cluster: Cluster, changes: Changes, interval_s: float, *,
-                 prometheus: "Prometheus | None" = None):
+                 prometheus: Prometheus | None = None):
         self.url, self.cluster, self.changes, self.interval_s = url.rstrip("/"), cluster, changes, interval_s
         self.prometheus = prometheus
         self.store = SeriesStore(interval_s)

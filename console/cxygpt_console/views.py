@@ -1,10 +1,11 @@
-"""What each page shows, from the cluster's objects and the gateway's view (pure: objects and `now` in, plain data out)."""
+"""What each page shows, from the cluster's objects and the gateway's view (pure: objects and `now` in, plain data
+out)."""
 from __future__ import annotations
 
 import re
 import shlex
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import yaml
 
@@ -39,7 +40,7 @@ def parse_time(value: str | None) -> datetime | None:
         parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
         return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 def ago(value: str | None, now: datetime) -> str:
@@ -95,7 +96,8 @@ def _num(value) -> str:
 def limits_of(md: dict, gateway: dict | None) -> dict:
     """The limits in force: the gateway's (what it enforces) when it could be read, else the operator's status."""
     if gateway:
-        return {"max_input_tokens": gateway.get("max_input_tokens"), "max_output_tokens": gateway.get("max_output_tokens"),
+        return {"max_input_tokens": gateway.get("max_input_tokens"),
+                "max_output_tokens": gateway.get("max_output_tokens"),
                 "output_cap_now": gateway.get("output_cap_now"), "rate_qps": gateway.get("rate_qps"),
                 "rate_tpm": gateway.get("rate_tpm"), "queue_size": gateway.get("queue_size"),
                 "max_concurrency": gateway.get("max_concurrency"), "source": "gateway"}
@@ -294,7 +296,7 @@ def timeline_of(md: dict, events: list[dict], now: datetime, limit: int = 100) -
         entries.append(TimelineEntry(at, ago(at, now), e.get("type") or "Normal",
                                      "ModelDeployment" if about_model else f"Pod {involved.get('name')}",
                                      e.get("reason") or "", e.get("message") or "", int(e.get("count") or 1)))
-    entries.sort(key=lambda entry: parse_time(entry.at) or datetime.min.replace(tzinfo=timezone.utc), reverse=True)
+    entries.sort(key=lambda entry: parse_time(entry.at) or datetime.min.replace(tzinfo=UTC), reverse=True)
     return entries[:limit]
 
 
@@ -368,7 +370,8 @@ def gpu_nodes(nodes: list[dict], mds: list[dict], pods: list[dict]) -> list[GpuN
         ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
         out.append(GpuNode(
             name=name, ready=ready, product=labels.get(GPU_PRODUCT_LABEL, "unknown"), memory_mib=memory,
-            count=_int(labels.get(GPU_COUNT_LABEL)) or _int(allocatable), allocatable=str(allocatable or "not advertised"),
+            count=_int(labels.get(GPU_COUNT_LABEL)) or _int(allocatable),
+            allocatable=str(allocatable or "not advertised"),
             running=sorted(running.items()),
             sized_for=sorted(f"{_key(md)[0]}/{_key(md)[1]}" for md in mds
                              if ((md.get("status") or {}).get("gpu") or {}).get("node") == name)))

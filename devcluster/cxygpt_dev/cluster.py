@@ -54,7 +54,7 @@ class Cluster:
             raise ControlPlaneError(f"kubectl {' '.join(args)}: {out.stderr.strip()}")
         return out.stdout
 
-    def start(self) -> "Cluster":
+    def start(self) -> Cluster:
         network.enter_private_network()
         self.root = Path(self.root)
         self.plane = ControlPlane(address=network.HOST_ADDRESS, root=self.root / "control-plane",

@@ -140,5 +140,5 @@ async def probe_once(probe: dict, container: dict, pod_ip: str, session: aiohttp
             code = await asyncio.wait_for(exec_in_pod(probe["exec"]["command"]), timeout)
             return code == 0, "" if code == 0 else f"command exited with {code}"
         return False, "probe handler not supported here (httpGet, tcpSocket and exec are)"
-    except (aiohttp.ClientError, OSError, asyncio.TimeoutError, ValueError) as e:
+    except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as e:
         return False, f"probe failed: {type(e).__name__}: {e}"

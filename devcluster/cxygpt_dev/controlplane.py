@@ -189,7 +189,7 @@ class ControlPlane:
 
     # --- running ----------------------------------------------------------------------------------------------------
 
-    def start(self, timeout: float = START_TIMEOUT_S) -> "ControlPlane":
+    def start(self, timeout: float = START_TIMEOUT_S) -> ControlPlane:
         began = time.monotonic()
         try:
             self._certificates()
@@ -246,7 +246,7 @@ class ControlPlane:
         if self.own_root:
             shutil.rmtree(self.root, ignore_errors=True)
 
-    def __enter__(self) -> "ControlPlane":
+    def __enter__(self) -> ControlPlane:
         return self.start()
 
     def __exit__(self, *exc) -> None:

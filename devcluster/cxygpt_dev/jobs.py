@@ -263,7 +263,7 @@ class Jobs:
                 remaining = None if deadline_at is None else max(deadline_at - time.monotonic(), 0)
                 code = await asyncio.wait_for(process.wait(), remaining)
                 outcome = "succeeded" if code == 0 else "failed"
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 await stop_group(process, 5)
                 code, outcome = process.returncode, "deadline"
             except asyncio.CancelledError:  # the Job was deleted: its pod's container is stopped

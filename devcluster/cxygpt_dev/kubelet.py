@@ -24,8 +24,8 @@ from aiohttp import web
 
 from . import network
 from .certs import Pair
-from .network import DEV_CLUSTER_MARK
 from .containers import Run, local_program, now, probe_once, requests_in_flight
+from .network import DEV_CLUSTER_MARK
 from .podvolumes import CannotStart, PodVolumes
 from .volumes import rewrite, rewrite_all
 from .watching import follow
@@ -127,7 +127,7 @@ class Container:
 class PodWorker:
     """One pod bound to this node, from its sandbox to its deletion."""
 
-    def __init__(self, kubelet: "Kubelet", pod: dict):
+    def __init__(self, kubelet: Kubelet, pod: dict):
         self.kubelet, self.pod = kubelet, pod
         self.uid = pod["metadata"]["uid"]
         self.key = f"{pod['metadata']['namespace']}/{pod['metadata']['name']}"
@@ -362,7 +362,7 @@ class PodWorker:
                                      f"{container.name} in pod {self.name}_{self.namespace}({self.uid})")
         try:
             await asyncio.wait_for(self.terminating.wait(), delay)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
 
     async def exec(self, argv: list[str]) -> int:
@@ -465,7 +465,7 @@ class PodWorker:
         hook = (container.spec.get("lifecycle") or {}).get("preStop") or {}
         try:
             await asyncio.wait_for(self._pre_stop(container, hook), max(0.0, deadline - time.monotonic()))
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
         await container.run.stop(max(2.0, deadline - time.monotonic()))
 
@@ -492,7 +492,7 @@ class PodWorker:
             async with self.kubelet.session.get(f"http://{self.sandbox.address}:{ports[0]}/metrics",
                                                 timeout=aiohttp.ClientTimeout(total=2)) as resp:
                 return resp.status == 200 and requests_in_flight(await resp.text()) == 0
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+        except (TimeoutError, aiohttp.ClientError, ValueError):
             return False
 
     async def _release(self) -> None:

@@ -134,7 +134,7 @@ async def wait_http(session: aiohttp.ClientSession, url: str, what: str, compone
             async with session.get(url, timeout=aiohttp.ClientTimeout(total=2)) as resp:
                 if resp.status == 200:
                     return
-        except (aiohttp.ClientError, asyncio.TimeoutError):
+        except (TimeoutError, aiohttp.ClientError):
             pass
         await asyncio.sleep(0.1)
     raise SystemExit(f"cxygpt-dev: {what} did not answer at {url} within {timeout:.0f}s")

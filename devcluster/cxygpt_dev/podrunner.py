@@ -320,7 +320,7 @@ class PodRunner:
             try:
                 async with self.session.get(url, timeout=aiohttp.ClientTimeout(total=2)) as resp:
                     ready = resp.status == 200
-            except (aiohttp.ClientError, asyncio.TimeoutError):
+            except (TimeoutError, aiohttp.ClientError):
                 ready = False
             if ready != pod.ready:
                 pod.ready = ready
@@ -366,7 +366,7 @@ class PodRunner:
             async with self.session.get(f"http://127.0.0.1:{pod.port}/metrics",
                                         timeout=aiohttp.ClientTimeout(total=2)) as resp:
                 return resp.status == 200 and requests_in_flight(await resp.text()) == 0
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+        except (TimeoutError, aiohttp.ClientError, ValueError):
             return False
 
     async def _stop(self, workload: Workload, pod: Pod, grace_s: float = 10):

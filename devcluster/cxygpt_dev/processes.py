@@ -5,8 +5,7 @@ import asyncio
 import contextlib
 import os
 import signal
-from typing import Callable
-
+from collections.abc import Callable
 
 # what one forwarded line keeps of a longer one (the rest is counted, not kept)
 LINE_LIMIT = 16 * 1024
@@ -49,7 +48,7 @@ async def stop_group(process: asyncio.subprocess.Process | None, grace_s: float 
         os.killpg(process.pid, signal.SIGTERM)
     try:
         await asyncio.wait_for(process.wait(), grace_s)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
         await process.wait()

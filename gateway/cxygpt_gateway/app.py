@@ -9,13 +9,14 @@ import logging
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-from cxygpt_profiles import ProfileTable, load_table
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 from starlette.responses import HTMLResponse, Response
+
+from cxygpt_profiles import ProfileTable, load_table
 
 from .admission.auth import KeyStore
 from .admission.demand import sample_demand, sample_period
@@ -114,7 +115,8 @@ def create_app(settings: GatewaySettings, *, table: ProfileTable | None = None,
         try:
             table.get(settings.force_profile)
         except KeyError:
-            raise ValueError(f"FORCE_PROFILE={settings.force_profile!r} is not one of {', '.join(table.names)}") from None
+            raise ValueError(f"FORCE_PROFILE={settings.force_profile!r} is not one of "
+                             f"{', '.join(table.names)}") from None
     gw = build(settings, table, discovery)
 
     @asynccontextmanager

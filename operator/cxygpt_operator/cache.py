@@ -167,7 +167,8 @@ def _present(metadata: dict) -> dict:
 
 
 def build_claim(key: CacheKey, namespace: str, cache: CacheSpec, size: str, users: list[CacheUser]) -> dict:
-    spec = {"accessModes": [cache.access_mode], "volumeMode": "Filesystem", "resources": {"requests": {"storage": size}}}
+    spec = {"accessModes": [cache.access_mode], "volumeMode": "Filesystem",
+            "resources": {"requests": {"storage": size}}}
     if cache.storage_class:
         spec["storageClassName"] = cache.storage_class
     return {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
@@ -367,8 +368,8 @@ def cache_state(key: CacheKey, pvc: dict | None, job: dict | None, pods: list[di
     if pvc is None:
         return CacheState("Pending", "CreatingClaim", f"creating the claim {key.claim}")
     if (pvc.get("metadata") or {}).get("deletionTimestamp"):
-        return CacheState("Pending", "ClaimDeleting", f"claim {key.claim} is being deleted (its engines still mount it);"
-                          " a new one is made and filled once it is gone")
+        return CacheState("Pending", "ClaimDeleting", f"claim {key.claim} is being deleted (its engines still mount "
+                          "it); a new one is made and filled once it is gone")
     if job is not None and not fills(job, pvc):
         return CacheState("Pending", "ReplacingJob", f"claim {key.claim} was made again: the download Job of the "
                           "claim before it is replaced, to fill this one")

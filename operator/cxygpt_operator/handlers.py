@@ -105,7 +105,8 @@ def configure(settings: kopf.OperatorSettings, **_):
     # kopf's bookkeeping lives under our API group, not kopf.zalando.org
     settings.persistence.finalizer = f"{GROUP}/finalizer"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP, key="last-handled-configuration")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP,
+                                                                            key="last-handled-configuration")
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
 

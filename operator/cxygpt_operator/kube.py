@@ -171,4 +171,5 @@ class Kube:
 
     def list_endpoint_slices(self, namespace: str, service: str) -> list[dict]:
         return _raw(self.discovery.list_namespaced_endpoint_slice(
-            namespace, label_selector=f"kubernetes.io/service-name={service}", _preload_content=False)).get("items") or []
+            namespace, label_selector=f"kubernetes.io/service-name={service}",
+            _preload_content=False)).get("items") or []

@@ -42,8 +42,7 @@ def emit(event: str, **fields) -> None:
 
 
 def _hub_failure(error: Exception, repo: str, revision: str) -> Failure:
-    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, RepositoryNotFoundError,
-                                        RevisionNotFoundError)
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
     if isinstance(error, GatedRepoError):  # a subclass of RepositoryNotFoundError
         return Failure("GatedRepo", f"{repo} is gated: accept its terms on the Hub and give a token of that account "
                        "(spec.model.cache.tokenSecretRef)", permanent=True)

@@ -24,7 +24,8 @@ def parse_args(argv):
     ap.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster, $KUBECONFIG or ~/.kube/config)")
     ap.add_argument("--liveness", default="http://0.0.0.0:8080/healthz",
                     help="liveness endpoint URL (default http://0.0.0.0:8080/healthz; 'off' disables)")
-    ap.add_argument("--metrics-port", type=int, default=8081, help="Prometheus /metrics port (default 8081; 0 disables)")
+    ap.add_argument("--metrics-port", type=int, default=8081,
+                    help="Prometheus /metrics port (default 8081; 0 disables)")
     ap.add_argument("--metrics-host", default="0.0.0.0", help="Prometheus listen address (default 0.0.0.0)")
     ap.add_argument("--priority", type=int, help="kopf peering priority: the highest live peer runs, others "
                     "stand by (default with --peering: random per start, so two replicas never tie and all pause)")
@@ -79,15 +80,14 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["KUBECONFIG"] = a.kubeconfig
 
     import kopf  # imported after the environment is settled
-
-    from .handlers import Shared  # importing registers the handlers
-    from .manifests import DEFAULT_LOADER_IMAGE, EngineImages
-    from .kube import Kube, api_client
-    from .autoscaling.demand import DemandReader
-    from .reconcile import Context
-    from .autoscaling.step import Scaler
-
     from prometheus_client import start_http_server
+
+    from .autoscaling.demand import DemandReader
+    from .autoscaling.step import Scaler
+    from .handlers import Shared  # importing registers the handlers
+    from .kube import Kube, api_client
+    from .manifests import DEFAULT_LOADER_IMAGE, EngineImages
+    from .reconcile import Context
 
     kube = Kube(api_client(a.kubeconfig))
     list_slices = (lambda: kube.list_endpoint_slices(*gateway_service)) if gateway_service else None

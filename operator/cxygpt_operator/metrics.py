@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
-from .status import FAILURE_REASONS
 from .cache import PHASES as CACHE_PHASES
+from .status import FAILURE_REASONS
 
 RESULTS = ("ok", "waiting", "failed", "error")
 PHASES = ("Pending", "Starting", "PartiallyReady", "Ready", "ScaledToZero", "Failed")
@@ -43,10 +43,12 @@ class OperatorMetrics:
         for reason in FAILURE_REASONS:
             self.failures.labels(reason)
         self.duration = Histogram("cxygpt_operator_reconcile_duration_seconds", "Time of one reconcile",
-                                  buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=self.registry)
+                                  buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+                                  registry=self.registry)
         self.time_to_ready = Histogram("cxygpt_operator_time_to_ready_seconds",
                                        "From ModelDeployment creation to its first Ready",
-                                       buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600), registry=self.registry)
+                                       buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600),
+                                       registry=self.registry)
         self.registry.register(self)
 
     def collect(self):

@@ -3,25 +3,52 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-import logging
-from dataclasses import dataclass
-
 import json
-from dataclasses import field
+import logging
+from dataclasses import dataclass, field
 
 from kubernetes.client.rest import ApiException
 
 from cxygpt_profiles import GpuNode, ModelCatalog, NoFit, ProfileTable, Selection
 
 from .autoscaling.policy import AUTOSCALING_STATUS
-from .manifests import (CONFIG_HASH, EngineImages, Owner, build_cache_job, build_deployment, build_network_policy,
-                        build_service, claims_of, engine_cache, selector_labels)
-from .status import build_failed_status, build_status
-from .cache import (CACHE_LABEL, CONTAINER, RETAIN_ANNOTATION, REVISION_ANNOTATION, SOURCE_ANNOTATION,
-                    STATE_ANNOTATION, USERS_ANNOTATION, CacheKey, CacheState, CacheUser, build_claim, cache_key,
-                    cache_state, claim_metadata, default_size, fills, metadata_differs, progress_from_log, record, recorded)
+from .cache import (
+    CACHE_LABEL,
+    CONTAINER,
+    RETAIN_ANNOTATION,
+    REVISION_ANNOTATION,
+    SOURCE_ANNOTATION,
+    STATE_ANNOTATION,
+    USERS_ANNOTATION,
+    CacheKey,
+    CacheState,
+    CacheUser,
+    build_claim,
+    cache_key,
+    cache_state,
+    claim_metadata,
+    default_size,
+    fills,
+    metadata_differs,
+    progress_from_log,
+    record,
+    recorded,
+)
 from .kube import Kube
+from .manifests import (
+    CONFIG_HASH,
+    EngineImages,
+    Owner,
+    build_cache_job,
+    build_deployment,
+    build_network_policy,
+    build_service,
+    claims_of,
+    engine_cache,
+    selector_labels,
+)
 from .resolve import NameClaim, SpecError, name_claim, name_owner, parse_spec, resolve, schedulable_replicas
+from .status import build_failed_status, build_status
 
 # Pending models are re-evaluated on every node change; this slow retry is only a safety net.
 PENDING_RETRY_S = 600
@@ -154,7 +181,8 @@ async def _cache(ctx: Context, owner: Owner, spec, sel: Selection, users: list[C
         return None
     ns = owner.namespace
     size = spec.cache.size or default_size(sel.fit.weights_mib if sel.fit else None, ctx.table.cache)
-    everyone = sorted({u for u in users if u.name != owner.name} | {CacheUser(owner.name, owner.uid, spec.cache.retain)})
+    me = CacheUser(owner.name, owner.uid, spec.cache.retain)
+    everyone = sorted({u for u in users if u.name != owner.name} | {me})
     metadata = claim_metadata(key, everyone)
     pvc = await asyncio.to_thread(ctx.kube.get_claim, ns, key.claim)
     if pvc is None:
@@ -283,7 +311,8 @@ async def reconcile(body: dict, nodes: list[GpuNode], ctx: Context, logger: logg
     reads = {"Deployment": ctx.kube.get_deployment, "Service": ctx.kube.get_service,
              "NetworkPolicy": ctx.kube.get_network_policy}
     current = {kind: await asyncio.to_thread(read, owner.namespace, owner.name) for kind, read in reads.items()}
-    if not ctx.network_policy and current["NetworkPolicy"] is not None and not _owned_by(current["NetworkPolicy"], owner):
+    policy = current["NetworkPolicy"]
+    if not ctx.network_policy and policy is not None and not _owned_by(policy, owner):
         current["NetworkPolicy"] = None  # someone else's, and we make none: not ours to judge
     for obj in current.values():
         if obj is not None and not _owned_by(obj, owner):

@@ -4,12 +4,21 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from cxygpt_profiles import (AUTO, GpuNode, ModelCatalog, ModelFacts, NoFit, Profile, ProfileTable, Selection,
-                             select_profile)
+from cxygpt_profiles import (
+    AUTO,
+    GpuNode,
+    ModelCatalog,
+    ModelFacts,
+    NoFit,
+    Profile,
+    ProfileTable,
+    Selection,
+    select_profile,
+)
 from cxygpt_profiles.select import node_matches
 
-from .cache import CacheSpec, hf_source, parse_cache
 from .autoscaling.policy import AutoscalingSpec, parse_autoscaling
+from .cache import CacheSpec, hf_source, parse_cache
 
 # spec.model.facts (camelCase, as in the CRD) → ModelFacts fields
 MAX_REPLICAS = 64  # the CRD's maximum, repeated for specs applied without the schema
@@ -312,5 +321,6 @@ def name_claim(md: dict, now: str) -> dict:
     return {"name": served, "since": now if since == UNCONFIRMED else since}
 
 
-__all__ = ["ModelSpec", "NameClaim", "claimed_since", "name_claim", "NoFit", "SpecError", "effective_table", "engine_overrides", "model_facts",
-           "name_owner", "parse_spec", "refused_arg", "refused_env", "resolve", "schedulable_replicas"]
+__all__ = ["ModelSpec", "NameClaim", "claimed_since", "name_claim", "NoFit", "SpecError", "effective_table",
+           "engine_overrides", "model_facts", "name_owner", "parse_spec", "refused_arg", "refused_env", "resolve",
+           "schedulable_replicas"]

@@ -10,11 +10,13 @@ from .manifests import Owner, selector_labels
 from .resolve import ModelSpec
 
 
-def _condition(type_: str, ok: bool, reason: str, message: str, generation: int, previous: list[dict], now: str) -> dict:
+def _condition(type_: str, ok: bool, reason: str, message: str, generation: int, previous: list[dict],
+               now: str) -> dict:
     status = "True" if ok else "False"
     before = next((c for c in previous if c.get("type") == type_), None)
     # lastTransitionTime moves only when the status flips (Kubernetes API conventions)
-    since = before["lastTransitionTime"] if before and before.get("status") == status and before.get("lastTransitionTime") else now
+    same = before and before.get("status") == status and before.get("lastTransitionTime")
+    since = before["lastTransitionTime"] if same else now
     return {"type": type_, "status": status, "reason": reason, "message": message,
             "observedGeneration": generation, "lastTransitionTime": since}
 
@@ -75,7 +77,8 @@ def pod_failure(pod: dict) -> tuple[str, str] | None:
 def pod_unscheduled(pod: dict) -> str | None:
     """The scheduler's reason when it found no node for the pod (its PodScheduled condition), else None."""
     for cond in (pod.get("status") or {}).get("conditions") or []:
-        if cond.get("type") == "PodScheduled" and cond.get("status") == "False" and cond.get("reason") == "Unschedulable":
+        unscheduled = cond.get("status") == "False" and cond.get("reason") == "Unschedulable"
+        if cond.get("type") == "PodScheduled" and unscheduled:
             return f"pod {pod.get('metadata', {}).get('name', '')}: {cond.get('message') or 'no node fits'}"
     return None
 

@@ -328,8 +328,8 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str] | None = None) -> t
     if profile not in profiles:
         raise ConfigError(f"{ENV['speed_profile']}={profile!r}: choose one of {', '.join(profiles)}")
     # a GPU profile's memory unless told otherwise: the KV budget of the GPU whose speed it has
-    gpu_memory_mib = (knob("gpu_memory_mib", a.sim_gpu_memory_mib, _positive(int))
-                      or (DEFAULT_GPU_MEMORY_MIB if profile in TEST_PROFILES else default_gpus().gpus[profile].memory_mib))
+    profile_memory = DEFAULT_GPU_MEMORY_MIB if profile in TEST_PROFILES else default_gpus().gpus[profile].memory_mib
+    gpu_memory_mib = knob("gpu_memory_mib", a.sim_gpu_memory_mib, _positive(int)) or profile_memory
     budget = kv_budget(
         model=model, served_name=served[0], max_model_len=a.max_model_len, dtype=a.dtype,
         quantization=a.quantization, kv_cache_dtype=a.kv_cache_dtype,

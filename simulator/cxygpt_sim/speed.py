@@ -35,7 +35,7 @@ class Speed:
         return ms / 1000
 
     def with_overrides(self, *, ttft_ms=None, itl_ms=None, prefill_ms_per_1k=None, itl_batch_slope=None,
-                       context_ms_per_1k=None, jitter=None) -> "Speed":
+                       context_ms_per_1k=None, jitter=None) -> Speed:
         """Some knobs replaced; prefill follows --ttft-ms and context follows --itl-ms unless set, so
         --ttft-ms 0 --itl-ms 0 is instant."""
         if prefill_ms_per_1k is None and ttft_ms is not None:

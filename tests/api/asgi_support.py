@@ -5,10 +5,10 @@ import contextlib
 
 import httpx
 from aiohttp import web
-from harness import free_port
 
 from cxygpt_gateway.app import create_app
 from cxygpt_gateway.settings import GatewaySettings
+from harness import free_port
 
 
 @contextlib.asynccontextmanager

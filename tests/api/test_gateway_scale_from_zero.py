@@ -10,11 +10,11 @@ import httpx
 import pytest
 from aiohttp import web
 from asgi_support import upstream_serving
-from cxygpt_profiles import default_table
 
 from cxygpt_gateway.app import create_app
 from cxygpt_gateway.discovery.base import ModelSpec, ScaleTarget, Unavailable
 from cxygpt_gateway.settings import GatewaySettings
+from cxygpt_profiles import default_table
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 ASLEEP = Unavailable("model m is scaled to zero for want of requests; a request starts it", retry_after_s=30)

@@ -269,6 +269,7 @@ def test_deleting_a_model_under_load_finishes_the_streams_in_flight(dev):
 
 def metric_value(dev: Dev, name: str, model: str) -> float:
     import re
+
     import httpx
     for line in httpx.get(dev.gateway + "/metrics", timeout=5).text.splitlines():
         if re.match(rf'^{name}\{{.*model="{model}".*\}} ', line):

@@ -12,10 +12,10 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from test_devcluster import Dev as DevCluster
 
 from cxygpt_dev.hub import make_repo
 from harness import wait_until
-from test_devcluster import Dev as DevCluster
 
 pytestmark = pytest.mark.timeout(240)
 MIB = 2**20

@@ -5,8 +5,9 @@ import json
 import subprocess
 
 import pytest
+from test_gateway_support import start_sim
+
 from harness import console_script
-from test_gateway_support import start_gateway, start_sim
 
 
 @pytest.fixture(scope="module")

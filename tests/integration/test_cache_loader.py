@@ -53,7 +53,7 @@ def test_a_download_is_pinned_verified_and_recorded(hub, tmp_path):
     sha = lines[0]["revision"]
     assert len(sha) == 40 and lines[0]["requestedRevision"] == "main"
     assert result == {"revision": sha, "bytes": lines[0]["bytesTotal"], "files": 5}
-    assert [l for l in lines if l["event"] == "progress"][-1]["bytesDone"] == result["bytes"]
+    assert [line for line in lines if line["event"] == "progress"][-1]["bytesDone"] == result["bytes"]
     files = sorted(p.name for p in (tmp_path / "claim/test/tiny").iterdir() if p.is_file())
     assert files == ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
                      "tokenizer_config.json"]

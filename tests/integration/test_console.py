@@ -12,11 +12,10 @@ import time
 import httpx
 import pytest
 import yaml
+from test_gateway_support import start_gateway, start_sim
 
 from cxygpt_dev.kubeapi import write_kubeconfig
 from harness import REPO, ServerProcess, console_script, free_port, wait_until
-from test_console_rbac import sse_events
-from test_gateway_support import start_gateway, start_sim
 
 KEY, SLOW_KEY = "sk-console-gold", "sk-console-slow"
 TOKEN = "console-token-for-tests"

@@ -12,11 +12,11 @@ import json
 
 import httpx
 import pytest
+from test_helm_install import Install, local_args
+from test_helm_rbac import RecordingProxy, allowed, attributes, rule_allows, rules_for
 
 from cxygpt_dev.kubeapi import write_kubeconfig
 from harness import ServerProcess, console_script, free_port, wait_until
-from test_helm_install import Install, local_args
-from test_helm_rbac import RecordingProxy, allowed, attributes, rules_for, rule_allows
 
 RELEASE, NAMESPACE = "cxygpt", "cxygpt"
 SERVED = "rbac-model"

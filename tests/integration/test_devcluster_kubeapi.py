@@ -9,7 +9,6 @@ import pytest
 import yaml
 
 from cxygpt_gateway.discovery.kubernetes import WAKE_PATCH
-
 from harness import REPO, console_script
 
 pytestmark = pytest.mark.timeout(120)

@@ -14,8 +14,9 @@ import time
 import httpx
 import openai
 import pytest
-from harness import ServerProcess, free_port, wait_until
 from test_gateway_support import metric, start_gateway, start_sim
+
+from harness import ServerProcess, free_port, wait_until
 
 # an upstream whose /tokenize is slow and counts how many calls it holds at once
 COUNTING_UPSTREAM = textwrap.dedent('''

@@ -5,9 +5,10 @@ from __future__ import annotations
 import time
 
 import httpx
-from cxygpt_profiles import default_table
 from kubernetes import client
 from test_gateway_support import start_gateway, start_sim, wait_until
+
+from cxygpt_profiles import default_table
 
 GROUP, VERSION, PLURAL = "cxygpt.io", "v1alpha1", "modeldeployments"
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}

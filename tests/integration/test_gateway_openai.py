@@ -7,8 +7,16 @@ import time
 import httpx
 import openai
 import pytest
-from test_gateway_support import (API_KEY, OTHER_KEY, metric, promtool_check, start_gateway, start_sim, wait_until,
-                                  write_keys)
+from test_gateway_support import (
+    API_KEY,
+    OTHER_KEY,
+    metric,
+    promtool_check,
+    start_gateway,
+    start_sim,
+    wait_until,
+    write_keys,
+)
 
 MESSAGES = [{"role": "user", "content": "Say hello"}]
 LONG = [{"role": "user", "content": "tell me a long story about a lighthouse keeper " * 20}]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import httpx
 import yaml
+
 from harness import ServerProcess, console_script, free_port, wait_until
 
 API_KEY = "sk-cxygpt-test"

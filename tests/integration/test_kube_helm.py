@@ -146,7 +146,8 @@ def scenario_steps(cluster: Cluster, hub: str, kube: Kubectl, scenario: str) -> 
     for n, namespace in enumerate(namespaces):
         kube.apply(sim_model("small", f"small-{n}", namespace))
     for namespace in namespaces:
-        wait_until(lambda: phase(kube, "small", namespace).get("phase") == "Ready", timeout=90, interval=0.5,
+        wait_until(lambda namespace=namespace: phase(kube, "small", namespace).get("phase") == "Ready", timeout=90,
+                   interval=0.5,
                    what=f"the model in {namespace} Ready")
     wait_until(lambda: {f"small-{n}" for n in range(len(namespaces))} <= set(served(gateway)), timeout=30,
                what="the gateway serving every namespace's model")

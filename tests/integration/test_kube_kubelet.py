@@ -123,9 +123,10 @@ def test_a_job_fails_at_once_on_an_exit_code_its_pod_failure_policy_names(kube):
 
 def test_the_nodes_stay_ready_with_their_leases_renewed(cluster):
     kube = Kubectl(cluster.kubeconfig, "kube-node-lease")
-    leases = {l["metadata"]["name"]: l["spec"]["renewTime"] for l in kube.items("leases")}
+    leases = {lease["metadata"]["name"]: lease["spec"]["renewTime"] for lease in kube.items("leases")}
     assert set(leases) >= {n.name for n in cluster.nodes}
-    kube.wait_for(lambda: all(l["spec"]["renewTime"] != leases[l["metadata"]["name"]] for l in kube.items("leases")
-                              if l["metadata"]["name"] in leases), "every lease renewed", timeout=30)
+    kube.wait_for(lambda: all(lease["spec"]["renewTime"] != leases[lease["metadata"]["name"]]
+                              for lease in kube.items("leases") if lease["metadata"]["name"] in leases),
+                  "every lease renewed", timeout=30)
     gpus = {n["metadata"]["name"]: n["status"]["allocatable"].get("nvidia.com/gpu") for n in kube.items("nodes")}
     assert gpus == {"cxygpt-worker": "1", "cxygpt-worker2": "1", "cxygpt-worker3": "2"}

@@ -10,11 +10,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import orjson
 import pytest
+from test_operator import Cluster, md
 
 from cxygpt_gateway.discovery.kubernetes import WAKE_PATCH
-
 from harness import free_port, wait_until
-from test_operator import Cluster, md
 
 pytestmark = pytest.mark.timeout(120)
 INTERVAL = "0.3"

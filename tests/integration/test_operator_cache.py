@@ -8,11 +8,11 @@ import sys
 import httpx
 import pytest
 from kubernetes import client
+from test_operator import Cluster, md
 
 from conftest import KubeApi
 from cxygpt_dev.kubeapi import write_kubeconfig
 from harness import REPO, ServerProcess, free_port, wait_until
-from test_operator import Cluster, md
 
 STANDARD = {"apiVersion": "storage.k8s.io/v1", "kind": "StorageClass",
             "metadata": {"name": "standard", "annotations": {"storageclass.kubernetes.io/is-default-class": "true"}},

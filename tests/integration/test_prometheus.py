@@ -11,11 +11,12 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from conftest import start_kube_api
-from harness import REPO, ServerProcess, console_script, free_port, wait_until
 from kubernetes import client
 from prometheus_client.parser import text_string_to_metric_families
 from test_gateway_support import start_gateway, start_sim
+
+from conftest import start_kube_api
+from harness import REPO, ServerProcess, console_script, free_port, wait_until
 
 PROMETHEUS = shutil.which("prometheus")
 RULES = REPO / "deploy" / "prometheus" / "cxygpt-rules.yaml"
@@ -246,7 +247,7 @@ def test_every_dashboard_query_is_accepted_by_prometheus(stack):
                  '{namespace=~"$namespace",model=~"$model"}[$__rate_interval])))',
                  'sum by (model_name) (rate(vllm:generation_tokens_total{model_name=~"$engine"}[$__rate_interval]))'):
         assert expr in [e for _, e in queries]
-        wait_until(lambda: prom.query(grafana_expanded(expr)), timeout=10, what=expr)
+        wait_until(lambda expr=expr: prom.query(grafana_expanded(expr)), timeout=10, what=expr)
 
 
 def test_every_metric_the_dashboard_and_rules_use_is_exported(stack):

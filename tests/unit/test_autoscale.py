@@ -4,8 +4,16 @@ import random
 
 import pytest
 
-from cxygpt_operator.autoscaling.policy import (Demand, History, Policy, decide, decision_status, history_from_status,
-                                       recommend, round_demand)
+from cxygpt_operator.autoscaling.policy import (
+    Demand,
+    History,
+    Policy,
+    decide,
+    decision_status,
+    history_from_status,
+    recommend,
+    round_demand,
+)
 
 T0 = 1_800_000_000.0  # an epoch time; the core never reads a clock
 TICK = 5.0

@@ -4,6 +4,7 @@ from __future__ import annotations
 import random
 
 import pytest
+
 from cxygpt_bench.load import Dist, prompt_of
 from cxygpt_bench.stats import Record, Report, percentile, render, summarize
 

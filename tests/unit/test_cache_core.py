@@ -9,12 +9,26 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cxygpt_operator.cache import (
+    CacheKey,
+    CacheState,
+    CacheUser,
+    build_claim,
+    cache_key,
+    cache_state,
+    claim_metadata,
+    default_size,
+    download_deadline_s,
+    fills,
+    metadata_differs,
+    owner_references,
+    progress_from_log,
+    quantity_bytes,
+    record,
+)
 from cxygpt_operator.manifests import EngineImages, Owner, build_cache_job, build_deployment, claims_of, engine_cache
-from cxygpt_operator.status import build_status
-from cxygpt_operator.cache import (CacheKey, download_deadline_s, fills, CacheState, CacheUser, build_claim, cache_key, cache_state,
-                                   claim_metadata, default_size, download_deadline_s, metadata_differs,
-                                   owner_references, progress_from_log, quantity_bytes, record)
 from cxygpt_operator.resolve import SpecError, parse_spec, resolve
+from cxygpt_operator.status import build_status
 from cxygpt_profiles import GpuNode, default_catalog, default_table
 
 TABLE, CATALOG = default_table(), default_catalog()

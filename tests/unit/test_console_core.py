@@ -1,7 +1,7 @@
 """The console's pure parts: the charts' arithmetic, what the pages say about objects, log lines, sign-in rules."""
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 
@@ -11,7 +11,7 @@ from cxygpt_console.logs import MATCH_LINES, MAX_LINE_CHARS, after_overlap, show
 from cxygpt_console.relay import parse_tokenize, serving_model
 from cxygpt_console.series import SeriesStore, intervals, latest, parse_scrape, quantile
 
-NOW = datetime(2026, 12, 1, 12, 0, 0, tzinfo=timezone.utc)
+NOW = datetime(2026, 12, 1, 12, 0, 0, tzinfo=UTC)
 
 
 def exposition(requests: float, tokens: float, queue: float, buckets: dict[str, float], model="m") -> str:

@@ -4,8 +4,6 @@ import ast
 import importlib.metadata
 import re
 import sys
-from pathlib import Path
-
 import tomllib
 
 from test_sim_image import ROOT, picked

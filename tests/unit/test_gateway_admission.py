@@ -6,20 +6,19 @@ import hashlib
 
 import orjson
 import pytest
-from cxygpt_profiles import default_table
-from cxygpt_profiles.table import DegradeThresholds
 
-from cxygpt_gateway.admission.auth import KeyStore, KeysFile
+from cxygpt_gateway.admission.auth import KeysFile, KeyStore
 from cxygpt_gateway.admission.degrade import MAX_SAMPLES, DegradeMonitor
 from cxygpt_gateway.admission.policy import effective
 from cxygpt_gateway.admission.queue import ModelQueue
 from cxygpt_gateway.admission.ratelimit import LocalWindows, Rate, RateLimiter, Scope, Window, request_window
-from cxygpt_gateway.admission.request import (cannot_exceed, decode, echo, estimate_tokens,
-                                             token_id_count, validate)
+from cxygpt_gateway.admission.request import cannot_exceed, decode, echo, estimate_tokens, token_id_count, validate
 from cxygpt_gateway.discovery.static import spec_from_config
 from cxygpt_gateway.errors import GatewayError
 from cxygpt_gateway.settings import ModelConfig
 from cxygpt_gateway.upstream.relay import scan_stream
+from cxygpt_profiles import default_table
+from cxygpt_profiles.table import DegradeThresholds
 
 
 class FakeClock:
@@ -458,7 +457,7 @@ def test_degrades_when_a_share_of_arrivals_is_shed_for_the_hold_time(clock):
 
 def test_a_few_refusals_among_many_arrivals_do_not_degrade(clock):
     m = monitor(clock, [])
-    for second in range(30):
+    for _second in range(30):
         for i in range(10):
             m.observe_arrival(shed=(i < 2))  # 20 % shed, under 25 %
         assert m.update() is False
@@ -526,10 +525,9 @@ def test_stream_scan_takes_the_last_usage_and_passes_over_null_usage():
 
 
 def test_the_shipped_examples_load(monkeypatch):
-    from harness import REPO
-
     from cxygpt_gateway.app import create_app
     from cxygpt_gateway.settings import load_settings
+    from harness import REPO
     monkeypatch.setenv("CLOUD_API_KEY", "sk-test")
     settings = load_settings(REPO / "gateway" / "examples" / "gateway.yaml")
     assert settings.keys_file.endswith("keys.yaml") and settings.auto_degrade

@@ -1,11 +1,15 @@
 """Kubernetes discovery's pure part: ready endpoints, name ownership across namespaces, and why a model has none."""
 from __future__ import annotations
 
-from cxygpt_profiles import default_table
-
 from cxygpt_gateway.discovery.base import ModelSpec, Unavailable
-from cxygpt_gateway.discovery.kubernetes import (desired_routes, name_owners, ready_endpoint_count, ready_endpoint_urls,
-                                                 why_unavailable)
+from cxygpt_gateway.discovery.kubernetes import (
+    desired_routes,
+    name_owners,
+    ready_endpoint_count,
+    ready_endpoint_urls,
+    why_unavailable,
+)
+from cxygpt_profiles import default_table
 
 
 def modeldeployment(name="qwen3-14b", phase="Ready", namespace="llm", *, served=None, created="2026-12-01T10:00:00Z",

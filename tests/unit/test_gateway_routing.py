@@ -6,10 +6,10 @@ import random
 import pytest
 
 from cxygpt_gateway.admission.queue import MAX_PASSES, Backend, ModelQueue
-from cxygpt_gateway.upstream.engine_metrics import EngineLoad, engine_load
 from cxygpt_gateway.routing.keys import KEY_CHARS, PROMPT_KEY_CHARS, request_key
 from cxygpt_gateway.routing.policies import Router, Routing, load_bound, order, resolve
 from cxygpt_gateway.routing.ring import Ring
+from cxygpt_gateway.upstream.engine_metrics import EngineLoad, engine_load
 
 PREFIX = Routing("prefix", 0.25)
 LEAST = Routing("least-load")
@@ -480,11 +480,10 @@ def test_a_page_without_the_engines_load_says_nothing(page):
 # ---- configuration --------------------------------------------------------------------------------------------
 
 def test_a_models_routing_comes_from_its_entry_then_the_top_level_then_its_mode(tmp_path):
-    from cxygpt_profiles import default_table
-
     from cxygpt_gateway.discovery.static import StaticDiscovery
     from cxygpt_gateway.routing.registry import Registry
     from cxygpt_gateway.settings import load_settings
+    from cxygpt_profiles import default_table
     config = tmp_path / "gateway.yaml"
     config.write_text("""
 routing: {epsilon: 0.5}

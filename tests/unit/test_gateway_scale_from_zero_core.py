@@ -5,16 +5,16 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from cxygpt_profiles import default_table
+from test_gateway_discovery import endpointslice, modeldeployment
 
-from cxygpt_gateway.admission.queue import ModelQueue
 from cxygpt_gateway.admission.demand import ARRIVAL_FLOOR, DemandWindow, sample_period
+from cxygpt_gateway.admission.queue import ModelQueue
 from cxygpt_gateway.discovery.base import ModelSpec, ScaleTarget, Unavailable
 from cxygpt_gateway.discovery.kubernetes import spec_from_modeldeployment, why_unavailable
+from cxygpt_gateway.discovery.wake import REPEAT_S, Waker
 from cxygpt_gateway.errors import GatewayError
 from cxygpt_gateway.routing.registry import Registry
-from cxygpt_gateway.discovery.wake import REPEAT_S, Waker
-from test_gateway_discovery import endpointslice, modeldeployment
+from cxygpt_profiles import default_table
 
 LIMITS = default_table().get("DEV_32G").limits
 

@@ -49,7 +49,7 @@ def template_args(values: Path | None = None, *extra: str, chart: Path = CHART) 
             *(["-f", str(values)] if values else []), *extra]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def rendered_text(scenario: str, *extra: str) -> str:
     return helm(*template_args(SCENARIOS[scenario], *extra)).stdout
 

@@ -5,9 +5,9 @@ import re
 
 import pytest
 import yaml
+from test_helm_chart import CHART, RELEASE, find, helm, one, render
 
 from harness import REPO
-from test_helm_chart import CHART, RELEASE, find, helm, one, render
 
 README = (REPO / "README.md").read_text()
 SECTION = README.split("\n## Helm\n", 1)[1]

@@ -14,8 +14,8 @@ import yaml
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from cxygpt_gateway.admission.queue import ModelQueue
 from cxygpt_gateway.admission.demand import DemandWindow
+from cxygpt_gateway.admission.queue import ModelQueue
 from cxygpt_gateway.metrics import GatewayMetrics
 from cxygpt_operator import logs as operator_logs
 from cxygpt_operator.main import parse_args

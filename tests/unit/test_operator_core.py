@@ -8,12 +8,27 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cxygpt_operator.manifests import CONFIG_HASH, EngineImages, Owner, build_deployment, build_network_policy, build_service
-from cxygpt_operator.status import build_failed_status, build_status, failure_of
+from cxygpt_operator.manifests import (
+    CONFIG_HASH,
+    EngineImages,
+    Owner,
+    build_deployment,
+    build_network_policy,
+    build_service,
+)
 from cxygpt_operator.nodes import gpu_node
 from cxygpt_operator.reconcile import status_patch
-from cxygpt_operator.resolve import (NameClaim, SpecError, engine_overrides, model_facts, name_owner, parse_spec,
-                                     resolve, schedulable_replicas)
+from cxygpt_operator.resolve import (
+    NameClaim,
+    SpecError,
+    engine_overrides,
+    model_facts,
+    name_owner,
+    parse_spec,
+    resolve,
+    schedulable_replicas,
+)
+from cxygpt_operator.status import build_failed_status, build_status, failure_of
 from cxygpt_profiles import GpuNode, NoFit, default_catalog, default_table
 
 TABLE, CATALOG = default_table(), default_catalog()
@@ -495,6 +510,7 @@ class _RejectingKube:
 def test_a_rejected_deployment_fails_with_the_api_servers_message():
     import asyncio
     import logging
+
     from cxygpt_operator.reconcile import CannotRun, Context, reconcile
     kube = _RejectingKube()
     body = {"metadata": {"name": OWNER.name, "namespace": OWNER.namespace, "uid": OWNER.uid, "generation": 1},
@@ -520,7 +536,9 @@ def test_a_wake_up_before_the_event_of_our_own_status_write_writes_nothing_again
     on the older one moved every condition's lastTransitionTime and wrote the status again (seen in CI)."""
     import asyncio
     from types import SimpleNamespace
-    from cxygpt_operator import handlers, reconcile as reconcile_module
+
+    from cxygpt_operator import handlers
+    from cxygpt_operator import reconcile as reconcile_module
     from cxygpt_operator.reconcile import Context
     kube, clock, runs = _AcceptingKube(), ["2026-12-01T10:00:00Z"], []
     monkeypatch.setattr(reconcile_module, "_now", lambda: clock[0])

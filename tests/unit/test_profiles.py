@@ -4,8 +4,16 @@ import copy
 import pytest
 import yaml
 
-from cxygpt_profiles import (GpuNode, NoFit, ProfileTableError, default_catalog, default_table, estimate_fit,
-                             load_table, select_profile)
+from cxygpt_profiles import (
+    GpuNode,
+    NoFit,
+    ProfileTableError,
+    default_catalog,
+    default_table,
+    estimate_fit,
+    load_table,
+    select_profile,
+)
 from cxygpt_profiles.table import DEFAULT_TABLE
 
 TABLE = default_table()

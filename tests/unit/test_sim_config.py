@@ -2,9 +2,9 @@
 import pytest
 
 from cxygpt_profiles import GpuNode, ProfileTableError, default_catalog, default_table, engine_args, select_profile
+from cxygpt_profiles.roofline import StepShape
 from cxygpt_sim import config as sim_config
 from cxygpt_sim.config import ConfigError, build_parser, parse_config, split_unknown
-from cxygpt_profiles.roofline import StepShape
 from cxygpt_sim.speed import GpuSpeed
 
 OPERATOR_ARGS = ["serve", "Qwen/Qwen3-14B", "--served-model-name", "qwen3-14b", "--host", "0.0.0.0", "--port", "8000",

@@ -1,10 +1,10 @@
 """Engine core with a fake clock: slots, KV blocks, waiting queue, preemption, cancel and the speed model."""
 import pytest
 
-from cxygpt_sim.engine import Capacity, Scheduler, Sequence
 from cxygpt_profiles import default_catalog, default_table
 from cxygpt_profiles.roofline import StepShape, Workload
 from cxygpt_profiles.speed import step_model
+from cxygpt_sim.engine import Capacity, Scheduler, Sequence
 from cxygpt_sim.speed import TEST_PROFILES, GpuSpeed, Speed, knob_base
 
 STEADY = Speed(ttft_ms=100, itl_ms=10, prefill_ms_per_1k=0, itl_batch_slope=0)

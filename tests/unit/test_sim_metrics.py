@@ -2,8 +2,8 @@
 from prometheus_client.parser import text_string_to_metric_families
 
 from cxygpt_sim.engine import Capacity, Scheduler, Sequence
-from cxygpt_sim.speed import Speed
 from cxygpt_sim.metrics import EngineMetrics
+from cxygpt_sim.speed import Speed
 
 SPEED = Speed(ttft_ms=100, itl_ms=10, prefill_ms_per_1k=0, itl_batch_slope=0)
 

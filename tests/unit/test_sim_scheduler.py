@@ -4,8 +4,8 @@ import random
 import pytest
 
 from cxygpt_sim.engine import Capacity, Scheduler, Sequence
-from cxygpt_sim.speed import Speed
 from cxygpt_sim.kvcache import KVCache, block_hashes
+from cxygpt_sim.speed import Speed
 
 STEADY = Speed(ttft_ms=100, itl_ms=10, prefill_ms_per_1k=0, itl_batch_slope=0)
 

@@ -12,8 +12,15 @@ from cxygpt_profiles import GpuNode, ProfileTableError, default_catalog, default
 from cxygpt_profiles.gpus import default_gpus
 from cxygpt_profiles.predict import check_table, gpus_of, predict_profile, profile_predictions, steady_state
 from cxygpt_profiles.roofline import StepShape, Workload, decode_step, floor_ms, prefill_step, step_bytes, step_flops
-from cxygpt_profiles.speed import (KV_LAYOUT, RooflineSpeed, SiliconSpeed, default_speeds, interpolate, load_speeds,
-                                   step_model)
+from cxygpt_profiles.speed import (
+    KV_LAYOUT,
+    RooflineSpeed,
+    SiliconSpeed,
+    default_speeds,
+    interpolate,
+    load_speeds,
+    step_model,
+)
 from cxygpt_sim.config import speed_profiles
 from cxygpt_sim.speed import TEST_PROFILES, GpuSpeed
 

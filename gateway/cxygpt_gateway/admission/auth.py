@@ -73,7 +73,7 @@ class KeyStore:
         self.anonymous = Caller(ANONYMOUS, keys.anonymous_tier, keys.tiers.get(keys.anonymous_tier, Tier()))
 
     @classmethod
-    def from_file(cls, path: str | None, *, allow_anonymous: bool | None = None) -> "KeyStore":
+    def from_file(cls, path: str | None, *, allow_anonymous: bool | None = None) -> KeyStore:
         if not path:
             return cls(None, allow_anonymous=allow_anonymous)
         try:

@@ -1,4 +1,5 @@
-"""Automatic degradation: enter when p95 TTFT, queue depth or the share shed stays high for a hold time; leave with hysteresis."""
+"""Automatic degradation: entered when p95 TTFT, queue depth or the share shed stays high for a hold time; left with
+hysteresis."""
 from __future__ import annotations
 
 import math
@@ -28,7 +29,8 @@ class DegradeMonitor:
     The shed share is the signal of an overload that admission control absorbs: rejecting the excess keeps the
     admitted requests' TTFT and the queue low, so neither of the other two signals sees it."""
 
-    def __init__(self, thresholds: DegradeThresholds, *, window_s: float = 30.0, clock: Callable[[], float] = time.monotonic,
+    def __init__(self, thresholds: DegradeThresholds, *, window_s: float = 30.0,
+                 clock: Callable[[], float] = time.monotonic,
                  on_change: Callable[[bool, str], None] = lambda degraded, why: None):
         self.thresholds, self.window_s, self.clock, self.on_change = thresholds, window_s, clock, on_change
         self.degraded = False

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 import orjson
+
 from ..errors import GatewayError
 from ..exchange.port import ClientLeft, Exchange, body_too_large
 from ..routing.keys import request_key
@@ -14,8 +15,21 @@ from ..routing.policies import load
 from ..routing.registry import Registry, no_ready_replica
 from .auth import Caller, KeyStore
 from .ratelimit import RateLimiter, Reservation, Scope
-from .request import (ESTIMATE_BYTES_PER_TOKEN, INPUT_PARAM, Kind, OpenAIRequest, cannot_exceed, decode, echo,
-                      estimate_tokens, model_name, prompt_bytes, token_id_count, tokenize_payloads, validate)
+from .request import (
+    ESTIMATE_BYTES_PER_TOKEN,
+    INPUT_PARAM,
+    Kind,
+    OpenAIRequest,
+    cannot_exceed,
+    decode,
+    echo,
+    estimate_tokens,
+    model_name,
+    prompt_bytes,
+    token_id_count,
+    tokenize_payloads,
+    validate,
+)
 
 if TYPE_CHECKING:
     from prometheus_client import Counter
@@ -31,7 +45,7 @@ class Tokenizer(Protocol):
 
 
 class Waker(Protocol):
-    def wake(self, model: str, target: "ScaleTarget | None") -> bool: ...
+    def wake(self, model: str, target: ScaleTarget | None) -> bool: ...
 
 
 @dataclass
@@ -39,15 +53,15 @@ class Admitted:
     """Everything the relay needs; it owns `slot` and must release it."""
     request_id: str
     caller: Caller
-    route: "ModelRoute"            # the model the client asked for
-    target: "ModelRoute"           # the model that serves it (a fallback when needed)
+    route: ModelRoute            # the model the client asked for
+    target: ModelRoute           # the model that serves it (a fallback when needed)
     req: OpenAIRequest
     upstream_body: bytes
     reservation: Reservation       # the tokens it holds in its budgets until it settles
     degraded: bool
     input_tokens: int | None       # None: certainly within the limit, not counted
     max_tokens: int
-    slot: "Slot"
+    slot: Slot
     arrived: float
 
 
@@ -65,7 +79,7 @@ def read_headers(headers: list[tuple[bytes, bytes]]) -> dict[bytes, str]:
     return found
 
 
-def _rate_scopes(route: "ModelRoute", target: "ModelRoute", caller: Caller) -> list[Scope]:
+def _rate_scopes(route: ModelRoute, target: ModelRoute, caller: Caller) -> list[Scope]:
     """The budgets a request is charged to: the model asked for, the model that does the work (a fallback's own
     limits hold for the traffic others send it) and the caller's key."""
     if target is route:  # nearly always: no list built for the rest
@@ -81,7 +95,7 @@ def not_relayable(error: orjson.JSONEncodeError) -> GatewayError:
                         code="invalid_request", reason="invalid_request")
 
 
-def _output_cap(target: "ModelRoute", caller: Caller, degraded: bool, requested: int | None) -> int:
+def _output_cap(target: ModelRoute, caller: Caller, degraded: bool, requested: int | None) -> int:
     """min(requested, the model's cap — the degraded one while degraded — and the tier's cap)."""
     cap = target.limits.degraded_max_output_tokens if degraded else target.limits.max_output_tokens
     if caller.tier.max_output_tokens:
@@ -89,8 +103,8 @@ def _output_cap(target: "ModelRoute", caller: Caller, degraded: bool, requested:
     return min(requested or cap, cap)
 
 
-async def _wait_in_line(ex: Exchange, target: "ModelRoute", priority: int, key: int | None,
-                        cold_start_s: float) -> "Slot":
+async def _wait_in_line(ex: Exchange, target: ModelRoute, priority: int, key: int | None,
+                        cold_start_s: float) -> Slot:
     """The next free slot, within the queue timeout (the cold-start timeout while the model has no replica that
     could ever free one: it is starting from zero); a client that leaves meanwhile leaves the line at once."""
     cold = not target.queue.routable()
@@ -117,7 +131,7 @@ async def _wait_in_line(ex: Exchange, target: "ModelRoute", priority: int, key: 
 SHED_REASONS = frozenset({"queue_full", "queue_timeout"})
 
 
-def _routing_key(target: "ModelRoute", req: OpenAIRequest, session: str | None) -> int | None:
+def _routing_key(target: ModelRoute, req: OpenAIRequest, session: str | None) -> int | None:
     """The request's place on the model's hash ring; none for a policy without one, or a single replica."""
     queue = target.queue
     if not queue.router.uses_key or len(queue.backends) < 2:
@@ -125,8 +139,8 @@ def _routing_key(target: "ModelRoute", req: OpenAIRequest, session: str | None) 
     return request_key(req.kind, req.body, session)
 
 
-async def _take_slot(ex: Exchange, target: "ModelRoute", priority: int, key: int | None,
-                     cold_start_s: float) -> "Slot":
+async def _take_slot(ex: Exchange, target: ModelRoute, priority: int, key: int | None,
+                     cold_start_s: float) -> Slot:
     """A slot now or after a wait in line; each outcome is an arrival for the degradation monitor."""
     try:
         slot = target.queue.try_take(key) or await _wait_in_line(ex, target, priority, key, cold_start_s)
@@ -150,12 +164,12 @@ class Admission:
     """Admits one request at a time: what it reads of the request, in order, and what it decides (the module's
     docstring); the parts it takes are the few it uses."""
 
-    def __init__(self, settings: "GatewaySettings", keys: KeyStore, registry: Registry, limiter: RateLimiter,
-                 tokenizer: Tokenizer, waker: Waker, tokenize_calls: "Counter"):
+    def __init__(self, settings: GatewaySettings, keys: KeyStore, registry: Registry, limiter: RateLimiter,
+                 tokenizer: Tokenizer, waker: Waker, tokenize_calls: Counter):
         self.settings, self.keys, self.registry, self.limiter = settings, keys, registry, limiter
         self.tokenizer, self.waker, self.tokenize_calls = tokenizer, waker, tokenize_calls
 
-    async def count_input(self, req: OpenAIRequest, target: "ModelRoute", limit: int) -> int | None:
+    async def count_input(self, req: OpenAIRequest, target: ModelRoute, limit: int) -> int | None:
         """Exact from the upstream's /tokenize for the prompts that might be over `limit` (the longest counts), skipped
         when none can be; the documented estimate when the upstream cannot count (or has no replica yet)."""
         ids = token_id_count(req)
@@ -176,10 +190,11 @@ class Admission:
             if not payloads:
                 return None
         self.tokenize_calls.labels(target.name).inc(len(payloads))
-        counts = await self.tokenizer.tokenize_all(min(backends, key=load).url, payloads, target.limits.timeouts.connect_s)
+        counts = await self.tokenizer.tokenize_all(min(backends, key=load).url, payloads,
+                                                   target.limits.timeouts.connect_s)
         return max(counts) if counts is not None else estimate_tokens(req)
 
-    def _fallback(self, route: "ModelRoute") -> "ModelRoute | None":
+    def _fallback(self, route: ModelRoute) -> ModelRoute | None:
         """The model that serves for `route` when it cannot: its fallbackModel, when ready, of the same task, and
         accepting fallbacks from the route's namespace (its owner's say: spec.acceptFallbackFrom)."""
         fb = self.registry.get(route.spec.fallback) if route.spec.fallback else None
@@ -187,7 +202,7 @@ class Admission:
                   and fb.spec.accepts_fallback_from(route.spec.namespace))
         return fb if usable else None
 
-    def _upstream_body(self, req: OpenAIRequest, target: "ModelRoute", max_tokens: int, degraded: bool) -> bytes:
+    def _upstream_body(self, req: OpenAIRequest, target: ModelRoute, max_tokens: int, degraded: bool) -> bytes:
         body = dict(req.body)
         body["model"] = target.spec.served_name
         if not req.generates:
@@ -214,8 +229,8 @@ class Admission:
         except orjson.JSONEncodeError as e:
             raise not_relayable(e) from None
 
-    async def _admit_input(self, req: OpenAIRequest, route: "ModelRoute", target: "ModelRoute",
-                           degraded: bool) -> tuple["ModelRoute", int | None]:
+    async def _admit_input(self, req: OpenAIRequest, route: ModelRoute, target: ModelRoute,
+                           degraded: bool) -> tuple[ModelRoute, int | None]:
         """The model that can take this input and its count: the target, else the fallback; else 413, or 503 for
         an input that is only too long for a degraded model."""
         limit = target.limits.max_input_tokens

@@ -14,6 +14,7 @@ from ..routing.policies import AFFINITY, SPILL, Router, Routing
 # LOOKAHEAD waiters (of the head's priority) whose first choice it is: their prefixes are cached there, and a full
 # fleet would otherwise hand every freed slot to whoever is first and lose the affinity routing built. The head is
 # passed over at most MAX_PASSES times, so nobody waits more than that many freed slots longer than strict FIFO.
+DEFAULT_ROUTING = Routing()
 LOOKAHEAD = 8
 MAX_PASSES = 4
 
@@ -36,7 +37,7 @@ class Slot:
     routing key (a failover goes on in its order), `choice` how the routing placed it."""
     __slots__ = ("queue", "backend", "started", "queued_s", "key", "choice", "_released")
 
-    def __init__(self, queue: "ModelQueue", backend: Backend, started: float, queued_s: float,
+    def __init__(self, queue: ModelQueue, backend: Backend, started: float, queued_s: float,
                  key: int | None = None, choice: str = "affinity"):
         self.queue, self.backend, self.started, self.queued_s = queue, backend, started, queued_s
         self.key, self.choice, self._released = key, choice, False
@@ -67,7 +68,7 @@ class ModelQueue:
     in its routing order that has a free slot; the head of the line, when a slot frees, its best free one, unless
     that is not its first choice and a waiter close behind has it first (LOOKAHEAD, MAX_PASSES)."""
 
-    def __init__(self, *, queue_size: int, max_concurrency: int, routing: Routing = Routing(),
+    def __init__(self, *, queue_size: int, max_concurrency: int, routing: Routing = DEFAULT_ROUTING,
                  clock: Callable[[], float] = time.monotonic, gateways: int = 1):
         self.queue_size, self.max_concurrency, self.clock = queue_size, max_concurrency, clock
         self.gateways = gateways  # the gateway replicas that share the engines' slots
@@ -196,7 +197,8 @@ class ModelQueue:
             if waiter.gone:
                 heapq.heappop(self._heap)
                 continue  # left the line; a cancelled future whose task has not run yet is counted out by wait()
-            backend, choice = self.router.pick(waiter.key, self.backends.values(), self.max_concurrency, share=self.share)
+            backend, choice = self.router.pick(waiter.key, self.backends.values(), self.max_concurrency,
+                                               share=self.share)
             if backend is None:
                 return
             taker = waiter

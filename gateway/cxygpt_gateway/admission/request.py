@@ -122,7 +122,8 @@ def validate(body: dict, kind: Kind, raw_size: int, *, max_n: int, max_batch: in
     if not isinstance(stream, bool):
         raise _bad("'stream' must be a boolean", "stream")
     options = body.get("stream_options")
-    if options is not None and (not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool)):
+    if options is not None and (not isinstance(options, dict)
+                                or not isinstance(options.get("include_usage", False), bool)):
         raise _bad("'stream_options' must be an object with a boolean 'include_usage'", "stream_options")
     requested = None
     for param in OUTPUT_PARAMS[kind]:
@@ -205,7 +206,9 @@ def responses_messages(body: dict) -> list[dict]:
 
 
 def _messages(req: OpenAIRequest) -> list[dict] | None:
-    return req.body["messages"] if req.kind == "chat" else responses_messages(req.body) if req.kind == "responses" else None
+    if req.kind == "chat":
+        return req.body["messages"]
+    return responses_messages(req.body) if req.kind == "responses" else None
 
 
 def estimate_tokens(req: OpenAIRequest) -> int:

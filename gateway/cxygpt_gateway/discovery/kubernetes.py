@@ -8,8 +8,9 @@ import ssl
 
 import aiohttp
 import orjson
-from cxygpt_profiles import Limits
 from pydantic import ValidationError
+
+from cxygpt_profiles import Limits
 
 from ..routing.policies import MAX_EPSILON, POLICIES
 from .base import ModelSink, ModelSpec, ScaleTarget, Unavailable
@@ -115,7 +116,8 @@ def scale_target(md: dict) -> ScaleTarget | None:
     if placed.get("status") == "False" and placed.get("reason") in CANNOT_PLACE:
         return None  # no GPU node fits it: a wake would only leave a pod Pending while the request waits
     replicas = (md.get("spec") or {}).get("replicas", 1)
-    return ScaleTarget(meta.get("namespace") or "", meta.get("name") or "", replicas if isinstance(replicas, int) else 1)
+    return ScaleTarget(meta.get("namespace") or "", meta.get("name") or "",
+                       replicas if isinstance(replicas, int) else 1)
 
 
 def _claim(md: dict) -> tuple[str, str]:

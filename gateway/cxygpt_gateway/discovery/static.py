@@ -4,8 +4,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from cxygpt_profiles import Limits, ProfileTable
 from pydantic import BaseModel, ValidationError
+
+from cxygpt_profiles import Limits, ProfileTable
 
 from ..settings import ModelConfig
 from .base import ModelSink, ModelSpec
@@ -14,7 +15,8 @@ from .base import ModelSink, ModelSpec
 def _merge(base: dict, override: dict) -> dict:
     merged = dict(base)
     for key, value in override.items():
-        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+        nested = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = _merge(merged[key], value) if nested else value
     return merged
 
 

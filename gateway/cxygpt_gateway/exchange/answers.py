@@ -12,7 +12,7 @@ if TYPE_CHECKING:
 
 
 class Answers:
-    def __init__(self, metrics: "GatewayMetrics", request_log: "RequestLog"):
+    def __init__(self, metrics: GatewayMetrics, request_log: RequestLog):
         self.metrics, self.request_log = metrics, request_log
 
     def count(self, error: GatewayError, *, model: str, request_id: str | None, key_id: str | None,

@@ -71,7 +71,7 @@ class Deadlines:
                 self._aim(heap[0][0])
 
 
-_BY_LOOP: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Deadlines]" = weakref.WeakKeyDictionary()
+_BY_LOOP: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Deadlines] = weakref.WeakKeyDictionary()
 
 
 def deadlines_of(loop: asyncio.AbstractEventLoop) -> Deadlines:
@@ -92,7 +92,7 @@ class Deadline:
         self.deadlines, self.seconds = deadlines, seconds
         self._fired = False
 
-    def __enter__(self) -> "Deadline":
+    def __enter__(self) -> Deadline:
         loop = self.deadlines.loop
         self.task = asyncio.current_task(loop)
         self._cancelling = self.task.cancelling()

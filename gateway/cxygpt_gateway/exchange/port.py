@@ -54,7 +54,7 @@ class Exchange:
             self._cancelled = True
             self._task.cancel()
 
-    def watched(self) -> "Exchange":
+    def watched(self) -> Exchange:
         return self
 
     def __enter__(self) -> None:

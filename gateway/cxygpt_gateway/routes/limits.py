@@ -30,9 +30,10 @@ def model_view(route) -> dict:
 
 def router(registry: Registry, keys: KeyStore) -> APIRouter:
     routes = APIRouter(tags=["limits"])
+    by_key = Depends(authenticated(keys))
 
     @routes.get("/v1/limits", summary="Limits in force: the default (or ?model=) model's, every model's, the key's")
-    async def limits(model: str | None = None, caller: Caller = Depends(authenticated(keys))):
+    async def limits(model: str | None = None, caller: Caller = by_key):
         return json_response(limits_view(registry, model, caller))
 
     return routes

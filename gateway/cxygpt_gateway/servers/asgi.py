@@ -17,7 +17,7 @@ class GatewayApp(FastAPI):
     """FastAPI for the app factory, docs and every other route; the relayed POST routes are served straight from
     here (the same director as the gateway's own server), skipping the routing, dependency and middleware layers
     that cost ~20 % of the gateway's CPU per request (measured, BENCHMARKS.md)."""
-    director: "Director"  # set by create_app
+    director: Director  # set by create_app
 
     async def __call__(self, scope, receive, send) -> None:
         kind = RELAYED.get(scope.get("path")) if scope["type"] == "http" else None

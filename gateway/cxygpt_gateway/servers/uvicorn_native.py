@@ -27,8 +27,8 @@ log = logging.getLogger("cxygpt.gateway")
 HOT_TARGETS = {path.encode(): kind for path, kind in RELAYED.items()}
 
 
-def run(app, settings: "GatewaySettings", director: "Director", counts: ConnectionCounts,
-        metrics: "GatewayMetrics") -> None:
+def run(app, settings: GatewaySettings, director: Director, counts: ConnectionCounts,
+        metrics: GatewayMetrics) -> None:
     """Serve `app` until a signal stops it: uvloop + httptools, no access log, no proxy-header rewriting (nothing
     reads the client address), no WebSocket routes (an upgrade is refused rather than handed to another protocol)."""
     protocol = type("BoundGatewayHttpProtocol", (GatewayHttpProtocol,),
@@ -45,10 +45,10 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     uvicorn's: the exchange takes the place of uvicorn's request cycle. A minimal relay built this way passed
     vllm-router where every ASGI stack stayed below it (BENCHMARKS.md). `run` binds what it uses: the director
     that serves the relayed requests, the connection counts, the settings and the metrics."""
-    director: "Director"
+    director: Director
     counts: ConnectionCounts
-    settings: "GatewaySettings"
-    metrics: "GatewayMetrics"
+    settings: GatewaySettings
+    metrics: GatewayMetrics
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)

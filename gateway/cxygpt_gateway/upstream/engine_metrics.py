@@ -57,7 +57,7 @@ class EngineLoadScraper:
     number). Its own count is taken as the larger of before and after the read, so that a request it released
     while the page was made is not taken for somebody else's."""
 
-    def __init__(self, registry: "Registry", engines: "EngineClient", interval_s: float):
+    def __init__(self, registry: Registry, engines: EngineClient, interval_s: float):
         self.registry, self.engines, self.interval_s = registry, engines, interval_s
         self.timeout_s = min(interval_s, MAX_TIMEOUT_S)
 

@@ -15,7 +15,7 @@ log = logging.getLogger("cxygpt.gateway")
 class HealthChecker:
     """Static backends: /health of every replica each interval; the registry's routable view follows."""
 
-    def __init__(self, registry: "Registry", engines: "EngineClient", interval_s: float):
+    def __init__(self, registry: Registry, engines: EngineClient, interval_s: float):
         self.registry, self.engines, self.interval_s = registry, engines, interval_s
 
     async def check_once(self) -> None:

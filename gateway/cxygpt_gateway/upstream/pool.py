@@ -34,7 +34,7 @@ HIGH_WATER = 1 << 18
 class _Connection(asyncio.Protocol):
     __slots__ = ("pool", "key", "loop", "parser", "transport", "response", "closed", "idle_since", "_paused")
 
-    def __init__(self, pool: "UpstreamPool", key: tuple, loop: asyncio.AbstractEventLoop):
+    def __init__(self, pool: UpstreamPool, key: tuple, loop: asyncio.AbstractEventLoop):
         self.pool, self.key, self.loop = pool, key, loop
         self.parser = httptools.HttpResponseParser(self)
         self.transport: asyncio.Transport | None = None
@@ -200,7 +200,7 @@ class UpstreamResponse:
         else:
             conn.close()
 
-    async def __aenter__(self) -> "UpstreamResponse":
+    async def __aenter__(self) -> UpstreamResponse:
         return self
 
     async def __aexit__(self, *exc) -> None:

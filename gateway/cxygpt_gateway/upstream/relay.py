@@ -36,7 +36,7 @@ UNSENT_REASONS = frozenset({"replica_unreachable"})
 UPSTREAM_MESSAGE_CHARS = 1000
 
 
-def eject(queue: "ModelQueue", backend: "Backend", *, restore_after: float | None) -> None:
+def eject(queue: ModelQueue, backend: Backend, *, restore_after: float | None) -> None:
     """Take a replica that refused us out of rotation; one no health check watches comes back after a pause."""
     if backend.healthy:
         log.warning("upstream %s unreachable, out of rotation", backend.url)
@@ -133,8 +133,8 @@ class Relayer:
     """What every relay uses: the engines' connection pool, the metrics, the request log, the limiter that settles
     each request's tokens, and whether a health check restores a replica taken out of rotation."""
 
-    def __init__(self, pool: UpstreamPool, metrics: "GatewayMetrics", request_log: RequestLog,
-                 limiter: "RateLimiter", *, health_checked: bool):
+    def __init__(self, pool: UpstreamPool, metrics: GatewayMetrics, request_log: RequestLog,
+                 limiter: RateLimiter, *, health_checked: bool):
         self.pool, self.metrics, self.request_log, self.limiter = pool, metrics, request_log, limiter
         self.health_checked = health_checked
 
@@ -220,7 +220,7 @@ class Relay:
         headers = {**JSON_HEADERS, "X-Request-Id": a.request_id}
         if target.spec.api_key:
             headers["Authorization"] = f"Bearer {target.spec.api_key}"
-        tried: tuple["Backend", ...] = ()
+        tried: tuple[Backend, ...] = ()
         while True:
             backend = a.slot.backend
             try:
@@ -247,7 +247,7 @@ class Relay:
             a.slot = other
             child(up.metrics.failovers, target.name).inc()
 
-    async def _wait_ahead(self, target: "ModelRoute", key: int | None, failure: str) -> "Slot":
+    async def _wait_ahead(self, target: ModelRoute, key: int | None, failure: str) -> Slot:
         """Back in line, ahead of everyone (this request was admitted before them), for the next free replica."""
         queue_s = target.limits.timeouts.queue_s
         try:

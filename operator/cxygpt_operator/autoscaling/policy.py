@@ -1,4 +1,5 @@
-"""Autoscaling decisions (pure): demand × current replicas × spec.autoscaling × recommendation history × now → replicas."""
+"""Autoscaling decisions (pure): demand × current replicas × spec.autoscaling × recommendation history × now →
+replicas."""
 from __future__ import annotations
 
 import datetime
@@ -110,7 +111,7 @@ class History:
     highs: tuple[Recommendation, ...] = ()
     lows: tuple[Recommendation, ...] = ()
 
-    def record(self, replicas: int, now: float, policy: Policy) -> "History":
+    def record(self, replicas: int, now: float, policy: Policy) -> History:
         step = policy.time_step_s
         at = math.ceil(now / step) * step
         highs = [r for r in self.highs if r.at > now - policy.scale_down_delay_s and r.replicas > replicas]
@@ -153,7 +154,8 @@ def recommend(demand: Demand, current: int, policy: Policy) -> tuple[int, str, s
     if current > 0:
         ratio = demand.value / (current * target)
         if abs(ratio - 1) <= TOLERANCE:
-            return current, "WithinTolerance", f"{said}: {ratio:.2f} of {current} replicas' target, within {TOLERANCE:g}"
+            return current, "WithinTolerance", (f"{said}: {ratio:.2f} of {current} replicas' target, "
+                                                 f"within {TOLERANCE:g}")
     if not demand.complete and wanted < current:
         return current, "IncompleteMetrics", (f"{said} from {demand.sources or 'some'} gateways; the others' is "
                                                "unknown, so no scale-down")
