@@ -70,7 +70,7 @@ class Console:
         self.live = 0
         self.log_followers = 0
         self._rendered: dict[str, tuple[int, str | None]] = {}
-        self.session: aiohttp.ClientSession | None = None
+        self.session: aiohttp.ClientSession = None  # type: ignore[assignment]  # set when it starts
         self.tasks: list[asyncio.Task] = []
 
     async def start(self) -> None:
@@ -166,8 +166,8 @@ def create_app(settings: Settings) -> FastAPI:
         pods = console.cluster.all("pods")
         served = ((md.get("spec") or {}).get("model") or {}).get("name")
         limits = console.gateway.limits
-        gateway = None if limits is None else (limits.get("models") or {}).get(served, {})
-        return {"md": md, "row": views.model_row(md, gateway, latest(console.gateway.export()).get(served), now),
+        gateway = None if limits is None else (limits.get("models") or {}).get(str(served), {})
+        return {"md": md, "row": views.model_row(md, gateway, latest(console.gateway.export()).get(str(served)), now),
                 "replicas": views.replicas_of(md, pods, now),
                 "timeline": views.timeline_of(md, console.cluster.all("events"), now),
                 "vllm_command": views.vllm_command(md), "run_command": views.run_command(md, pods),

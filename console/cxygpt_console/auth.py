@@ -77,9 +77,10 @@ class Auth:
         if not credential or len(credential) > 1024:
             raise LoginRefused("enter your API key" if self.mode == "api-key" else "enter the console token")
         if self.mode == "token":
-            if hmac.compare_digest(credential.encode(), self.token.encode()):
+            if hmac.compare_digest(credential.encode(), (self.token or "").encode()):
                 return "token"
             raise LoginRefused("wrong token")
+        assert self.check_key is not None  # api-key mode has one (checked when made)
         key_id = await self.check_key(credential)
         if key_id is None or key_id == ANONYMOUS:
             raise LoginRefused("the gateway does not know this API key")

@@ -143,7 +143,7 @@ class Cluster:
         self.left_out: dict[str, int] = {}
         self.synced: dict[tuple[str, str | None], asyncio.Event] = {}
         self.errors: dict[tuple[str, str | None], str] = {}
-        self.session: aiohttp.ClientSession | None = None
+        self.session: aiohttp.ClientSession = None  # type: ignore[assignment]  # set when it starts
         self.tasks: list[asyncio.Task] = []
 
     def all(self, kind: str) -> list[dict]:

@@ -110,7 +110,7 @@ class Relayed(StreamingResponse):
 class GatewayRelay:
     def __init__(self, gateway_url: str):
         self.gateway_url = gateway_url.rstrip("/")
-        self.session: aiohttp.ClientSession | None = None
+        self.session: aiohttp.ClientSession = None  # type: ignore[assignment]  # set when it starts
         self.streams = 0
         self.counting = 0
 

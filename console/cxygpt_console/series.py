@@ -142,7 +142,7 @@ class SeriesStore:
         models = sorted({m for _, by_model in rounds for m in by_model})
         times = [at for at, _ in rounds]
         per = max(1, round(smoothing_s / self.interval_s))
-        out = {m: {c: [] for c in CHARTS} for m in models}
+        out: dict[str, dict[str, list]] = {m: {c: [] for c in CHARTS} for m in models}
         for index in range(len(rounds)):
             span = rounds[max(0, index - per + 1): index + 1]
             for model in models:

@@ -62,7 +62,7 @@ class Gateway:
         self.limits_error: str | None = None
         self.scrape_errors: list[str] = []
         self._export: dict | None = None
-        self.session: aiohttp.ClientSession | None = None
+        self.session: aiohttp.ClientSession = None  # type: ignore[assignment]  # set when it starts
 
     def replicas(self) -> list[str]:
         """The gateway replicas to scrape: the ready endpoints of its Service when it is watched, else its URL."""

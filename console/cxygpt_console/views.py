@@ -195,7 +195,7 @@ def model_row(md: dict, gateway: dict | None, metrics: dict | None, now: datetim
                                       if gpu else ""),
         fit=fit.get("message") or "", fits=fit.get("fits"), autoscaling=_autoscaling(status, now),
         cache=_cache(status), routing=routing, limits=limits, limits_words=limits_words(limits),
-        gateway_state=GATEWAY_STATES.get((gateway or {}).get("state"), "not routed by the gateway")
+        gateway_state=GATEWAY_STATES.get(str((gateway or {}).get("state")), "not routed by the gateway")
         if gateway is not None else "unknown (the gateway could not be read)",
         degraded=None if gateway is None else bool(gateway.get("degraded")),
         degraded_reason=(gateway or {}).get("degraded_reason") or "", metrics=metrics or {})
@@ -252,7 +252,7 @@ def replicas_of(md: dict, pods: list[dict], now: datetime) -> list[Replica]:
     out = []
     for pod in sorted((p for p in pods if owns_pod(md, p)), key=lambda p: _key(p)[1]):
         status = pod.get("status") or {}
-        container = next(iter(status.get("containerStatuses") or []), {})
+        container: dict = next(iter(status.get("containerStatuses") or []), {})
         out.append(Replica(
             name=_key(pod)[1], phase=status.get("phase") or "Pending", ready=bool(container.get("ready")),
             restarts=int(container.get("restartCount") or 0), state=_container_state(container.get("state") or {}),
@@ -310,7 +310,7 @@ def run_command(md: dict, pods: list[dict]) -> str:
     """What a replica actually runs (the simulator for `spec.engine.kind: sim`)."""
     for pod in pods:
         if owns_pod(md, pod):
-            container = next(iter((pod.get("spec") or {}).get("containers") or []), {})
+            container: dict = next(iter((pod.get("spec") or {}).get("containers") or []), {})
             return shlex.join([*(container.get("command") or []), *(container.get("args") or [])])
     return ""
 

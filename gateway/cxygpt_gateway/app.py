@@ -77,6 +77,7 @@ def build(settings: GatewaySettings, table: ProfileTable, discovery: Discovery |
     """Every part, wired: the registry reports degradation into the metrics, which read the registry at scrape time."""
     connections = ConnectionCounts(ConnectionLimits(settings.max_connections, settings.max_connections_per_client,
                                                     settings.health_connections))
+    registry: Registry  # made below; the metrics read it only when scraped
     metrics = GatewayMetrics(lambda: registry.routes.values(), lambda: registry.gateways, lambda: connections.total)
 
     def on_degrade(model: str, degraded: bool, why: str) -> None:

@@ -118,8 +118,8 @@ class GatewaySettings(BaseSettings):
                                 "request's first byte); else 408 and the connection closes")
     body_timeout_s: float = Field(
         30.0, gt=0, description="a request's body must arrive within this after its headers; else 408")
-    keepalive_timeout_s: float = Field(
-        5.0, gt=0, description="an idle kept-alive connection is closed after this")
+    keepalive_timeout_s: int = Field(
+        5, gt=0, description="an idle kept-alive connection is closed after this")
     max_header_bytes: int = Field(
         65536, ge=1024, description="request line and headers together; past it 431 and the connection closes")
     log_requests: bool = True

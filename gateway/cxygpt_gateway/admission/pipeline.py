@@ -299,11 +299,10 @@ class Admission:
         target, cold = route, False
         if not route.routable():
             cold = route.spec.scale_from_zero is not None
-            target = self._fallback(route)
-            if target is None:
-                if not cold:
-                    raise no_ready_replica(route.name, route.spec.unavailable)
-                target = route
+            fallback = self._fallback(route)
+            if fallback is None and not cold:
+                raise no_ready_replica(route.name, route.spec.unavailable)
+            target = fallback or route
         scopes = _rate_scopes(route, target, caller)
         if scopes:
             await self.limiter.admit(scopes)

@@ -7,9 +7,10 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Protocol
+from typing import Protocol, cast
 
 from limits import RateLimitItem, RateLimitItemPerMinute, RateLimitItemPerSecond
+from limits.aio.storage import Storage as AsyncStorage
 from limits.aio.strategies import FixedWindowRateLimiter, MovingWindowRateLimiter
 from limits.storage import storage_from_string
 
@@ -140,8 +141,9 @@ class SharedWindows:
     def __init__(self, redis_url: str):
         uri = redis_url if redis_url.startswith("async+") else "async+" + redis_url
         # short socket timeouts: a dead Redis must cost milliseconds before failing open, not seconds
-        self.storage = storage_from_string(uri, implementation="redispy", wrap_exceptions=True,
-                                           socket_timeout=0.5, socket_connect_timeout=0.5)
+        # an async+ URI gives the asyncio storage (storage_from_string's type is every storage's)
+        self.storage = cast(AsyncStorage, storage_from_string(uri, implementation="redispy", wrap_exceptions=True,
+                                                              socket_timeout=0.5, socket_connect_timeout=0.5))
         self._requests = MovingWindowRateLimiter(self.storage)
         self._tokens = FixedWindowRateLimiter(self.storage)
 
@@ -193,7 +195,7 @@ def open_windows(redis_url: str | None) -> Windows:
 class Reservation:
     """Tokens a request holds in each token budget it is charged to, until it settles."""
     tokens: int
-    held: list[tuple[Scope, float | None]] = field(default_factory=list)  # scope, window it was taken from
+    held: list[tuple[Scope, Window, float | None]] = field(default_factory=list)  # scope, budget, taken from
 
 
 class RateLimiter:
@@ -221,15 +223,15 @@ class RateLimiter:
                 if scope.tokens is not None and not await w.tokens_left(scope.key, scope.tokens):
                     raise _limited(scope, f"{scope.rate.tpm} tokens per minute",
                                    await w.tokens_retry_after(scope.key, scope.tokens))
-            limited = [s for s in scopes if s.requests is not None]
-            for scope in limited:  # test all first: a refusal by one scope costs the others nothing
-                if not await w.requests_free(scope.key, scope.requests):
+            limited = [(s, window) for s in scopes if (window := s.requests) is not None]
+            for scope, window in limited:  # test all first: a refusal by one scope costs the others nothing
+                if not await w.requests_free(scope.key, window):
                     raise _limited(scope, f"{scope.rate.qps:g} requests per second",
-                                   await w.requests_retry_after(scope.key, scope.requests))
-            for scope in limited:
-                if not await w.take_request(scope.key, scope.requests):  # another replica took the last one
+                                   await w.requests_retry_after(scope.key, window))
+            for scope, window in limited:
+                if not await w.take_request(scope.key, window):  # another replica took the last one
                     raise _limited(scope, f"{scope.rate.qps:g} requests per second",
-                                   await w.requests_retry_after(scope.key, scope.requests))
+                                   await w.requests_retry_after(scope.key, window))
         except GatewayError:
             raise
         except Exception as e:  # the counters are unreachable: serving beats refusing everyone
@@ -239,27 +241,27 @@ class RateLimiter:
         """Hold `tokens` in every token budget of `scopes`, or none of them and a 429: one that the whole minute's
         budget cannot hold says so (retrying will not help; a smaller max_tokens or n will)."""
         reservation = Reservation(tokens)
-        budgets = [s for s in scopes if s.tokens is not None]
+        budgets = [(s, window) for s in scopes if (window := s.tokens) is not None]
         if not budgets:
             return reservation
         if self._storage_down_until > NEVER and self.clock() < self._storage_down_until:
             self.on_storage_error()
             return reservation
-        for scope in budgets:
-            if tokens > scope.tokens.amount:
+        for scope, budget in budgets:
+            if tokens > budget.amount:
                 raise GatewayError(429, f"this request may use {tokens} tokens (its input plus max_tokens x n), "
                                         f"over the whole limit of {scope.rate.tpm} tokens per minute for "
                                         f"{scope.description}: lower max_tokens or n", code="tokens_exceed_limit",
                                    reason="tokens_exceed_limit", retry_after=TOKEN_WINDOW_S)
         w = self.windows
         try:
-            for scope in budgets:
-                window = await w.reserve_tokens(scope.key, scope.tokens, tokens)
-                if window is None:
+            for scope, budget in budgets:
+                taken_from = await w.reserve_tokens(scope.key, budget, tokens)
+                if taken_from is None:
                     await self.settle(reservation, 0)  # give back what the other budgets held
                     raise _limited(scope, f"{scope.rate.tpm} tokens per minute (this request may use {tokens})",
-                                   await w.tokens_retry_after(scope.key, scope.tokens))
-                reservation.held.append((scope, window))
+                                   await w.tokens_retry_after(scope.key, budget))
+                reservation.held.append((scope, budget, taken_from))
         except GatewayError:
             raise
         except Exception as e:
@@ -276,8 +278,8 @@ class RateLimiter:
         if delta == 0:
             return
         try:
-            for scope, window in held:
-                await self.windows.adjust_tokens(scope.key, scope.tokens, delta, window)
+            for scope, budget, taken_from in held:
+                await self.windows.adjust_tokens(scope.key, budget, delta, taken_from)
         except Exception as e:
             self._storage_failed(e)
 

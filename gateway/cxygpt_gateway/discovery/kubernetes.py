@@ -165,7 +165,7 @@ def spec_from_modeldeployment(md: dict, slices: list[dict]) -> ModelSpec | Unava
         return why_unavailable(md)
     urls = ready_endpoint_urls(slices)
     policy, epsilon = routing_of(spec)
-    return ModelSpec(name=name, urls=tuple(urls), limits=limits,
+    return ModelSpec(name=str(name), urls=tuple(urls), limits=limits,
                      mode="single" if status.get("mode") == "single" else "multi", profile=status.get("profile"),
                      fallback=spec.get("fallbackModel"), unavailable=None if urls else why_unavailable(md),
                      task="embed" if (spec.get("model") or {}).get("task") == "embed" else "generate",
@@ -182,10 +182,12 @@ def accepted_fallbacks(spec: dict) -> tuple[str, ...]:
 
 def routing_of(spec: dict) -> tuple[str | None, float | None]:
     """spec.routing's policy and epsilon; what the schema would refuse counts as unset (the gateway's default)."""
-    routing = spec.get("routing") if isinstance(spec.get("routing"), dict) else {}
+    given = spec.get("routing")
+    routing: dict = given if isinstance(given, dict) else {}
     policy, epsilon = routing.get("policy"), routing.get("epsilon")
-    valid = isinstance(epsilon, (int, float)) and not isinstance(epsilon, bool) and 0 < epsilon <= MAX_EPSILON
-    return policy if policy in POLICIES else None, float(epsilon) if valid else None
+    if not (isinstance(epsilon, (int, float)) and not isinstance(epsilon, bool) and 0 < epsilon <= MAX_EPSILON):
+        epsilon = None
+    return policy if policy in POLICIES else None, None if epsilon is None else float(epsilon)
 
 
 def desired_routes(mds: dict[tuple[str, str], dict],
@@ -194,7 +196,7 @@ def desired_routes(mds: dict[tuple[str, str], dict],
     the name's owner only, and slices are matched to it by Service name (the ModelDeployment's name)."""
     by_service: dict[tuple[str, str], list[dict]] = {}
     for (namespace, _), s in slices.items():
-        service = ((s.get("metadata") or {}).get("labels") or {}).get(SERVICE_NAME_LABEL)
+        service = ((s.get("metadata") or {}).get("labels") or {}).get(SERVICE_NAME_LABEL) or ""
         by_service.setdefault((namespace, service), []).append(s)
     return {name: spec_from_modeldeployment(mds[key], by_service.get(key, []))
             for name, key in sorted(name_owners(mds).items())}
@@ -258,8 +260,9 @@ class KubernetesDiscovery:
             self.objects["gateways", namespace] = {}
         self.published: set[str] = set()
         self.tasks: list[asyncio.Task] = []
-        self.session: aiohttp.ClientSession | None = None
-        self.sink: ModelSink | None = None
+        # both set by start(), before any watch runs
+        self.session: aiohttp.ClientSession = None  # type: ignore[assignment]
+        self.sink: ModelSink = None  # type: ignore[assignment]
 
     def _path(self, group_version: str, plural: str, namespace: str | None) -> str:
         ns = f"/namespaces/{namespace}" if namespace else ""

@@ -7,6 +7,7 @@ import itertools
 import math
 import weakref
 from collections.abc import Callable
+from typing import Literal
 
 # the loop's timers count whole milliseconds: an entry due within one is due now
 RESOLUTION_S = 0.001
@@ -94,7 +95,7 @@ class Deadline:
 
     def __enter__(self) -> Deadline:
         loop = self.deadlines.loop
-        self.task = asyncio.current_task(loop)
+        self.task: asyncio.Task = asyncio.current_task(loop)  # type: ignore[assignment]  # inside a task
         self._cancelling = self.task.cancelling()
         self._entry = self.deadlines.call_at(loop.time() + self.seconds, self._fire)
         return self
@@ -103,7 +104,7 @@ class Deadline:
         self._fired = True
         self.task.cancel()
 
-    def __exit__(self, kind, error, tb) -> bool:
+    def __exit__(self, kind, error, tb) -> Literal[False]:
         self.deadlines.cancel(self._entry)
         # our own cancel (and no one else's) becomes the timeout; any other cancel goes on
         if self._fired and kind is asyncio.CancelledError and self.task.uncancel() <= self._cancelling:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Literal
 
 from ..errors import GatewayError
 from .deadlines import Deadline, Deadlines, deadlines_of
@@ -31,7 +32,7 @@ class Exchange:
         self.model = "-"
         self.degraded = False
         self.client_left = False
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task = None  # type: ignore[assignment]  # set by __enter__, before any use
         self._watching = self._cancelled = False
 
     async def read_body(self, limit: int) -> bytes:
@@ -60,10 +61,10 @@ class Exchange:
     def __enter__(self) -> None:
         if self.client_left:
             raise ClientLeft()
-        self._task, self._watching = asyncio.current_task(self.loop), True
+        self._task, self._watching = asyncio.current_task(self.loop), True  # type: ignore[assignment]
         self._cancelling = self._task.cancelling()
 
-    def __exit__(self, kind, error, tb) -> bool:
+    def __exit__(self, kind, error, tb) -> Literal[False]:
         self._watching = False
         if self._cancelled and kind is asyncio.CancelledError:
             self._cancelled = False

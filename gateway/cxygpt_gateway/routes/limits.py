@@ -46,7 +46,7 @@ def limits_view(registry: Registry, model: str | None, caller: Caller) -> dict:
                            reason="unknown_model")
     views = {name: model_view(route) for name, route in routes.items()}
     chosen = model or next(iter(views), None)
-    top = views.get(chosen, {})
+    top = views.get(chosen, {}) if chosen is not None else {}
     tier = caller.tier
     return {
         "model": chosen,

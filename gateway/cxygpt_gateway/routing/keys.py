@@ -49,7 +49,8 @@ def _messages_key(messages: list) -> bytes:
     for m in messages[:KEY_MESSAGES]:
         if not isinstance(m, dict):
             continue
-        role = m.get("role") if isinstance(m.get("role"), str) else ""
+        given = m.get("role")
+        role = given if isinstance(given, str) else ""
         digest = _chain(digest, role, _text(m.get("content")))
         if role == "user":
             break

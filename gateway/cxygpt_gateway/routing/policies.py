@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal, Protocol, TypeVar, cast
 
 from .ring import Ring
 
@@ -27,6 +27,9 @@ class Replica(Protocol):
     kv_usage: float     # the engine's KV-cache usage 0..1 (vllm:kv_cache_usage_perc), 0 when unknown
 
 
+R = TypeVar("R", bound=Replica)
+
+
 @dataclass(frozen=True)
 class Routing:
     policy: Policy = "least-load"
@@ -35,8 +38,8 @@ class Routing:
 
 def resolve(policy: str | None, epsilon: float | None, mode: str) -> Routing:
     """The routing in force: an unset policy is `prefix` for a multi-user model, `least-load` for one user."""
-    return Routing(policy or ("prefix" if mode == "multi" else "least-load"),
-                   DEFAULT_EPSILON if epsilon is None else epsilon)
+    chosen = cast(Policy, policy or ("prefix" if mode == "multi" else "least-load"))
+    return Routing(chosen, DEFAULT_EPSILON if epsilon is None else epsilon)
 
 
 def load(r: Replica) -> int:
@@ -56,7 +59,7 @@ def load_bound(epsilon: float, in_flight: int, replicas: int) -> int:
     return math.ceil((1 + epsilon) * (in_flight + 1) / replicas - 1e-9)
 
 
-def _prefix(routing: Routing, healthy: list[Replica], key: int, ring: Ring) -> tuple[list[Replica], Replica]:
+def _prefix(routing: Routing, healthy: list[R], key: int, ring: Ring) -> tuple[list[R], R]:
     """(the order, the key's home): the ring's order from the key, those within the load bound first, then the
     others by load; the home is the first healthy replica on the ring."""
     by_url = {r.url: r for r in healthy}
@@ -72,8 +75,8 @@ def _prefix(routing: Routing, healthy: list[Replica], key: int, ring: Ring) -> t
     return within + sorted((r for r in walk if r.outstanding >= bound), key=load_rank), walk[0]
 
 
-def order(routing: Routing, replicas: Sequence[Replica], key: int | None = None, *, ring: Ring | None = None,
-          turn: int = 0) -> list[Replica]:
+def order(routing: Routing, replicas: Collection[R], key: int | None = None, *, ring: Ring | None = None,
+          turn: int = 0) -> list[R]:
     """The healthy replicas in the order the policy offers them the request (the queue takes the first one with
     a free slot; a failover the next):
     - `prefix`: from the key's home along the hash ring, skipping (to the end, by load) those that would go
@@ -111,8 +114,8 @@ class Router:
             if tuple(urls) != self.ring.urls:
                 self.ring = Ring(urls)
 
-    def pick(self, key: int | None, replicas: Sequence[Replica], limit: int,
-             exclude: tuple = (), share: int = 0) -> tuple[Replica | None, str]:
+    def pick(self, key: int | None, replicas: Collection[R], limit: int,
+             exclude: tuple = (), share: int = 0) -> tuple[R | None, str]:
         """The first healthy replica in the policy's order with a free slot, not in `exclude`; (None, "") when
         none has one. A slot is free while the replica's load is under `limit` (prefix: its key's home within
         the load bound, under `limit` + ⌊ε × limit⌋), or while this gateway's own requests there are fewer than
@@ -144,8 +147,8 @@ class Router:
         return None, ""
 
     @staticmethod
-    def _least_load(replicas: Sequence[Replica], limit: int, exclude: tuple,
-                    share: int) -> tuple[Replica | None, str]:
+    def _least_load(replicas: Collection[R], limit: int, exclude: tuple,
+                    share: int) -> tuple[R | None, str]:
         """order()'s first free replica for least-load, in one pass and no list (the relay's hot path)."""
         best, fewest = None, 0
         for r in replicas:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-from ..admission.request import RELAYED
+from ..admission.request import RELAYED, Kind
 from ..errors import GatewayError
 from ..exchange.deadlines import deadlines_of
 from ..exchange.port import Exchange, body_too_large, client_gone_early
@@ -49,6 +49,8 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     counts: ConnectionCounts
     settings: GatewaySettings
     metrics: GatewayMetrics
+    timer: list | None      # the deadline running: the head's or the body's
+    timing: str | None      # which: "head" or "body"
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
@@ -121,7 +123,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             self.cycle.keep_alive = False
             self.flow.pause_reading()
             return
-        self.cycle = REFUSED  # what the parser still has in hand of this request finds it answered
+        self.cycle = REFUSED  # type: ignore[assignment]  # what the parser still has of the request finds it answered
         head = [STATUS_LINE[error.status], b"content-type: application/json\r\nconnection: close\r\n"]
         head += [b"%s: %s\r\n" % (k.lower().encode(), str(v).encode()) for k, v in error.headers.items()]
         body = error.body()
@@ -165,12 +167,13 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         if kind is None or self.parser.should_upgrade():
             return super().on_headers_complete()
         keep_alive = self.parser.get_http_version() != "1.0" and self.parser.should_keep_alive()
-        previous, self.cycle = self.cycle, NativeExchange(self, kind, keep_alive)
+        # the exchange stands in for uvicorn's request cycle (its private interface types only its own)
+        previous, self.cycle = self.cycle, NativeExchange(self, kind, keep_alive)  # type: ignore[assignment]
         if previous is None or previous.response_complete:
-            self._start_asgi_task(self.cycle, None)
+            self._start_asgi_task(self.cycle, None)  # type: ignore[arg-type]
         else:  # pipelined behind a request still being answered
             self.flow.pause_reading()
-            self.pipeline.appendleft((self.cycle, None))
+            self.pipeline.appendleft((self.cycle, None))  # type: ignore[arg-type]
 
 
 
@@ -193,7 +196,7 @@ class NativeExchange(Exchange):
     __slots__ = ("protocol", "kind", "transport", "flow", "body", "more_body", "message_event", "response_complete",
                  "disconnected", "keep_alive", "expect_100", "started", "on_response", "late")
 
-    def __init__(self, protocol: GatewayHttpProtocol, kind: str, keep_alive: bool):
+    def __init__(self, protocol: GatewayHttpProtocol, kind: Kind, keep_alive: bool):
         super().__init__(protocol.loop, protocol.headers, protocol.deadlines)
         self.protocol, self.kind = protocol, kind
         self.transport, self.flow = protocol.transport, protocol.flow

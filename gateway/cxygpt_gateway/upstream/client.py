@@ -54,7 +54,8 @@ class EngineClient:
             users[0] -= 1
             if not users[0]:  # replicas come and go: keep gates only for upstreams in use
                 del self._tokenizing[base_url]
-        return counts if all(c is not None for c in counts) else None
+        known = [c for c in counts if c is not None]
+        return known if len(known) == len(counts) else None
 
     async def healthy(self, base_url: str, timeout_s: float = 2.0) -> bool:
         try:

@@ -37,8 +37,9 @@ class _Connection(asyncio.Protocol):
     def __init__(self, pool: UpstreamPool, key: tuple, loop: asyncio.AbstractEventLoop):
         self.pool, self.key, self.loop = pool, key, loop
         self.parser = httptools.HttpResponseParser(self)
-        self.transport: asyncio.Transport | None = None
-        self.response: UpstreamResponse | None = None
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]  # set by connection_made
+        # the answer being read; parser callbacks come only while there is one
+        self.response: UpstreamResponse = None  # type: ignore[assignment]
         self.closed, self.idle_since, self._paused = False, 0.0, False
 
     def connection_made(self, transport):
@@ -194,7 +195,7 @@ class UpstreamResponse:
 
     def release(self) -> None:
         conn = self.conn
-        conn.response = None
+        conn.response = None  # type: ignore[assignment]  # no answer being read
         if self.complete and self.keep_alive and self._error is None and not conn.closed:
             conn.pool._idle(conn)
         else:
@@ -222,7 +223,7 @@ class UpstreamPool:
             u = urlsplit(base_url)
             tls = u.scheme == "https"
             port = u.port or (443 if tls else 80)
-            host_header = u.hostname if u.port is None else f"{u.hostname}:{u.port}"
+            host_header = str(u.hostname) if u.port is None else f"{u.hostname}:{u.port}"
             t = self._targets[base_url] = ((u.scheme, u.hostname, port), host_header.encode(), u.path.rstrip("/"))
         return t
 
