@@ -5,7 +5,7 @@ TOOLS ?= .tools
 PY    := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(CURDIR)/$(TOOLS)/bin:$(PATH)
 
-.PHONY: bootstrap bootstrap-test kube demo test test-unit test-openwebui screenshots profile clean
+.PHONY: bootstrap bootstrap-test kube lint demo test test-unit test-openwebui screenshots profile clean
 
 bootstrap:
 	@scripts/bootstrap.sh
@@ -21,10 +21,15 @@ kube:
 demo: bootstrap
 	cxygpt-dev up
 
+# ruff (pyflakes, pycodestyle, import order, bugbear, pyupgrade) and mypy over every package: pyproject.toml
+lint: bootstrap-test
+	$(VENV)/bin/ruff check
+	$(VENV)/bin/mypy -p cxygpt_profiles -p cxygpt_operator -p cxygpt_gateway -p cxygpt_sim -p cxygpt_console
+
 # two workers, each taking whole files (their module-scoped dev clusters stay in one process): half the time of
 # one on 2 cores, since most tests wait on the servers and clusters they start
 test: bootstrap-test kube
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15
 
 test-unit: bootstrap-test
 	$(PY) -m pytest -q tests/unit

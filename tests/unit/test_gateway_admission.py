@@ -21,6 +21,11 @@ from cxygpt_profiles import default_table
 from cxygpt_profiles.table import DegradeThresholds
 
 
+async def take(queue, priority=0, key=None):
+    """A slot now, or after waiting in line, as admission takes one."""
+    return queue.try_take(key) or await queue.wait(priority, key)
+
+
 class FakeClock:
     def __init__(self, start: float = 1_000_000.0):
         self.now = start
@@ -167,12 +172,12 @@ async def test_tokens_settle_after_the_response_and_block_until_the_minute_turns
     held = await limiter.reserve([scope], 900)
     await limiter.settle(held, 1500)  # more than it reserved (its input was under-counted) is paid in full
     clock.advance(20)
-    with pytest.raises(GatewayError) as e:
-        await limiter.admit([scope])
+    with pytest.raises(GatewayError) as e:  # the budget is spent: even a small request waits for the next minute
+        await limiter.reserve([scope], 10)
     assert "1000 tokens per minute" in e.value.message
     assert int(e.value.headers["Retry-After"]) == 40
     clock.advance(41)
-    await limiter.admit([scope])
+    await limiter.reserve([scope], 10)
 
 
 async def test_concurrent_requests_cannot_slip_past_the_token_budget_together(clock):
@@ -263,24 +268,24 @@ async def test_storage_failure_fails_open_and_is_counted(clock):
 async def test_least_outstanding_backend_and_concurrency_cap(clock):
     q = ModelQueue(queue_size=0, max_concurrency=2, clock=clock)
     q.set_backends(["http://a", "http://b"])
-    slots = [await q.acquire() for _ in range(4)]
+    slots = [await take(q) for _ in range(4)]
     assert sorted(s.backend.url for s in slots) == ["http://a", "http://a", "http://b", "http://b"]
     with pytest.raises(GatewayError) as e:  # no room to wait: fail at once
-        await q.acquire()
+        await take(q)
     assert e.value.status == 503 and e.value.code == "queue_full" and "Retry-After" in e.value.headers
     slots[0].release()
     slots[0].release()  # idempotent
-    assert (await q.acquire()).backend is slots[0].backend
+    assert (await take(q)).backend is slots[0].backend
 
 
 async def test_waiters_are_served_fifo_within_priority_and_handed_slots_directly(clock):
     q = ModelQueue(queue_size=3, max_concurrency=1, clock=clock)
     q.set_backends(["http://a"])
-    held = await q.acquire()
+    held = await take(q)
     order = []
 
     async def wait(name, priority):
-        slot = await q.acquire(priority)
+        slot = await take(q, priority)
         order.append(name)
         return slot
 
@@ -288,7 +293,7 @@ async def test_waiters_are_served_fifo_within_priority_and_handed_slots_directly
     await asyncio.sleep(0)
     assert q.waiting == 3
     with pytest.raises(GatewayError):  # line full
-        await q.acquire()
+        await take(q)
     clock.advance(2)
     held.release()
     first = await tasks[2]
@@ -302,8 +307,8 @@ async def test_waiters_are_served_fifo_within_priority_and_handed_slots_directly
 async def test_a_cancelled_wait_leaves_the_line(clock):
     q = ModelQueue(queue_size=1, max_concurrency=1, clock=clock)
     q.set_backends(["http://a"])
-    held = await q.acquire()
-    waiter = asyncio.create_task(q.acquire())
+    held = await take(q)
+    waiter = asyncio.create_task(take(q))
     await asyncio.sleep(0)
     waiter.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -311,10 +316,10 @@ async def test_a_cancelled_wait_leaves_the_line(clock):
     assert q.waiting == 0
     held.release()
     assert q.in_flight == 0
-    held = await q.acquire()
+    held = await take(q)
     with pytest.raises(TimeoutError):  # the caller bounds the wait; timing out is a cancellation too
         async with asyncio.timeout(0):
-            await q.acquire()
+            await take(q)
     assert q.waiting == 0
 
 
@@ -323,8 +328,8 @@ async def test_a_slot_freed_between_a_waits_cancel_and_its_wake_up_goes_to_the_n
     when its task next runs; a slot freed in between must neither fail nor leak (it did: 503s for everyone)."""
     q = ModelQueue(queue_size=4, max_concurrency=1, clock=clock)
     q.set_backends(["http://a"])
-    held = await q.acquire()
-    first, second = asyncio.create_task(q.acquire()), asyncio.create_task(q.acquire())
+    held = await take(q)
+    first, second = asyncio.create_task(take(q)), asyncio.create_task(take(q))
     await asyncio.sleep(0)
     first.cancel()  # its future is cancelled now, its except block has not run yet
     held.release()
@@ -341,15 +346,15 @@ async def test_no_routable_backend_is_503(clock):
     q.set_backends(["http://a"])
     q.backends["http://a"].healthy = False
     with pytest.raises(GatewayError) as e:
-        await q.acquire()
+        await take(q)
     assert e.value.code == "no_ready_replica"
 
 
 async def test_a_replica_that_turns_healthy_again_serves_those_waiting_at_once(clock):
     q = ModelQueue(queue_size=4, max_concurrency=1, clock=clock)
     q.set_backends(["http://a"])
-    busy = await q.acquire()
-    waiting = asyncio.ensure_future(q.acquire())
+    busy = await take(q)
+    waiting = asyncio.ensure_future(take(q))
     await asyncio.sleep(0)
     q.mark(q.backends["http://a"], False)  # it failed: the slot in flight ends, nobody is handed a sick replica
     busy.release()
@@ -364,8 +369,8 @@ async def test_a_replica_that_turns_healthy_again_serves_those_waiting_at_once(c
 async def test_a_new_replica_serves_those_waiting_at_once(clock):
     q = ModelQueue(queue_size=4, max_concurrency=1, clock=clock)
     q.set_backends(["http://a"])
-    busy = await q.acquire()
-    waiting = asyncio.ensure_future(q.acquire())
+    busy = await take(q)
+    waiting = asyncio.ensure_future(take(q))
     await asyncio.sleep(0)
     q.set_backends(["http://a", "http://b"])  # a scale-up: discovery reports a second ready endpoint
     assert (await asyncio.wait_for(waiting, 1)).backend.url == "http://b"
@@ -375,7 +380,7 @@ async def test_a_new_replica_serves_those_waiting_at_once(clock):
 async def test_failover_takes_another_free_replica_ahead_of_the_line_and_only_a_free_one(clock):
     q = ModelQueue(queue_size=4, max_concurrency=1, clock=clock)
     q.set_backends(["http://a", "http://b"])
-    first = await q.acquire()
+    first = await take(q)
     tried = (first.backend,)
     other = q.take_other(tried, queued_s=0.5)
     assert other.backend.url != first.backend.url and other.queued_s == 0.5
@@ -542,12 +547,12 @@ async def test_registry_keeps_queues_and_in_flight_counts_across_discovery_updat
     limits = table.get("DEV_32G").limits
     registry.upsert(ModelSpec(name="m", urls=("http://a",), limits=limits, mode="multi", profile="DEV_32G"))
     route = registry.get("m")
-    slot = await route.queue.acquire()
+    slot = await take(route.queue)
     registry.upsert(ModelSpec(name="m", urls=("http://a", "http://b"), limits=limits.model_copy(
         update={"max_concurrency": 1}), mode="multi", profile="DEV_32G"))
     assert registry.get("m") is route and route.limits.max_concurrency == 1
     assert route.queue.backends["http://a"].outstanding == 1
-    assert (await route.queue.acquire()).backend.url == "http://b"  # the new replica, least outstanding
+    assert (await take(route.queue)).backend.url == "http://b"  # the new replica, least outstanding
     registry.remove("m")
     slot.release()  # a request in flight on a removed model still ends cleanly
     assert registry.get("m") is None and registry.routable() == []
@@ -562,8 +567,8 @@ async def test_the_gateway_count_discovered_sets_every_models_share_and_a_larger
     registry.upsert(ModelSpec(name="m", urls=("http://a",), limits=limits, mode="multi", profile="DEV_32G"))
     queue = registry.get("m").queue
     queue.backends["http://a"].others = 4                       # the engine is full of other gateways' requests
-    first = await asyncio.wait_for(queue.acquire(), 1)           # this gateway's share is still its own
-    second = asyncio.ensure_future(queue.acquire())
+    first = await asyncio.wait_for(take(queue), 1)           # this gateway's share is still its own
+    second = asyncio.ensure_future(take(queue))
     await asyncio.sleep(0)
     assert not second.done() and queue.share == 1
     registry.set_gateways(2)                                     # its Service lists two ready gateways
@@ -593,8 +598,8 @@ async def test_a_removed_model_answers_its_waiters_at_once(clock):
     limits = table.get("DEV_32G").limits.model_copy(update={"max_concurrency": 1})
     for name in ("gone", "down"):
         registry.upsert(ModelSpec(name=name, urls=("http://a",), limits=limits, mode="multi", profile="DEV_32G"))
-    held = [await registry.get(n).queue.acquire() for n in ("gone", "down")]
-    waiting = {n: asyncio.ensure_future(registry.get(n).queue.acquire()) for n in ("gone", "down")}
+    held = [await take(registry.get(n).queue) for n in ("gone", "down")]
+    waiting = {n: asyncio.ensure_future(take(registry.get(n).queue)) for n in ("gone", "down")}
     await asyncio.sleep(0)
     registry.remove("gone")  # deleted: 404 now, not a 503 at the end of the queue timeout
     registry.reserve("down", Unavailable("model down is being set up", retry_after_s=7))

@@ -6,7 +6,9 @@ import random
 import pytest
 
 from cxygpt_gateway.admission.queue import MAX_PASSES, Backend, ModelQueue
-from cxygpt_gateway.routing.keys import KEY_CHARS, PROMPT_KEY_CHARS, request_key
+from cxygpt_gateway.routing.index import PrefixIndex
+from cxygpt_gateway.routing.keys import (CHUNK_CHARS, KEY_CHARS, MAX_CHUNKS, PROMPT_KEY_CHARS, RouteKey, chunk_chain,
+                                         request_key, route_key)
 from cxygpt_gateway.routing.policies import Router, Routing, load_bound, order, resolve
 from cxygpt_gateway.routing.ring import Ring
 from cxygpt_gateway.upstream.engine_metrics import EngineLoad, engine_load
@@ -41,7 +43,7 @@ def assistant(text):
 
 def test_the_key_is_the_same_in_every_process_and_release():
     """A literal: Python's hash() would differ per process (PYTHONHASHSEED), so two gateways would not agree."""
-    assert request_key("chat", chat(SYSTEM, user("hi"))) == 0xB662E380F41D7D59
+    assert request_key("chat", chat(SYSTEM, user("hi"))) == 0x7D81F0EA3C7C3CE7
     assert request_key("chat", chat(user("hi")), session="s-1") == 0x5F3F145E049E305B
 
 
@@ -77,13 +79,18 @@ def test_a_session_header_or_the_user_field_replaces_the_prefix_key():
 def test_the_key_reads_a_bounded_part_of_the_prompt():
     long = "x" * (KEY_CHARS * 10)
     assert request_key("chat", chat(user(long + "a"))) == request_key("chat", chat(user(long + "b")))
-    assert request_key("chat", chat(user(long))) != request_key("chat", chat(user(long + "b")))  # its length counts
+    # the first user message's leading characters alone: a long prefix inside it (a document, examples) is shared
+    assert request_key("chat", chat(user(long))) == request_key("chat", chat(user(long + "b")))
+    system = {"role": "system", "content": long}  # the messages before it count with their whole length
+    assert request_key("chat", chat(system, user("q"))) != request_key("chat", chat({**system, "content": long + "b"},
+                                                                                   user("q")))
     prompt = "p" * PROMPT_KEY_CHARS
     assert request_key("completions", {"prompt": prompt + " turn 1"}) == request_key(
         "completions", {"prompt": prompt + " turn 1 ... turn 2"})  # a growing prompt keeps its key
     assert request_key("completions", {"prompt": ["a" * 300, "b"]}) == request_key("completions", {"prompt": "a" * 300})
-    assert request_key("completions", {"prompt": list(range(100))}) == request_key(
-        "completions", {"prompt": [list(range(64)) + [7]]})
+    ids = PROMPT_KEY_CHARS // 4  # token ids: a quarter as many
+    assert request_key("completions", {"prompt": list(range(ids + 36))}) == request_key(
+        "completions", {"prompt": [list(range(ids)) + [7]]})
 
 
 def test_a_responses_input_is_keyed_like_its_messages():
@@ -98,6 +105,7 @@ def test_a_responses_input_is_keyed_like_its_messages():
 
 _RNG = random.Random(7)
 KEYS = [_RNG.getrandbits(64) for _ in range(20000)]
+RK = [RouteKey(k) for k in KEYS]  # the same as routing keys (a home, no prefix chain)
 
 
 def homes(ring):
@@ -138,9 +146,9 @@ def test_prefix_sends_a_key_to_its_home_then_along_the_ring():
     rs = replicas(3)
     ring = Ring(r.url for r in rs)
     walk = ring.walk(KEYS[1])
-    assert [r.url for r in order(PREFIX, rs, KEYS[1], ring=ring)] == list(walk)
+    assert [r.url for r in order(PREFIX, rs, RouteKey(KEYS[1]), ring=ring)] == list(walk)
     rs[[r.url for r in rs].index(walk[0])].healthy = False  # the home is down: the next on the ring
-    assert [r.url for r in order(PREFIX, rs, KEYS[1], ring=ring)] == list(walk[1:])
+    assert [r.url for r in order(PREFIX, rs, RouteKey(KEYS[1]), ring=ring)] == list(walk[1:])
 
 
 def test_prefix_skips_a_replica_that_would_go_above_the_bound():
@@ -148,9 +156,9 @@ def test_prefix_skips_a_replica_that_would_go_above_the_bound():
     ring = Ring(r.url for r in rs)
     home, second, third = (next(r for r in rs if r.url == u) for u in ring.walk(KEYS[2]))
     home.outstanding = 2  # bound: ⌈1.25 × (2 + 1) / 3⌉ = 2, and the home would hold 3
-    assert order(PREFIX, rs, KEYS[2], ring=ring) == [second, third, home]
+    assert order(PREFIX, rs, RouteKey(KEYS[2]), ring=ring) == [second, third, home]
     home.outstanding, second.outstanding, third.outstanding = 3, 3, 2  # bound ⌈1.25 × 9 / 3⌉ = 4
-    assert order(PREFIX, rs, KEYS[2], ring=ring) == [home, second, third]
+    assert order(PREFIX, rs, RouteKey(KEYS[2]), ring=ring) == [home, second, third]
 
 
 def test_load_bound_always_leaves_the_least_loaded_a_place():
@@ -173,13 +181,13 @@ def test_under_a_skewed_key_distribution_nobody_goes_above_the_bound():
         if running and rng.random() < 0.45:
             running.pop(rng.randrange(len(running))).outstanding -= 1
             continue
-        key = KEYS[0] if rng.random() < 0.5 else tail[min(int(rng.paretovariate(1.2)), 199)]
+        key = RouteKey(KEYS[0] if rng.random() < 0.5 else tail[min(int(rng.paretovariate(1.2)), 199)])
         total = sum(r.outstanding for r in rs)
         chosen, _ = router.pick(key, rs, limit=1000)
         assert chosen.outstanding + 1 <= load_bound(0.25, total, len(rs))
         chosen.outstanding += 1
         running.append(chosen)
-        if key == KEYS[0]:
+        if key.home == KEYS[0]:
             hot.add(chosen.url)
     assert len(hot) == len(rs) and max(r.outstanding for r in rs) <= 1.25 * len(running) / len(rs) + 1
 
@@ -219,9 +227,9 @@ def test_pick_is_the_first_free_replica_of_the_order(routing):
             r.healthy = rng.random() < 0.8
         router = Router(routing, [r.url for r in rs])
         router.turn = turn = rng.randint(0, 10)
-        key, tried = rng.getrandbits(64), tuple(r for r in rs if rng.random() < 0.2)
+        key, tried = RouteKey(rng.getrandbits(64)), tuple(r for r in rs if rng.random() < 0.2)
         ranked = order(routing, rs, key, ring=router.ring, turn=router.turn)
-        home = next((r for url in router.ring.walk(key) for r in rs if r.url == url and r.healthy), None) \
+        home = next((r for url in router.ring.walk(key.home) for r in rs if r.url == url and r.healthy), None) \
             if routing.policy == "prefix" else None
         # prefix: the key's home, first when within the bound, has ⌊0.25 × 4⌋ = 1 place more
         expected = next((r for at, r in enumerate(ranked)
@@ -240,19 +248,19 @@ def test_a_keys_home_within_the_bound_holds_epsilon_more_than_its_slots():
     home, second, *_ = (next(r for r in rs if r.url == url) for url in router.ring.walk(KEYS[3]))
     for r in rs:
         r.outstanding = 8
-    assert router.pick(KEYS[3], rs, limit=8) == (home, "affinity")     # 8 < 8 + ⌊0.25 × 8⌋
+    assert router.pick(RouteKey(KEYS[3]), rs, limit=8) == (home, "affinity")     # 8 < 8 + ⌊0.25 × 8⌋
     home.outstanding = 10
-    assert router.pick(KEYS[3], rs, limit=8) == (None, "")             # only the home has more, and it is full
+    assert router.pick(RouteKey(KEYS[3]), rs, limit=8) == (None, "")             # only the home has more, and it is full
     home.outstanding, second.outstanding = 10, 7
-    assert router.pick(KEYS[3], rs, limit=8) == (second, "spill")      # another replica only into a free slot
+    assert router.pick(RouteKey(KEYS[3]), rs, limit=8) == (second, "spill")      # another replica only into a free slot
     for r in rs:
         r.outstanding = 2
     home.outstanding = 7                                               # above ⌈1.25 × 14 / 4⌉ = 5: no extra
-    assert router.pick(KEYS[3], rs, limit=8)[1] == "spill"
+    assert router.pick(RouteKey(KEYS[3]), rs, limit=8)[1] == "spill"
     for r in rs:
         r.outstanding = 8
     home.outstanding = 12                                              # at ⌈1.25 × 37 / 4⌉ = 12: nobody has more
-    assert router.pick(KEYS[3], rs, limit=8) == (None, "")
+    assert router.pick(RouteKey(KEYS[3]), rs, limit=8) == (None, "")
     home.outstanding = 8
     assert Router(PREFIX, [r.url for r in rs]).pick(None, rs, limit=8) == (None, "")   # no key: no home
 
@@ -264,11 +272,11 @@ def test_the_slots_are_the_engines_and_what_other_senders_hold_there_fills_them(
     home = next(r for r in rs if r.url == router.ring.walk(KEYS[5])[0]) if router.ring else rs[0]
     other = rs[1] if home is rs[0] else rs[0]
     home.others = 10  # another gateway's requests: the engine is full though this gateway sends it nothing
-    assert router.pick(KEYS[5], rs, limit=8) == (other, "spill" if routing.policy != "least-load" else "affinity")
+    assert router.pick(RouteKey(KEYS[5]), rs, limit=8) == (other, "spill" if routing.policy != "least-load" else "affinity")
     other.outstanding, other.others = 3, 5
-    assert router.pick(KEYS[5], rs, limit=8) == (None, "")
+    assert router.pick(RouteKey(KEYS[5]), rs, limit=8) == (None, "")
     home.others = 0
-    assert router.pick(KEYS[5], rs, limit=8)[0] is home
+    assert router.pick(RouteKey(KEYS[5]), rs, limit=8)[0] is home
 
 
 @pytest.mark.parametrize("routing", [PREFIX, LEAST, ROUND], ids=lambda r: r.policy)
@@ -276,11 +284,11 @@ def test_a_gateway_may_always_use_its_share_of_an_engines_slots(routing):
     rs = replicas(1)
     router = Router(routing, [r.url for r in rs])
     rs[0].others = 8                                   # full by the engine's count
-    assert router.pick(KEYS[7], rs, limit=8, share=4)[0] is rs[0]
+    assert router.pick(RouteKey(KEYS[7]), rs, limit=8, share=4)[0] is rs[0]
     rs[0].outstanding = 4                              # its share used: the rest only as the engine's count allows
-    assert router.pick(KEYS[7], rs, limit=8, share=4) == (None, "")
+    assert router.pick(RouteKey(KEYS[7]), rs, limit=8, share=4) == (None, "")
     rs[0].others = 3
-    assert router.pick(KEYS[7], rs, limit=8, share=4)[0] is rs[0]
+    assert router.pick(RouteKey(KEYS[7]), rs, limit=8, share=4)[0] is rs[0]
 
 
 def test_least_load_ranks_a_replica_free_by_the_share_by_its_load():
@@ -296,19 +304,19 @@ def test_the_load_bound_balances_this_gateways_own_requests():
     router = Router(PREFIX, [r.url for r in rs])
     home = next(r for r in rs if r.url == router.ring.walk(KEYS[6])[0])
     home.others = 4          # another gateway's 4 at the home (read up to an interval ago): still its home
-    assert router.pick(KEYS[6], rs, limit=8) == (home, "affinity")
+    assert router.pick(RouteKey(KEYS[6]), rs, limit=8) == (home, "affinity")
     home.outstanding = 1     # this gateway's own 1 + 1 > ⌈1.25 × 2 / 4⌉ = 1: the next one on the ring
-    assert router.pick(KEYS[6], rs, limit=8)[1] == "spill"
+    assert router.pick(RouteKey(KEYS[6]), rs, limit=8)[1] == "spill"
 
 
 def test_prefix_names_its_choices():
     rs = replicas(3)
     router = Router(PREFIX, [r.url for r in rs])
     home = next(r for r in rs if r.url == router.ring.walk(KEYS[4])[0])
-    assert router.pick(KEYS[4], rs, limit=2) == (home, "affinity")
+    assert router.pick(RouteKey(KEYS[4]), rs, limit=2) == (home, "affinity")
     home.outstanding = 2  # full
-    assert router.pick(KEYS[4], rs, limit=2)[1] == "spill"
-    assert router.pick(KEYS[4], rs, limit=2, exclude=(rs[0],))[1] == "other"
+    assert router.pick(RouteKey(KEYS[4]), rs, limit=2)[1] == "spill"
+    assert router.pick(RouteKey(KEYS[4]), rs, limit=2, exclude=(rs[0],))[1] == "other"
 
 
 def test_the_default_policy_follows_the_mode():
@@ -326,22 +334,22 @@ def prefix_queue(n, limit=1, size=4):
 
 
 def walk_of(q, key):
-    return [q.backends[u] for u in q.router.ring.walk(key)]
+    return [q.backends[u] for u in q.router.ring.walk(key.home)]
 
 
 async def test_the_queue_takes_the_first_free_replica_in_the_keys_order():
     q = prefix_queue(3, limit=1)
-    home, second, third = walk_of(q, KEYS[5])
-    first = q.try_take(KEYS[5])
-    assert first.backend is home and first.choice == "affinity" and first.key == KEYS[5]
-    spilled = q.try_take(KEYS[5])
+    home, second, third = walk_of(q, RK[5])
+    first = q.try_take(RK[5])
+    assert first.backend is home and first.choice == "affinity" and first.key == RK[5]
+    spilled = q.try_take(RK[5])
     assert spilled.backend is second and spilled.choice == "spill"
 
 
 async def test_a_failover_takes_the_next_in_the_keys_order():
     q = prefix_queue(3, limit=4)
-    home, second, third = walk_of(q, KEYS[6])
-    slot = q.try_take(KEYS[6])
+    home, second, third = walk_of(q, RK[6])
+    slot = q.try_take(RK[6])
     other = q.take_other((slot.backend,), key=slot.key)
     assert other.backend is second and other.choice == "other"
     assert q.take_other((home, second), key=slot.key).backend is third
@@ -349,11 +357,11 @@ async def test_a_failover_takes_the_next_in_the_keys_order():
 
 async def test_the_head_of_the_line_takes_its_best_free_replica_when_one_frees():
     q = prefix_queue(2, limit=1)
-    home, other = walk_of(q, KEYS[7])
-    held = [q.try_take(KEYS[7]), q.try_take(KEYS[7])]
+    home, other = walk_of(q, RK[7])
+    held = [q.try_take(RK[7]), q.try_take(RK[7])]
     assert {s.backend for s in held} == {home, other}
-    waiting = asyncio.ensure_future(q.wait(key=KEYS[7]))
-    behind = asyncio.ensure_future(q.wait(key=KEYS[7]))
+    waiting = asyncio.ensure_future(q.wait(key=RK[7]))
+    behind = asyncio.ensure_future(q.wait(key=RK[7]))
     await asyncio.sleep(0)
     next(s for s in held if s.backend is other).release()  # not its home, but the only free one: it takes it
     slot = await asyncio.wait_for(waiting, 1)
@@ -364,11 +372,11 @@ async def test_the_head_of_the_line_takes_its_best_free_replica_when_one_frees()
 
 async def test_nobody_overtakes_the_head_of_the_line():
     q = prefix_queue(2, limit=1)
-    home, other = walk_of(q, KEYS[8])
-    held = [q.try_take(KEYS[8]), q.try_take(KEYS[8])]
-    waiting = asyncio.ensure_future(q.wait(key=KEYS[8]))
+    home, other = walk_of(q, RK[8])
+    held = [q.try_take(RK[8]), q.try_take(RK[8])]
+    waiting = asyncio.ensure_future(q.wait(key=RK[8]))
     await asyncio.sleep(0)
-    assert q.try_take(KEYS[9]) is None  # a slot would have to free first, and it goes to the head
+    assert q.try_take(RK[9]) is None  # a slot would have to free first, and it goes to the head
     for s in held:
         s.release()
     assert (await asyncio.wait_for(waiting, 1)).backend is home
@@ -376,7 +384,7 @@ async def test_nobody_overtakes_the_head_of_the_line():
 
 def homed_at(q, backend, count=1):
     """`count` keys whose home is `backend`."""
-    return [k for k in KEYS if walk_of(q, k)[0] is backend][:count]
+    return [k for k in RK if walk_of(q, k)[0] is backend][:count]
 
 
 def full(q, keys):
@@ -508,3 +516,119 @@ def test_a_routing_the_gateway_cannot_use_is_refused_at_start(routing):
     from cxygpt_gateway.settings import GatewaySettings
     with pytest.raises(ValidationError):
         GatewaySettings(routing=routing)
+
+
+# ---- the longest cached prefix (issue 26) ------------------------------------------------------------------------
+
+DOC = "".join(f"Clause {i}: the tenant shall keep the premises in good order. " for i in range(300))  # ~18 KiB
+
+
+def test_requests_sharing_a_prefix_inside_one_message_share_their_home_and_leading_chunks():
+    a = route_key("chat", chat(SYSTEM, user(DOC + "\nQuestion: how long is the lease?")))
+    b = route_key("chat", chat(SYSTEM, user(DOC + "\nQuestion: who repairs the roof, and when?")))
+    assert a.home == b.home
+    shared = len(SYSTEM["content"]) + len(DOC)
+    assert len(a.chain) == len(b.chain) >= shared // CHUNK_CHARS - 1
+    assert a.chain[:shared // CHUNK_CHARS] == b.chain[:shared // CHUNK_CHARS]
+    other = route_key("chat", chat(SYSTEM, user(DOC.replace("Clause 7", "Clause Z") + "\nQuestion: how long?")))
+    assert other.chain[0] == a.chain[0] and other.chain[-1] != a.chain[-1]  # apart from the chunk that differs
+    completions = [route_key("completions", {"prompt": DOC + q}) for q in ("Q1", "Q2: longer")]
+    assert completions[0].home == completions[1].home and completions[0].chain == completions[1].chain
+    as_responses = route_key("responses", {"instructions": SYSTEM["content"], "input": DOC + "\nQuestion: x"})
+    assert as_responses.chain[:shared // CHUNK_CHARS] == a.chain[:shared // CHUNK_CHARS]
+
+
+def test_the_chain_is_bounded_and_leaves_a_partial_chunk_out():
+    assert chunk_chain("x" * (CHUNK_CHARS - 1)) == ()
+    assert len(chunk_chain("x" * (CHUNK_CHARS * 2 + 5))) == 2
+    huge = route_key("chat", chat(user("y" * 10_000_000)))
+    assert len(huge.chain) == MAX_CHUNKS
+    short = route_key("chat", chat(user("hi")))
+    assert short.chain == () and short.home == request_key("chat", chat(user("hi")))
+
+
+def test_the_index_knows_where_each_prefix_went_forgets_the_oldest_and_a_replica_that_left():
+    index = PrefixIndex(capacity=6)
+    index.record((1, 2, 3, 4), "a")
+    index.record((1, 2, 9), "b")
+    assert index.depths((1, 2, 3, 4, 5), {"a", "b", "c"}) == {"a": 4, "b": 2}
+    assert index.depths((7,), {"a"}) == {}
+    index.record((11, 12, 13), "c")  # 7 chunks in all: the least recently sent one (3) goes
+    assert index.depths((1, 2, 3, 4), {"a"}) == {"a": 2} and len(index) == 6
+    index.forget("a")
+    assert index.depths((1, 2), {"a", "b"}) == {"b": 2}
+
+
+def test_a_request_goes_where_its_longest_prefix_is_cached_within_the_load_bound():
+    rs = replicas(4)
+    router = Router(PREFIX, [r.url for r in rs])
+    first = route_key("chat", chat(SYSTEM, user(DOC + "\nQ: one")))
+    home, _ = router.pick(first, rs, limit=8)
+    assert home is next(r for r in rs if r.url == router.ring.walk(first.home)[0])  # a prefix nobody holds: home
+    router.placed(first, home.url)
+    # another request with the same document but whose home (a session) is elsewhere still goes where it is cached
+    second = route_key("chat", chat(SYSTEM, user(DOC + "\nQ: two")), session="someone")
+    assert router.ring.walk(second.home)[0] != home.url
+    assert router.pick(second, rs, limit=8) == (home, "affinity")
+    # ... while that replica stays within the load bound; past it, the request spills to the least loaded
+    home.outstanding = 5
+    chosen, choice = router.pick(second, rs, limit=8)
+    assert chosen is not home and choice == "spill" and chosen.outstanding == 0
+
+
+def test_two_gateways_place_a_prefix_neither_has_seen_alike_and_learn_the_same():
+    rs = replicas(4)
+    gateways = [Router(PREFIX, [r.url for r in rs]) for _ in range(2)]
+    for n in range(50):
+        key = route_key("completions", {"prompt": f"document {n} " * 100 + "question"})
+        picks = [g.pick(key, rs, limit=8)[0] for g in gateways]
+        assert picks[0] is picks[1]
+        for g in gateways:
+            g.placed(key, picks[0].url)
+
+
+def test_a_hot_shared_prefix_spreads_over_the_replicas_that_hold_it_within_the_bound():
+    """Many conversations of one tenant with a long system prompt: none piles onto one replica."""
+    rs = replicas(4)
+    router = Router(PREFIX, [r.url for r in rs])
+    for i in range(200):
+        key = route_key("chat", chat(SYSTEM, user(f"question number {i} about my invoice")))
+        chosen, _ = router.pick(key, rs, limit=1000)
+        bound = load_bound(PREFIX.epsilon, sum(r.outstanding for r in rs), len(rs))
+        assert chosen.outstanding < bound
+        chosen.outstanding += 1
+        router.placed(key, chosen.url)
+    assert max(r.outstanding for r in rs) <= 1.25 * 200 / 4 + 1
+
+
+async def test_the_queue_records_where_it_placed_each_prefix():
+    q = prefix_queue(3, limit=4)
+    key = route_key("chat", chat(SYSTEM, user(DOC)))
+    slot = q.try_take(key)
+    assert q.router.index.depths(key.chain, {slot.backend.url}) == {slot.backend.url: len(key.chain)}
+    q.set_backends([u for u in q.backends if u != slot.backend.url])  # the replica left
+    assert q.router.index.depths(key.chain, {slot.backend.url}) == {}
+
+
+def test_what_every_request_of_a_tenant_shares_does_not_move_a_new_conversation_off_its_home():
+    """Only a prefix held beyond what the home key covers overrides the home: a conversation's own history (or a
+    document the load bound sent elsewhere), not the system prompt every conversation of the tenant shares."""
+    rs = replicas(4)
+    router = Router(PREFIX, [r.url for r in rs])
+    for i in range(40):
+        key = route_key("chat", chat(SYSTEM, user(f"conversation {i}: where is my order?")))
+        home = router.ring.walk(key.home)[0]
+        chosen, choice = router.pick(key, rs, limit=1000)
+        assert (chosen.url, choice) == (home, "affinity")
+        router.placed(key, chosen.url)
+    # a later turn of one of them goes where its history is, even with a session that names another home
+    first = chat(SYSTEM, user("conversation 3: where is my order?"))
+    placed = router.ring.walk(route_key("chat", first).home)[0]
+    later = route_key("chat", {**first, "messages": first["messages"] + [
+        {"role": "assistant", "content": "It left the warehouse yesterday. " * 20}, user("thanks")]})
+    router.placed(later, placed)
+    again = route_key("chat", {**first, "messages": first["messages"] + [
+        {"role": "assistant", "content": "It left the warehouse yesterday. " * 20}, user("thanks"),
+        {"role": "assistant", "content": "You are welcome."}, user("one more thing")]}, session="elsewhere")
+    assert router.ring.walk(again.home)[0] != placed
+    assert router.pick(again, rs, limit=1000)[0].url == placed

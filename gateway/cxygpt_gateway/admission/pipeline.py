@@ -10,7 +10,7 @@ import orjson
 
 from ..errors import GatewayError
 from ..exchange.port import ClientLeft, Exchange, body_too_large
-from ..routing.keys import request_key
+from ..routing.keys import RouteKey, route_key
 from ..routing.policies import load
 from ..routing.registry import Registry, no_ready_replica
 from .auth import Caller, KeyStore
@@ -103,7 +103,7 @@ def _output_cap(target: ModelRoute, caller: Caller, degraded: bool, requested: i
     return min(requested or cap, cap)
 
 
-async def _wait_in_line(ex: Exchange, target: ModelRoute, priority: int, key: int | None,
+async def _wait_in_line(ex: Exchange, target: ModelRoute, priority: int, key: RouteKey | None,
                         cold_start_s: float) -> Slot:
     """The next free slot, within the queue timeout (the cold-start timeout while the model has no replica that
     could ever free one: it is starting from zero); a client that leaves meanwhile leaves the line at once."""
@@ -131,15 +131,16 @@ async def _wait_in_line(ex: Exchange, target: ModelRoute, priority: int, key: in
 SHED_REASONS = frozenset({"queue_full", "queue_timeout"})
 
 
-def _routing_key(target: ModelRoute, req: OpenAIRequest, session: str | None) -> int | None:
-    """The request's place on the model's hash ring; none for a policy without one, or a single replica."""
+def _routing_key(target: ModelRoute, req: OpenAIRequest, session: str | None) -> RouteKey | None:
+    """The request's home on the model's hash ring and its prefix chain; none for a policy without them, or a single
+    replica."""
     queue = target.queue
     if not queue.router.uses_key or len(queue.backends) < 2:
         return None
-    return request_key(req.kind, req.body, session)
+    return route_key(req.kind, req.body, session)
 
 
-async def _take_slot(ex: Exchange, target: ModelRoute, priority: int, key: int | None,
+async def _take_slot(ex: Exchange, target: ModelRoute, priority: int, key: RouteKey | None,
                      cold_start_s: float) -> Slot:
     """A slot now or after a wait in line; each outcome is an arrival for the degradation monitor."""
     try:

@@ -8,13 +8,13 @@ import time
 from collections.abc import Callable, Iterable
 
 from ..errors import GatewayError
-from ..routing.policies import AFFINITY, SPILL, Router, Routing
+from ..routing.keys import RouteKey
+from ..routing.policies import AFFINITY, DEFAULT_ROUTING, SPILL, Router, Routing
 
 # A slot that frees on a replica which is not the head of the line's first choice goes to the first of the next
 # LOOKAHEAD waiters (of the head's priority) whose first choice it is: their prefixes are cached there, and a full
 # fleet would otherwise hand every freed slot to whoever is first and lose the affinity routing built. The head is
 # passed over at most MAX_PASSES times, so nobody waits more than that many freed slots longer than strict FIFO.
-DEFAULT_ROUTING = Routing()
 LOOKAHEAD = 8
 MAX_PASSES = 4
 
@@ -38,7 +38,7 @@ class Slot:
     __slots__ = ("queue", "backend", "started", "queued_s", "key", "choice", "_released")
 
     def __init__(self, queue: ModelQueue, backend: Backend, started: float, queued_s: float,
-                 key: int | None = None, choice: str = "affinity"):
+                 key: RouteKey | None = None, choice: str = "affinity"):
         self.queue, self.backend, self.started, self.queued_s = queue, backend, started, queued_s
         self.key, self.choice, self._released = key, choice, False
 
@@ -52,7 +52,7 @@ class Slot:
 class _Waiter:
     __slots__ = ("future", "key", "cancelled", "passes")
 
-    def __init__(self, future: asyncio.Future, key: int | None):
+    def __init__(self, future: asyncio.Future, key: RouteKey | None):
         self.future, self.key, self.cancelled, self.passes = future, key, False, 0
 
     @property
@@ -119,26 +119,31 @@ class ModelQueue:
     def routable(self) -> list[Backend]:
         return [b for b in self.backends.values() if b.healthy]
 
-    def take_other(self, tried: tuple[Backend, ...], queued_s: float = 0.0, key: int | None = None) -> Slot | None:
+    def take_other(self, tried: tuple[Backend, ...], queued_s: float = 0.0,
+                   key: RouteKey | None = None) -> Slot | None:
         """For a request none of which reached the replicas it `tried`: a free slot on the next one in its order,
         ahead of those waiting (it was admitted before them), or None."""
         backend, choice = self.router.pick(key, self.backends.values(), self.max_concurrency, tried, self.share)
         if backend is None:
             return None
-        backend.outstanding += 1
+        self._taken(key, backend)
         return Slot(self, backend, self.clock(), queued_s, key, choice)
+
+    def _taken(self, key: RouteKey | None, backend: Backend) -> None:
+        backend.outstanding += 1
+        self.router.placed(key, backend.url)
 
     def retry_after(self) -> float:
         """Seconds until a place is likely free: the queue ahead drained at the observed service rate."""
         capacity = max(len(self.routable()) * self.max_concurrency, 1)
         return max(1.0, self.service_s_ewma * (self.waiting + 1) / capacity)
 
-    def try_take(self, key: int | None = None) -> Slot | None:
+    def try_take(self, key: RouteKey | None = None) -> Slot | None:
         """A slot now; None when the caller must wait in line; 503 when nothing is routable or the line is full."""
         if not self.waiting:  # never overtake those waiting
             backend, choice = self.router.pick(key, self.backends.values(), self.max_concurrency, share=self.share)
             if backend is not None:
-                backend.outstanding += 1
+                self._taken(key, backend)
                 return Slot(self, backend, self.clock(), 0.0, key, choice)
         if not self.routable() and not self.hold_empty:
             raise GatewayError(503, "no ready replica for this model right now", code="no_ready_replica",
@@ -148,7 +153,7 @@ class ModelQueue:
                                code="queue_full", reason="queue_full", retry_after=self.retry_after())
         return None
 
-    async def wait(self, priority: int = 0, key: int | None = None) -> Slot:
+    async def wait(self, priority: int = 0, key: RouteKey | None = None) -> Slot:
         """Wait in line for the next free slot. The caller bounds the wait (asyncio.timeout); a cancelled wait
         leaves the line."""
         arrived = self.clock()
@@ -168,10 +173,6 @@ class ModelQueue:
             raise
         now = self.clock()
         return Slot(self, backend, now, now - arrived, key, choice)
-
-    async def acquire(self, priority: int = 0, key: int | None = None) -> Slot:
-        """A slot now, or after waiting in line (see try_take and wait)."""
-        return self.try_take(key) or await self.wait(priority, key)
 
     def _release(self, slot: Slot, served: bool) -> None:
         slot.backend.outstanding -= 1
@@ -210,7 +211,7 @@ class ModelQueue:
                 waiter.passes += 1
                 choice = AFFINITY
             self.waiting -= 1
-            backend.outstanding += 1
+            self._taken(taker.key, backend)
             taker.future.set_result((backend, choice))
 
     def _first_at_home(self, backend: Backend, priority: int) -> _Waiter | None:

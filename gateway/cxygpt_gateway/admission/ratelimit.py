@@ -65,7 +65,6 @@ class Windows(Protocol):
 
     async def requests_free(self, key: str, w: Window) -> bool: ...
     async def take_request(self, key: str, w: Window) -> bool: ...
-    async def tokens_left(self, key: str, w: Window) -> bool: ...
     async def reserve_tokens(self, key: str, w: Window, cost: int) -> float | None:
         """Take `cost` if it fits in what is left: the window it was taken from (its id), else None, taking nothing."""
     async def adjust_tokens(self, key: str, w: Window, delta: int, window: float | None) -> None:
@@ -108,9 +107,6 @@ class LocalWindows:
         if window is None or now >= window[0] + w.period_s:
             window = self._tokens[key] = [now, 0]
         return window
-
-    async def tokens_left(self, key: str, w: Window) -> bool:
-        return self._token_window(key, w)[1] < w.amount
 
     async def reserve_tokens(self, key: str, w: Window, cost: int) -> float | None:
         window = self._token_window(key, w)
@@ -159,9 +155,6 @@ class SharedWindows:
     async def take_request(self, key: str, w: Window) -> bool:
         return await self._requests.hit(self._item(w), key)
 
-    async def tokens_left(self, key: str, w: Window) -> bool:
-        return await self._tokens.test(self._item(w), key)
-
     async def reserve_tokens(self, key: str, w: Window, cost: int) -> float | None:
         # incr first, then undo when over: atomic per replica's call, so concurrent reservations cannot both fit
         item = self._item(w)
@@ -199,9 +192,9 @@ class Reservation:
 
 
 class RateLimiter:
-    """Requests are checked and counted on arrival. Tokens: on arrival only "is any budget left?" (cheap, before the
-    input is counted); once it is, the request reserves its input + max_tokens x n in every token budget, or is
-    refused; when it ends it is charged what it used and the rest comes back. So concurrent requests cannot slip
+    """Requests are checked and counted on arrival. Tokens: once its input is counted, the request reserves its
+    input + max_tokens x n in every token budget, or is refused (a spent budget too); when it ends it is charged
+    what it used and the rest comes back. So concurrent requests cannot slip
     past a limit together, and one request cannot spend more than it reserved. Counter failures fail open, counted
     by `on_storage_error`; after one, the counters are left alone for a pause so a black-holed Redis does not slow
     every request."""
@@ -213,16 +206,13 @@ class RateLimiter:
         self._storage_down_until = NEVER
 
     async def admit(self, scopes: list[Scope]) -> None:
-        """Count one request in every scope or raise a 429 with Retry-After from the limiting window."""
+        """Count one request in every scope with a request rate, or raise a 429 with Retry-After from the limiting
+        window."""
         if self.clock() < self._storage_down_until:
             self.on_storage_error()
             return
         w = self.windows
         try:
-            for scope in scopes:
-                if scope.tokens is not None and not await w.tokens_left(scope.key, scope.tokens):
-                    raise _limited(scope, f"{scope.rate.tpm} tokens per minute",
-                                   await w.tokens_retry_after(scope.key, scope.tokens))
             limited = [(s, window) for s in scopes if (window := s.requests) is not None]
             for scope, window in limited:  # test all first: a refusal by one scope costs the others nothing
                 if not await w.requests_free(scope.key, window):

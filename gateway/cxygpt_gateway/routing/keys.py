@@ -1,7 +1,10 @@
-"""A request's routing key (pure): a stable hash of what its prompt starts with, the same in every gateway."""
+"""A request's routing key (pure): where its prefix lives when no gateway has seen it (its home: a stable hash of
+what its prompt starts with, alike in every gateway), and its leading chunks hashed in a chain (as vLLM hashes its
+KV blocks: two prompts that share their first N chunks share their first N hashes)."""
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 
 import orjson
 
@@ -9,10 +12,27 @@ import orjson
 # including the first user one (at most KEY_MESSAGES), at most KEY_CHARS characters of each, with its length (a
 # conversation differs from its tenant's others in its first user message; hashing costs ~1 µs per KiB); of a
 # completion's prompt, its first PROMPT_KEY_CHARS characters (or a quarter as many token ids) alone, since the
-# prompt grows with each turn: one shorter than that moves on the ring as it grows
+# prompt grows with each turn: one shorter than that moves on the ring as it grows (the chain below keeps it on the
+# replica that served it in this gateway)
 KEY_CHARS = 1024
 KEY_MESSAGES = 32
-PROMPT_KEY_CHARS = 256
+PROMPT_KEY_CHARS = 1024
+# the chain: the rendered prompt (every message's role and text, in order) in chunks of CHUNK_CHARS characters
+# (about 64 tokens: four of vLLM's 16-token blocks), the first MAX_CHUNKS of them (32 KiB, ~8k tokens): a longer
+# prompt costs no more to route
+CHUNK_CHARS = 256
+MAX_CHUNKS = 128
+
+
+@dataclass(frozen=True, slots=True)
+class RouteKey:
+    """`home`: the request's place on the hash ring (a prefix no gateway has seen goes there); `chain`: the hashes
+    of its leading full chunks, each over the one before (this process's hashes: they only meet its own index);
+    `identity`: how many of them the home covers (the text its hash reads: a replica that holds more of the prefix
+    than that holds this very request's, or its conversation's, beyond what every request of its home shares)."""
+    home: int
+    chain: tuple[int, ...] = ()
+    identity: int = 0
 
 
 def stable_hash(data: bytes) -> int:
@@ -34,10 +54,12 @@ def _text(content) -> str:
     return "" if content is None else str(content)
 
 
-def _chain(parent: bytes, role: str, text: str) -> bytes:
-    """The next block's (message's) hash: over its parent's hash, its role and its text, cut to KEY_CHARS but
-    with its whole length, so that a cut never makes two lengths equal."""
-    block = b"%b%d\0%b%d\0%b" % (parent, len(role), role[:64].encode(errors="replace"), len(text),
+def _chain(parent: bytes, role: str, text: str, whole: bool = True) -> bytes:
+    """The next message's hash: over its parent's hash, its role and its text cut to KEY_CHARS; with `whole`, its
+    whole length too, so that a cut never makes two lengths equal (the first user message goes without it: requests
+    that share a long prefix inside it, a document or examples before the question, share their home)."""
+    length = len(text) if whole else -1
+    block = b"%b%d\0%b%d\0%b" % (parent, len(role), role[:64].encode(errors="replace"), length,
                                  text[:KEY_CHARS].encode(errors="replace"))
     return hashlib.blake2b(block, digest_size=16).digest()
 
@@ -51,7 +73,7 @@ def _messages_key(messages: list) -> bytes:
             continue
         given = m.get("role")
         role = given if isinstance(given, str) else ""
-        digest = _chain(digest, role, _text(m.get("content")))
+        digest = _chain(digest, role, _text(m.get("content")), whole=role != "user")
         if role == "user":
             break
     return digest
@@ -92,3 +114,61 @@ def request_key(kind: str, body: dict, session: str | None = None) -> int:
     else:
         digest = _prompt_key(body.get("prompt" if kind == "completions" else "input"))
     return int.from_bytes(digest[:8], "big")
+
+
+def _rendered(kind: str, body: dict, limit: int) -> tuple[str, int]:
+    """The prompt as the engine will see it, near enough for prefixes: every message's role and text in order (a
+    chat template adds the same markers to the same messages), a prompt's text (or token ids); its first `limit`
+    characters, and how many of them the home key reads (through the first user message's first KEY_CHARS)."""
+    parts: list[str] = []
+    size, identity = 0, 0
+    if kind in ("chat", "responses"):
+        if kind == "chat":
+            messages = body.get("messages") or []
+        else:
+            given = body.get("input")
+            messages = [{"role": "system", "content": body["instructions"]}] if body.get("instructions") else []
+            messages += [{"role": "user", "content": given}] if isinstance(given, str) else [
+                {"role": i.get("role") or "user", "content": i.get("content", i.get("output"))}
+                for i in (given if isinstance(given, list) else []) if isinstance(i, dict)]
+        for m in messages:
+            if not isinstance(m, dict):
+                continue
+            role = m.get("role")
+            content = _text(m.get("content"))
+            text = f"<{role if isinstance(role, str) else ''}>\n{content}\n"
+            if not identity and role == "user":
+                identity = size + len(text) - len(content) - 1 + min(len(content), KEY_CHARS)
+            parts.append(text)
+            size += len(text)
+            if size >= limit:
+                break
+    else:
+        prompt = body.get("prompt" if kind == "completions" else "input")
+        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+            prompt = prompt[0]  # the first of a batch
+        if isinstance(prompt, list):  # token ids
+            ids = [str(t) for t in prompt[:limit // 4]]
+            parts.append(" ".join(ids))
+            identity = len(" ".join(ids[:PROMPT_KEY_CHARS // 4]))
+        elif isinstance(prompt, str):
+            parts.append(prompt[:limit])
+            identity = min(len(prompt), PROMPT_KEY_CHARS)
+    return "".join(parts)[:limit], identity or size
+
+
+def chunk_chain(text: str) -> tuple[int, ...]:
+    """The chained hashes of `text`'s full CHUNK_CHARS chunks (a partial last one is left out, as vLLM caches only
+    full blocks)."""
+    chain: list[int] = []
+    parent = 0
+    for start in range(0, len(text) - CHUNK_CHARS + 1, CHUNK_CHARS):
+        parent = hash((parent, text[start:start + CHUNK_CHARS]))
+        chain.append(parent)
+    return tuple(chain)
+
+
+def route_key(kind: str, body: dict, session: str | None = None) -> RouteKey:
+    """The request's home (request_key), its prefix chain and how much of it the home covers."""
+    text, identity = _rendered(kind, body, CHUNK_CHARS * MAX_CHUNKS)
+    return RouteKey(request_key(kind, body, session), chunk_chain(text), identity // CHUNK_CHARS)

@@ -1,4 +1,5 @@
-"""Which replica a request goes to (pure): prefix affinity with bounded loads, least load, or round robin."""
+"""Which replica a request goes to (pure): the longest cached prefix with bounded loads, least load, or round
+robin."""
 from __future__ import annotations
 
 import math
@@ -6,6 +7,8 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from typing import Literal, Protocol, TypeVar, cast
 
+from .index import CHUNKS_PER_REPLICA, PrefixIndex
+from .keys import RouteKey
 from .ring import Ring
 
 Policy = Literal["prefix", "least-load", "round-robin"]
@@ -36,6 +39,9 @@ class Routing:
     epsilon: float = DEFAULT_EPSILON
 
 
+DEFAULT_ROUTING = Routing()
+
+
 def resolve(policy: str | None, epsilon: float | None, mode: str) -> Routing:
     """The routing in force: an unset policy is `prefix` for a multi-user model, `least-load` for one user."""
     chosen = cast(Policy, policy or ("prefix" if mode == "multi" else "least-load"))
@@ -59,14 +65,23 @@ def load_bound(epsilon: float, in_flight: int, replicas: int) -> int:
     return math.ceil((1 + epsilon) * (in_flight + 1) / replicas - 1e-9)
 
 
-def _prefix(routing: Routing, healthy: list[R], key: int, ring: Ring) -> tuple[list[R], R]:
-    """(the order, the key's home): the ring's order from the key, those within the load bound first, then the
-    others by load; the home is the first healthy replica on the ring."""
+def _prefix(routing: Routing, healthy: list[R], key: RouteKey, ring: Ring,
+            index: PrefixIndex | None = None) -> tuple[list[R], R]:
+    """(the order, the first choice). Within the load bound: the replicas that hold more of the request's prefix
+    than its home key covers (as far as this gateway sent it there: a conversation or a document the load bound
+    sent elsewhere before), the longest first, then the rest, each in the ring's order from the key's home; beyond
+    the bound, by load. The first choice: the one holding the longest part, or the home (the first healthy replica
+    on the ring, alike in every gateway). What every request of a home shares (a tenant's system prompt) moves
+    nothing: the home keeps its requests together, and gateways that have seen different requests still agree."""
     by_url = {r.url: r for r in healthy}
-    walk = [by_url[url] for url in ring.walk(key) if url in by_url]
+    walk = [by_url[url] for url in ring.walk(key.home) if url in by_url]
     if len(walk) < len(healthy):  # a replica the ring was not built with: after the others
         on_ring = set(ring.urls)
         walk += [r for r in healthy if r.url not in on_ring]
+    if index is not None and len(key.chain) > key.identity:
+        held = {url: depth for url, depth in index.depths(key.chain, by_url).items() if depth > key.identity}
+        if held:  # the deepest first, stable: equals keep the ring's order
+            walk.sort(key=lambda r: -held.get(r.url, 0))
     # the bound balances this gateway's own requests: another gateway's, read up to an interval ago, would move a
     # conversation off its home at low load for a request that has ended (every gateway balancing its share
     # balances the sum); the engine's slots count everybody's (pick)
@@ -75,15 +90,15 @@ def _prefix(routing: Routing, healthy: list[R], key: int, ring: Ring) -> tuple[l
     return within + sorted((r for r in walk if r.outstanding >= bound), key=load_rank), walk[0]
 
 
-def order(routing: Routing, replicas: Collection[R], key: int | None = None, *, ring: Ring | None = None,
-          turn: int = 0) -> list[R]:
+def order(routing: Routing, replicas: Collection[R], key: RouteKey | None = None, *, ring: Ring | None = None,
+          turn: int = 0, index: PrefixIndex | None = None) -> list[R]:
     """The healthy replicas in the order the policy offers them the request (the queue takes the first one with
     a free slot; a failover the next):
     - `prefix`: from the key's home along the hash ring, skipping (to the end, by load) those that would go
       above the load bound; a request without a key is ordered by load;
     - `least-load`: by load_rank; equals keep the replicas' given order;
     - `round-robin`: the replicas' given order, rotated by `turn`.
-    `ring` is the ring of the replicas' URLs (built here when not given)."""
+    `ring` is the ring of the replicas' URLs (built here when not given), `index` where prefixes were sent."""
     healthy = [r for r in replicas if r.healthy]
     if not healthy:
         return []
@@ -91,30 +106,41 @@ def order(routing: Routing, replicas: Collection[R], key: int | None = None, *, 
         at = turn % len(healthy)
         return healthy[at:] + healthy[:at]
     if routing.policy == "prefix" and key is not None:
-        return _prefix(routing, healthy, key, ring or Ring(r.url for r in replicas))[0]
+        return _prefix(routing, healthy, key, ring or Ring(r.url for r in replicas), index)[0]
     return sorted(healthy, key=load_rank)
 
 
 class Router:
-    """A model's routing with what it keeps between requests: the ring of its replicas and round robin's turn.
-    `pick` is the first replica of `order` with a free slot, and how it got there."""
-    __slots__ = ("routing", "ring", "turn")
+    """A model's routing with what it keeps between requests: the ring of its replicas, where it sent which
+    prefixes (prefix) and round robin's turn. `pick` is the first replica of `order` with a free slot, and how it
+    got there; `placed` records where a request went."""
+    __slots__ = ("routing", "ring", "turn", "index")
 
-    def __init__(self, routing: Routing = Routing(), urls: Iterable[str] = ()):
+    def __init__(self, routing: Routing = DEFAULT_ROUTING, urls: Iterable[str] = ()):
         self.routing, self.turn = routing, 0
+        urls = sorted(set(urls))
         self.ring = Ring(urls) if routing.policy == "prefix" else None
+        self.index = PrefixIndex(CHUNKS_PER_REPLICA * max(len(urls), 1)) if self.ring is not None else None
 
     @property
     def uses_key(self) -> bool:
         return self.ring is not None
 
     def set_replicas(self, urls: Iterable[str]) -> None:
-        if self.ring is not None:
+        if self.ring is not None and self.index is not None:
             urls = sorted(set(urls))
             if tuple(urls) != self.ring.urls:
+                for gone in set(self.ring.urls) - set(urls):
+                    self.index.forget(gone)
                 self.ring = Ring(urls)
+                self.index.capacity = CHUNKS_PER_REPLICA * max(len(urls), 1)
 
-    def pick(self, key: int | None, replicas: Collection[R], limit: int,
+    def placed(self, key: RouteKey | None, url: str) -> None:
+        """A request of `key` went to `url`: its prefix will be cached there."""
+        if key is not None and key.chain and self.index is not None:
+            self.index.record(key.chain, url)
+
+    def pick(self, key: RouteKey | None, replicas: Collection[R], limit: int,
              exclude: tuple = (), share: int = 0) -> tuple[R | None, str]:
         """The first healthy replica in the policy's order with a free slot, not in `exclude`; (None, "") when
         none has one. A slot is free while the replica's load is under `limit` (prefix: its key's home within
@@ -133,9 +159,9 @@ class Router:
             healthy = [r for r in replicas if r.healthy]
             if not healthy:
                 return None, ""
-            ranked, first = _prefix(self.routing, healthy, key, self.ring)
+            ranked, first = _prefix(self.routing, healthy, key, self.ring, self.index)
             if ranked[0] is first:
-                # the key's home, within the load bound, may hold ⌊ε × limit⌋ more than its slots: those few
+                # the first choice, within the load bound, may hold ⌊ε × limit⌋ more than its slots: those few
                 # wait in its engine, where their prefix is cached, rather than a free replica computing it all
                 # again (measured in BENCHMARKS.md, "Fleet")
                 home_limit += math.floor(self.routing.epsilon * limit)

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from ..admission.queue import Backend, ModelQueue, Slot
     from ..admission.ratelimit import RateLimiter
     from ..metrics import GatewayMetrics
+    from ..routing.keys import RouteKey
     from ..routing.registry import ModelRoute
 
 log = logging.getLogger("cxygpt.gateway")
@@ -247,7 +248,7 @@ class Relay:
             a.slot = other
             child(up.metrics.failovers, target.name).inc()
 
-    async def _wait_ahead(self, target: ModelRoute, key: int | None, failure: str) -> Slot:
+    async def _wait_ahead(self, target: ModelRoute, key: RouteKey | None, failure: str) -> Slot:
         """Back in line, ahead of everyone (this request was admitted before them), for the next free replica."""
         queue_s = target.limits.timeouts.queue_s
         try:
