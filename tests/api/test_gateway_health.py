@@ -7,9 +7,9 @@ import time
 
 from aiohttp import web
 from asgi_support import gateway_client
-from harness import free_port
 
 from cxygpt_gateway.settings import GatewaySettings
+from harness import free_port
 
 
 async def healthy(request: web.Request) -> web.Response:

@@ -7,8 +7,16 @@ import pytest
 
 from cxygpt_gateway.admission.queue import MAX_PASSES, Backend, ModelQueue
 from cxygpt_gateway.routing.index import PrefixIndex
-from cxygpt_gateway.routing.keys import (CHUNK_CHARS, KEY_CHARS, MAX_CHUNKS, PROMPT_KEY_CHARS, RouteKey, chunk_chain,
-                                         request_key, route_key)
+from cxygpt_gateway.routing.keys import (
+    CHUNK_CHARS,
+    KEY_CHARS,
+    MAX_CHUNKS,
+    PROMPT_KEY_CHARS,
+    RouteKey,
+    chunk_chain,
+    request_key,
+    route_key,
+)
 from cxygpt_gateway.routing.policies import Router, Routing, load_bound, order, resolve
 from cxygpt_gateway.routing.ring import Ring
 from cxygpt_gateway.upstream.engine_metrics import EngineLoad, engine_load

@@ -1,4 +1,5 @@
-"""Where a request's leading chunks were sent lately, so likely still cached (pure): chunk hash → replicas, LRU-bounded."""
+"""Where a request's leading chunks were sent lately, so likely still cached (pure): chunk hash → replicas, LRU
+bounded."""
 from __future__ import annotations
 
 from collections import OrderedDict
