@@ -1,6 +1,7 @@
 """The chart on the real control plane, as an operator of a cluster runs it: `helm install --wait` (hooks included),
-`helm test`, `helm upgrade`, `helm uninstall`. The operator and the gateway run as pods under the chart's
-ServiceAccounts, so the real RBAC authorizer enforces the chart's roles on every call they make."""
+`helm test`, `helm upgrade`, `helm uninstall`. The operator, the gateway and the console run as pods under the
+chart's ServiceAccounts, so the real RBAC authorizer enforces the chart's roles on every call they make: nothing they
+do is refused, and the console can read what its pages show and nothing else (no Secrets, no writes)."""
 from __future__ import annotations
 
 import json
@@ -89,6 +90,26 @@ def forbidden_lines(kube: Kubectl, component: str) -> list[str]:
     return lines
 
 
+# what the console's ServiceAccount may do, as the real authorizer answers `kubectl auth can-i` for it: read what its
+# pages show (in the watched namespaces), never a Secret, never a write
+CONSOLE_GRANTS = {("list", "modeldeployments.cxygpt.io"): "yes", ("watch", "pods"): "yes", ("get", "pods/log"): "yes",
+                  ("list", "events"): "yes", ("list", "endpointslices.discovery.k8s.io"): "yes",
+                  ("get", "secrets"): "no", ("list", "secrets"): "no", ("create", "modeldeployments.cxygpt.io"): "no",
+                  ("patch", "modeldeployments.cxygpt.io/scale"): "no", ("delete", "pods"): "no",
+                  ("create", "pods/exec"): "no"}
+
+
+def console_can(kube: Kubectl, namespaces: list[str]) -> dict[tuple[str, str], str]:
+    """`kubectl auth can-i` for the console's ServiceAccount, in the first namespace the release serves."""
+    account = f"--as=system:serviceaccount:{NAMESPACE}:{RELEASE}-console"
+    answers = {}
+    for verb, resource in CONSOLE_GRANTS:
+        kind, _, sub = resource.partition("/")
+        answers[verb, resource] = kube.run("auth", "can-i", verb, kind, *([f"--subresource={sub}"] if sub else []),
+                                           "-n", namespaces[0], account, check=False).stdout.strip()
+    return answers
+
+
 def served(gateway: str) -> dict[str, str]:
     return {m["id"]: m.get("state", "") for m in httpx.get(gateway + "/v1/models", timeout=5).json()["data"]}
 
@@ -122,6 +143,7 @@ def scenario_steps(cluster: Cluster, hub: str, kube: Kubectl, scenario: str) -> 
         kube.run("create", "namespace", namespace, check=False)
     if scenario == "ha":
         kube.apply(*redis())
+    values += ["--set", "console.enabled=true"]
     began = time.monotonic()
     helm(cluster.kubeconfig, "install", RELEASE, str(CHART), "-n", NAMESPACE, *values, "--wait", "--timeout", "180s",
          "--set", f"operator.hfEndpoint={hub}", "--set", "modelAutoscaling.intervalSeconds=1")
@@ -135,6 +157,7 @@ def scenario_steps(cluster: Cluster, hub: str, kube: Kubectl, scenario: str) -> 
                     f"--as=system:serviceaccount:{NAMESPACE}:{RELEASE}-operator").stdout.strip() == "yes"
     assert kube.run("auth", "can-i", "create", "deployments", "-n", namespaces[0],
                     f"--as=system:serviceaccount:{NAMESPACE}:{RELEASE}-gateway", check=False).stdout.strip() == "no"
+    assert console_can(kube, namespaces) == CONSOLE_GRANTS
 
     # helm test: the hook pod reaches the gateway by its Service's name
     out = helm(cluster.kubeconfig, "test", RELEASE, "-n", NAMESPACE, "--logs")
@@ -202,8 +225,16 @@ def scenario_steps(cluster: Cluster, hub: str, kube: Kubectl, scenario: str) -> 
     assert after and not after & before
     wait_until(lambda: "small-0" in served(gateway), timeout=30, what="served after the upgrade")
 
-    # nothing either component did was refused by the authorizer
+    # the console shows the fleet it reads under its own ServiceAccount (models, pods, events, nodes)
+    console_service = json.loads(kube("get", "service", f"{RELEASE}-console", "-n", NAMESPACE, "-o", "json"))
+    console = f"http://{console_service['spec']['clusterIP']}:{console_service['spec']['ports'][0]['port']}"
+    wait_until(lambda: "small-0" in httpx.get(console + "/", timeout=5).text, timeout=30,
+               what="the console's fleet page listing the model")
+    assert "Ready" in httpx.get(console + f"/models/{namespaces[0]}/small", timeout=5).text
+
+    # nothing any component did was refused by the authorizer
     assert forbidden_lines(kube, "operator") == [] and forbidden_lines(kube, "gateway") == []
+    assert forbidden_lines(kube, "console") == []
 
     # uninstall: the models first (the operator removes its finalizers), then the release; the CRD stays
     for namespace in namespaces:
