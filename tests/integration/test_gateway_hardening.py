@@ -51,6 +51,11 @@ def open_fds(server: ServerProcess) -> int:
     return len(os.listdir(f"/proc/{server.proc.pid}/fd"))
 
 
+def rss_mib(server: ServerProcess) -> float:
+    with open(f"/proc/{server.proc.pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
 def probe(url: str, model: str = "m") -> float:
     """Seconds a small request by someone else takes (it must be answered, and soon)."""
     started = time.monotonic()
@@ -167,7 +172,7 @@ def timed(tmp_path_factory):
 
 def test_idle_slow_and_trickling_connections_end_in_408_and_their_descriptors_come_back(timed):
     gw = timed
-    baseline = open_fds(gw)
+    baseline, memory = open_fds(gw), rss_mib(gw)
     idle = [dial(gw.port) for _ in range(60)]
     slowloris = [dial(gw.port) for _ in range(60)]
     trickling = [dial(gw.port) for _ in range(30)]
@@ -202,6 +207,7 @@ def test_idle_slow_and_trickling_connections_end_in_408_and_their_descriptors_co
     for sock in idle + slowloris + trickling:
         sock.close()
     wait_until(lambda: open_fds(gw) <= baseline + 2, timeout=5, what="the descriptors back")
+    assert rss_mib(gw) < memory + 20  # nothing kept of 150 slow connections
     assert metric(gw.url, "cxygpt_gateway_connections_refused_total", reason="header_timeout") >= 120
     assert metric(gw.url, "cxygpt_gateway_rejections_total", reason="body_timeout") >= 30
     # a kept-alive connection left idle is closed after keepalive_timeout_s
@@ -226,7 +232,7 @@ def test_a_connection_flood_is_capped_with_room_for_health_checks(tmp_path):
                                               "limits": {"rate_qps": 1000}}]})
     held: list[socket.socket] = []
     try:
-        baseline = open_fds(gw)
+        baseline, memory = open_fds(gw), rss_mib(gw)
         held += [dial(gw.port, "127.0.0.2") for _ in range(40)]
         wait_until(lambda: metric(gw.url, "cxygpt_gateway_connections") >= 41, what="40 connections held")
         # one client past its share: its requests are refused, its health checks are not; others are served
@@ -255,7 +261,7 @@ def test_a_connection_flood_is_capped_with_room_for_health_checks(tmp_path):
         held += [dial(gw.port, "127.0.0.5") for _ in range(10)]
         dropped = dial(gw.port, "127.0.0.6")
         assert answer(dropped, 3) == b""
-        assert open_fds(gw) <= baseline + 60 + 10 + 5
+        assert open_fds(gw) <= baseline + 60 + 10 + 5 and rss_mib(gw) < memory + 20
     finally:
         for sock in held:
             sock.close()
