@@ -220,3 +220,16 @@ async def test_a_fallback_to_another_namespace_only_when_its_owner_accepts_it(he
         assert r.status_code == 200 and r.headers["x-cxygpt-fallback-from"] == "a"
         fleet.update("b", accept_fallback_from=("*",))
         assert (await client.post("/v1/chat/completions", json={**CHAT, "model": "a"})).status_code == 200
+
+
+async def test_unknown_model_names_are_charged_to_the_callers_own_request_rate(tmp_path):
+    """A flood of names nobody serves is a flood still: each 404 counts against the key's rate, then 429s."""
+    keys = tmp_path / "keys.yaml"
+    keys.write_text("allow_anonymous: true\ntiers: {slow: {rate_qps: 0.1}}\nkeys: [{id: slow-key, tier: slow, "
+                    "key_sha256: '" + __import__("hashlib").sha256(b"sk-slow").hexdigest() + "'}]\n")
+    async with gateway(Fleet(asleep("m")), keys_file=str(keys)) as (client, gw):
+        auth = {"Authorization": "Bearer sk-slow"}
+        first = await client.post("/v1/chat/completions", json={**CHAT, "model": "nope" * 1000}, headers=auth)
+        assert first.status_code == 404 and "4000 characters" in first.json()["error"]["message"]
+        second = await client.post("/v1/chat/completions", json={**CHAT, "model": "nope"}, headers=auth)
+        assert second.status_code == 429 and "key slow-key" in second.json()["error"]["message"]
