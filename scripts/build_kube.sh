@@ -3,7 +3,7 @@
 # and etcd as one binary, the three names as symlinks) into $TOOLS/kube/<versions>/, once per pinned versions.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-TOOLS=${TOOLS:-.tools}
+TOOLS=$(mkdir -p "${TOOLS:-.tools}" && cd "${TOOLS:-.tools}" && pwd)  # absolute: go build runs in the module's directory
 export GOTOOLCHAIN=local CGO_ENABLED=0 GOFLAGS=-mod=readonly
 module=devcluster/kube
 pinned() { awk -v m="$1" '$1 == m && $2 ~ /^v/ {print $2; exit}' "$module/go.mod"; }
@@ -28,7 +28,7 @@ ldflags="$ldflags -X $pkg.buildDate=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
 (cd "$module" && go mod download -x 2>&1 | grep -c '^# get' | sed 's/^/make kube: modules fetched: /' || true)
 log="$out.tmp/build.log"
 echo "make kube: compiling (progress every 30 s; the whole log in $log while it runs)"
-(cd "$module" && exec go build -v -trimpath -ldflags="$ldflags" -o "$OLDPWD/$out.tmp/bin/kube" .) >"$log" 2>&1 &
+(cd "$module" && exec go build -v -trimpath -ldflags="$ldflags" -o "$out.tmp/bin/kube" .) >"$log" 2>&1 &
 build=$!
 while kill -0 "$build" 2>/dev/null; do
   for _ in $(seq 30); do kill -0 "$build" 2>/dev/null && sleep 1; done

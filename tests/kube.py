@@ -17,7 +17,7 @@ class Kubectl:
         self.kubeconfig, self.namespace, self.cache = Path(kubeconfig), namespace, cache
 
     def run(self, *args: str, stdin: str | None = None, check: bool = True,
-            timeout: float = 60) -> subprocess.CompletedProcess:
+            timeout: float = 150) -> subprocess.CompletedProcess:
         argv = [console_script("kubectl"), "--kubeconfig", str(self.kubeconfig),
                 *(["--cache-dir", str(self.cache)] if self.cache else []),
                 *(["-n", self.namespace] if self.namespace else []), *args]

@@ -41,7 +41,7 @@ def caller(session: aiohttp.ClientSession, server: str):
 async def run(a) -> None:
     async with session_for(a.ca, *a.provisioner) as storage, session_for(a.ca, *a.proxy) as proxy:
         provisioner = Provisioner(caller(storage, a.server), a.volumes)
-        await asyncio.gather(provisioner.run(storage, a.server), services.run(proxy, a.server))
+        await asyncio.gather(provisioner.run(storage, a.server), services.run(proxy, a.server, a.dns))
 
 
 def main(argv=None) -> None:
@@ -51,6 +51,7 @@ def main(argv=None) -> None:
     ap.add_argument("--provisioner", nargs=2, required=True, type=Path, metavar=("CERT", "KEY"))
     ap.add_argument("--proxy", nargs=2, required=True, type=Path, metavar=("CERT", "KEY"))
     ap.add_argument("--volumes", required=True, type=Path, help="where the claims' directories are made")
+    ap.add_argument("--dns", required=True, help="the cluster DNS's address (kube-dns's cluster IP)")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stdout)
 

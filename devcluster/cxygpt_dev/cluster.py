@@ -21,27 +21,29 @@ REPO = Path(__file__).resolve().parents[2]
 NODE_READY_TIMEOUT_S = 60.0
 
 
-def kind_nodes(path: Path = REPO / "kind-config.yaml") -> list[Node]:
-    """The GPU workers of kind-config.yaml, named as kind names them, at the first node addresses."""
+def kind_nodes(plan: network.Plan, path: Path = REPO / "kind-config.yaml") -> list[Node]:
+    """The GPU workers of kind-config.yaml, named as kind names them, at the plan's first node addresses."""
     config = yaml.safe_load(path.read_text())
     workers = [n for n in config.get("nodes", []) if n.get("role") == "worker"]
     name = config.get("name", "kind")
-    return [node_from_kind(worker, f"{name}-worker{i + 1 if i else ''}", node_address(i))
+    return [node_from_kind(worker, f"{name}-worker{i + 1 if i else ''}", plan.node(i))
             for i, worker in enumerate(workers)]
-
-
-def node_address(index: int) -> str:
-    return str(network.NODE_NETWORK[index + 2])  # .1 is the control plane's
 
 
 @dataclass
 class Cluster:
+    """`nodes` default to kind-config.yaml's GPU workers; `plan` sets its addresses apart from any other cluster
+    of this process."""
     root: Path
-    nodes: list[Node] = field(default_factory=kind_nodes)
+    nodes: list[Node] | None = None
+    plan: network.Plan = field(default_factory=network.next_plan)
     kubelets: dict[str, Component] = field(default_factory=dict)
     addons: Component | None = None
     plane: ControlPlane | None = None
     api_port: int | None = None
+
+    def __post_init__(self):
+        self.nodes = list(self.nodes) if self.nodes is not None else kind_nodes(self.plan)
 
     @property
     def kubeconfig(self) -> Path:
@@ -56,15 +58,17 @@ class Cluster:
 
     def start(self) -> Cluster:
         network.enter_private_network()
+        network.add_address(self.plan.host)
         self.root = Path(self.root)
-        self.plane = ControlPlane(address=network.HOST_ADDRESS, root=self.root / "control-plane",
-                                  cluster_cidr=network.CLUSTER_CIDR, api_port=self.api_port)
+        self.plane = ControlPlane(address=self.plan.host, root=self.root / "control-plane",
+                                  cluster_cidr=self.plan.cluster_cidr, service_cidr=self.plan.service_cidr,
+                                  api_port=self.api_port)
         try:
             self.plane.start()
             self.kubectl("apply", "-f", "-", stdin=yaml.safe_dump_all([storage_class(), *rbac(), {
                 # kube-dns's address taken, as a cluster's DNS Service holds it (the DNS answers there)
                 "apiVersion": "v1", "kind": "Service", "metadata": {"name": "kube-dns", "namespace": "kube-system"},
-                "spec": {"clusterIP": network.DNS_ADDRESS, "ports": [
+                "spec": {"clusterIP": self.plan.dns, "ports": [
                     {"name": "dns", "port": 53, "protocol": "UDP"}, {"name": "dns-tcp", "port": 53,
                                                                      "protocol": "TCP"}]}}]))
             self._start_addons()
@@ -85,7 +89,8 @@ class Cluster:
                                            "--ca", str(plane.ca.pair.cert),
                                            "--provisioner", str(provisioner.cert), str(provisioner.key),
                                            "--proxy", str(proxy.cert), str(proxy.key),
-                                           "--volumes", str(self.root / "volumes")], self.root / "addons.log")
+                                           "--volumes", str(self.root / "volumes"), "--dns", self.plan.dns],
+                                self.root / "addons.log")
         self.addons.start()
 
     def _start_kubelet(self, node: Node) -> None:
@@ -96,7 +101,8 @@ class Cluster:
         kubelet = Component(f"kubelet {node.name}", [
             sys.executable, "-m", "cxygpt_dev.kubelet", "--server", plane.url, "--ca", str(plane.ca.pair.cert),
             "--client", str(client.cert), str(client.key), "--serving", str(serving.cert), str(serving.key),
-            "--node", json.dumps(node.__dict__), "--state-dir", str(self.root / "nodes" / node.name)],
+            "--node", json.dumps(node.__dict__), "--state-dir", str(self.root / "nodes" / node.name),
+            "--dns", self.plan.dns],
             self.root / f"kubelet-{node.name}.log")
         kubelet.start()
         self.kubelets[node.name] = kubelet

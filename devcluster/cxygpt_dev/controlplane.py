@@ -19,7 +19,6 @@ from pathlib import Path
 from .certs import Authority, Pair, service_account_keys, write_kubeconfig
 
 REPO = Path(__file__).resolve().parents[2]
-SERVICE_CIDR = "10.96.0.0/16"
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
 # what kubeadm enables beyond the API server's defaults (NodeRestriction), and the check that a writer naming an
 # owner with blockOwnerDeletion may update that owner's finalizers (which charts' RBAC must then grant)
@@ -90,6 +89,7 @@ class ControlPlane:
     hosts: tuple[str, ...] = ()
     cluster_cidr: str | None = None  # when given, the controller-manager hands each node a /24 of it
     api_port: int | None = None      # the API server's port (default: a free one)
+    service_cidr: str = "10.96.0.0/16"
     bin_dir: Path | None = None
     root: Path | None = None
     components: list[Component] = field(default_factory=list)
@@ -110,7 +110,9 @@ class ControlPlane:
     def _certificates(self) -> None:
         ca = self.ca = Authority(self.pki)
         self.serving = ca.issue("apiserver", "kube-apiserver", server=True, hosts=(
-            "127.0.0.1", "localhost", self.address, "10.96.0.1", "kubernetes", "kubernetes.default",
+            # the `kubernetes` Service's cluster IP: the first of the range
+            "127.0.0.1", "localhost", self.address, str(ipaddress.ip_network(self.service_cidr)[1]), "kubernetes",
+            "kubernetes.default",
             "kubernetes.default.svc", "kubernetes.default.svc.cluster.local", *self.hosts))
         self.kubelet_client = ca.issue("apiserver-kubelet-client", "kube-apiserver-kubelet-client",
                                        organizations=("system:masters",), client=True)
@@ -152,7 +154,7 @@ class ControlPlane:
                 f"--tls-cert-file={self.serving.cert}", f"--tls-private-key-file={self.serving.key}",
                 f"--client-ca-file={self.ca.pair.cert}", f"--service-account-issuer={SERVICE_ACCOUNT_ISSUER}",
                 f"--service-account-key-file={self.sa.cert}", f"--service-account-signing-key-file={self.sa.key}",
-                f"--service-cluster-ip-range={SERVICE_CIDR}", "--authorization-mode=Node,RBAC",
+                f"--service-cluster-ip-range={self.service_cidr}", "--authorization-mode=Node,RBAC",
                 f"--enable-admission-plugins={ADMISSION_PLUGINS}", "--allow-privileged=true",
                 f"--requestheader-client-ca-file={self.front_proxy_ca.pair.cert}",
                 "--requestheader-allowed-names=front-proxy-client", "--requestheader-username-headers=X-Remote-User",
@@ -169,7 +171,7 @@ class ControlPlane:
                 "kube-controller-manager", *self._client_flags("kube-controller-manager", kcm_port),
                 "--use-service-account-credentials=true", f"--service-account-private-key-file={self.sa.key}",
                 f"--root-ca-file={self.ca.pair.cert}", f"--cluster-signing-cert-file={self.ca.pair.cert}",
-                f"--cluster-signing-key-file={self.ca.pair.key}", f"--service-cluster-ip-range={SERVICE_CIDR}",
+                f"--cluster-signing-key-file={self.ca.pair.key}", f"--service-cluster-ip-range={self.service_cidr}",
                 "--controllers=*,bootstrapsigner,tokencleaner", "--v=0",
                 # a new node's not-ready taint comes off within a second of its Ready status (default: 5 s)
                 "--node-monitor-period=1s",

@@ -140,6 +140,7 @@ class PodWorker:
         self.terminating = asyncio.Event()
         self.changed = asyncio.Event()
         self.written: dict | None = None
+        self.transitions: dict[str, tuple[bool, str]] = {}  # condition → (status, since when)
         self.task = asyncio.create_task(self._live())
         self.reporter = asyncio.create_task(self._report_changes())
 
@@ -158,9 +159,13 @@ class PodWorker:
         stamp = now()
 
         def condition(kind: str, value: bool, reason: str = "") -> dict:
+            # its lastTransitionTime moves only when its status does
+            since = self.transitions.get(kind)
+            if since is None or since[0] != value:
+                since = self.transitions[kind] = (value, stamp)
             return {"type": kind, "status": "True" if value else "False",
                     **({"reason": reason} if reason and not value else {}), "lastProbeTime": None,
-                    "lastTransitionTime": stamp}
+                    "lastTransitionTime": since[1]}
 
         status = {"phase": self.phase, "hostIP": self.kubelet.node.address,
                   "hostIPs": [{"ip": self.kubelet.node.address}],
@@ -186,8 +191,7 @@ class PodWorker:
             await self.changed.wait()
             self.changed.clear()
             status = self.status()
-            comparable = {**status, "conditions": [{k: v for k, v in c.items() if k != "lastTransitionTime"}
-                                                   for c in status["conditions"]]}
+            comparable = status
             if comparable == self.written:
                 continue
             try:
@@ -261,7 +265,7 @@ class PodWorker:
                     mounts[SERVICE_ACCOUNT_DIR] = str(volumes[mount["name"]])
         resolv = self.kubelet.volumes.pod_dir(self.pod) / "resolv.conf"
         resolv.parent.mkdir(parents=True, exist_ok=True)
-        resolv.write_text(f"nameserver {network.DNS_ADDRESS}\nsearch {self.namespace}.svc.cluster.local "
+        resolv.write_text(f"nameserver {self.kubelet.dns}\nsearch {self.namespace}.svc.cluster.local "
                           "svc.cluster.local cluster.local\noptions ndots:5\n")
         mounts["/etc/resolv.conf"] = str(resolv)
         await self.sandbox.mount(mounts)
@@ -511,9 +515,10 @@ class PodWorker:
 
 
 class Kubelet:
-    def __init__(self, *, server: str, ca: Path, client: Pair, serving: Pair, node: Node, state_dir: Path,
+    def __init__(self, *, server: str, ca: Path, client: Pair, serving: Pair, node: Node, state_dir: Path, dns: str,
                  output=None, api_server_client: str = "kube-apiserver-kubelet-client"):
         self.server, self.ca, self.client, self.serving, self.node = server.rstrip("/"), ca, client, serving, node
+        self.dns = dns  # the nameserver of the pods' resolv.conf
         self.state = Path(state_dir)
         self.logs = self.state / "logs"
         self.volumes = PodVolumes(self.request, self.state / "pods")
@@ -724,7 +729,7 @@ class Kubelet:
     # --- running -----------------------------------------------------------------------------------------------------
 
     async def run(self, ready: asyncio.Event | None = None) -> None:
-        network.add_node_address(self.node.address)
+        network.add_address(self.node.address)
         connector = aiohttp.TCPConnector(ssl=self._client_context(), limit=0)
         async with aiohttp.ClientSession(connector=connector) as self.session:
             await self._register()
@@ -757,11 +762,12 @@ def main(argv=None) -> None:
     ap.add_argument("--node", required=True, type=json.loads,
                     help='the node as JSON: {"name": ..., "labels": {...}, "address": ..., "gpus": N}')
     ap.add_argument("--state-dir", required=True, type=Path, help="pods' volumes and containers' logs")
+    ap.add_argument("--dns", required=True, help="the cluster DNS's address, the pods' nameserver")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stdout)
     network.enter_private_network()  # already in it when started by the dev cluster (inherited)
     kubelet = Kubelet(server=a.server, ca=a.ca, client=Pair(*a.client), serving=Pair(*a.serving),
-                      node=Node(**a.node), state_dir=a.state_dir,
+                      node=Node(**a.node), state_dir=a.state_dir, dns=a.dns,
                       output=lambda label, line: print(f"[{label}] {line}", flush=True))
 
     async def run():

@@ -233,10 +233,10 @@ class DevCluster:
     async def _start_real(self) -> str:
         """The real control plane, our kubelets of kind-config.yaml's GPU nodes and the add-ons, in this process's
         network; a kubeconfig for the user through the forwarded API port."""
-        await self.forwards.start(self.forwards.api_port, network.HOST_ADDRESS, self.forwards.api_port)
         root = (self.state / "cluster").resolve()
         shutil.rmtree(root, ignore_errors=True)  # a stopped run's certificates and logs
         self.real = Cluster(root=root, api_port=self.forwards.api_port)
+        await self.forwards.start(self.forwards.api_port, self.real.plan.host, self.forwards.api_port)
         began = time.monotonic()
         try:
             await asyncio.to_thread(self.real.start)
@@ -251,7 +251,7 @@ class DevCluster:
         self.internal_kubeconfig = plane.kubeconfig
         self.api_ssl = ssl.create_default_context(cafile=str(plane.ca.pair.cert))
         self.api_ssl.load_cert_chain(str(plane.admin.cert), str(plane.admin.key))
-        self.host = network.HOST_ADDRESS
+        self.host = self.real.plan.host
         return plane.url
 
     async def _install_chart(self, hub: str) -> str:

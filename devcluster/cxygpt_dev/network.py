@@ -1,13 +1,15 @@
-"""The dev cluster's network: a private network namespace (nothing in it reaches past this machine) where the control
-plane has the address 10.245.0.1 and each node one of 10.245.0.0/24, Services' cluster IPs (10.96.0.0/16) are local,
-and each pod has a network namespace of its own joined to its node by a veth pair, with an address of the node's pod
-CIDR (as a point-to-point CNI plugin gives it): every pod's containers listen on their own ports as in a cluster.
-A pod also gets a mount namespace with a /run of its own, where its service-account token is mounted."""
+"""The dev cluster's network: a private network namespace (nothing in it reaches past this machine) where a
+cluster's control plane has the address 10.245.K.1 and each node one of 10.245.K.0/24, Services' cluster IPs
+(10.(96+K).0.0/16) are local, and each pod has a network namespace of its own joined to its node by a veth pair,
+with an address of the node's pod CIDR (as a point-to-point CNI plugin gives it): every pod's containers listen on
+their own ports as in a cluster. K numbers the clusters of one process (a test process may run several). A pod
+also gets a mount namespace with a /run of its own, where its service-account token is mounted."""
 from __future__ import annotations
 
 import asyncio
 import collections
 import contextlib
+import itertools
 import ctypes
 import ipaddress
 import os
@@ -16,11 +18,46 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 
-HOST_ADDRESS = "10.245.0.1"
-NODE_NETWORK = ipaddress.ip_network("10.245.0.0/24")
-CLUSTER_CIDR = "10.244.0.0/16"  # the controller-manager gives each node a /24 of it (spec.podCIDR)
-SERVICE_CIDR = "10.96.0.0/16"
-DNS_ADDRESS = "10.96.0.10"      # kube-dns's cluster IP, as kubeadm has it
+SERVICE_RANGE = "10.96.0.0/12"  # every cluster's Services' cluster IPs: local addresses, the service proxy's
+MAX_CLUSTERS = 16
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The addresses of the K-th cluster of this process, apart from every other's."""
+    index: int
+
+    @property
+    def host(self) -> str:
+        """The control plane's address (the API server's, the add-ons')."""
+        return f"10.245.{self.index}.1"
+
+    def node(self, i: int) -> str:
+        return f"10.245.{self.index}.{i + 2}"
+
+    @property
+    def cluster_cidr(self) -> str:
+        """The pods' addresses: the controller-manager gives each node a /24 of it (spec.podCIDR)."""
+        return f"10.{244 - self.index}.0.0/16"
+
+    @property
+    def service_cidr(self) -> str:
+        return f"10.{96 + self.index}.0.0/16"
+
+    @property
+    def dns(self) -> str:
+        """kube-dns's cluster IP, as kubeadm has it."""
+        return f"10.{96 + self.index}.0.10"
+
+
+_plans = itertools.count()
+
+
+def next_plan() -> Plan:
+    index = next(_plans)
+    if index >= MAX_CLUSTERS:
+        raise NetworkError(f"at most {MAX_CLUSTERS} clusters in one process")
+    return Plan(index)
 _CLONE_NEWNET, _CLONE_NEWUSER = 0x40000000, 0x10000000
 _ENTERED = "CXYGPT_DEV_NETWORK"
 # in the environment of every process a dev cluster starts, its pods' too: its state directory (nothing it started
@@ -42,7 +79,7 @@ def _ip(*args: str, namespace_of: int | None = None, batch: str | None = None) -
 
 
 def in_private_network() -> bool:
-    return os.environ.get(_ENTERED) == HOST_ADDRESS
+    return os.environ.get(_ENTERED) == "1"
 
 
 def enter_private_network(fresh: bool = False) -> None:
@@ -69,15 +106,14 @@ def enter_private_network(fresh: bool = False) -> None:
         with open("/proc/self/gid_map", "w") as f:
             f.write(f"0 {gid} 1")
     _ip("link", "set", "lo", "up")
-    _ip("addr", "add", f"{HOST_ADDRESS}/32", "dev", "lo")
     with open("/proc/sys/net/ipv4/ip_forward", "w") as f:  # pod to pod: from one veth to another (this namespace's)
         f.write("1")
-    _ip("route", "add", "local", SERVICE_CIDR, "dev", "lo")  # the service proxy listens on cluster IPs
-    os.environ[_ENTERED] = HOST_ADDRESS
+    _ip("route", "add", "local", SERVICE_RANGE, "dev", "lo")  # the service proxy listens on cluster IPs
+    os.environ[_ENTERED] = "1"
 
 
-def add_node_address(address: str) -> None:
-    """A node's address on this network (where its kubelet listens), once."""
+def add_address(address: str) -> None:
+    """An address of this network's host (a control plane's, a node's, where its kubelet listens), once."""
     out = subprocess.run(["ip", "-o", "addr", "show", "dev", "lo"], capture_output=True, text=True)
     if f" {address}/" not in out.stdout:
         _ip("addr", "add", f"{address}/32", "dev", "lo")

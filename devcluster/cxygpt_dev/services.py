@@ -15,7 +15,7 @@ import dns.rcode
 import dns.rdatatype
 import dns.rrset
 
-from .network import DNS_ADDRESS, relay
+from .network import relay
 from .watching import follow
 
 log = logging.getLogger("cxygpt.services")
@@ -142,7 +142,7 @@ class _Dns(asyncio.DatagramProtocol):
             self.transport.sendto(reply, addr)
 
 
-async def run(session: aiohttp.ClientSession, server: str) -> None:
+async def run(session: aiohttp.ClientSession, server: str, dns_address: str) -> None:
     """Follows Services and EndpointSlices, keeps the listeners in step, and answers DNS on kube-dns's address."""
     services = Services()
     changed = asyncio.Event()
@@ -165,7 +165,7 @@ async def run(session: aiohttp.ClientSession, server: str) -> None:
             await services.sync_listeners()
 
     loop = asyncio.get_running_loop()
-    transport, _ = await loop.create_datagram_endpoint(lambda: _Dns(services), local_addr=(DNS_ADDRESS, 53))
+    transport, _ = await loop.create_datagram_endpoint(lambda: _Dns(services), local_addr=(dns_address, 53))
     try:
         await asyncio.gather(
             follow(session, f"{server}/api/v1/services?watch=true", keeper(services.services), "services",

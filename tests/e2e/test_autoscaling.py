@@ -271,10 +271,12 @@ def test_operator_restarts_in_the_middle_keep_the_decisions(dev):
         stopped = time.monotonic()
         time.sleep(2)
         restart_operator(dev)                         # in the scale-down window: it must not start it over
+        up = time.monotonic() - stopped               # its container restarted and ready again
         wait_until(lambda: replicas.now() == 1, timeout=40, what="down to the minimum")
         waited = replicas.since(1) - stopped
-        # from the last demand (~1 s after the load stopped), not from the restart (>= 2 + its start + 8)
-        assert 8 - 1 <= waited < 2 + 8 + 1, (waited, replicas.changes)
+        # from the last demand (~1 s after the load stopped), not from the restart (8 s after it was up at the
+        # earliest); a slow restart (a loaded machine) may decide only once it is up
+        assert 8 - 1 <= waited < min(up + 8 - 0.5, max(8 + 1, up) + 2), (up, waited, replicas.changes)
         counts = [r for _, r in replicas.changes]
         assert one_peak(counts, 3) and counts[-1] == 1, replicas.changes   # no flapping across the restarts
         assert users.failures() == [], summary(users.failures())

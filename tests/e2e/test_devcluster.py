@@ -169,7 +169,8 @@ def test_apply_chat_and_delete(dev):
     assert dev.pod_pids(pod)
     dev.kubectl("delete", "md", "chat", "--timeout=30s")
     wait_until(lambda: "chat-model" not in dev.models(), what="chat-model gone from /v1/models")
-    wait_until(lambda: not dev.pod_pids(pod), what="engine process stopped")
+    # the garbage collector deletes the Deployment, its ReplicaSet, then the pod, which the kubelet drains and stops
+    wait_until(lambda: not dev.pod_pids(pod), timeout=60, what="engine process stopped")
 
 
 def test_profile_follows_hardware(dev):

@@ -12,11 +12,16 @@ from harness import REPO, console_script, free_port
 pytestmark = pytest.mark.timeout(300)
 
 
+def readme_blocks(heading: str) -> list[str]:
+    """The shell blocks of one section of the README (up to the next heading of any level)."""
+    readme = (REPO / "README.md").read_text()
+    section = readme.split(f"\n{heading}\n", 1)[1].split("\n#", 1)[0]
+    return re.findall(r"```sh\n(.*?)```", section, re.S)
+
+
 def quickstart_commands() -> list[str]:
     """The shell blocks of the README's "Two commands" section, after the one that shows `make demo`."""
-    readme = (REPO / "README.md").read_text()
-    section = readme.split("## Two commands", 1)[1].split("\n## ", 1)[0]
-    blocks = re.findall(r"```sh\n(.*?)```", section, re.S)
+    blocks = readme_blocks("## Two commands")
     assert "make demo" in blocks[0]
     return blocks[1:]
 
@@ -86,3 +91,26 @@ def test_a_port_held_only_by_a_stopped_runs_closed_connections_is_free():
                             text=True).stdout
     assert states.strip(), "no TIME-WAIT socket: the test would prove nothing"
     assert not port_taken(port)
+
+
+def test_readme_real_control_plane_commands_run_as_printed(tmp_path):
+    """The README's commands for the dev cluster on real Kubernetes, from a clone's directory (`make kube` and
+    `make bootstrap-test` have run: `make test` runs them first): the whole demo on the pinned release."""
+    [block] = readme_blocks("### The dev cluster on real Kubernetes")
+    lines = [line for line in block.splitlines() if line.strip() and not line.startswith("make ")]
+    assert lines[0].endswith("cxygpt-dev up --control-plane real --detach") and lines[-1].endswith("cxygpt-dev down")
+    (tmp_path / ".venv").symlink_to(REPO / ".venv")
+    port = free_port()
+    script = "\n".join(lines).replace("--detach", f"--detach --gateway-port {port}")
+    try:
+        out = subprocess.run(["bash", "-euo", "pipefail", "-c", script], capture_output=True, text=True, timeout=280,
+                             cwd=tmp_path)
+        assert out.returncode == 0, f"{out.stdout}\n{out.stderr}"
+        pinned = re.search(r"^\s*k8s.io/kubernetes (v\S+)", (REPO / "devcluster/kube/go.mod").read_text(), re.M)[1]
+        assert f"Server Version: {pinned}" in out.stdout and "on the real control plane" in out.stdout
+        assert len(re.findall(r"^cxygpt-worker\d?\s+Ready\s", out.stdout, re.M)) == 3, out.stdout
+        assert re.search(r"qwen3-small\s+qwen3-0.6b\s+SRV_MULTI_80G\s+2x79GiB\s+2/2\s+Ready", out.stdout), out.stdout
+        assert out.stdout.rstrip().endswith("cxygpt-dev: stopped")
+    finally:
+        subprocess.run([console_script("cxygpt-dev"), "down", "--state-dir", str(tmp_path / ".cxygpt-dev")],
+                       capture_output=True, timeout=120)

@@ -15,7 +15,6 @@ import httpx
 import pytest
 import yaml
 
-from cxygpt_dev import network
 from cxygpt_dev.cluster import Cluster
 from cxygpt_dev.controlplane import free_port
 from cxygpt_dev.hub import make_repo
@@ -35,10 +34,10 @@ def chart_cluster(tmp_path_factory):
     root = tmp_path_factory.mktemp("chart-cluster")
     cluster = Cluster(root=root).start()
     make_repo(root / "hub", TINY, weights_bytes=2 * 2**20)
-    port = free_port(network.HOST_ADDRESS)  # where the pods reach it: the cluster's host address
+    host = cluster.plan.host  # where the pods reach it: the cluster's host address
+    port = free_port(host)
     hub = ServerProcess([sys.executable, "-m", "cxygpt_dev.hub", "--root", str(root / "hub"), "--host",
-                         network.HOST_ADDRESS, "--port", str(port), "--catalog-stand-ins", "1"], port=port,
-                        host=network.HOST_ADDRESS,
+                         host, "--port", str(port), "--catalog-stand-ins", "1"], port=port, host=host,
                         log_path=root / "hub.log")
     try:
         hub.start()

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import httpx
 
-from cxygpt_dev import network
 from kube import Kubectl
 
 PYTHON_SERVER = ["python", "-m", "http.server", "8000", "--bind", "0.0.0.0"]
@@ -32,7 +31,7 @@ def condition(obj: dict, kind: str) -> str | None:
     return next((c["status"] for c in (obj.get("status") or {}).get("conditions") or [] if c["type"] == kind), None)
 
 
-def test_pods_run_on_addresses_of_their_own_behind_their_service(kube):
+def test_pods_run_on_addresses_of_their_own_behind_their_service(cluster, kube):
     kube.apply(deployment("web", 2, {"command": PYTHON_SERVER, "ports": [{"name": "http", "containerPort": 8000}],
                                      "readinessProbe": {"httpGet": {"path": "/", "port": "http"}, "periodSeconds": 1}}),
                {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"},
@@ -40,7 +39,7 @@ def test_pods_run_on_addresses_of_their_own_behind_their_service(kube):
     kube("rollout", "status", "deployment/web", "--timeout=60s")
     pods = kube.items("pods", "-l", "app=web")
     addresses = {p["status"]["podIP"] for p in pods}
-    assert len(addresses) == 2 and all(ipaddress.ip_address(a) in ipaddress.ip_network(network.CLUSTER_CIDR)
+    assert len(addresses) == 2 and all(ipaddress.ip_address(a) in ipaddress.ip_network(cluster.plan.cluster_cidr)
                                        for a in addresses)
     for pod in pods:  # each pod's own port 8000, on its own address; its node's address as hostIP
         assert httpx.get(f"http://{pod['status']['podIP']}:8000/", timeout=5).status_code == 200

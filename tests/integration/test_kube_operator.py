@@ -2,8 +2,8 @@
 single-GPU models on a one-GPU node, one Pending with the scheduler's reason in its status until a node is added."""
 from __future__ import annotations
 
+import ipaddress
 import json
-import re
 import ssl
 import time
 
@@ -11,7 +11,8 @@ import httpx
 import pytest
 import yaml
 
-from cxygpt_dev.cluster import Cluster, kind_nodes, node_address
+from cxygpt_dev import network
+from cxygpt_dev.cluster import Cluster, kind_nodes
 from cxygpt_dev.controlplane import free_port
 from cxygpt_dev.kubelet import Node
 from cxygpt_gateway.discovery.kubernetes import WAKE_PATCH
@@ -19,14 +20,15 @@ from harness import REPO, ServerProcess, console_script, wait_until
 from kube import Kubectl
 
 pytestmark = pytest.mark.timeout(300)
-H100 = kind_nodes()[1].labels  # one 80 GiB GPU
+H100 = kind_nodes(network.Plan(0))[1].labels  # one 80 GiB GPU
 
 
 @pytest.fixture(scope="module")
 def one_gpu(tmp_path_factory):
     """A cluster whose only node has one GPU, the CRD applied, the operator running with the admin's kubeconfig."""
     root = tmp_path_factory.mktemp("one-gpu")
-    cluster = Cluster(root=root, nodes=[Node("gpu-a", H100, node_address(0), gpus=1)]).start()
+    plan = network.next_plan()
+    cluster = Cluster(root=root, plan=plan, nodes=[Node("gpu-a", H100, plan.node(0), gpus=1)]).start()
     kube = Kubectl(cluster.kubeconfig, "default", cache=root / "kubectl-cache")
     port = free_port()
     operator = ServerProcess([console_script("cxygpt-operator"), "--kubeconfig", str(cluster.kubeconfig),
@@ -71,7 +73,7 @@ def test_two_single_gpu_models_on_one_gpu_wait_for_the_scheduler_and_run_when_a_
     pod = kube.items("pods", "-l", "app.kubernetes.io/instance=second")[0]
     assert pod["status"]["phase"] == "Pending" and "nodeName" not in pod["spec"]
 
-    cluster.add_node(Node("gpu-b", H100, node_address(1), gpus=1))
+    cluster.add_node(Node("gpu-b", H100, cluster.plan.node(1), gpus=1))
     kube("wait", "--for=jsonpath={.status.phase}=Ready", "md/second", "--timeout=90s")
     placed = {p["metadata"]["labels"]["app.kubernetes.io/instance"]: p["spec"]["nodeName"]
               for p in kube.items("pods", "-l", "app.kubernetes.io/name=cxygpt-engine")}
@@ -101,7 +103,7 @@ def test_the_gateways_wake_patch_takes_a_model_from_zero_and_only_from_zero(one_
 
 
 def test_kubectl_as_a_user_types_it(one_gpu, tmp_path):
-    _, kube, _ = one_gpu
+    cluster, kube, _ = one_gpu
     sim = model("chat", "chat", engine={"kind": "sim"}, replicas=1)
     path = tmp_path / "chat.yaml"
     path.write_text(yaml.safe_dump(sim))
@@ -115,7 +117,8 @@ def test_kubectl_as_a_user_types_it(one_gpu, tmp_path):
     wide = kube("get", "pods", "-l", "app.kubernetes.io/instance=chat", "-o", "wide").splitlines()
     assert wide[0].split()[:8] == ["NAME", "READY", "STATUS", "RESTARTS", "AGE", "IP", "NODE", "NOMINATED"]
     nodes = set(kube("get", "nodes", "-o", "name").replace("node/", "").split())
-    assert len(wide) == 3 and all(re.fullmatch(r"10\.244\.\d+\.\d+", line.split()[5]) and line.split()[6] in nodes
+    pods = ipaddress.ip_network(cluster.plan.cluster_cidr)
+    assert len(wide) == 3 and all(ipaddress.ip_address(line.split()[5]) in pods and line.split()[6] in nodes
                                   for line in wide[1:])
     md_row = kube("get", "md", "chat", "-o", "wide").splitlines()[1].split()
     assert md_row[1:6] == ["chat", "SRV_80G", "1x79GiB", "2/2", "Ready"]
