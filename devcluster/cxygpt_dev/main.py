@@ -66,6 +66,11 @@ def port_taken(port: int) -> bool:
     return False
 
 
+def console_port(args) -> int:
+    """--console-port, else CONSOLE_PORT when it is free, else any free port (parallel runs do not collide)."""
+    return args.console_port or (CONSOLE_PORT if not port_taken(CONSOLE_PORT) else free_port())
+
+
 def check_ports(args) -> None:
     """Fail before starting anything when a fixed port is taken (e.g. by another `cxygpt-dev up`)."""
     if port_taken(args.gateway_port):
@@ -161,20 +166,20 @@ def gpu_nodes_from_kind_config(path: Path) -> list[dict]:
 
 
 class Forwards:
-    """The real cluster's doors in the network cxygpt-dev was started in: the gateway's port, the API server's and
-    the Hub's, listening there before cxygpt-dev moves to the cluster's own network, each passed on to an address
-    there (the gateway Service's, the API server's, the Hub's)."""
+    """The real cluster's doors in the network cxygpt-dev was started in: the gateway's port, the API server's, the
+    Hub's and the console's, listening there before cxygpt-dev moves to the cluster's own network, each passed on to
+    an address there (the gateway Service's, the API server's, the Hub's, the console Service's)."""
 
-    def __init__(self, gateway_port: int):
+    def __init__(self, gateway_port: int, console_port: int):
         self.sockets = {}
-        for port in (gateway_port, 0, 0):
+        for port in (gateway_port, 0, 0, console_port):
             s = socket.socket()
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.bind(("127.0.0.1", port))
             s.listen(128)
             s.setblocking(False)
             self.sockets[s.getsockname()[1]] = s
-        self.gateway_port, self.api_port, self.hub_port = list(self.sockets)
+        self.gateway_port, self.api_port, self.hub_port, self.console_port = list(self.sockets)
         self.servers: list[asyncio.base_events.Server] = []
 
     async def start(self, port: int, host: str, target_port: int):
@@ -259,7 +264,8 @@ class DevCluster:
         under their ServiceAccounts (the chart's RBAC enforced), the gateway's Service; the forwarded gateway port
         leads to that Service."""
         helm = tool("helm") if shutil.which("helm") or (BIN / "helm").exists() else str(REPO / ".tools/bin/helm")
-        values = {"operator.hfEndpoint": hub, "modelAutoscaling.intervalSeconds": self.args.autoscale_interval}
+        values = {"operator.hfEndpoint": hub, "modelAutoscaling.intervalSeconds": self.args.autoscale_interval,
+                  "console.enabled": True}
         for env, value in (("CXYGPT_DEMAND_WINDOW_S", "gateway.demandWindowSeconds"),
                            ("CXYGPT_COLD_START_TIMEOUT_S", "gateway.coldStartTimeoutSeconds")):
             if os.environ.get(env):  # as the in-memory run's gateway process takes them
@@ -281,8 +287,12 @@ class DevCluster:
                                                      CHART_RELEASE, "-o", "json"))
         await self.forwards.start(self.forwards.gateway_port, service["spec"]["clusterIP"],
                                   service["spec"]["ports"][0]["port"])
-        self.out.say(f"cxygpt-dev: helm installed the chart (release {CHART_RELEASE}: the CRD, the operator and the "
-                     f"gateway as pods) in {time.monotonic() - began:.0f} s")
+        console = json.loads(await asyncio.to_thread(self.real.kubectl, "get", "service", "cxygpt-console", "-n",
+                                                     CHART_RELEASE, "-o", "json"))
+        await self.forwards.start(self.forwards.console_port, console["spec"]["clusterIP"],
+                                  console["spec"]["ports"][0]["port"])
+        self.out.say(f"cxygpt-dev: helm installed the chart (release {CHART_RELEASE}: the CRD, the operator, the "
+                     f"gateway and the console as pods) in {time.monotonic() - began:.0f} s")
         return f"http://{service['spec']['clusterIP']}:{service['spec']['ports'][0]['port']}"
 
     def _server_version(self) -> str:
@@ -308,12 +318,15 @@ class DevCluster:
             else:
                 inside = await self._start_processes(session, api_url, hub)
             gateway = f"http://127.0.0.1:{a.gateway_port}"
-            console_port = a.console_port or (CONSOLE_PORT if not port_taken(CONSOLE_PORT) else free_port())
-            console = f"http://127.0.0.1:{console_port}"
-            await self._start("console", [tool("cxygpt-console"), "--kubeconfig", str(self.kubeconfig),
-                                          "--gateway-url", gateway, "--gateway-service", "/".join(GATEWAY_SERVICE),
-                                          "--host", "127.0.0.1", "--port", str(console_port)],
-                              console + "/healthz", session)
+            if self.real:  # the chart's console, under its own ServiceAccount, through its forwarded port
+                console = f"http://127.0.0.1:{self.forwards.console_port}"
+            else:
+                port = console_port(a)
+                console = f"http://127.0.0.1:{port}"
+                await self._start("console", [tool("cxygpt-console"), "--kubeconfig", str(self.kubeconfig),
+                                              "--gateway-url", gateway, "--gateway-service", "/".join(GATEWAY_SERVICE),
+                                              "--host", "127.0.0.1", "--port", str(port)],
+                                  console + "/healthz", session)
             self._print_next_steps(gateway, console)
             if not a.no_examples:
                 await self._apply_examples()
@@ -468,7 +481,7 @@ def _up(args) -> int:
         check_ports(args)
         if args.control_plane == "real":
             # the doors first, in the network this was started in; then a network of the cluster's own
-            forwards = Forwards(args.gateway_port)
+            forwards = Forwards(args.gateway_port, console_port(args))
             network.enter_private_network(fresh=True)
     except SystemExit as e:
         print(e, file=sys.stderr)
