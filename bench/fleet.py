@@ -58,8 +58,8 @@ FRONTS = ("gw-prefix", "gw-least-load", "gw-round-robin", "service", "vr-cache_a
 EXTRA_FRONTS = ("vr-round_robin", "vr-random")   # not run by default
 GATEWAY_POLICY = {"gw-prefix": "prefix", "gw-least-load": "least-load", "gw-round-robin": "round-robin",
                   "gw-prefix-x2": "prefix"}
-GRID = (0.3, 0.5, 0.7, 0.85, 1.0, 1.15, 1.3, 1.5)
-QUICK_GRID = (0.7,)
+GRID = (0.4, 0.6, 0.75, 0.9, 1.0, 1.15, 1.3, 1.5)
+QUICK_GRID = (0.75,)
 SLO_TTFT_S = 2.0
 CPU_BOUND = 0.8  # cores used by one single-threaded process (the client, a simulator, a front) that are noted
 METRIC = re.compile(rb"^(vllm:[a-z_]+)(?:\{[^}]*\})? ([0-9.e+-]+)$", re.M)
@@ -684,7 +684,7 @@ def finish(r: dict) -> None:
             for f, ps in by_front.items() if f.startswith("gw-")}
         means = [p["prompt_tokens_mean"] for ps in by_front.values() for p in ps if p["prompt_tokens_mean"]]
         r["prompt_tokens_mean"][shape] = sum(means) / len(means) if means else None
-    r["goals"] = fleet.judge(r["throughput"], errors)
+    r["goals"] = fleet.judge(r["throughput"], errors, r["front_cpu_ms_per_request"])
     during = [p["loadavg"] for by_front in r["points"].values() for ps in by_front.values() for p in ps]
     r["load_during"] = f"{min(during):.1f}–{max(during):.1f} (mean {sum(during) / len(during):.1f})" if during else "-"
 
@@ -700,7 +700,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--full-sweep", action="store_true", help="run every rate for every front (default: a front "
                     "stops at its first point that misses the SLO)")
     ap.add_argument("--slo-ttft-s", type=float, default=SLO_TTFT_S, help="the SLO on p90 TTFT (default %(default)s)")
-    ap.add_argument("--duration", type=float, help="seconds of arrivals per point (default 10, quick 4)")
+    ap.add_argument("--duration", type=float, help="seconds of arrivals per point (default 8, quick 4)")
     ap.add_argument("--warm", type=float, help="seconds from the start not measured (default a quarter)")
     ap.add_argument("--grace", type=float, help="seconds after the last arrival before a point is stopped (default "
                     "the SLO + 1, so that a request stopped before its first token has waited longer than the SLO)")
@@ -724,7 +724,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.render:
         write_benchmarks(fleet.render(json.loads(Path(a.render).read_text()), MARK_BEGIN, MARK_END))
         return 0
-    a.duration = a.duration or (4.0 if a.quick else 10.0)
+    a.duration = a.duration or (4.0 if a.quick else 8.0)
     a.warm = a.duration / 4 if a.warm is None else a.warm
     a.grace = a.slo_ttft_s + 1 if a.grace is None else a.grace
     a.capacity_s = a.capacity_s or (6.0 if a.quick else 20.0)

@@ -256,10 +256,13 @@ UNSHARED_VS_LEAST = 0.95
 TWO_OF_ONE = 0.9
 
 
-def judge(throughput: dict[str, dict[str, dict]], errors: dict[str, dict[str, int]]) -> list[dict]:
+def judge(throughput: dict[str, dict[str, dict]], errors: dict[str, dict[str, int]],
+          cpu_ms: dict[str, dict[str, float]] | None = None) -> list[dict]:
     """The goals per shape, from each front's throughput at the SLO (shape -> front -> throughput_at_slo, the
     perfect router's under "perfect") and errors over its sweep (shape -> front -> count): a row per goal with
-    what was measured and met (None when a front it needs was not measured or the measurement cannot tell)."""
+    what was measured and met (None when a front it needs was not measured or the measurement cannot tell).
+    `cpu_ms` (shape -> front -> the gateway's CPU ms per request) adds the CPU goal's rows, open: it compares a
+    revision with the one before in the same run (bench/ab_callgrind.py for G1/G2), and this run is the before."""
     rows = []
     for shape in SHAPES:
         tas = throughput.get(shape)
@@ -288,6 +291,10 @@ def judge(throughput: dict[str, dict[str, dict]], errors: dict[str, dict[str, in
         rows.append({"shape": shape, "goal": "errors through our gateways", "target": "0",
                      "measured": str(sum(got.values())) if got else "-",
                      "met": (sum(got.values()) == 0) if got else None})
+        cpu = (cpu_ms or {}).get(shape, {}).get(PREFIX)
+        if cpu is not None:
+            rows.append({"shape": shape, "goal": "the gateway's CPU per request (prefix)", "target": "≤ before",
+                         "measured": f"{cpu:.2f} ms", "met": None})
     return rows
 
 
@@ -314,7 +321,7 @@ def _tas(t: dict | None) -> str:
     return f"≥ {t['lo']:.1f}" if t["hi"] == INF else f"< {t['hi']:.1f}"
 
 
-MID = 0.7  # the sweep's point whose p90 the summary shows
+MID = 0.75  # the sweep's point whose p90 the summary shows
 
 
 def render(r: dict, begin: str, end: str) -> str:

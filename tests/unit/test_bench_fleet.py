@@ -156,6 +156,7 @@ def test_unshared_requests_share_no_block_and_mix_short_and_long_prompts():
     short = sum(n < 500 for n in lengths)
     assert sum(n > 1400 for n in lengths) + short == len(reqs) and 0.45 <= short / len(reqs) <= 0.75
     assert {r.group for r in reqs} == {-1}
+    assert all([m["role"] for m in r.fields["messages"]] == ["user"] for r in reqs)   # no system prompt at all
 
 
 def test_the_warm_up_covers_each_group_once_with_its_first_request():
@@ -353,6 +354,10 @@ def test_the_goals_are_met_by_a_prefix_router_that_is_good_enough():
     rows = fleet.judge(tas, errors)
     assert [r["met"] for r in rows] == [True] * len(rows), rows
     assert len(rows) == 3 * 6 + 3
+    with_cpu = fleet.judge(tas, errors, {"chat": {"gw-prefix": 1.234, "gw-least-load": 1.0}})
+    assert len(with_cpu) == len(rows) + 1 and [r for r in with_cpu if r not in rows] == [
+        {"shape": "chat", "goal": "the gateway's CPU per request (prefix)", "target": "≤ before",
+         "measured": "1.23 ms", "met": None}]
 
 
 def failed(tas, errors):
@@ -406,13 +411,13 @@ def point(front: str, x: float, p90: float, exact: bool = True, **kw) -> dict:
 
 
 def test_the_report_shows_the_throughput_the_goals_and_each_point():
-    points = {"document": {"gw-prefix": [point("gw-prefix", 0.5, 400), point("gw-prefix", 0.7, 900),
+    points = {"document": {"gw-prefix": [point("gw-prefix", 0.5, 400), point("gw-prefix", 0.75, 900),
                                          point("gw-prefix", 0.85, 2600, exact=False)],
                            "service": [point("service", 0.5, 3000, exact=False)]}}
     r = {"started": "2026-12-06 07:00 UTC", "finished": "07:30 UTC", "machine": "2 CPUs", "revision": "abc1234",
          "load_before": "load average 1.00", "load_after": "load average 2.00", "load_during": "1.0–3.0 (mean 2.0)",
          "command": "python bench/fleet.py", "results_file": "bench/results/fleet-x.json", "slo_ttft_s": 2.0,
-         "grid": [0.5, 0.7, 0.85], "duration_s": 10, "warm_s": 2.5, "grace_s": 3, "notes": ["a note"],
+         "grid": [0.5, 0.75, 0.85], "duration_s": 10, "warm_s": 2.5, "grace_s": 3, "notes": ["a note"],
          "shapes": ["document"], "fronts": ["gw-prefix", "service"], "replicas": 4, "points": points,
          "capacity": {"document": {"fleet_rps": 20.0, "given": True}},
          "front_cpu_ms_per_request": {"document": {"gw-prefix": 1.25}}, "prompt_tokens_mean": {"document": 4000}}
@@ -423,12 +428,12 @@ def test_the_report_shows_the_throughput_the_goals_and_each_point():
     assert out.startswith("<!-- b -->") and out.endswith("<!-- e -->")
     assert "```sh\npython bench/fleet.py\n```" in out and "- note: a note" in out
     assert "SLO: p90 TTFT ≤ 2 s and no error" in out
-    # 0.7 × 20 = 14 passes at 900 ms, 17 misses at 2600: crossing at 14 + 1100 / 1700 × 3 = 15.94
-    assert "| gw-prefix | 15.9 (0.80×) |" in out and "| service | < 10.0 (< 0.50×) |" in out
+    # 0.75 × 20 = 15 passes at 900 ms, 17 misses at 2600: crossing at 15 + 1100 / 1700 × 2 = 16.29
+    assert "| gw-prefix | 16.3 (0.81×) |" in out and "| service | < 10.0 (< 0.50×) |" in out
     assert "| perfect | 20.0 (1.00×) |" in out
     assert "| gw-prefix | 900 · 1.25 ms |" in out and "| service | - |" in out
-    assert "| document | prefix / random (a Service) | ≥ 2× | ≥ 1.59× | n/a |" in out
-    assert "| document | prefix / perfect router | ≥ 0.9× | 0.80× | no |" in out
+    assert "| document | prefix / random (a Service) | ≥ 2× | ≥ 1.63× | n/a |" in out   # 16.29 / [0, 10)
+    assert "| document | prefix / perfect router | ≥ 0.9× | 0.81× | no |" in out
     assert "| 0.85 (17.0) | gw-prefix | 1300 / > 2600 / > 3900 | no |" in out
     assert "| 0.5 (10.0) | gw-prefix | 200 / 400 / 600 | yes | 10.00 | 800 | 80% (90%) | 4.0 4.0 4.0 4.0 (1.00) |" in out
 
