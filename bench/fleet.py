@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import datetime as dt
 import gc
 import itertools
@@ -119,9 +120,10 @@ async def exchange(session: aiohttp.ClientSession, url: str, body: bytes, header
 
 
 class Workload:
-    """A shape's requests for one point of a front's sweep: their bodies (the shared blocks' words salted per
-    sweep, so that no front finds another's prefixes cached; the requests' own words per point, so that each point
-    sends new requests), the warm-up requests (one per shared prefix) and the prompt token ids of what was sent."""
+    """A shape's requests for a front's sweep: their bodies (the shared blocks' words salted per sweep, so that no
+    front finds another's prefixes cached; the requests' own words by `point`, so that the warm-up's and the
+    perfect router's probe's are not the sweep's), the warm-up requests (one per shared prefix) and the prompt
+    token ids of what was sent."""
 
     def __init__(self, shape: str, spec, salt: int, point: int, session_mode: str):
         self.shape, self.spec, self.salt, self.point, self.session_mode = shape, spec, salt, point, session_mode
@@ -179,21 +181,27 @@ class Workload:
 
 
 class Client:
-    """Drives a point, open loop: independent requests at their arrival times; chat conversations as tasks that
-    send their turns at their scheduled times (or when the previous answer ends, if later), appending the user
-    message and the actual answer to their history (a failed turn ends its conversation). Stops `grace` seconds
-    after the last arrival, cutting what still runs. Samples the replicas' running + waiting requests meanwhile."""
+    """Drives a front's sweep, open loop: stages of rising rates back to back. Independent requests go at their
+    arrival times; chat conversations are tasks that send their turns at their scheduled times (or when the
+    previous answer ends, if later), appending the user message and the actual answer to their history (a failed
+    turn ends its conversation). `grace` seconds after each stage's last arrival, `judge(k, now)` says whether the
+    sweep goes on; when it does not, or after the last stage, what still runs is cut. Samples the replicas' load
+    and counters, and reads the processes' CPU at each stage's bounds, meanwhile."""
 
-    def __init__(self, load: Workload, pick, *, times: list[float] | None = None,
-                 sends: list[shapes.Send] | None = None, duration: float, grace: float, timeout: float,
-                 sims: list[str], sample_s: float):
+    def __init__(self, load: Workload, pick, *, stages: list[tuple[float, float]], lead: float, grace: float,
+                 timeout: float, sims: list[str], sample_s: float, pids: dict[str, list[int]], judge,
+                 times: list[float] | None = None, sends: list[shapes.Send] | None = None):
         self.load, self.pick, self.times, self.sends = load, pick, times or [], sends or []
-        self.duration, self.grace, self.timeout, self.sims, self.sample_s = duration, grace, timeout, sims, sample_s
-        self.unsent = 0  # chat turns not sent: the previous answer ended after the last arrival
+        self.lead, self.grace, self.timeout, self.sims, self.sample_s = lead, grace, timeout, sims, sample_s
+        self.pids, self.judge = pids, judge
+        self.bounds = list(itertools.accumulate([lead] + [d for _, d in stages]))   # stage k: bounds[k]..bounds[k+1]
         self.results: list[fleet.Result] = []
-        self.samples: list[tuple[float, list[float]]] = []
+        self.samples: list[tuple[float, list[float], list[dict]]] = []
+        self.cpu: list[tuple[float, dict]] = []
         self.counter = itertools.count()
+        self.requests: set[asyncio.Task] = set()
         self.stopped_at = 0.0
+        self.judged = 0   # stages judged
 
     async def _send(self, session, res: fleet.Result, path: str, body: bytes, headers: dict, t0: float) -> None:
         clock = time.perf_counter
@@ -209,14 +217,20 @@ class Client:
             res.status = "connection"
         res.end = clock() - t0
 
-    async def _independent(self, session, t0: float, tasks: list) -> None:
+    def _spawn(self, coro) -> asyncio.Task:
+        task = asyncio.ensure_future(coro)
+        self.requests.add(task)
+        task.add_done_callback(self.requests.discard)
+        return task
+
+    async def _independent(self, session, t0: float) -> None:
         clock = time.perf_counter
         for index, at in enumerate(self.times):
             if (delay := t0 + at - clock()) > 0:
                 await asyncio.sleep(delay)
             path, body, headers = self.load.body(index)
             res = fleet.Result(sent=clock() - t0, scheduled=at, index=index)
-            tasks.append(asyncio.ensure_future(self._send(session, res, path, body, headers, t0)))
+            self._spawn(self._send(session, res, path, body, headers, t0))
 
     async def _conversation(self, session, conv: shapes.Conversation, times: list[float], t0: float) -> None:
         clock = time.perf_counter
@@ -224,8 +238,7 @@ class Client:
         for turn, at in enumerate(times):
             if (delay := t0 + at - clock()) > 0:
                 await asyncio.sleep(delay)
-            if clock() - t0 >= self.duration:
-                self.unsent += len(times) - turn
+            if clock() - t0 >= self.bounds[-1]:
                 return
             path, body, headers = self.load.chat_body(conv, turn)
             res = fleet.Result(sent=clock() - t0, scheduled=at, conversation=conv.index, turn=turn)
@@ -237,13 +250,32 @@ class Client:
     async def _sampler(self, session, t0: float, stop: asyncio.Event) -> None:
         while not stop.is_set():
             now = time.perf_counter() - t0
-            loads = await asyncio.gather(*(in_flight(session, u) for u in self.sims))
-            if all(x is not None for x in loads):
-                self.samples.append((now, loads))
+            got = await asyncio.gather(*(read_one(session, u) for u in self.sims))
+            if all(m is not None for m in got):
+                self.samples.append((now, [m.get("vllm:num_requests_running", 0) + m.get("vllm:num_requests_waiting", 0)
+                                           for m in got], got))
             try:
                 await asyncio.wait_for(stop.wait(), self.sample_s)
             except asyncio.TimeoutError:
                 pass
+
+    def _mark_cpu(self, t: float) -> None:
+        self.cpu.append((t, {"client": time.process_time(),
+                             **{k: [cpu_s(p) for p in v] for k, v in self.pids.items()}}))
+
+    async def _monitor(self, t0: float) -> None:
+        """Marks the CPU at each bound and judges each stage `grace` after its end."""
+        clock = time.perf_counter
+        marks = [(b, None) for b in self.bounds] + [(b + self.grace, k) for k, b in enumerate(self.bounds[1:])]
+        for at, stage in sorted(marks, key=lambda m: (m[0], m[1] is not None)):
+            if (delay := t0 + at - clock()) > 0:
+                await asyncio.sleep(delay)
+            if stage is None:
+                self._mark_cpu(at)
+                continue
+            self.judged = stage + 1
+            if not self.judge(stage, clock() - t0):
+                return
 
     async def run(self) -> float:
         connector = aiohttp.TCPConnector(limit=0, force_close=False)
@@ -253,34 +285,30 @@ class Client:
             t0 = time.perf_counter()
             stop = asyncio.Event()
             sampler = asyncio.ensure_future(self._sampler(probes, t0, stop))
-            tasks: list = []
             if self.load.chat:
                 by_conv: dict[int, list[float]] = {}
                 for s in self.sends:
                     by_conv.setdefault(s.conversation, []).append(s.at)
-                tasks = [asyncio.ensure_future(self._conversation(session, self.load.conversations[c], times, t0))
-                         for c, times in by_conv.items()]
+                senders = [asyncio.ensure_future(self._conversation(session, self.load.conversations[c], times, t0))
+                           for c, times in by_conv.items()]
             else:
-                await self._independent(session, t0, tasks)
-            if tasks:
-                _, pending = await asyncio.wait(tasks, timeout=max(t0 + self.duration + self.grace
-                                                                   - time.perf_counter(), 0))
-                self.stopped_at = time.perf_counter() - t0
-                for t in pending:
-                    t.cancel()
-                await asyncio.gather(*pending, return_exceptions=True)
+                senders = [asyncio.ensure_future(self._independent(session, t0))]
+            await self._monitor(t0)
+            self.stopped_at = time.perf_counter() - t0
+            for t in senders + list(self.requests):
+                t.cancel()
+            await asyncio.gather(*senders, *list(self.requests), return_exceptions=True)
             stop.set()
             await sampler
             return time.perf_counter() - t0
 
 
-async def in_flight(session, base: str) -> float | None:
+async def read_one(session, base: str) -> dict[str, float] | None:
     try:
         async with session.get(base + "/metrics") as r:
-            m = metrics(await r.read())
+            return metrics(await r.read())
     except (aiohttp.ClientError, OSError, asyncio.TimeoutError):
         return None
-    return m.get("vllm:num_requests_running", 0) + m.get("vllm:num_requests_waiting", 0)
 
 
 def metrics(text: bytes) -> dict[str, float]:
@@ -419,10 +447,6 @@ def stop_all(procs: list[Proc]) -> None:
 
 # --- points ----------------------------------------------------------------------------------------------
 
-class NotIdle(RuntimeError):
-    """The replicas did not drain after a point: the next one would not start from idle replicas."""
-
-
 def warm(load: Workload, bases: list[str], timeout: float) -> list[fleet.Result]:
     """The warm-up requests, all at once, through the front (its bases in turn) or to a replica; not measured."""
     todo = load.warm()
@@ -445,65 +469,74 @@ def warm(load: Workload, bases: list[str], timeout: float) -> list[fleet.Result]
     return asyncio.run(go()) if todo else []
 
 
-def run_point(front: str, procs: list[Proc], shape: str, spec, rate: float, rate_x: float, salt: int, point: int,
-              fl: Fleet, a, notes: list[str], prompts: fleet.PromptTokens, seen: set[int]) -> dict:
-    """One rate of a front's sweep, on idle replicas whose caches hold what the front's earlier points left;
-    `seen`: the blocks of the sweep's earlier prompts (the ideal cache), updated."""
-    load = Workload(shape, spec, salt, point, a.session)
+def sweep_front(front: str, procs: list[Proc], shape: str, spec, cap: float, salt: int, fl: Fleet, a,
+                notes: list[str], prompts: fleet.PromptTokens, seen: set[int]) -> list[dict]:
+    """A front's sweep on the shape's replicas: a lead-in at the first rate, then a stage per rate of the grid, back
+    to back; each stage summarized, up to the first that misses the SLO. `seen`: the blocks the warm-up sent (the
+    ideal cache), updated."""
+    rates = [x * cap for x in a.grid]
+    stages = [(r, a.duration) for r in rates]
+    times = [t for t, _ in shapes.ramp(f"{shape}:{spec.seed}", [(rates[0], a.lead)] + stages)]
+    load = Workload(shape, spec, salt, 1, a.session)
+    sends = None
     if load.chat:
-        sends, load.conversations = shapes.chat_schedule(spec, rate, a.duration, salt, point)
-        times = None
+        sends, load.conversations = shapes.chat_schedule(spec, times, salt, 1)
     else:
-        sends, times = None, shapes.schedule(shape, spec, rate, a.duration)
         load.extend(len(times))
-    if not fl.idle():
-        raise NotIdle("the replicas still held requests a minute after the last point")
+    slo_ms = a.slo_ttft_s * 1000
+    client = Client(load, picker(procs), stages=stages, lead=a.lead, grace=a.grace, timeout=a.timeout, sims=fl.urls,
+                    sample_s=a.sample_s, pids={"sims": [s.pid for s in fl.sims], "front": [p.pid for p in procs]},
+                    judge=None, times=None if load.chat else times, sends=sends)
+
+    def judge(k: int, now: float) -> bool:
+        p = fleet.summarize(client.results, start=client.bounds[k], end=client.bounds[k + 1], stopped_at=now,
+                            slo_s=a.slo_ttft_s, samples=client.samples)
+        log(f"{shape:11s} {front:18s} {a.grid[k]:4g}× ({rates[k]:5.1f}/s): TTFT p90 {fleet.fmt(p['ttft_p90_ms'])} ms, "
+            f"{p['errors']} errors: {'within the SLO' if fleet.passes(p, slo_ms) else 'MISSED'}")
+        return a.full_sweep or fleet.passes(p, slo_ms)
+
+    client.judge = judge
     loadavg = os.getloadavg()[0]
-    client = Client(load, picker(procs), times=times, sends=sends, duration=a.duration, grace=a.grace,
-                    timeout=a.timeout, sims=fl.urls, sample_s=a.sample_s)
-    before = read_metrics(fl.urls)
-    pids = {"sims": [s.pid for s in fl.sims], "front": [p.pid for p in procs]}
-    cpu0 = {k: [cpu_s(p) for p in v] for k, v in pids.items()}
-    own0, wall0 = time.process_time(), time.perf_counter()
     elapsed = run_client(client)
-    wall = time.perf_counter() - wall0
-    own = time.process_time() - own0
-    used = {k: [cpu_s(p) - c for p, c in zip(v, cpu0[k])] for k, v in pids.items()}
-    after = read_metrics(fl.urls)
-    cpu = {"client": round(own / wall, 2), "sims_total": round(sum(used["sims"]) / wall, 2),
-           "sim_max": round(max(used["sims"]) / wall, 2), "front": round(sum(used["front"]) / wall, 2),
-           "front_max_process": round(max(used["front"]) / wall, 2)}
-    r = fleet.summarize(client.results, duration=a.duration, warm=a.warm, stopped_at=client.stopped_at or elapsed,
-                        slo_s=a.slo_ttft_s, samples=client.samples, before=before, after=after)
-    sent = sorted(client.results, key=lambda x: x.sent)
-    ids = [load.prompt_ids(x, prompts) for x in sent]
-    hits, queries = fleet.ideal_hits(ids, BLOCK_SIZE, seen)
-    r.update(front=front, shape=shape, rate_x=rate_x, offered_rps=rate, salt=salt, point=point,
-             elapsed_s=round(elapsed, 2), unsent=client.unsent, cpu_cores=cpu, loadavg=loadavg,
-             ideal_hit_rate=hits / queries if queries else None, ideal_queries=queries,
-             prompt_tokens_mean=queries / len(ids) if ids else None,
-             front_cpu_ms_per_request=1000 * sum(used["front"]) / len(sent) if sent else None)
-    if load.chat:
-        systems = [len(prompts.ids([{"role": "system", "content": s}])) - len(prompts.tail) for s in load.systems]
-        events = [(x.sent, x.conversation, len(i) - systems[load.conversations[x.conversation].tenant],
-                   x.turn == len(load.conversations[x.conversation].turns) - 1) for x, i in zip(sent, ids)]
-        r["working_set_tokens"] = fleet.working_set(events, sum(systems))
-    if not r["cut"] and r["prefix_queries"] != queries:
-        notes.append(f"{shape}, {front} at {rate_x:g}×: the replicas queried {r['prefix_queries']:.0f} prompt tokens, "
-                     f"the replay {queries} ({r['preemptions']:.0f} preemptions re-query theirs)")
-    busy = {name: v for name, v in (("client", cpu["client"]), ("a simulator", cpu["sim_max"]),
-                                     ("the front", cpu["front_max_process"])) if v >= CPU_BOUND}
-    if busy:
-        notes.append(f"{shape}, {front} at {rate_x:g}×: " + ", ".join(f"{k} used {v} cores" for k, v in busy.items())
-                     + f" (≥ {CPU_BOUND}: may be CPU-bound, its latencies include waiting for a core)")
-    ok = fleet.passes(r, a.slo_ttft_s * 1000)
-    log(f"{shape:11s} {front:18s} {rate_x:4g}× ({rate:5.1f}/s): sent {r['sent']:4d} err {r['errors']:3d} cut "
-        f"{r['cut']:3d} TTFT p50/p90/p99 {fleet.fmt(r['ttft_p50_ms'])}/{fleet.fmt(r['ttft_p90_ms'])}/"
-        f"{fleet.fmt(r['ttft_p99_ms'])} ms {'ok ' if ok else 'MISS'} goodput {r['goodput_rps']:5.2f} tok/s "
-        f"{r['output_tokens_per_s']:5.0f} hit {fleet.pct(r['hit_rate'])} (ideal {fleet.pct(r['ideal_hit_rate'])}) "
-        f"max/mean {fleet.fmt(r['max_over_mean'], '{:.2f}')} cpu client {cpu['client']} sims {cpu['sims_total']} "
-        f"front {cpu['front']} load {loadavg:.1f} run {r['elapsed_s']} s")
-    return r
+    # the ideal cache over everything sent, in order; each request's share counted in its stage
+    ideal = [[0, 0] for _ in stages]
+    for res in sorted(client.results, key=lambda x: x.sent):
+        hits, queries = fleet.ideal_hits([load.prompt_ids(res, prompts)], BLOCK_SIZE, seen)
+        k = bisect.bisect_right(client.bounds, res.sent) - 1
+        if 0 <= k < len(stages):
+            ideal[k][0] += hits
+            ideal[k][1] += queries
+    points = []
+    for k in range(client.judged):
+        start, end = client.bounds[k], client.bounds[k + 1]
+        r = fleet.summarize(client.results, start=start, end=end, stopped_at=client.stopped_at, slo_s=a.slo_ttft_s,
+                            samples=client.samples)
+        (t0, c0), (t1, c1) = client.cpu[k], client.cpu[k + 1]
+        wall = t1 - t0
+        front_s = sum(c1["front"]) - sum(c0["front"])
+        sims = [x1 - x0 for x0, x1 in zip(c0["sims"], c1["sims"])]
+        cpu = {"client": round((c1["client"] - c0["client"]) / wall, 2), "sims_total": round(sum(sims) / wall, 2),
+               "sim_max": round(max(sims) / wall, 2), "front": round(front_s / wall, 2),
+               "front_max_process": round(max(x1 - x0 for x0, x1 in zip(c0["front"], c1["front"])) / wall, 2)}
+        hits, queries = ideal[k]
+        r.update(front=front, shape=shape, rate_x=a.grid[k], offered_rps=rates[k], salt=salt, cpu_cores=cpu,
+                 loadavg=loadavg, ideal_hit_rate=hits / queries if queries else None, ideal_queries=queries,
+                 prompt_tokens_mean=queries / r["sent"] if r["sent"] else None,
+                 front_cpu_ms_per_request=1000 * front_s / r["sent"] if r["sent"] else None)
+        busy = {name: v for name, v in (("client", cpu["client"]), ("a simulator", cpu["sim_max"]),
+                                         ("the front", cpu["front_max_process"])) if v >= CPU_BOUND}
+        if busy:
+            notes.append(f"{shape}, {front} at {a.grid[k]:g}×: " + ", ".join(f"{n} used {v} cores" for n, v in busy.items())
+                         + f" (≥ {CPU_BOUND}: may be CPU-bound, its latencies include waiting for a core)")
+        log(f"{shape:11s} {front:18s} {a.grid[k]:4g}× ({rates[k]:5.1f}/s): sent {r['sent']:4d} err {r['errors']:3d} "
+            f"cut {r['cut']:3d} TTFT p50/p90/p99 {fleet.fmt(r['ttft_p50_ms'])}/{fleet.fmt(r['ttft_p90_ms'])}/"
+            f"{fleet.fmt(r['ttft_p99_ms'])} ms goodput {r['goodput_rps']:5.2f} tok/s {r['output_tokens_per_s']:5.0f} "
+            f"hit {fleet.pct(r['hit_rate'])} (ideal {fleet.pct(r['ideal_hit_rate'])}) max/mean "
+            f"{fleet.fmt(r['max_over_mean'], '{:.2f}')} cpu client {cpu['client']} sims {cpu['sims_total']} front "
+            f"{cpu['front']}")
+        points.append(r)
+    log(f"{shape} {front}: swept in {elapsed:.0f} s (load average {loadavg:.1f} at its start)")
+    return points
 
 
 # --- the perfect router ----------------------------------------------------------------------------------
@@ -594,15 +627,19 @@ def capacity(shape: str, spec, a, logs: Path) -> dict:
 
 def sweep(shape: str, spec, cap: float, fronts: list[str], a, logs: Path, notes: list[str], routing: bool,
           prompts: fleet.PromptTokens, salts) -> dict[str, list[dict]]:
-    """Each front in turn on the shape's replicas: the front started, one request per shared prefix sent through
-    it, then the rates of the grid from the lowest, each on idle replicas whose caches hold what the front's
-    earlier points left (a deployment whose load rises, as the field's sweeps run their stages); the front leaves
-    at its first point that misses the SLO unless --full-sweep."""
+    """Each front in turn on the shape's replicas (idle, and cold for its salt): the front started, one request per
+    shared prefix sent through it (not measured), then its sweep, so a router's own state (a tree, a ring) and the
+    engines' caches carry from one rate to the next as in a deployment whose load rises."""
     points: dict[str, list[dict]] = {}
     fl = Fleet(logs)
     try:
         for front in fronts:
             salt = next(salts)
+            if not fl.idle():
+                notes.append(f"{shape}, before {front}: the replicas still held requests a minute after the last "
+                             "sweep; they were restarted")
+                fl.stop()
+                fl = Fleet(logs)
             try:
                 procs = start_front(front, logs, fl.urls, routing=routing, epsilon=a.epsilon, limits=a.gateway_limits,
                                     vr_cache_args=tuple(shlex.split(a.vr_cache_args)), seed=a.seed)
@@ -615,23 +652,14 @@ def sweep(shape: str, spec, cap: float, fronts: list[str], a, logs: Path, notes:
                     notes.append(f"{front}: vllm-router is not installed (bench/setup_peers.sh): skipped")
                 continue
             try:
-                seen: set[int] = set()
                 load = Workload(shape, spec, salt, 0, a.session)
                 warmed = warm(load, [p.url for p in procs], a.timeout)
                 if any(w.status != "ok" for w in warmed):
                     notes.append(f"{shape}, {front}: {sum(w.status != 'ok' for w in warmed)} of the {len(warmed)} "
                                  "warm-up requests failed")
+                seen: set[int] = set()
                 fleet.ideal_hits([prompts.of(f) for *_, f in load.warm()], BLOCK_SIZE, seen)
-                for n, x in enumerate(a.grid, 1):
-                    p = run_point(front, procs, shape, spec, x * cap, x, salt, n, fl, a, notes, prompts, seen)
-                    points.setdefault(front, []).append(p)
-                    if not a.full_sweep and not fleet.passes(p, a.slo_ttft_s * 1000):
-                        break
-            except NotIdle as e:
-                notes.append(f"{shape}, {front}: {e}; its sweep ended there and the replicas were restarted")
-                stop_all(procs)
-                fl.stop()
-                fl = Fleet(logs)
+                points[front] = sweep_front(front, procs, shape, spec, cap, salt, fl, a, notes, prompts, seen)
             finally:
                 stop_all(procs)
     finally:
@@ -692,18 +720,19 @@ def finish(r: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true",
-                    help=f"a smoke test: {' '.join(map(str, QUICK_GRID))} × capacity only, 4 s points, 6 s probes")
+                    help=f"a smoke test: {' '.join(map(str, QUICK_GRID))} × capacity only, 4 s stages, 6 s probes")
     ap.add_argument("--shapes", nargs="+", choices=shapes.SHAPES, help=f"default: {' '.join(shapes.SHAPES)}")
     ap.add_argument("--fronts", nargs="+", choices=FRONTS + EXTRA_FRONTS, help=f"default: {' '.join(FRONTS)}")
     ap.add_argument("--grid", type=float, nargs="+",
                     help=f"offered rates as multiples of the perfect router's capacity (default {' '.join(map(str, GRID))})")
-    ap.add_argument("--full-sweep", action="store_true", help="run every rate for every front (default: a front "
-                    "stops at its first point that misses the SLO)")
+    ap.add_argument("--full-sweep", action="store_true", help="run every rate for every front (default: a front's "
+                    "sweep stops at its first stage that misses the SLO)")
     ap.add_argument("--slo-ttft-s", type=float, default=SLO_TTFT_S, help="the SLO on p90 TTFT (default %(default)s)")
-    ap.add_argument("--duration", type=float, help="seconds of arrivals per point (default 8, quick 4)")
-    ap.add_argument("--warm", type=float, help="seconds from the start not measured (default a quarter)")
-    ap.add_argument("--grace", type=float, help="seconds after the last arrival before a point is stopped (default "
-                    "the SLO + 1, so that a request stopped before its first token has waited longer than the SLO)")
+    ap.add_argument("--duration", type=float, help="seconds of each stage (default 8, quick 4)")
+    ap.add_argument("--lead", type=float, help="seconds at the first rate before the first stage, not measured "
+                    "(default 2, quick 1)")
+    ap.add_argument("--grace", type=float, help="seconds after a stage's last arrival before it is judged (default "
+                    "the SLO + 1, so that a request still without its first token has waited longer than the SLO)")
     ap.add_argument("--capacity-s", type=float, help="seconds of each capacity probe (default 20, quick 6)")
     ap.add_argument("--capacity", nargs="+", metavar="SHAPE=RPS",
                     help="use this perfect-router capacity for a shape instead of probing it")
@@ -725,13 +754,13 @@ def main(argv: list[str] | None = None) -> int:
         write_benchmarks(fleet.render(json.loads(Path(a.render).read_text()), MARK_BEGIN, MARK_END))
         return 0
     a.duration = a.duration or (4.0 if a.quick else 8.0)
-    a.warm = a.duration / 4 if a.warm is None else a.warm
+    a.lead = (1.0 if a.quick else 2.0) if a.lead is None else a.lead
     a.grace = a.slo_ttft_s + 1 if a.grace is None else a.grace
     a.capacity_s = a.capacity_s or (6.0 if a.quick else 20.0)
     a.grid = sorted(a.grid or (QUICK_GRID if a.quick else GRID))
     a.gateway_limits = {**FLEET_LIMITS, "max_concurrency": a.gateway_slots}
-    if not 0 <= a.warm < a.duration or min(a.grid) <= 0 or a.slo_ttft_s <= 0:
-        raise SystemExit("need 0 <= --warm < --duration, positive rates and a positive SLO")
+    if a.lead <= 0 or a.duration <= 0 or min(a.grid) <= 0 or a.slo_ttft_s <= 0 or a.grace < a.slo_ttft_s:
+        raise SystemExit("need a positive --lead, --duration, rates and SLO, and --grace at least the SLO")
     given = parse_capacities(a.capacity)
     shape_list = a.shapes or list(shapes.SHAPES)
     fronts = a.fronts or list(FRONTS)
@@ -748,7 +777,7 @@ def main(argv: list[str] | None = None) -> int:
                "load_before": loadavg(), "notes": notes, "revision": revision(), "replicas": REPLICAS,
                "specs": {s: asdict(v) for s, v in specs.items()}, "sim_args": list(SIM_ARGS), "kv_blocks": KV_BLOCKS,
                "gateway_limits": a.gateway_limits, "slo_ttft_s": a.slo_ttft_s, "duration_s": a.duration,
-               "warm_s": a.warm, "grace_s": a.grace, "grid": a.grid, "full_sweep": a.full_sweep,
+               "lead_s": a.lead, "grace_s": a.grace, "grid": a.grid, "full_sweep": a.full_sweep,
                "session": a.session, "epsilon": a.epsilon, "vr_cache_args": a.vr_cache_args, "fronts": fronts,
                "shapes": shape_list, "capacity": {}, "points": {}}
     log(f"fleet benchmark started ({r['load_before']})")

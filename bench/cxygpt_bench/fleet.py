@@ -72,22 +72,6 @@ def ideal_hits(prompts: Iterable[Sequence[int]], block_size: int = 16, seen: set
     return hits, queries
 
 
-def working_set(events: Iterable[tuple[float, int, int, bool]], shared_tokens: int) -> dict:
-    """The prompt tokens the fleet would have to keep cached to miss nothing of what comes back: at each request,
-    the latest prompt of every conversation that will send another turn (the shared system prompts counted once,
-    in `shared_tokens`). events: (time sent, conversation, its prompt's tokens beyond the system prompt, whether
-    it is the conversation's last turn), any order. Mean and max over the requests."""
-    live: dict[int, int] = {}
-    total, sizes = 0, []
-    for _, conv, tokens, last in sorted(events):
-        total -= live.pop(conv, 0)
-        if not last:
-            live[conv] = tokens
-            total += tokens
-        sizes.append(total + shared_tokens)
-    return {"mean": sum(sizes) / len(sizes) if sizes else None, "max": max(sizes, default=None)}
-
-
 # --- load balance -----------------------------------------------------------------------------------------
 
 def balance(samples: Sequence[Sequence[float]]) -> dict:
@@ -138,39 +122,50 @@ def counter_deltas(before: Sequence[dict], after: Sequence[dict], key: str) -> l
     return [a.get(key, 0.0) - b.get(key, 0.0) for a, b in zip(after, before)]
 
 
-def summarize(results: Sequence[Result], *, duration: float, warm: float, stopped_at: float, slo_s: float,
-              samples: Sequence[tuple[float, Sequence[float]]] = (), before: Sequence[dict] = (),
-              after: Sequence[dict] = ()) -> dict:
-    """A point from its requests: TTFT percentiles of those sent in [warm, duration) (a request stopped before its
-    first token counts with the time it had waited, a lower bound above the SLO when the point ran SLO seconds past
-    its last arrival), goodput (those that ended without error with TTFT within the SLO, per second of the window),
-    output tokens/s and served requests/s (answers that ended in the window), errors (every request; a stopped one
-    is not an error), the replicas' prefix-cache hit rate over the point and their balance in the window."""
-    span = duration - warm
-    window = [r for r in results if warm <= r.sent < duration]
+def bracket(samples: Sequence[tuple[float, Sequence[float], Sequence[dict]]], start: float,
+            end: float) -> tuple[Sequence[dict], Sequence[dict]]:
+    """The replicas' counters read last at or before `start` (else first) and last at or before `end`: what
+    they counted over a stage. samples: (time, in flight per replica, metrics per replica), in time order."""
+    if not samples:
+        return (), ()
+    before = [m for t, _, m in samples if t <= start][-1:] or [samples[0][2]]
+    after = [m for t, _, m in samples if t <= end][-1:] or [samples[0][2]]
+    return before[0], after[0]
+
+
+def summarize(results: Sequence[Result], *, start: float, end: float, stopped_at: float, slo_s: float,
+              samples: Sequence[tuple[float, Sequence[float], Sequence[dict]]] = ()) -> dict:
+    """A stage of a sweep from its requests: TTFT percentiles of those sent in [start, end) (one stopped before its
+    first token counts with the time it had waited, a lower bound above the SLO when the sweep ran SLO seconds
+    past the stage), goodput (those that ended without error with TTFT within the SLO, per second of the stage),
+    output tokens/s and served requests/s (answers that ended in the stage), errors (of the requests sent in it;
+    a stopped one is not an error), the replicas' prefix-cache hit rate and their balance over the stage."""
+    span = end - start
+    window = [r for r in results if start <= r.sent < end]
     ttft = [(r.ttft, False) for r in window if r.ttft is not None and r.status in ("ok", CUT)]
     ttft += [(stopped_at - r.sent, True) for r in window if r.ttft is None and r.status == CUT]
     p50, p50_exact = percentile_bound(ttft, 50)
     p90, p90_exact = percentile_bound(ttft, 90)
     p99, p99_exact = percentile_bound(ttft, 99)
     errors: dict[str, int] = {}
-    for r in results:
+    for r in window:
         if r.status not in ("ok", CUT):
             errors[r.status] = errors.get(r.status, 0) + 1
-    ended = [r for r in results if r.status == "ok" and r.end is not None and warm <= r.end <= duration]
+    ended = [r for r in results if r.status == "ok" and r.end is not None and start <= r.end <= end]
+    before, after = bracket(samples, start, end)
     queries = sum(counter_deltas(before, after, "vllm:prefix_cache_queries_total"))
     hits = sum(counter_deltas(before, after, "vllm:prefix_cache_hits_total"))
-    bal = balance([s for t, s in samples if warm <= t <= duration])
+    bal = balance([s for t, s, _ in samples if start <= t <= end])
     ms = lambda v: None if v is None else v * 1000
     return {
-        "sent": len(results), "window_sent": len(window), "ok": sum(r.status == "ok" for r in results),
-        "errors": sum(errors.values()), "errors_by_kind": errors, "cut": sum(r.status == CUT for r in results),
+        "sent": len(window), "ok": sum(r.status == "ok" for r in window),
+        "errors": sum(errors.values()), "errors_by_kind": errors, "cut": sum(r.status == CUT for r in window),
         "censored": sum(bound for _, bound in ttft),
         "ttft_p50_ms": ms(p50), "ttft_p90_ms": ms(p90), "ttft_p99_ms": ms(p99),
         "ttft_exact": {"p50": p50_exact, "p90": p90_exact, "p99": p99_exact},
         "goodput_rps": sum(1 for r in window if r.status == "ok" and r.ttft is not None and r.ttft <= slo_s) / span,
         "ok_rps": len(ended) / span, "output_tokens_per_s": sum(r.tokens for r in ended) / span,
-        "late_sends": sum(1 for r in results if r.sent - r.scheduled > 0.05),
+        "late_sends": sum(1 for r in window if r.sent - r.scheduled > 0.05),
         "hit_rate": hits / queries if queries else None, "prefix_queries": queries, "prefix_hits": hits,
         "preemptions": sum(counter_deltas(before, after, "vllm:num_preemptions_total")),
         "served_per_replica": [round(x) for x in counter_deltas(before, after, "vllm:request_success_total")],
@@ -330,12 +325,12 @@ def render(r: dict, begin: str, end: str) -> str:
     shapes, fronts = [s for s in r["shapes"] if s in r["points"]], r["fronts"]
     lines = [begin, "", f"Run {r['started']}–{r['finished']} on {r['machine']}, revision {r.get('revision') or '?'}; "
              f"machine load: {r['load_before']} before, {r['load_after']} after, 1-minute load average "
-             f"{r['load_during']} at the points' starts. Command:", "", f"```sh\n{r['command']}\n```", "",
+             f"{r['load_during']} at the start of each front's sweep. Command:", "", f"```sh\n{r['command']}\n```", "",
              f"Raw results: `{r['results_file']}`. SLO: p90 TTFT ≤ {r['slo_ttft_s']:g} s and no error. Rates: "
-             + ", ".join(f"{x:g}" for x in r["grid"]) + f" × the perfect router's capacity per shape; {r['duration_s']:g} "
-             f"s of arrivals per point, measured from second {r['warm_s']:g}, stopped {r['grace_s']:g} s after the "
-             "last arrival; a front's sweep stops at its first point that misses the SLO"
-             + (" (`--full-sweep`: not stopped)" if r.get("full_sweep") else "") + "."]
+             + ", ".join(f"{x:g}" for x in r["grid"]) + f" × the perfect router's capacity per shape, stages of "
+             f"{r['duration_s']:g} s back to back after {r['lead_s']:g} s at the first rate (not measured); a stage is "
+             f"judged {r['grace_s']:g} s after its last arrival and a front's sweep stops at its first stage that "
+             "misses the SLO" + (" (`--full-sweep`: not stopped)" if r.get("full_sweep") else "") + "."]
     if r["notes"]:
         lines.append("")
     lines += [f"- note: {n}" for n in r["notes"]]

@@ -50,6 +50,16 @@ def arrivals(key: str, rate: float, duration: float) -> list[float]:
     return out
 
 
+def ramp(key: str, stages: Sequence[tuple[float, float]]) -> list[tuple[float, int]]:
+    """(time, stage) of Poisson arrivals over stages of (rate, seconds) run back to back: each stage's arrivals are
+    fixed by the key, its place, its rate and its length, so every front gets the same ones."""
+    out, start = [], 0.0
+    for k, (rate, seconds) in enumerate(stages):
+        out += [(start + t, k) for t in arrivals(f"{key}:{k}", rate, seconds)]
+        start += seconds
+    return out
+
+
 def zipf_weights(n: int, s: float) -> list[float]:
     """Weights of ranks 1..n under Zipf's law with exponent s (0: uniform)."""
     return [1.0 / (k + 1) ** s for k in range(n)]
@@ -127,18 +137,17 @@ def conversation(spec: ChatSpec, index: int, salt: int = 0, point: int = 0) -> C
         for k, (n, m, think) in enumerate(shapes)))
 
 
-def chat_schedule(spec: ChatSpec, rate: float, duration: float, salt: int = 0,
+def chat_schedule(spec: ChatSpec, times: Sequence[float], salt: int = 0,
                   point: int = 0) -> tuple[list[Send], list[Conversation]]:
-    """Requests as Poisson arrivals at `rate` per second over `duration`: each arrival is the next turn of the
-    conversation that has been ready longest (its previous turn sent at least its think time ago), or else the
-    first turn of a new conversation. So the offered rate is the target from the first second, conversations
-    start open-loop as users arrive, and turns follow their think times. The sends depend on the workload's seed,
-    the rate and the duration alone: every front gets the same arrivals at a rate."""
+    """Requests at the given arrival times: each arrival is the next turn of the conversation that has been ready
+    longest (its previous turn sent at least its think time ago), or else the first turn of a new conversation.
+    So the offered rate is the arrivals' from the first second, conversations start open-loop as users arrive, and
+    turns follow their think times. The sends depend on the workload's seed and the times alone."""
     spec.check()
     sends: list[Send] = []
     conversations: list[Conversation] = []
     ready: list[tuple[float, int, int]] = []   # (ready at, conversation, next turn)
-    for t in arrivals(f"chat:{spec.seed}", rate, duration):
+    for t in times:
         if ready and ready[0][0] <= t:
             _, c, k = heapq.heappop(ready)
         else:
@@ -300,8 +309,3 @@ def warm_indices(shape: str, spec: AnySpec, limit: int = 100_000) -> list[int]:
         found.setdefault(_grouped(shape, spec, i, getattr(spec, _OWN[shape]))[0], i)
     return sorted(found.values())
 
-
-def schedule(shape: str, spec: AnySpec, rate: float, duration: float) -> list[float]:
-    """Arrival times of an independent shape's requests: request i at the i-th."""
-    spec.check()
-    return arrivals(f"{shape}:{spec.seed}", rate, duration)

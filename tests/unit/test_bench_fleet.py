@@ -34,17 +34,33 @@ def test_arrivals_are_poisson_at_the_rate_and_fixed_by_key_rate_and_duration():
         shapes.arrivals("k", 0, 10)
 
 
-def test_the_chat_schedule_is_the_same_for_the_same_seed_and_rate_and_offers_the_rate():
-    a, convs_a = shapes.chat_schedule(CHAT, 10.0, 60.0)
-    b, convs_b = shapes.chat_schedule(CHAT, 10.0, 60.0)
+def test_a_ramp_runs_its_stages_back_to_back_each_at_its_rate_and_the_same_for_the_same_stages():
+    stages = [(5.0, 20.0), (20.0, 30.0), (10.0, 10.0)]
+    r = shapes.ramp("k", stages)
+    assert r == shapes.ramp("k", stages) and [t for t, _ in r] == sorted(t for t, _ in r)
+    per = Counter(k for _, k in r)
+    assert 60 <= per[0] <= 140 and 480 <= per[1] <= 720 and 60 <= per[2] <= 140
+    assert all(0 <= t < 20 for t, k in r if k == 0) and all(20 <= t < 50 for t, k in r if k == 1)
+    assert all(50 <= t < 60 for t, k in r if k == 2)
+    # a stage's arrivals do not depend on the stages after it
+    assert [x for x in shapes.ramp("k", stages[:2]) if x[1] < 2] == [x for x in r if x[1] < 2]
+
+
+def chat_sends(rate: float, seconds: float, spec: shapes.ChatSpec = CHAT):
+    return shapes.chat_schedule(spec, shapes.arrivals("chat", rate, seconds))
+
+
+def test_the_chat_schedule_is_the_same_for_the_same_arrivals_and_sends_one_turn_at_each():
+    a, convs_a = chat_sends(10.0, 60.0)
+    b, convs_b = chat_sends(10.0, 60.0)
     assert a == b and convs_a == convs_b
-    assert 540 <= len(a) <= 660
-    other, _ = shapes.chat_schedule(shapes.ChatSpec(seed=2), 10.0, 60.0)
+    assert [s.at for s in a] == shapes.arrivals("chat", 10.0, 60.0)
+    other, _ = chat_sends(10.0, 60.0, shapes.ChatSpec(seed=2))
     assert other != a
 
 
 def test_turns_come_in_order_after_their_think_time_and_conversations_do_not_depend_on_the_rate():
-    sends, convs = shapes.chat_schedule(CHAT, 8.0, 60.0)
+    sends, convs = chat_sends(8.0, 60.0)
     last: dict[int, shapes.Send] = {}
     for s in sends:
         prev = last.get(s.conversation)
@@ -55,7 +71,7 @@ def test_turns_come_in_order_after_their_think_time_and_conversations_do_not_dep
             assert s.at - prev.at >= convs[s.conversation].turns[prev.turn].think_s
         last[s.conversation] = s
     assert any(s.turn >= 3 for s in sends)  # histories grow
-    _, slow = shapes.chat_schedule(CHAT, 2.0, 30.0)
+    _, slow = chat_sends(2.0, 30.0)
     assert slow[:5] == convs[:5] == [shapes.conversation(CHAT, i) for i in range(5)]
 
 
@@ -227,14 +243,6 @@ def test_ideal_hits_match_the_simulators_cache_when_it_is_large_enough():
     assert fleet.ideal_hits(prompts)[0] == hits
 
 
-def test_the_working_set_holds_the_latest_prompt_of_each_conversation_that_comes_back():
-    events = [(0.0, 1, 100, False), (1.0, 2, 50, False), (2.0, 1, 300, False), (3.0, 2, 80, True), (4.0, 1, 400, True)]
-    ws = fleet.working_set(reversed(events), shared_tokens=1000)
-    # after each request: 1100, 1150, 1350, 1300 (conversation 2 is done), 1000
-    assert ws == {"mean": (1100 + 1150 + 1350 + 1300 + 1000) / 5, "max": 1350}
-    assert fleet.working_set([], 10) == {"mean": None, "max": None}
-
-
 def test_balance_is_the_busiest_replicas_mean_over_the_fleets():
     b = fleet.balance([[2, 2, 2, 2], [4, 2, 2, 0]])
     assert b["mean"] == [3, 2, 2, 1] and b["peak"] == [4, 2, 2, 2]
@@ -265,31 +273,39 @@ def R(sent, status="ok", ttft=0.1, end=None, tokens=10, scheduled=None):
                         end=sent + 1 if end is None else end, tokens=tokens)
 
 
-def test_a_points_summary_counts_its_window_its_cut_requests_as_lower_bounds_and_its_errors():
-    results = [R(0.5, ttft=9.0),                                   # before the window: left out of TTFT
+def test_a_stages_summary_counts_its_window_its_cut_requests_as_lower_bounds_and_its_errors():
+    results = [R(0.5, ttft=9.0),                                   # before the stage: left out
                *[R(2 + 0.5 * i, ttft=0.2 + 0.1 * i) for i in range(12)],  # 2.0 .. 7.5 s, TTFT 0.2 .. 1.3 s
                R(8.0, status="cut", ttft=None, end=13.0),          # waited 5 s when stopped: a lower bound
                R(8.5, status="cut", ttft=0.4, end=13.0, tokens=3),  # streaming when stopped: its TTFT is known
-               R(9.0, status="http-500", ttft=None), R(9.5, status="broken", ttft=0.3)]
-    before = [{"vllm:prefix_cache_queries_total": 100, "vllm:prefix_cache_hits_total": 10}] * 2
-    after = [{"vllm:prefix_cache_queries_total": 300, "vllm:prefix_cache_hits_total": 110},
-             {"vllm:prefix_cache_queries_total": 100, "vllm:prefix_cache_hits_total": 10}]
-    samples = [(1.0, [50, 0]), (3.0, [3, 1]), (5.0, [1, 3])]
-    p = fleet.summarize(results, duration=10.0, warm=2.0, stopped_at=13.0, slo_s=1.0, samples=samples,
-                        before=before, after=after)
-    assert p["sent"] == 17 and p["window_sent"] == 16 and p["cut"] == 2 and p["censored"] == 1
+               R(9.0, status="http-500", ttft=None), R(9.5, status="broken", ttft=0.3),
+               R(10.5, status="http-500", ttft=None)]               # after the stage: not its error
+    metrics = lambda q0, h0, q1, h1: [{"vllm:prefix_cache_queries_total": q0, "vllm:prefix_cache_hits_total": h0},
+                                      {"vllm:prefix_cache_queries_total": q1, "vllm:prefix_cache_hits_total": h1}]
+    samples = [(1.0, [50, 0], metrics(50, 0, 100, 10)), (1.9, [9, 9], metrics(100, 10, 100, 10)),
+               (3.0, [3, 1], metrics(200, 60, 100, 10)), (5.0, [1, 3], metrics(300, 110, 100, 10)),
+               (10.5, [0, 0], metrics(900, 900, 900, 900))]
+    p = fleet.summarize(results, start=2.0, end=10.0, stopped_at=13.0, slo_s=1.0, samples=samples)
+    assert p["sent"] == 16 and p["cut"] == 2 and p["censored"] == 1
     assert p["errors"] == 2 and p["errors_by_kind"] == {"http-500": 1, "broken": 1}
     # TTFTs in the window: 12 served (0.2..1.3), 0.4 (cut while streaming), 5.0 (lower bound); not the errors'
     assert p["ttft_p50_ms"] == pytest.approx(750) and p["ttft_exact"]["p50"]
     assert p["ttft_p99_ms"] > 1300 and not p["ttft_exact"]["p99"]
     assert p["goodput_rps"] == pytest.approx(9 / 8)  # ok, in the window, TTFT <= 1 s: 0.2 .. 1.0
-    # answers that ended in [2, 10]: sent at 1.0 .. 9.0 and ok: the 12 of the window plus the first (ends at 1.5: no)
+    # answers that ended in [2, 10]: those sent at 1.0 .. 9.0 and ok (the first ends at 1.5: no)
     assert p["ok_rps"] == pytest.approx(12 / 8) and p["output_tokens_per_s"] == pytest.approx(120 / 8)
-    assert p["hit_rate"] == pytest.approx(100 / 200)
+    assert p["hit_rate"] == pytest.approx(100 / 200)   # from the reading at 1.9 s to the one at 5.0 s
     assert p["in_flight_mean"] == [2, 2] and p["max_over_mean"] == pytest.approx(1.0)
     assert not fleet.passes(p, 2000)   # errors
     p["errors"] = 0
     assert fleet.passes(p, 2000) == (p["ttft_p90_ms"] <= 2000)
+
+
+def test_the_counters_of_a_stage_are_the_readings_that_bracket_it():
+    samples = [(1.0, [], [{"n": 1}]), (2.0, [], [{"n": 2}]), (3.0, [], [{"n": 3}])]
+    assert fleet.bracket(samples, 2.5, 2.9) == ([{"n": 2}], [{"n": 2}])
+    assert fleet.bracket(samples, 0.5, 9.0) == ([{"n": 1}], [{"n": 3}])
+    assert fleet.bracket([], 0, 1) == ((), ())
 
 
 def test_a_point_passes_within_the_slo_and_without_errors():
@@ -417,7 +433,7 @@ def test_the_report_shows_the_throughput_the_goals_and_each_point():
     r = {"started": "2026-12-06 07:00 UTC", "finished": "07:30 UTC", "machine": "2 CPUs", "revision": "abc1234",
          "load_before": "load average 1.00", "load_after": "load average 2.00", "load_during": "1.0–3.0 (mean 2.0)",
          "command": "python bench/fleet.py", "results_file": "bench/results/fleet-x.json", "slo_ttft_s": 2.0,
-         "grid": [0.5, 0.75, 0.85], "duration_s": 10, "warm_s": 2.5, "grace_s": 3, "notes": ["a note"],
+         "grid": [0.5, 0.75, 0.85], "duration_s": 8, "lead_s": 2, "grace_s": 3, "notes": ["a note"],
          "shapes": ["document"], "fronts": ["gw-prefix", "service"], "replicas": 4, "points": points,
          "capacity": {"document": {"fleet_rps": 20.0, "given": True}},
          "front_cpu_ms_per_request": {"document": {"gw-prefix": 1.25}}, "prompt_tokens_mean": {"document": 4000}}
