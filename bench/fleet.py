@@ -28,7 +28,7 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run  # noqa: E402
-from run import REPO, RESULTS, MODEL, Proc, gateway, log, simulator, vllm_router  # noqa: E402
+from run import REPO, RESULTS, MODEL, VENVS, Proc, gateway, log, simulator, vllm_router  # noqa: E402
 
 from cxygpt_bench import fleet, shapes  # noqa: E402
 from cxygpt_bench.procstat import cpu_s, free_port  # noqa: E402
@@ -680,6 +680,17 @@ def write_benchmarks(section: str) -> None:
     run.write_benchmarks(section, (MARK_BEGIN, MARK_END), "Fleet (issue 26): latest results")
 
 
+def vllm_router_version() -> str | None:
+    """The installed vllm-router's version (bench/setup_peers.sh installs it unpinned), or None."""
+    try:
+        shown = subprocess.run([str(VENVS / "vllm-router" / "bin" / "pip"), "show", "vllm-router"],
+                               capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    found = re.search(r"^Version: (\S+)", shown, re.M)
+    return found.group(1) if found else None
+
+
 def loadavg() -> str:
     return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -707,9 +718,7 @@ def finish(r: dict) -> None:
         r["throughput"][shape] = {fleet.PERFECT: fleet.exact(r["capacity"][shape]["fleet_rps"]),
                                   **{f: fleet.throughput_at_slo(ps, slo_ms) for f, ps in by_front.items()}}
         errors[shape] = {f: sum(p["errors"] for p in ps) for f, ps in by_front.items()}
-        r["front_cpu_ms_per_request"][shape] = {
-            f: sum((p["front_cpu_ms_per_request"] or 0) * p["sent"] for p in ps) / max(sum(p["sent"] for p in ps), 1)
-            for f, ps in by_front.items() if f.startswith("gw-")}
+        r["front_cpu_ms_per_request"][shape] = {f: fleet.cpu_per_request(ps) for f, ps in by_front.items()}
         means = [p["prompt_tokens_mean"] for ps in by_front.values() for p in ps if p["prompt_tokens_mean"]]
         r["prompt_tokens_mean"][shape] = sum(means) / len(means) if means else None
     r["goals"] = fleet.judge(r["throughput"], errors, r["front_cpu_ms_per_request"])
@@ -775,6 +784,7 @@ def main(argv: list[str] | None = None) -> int:
                "command": "python bench/fleet.py" + (" " + shlex.join(args) if args else ""),
                "machine": f"{os.cpu_count()} CPUs, {platform.python_implementation()} {platform.python_version()}",
                "load_before": loadavg(), "notes": notes, "revision": revision(), "replicas": REPLICAS,
+               "vllm_router": vllm_router_version(),
                "specs": {s: asdict(v) for s, v in specs.items()}, "sim_args": list(SIM_ARGS), "kv_blocks": KV_BLOCKS,
                "gateway_limits": a.gateway_limits, "slo_ttft_s": a.slo_ttft_s, "duration_s": a.duration,
                "lead_s": a.lead, "grace_s": a.grace, "grid": a.grid, "full_sweep": a.full_sweep,

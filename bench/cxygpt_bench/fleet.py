@@ -174,6 +174,13 @@ def summarize(results: Sequence[Result], *, start: float, end: float, stopped_at
     }
 
 
+def cpu_per_request(points: Sequence[dict]) -> float | None:
+    """A front's CPU ms per request over its sweep: its stages' CPU over the requests sent in them."""
+    sent = sum(p["sent"] for p in points if p["front_cpu_ms_per_request"] is not None)
+    return sum(p["front_cpu_ms_per_request"] * p["sent"] for p in points
+               if p["front_cpu_ms_per_request"] is not None) / sent if sent else None
+
+
 def passes(point: dict, slo_ms: float) -> bool:
     """Within the SLO: p90 TTFT at most the SLO and no error."""
     return point["errors"] == 0 and point["ttft_p90_ms"] is not None and point["ttft_p90_ms"] <= slo_ms
@@ -323,7 +330,8 @@ def render(r: dict, begin: str, end: str) -> str:
     """The BENCHMARKS.md section of a run's results."""
     slo_ms = r["slo_ttft_s"] * 1000
     shapes, fronts = [s for s in r["shapes"] if s in r["points"]], r["fronts"]
-    lines = [begin, "", f"Run {r['started']}–{r['finished']} on {r['machine']}, revision {r.get('revision') or '?'}; "
+    lines = [begin, "", f"Run {r['started']}–{r['finished']} on {r['machine']}, revision {r.get('revision') or '?'}, "
+             f"vllm-router {r.get('vllm_router', '?') or 'not installed'}; "
              f"machine load: {r['load_before']} before, {r['load_after']} after, 1-minute load average "
              f"{r['load_during']} at the start of each front's sweep. Command:", "", f"```sh\n{r['command']}\n```", "",
              f"Raw results: `{r['results_file']}`. SLO: p90 TTFT ≤ {r['slo_ttft_s']:g} s and no error. Rates: "
@@ -343,14 +351,18 @@ def render(r: dict, begin: str, end: str) -> str:
             perfect = r["throughput"][s][PERFECT]["value"]
             cells.append("-" if t is None else f"{_tas(t)} ({fmt_range(t['lo'] / perfect, t['hi'] / perfect)})")
         lines.append(f"| {front} | " + " | ".join(cells) + " |")
-    lines += ["", f"p90 TTFT (ms) at {MID:g} × the perfect router's capacity, and the gateways' CPU per request (ms, "
-              "mean over their sweep):", "", "| front | " + " | ".join(shapes) + " |", "|---|" + "---|" * len(shapes)]
+    lines += ["", f"p90 TTFT (ms) at {MID:g} × the perfect router's capacity (or the rate whose stage missed the SLO "
+              "first, below it) · the front's CPU per request over its sweep (ms: a gateway's or vllm-router's "
+              "processes, or the Service's relay):", "", "| front | " + " | ".join(shapes) + " |",
+              "|---|" + "---|" * len(shapes)]
     for front in fronts:
         cells = []
         for s in shapes:
-            mid = [p for p in r["points"][s].get(front, []) if abs(p["rate_x"] - MID) < 1e-9]
-            cpu = r["front_cpu_ms_per_request"][s].get(front)
-            cells.append((_ms(mid[0], "p90") if mid else "-") + ("" if cpu is None else f" · {cpu:.2f} ms"))
+            points = r["points"][s].get(front, [])
+            mid = [p for p in points if abs(p["rate_x"] - MID) < 1e-9]
+            cpu = cpu_per_request(points)
+            cell = _ms(mid[0], "p90") if mid else f"missed at {points[-1]['rate_x']:g}×" if points else "-"
+            cells.append(cell + ("" if cpu is None else f" · {cpu:.2f} ms"))
         lines.append(f"| {front} | " + " | ".join(cells) + " |")
     lines += ["", "### Goals of issue 26", "", "| shape | goal | target | measured | met |", "|---|---|---|---|---|"]
     for g in r["goals"]:

@@ -423,14 +423,21 @@ def point(front: str, x: float, p90: float, exact: bool = True, **kw) -> dict:
             "goodput_rps": 10.0, "output_tokens_per_s": 800.0, "hit_rate": 0.8, "ideal_hit_rate": 0.9,
             "in_flight_mean": [4.0, 4.0, 4.0, 4.0], "max_over_mean": 1.0, "loadavg": 2.5,
             "cpu_cores": {"client": 0.2, "sims_total": 0.3, "front": 0.05}, "front_cpu_ms_per_request": 1.25,
-            "prompt_tokens_mean": 4000, **kw}
+            "prompt_tokens_mean": 4000, "sent": 40, **kw}
+
+
+def test_a_fronts_cpu_per_request_weighs_its_stages_by_their_requests():
+    points = [{"front_cpu_ms_per_request": 2.0, "sent": 10}, {"front_cpu_ms_per_request": 5.0, "sent": 30},
+              {"front_cpu_ms_per_request": None, "sent": 0}]
+    assert fleet.cpu_per_request(points) == pytest.approx((20 + 150) / 40)
+    assert fleet.cpu_per_request([]) is None
 
 
 def test_the_report_shows_the_throughput_the_goals_and_each_point():
     points = {"document": {"gw-prefix": [point("gw-prefix", 0.5, 400), point("gw-prefix", 0.75, 900),
                                          point("gw-prefix", 0.85, 2600, exact=False)],
                            "service": [point("service", 0.5, 3000, exact=False)]}}
-    r = {"started": "2026-12-06 07:00 UTC", "finished": "07:30 UTC", "machine": "2 CPUs", "revision": "abc1234",
+    r = {"started": "2026-12-06 07:00 UTC", "finished": "07:30 UTC", "machine": "2 CPUs", "revision": "abc1234", "vllm_router": "0.1.17",
          "load_before": "load average 1.00", "load_after": "load average 2.00", "load_during": "1.0–3.0 (mean 2.0)",
          "command": "python bench/fleet.py", "results_file": "bench/results/fleet-x.json", "slo_ttft_s": 2.0,
          "grid": [0.5, 0.75, 0.85], "duration_s": 8, "lead_s": 2, "grace_s": 3, "notes": ["a note"],
@@ -443,11 +450,11 @@ def test_the_report_shows_the_throughput_the_goals_and_each_point():
     out = fleet.render(r, "<!-- b -->", "<!-- e -->")
     assert out.startswith("<!-- b -->") and out.endswith("<!-- e -->")
     assert "```sh\npython bench/fleet.py\n```" in out and "- note: a note" in out
-    assert "SLO: p90 TTFT ≤ 2 s and no error" in out
+    assert "SLO: p90 TTFT ≤ 2 s and no error" in out and "revision abc1234, vllm-router 0.1.17;" in out
     # 0.75 × 20 = 15 passes at 900 ms, 17 misses at 2600: crossing at 15 + 1100 / 1700 × 2 = 16.29
     assert "| gw-prefix | 16.3 (0.81×) |" in out and "| service | < 10.0 (< 0.50×) |" in out
     assert "| perfect | 20.0 (1.00×) |" in out
-    assert "| gw-prefix | 900 · 1.25 ms |" in out and "| service | - |" in out
+    assert "| gw-prefix | 900 · 1.25 ms |" in out and "| service | missed at 0.5× · 1.25 ms |" in out
     assert "| document | prefix / random (a Service) | ≥ 2× | ≥ 1.63× | n/a |" in out   # 16.29 / [0, 10)
     assert "| document | prefix / perfect router | ≥ 0.9× | 0.81× | no |" in out
     assert "| 0.85 (17.0) | gw-prefix | 1300 / > 2600 / > 3900 | no |" in out
