@@ -42,8 +42,10 @@ def test_a_ramp_runs_its_stages_back_to_back_each_at_its_rate_and_the_same_for_t
     assert 60 <= per[0] <= 140 and 480 <= per[1] <= 720 and 60 <= per[2] <= 140
     assert all(0 <= t < 20 for t, k in r if k == 0) and all(20 <= t < 50 for t, k in r if k == 1)
     assert all(50 <= t < 60 for t, k in r if k == 2)
-    # a stage's arrivals do not depend on the stages after it
+    # a stage's arrivals do not depend on the stages after it, and two stages alike are not a copy of each other
     assert [x for x in shapes.ramp("k", stages[:2]) if x[1] < 2] == [x for x in r if x[1] < 2]
+    twice = shapes.ramp("k", [(5.0, 20.0), (5.0, 20.0)])
+    assert [round(t, 6) for t, k in twice if k == 0] != [round(t - 20, 6) for t, k in twice if k == 1]
 
 
 def chat_sends(rate: float, seconds: float, spec: shapes.ChatSpec = CHAT):
@@ -436,17 +438,18 @@ def test_a_fronts_cpu_per_request_weighs_its_stages_by_their_requests():
 def test_the_report_shows_the_throughput_the_goals_and_each_point():
     points = {"document": {"gw-prefix": [point("gw-prefix", 0.5, 400), point("gw-prefix", 0.75, 900),
                                          point("gw-prefix", 0.85, 2600, exact=False)],
-                           "service": [point("service", 0.5, 3000, exact=False)]}}
+                           "service": [point("service", 0.5, 3000, exact=False)],
+                           "gw-least-load": [point("gw-least-load", 0.4, 500), point("gw-least-load", 0.5, 2500)]}}
     r = {"started": "2026-12-06 07:00 UTC", "finished": "07:30 UTC", "machine": "2 CPUs", "revision": "abc1234", "vllm_router": "0.1.17",
          "load_before": "load average 1.00", "load_after": "load average 2.00", "load_during": "1.0–3.0 (mean 2.0)",
          "command": "python bench/fleet.py", "results_file": "bench/results/fleet-x.json", "slo_ttft_s": 2.0,
-         "grid": [0.5, 0.75, 0.85], "duration_s": 8, "lead_s": 2, "grace_s": 3, "notes": ["a note"],
-         "shapes": ["document"], "fronts": ["gw-prefix", "service"], "replicas": 4, "points": points,
+         "grid": [0.4, 0.5, 0.75, 0.85], "duration_s": 8, "lead_s": 2, "grace_s": 3, "notes": ["a note"],
+         "shapes": ["document"], "fronts": ["gw-prefix", "service", "gw-least-load"], "replicas": 4, "points": points,
          "capacity": {"document": {"fleet_rps": 20.0, "given": True}},
          "front_cpu_ms_per_request": {"document": {"gw-prefix": 1.25}}, "prompt_tokens_mean": {"document": 4000}}
     r["throughput"] = {"document": {"perfect": fleet.exact(20.0), **{
         f: fleet.throughput_at_slo(ps, 2000) for f, ps in points["document"].items()}}}
-    r["goals"] = fleet.judge(r["throughput"], {"document": {"gw-prefix": 0, "service": 0}})
+    r["goals"] = fleet.judge(r["throughput"], {"document": {"gw-prefix": 0, "service": 0, "gw-least-load": 0}})
     out = fleet.render(r, "<!-- b -->", "<!-- e -->")
     assert out.startswith("<!-- b -->") and out.endswith("<!-- e -->")
     assert "```sh\npython bench/fleet.py\n```" in out and "- note: a note" in out
@@ -455,6 +458,7 @@ def test_the_report_shows_the_throughput_the_goals_and_each_point():
     assert "| gw-prefix | 16.3 (0.81×) |" in out and "| service | < 10.0 (< 0.50×) |" in out
     assert "| perfect | 20.0 (1.00×) |" in out
     assert "| gw-prefix | 900 · 1.25 ms |" in out and "| service | missed at 0.5× · 1.25 ms |" in out
+    assert "| gw-least-load | missed at 0.5× · 1.25 ms |" in out
     assert "| document | prefix / random (a Service) | ≥ 2× | ≥ 1.63× | n/a |" in out   # 16.29 / [0, 10)
     assert "| document | prefix / perfect router | ≥ 0.9× | 0.81× | no |" in out
     assert "| 0.85 (17.0) | gw-prefix | 1300 / > 2600 / > 3900 | no |" in out
