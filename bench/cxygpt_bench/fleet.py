@@ -271,7 +271,7 @@ def judge(throughput: dict[str, dict[str, dict]], errors: dict[str, dict[str, in
         if not tas:
             continue
 
-        def row(goal: str, target: float, a: str, others: Sequence[str]):
+        def row(goal: str, target: float, a: str, others: Sequence[str], tas=tas, shape=shape):
             b = best([tas[f] for f in others if f in tas])
             if a not in tas or b is None:
                 rows.append({"shape": shape, "goal": goal, "target": f"≥ {target:g}×", "measured": "-", "met": None})
@@ -377,9 +377,10 @@ def render(r: dict, begin: str, end: str) -> str:
             f"tokens, hit rate {pct(cap['hit_rate'])}), {cap['users']} closed-loop users, {cap['duration_s']:g} s; "
             f"× {r['replicas']} = **{cap['fleet_rps']:.2f} req/s**.")
             + f" Mean prompt in the points: {fmt(r['prompt_tokens_mean'].get(s))} tokens.", "",
-            "| rate × perfect (req/s) | front | TTFT p50 / p90 / p99 (ms) | within SLO | goodput req/s | output tok/s | "
-            "hit rate (ideal) | in flight per replica, mean (max/mean) | errors / cut | CPU cores: client / sims / front "
-            "| front CPU ms/req | load avg |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "| rate × perfect (req/s) | front | TTFT p50 / p90 / p99 (ms) | within SLO | goodput req/s | "
+            "output tok/s | hit rate (ideal) | in flight per replica, mean (max/mean) | errors / cut | "
+            "CPU cores: client / sims / front | front CPU ms/req | load avg |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for x in r["grid"]:
             for front in fronts:
                 for p in r["points"][s].get(front, []):

@@ -8,7 +8,6 @@ import heapq
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Union
 
 # Common English words that Qwen's tokenizer (the simulator's) keeps whole after a space, so a text of N words is
 # close to N tokens; the benchmark reports the measured token counts
@@ -282,7 +281,7 @@ SHARING = ("chat", "document", "completions")   # the shapes whose requests shar
 SPECS = {"chat": ChatSpec, "document": DocumentSpec, "completions": CompletionsSpec, "unshared": UnsharedSpec}
 _REQUEST = {"document": document_request, "completions": completions_request, "unshared": unshared_request}
 _OWN = {"document": "question_words", "completions": "item_words"}   # the grouped shapes: their own part
-AnySpec = Union[ChatSpec, DocumentSpec, CompletionsSpec, UnsharedSpec]
+AnySpec = ChatSpec | DocumentSpec | CompletionsSpec | UnsharedSpec
 
 
 def spec_of(shape: str, seed: int) -> AnySpec:

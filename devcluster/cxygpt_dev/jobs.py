@@ -1,5 +1,6 @@
 """The Job controller of the dev cluster, and kubelet for its pods: each attempt of a Job is a Pod whose container
-runs as a local process; status.active/succeeded/failed and the Complete/Failed conditions as the controller sets them."""
+runs as a local process; status.active/succeeded/failed and the Complete/Failed conditions as the controller sets
+them."""
 from __future__ import annotations
 
 import asyncio

@@ -120,7 +120,8 @@ def _scale_of(obj: dict, paths: dict) -> dict:
     """The autoscaling/v1 Scale of an object, by its scale subresource's paths."""
     md = obj["metadata"]
     return {"kind": "Scale", "apiVersion": "autoscaling/v1",
-            "metadata": {k: md[k] for k in ("name", "namespace", "uid", "resourceVersion", "creationTimestamp") if k in md},
+            "metadata": {k: md[k] for k in ("name", "namespace", "uid", "resourceVersion", "creationTimestamp")
+                         if k in md},
             # autoscaling/v1 leaves spec.replicas out when it is 0 (omitempty), as a real API server shows it
             "spec": {k: v for k, v in {"replicas": _at(obj, paths["specReplicasPath"]) or 0}.items() if v},
             "status": {"replicas": _at(obj, paths.get("statusReplicasPath", "")) or 0,
@@ -237,7 +238,8 @@ class KubeAPI(kmock.KubernetesEmulator):
                 try:
                     data = jsonpatch.apply_patch(_scale_of(current, paths), data)
                 except (jsonpatch.JsonPatchException, jsonpointer.JsonPointerException) as e:
-                    raise ApiError(status=422, reason="Invalid", message=f"the JSON patch does not apply: {e}") from None
+                    raise ApiError(status=422, reason="Invalid",
+                                   message=f"the JSON patch does not apply: {e}") from None
             spec = (data or {}).get("spec")
             replicas = spec.get("replicas", 0) if isinstance(spec, dict) else None
             if not isinstance(replicas, int) or replicas < 0:
@@ -307,7 +309,8 @@ class KubeAPI(kmock.KubernetesEmulator):
         if not md.get("name") and md.get("generateName"):
             md["name"] = md["generateName"] + uuid.uuid4().hex[:5]
         if not md.get("name"):
-            raise Invalid(status=422, reason="Invalid", message="metadata.name: Required value: name or generateName is required")
+            raise Invalid(status=422, reason="Invalid",
+                          message="metadata.name: Required value: name or generateName is required")
         if key in self.validators:
             defaulted, errors = self.validators[key].check(data)
             if errors:
@@ -344,7 +347,8 @@ class KubeAPI(kmock.KubernetesEmulator):
             if defaulted.get("spec") != merged.get("spec"):
                 data["spec"] = defaulted.get("spec")
         md = data.setdefault("metadata", {})
-        if "spec" in data and not status_only and _merge(copy.deepcopy(current.get("spec", {})), data["spec"]) != current.get("spec", {}):
+        spec = current.get("spec", {})
+        if "spec" in data and not status_only and _merge(copy.deepcopy(spec), data["spec"]) != spec:
             md["generation"] = current.get("metadata", {}).get("generation", 1) + 1
         md["resourceVersion"] = str(next(_resource_versions))
 
@@ -388,7 +392,8 @@ class KubeAPI(kmock.KubernetesEmulator):
         kind, name = obj.get("kind", "object"), obj.get("metadata", {}).get("name", "")
         causes = [dict(zip(("field", "message"), e.split(": ", 1))) for e in errors]
         return Invalid(status=422, reason="Invalid",
-                       message=f'{kind}.{obj.get("apiVersion", "").split("/")[0]} "{name}" is invalid: ' + ", ".join(errors),
+                       message=f'{kind}.{obj.get("apiVersion", "").split("/")[0]} "{name}" is invalid: '
+                               + ", ".join(errors),
                        details={"name": name, "kind": kind, "causes": causes})
 
     # --- CRDs -----------------------------------------------------------------------------------------------
@@ -455,8 +460,8 @@ class KubeAPI(kmock.KubernetesEmulator):
         if not columns or "as=Table" not in request.headers.get("Accept", ""):
             return None
         definitions = [{"name": "Name", "type": "string", "format": "name", "description": "Name", "priority": 0}]
-        definitions += [{"name": c["name"], "type": c.get("type", "string"), "format": "", "priority": c.get("priority", 0),
-                         "description": c.get("description", "")} for c in columns]
+        definitions += [{"name": c["name"], "type": c.get("type", "string"), "format": "",
+                         "priority": c.get("priority", 0), "description": c.get("description", "")} for c in columns]
         rows = [{"cells": [o["metadata"]["name"], *(_printed(o, c) for c in columns)],
                  "object": {"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1", "metadata": o["metadata"]}}
                 for o in items]
@@ -485,7 +490,8 @@ class KubeAPI(kmock.KubernetesEmulator):
                              "annotations": {"k8s.io/initial-events-end": "true"}}}}
         async for event in self._buses[request.resource]:
             md = event.get("object", {}).get("metadata", {})
-            if check(request, request.resource, md.get("namespace"), md.get("name"), strict=False) and matches(event["object"]):
+            allowed = check(request, request.resource, md.get("namespace"), md.get("name"), strict=False)
+            if allowed and matches(event["object"]):
                 yield event
 
     async def _serve_version(self, request):
@@ -624,7 +630,8 @@ def load_manifests(api: KubeAPI, paths: list[Path]):
                     api.register_crd(doc)
                     doc.setdefault("metadata", {}).update(uid=str(uuid.uuid4()), creationTimestamp=_now(),
                                                           resourceVersion=str(next(_resource_versions)), generation=1)
-                    api.objects["apiextensions.k8s.io/v1/customresourcedefinitions", None, doc["metadata"]["name"]] = doc
+                    crds = "apiextensions.k8s.io/v1/customresourcedefinitions"
+                    api.objects[crds, None, doc["metadata"]["name"]] = doc
 
 
 async def serve(host: str, port: int, preload: list[Path], ready: asyncio.Event | None = None,

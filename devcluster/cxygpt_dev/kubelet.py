@@ -72,7 +72,8 @@ class Node:
                            "message": "kubelet is posting ready status", "lastHeartbeatTime": stamp,
                            "lastTransitionTime": stamp})
         return {"capacity": capacity, "allocatable": capacity, "conditions": conditions,
-                "addresses": [{"type": "InternalIP", "address": self.address}, {"type": "Hostname", "address": self.name}],
+                "addresses": [{"type": "InternalIP", "address": self.address},
+                              {"type": "Hostname", "address": self.name}],
                 "daemonEndpoints": {"kubeletEndpoint": {"Port": KUBELET_PORT}},
                 "nodeInfo": {"machineID": uuid.uuid5(uuid.NAMESPACE_DNS, self.name).hex, "systemUUID":
                              str(uuid.uuid5(uuid.NAMESPACE_URL, self.name)), "bootID": str(uuid.uuid4()),
@@ -205,7 +206,7 @@ class PodWorker:
                 await asyncio.sleep(1)
                 self.changed.set()
 
-    # --- life ----------------------------------------------------------------------------------------------------------
+    # --- life -------------------------------------------------------------------------------------------------------
 
     async def _live(self) -> None:
         kubelet = self.kubelet
@@ -681,7 +682,7 @@ class Kubelet:
         lines = path.read_text(errors="replace").splitlines(keepends=True) if path.exists() else []
         if q.get("sinceSeconds"):
             since = (datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=int(q["sinceSeconds"])))
-            lines = [l for l in lines if datetime.datetime.fromisoformat(l.split(" ", 1)[0]) >= since]
+            lines = [line for line in lines if datetime.datetime.fromisoformat(line.split(" ", 1)[0]) >= since]
         if q.get("tailLines"):
             lines = lines[len(lines) - int(q["tailLines"]):] if int(q["tailLines"]) else []
         stamps = q.get("timestamps") == "true"
@@ -693,7 +694,7 @@ class Kubelet:
         response = web.StreamResponse(headers={"Content-Type": "text/plain"})
         await response.prepare(request)
         sent = 0
-        body = b"".join(shown(l) for l in lines)
+        body = b"".join(shown(line) for line in lines)
         if limit is not None:
             body = body[:limit]
         await response.write(body)
@@ -707,7 +708,7 @@ class Kubelet:
                     chunk = f.read()
                     offset += len(chunk)
                 if chunk:
-                    out = b"".join(shown(l) for l in chunk.decode(errors="replace").splitlines(keepends=True))
+                    out = b"".join(shown(line) for line in chunk.decode(errors="replace").splitlines(keepends=True))
                     await response.write(out)
                     sent += len(out)
                 elif not (run and run.running) or c.run is not run:
@@ -737,9 +738,9 @@ class Kubelet:
             self.network = network.PodNetwork(self.node.address, await self._pod_cidr())
             server = await self._serve()
             tasks = [asyncio.create_task(self._lease()),
-                     asyncio.create_task(follow(self.session, f"{self.server}/api/v1/pods?fieldSelector=spec.nodeName%3D"
-                                                f"{self.node.name}&watch=true", self._handle, f"{self.node.name} pods",
-                                                errors=(RuntimeError, LookupError)))]
+                     asyncio.create_task(follow(self.session, f"{self.server}/api/v1/pods?fieldSelector="
+                                                f"spec.nodeName%3D{self.node.name}&watch=true", self._handle,
+                                                f"{self.node.name} pods", errors=(RuntimeError, LookupError)))]
             if ready:
                 ready.set()
             try:

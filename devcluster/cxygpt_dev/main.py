@@ -398,8 +398,10 @@ class DevCluster:
         self.out.say(f"  {k} apply -f {shown(REPO / 'examples')}/")
         self.out.say(f"  {k} get md -A")
         self.out.say(f"  curl -N {gateway}/v1/chat/completions -H 'Content-Type: application/json' "
-                     "-d '{\"model\": \"qwen3-0.6b\", \"stream\": true, \"messages\": [{\"role\": \"user\", \"content\": \"Hello\"}]}'")
-        self.out.say(f"  {shown(sys.executable)} -c \"import openai; c = openai.OpenAI(base_url='{gateway}/v1', api_key='none'); "
+                     "-d '{\"model\": \"qwen3-0.6b\", \"stream\": true, "
+                     "\"messages\": [{\"role\": \"user\", \"content\": \"Hello\"}]}'")
+        self.out.say(f"  {shown(sys.executable)} -c \"import openai; "
+                     f"c = openai.OpenAI(base_url='{gateway}/v1', api_key='none'); "
                      "print(c.chat.completions.create(model='qwen3-0.6b', messages=[{'role': 'user', 'content': 'Hi'}])"
                      ".choices[0].message.content)\"")
         self.out.say("")
@@ -407,7 +409,8 @@ class DevCluster:
     async def _apply_examples(self):
         argv = [tool("kubectl"), "--kubeconfig", str(self.internal_kubeconfig), "--cache-dir",
                 str(self.state / "kubectl-cache"), "apply", "-f", str(REPO / "examples")]
-        proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE,
+                                                    stderr=asyncio.subprocess.STDOUT)
         output, _ = await proc.communicate()
         for line in output.decode().splitlines():
             self.out("kubectl", line)
@@ -527,8 +530,8 @@ def _detach(args) -> int:
     state = Path(args.state_dir)
     state.mkdir(parents=True, exist_ok=True)
     (state / "ready").unlink(missing_ok=True)
-    argv = [sys.executable, "-m", "cxygpt_dev.main", "up", "--state-dir", str(state), "--gateway-port", str(args.gateway_port),
-            "--max-engines", str(args.max_engines)]
+    argv = [sys.executable, "-m", "cxygpt_dev.main", "up", "--state-dir", str(state),
+            "--gateway-port", str(args.gateway_port), "--max-engines", str(args.max_engines)]
     argv += ["--kubeconfig", args.kubeconfig] if args.kubeconfig else []
     argv += ["--console-port", str(args.console_port)] if args.console_port else []
     argv += ["--no-examples"] if args.no_examples else []
@@ -595,7 +598,8 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"engine processes this machine runs at most, over every model (default {MAX_ENGINES}); "
                          "more replicas are refused with a Deployment ReplicaFailure condition")
     up.add_argument("--autoscale-interval", type=float, default=DEFAULT_INTERVAL_S, metavar="SECONDS",
-                    help=f"how often the operator's autoscaler decides (default {DEFAULT_INTERVAL_S:g}, the operator's)")
+                    help=f"how often the operator's autoscaler decides (default {DEFAULT_INTERVAL_S:g}, the "
+                         "operator's)")
     up.add_argument("--no-examples", action="store_true", help="do not apply examples/ nor send the first chat")
     up.add_argument("--hub-rate-mib-s", type=float, default=32,
                     help="the local Hub's bandwidth, shared by every download (MiB/s, default 32; 0 = unlimited)")
@@ -611,7 +615,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="every component's lines on the terminal too (they are always in the log file)")
     down = sub.add_parser("down", help="stop a detached run")
     for p in (up, down):
-        p.add_argument("--state-dir", default=str(STATE_DIR), help="kubeconfig, logs and pid file (default .cxygpt-dev)")
+        p.add_argument("--state-dir", default=str(STATE_DIR),
+                       help="kubeconfig, logs and pid file (default .cxygpt-dev)")
     args = ap.parse_args(argv)
     logging.getLogger("cxygpt.pods").setLevel(logging.INFO)
     if args.command == "down":

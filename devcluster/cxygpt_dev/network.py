@@ -9,9 +9,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import itertools
 import ctypes
 import ipaddress
+import itertools
 import os
 import shlex
 import shutil

@@ -82,7 +82,7 @@ class Documents:
     def _served(self, resources) -> dict[str, list[tuple[str, str, bool, str]]]:
         """group/version → [(kind, plural, namespaced, definition name)] for every served kind with a schema."""
         names = {gvk: name for name, schema in builtin_definitions().items() for gvk in _gvks(schema)}
-        for (gv, name), schema in self.crds.items():
+        for (_gv, name), schema in self.crds.items():
             names.update({gvk: name for gvk in _gvks(schema)})
         served: dict[str, list] = {}
         for resource in resources:
@@ -115,7 +115,7 @@ class Documents:
         gv = re.sub(r"^apis?/", "", path.strip("/"))
         return self._document(resources, gv)
 
-    @functools.cache
+    @functools.cache  # noqa: B019 -- one instance per API server process: what it keeps alive lives as long anyway
     def group_version(self, gv: str, kinds: tuple) -> dict:
         schemas, paths = {}, {}
         group, version = gv.split("/") if "/" in gv else ("", gv)

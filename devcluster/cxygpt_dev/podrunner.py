@@ -125,8 +125,8 @@ class PodRunner:
 
     async def _request(self, method: str, path: str, body=None, content_type="application/merge-patch+json"):
         headers = {"Content-Type": content_type} if body is not None else {}
-        async with self.session.request(method, self.api_url + path, data=orjson.dumps(body) if body is not None else None,
-                                        headers=headers) as resp:
+        data = orjson.dumps(body) if body is not None else None
+        async with self.session.request(method, self.api_url + path, data=data, headers=headers) as resp:
             data = await resp.read()
             if method == "DELETE" and resp.status == 404:
                 return None  # gone already
@@ -506,7 +506,8 @@ class PodRunner:
                             "MinimumReplicasAvailable" if ready >= min_available else "MinimumReplicasUnavailable",
                             "Deployment has minimum availability." if ready >= min_available
                             else "Deployment does not have minimum availability."),
-            self._condition(workload, "Progressing", True, "NewReplicaSetAvailable" if complete else "ReplicaSetUpdated",
+            self._condition(workload, "Progressing", True,
+                            "NewReplicaSetAvailable" if complete else "ReplicaSetUpdated",
                             f'ReplicaSet "{workload.name}-{digest}" has successfully progressed.' if complete
                             else f'ReplicaSet "{workload.name}-{digest}" is progressing.'),
         ]

@@ -181,8 +181,8 @@ class PodVolumes:
                     value = data[key_ref["key"]]
                     env[item["name"]] = base64.b64decode(value).decode() if kind == "secret" else value
                 elif not key_ref.get("optional"):
-                    raise CannotStart("CreateContainerConfigError",
-                                      f"couldn't find key {key_ref['key']} in {kind.title()} {namespace}/{key_ref['name']}")
+                    where = f"{kind.title()} {namespace}/{key_ref['name']}"
+                    raise CannotStart("CreateContainerConfigError", f"couldn't find key {key_ref['key']} in {where}")
         return env
 
     def forget(self, pod: dict) -> None:

@@ -103,7 +103,7 @@ class Services:
         host, number = endpoints[next(self.turn) % len(endpoints)]
         await relay(reader, writer, host, number)
 
-    # --- the DNS -------------------------------------------------------------------------------------------------------
+    # --- the DNS ----------------------------------------------------------------------------------------------------
 
     def answer(self, wire: bytes) -> bytes | None:
         """The reply to one DNS query (A and AAAA of Service names; anything else outside the cluster is refused:
