@@ -208,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--max-cpu-loras", type=int, default=None,
                    help="adapters kept in CPU memory, least recently used evicted (read again from disk when a "
                         "batch needs it); default --max-loras")
+    v.add_argument("--lora-target-modules", nargs="+", default=None, metavar="MODULE",
+                   help="accepted; every module an adapter has runs")
     v.add_argument("--lora-modules", nargs="+", action=LoraModulesAction, default=None, metavar="MODULE",
                    help="adapters loaded at start: name=path, or JSON "
                         '\'{"name": ..., "path": ..., "base_model_name": ...}\'')

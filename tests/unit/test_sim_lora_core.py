@@ -46,12 +46,12 @@ def test_the_rule_admits_the_base_an_active_adapter_or_one_more_while_under_max_
 
 
 def test_a_request_whose_adapter_is_not_active_waits_while_others_pass_it():
-    s = lora_scheduler(max_loras=1)
+    s = lora_scheduler(max_loras=1, max_num_seqs=3)
     for q in (seq("a1", A, output=3), seq("b1", B), seq("base", None), seq("a2", A, output=3), seq("c1", C)):
         s.submit(q)
     _, planned, _ = step(s)
-    assert set(planned) == {"a1", "base", "a2"}  # b1 and c1 would be a second adapter in the batch
-    assert [q.id for q in s.waiting] == ["b1", "c1"]  # still first in line, in their order
+    assert set(planned) == {"a1", "base", "a2"}  # b1 would be a second adapter in the batch; then the slots are full
+    assert [q.id for q in s.waiting] == ["b1", "c1"]  # b1 still first in line
     while any(q.lora is A for q in s.running):
         _, planned, _ = step(s)
         assert not {"b1", "c1"} & set(planned)
@@ -249,6 +249,11 @@ def test_lora_flags_parse_as_vllms_and_fail_as_its_config_does():
     assert lora_config("--enable-lora").lora.max_cpu_loras == 1  # defaults to --max-loras
     assert lora_config("--enable-lora", "--max-cpu-loras", "0", "--max-loras", "3").lora.max_cpu_loras == 3
     assert lora_config().lora is None
+    # vLLM's other LoRA flags take their values only
+    c, ignored = parse_config(["--fully-sharded-loras", "Qwen/Qwen3-0.6B", "--lora-target-modules", "o_proj",
+                               "qkv_proj", "--lora-dtype", "bfloat16", "--enable-lora"], env={})
+    assert (c.model, c.lora.max_loras, ignored) == ("Qwen/Qwen3-0.6B", 1, ["--fully-sharded-loras", "--lora-dtype",
+                                                                          "bfloat16"])
     with pytest.raises(ConfigError, match=r"max_cpu_loras \(1\) must be >= max_loras \(2\)\."):
         lora_config("--enable-lora", "--max-loras", "2", "--max-cpu-loras", "1")
     with pytest.raises(ConfigError, match="max_loras"):
