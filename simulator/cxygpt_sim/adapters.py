@@ -60,7 +60,7 @@ def resolve(path: str, env: Mapping[str, str]) -> str:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, HFValidationError
     try:
-        return snapshot_download(repo_id=path, local_files_only=offline)
+        return snapshot_download(repo_id=path, local_files_only=offline, endpoint=env.get("HF_ENDPOINT") or None)
     except (HfHubHTTPError, HFValidationError):
         return path
 
@@ -84,7 +84,12 @@ def _header(file: Path) -> dict[str, list[int]]:
 
 def read(name: str, path: str, env: Mapping[str, str]) -> AdapterFiles:
     """An adapter's files, in the order the worker reads them; AdapterNotFound or AdapterError in vLLM's words."""
-    directory = resolve(path, env)
+    try:
+        directory = resolve(path, env)
+    except FileNotFoundError:  # huggingface_hub's LocalEntryNotFoundError: offline and not in the cache
+        raise AdapterNotFound(name, path) from None
+    except Exception as e:  # what else the download raises (the Hub unreachable...) is the load's failure message
+        raise AdapterError(str(e)) from None
     try:
         with open(os.path.join(directory, "adapter_config.json"), "rb") as f:
             raw = f.read(MAX_HEADER_BYTES + 1)
@@ -105,8 +110,11 @@ def read(name: str, path: str, env: Mapping[str, str]) -> AdapterFiles:
     for file_name in TENSOR_FILES:
         file = Path(directory, file_name)
         if file.is_file():
-            tensors = _header(file) if file.suffix == ".safetensors" else None
-            return AdapterFiles(directory, config, file_name, tensors, file.stat().st_size)
+            try:
+                tensors = _header(file) if file.suffix == ".safetensors" else None
+                return AdapterFiles(directory, config, file_name, tensors, file.stat().st_size)
+            except OSError as e:
+                raise AdapterError(str(e)) from None
     return AdapterFiles(directory, config, None, None, 0)
 
 

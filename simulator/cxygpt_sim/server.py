@@ -77,9 +77,11 @@ class Engine:
         try:
             lora = await asyncio.to_thread(read_adapter, self.config, lora_id, name, path, os.environ)
             await asyncio.sleep(self.scheduler.load_lora(lora, inplace))
-        except AdapterError as e:
+        except Exception as e:  # as vLLM's engine core: any failure is the call's answer, the steps go on
+            if not isinstance(e, AdapterError):
+                log.exception("loading LoRA adapter %s failed", name)
             if not done.done():  # the caller may have left: the engine's work is done all the same
-                done.set_exception(e)
+                done.set_exception(e if isinstance(e, AdapterError) else AdapterError(str(e)))
             return
         if not done.done():
             done.set_result(lora)
