@@ -287,23 +287,25 @@ class Api:
             return _error(e)
         choices = [replies.plan(g, i, max_tokens, self.writer) for i in range(g.n)]
         request_id = request.headers.get("X-Request-Id")
-        lora = self.models.lora_of(g.model)
+        # the adapter and the name the answer carries, as they are now (an unload meanwhile changes neither)
+        lora, model = self.models.lora_of(g.model), self.models.response_name(g.model)
         # n sequences of the same prompt, as vLLM fans a request out (the prefix cache shares their blocks)
         flights = [self._submit(g.prompt_ids, c, g.stream, request_id, lora) for c in choices]
         try:
             if g.stream:
-                return await self._stream(request, flights, choices, g, chat)
+                return await self._stream(request, flights, choices, g, chat, model)
             for flight in flights:
                 while flight.seq.state != "finished":
                     await flight.wait()
-            return _json(self._whole(flights[0].response_id, choices, g, chat))
+            return _json(self._whole(flights[0].response_id, choices, g, chat, model))
         finally:
             for flight in flights:
                 self.engine.release(flight)
 
-    def _whole(self, response_id: str, choices: list[replies.Choice], g: protocol.Generation, chat: bool) -> dict:
+    def _whole(self, response_id: str, choices: list[replies.Choice], g: protocol.Generation, chat: bool,
+               model: str) -> dict:
         usage = _usage(g.prompt_tokens, sum(len(c.ids) for c in choices))
-        created, model = int(time.time()), self.models.response_name(g.model)
+        created = int(time.time())
         if chat:
             return {"id": f"chatcmpl-{response_id}", "object": "chat.completion", "created": created, "model": model,
                     "choices": [_chat_choice(i, c, g) for i, c in enumerate(choices)], "usage": usage,
@@ -318,7 +320,7 @@ class Api:
                 "choices": out, "usage": usage}
 
     async def _stream(self, request: web.Request, flights: list[Flight], choices: list[replies.Choice],
-                      g: protocol.Generation, chat: bool) -> web.StreamResponse:
+                      g: protocol.Generation, chat: bool, model: str) -> web.StreamResponse:
         response = web.StreamResponse(headers=SSE_HEADERS)
         await response.prepare(request)
         response_id = flights[0].response_id
@@ -326,7 +328,7 @@ class Api:
         head = b"data: " + orjson.dumps(
             {"id": f"{'chatcmpl' if chat else 'cmpl'}-{response_id}",
              "object": "chat.completion.chunk" if chat else "text_completion",
-             "created": int(time.time()), "model": self.models.response_name(g.model)})[:-1]
+             "created": int(time.time()), "model": model})[:-1]
         sent = [0] * len(flights)
         try:
             while any(s < len(c.pieces) for s, c in zip(sent, choices)):
@@ -415,7 +417,7 @@ class Api:
         # each input is a prefill-only request, as vLLM fans a batch out; the engine has no sequence without an
         # output token, so each is one step longer than its prefill (and counts one generation token)
         nothing = replies.Choice([""], [], "stop", None)
-        lora = self.models.lora_of(e.model)
+        lora, model = self.models.lora_of(e.model), self.models.response_name(e.model)
         flights = [self._submit(ids, nothing, False, request.headers.get("X-Request-Id"), lora) for ids in e.inputs]
         try:
             for flight in flights:
@@ -425,8 +427,8 @@ class Api:
             for flight in flights:
                 self.engine.release(flight)
         vectors = [embeddings.encode(embeddings.vector(ids, e.dimensions), e.encoding_format) for ids in e.inputs]
-        return _json(embeddings.answer(flights[0].response_id, int(time.time()), self.models.response_name(e.model),
-                                       vectors, sum(len(ids) for ids in e.inputs)))
+        return _json(embeddings.answer(flights[0].response_id, int(time.time()), model, vectors,
+                                       sum(len(ids) for ids in e.inputs)))
 
 
 async def _any_progress(flights: list[Flight]) -> None:

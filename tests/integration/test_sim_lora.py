@@ -200,6 +200,20 @@ def test_adapters_load_and_unload_under_steady_load_and_no_request_is_lost(sim, 
     assert "temp" not in {m.id for m in client.models.list().data}
 
 
+def test_a_request_running_when_its_adapter_is_unloaded_ends_as_that_adapters(sim, client, repos):
+    load(client, "brief", repos["fresh"])
+    answer = {}
+    running = threading.Thread(target=lambda: answer.update(r=client.chat.completions.create(
+        model="brief", messages=MESSAGES, max_tokens=100, extra_body={"ignore_eos": True})))
+    running.start()
+    wait_until(lambda: metrics(sim)["vllm:num_requests_running"].samples[0].value == 1, timeout=20,
+               what="the request running")
+    unload(client, "brief")
+    running.join(30)
+    assert (answer["r"].model, answer["r"].usage.completion_tokens) == ("brief", 100)
+    assert refused(client.chat.completions.create, model="brief", messages=MESSAGES)[0] == 404
+
+
 def test_every_refusal_has_vllms_status_and_message(sim, client, repos):
     before = [m.id for m in client.models.list().data]
     cases = [
