@@ -5,13 +5,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import functools
 import hashlib
 import hmac
 import json
 import logging
+import math
 import os
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,9 +54,17 @@ def git_blob_sha1(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
-def catalog_stand_ins(mib_per_gib: float) -> dict[str, tuple[int, dict]]:
+# LoRA adapters of the catalog's small model, served beside the catalog's stand-ins (the examples name them):
+# repository -> (base model, rank, lora_alpha, target modules)
+ADAPTER_STAND_INS = {
+    "cxygpt-demo/qwen3-0.6b-sql-lora": ("Qwen/Qwen3-0.6B", 8, 16, ("q_proj", "v_proj")),
+    "cxygpt-demo/qwen3-0.6b-support-lora": ("Qwen/Qwen3-0.6B", 16, 32, ("q_proj", "k_proj", "v_proj", "o_proj")),
+}
+
+
+def catalog_stand_ins(mib_per_gib: float) -> dict[str, Callable[[Path], Path]]:
     """For every repository of the model catalog (and its variants): weights of `mib_per_gib` MiB per GiB of the
-    real ones, and a config.json from its facts."""
+    real ones and a config.json from its facts; and the adapters of ADAPTER_STAND_INS. Each made on first request."""
     from cxygpt_profiles import default_catalog, default_table
     from cxygpt_profiles.fit import weight_bytes
     catalog, consts = default_catalog(), default_table().fit
@@ -66,8 +77,11 @@ def catalog_stand_ins(mib_per_gib: float) -> dict[str, tuple[int, dict]]:
                   "max_position_embeddings": facts.max_context, "tie_word_embeddings": facts.tied_embeddings,
                   "torch_dtype": "bfloat16"}
         for fmt, repo_id in (("bf16", repo), *entry.variants.items()):
-            size = int(weight_bytes(facts, fmt, consts) / 2**30 * mib_per_gib * 2**20)
-            found[repo_id] = (max(size, 4096), config)
+            size = max(int(weight_bytes(facts, fmt, consts) / 2**30 * mib_per_gib * 2**20), 4096)
+            found[repo_id] = functools.partial(make_repo, repo_id=repo_id, weights_bytes=size, config=config)
+    for repo_id, (base, rank, alpha, targets) in ADAPTER_STAND_INS.items():
+        found[repo_id] = functools.partial(make_adapter_repo, repo_id=repo_id, base_model=base, rank=rank,
+                                           alpha=alpha, target_modules=targets)
     return found
 
 
@@ -75,8 +89,8 @@ def catalog_stand_ins(mib_per_gib: float) -> dict[str, tuple[int, dict]]:
 class Hub:
     root: Path
     rate_bytes_s: float | None = None        # shared by every download, like one uplink
-    # repositories made on their first request when not on disk: id -> (weights bytes, config.json)
-    stand_ins: dict = field(default_factory=dict)
+    # repositories made on their first request when not on disk: id -> what makes it under a root
+    stand_ins: dict[str, Callable[[Path], Path]] = field(default_factory=dict)
     # LFS content is served from another origin (another port), as the Hub's CDN: huggingface_hub then reads the
     # file's metadata from the redirect itself and sends no token there (the URL is signed instead)
     cdn_url: str | None = None
@@ -144,8 +158,7 @@ class Hub:
         self.stats["requests"] += 1
         repo = self.repo_dir(org, name)
         if repo is None and f"{org}/{name}" in self.stand_ins:
-            size, config = self.stand_ins[f"{org}/{name}"]
-            repo = make_repo(self.root, f"{org}/{name}", weights_bytes=size, config=config)
+            repo = self.stand_ins[f"{org}/{name}"](self.root)
         if repo is None:
             return self._error(404, "RepoNotFound", "Repository not found")
         token_file = repo / TOKEN_FILE
@@ -297,21 +310,70 @@ class Hub:
 
 # --- repositories for the tests and the dev cluster -------------------------------------------------------------
 
-def fake_safetensors(path: Path, size: int, seed: str) -> None:
-    """A safetensors file of about `size` bytes: a valid header and one BF16 tensor of pseudo-random bytes."""
-    data_bytes = max(size - 128, 2) // 2 * 2
-    header = json.dumps({"__metadata__": {"format": "pt"},
-                         "weight": {"dtype": "BF16", "shape": [data_bytes // 2], "data_offsets": [0, data_bytes]}})
-    header = header.encode() + b" " * (-len(header) % 8)
+def write_safetensors(path: Path, shapes: dict[str, list[int]], seed: str) -> None:
+    """A safetensors file of BF16 tensors of these shapes, in this order, of pseudo-random bytes."""
+    meta, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, shape in shapes.items():
+        size = 2 * math.prod(shape)
+        meta[name] = {"dtype": "BF16", "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    header = json.dumps(meta).encode()
+    header += b" " * (-len(header) % 8)
     block = hashlib.sha512(seed.encode()).digest() * 1024  # 64 KiB that no compression shrinks much
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(header)) + header)
-        left = data_bytes
+        left = offset
         while left > 0:
             piece = block[:min(len(block), left)]
             f.write(piece)
             left -= len(piece)
             block = hashlib.sha512(block[:64]).digest() * 1024
+
+
+def fake_safetensors(path: Path, size: int, seed: str) -> None:
+    """A safetensors file of about `size` bytes: a valid header and one BF16 tensor of pseudo-random bytes."""
+    write_safetensors(path, {"weight": [max(size - 128, 2) // 2]}, seed)
+
+
+def lora_shapes(base_model: str, rank: int, target_modules: tuple[str, ...]) -> dict[str, list[int]]:
+    """PEFT's tensors of a LoRA adapter of a catalogued dense decoder: lora_A [rank, in], lora_B [out, rank] of each
+    target module of each layer."""
+    from cxygpt_profiles import default_catalog
+    found = default_catalog().entry(base_model)
+    if found is None:
+        raise ValueError(f"{base_model} is not in the model catalog")
+    e = found[1]
+    q_out, kv_out, inter = e.attention_heads * e.head_dim, e.kv_heads * e.head_dim, e.intermediate_size
+    dims = {"q_proj": ("self_attn", e.hidden_size, q_out), "k_proj": ("self_attn", e.hidden_size, kv_out),
+            "v_proj": ("self_attn", e.hidden_size, kv_out), "o_proj": ("self_attn", q_out, e.hidden_size),
+            "gate_proj": ("mlp", e.hidden_size, inter), "up_proj": ("mlp", e.hidden_size, inter),
+            "down_proj": ("mlp", inter, e.hidden_size)}
+    shapes = {}
+    for layer in range(e.layers):
+        for module in target_modules:
+            block, in_features, out_features = dims[module]
+            prefix = f"base_model.model.model.layers.{layer}.{block}.{module}"
+            shapes[f"{prefix}.lora_A.weight"] = [rank, in_features]
+            shapes[f"{prefix}.lora_B.weight"] = [out_features, rank]
+    return shapes
+
+
+def make_adapter_repo(root: Path, repo_id: str, *, base_model: str, rank: int = 8, alpha: int = 16,
+                      target_modules: tuple[str, ...] = ("q_proj", "v_proj"), config: dict | None = None) -> Path:
+    """A LoRA adapter repository as PEFT saves one: adapter_config.json and adapter_model.safetensors with the
+    tensors' real shapes for the catalogued base model (`config` entries override the written config's)."""
+    repo = root / repo_id
+    repo.mkdir(parents=True, exist_ok=True)
+    (repo / "adapter_config.json").write_text(json.dumps({
+        "base_model_name_or_path": base_model, "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank,
+        "lora_alpha": alpha, "lora_dropout": 0.05, "target_modules": list(target_modules), "bias": "none",
+        "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True, "modules_to_save": None,
+        "use_rslora": False, "use_dora": False, "rank_pattern": {}, "alpha_pattern": {}, "revision": None,
+        **(config or {})}, indent=1))
+    (repo / "README.md").write_text(f"---\nbase_model: {base_model}\nlibrary_name: peft\n---\n"
+                                    f"A stand-in LoRA adapter (rank {rank}) of {base_model} for the dev cluster.\n")
+    write_safetensors(repo / "adapter_model.safetensors", lora_shapes(base_model, rank, target_modules), repo_id)
+    return repo
 
 
 def make_repo(root: Path, repo_id: str, *, weights_bytes: int = 4 * 2**20, shard_bytes: int = 4 * 2**20,
@@ -382,7 +444,7 @@ def main(argv=None):
     ap.add_argument("--weights-mib", type=float, default=4, help="size of --make-repo's fake weights (MiB)")
     ap.add_argument("--catalog-stand-ins", type=float, metavar="MIB_PER_GIB", default=None,
                     help="also serve every model of the catalog, made on first request with this many MiB of fake "
-                         "weights per GiB of the real ones")
+                         "weights per GiB of the real ones, and the LoRA adapters of ADAPTER_STAND_INS")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     for repo_id in a.make_repo:

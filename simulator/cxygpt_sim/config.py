@@ -2,17 +2,20 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from cxygpt_profiles import ModelFacts, ProfileTableError, default_catalog, default_table, estimate_fit
+from cxygpt_profiles.fit import kv_bytes_per_token
 from cxygpt_profiles.gpus import default_gpus, vllm_token_budget
 from cxygpt_profiles.roofline import Workload
 from cxygpt_profiles.speed import step_model
 
 from .engine import Capacity
+from .lora import DEFAULT_STEP_OVERHEAD, MAX_LORA_RANKS, BaseLayers, LoraSettings
 from .speed import DEFAULT_SPEED_PROFILE, REFERENCE_MODEL, TEST_PROFILES, GpuSpeed, Speed, knob_base
 from .text import DEFAULT_VOCAB_SIZE
 from .weights import DEFAULT_LOAD_GIB_PER_S
@@ -34,11 +37,24 @@ ENV = {
     "text": "CXYGPT_SIM_TEXT",
     "load_gib_per_s": "CXYGPT_SIM_LOAD_GIB_PER_S",
     "load_s": "CXYGPT_SIM_LOAD_S",
+    "lora_load_gib_per_s": "CXYGPT_SIM_LORA_LOAD_GIB_PER_S",
+    "lora_step_overhead": "CXYGPT_SIM_LORA_STEP_OVERHEAD",
 }
+RUNTIME_LORA_ENV = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"  # vLLM's switch for the load/unload endpoints
+MAX_ADAPTERS = 1024  # adapters loaded at once (vLLM has no bound; each is a /v1/models entry)
 
 # vLLM flags of this shape take no value; any other unknown flag followed by a non-flag takes that value.
 _BOOLEAN_FLAG = re.compile(r"--(enable|disable|no)-[\w-]+|--(trust-remote-code|enforce-eager|"
-                           r"skip-tokenizer-init|async-scheduling|tokens-only)")
+                           r"skip-tokenizer-init|async-scheduling|tokens-only|fully-sharded-loras)")
+
+
+@dataclass(frozen=True)
+class LoRAModulePath:
+    """One of --lora-modules: `name=path`, or JSON with base_model_name (vLLM's LoRAModulePath)."""
+    name: str
+    path: str
+    base_model_name: str | None = None
+    is_3d_lora_weight: bool = False
 
 
 @dataclass(frozen=True)
@@ -65,6 +81,10 @@ class SimConfig:
     revision: str | None = None
     load_gib_per_s: float = DEFAULT_LOAD_GIB_PER_S
     load_s: float = 0.0       # the rest of a start after the weights, before the server listens (vLLM: CUDA graphs)
+    lora: LoraSettings | None = None          # --enable-lora's limits and costs; None: LoRA off
+    lora_modules: tuple[LoRAModulePath, ...] = ()
+    runtime_lora_updating: bool = False       # VLLM_ALLOW_RUNTIME_LORA_UPDATING: the load/unload endpoints
+    lora_base: BaseLayers | None = None       # the base's layers, to check an adapter's tensors against
 
     @property
     def served_name(self) -> str:
@@ -113,6 +133,27 @@ def _non_negative(value: str) -> float:
     return number
 
 
+class LoraModulesAction(argparse.Action):
+    """vLLM's LoRAParserAction: `name=path` (no comma), else a JSON object of LoRAModulePath's fields."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        modules = []
+        for item in values or []:
+            if not item:
+                continue
+            if "=" in item and "," not in item:
+                name, path = item.split("=", 1)
+                modules.append(LoRAModulePath(name, path))
+                continue
+            try:
+                modules.append(LoRAModulePath(**json.loads(item)))
+            except json.JSONDecodeError:
+                parser.error(f"Invalid JSON format for --lora-modules: {item}")
+            except TypeError as e:
+                parser.error(f"Invalid fields for --lora-modules: {item} - {e}")
+        setattr(namespace, self.dest, modules)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="cxygpt-sim",
@@ -157,6 +198,21 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--seed", type=int, default=None, help="accepted; the simulator's seed is --sim-seed")
     v.add_argument("--shutdown-timeout", type=_non_negative, default=0,
                    help="seconds in-flight requests may finish after SIGTERM; default 0 (abort them)")
+    v.add_argument("--enable-lora", action=argparse.BooleanOptionalAction, default=False,
+                   help="serve LoRA adapters (--lora-modules, and the load/unload endpoints when "
+                        f"{RUNTIME_LORA_ENV}=True)")
+    v.add_argument("--max-loras", type=int, default=1,
+                   help="distinct adapters in one batch; a request for another waits; default 1")
+    v.add_argument("--max-lora-rank", type=int, choices=MAX_LORA_RANKS, default=16,
+                   help="largest adapter rank it loads; default 16")
+    v.add_argument("--max-cpu-loras", type=int, default=None,
+                   help="adapters kept in CPU memory, least recently used evicted (read again from disk when a "
+                        "batch needs it); default --max-loras")
+    v.add_argument("--lora-target-modules", nargs="+", default=None, metavar="MODULE",
+                   help="accepted; every module an adapter has runs")
+    v.add_argument("--lora-modules", nargs="+", action=LoraModulesAction, default=None, metavar="MODULE",
+                   help="adapters loaded at start: name=path, or JSON "
+                        '\'{"name": ..., "path": ..., "base_model_name": ...}\'')
     s = p.add_argument_group("simulator knobs (flag > environment variable > speed profile); any of --ttft-ms, "
                              "--itl-ms, --sim-prefill-ms-per-1k, --sim-itl-batch-slope, --sim-context-ms-per-1k "
                              "turns a GPU profile into its knobs' shape with those replaced")
@@ -189,6 +245,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sim-load-s", type=_non_negative, default=None,
                    help=f"[{ENV['load_s']}] seconds the model load takes before the server listens, as vLLM "
                         "loads weights first (a cold start); default 0")
+    s.add_argument("--sim-lora-load-gib-per-s", type=_non_negative, default=None,
+                   help=f"[{ENV['lora_load_gib_per_s']}] the rate an adapter's weights are read at when it is loaded "
+                        "(the engine's steps wait meanwhile, as vLLM's do); default --sim-load-gib-per-s, 0 = instant")
+    s.add_argument("--sim-lora-step-overhead", type=_non_negative, default=None,
+                   help=f"[{ENV['lora_step_overhead']}] a step whose batch runs adapters takes this fraction longer; "
+                        f"default {DEFAULT_STEP_OVERHEAD} (vLLM's TPOT with an adapter over the base model's)")
     return p
 
 
@@ -232,6 +294,7 @@ class KvBudget:
     facts: ModelFacts | None = None
     weights: str = "bf16"
     kv_cache_dtype: str = "auto"
+    layers: BaseLayers | None = None  # the catalogued model's LoRA-able layers
 
 
 def _catalog():
@@ -242,11 +305,24 @@ def _catalog():
         return None, None, f"model catalog unavailable ({e})"
 
 
+def base_layers(entry) -> BaseLayers:
+    """A catalogued model's LoRA-able layers; a missing intermediate size from its parameter count."""
+    q_out, kv_out = entry.attention_heads * entry.head_dim, entry.kv_heads * entry.head_dim
+    intermediate = entry.intermediate_size
+    if intermediate is None:
+        embedding = entry.vocab_size * entry.hidden_size * (1 if entry.tied_embeddings else 2)
+        attention = entry.hidden_size * (2 * q_out + 2 * kv_out)
+        intermediate = max((entry.parameters - embedding) // entry.layers - attention, 0) // (3 * entry.hidden_size)
+    return BaseLayers(entry.layers, entry.hidden_size, q_out, kv_out, max(intermediate, 1))
+
+
 def kv_budget(*, model: str, served_name: str, max_model_len: int | None, dtype: str, quantization: str | None,
               kv_cache_dtype: str, gpu_memory_utilization: float, gpu_count: int, gpu_memory_mib: int,
-              max_num_seqs: int, block_size: int, num_gpu_blocks_override: int | None) -> KvBudget:
-    """vLLM's --num-gpu-blocks-override, else the VRAM fit estimate for a catalogued model, else room for
-    every sequence at full length."""
+              max_num_seqs: int, block_size: int, num_gpu_blocks_override: int | None,
+              lora_slots: tuple[int, int, int] | None = None) -> KvBudget:
+    """vLLM's --num-gpu-blocks-override, else the VRAM fit estimate for a catalogued model (less what the adapter
+    slots of lora_slots = (max_loras, max_lora_rank, tensor parallel size) take), else room for every sequence at
+    full length."""
     catalog, consts, problem = _catalog()
     # a local directory (a cache's <mount>/<Org>/<Name>) is looked up by its last two parts too
     keys = (model, "/".join(model.rstrip("/").split("/")[-2:]), served_name)
@@ -258,7 +334,8 @@ def kv_budget(*, model: str, served_name: str, max_model_len: int | None, dtype:
     variant_int4 = bool(found) and found[1].variants.get("int4", "").lower() in (keys[0].lower(), keys[1].lower())
     weights = "int4" if quantization or variant_int4 else "bf16"
     kv_dtype = kv_cache_dtype if consts and kv_cache_dtype in consts.kv_bytes_per_element else "auto"
-    model_is = dict(repo=found[0] if found else None, facts=facts, weights=weights, kv_cache_dtype=kv_dtype)
+    model_is = dict(repo=found[0] if found else None, facts=facts, weights=weights, kv_cache_dtype=kv_dtype,
+                    layers=base_layers(found[1]) if found else None)
     if num_gpu_blocks_override:
         return KvBudget(max_model_len, num_gpu_blocks_override * block_size, vocab_size,
                         f"--num-gpu-blocks-override {num_gpu_blocks_override} x --block-size {block_size}", **model_is)
@@ -272,6 +349,12 @@ def kv_budget(*, model: str, served_name: str, max_model_len: int | None, dtype:
     tokens = fit.kv_token_capacity
     note = (f"fit estimate on {gpu_count}x{gpu_memory_mib} MiB ({dtype}, {weights} weights, kv {kv_dtype}): "
             f"{fit.message}")
+    if lora_slots:
+        max_loras, rank, tp = lora_slots
+        slots = max_loras * model_is["layers"].slot_bytes(rank, tp)
+        fewer = -(-slots // kv_bytes_per_token(facts, kv_dtype, consts))
+        tokens = max(tokens - fewer, 0)
+        note += f"; {max_loras} LoRA slots of rank {rank} take {slots / 2**20:.0f} MiB: {fewer} tokens fewer"
     if not fit.fits:
         # vLLM would refuse to start; the simulator keeps serving so demos and tests still run
         tokens = max(tokens, max_model_len)
@@ -330,12 +413,14 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str] | None = None) -> t
     # a GPU profile's memory unless told otherwise: the KV budget of the GPU whose speed it has
     profile_memory = DEFAULT_GPU_MEMORY_MIB if profile in TEST_PROFILES else default_gpus().gpus[profile].memory_mib
     gpu_memory_mib = knob("gpu_memory_mib", a.sim_gpu_memory_mib, _positive(int)) or profile_memory
+    lora = lora_settings(a, env) if a.enable_lora else None
     budget = kv_budget(
         model=model, served_name=served[0], max_model_len=a.max_model_len, dtype=a.dtype,
         quantization=a.quantization, kv_cache_dtype=a.kv_cache_dtype,
         gpu_memory_utilization=a.gpu_memory_utilization,
         gpu_count=a.tensor_parallel_size * a.pipeline_parallel_size, gpu_memory_mib=gpu_memory_mib,
-        max_num_seqs=a.max_num_seqs, block_size=a.block_size, num_gpu_blocks_override=a.num_gpu_blocks_override)
+        max_num_seqs=a.max_num_seqs, block_size=a.block_size, num_gpu_blocks_override=a.num_gpu_blocks_override,
+        lora_slots=(lora.max_loras, lora.max_lora_rank, a.tensor_parallel_size) if lora else None)
     if budget.tokens // a.block_size * a.block_size < budget.max_model_len:
         raise ConfigError(f"KV budget of {budget.tokens} tokens cannot hold one sequence of max-model-len "
                           f"{budget.max_model_len}; raise --num-gpu-blocks-override")
@@ -360,5 +445,28 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str] | None = None) -> t
         speed_profile=profile, seed=knob("sim_seed", a.sim_seed, int), text=text,
         runner="pooling" if a.runner == "pooling" or a.convert == "embed" else "generate", revision=a.revision,
         load_gib_per_s=DEFAULT_LOAD_GIB_PER_S if load_rate is None else load_rate,
-        load_s=knob("load_s", a.sim_load_s) or 0.0)
+        load_s=knob("load_s", a.sim_load_s) or 0.0, lora=lora, lora_modules=tuple(a.lora_modules or ()),
+        runtime_lora_updating=env.get(RUNTIME_LORA_ENV, "0").strip().lower() in ("1", "true"),
+        lora_base=budget.layers)
+    if len(config.lora_modules) > MAX_ADAPTERS:
+        raise ConfigError(f"--lora-modules names {len(config.lora_modules)} adapters; the simulator holds at most "
+                          f"{MAX_ADAPTERS}")
     return config, unknown
+
+
+def lora_settings(a: argparse.Namespace, env: Mapping[str, str]) -> LoraSettings:
+    """--enable-lora's limits as vLLM's LoRAConfig checks them, and the simulator's costs of adapters."""
+    if a.max_loras < 1:
+        raise ConfigError(f"max_loras: Input should be greater than or equal to 1 (got {a.max_loras})")
+    max_cpu_loras = a.max_cpu_loras if a.max_cpu_loras and a.max_cpu_loras > 0 else a.max_loras
+    if max_cpu_loras < a.max_loras:
+        raise ConfigError(f"max_cpu_loras ({max_cpu_loras}) must be >= max_loras ({a.max_loras}).")
+    rate = a.sim_lora_load_gib_per_s
+    rate = rate if rate is not None else _env_value(env, "lora_load_gib_per_s", _non_negative)
+    rate = rate if rate is not None else a.sim_load_gib_per_s
+    rate = rate if rate is not None else _env_value(env, "load_gib_per_s", _non_negative)
+    overhead = a.sim_lora_step_overhead
+    overhead = overhead if overhead is not None else _env_value(env, "lora_step_overhead", _non_negative)
+    return LoraSettings(max_loras=a.max_loras, max_lora_rank=a.max_lora_rank, max_cpu_loras=max_cpu_loras,
+                        step_overhead=DEFAULT_STEP_OVERHEAD if overhead is None else overhead,
+                        load_gib_per_s=DEFAULT_LOAD_GIB_PER_S if rate is None else rate)

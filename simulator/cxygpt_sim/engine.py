@@ -1,4 +1,5 @@
-"""vLLM V1's scheduler in small (pure): a token budget per step, decode then prefill chunks, preemption by recompute."""
+"""vLLM V1's scheduler in small (pure): a token budget per step, decode then prefill chunks, preemption by recompute,
+at most --max-loras adapters in a batch."""
 from __future__ import annotations
 
 import random
@@ -9,6 +10,7 @@ from dataclasses import dataclass, field
 from cxygpt_profiles.roofline import StepShape
 
 from .kvcache import KVCache, block_hashes
+from .lora import Lora, LoraCache, LoraSettings, admissible
 from .speed import GpuSpeed, Speed
 
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 8192  # vLLM's API-server default on a GPU of 70 GiB or more that is not an A100
@@ -40,6 +42,7 @@ class Sequence:
     first_token_at: float | None = None
     last_token_at: float | None = None
     preemptions: int = 0
+    lora: Lora | None = None    # the adapter it runs with; None: the base model
 
     @property
     def prompt_tokens(self) -> int:
@@ -58,6 +61,8 @@ class Step:
     tokens: int                 # tokens computed in the step (vLLM's vllm:iteration_tokens_total)
     prefill_tokens: int
     decoding: int               # sequences computing one token to sample their next
+    loras: int = 0              # distinct adapters in the batch
+    lora_load_s: float = 0.0    # of the duration: reading adapters evicted from the CPU cache
 
 
 @dataclass(frozen=True)
@@ -84,11 +89,14 @@ def step_shape(scheduled: dict[Sequence, int]) -> StepShape:
 class Scheduler:
     """Each step gives every running sequence (oldest first) the tokens it still needs, up to the step's token
     budget; with budget left and no preemption in the step, waiting sequences are admitted FCFS with their
-    prompt in chunks. When KV blocks run out the newest running sequence is preempted: it frees its blocks and
-    goes back to the front of the queue to recompute (its prompt blocks may still be cached)."""
+    prompt in chunks; one whose adapter would make more than --max-loras in the batch is passed over for the step.
+    When KV blocks run out the newest running sequence is preempted: it frees its blocks and goes back to the front
+    of the queue to recompute (its prompt blocks may still be cached)."""
 
-    def __init__(self, capacity: Capacity, speed: Speed | GpuSpeed, seed: int | None = None):
-        self.capacity, self.speed = capacity, speed
+    def __init__(self, capacity: Capacity, speed: Speed | GpuSpeed, seed: int | None = None,
+                 lora: LoraSettings | None = None):
+        self.capacity, self.speed, self.lora = capacity, speed, lora
+        self.lora_cache = LoraCache(lora.max_cpu_loras) if lora else None
         self.kv = KVCache(capacity.kv_blocks, capacity.block_size)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -149,9 +157,16 @@ class Scheduler:
                 scheduled[seq] = tokens
                 budget -= tokens
         admitted = 0
+        # the adapters of every running sequence, scheduled in this step or not (vLLM's scheduled_loras)
+        active = {seq.lora.id for seq in self.running if seq.lora}
+        skipped = []
         # vLLM admits nobody in a step that had to preempt: the blocks are short already
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.capacity.max_num_seqs:
             seq = self.waiting[0]
+            if self.lora and not admissible(seq.lora and seq.lora.id, active, self.lora.max_loras):
+                # its adapter would be one too many in the batch: it waits this step, those behind it may go
+                skipped.append(self.waiting.popleft())
+                continue
             cached = self.kv.cached_prefix(seq.hashes, seq.num_tokens)
             hit = len(cached) * self.capacity.block_size
             tokens = min(seq.num_tokens - hit, budget)
@@ -170,11 +185,24 @@ class Scheduler:
             scheduled[seq] = tokens
             budget -= tokens
             admitted += 1
+            if seq.lora:
+                active.add(seq.lora.id)
+        self.waiting.extendleft(reversed(skipped))  # back at the front, in their order
         shape = step_shape(scheduled)
         duration = self.speed.step_s(shape)
         if self.speed.jitter and duration:
             duration *= 1 + self.speed.jitter * self._rng.uniform(-1, 1)
-        return Step(duration, admitted, shape.tokens, shape.prefill_tokens, shape.decode_count)
+        loras = {seq.lora.id: seq.lora for seq in scheduled if seq.lora}
+        load_s = 0.0
+        if loras:
+            duration *= 1 + self.lora.step_overhead
+            load_s = self.lora_cache.use(loras.values())
+        return Step(duration + load_s, admitted, shape.tokens, shape.prefill_tokens, shape.decode_count,
+                    len(loras), load_s)
+
+    def load_lora(self, lora: Lora, inplace: bool = False) -> float:
+        """An adapter loaded into the worker's CPU cache (vLLM's add_lora): the seconds reading it takes."""
+        return self.lora_cache.load(lora, inplace)
 
     def end_step(self, now: float) -> list[Progress]:
         """The step's tokens are computed; a sequence whose every token is computed samples its next one (all of

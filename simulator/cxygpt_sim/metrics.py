@@ -1,7 +1,9 @@
 """Prometheus metrics under vLLM's names, types and labels, kept as plain numbers for a lean hot path."""
 from __future__ import annotations
 
+import time
 from bisect import bisect_left
+from collections import OrderedDict
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -18,6 +20,9 @@ INTER_TOKEN_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.
 # vLLM V1's fixed buckets for vllm:iteration_tokens_total (vllm/v1/metrics/loggers.py).
 ITERATION_TOKENS_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 FINISH_REASONS = ("stop", "length", "abort")  # vLLM's FinishReason values that this engine can produce
+# vllm:lora_requests_info gets a series per label combination, which vLLM keeps forever; readers take the newest
+# (its value is the time it was set), so the simulator keeps the newest ones only
+MAX_LORA_INFO_SERIES = 32
 
 
 class Histogram:
@@ -45,8 +50,14 @@ class Histogram:
 class EngineMetrics:
     """A prometheus_client collector: gauges read the scheduler at scrape time, the rest are event counts."""
 
-    def __init__(self, scheduler: Scheduler, model_name: str):
+    def __init__(self, scheduler: Scheduler, model_name: str, max_loras: int | None = None, wall=time.time):
+        """max_loras: --enable-lora's, which turns vllm:lora_requests_info on; wall: the clock its values read."""
         self.scheduler = scheduler
+        self.max_loras, self.wall = max_loras, wall
+        # adapter -> its requests that have output and have not ended, in the order adapters appear (vLLM's
+        # LoRARequestStates, which hears of a request only with its first token)
+        self.lora_requests: dict[str, set[str]] = {}
+        self.lora_info: OrderedDict[tuple[str, str], float] = OrderedDict()  # (running, waiting) -> when set
         self.labels, self.values = ["model_name", "engine"], [model_name, "0"]
         self.prompt_tokens = 0
         self.generation_tokens = 0
@@ -91,7 +102,31 @@ class EngineMetrics:
                 self.e2e.observe(now - seq.arrived)
                 if seq.generated > 1:
                     self.request_tpot.observe((now - seq.first_token_at) / (seq.generated - 1))
+            if seq.lora:
+                self._lora_request(seq, ended=p.done)
         self.generation_tokens += generated
+        if self.max_loras is not None:
+            self._lora_info()
+
+    def _lora_request(self, seq: Sequence, ended: bool) -> None:
+        held = self.lora_requests.setdefault(seq.lora.name, set())
+        if ended:
+            held.discard(seq.id)
+        else:
+            held.add(seq.id)
+        if not held:
+            del self.lora_requests[seq.lora.name]
+
+    def _lora_info(self) -> None:
+        """Each step sets the series of its labels to now. vLLM 0.33 puts the same list into both labels: every
+        adapter with a request that has had its first token and has not ended (one still waiting for its first
+        step is in neither)."""
+        adapters = ",".join(self.lora_requests)
+        key = (adapters, adapters)
+        self.lora_info.pop(key, None)
+        self.lora_info[key] = self.wall()
+        while len(self.lora_info) > MAX_LORA_INFO_SERIES:
+            self.lora_info.popitem(last=False)
 
     def record_finish(self, reason: str) -> None:
         self.success[reason] += 1
@@ -99,6 +134,8 @@ class EngineMetrics:
     def record_abort(self, seq: Sequence, now: float) -> None:
         self.success["abort"] += 1
         self.e2e.observe(now - seq.arrived)
+        if seq.lora and seq.lora.name in self.lora_requests:
+            self._lora_request(seq, ended=True)
 
     def _inter_token(self, value: float, n: int) -> None:
         self.inter_token.observe(value, n)
@@ -136,3 +173,10 @@ class EngineMetrics:
         for histogram in (self.ttft, self.inter_token, self.time_per_output_token, self.request_tpot, self.e2e,
                           self.queue_time, self.iteration_tokens):
             yield histogram.family(labels, values)
+        if self.max_loras is not None:
+            # no model_name or engine label, as vLLM's
+            info = GaugeMetricFamily("vllm:lora_requests_info", "Running stats on lora requests.",
+                                     labels=["max_lora", "waiting_lora_adapters", "running_lora_adapters"])
+            for (running, waiting), at in self.lora_info.items():
+                info.add_metric([str(self.max_loras), waiting, running], at)
+            yield info

@@ -1,6 +1,7 @@
 """vLLM's OpenAI wire format (pure): request validation, length limits and error bodies as vLLM 0.33 sends them."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from . import text
@@ -18,12 +19,19 @@ class ApiError(Exception):
                           "code": self.status}}
 
 
+def _error_input(value):
+    """vLLM 0.33's size-bounded stand-in for a rejected value: containers described, the rest cut at 200."""
+    if isinstance(value, (list, tuple, dict)):
+        return f"<{type(value).__name__} of {len(value)} items>"
+    shown = value if isinstance(value, str) else str(value)
+    return shown if len(shown) <= 200 else shown[:200] + "...[truncated]"
+
+
 def validation_error(loc: str, kind: str, msg: str, value=None) -> ApiError:
     """vLLM's answer to a request its pydantic models reject: 400, type "Bad Request", param = the field."""
     detail = {"type": kind, "loc": loc, "msg": msg}
     if value is not None:
-        shown = repr(value)
-        detail["input"] = shown if len(shown) <= 200 else shown[:200] + "...[truncated]"
+        detail["input"] = _error_input(value)
     return ApiError(400, f"1 validation error:\n  {detail}", "Bad Request", loc)
 
 
@@ -31,8 +39,20 @@ def invalid_json(error: Exception) -> ApiError:
     return validation_error("body", "json_invalid", f"JSON decode error: {error}")
 
 
-def unknown_model(requested: str, served: tuple[str, ...]) -> ApiError:
-    return ApiError(404, f"The model `{requested}` does not exist. Valid aliases: {', '.join(served)}.",
+@dataclass(frozen=True)
+class Served:
+    """The names a request's `model` may take: the base model's served names, and the LoRA adapters loaded now."""
+    base: tuple[str, ...]
+    adapters: frozenset[str] = frozenset()
+
+    def check(self, model) -> None:
+        if model is not None and model not in self.base and model not in self.adapters:
+            raise unknown_model(model, self)
+
+
+def unknown_model(requested: str, served: Served) -> ApiError:
+    # vLLM names the base model's aliases only, never the adapters
+    return ApiError(404, f"The model `{requested}` does not exist. Valid aliases: {', '.join(served.base)}.",
                     "NotFoundError", "model")
 
 
@@ -56,6 +76,7 @@ class Generation:
     tools: tuple = ()               # the functions offered ({"name", "parameters", ...})
     tool_choice: object = None      # None, "none", "auto", "required" or {"type": "function", "function": {...}}
     response_format: dict | None = field(default=None)  # {"schema": ...} or {} for json_object
+    model: str | None = None        # as the request names it (an adapter's name runs that adapter)
 
 
 def _field(body: dict, name: str, kind, kind_name: str, check=None, hint: str = ""):
@@ -70,10 +91,8 @@ def _field(body: dict, name: str, kind, kind_name: str, check=None, hint: str = 
     return value
 
 
-def _common(body: dict, served: tuple[str, ...]) -> tuple[bool, bool, bool]:
-    model = _field(body, "model", str, "string")
-    if model is not None and model not in served:
-        raise unknown_model(model, served)
+def _common(body: dict, served: Served) -> tuple[bool, bool, bool]:
+    served.check(_field(body, "model", str, "string"))
     stream = bool(_field(body, "stream", bool, "boolean"))
     options = _field(body, "stream_options", dict, "dictionary") or {}
     include_usage = bool(_field(options, "include_usage", bool, "boolean"))
@@ -187,7 +206,7 @@ def _max_tokens(body: dict, *names: str) -> tuple[int | None, str]:
     return None, names[-1]
 
 
-def parse_chat(body, served: tuple[str, ...]) -> Generation:
+def parse_chat(body, served: Served) -> Generation:
     if not isinstance(body, dict):
         raise validation_error("body", "model_attributes_type", "Input should be a valid dictionary or object", body)
     if "messages" not in body:
@@ -203,7 +222,7 @@ def parse_chat(body, served: tuple[str, ...]) -> Generation:
     return Generation(prompt_tokens=len(prompt_ids), prompt_ids=prompt_ids,
                       reply_source=text.last_user_text(body["messages"]) or rendered, max_tokens=max_tokens,
                       **_sampling(body), logprobs=_chat_logprobs(body), tools=tools, tool_choice=tool_choice,
-                      response_format=_response_format(body),
+                      response_format=_response_format(body), model=body.get("model"),
                       max_tokens_param=param, stream=stream, include_usage=include_usage, ignore_eos=ignore_eos)
 
 
@@ -211,7 +230,7 @@ def _is_token_ids(value) -> bool:
     return isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value)
 
 
-def parse_completion(body, served: tuple[str, ...]) -> Generation:
+def parse_completion(body, served: Served) -> Generation:
     if not isinstance(body, dict):
         raise validation_error("body", "model_attributes_type", "Input should be a valid dictionary or object", body)
     prompt = body.get("prompt")
@@ -241,7 +260,7 @@ def parse_completion(body, served: tuple[str, ...]) -> Generation:
     return Generation(prompt_tokens=len(prompt_ids), prompt_ids=prompt_ids, reply_source=source, **_sampling(body),
                       logprobs=None if logprobs is None else _bounded_logprobs(logprobs), echo=echo,
                       prompt_text=prompt if isinstance(prompt, str) else text.detokenize(prompt),
-                      response_format=_response_format(body),
+                      response_format=_response_format(body), model=body.get("model"),
                       max_tokens=max_tokens, max_tokens_param=param, stream=stream, include_usage=include_usage,
                       ignore_eos=ignore_eos)
 
@@ -278,12 +297,10 @@ class TokenizeRequest:
     return_token_strs: bool
 
 
-def parse_tokenize(body, served: tuple[str, ...]) -> TokenizeRequest:
+def parse_tokenize(body, served: Served) -> TokenizeRequest:
     if not isinstance(body, dict):
         raise validation_error("body", "model_attributes_type", "Input should be a valid dictionary or object", body)
-    model = _field(body, "model", str, "string")
-    if model is not None and model not in served:
-        raise unknown_model(model, served)
+    served.check(_field(body, "model", str, "string"))
     strs = bool(_field(body, "return_token_strs", bool, "boolean"))
     if "messages" in body:
         add_prompt = _field(body, "add_generation_prompt", bool, "boolean")
@@ -298,13 +315,11 @@ def parse_tokenize(body, served: tuple[str, ...]) -> TokenizeRequest:
     return TokenizeRequest(prompt, strs)
 
 
-def parse_detokenize(body, served: tuple[str, ...]) -> list[int]:
+def parse_detokenize(body, served: Served) -> list[int]:
     """/detokenize's token ids; an id outside the vocabulary is vLLM's 400."""
     if not isinstance(body, dict):
         raise validation_error("body", "model_attributes_type", "Input should be a valid dictionary or object", body)
-    model = _field(body, "model", str, "string")
-    if model is not None and model not in served:
-        raise unknown_model(model, served)
+    served.check(_field(body, "model", str, "string"))
     if "tokens" not in body:
         raise validation_error("body.tokens", "missing", "Field required")
     ids = body["tokens"]
@@ -331,10 +346,6 @@ def _object(body) -> dict:
     return body
 
 
-def _model(body: dict, served: tuple[str, ...]) -> None:
-    model = _field(body, "model", str, "string")
-    if model is not None and model not in served:
-        raise unknown_model(model, served)
 
 
 @dataclass(frozen=True)
@@ -397,11 +408,11 @@ def _text_format(body: dict) -> dict | None:
     return _response_format({"response_format": fmt})
 
 
-def parse_responses(body, served: tuple[str, ...]) -> ResponsesRequest:
+def parse_responses(body, served: Served) -> ResponsesRequest:
     body = _object(body)
     if "input" not in body:
         raise validation_error("body.input", "missing", "Field required")
-    _model(body, served)
+    served.check(_field(body, "model", str, "string"))
     _field(body, "instructions", str, "string")
     if body.get("previous_response_id") is not None:
         # vLLM stores no responses unless VLLM_ENABLE_RESPONSES_API_STORE is set, so none is ever found
@@ -424,7 +435,7 @@ def parse_responses(body, served: tuple[str, ...]) -> ResponsesRequest:
     g = Generation(prompt_tokens=len(ids), prompt_ids=ids, reply_source=text.last_user_text(messages) or rendered,
                    max_tokens=max_tokens, max_tokens_param=param, stream=stream, include_usage=False,
                    ignore_eos=bool(_field(body, "ignore_eos", bool, "boolean")), **sampling,
-                   response_format=_text_format(body))
+                   response_format=_text_format(body), model=body.get("model"))
     echoed = {k: default if body.get(k) is None else body[k] for k, default in RESPONSE_DEFAULTS.items()}
     return ResponsesRequest(g, echoed)
 
@@ -437,14 +448,15 @@ class EmbeddingRequest:
     inputs: tuple[list[int], ...]   # each input's token ids
     encoding_format: str
     dimensions: int | None
+    model: str | None = None
 
 
-def parse_embeddings(body, served: tuple[str, ...], max_model_len: int) -> EmbeddingRequest:
+def parse_embeddings(body, served: Served, max_model_len: int) -> EmbeddingRequest:
     """A string, a list of strings, a list of token ids or a list of those; each input within max_model_len."""
     body = _object(body)
     if "input" not in body:
         raise validation_error("body.input", "missing", "Field required")
-    _model(body, served)
+    served.check(_field(body, "model", str, "string"))
     given = body["input"]
     if isinstance(given, str) or (_is_token_ids(given) and given):
         given = [given]
@@ -464,4 +476,123 @@ def parse_embeddings(body, served: tuple[str, ...], max_model_len: int) -> Embed
     if dimensions is not None and dimensions < 1:
         # the simulated embedding model is matryoshka (as Qwen3-Embedding), so vLLM only checks the size
         raise ApiError(400, "Dimensions must be greater than 0")
-    return EmbeddingRequest(inputs, fmt, dimensions)
+    return EmbeddingRequest(inputs, fmt, dimensions, body.get("model"))
+
+
+# --- the runtime LoRA endpoints (enabled by VLLM_ALLOW_RUNTIME_LORA_UPDATING) ----------------------------------
+
+MAX_LORA_NAME = 256     # the simulator's bounds (vLLM has none): a name is echoed in /v1/models and a metric label
+MAX_LORA_PATH = 4096
+_TRUE, _FALSE = ("1", "on", "t", "true", "y", "yes"), ("0", "off", "f", "false", "n", "no")
+
+
+@dataclass(frozen=True)
+class LoadLora:
+    """POST /v1/load_lora_adapter's body (vLLM's LoadLoRAAdapterRequest; is_3d_lora_weight is for MoE layers)."""
+    name: str
+    path: str
+    load_inplace: bool = False
+
+
+def check_json_media_type(content_type: str) -> None:
+    """vLLM's validate_json_request on these routes."""
+    if content_type.lower().split(";", maxsplit=1)[0] != "application/json":
+        raise ApiError(400, "1 validation error:\n  Unsupported Media Type: Only 'application/json' is allowed",
+                       "Bad Request")
+
+
+def validation_errors(errors: list[dict]) -> ApiError:
+    """pydantic's errors as vLLM 0.33 reports them: counted, one per line, param = the first one's field."""
+    label = "error" if len(errors) == 1 else "errors"
+    lines = "".join(f"  {e}\n" for e in errors)
+    return ApiError(400, f"{len(errors)} validation {label}:\n{lines}".rstrip(), "Bad Request", errors[0]["loc"])
+
+
+def _lax_bool(value) -> bool | dict:
+    """pydantic's lax bool: the value, or its error."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.lower() in _TRUE + _FALSE:
+        return value.lower() in _TRUE
+    if isinstance(value, (str, int, float)):
+        return {"type": "bool_parsing", "msg": "Input should be a valid boolean, unable to interpret input"}
+    return {"type": "bool_type", "msg": "Input should be a valid boolean"}
+
+
+def _lora_fields(body, strings: tuple[str, ...], flags: tuple[str, ...], integers: tuple[str, ...] = ()) -> dict:
+    """The body's fields, checked as vLLM's pydantic request models check them (every error at once)."""
+    if not isinstance(body, dict):
+        raise validation_errors([{"type": "model_attributes_type", "loc": "body", "msg": "Input should be a valid "
+                                  "dictionary or object to extract fields from", "input": _error_input(body)}])
+    values, errors = {}, []
+    for name in strings:
+        if name not in body:
+            errors.append({"type": "missing", "loc": f"body.{name}", "msg": "Field required",
+                           "input": _error_input(body)})
+        elif not isinstance(body[name], str):
+            errors.append({"type": "string_type", "loc": f"body.{name}", "msg": "Input should be a valid string",
+                           "input": _error_input(body[name])})
+        else:
+            values[name] = body[name]
+    for name in flags:
+        checked = _lax_bool(body.get(name, False))
+        if isinstance(checked, dict):
+            errors.append({"type": checked["type"], "loc": f"body.{name}", "msg": checked["msg"],
+                           "input": _error_input(body[name])})
+        values[name] = checked
+    for name in integers:
+        value = body.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            errors.append({"type": "int_parsing" if isinstance(value, str) else "int_type", "loc": f"body.{name}",
+                           "msg": "Input should be a valid integer" + (", unable to parse string as an integer"
+                                                                       if isinstance(value, str) else ""),
+                           "input": _error_input(value)})
+    if errors:
+        raise validation_errors(errors)
+    return values
+
+
+def _bounded_name(name: str) -> str:
+    if len(name) > MAX_LORA_NAME:
+        raise ApiError(400, f"lora_name is {len(name)} characters long, over the simulator's bound of "
+                            f"{MAX_LORA_NAME}", "InvalidUserInput")
+    return name
+
+
+def parse_load_lora(body, served: Served) -> LoadLora:
+    """The body, then OpenAIServingModels' checks that need no engine (400 InvalidUserInput in vLLM's words)."""
+    v = _lora_fields(body, ("lora_name", "lora_path"), ("load_inplace", "is_3d_lora_weight"))
+    name, path = v["lora_name"], v["lora_path"]
+    if not name or not path:
+        raise ApiError(400, "Both 'lora_name' and 'lora_path' must be provided.", "InvalidUserInput")
+    _bounded_name(name)
+    if len(path) > MAX_LORA_PATH:
+        raise ApiError(400, f"lora_path is {len(path)} characters long, over the simulator's bound of "
+                            f"{MAX_LORA_PATH}", "InvalidUserInput")
+    if name in served.base:
+        raise ApiError(400, f"The lora adapter '{name}' conflicts with a served base model.", "InvalidUserInput")
+    if not v["load_inplace"] and name in served.adapters:
+        raise ApiError(400, f"The lora adapter '{name}' has already been loaded. If you want to load the adapter in "
+                            "place, set 'load_inplace' to True.", "InvalidUserInput")
+    return LoadLora(name, path, v["load_inplace"])
+
+
+def parse_unload_lora(body, served: Served) -> str:
+    """The adapter's name; 400 without one, vLLM's 404 when it is not loaded."""
+    name = _lora_fields(body, ("lora_name",), (), ("lora_int_id",))["lora_name"]
+    if not name:
+        raise ApiError(400, "'lora_name' needs to be provided to unload a LoRA adapter.", "InvalidUserInput")
+    if name not in served.adapters:
+        raise ApiError(404, f"The lora adapter '{_bounded_name(name)}' cannot be found.", "NotFoundError")
+    return name
+
+
+def sanitize_message(message: str) -> str:
+    """vLLM's sanitize_message on the errors it answers: no memory addresses, tracebacks or file paths."""
+    message = re.sub(r" at 0x[0-9a-fA-F]+>", ">", message)
+    message = re.sub(r'\n?\s*File "[^"]+", line \d+, in \S+(\n\s+.*)?', "", message)
+    message = re.sub(r"/(?:home|usr|opt|var|tmp|root|lib|mnt|srv)(?:/[\w.\-]+)+", "<path>", message)
+    message = re.sub(r"(?:/[\w\-]+)+/[\w\-]+\.\w+", "<path>", message)
+    return message.strip()

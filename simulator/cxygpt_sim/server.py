@@ -4,17 +4,24 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import secrets
 import time
+from collections import deque
+from collections.abc import Sequence as Seq
+from contextlib import asynccontextmanager
 
 import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from . import embeddings, protocol, replies, responses_api, text
-from .config import SimConfig
+from .adapters import AdapterError
+from .config import MAX_ADAPTERS, SimConfig
 from .engine import Scheduler, Sequence
+from .lora import Lora
 from .metrics import EngineMetrics
+from .models import Adapter, Models, load_error, read_adapter
 
 log = logging.getLogger("cxygpt_sim")
 
@@ -42,25 +49,50 @@ class Flight:
 
 
 class Engine:
-    """Owns the scheduler and runs steps in real time: begin, sleep for the step's duration, deliver tokens."""
+    """Owns the scheduler and runs steps in real time: begin, sleep for the step's duration, deliver tokens. Between
+    steps it runs the calls vLLM's engine core runs there (an adapter's load), which the steps wait for."""
 
     def __init__(self, config: SimConfig):
         self.config = config
-        self.scheduler = Scheduler(config.capacity, config.speed, seed=config.seed)
-        self.metrics = EngineMetrics(self.scheduler, config.served_name)
+        self.scheduler = Scheduler(config.capacity, config.speed, seed=config.seed, lora=config.lora)
+        self.metrics = EngineMetrics(self.scheduler, config.served_name,
+                                     max_loras=config.lora.max_loras if config.lora else None)
         self.flights: dict[str, Flight] = {}
         # ids unique across restarts too, cheaper than a uuid per request
         self._ids = (f"{secrets.token_hex(6)}{n:x}" for n in itertools.count())
         self.healthy = True
         self._wake = asyncio.Event()
         self._clock = time.monotonic
+        self._calls: deque[tuple[int, str, str, bool, asyncio.Future]] = deque()
+
+    async def add_lora(self, lora_id: int, name: str, path: str, inplace: bool) -> Lora:
+        """vLLM's add_lora, run by the engine loop between steps: the adapter is read (downloaded first if need be)
+        and checked, and its weights read at the configured rate, while no step runs. AdapterError if refused."""
+        done = asyncio.get_running_loop().create_future()
+        self._calls.append((lora_id, name, path, inplace, done))
+        self._wake.set()
+        return await done
+
+    async def _load_lora(self, lora_id: int, name: str, path: str, inplace: bool, done: asyncio.Future) -> None:
+        try:
+            lora = await asyncio.to_thread(read_adapter, self.config, lora_id, name, path, os.environ)
+            await asyncio.sleep(self.scheduler.load_lora(lora, inplace))
+        except Exception as e:  # as vLLM's engine core: any failure is the call's answer, the steps go on
+            if not isinstance(e, AdapterError):
+                log.exception("loading LoRA adapter %s failed", name)
+            if not done.done():  # the caller may have left: the engine's work is done all the same
+                done.set_exception(e if isinstance(e, AdapterError) else AdapterError(str(e)))
+            return
+        if not done.done():
+            done.set_result(lora)
 
     def submit(self, prompt_ids: list[int], output_tokens: int, request_id: str | None, *,
-               finish_reason: str, stream: bool) -> Flight:
+               finish_reason: str, stream: bool, lora: Lora | None = None) -> Flight:
         """prompt_ids: the rendered prompt's token ids (the prefix cache hashes them); output_tokens: the reply's
         length; request_id: the caller's X-Request-Id, which vLLM puts into the response id; finish_reason: what
-        the reply ends with, counted in vllm:request_success_total."""
-        seq = Sequence(id=next(self._ids), prompt_ids=prompt_ids, output_tokens=output_tokens, arrived=self._clock())
+        the reply ends with, counted in vllm:request_success_total; lora: the adapter it runs with."""
+        seq = Sequence(id=next(self._ids), prompt_ids=prompt_ids, output_tokens=output_tokens, arrived=self._clock(),
+                       lora=lora)
         flight = self.flights[seq.id] = Flight(seq, request_id or seq.id, finish_reason, stream)
         if self.config.speed.dispatch_s:
             asyncio.get_running_loop().call_later(self.config.speed.dispatch_s, self._schedule, seq)
@@ -93,10 +125,15 @@ class Engine:
     async def _steps(self) -> None:
         deadline = None
         while True:
+            if self._calls:
+                await self._load_lora(*self._calls.popleft())
+                deadline = None  # the steps waited: the next one starts now
+                continue
             if not self.scheduler.has_work:
                 self._wake.clear()
                 await self._wake.wait()
                 deadline = None
+                continue
             now = self._clock()
             step = self.scheduler.begin_step(now)
             if not self.scheduler.running:
@@ -126,6 +163,13 @@ def _error(e: protocol.ApiError) -> web.Response:
     return _json(e.body(), e.status)
 
 
+def _lora_error(e: protocol.ApiError) -> web.Response:
+    """The LoRA endpoints' errors, with vLLM 0.33's sanitizing (paths become <path>) and no param (its handlers
+    build them from messages only, but for pydantic's validation errors)."""
+    param = e.param if e.err_type == "Bad Request" else None
+    return _json(protocol.ApiError(e.status, protocol.sanitize_message(e.message), e.err_type, param).body(), e.status)
+
+
 async def _body(request: web.Request):
     raw = await request.read()
     try:
@@ -140,10 +184,11 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 
 class Api:
-    def __init__(self, engine: Engine):
-        self.engine = engine
+    def __init__(self, engine: Engine, models: Models):
+        self.engine, self.models = engine, models
         self.config = engine.config
         self.writer = text.ReplyWriter(engine.config.text, seed=engine.config.seed or 0)
+        self._loading: dict[str, list] = {}  # name -> [lock, users]: one load or unload of a name at a time
 
     async def health(self, request: web.Request) -> web.Response:
         return web.Response(status=200 if self.engine.healthy else 503)
@@ -151,23 +196,68 @@ class Api:
     async def metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=self.engine.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
-    def _card(self, name: str) -> dict:
-        c = self.config
-        return {"id": name, "object": "model", "created": int(time.time()), "owned_by": "vllm", "root": c.model,
-                "parent": None, "max_model_len": c.max_model_len, "permission": []}
-
-    async def models(self, request: web.Request) -> web.Response:
-        return _json({"object": "list", "data": [self._card(name) for name in self.config.served_model_names]})
+    async def list_models(self, request: web.Request) -> web.Response:
+        return _json({"object": "list", "data": self.models.cards()})
 
     async def model(self, request: web.Request) -> web.Response:
-        name = request.match_info["model"]
-        if name not in self.config.served_model_names:
-            return _error(protocol.unknown_model(name, self.config.served_model_names))
-        return _json(self._card(name))
+        card = self.models.card(request.match_info["model"])
+        if card is None:
+            return _error(protocol.unknown_model(request.match_info["model"], self.models.served))
+        return _json(card)
+
+    @asynccontextmanager
+    async def _one_at_a_time(self, name: str):
+        """vLLM's lock per adapter name around a load or an unload (kept only while someone holds or waits)."""
+        entry = self._loading.setdefault(name, [asyncio.Lock(), 0])
+        entry[1] += 1
+        try:
+            async with entry[0]:
+                yield
+        finally:
+            entry[1] -= 1
+            if not entry[1]:
+                del self._loading[name]
+
+    async def load_lora_adapter(self, request: web.Request) -> web.Response:
+        """POST /v1/load_lora_adapter: checked as vLLM's API server does, then loaded by the engine between steps."""
+        try:
+            protocol.check_json_media_type(request.headers.get("Content-Type", ""))
+            body = await _body(request)
+            name = protocol.parse_load_lora(body, self.models.served).name
+            async with self._one_at_a_time(name):
+                load = protocol.parse_load_lora(body, self.models.served)  # again: another may have loaded it
+                if name not in self.models.adapters and len(self.models.adapters) >= MAX_ADAPTERS:
+                    raise protocol.ApiError(400, f"{MAX_ADAPTERS} adapters are loaded, the simulator's bound; "
+                                                 "unload one first", "InvalidUserInput")
+                try:
+                    lora = await self.engine.add_lora(self.models.next_id(name), name, load.path, load.load_inplace)
+                except AdapterError as e:
+                    raise load_error(e) from None
+                # a runtime load names no base model: the first served name is the parent (an in-place reload too)
+                self.models.adapters[name] = Adapter(name, load.path, self.models.parent_of(None), lora)
+        except protocol.ApiError as e:
+            return _lora_error(e)
+        log.info("Loaded new LoRA adapter: name '%s', path '%s'", name, load.path)
+        return web.Response(text=f"Success: LoRA adapter '{name}' added successfully.")
+
+    async def unload_lora_adapter(self, request: web.Request) -> web.Response:
+        """POST /v1/unload_lora_adapter: new requests may no longer name it; those running finish with it (vLLM
+        0.33 forgets the name only, the engine keeps the adapter until its cache evicts it)."""
+        try:
+            protocol.check_json_media_type(request.headers.get("Content-Type", ""))
+            body = await _body(request)
+            name = protocol.parse_unload_lora(body, self.models.served)
+            async with self._one_at_a_time(name):
+                protocol.parse_unload_lora(body, self.models.served)
+                del self.models.adapters[name]
+        except protocol.ApiError as e:
+            return _lora_error(e)
+        log.info("Removed LoRA adapter: name '%s'", name)
+        return web.Response(text=f"Success: LoRA adapter '{name}' removed successfully.")
 
     async def tokenize(self, request: web.Request) -> web.Response:
         try:
-            t = protocol.parse_tokenize(await _body(request), self.config.served_model_names)
+            t = protocol.parse_tokenize(await _body(request), self.models.served)
         except protocol.ApiError as e:
             return _error(e)
         ids = text.token_ids(t.prompt_text)
@@ -176,7 +266,7 @@ class Api:
 
     async def detokenize(self, request: web.Request) -> web.Response:
         try:
-            ids = protocol.parse_detokenize(await _body(request), self.config.served_model_names)
+            ids = protocol.parse_detokenize(await _body(request), self.models.served)
         except protocol.ApiError as e:
             return _error(e)
         return _json({"prompt": text.detokenize(ids)})
@@ -191,28 +281,31 @@ class Api:
         try:
             body = await _body(request)
             parse = protocol.parse_chat if chat else protocol.parse_completion
-            g = parse(body, self.config.served_model_names)
+            g = parse(body, self.models.served)
             max_tokens = protocol.output_budget(g, self.config.max_model_len)
         except protocol.ApiError as e:
             return _error(e)
         choices = [replies.plan(g, i, max_tokens, self.writer) for i in range(g.n)]
         request_id = request.headers.get("X-Request-Id")
+        # the adapter and the name the answer carries, as they are now (an unload meanwhile changes neither)
+        lora, model = self.models.lora_of(g.model), self.models.response_name(g.model)
         # n sequences of the same prompt, as vLLM fans a request out (the prefix cache shares their blocks)
-        flights = [self._submit(g.prompt_ids, c, g.stream, request_id) for c in choices]
+        flights = [self._submit(g.prompt_ids, c, g.stream, request_id, lora) for c in choices]
         try:
             if g.stream:
-                return await self._stream(request, flights, choices, g, chat)
+                return await self._stream(request, flights, choices, g, chat, model)
             for flight in flights:
                 while flight.seq.state != "finished":
                     await flight.wait()
-            return _json(self._whole(flights[0].response_id, choices, g, chat))
+            return _json(self._whole(flights[0].response_id, choices, g, chat, model))
         finally:
             for flight in flights:
                 self.engine.release(flight)
 
-    def _whole(self, response_id: str, choices: list[replies.Choice], g: protocol.Generation, chat: bool) -> dict:
+    def _whole(self, response_id: str, choices: list[replies.Choice], g: protocol.Generation, chat: bool,
+               model: str) -> dict:
         usage = _usage(g.prompt_tokens, sum(len(c.ids) for c in choices))
-        created, model = int(time.time()), self.config.served_name
+        created = int(time.time())
         if chat:
             return {"id": f"chatcmpl-{response_id}", "object": "chat.completion", "created": created, "model": model,
                     "choices": [_chat_choice(i, c, g) for i, c in enumerate(choices)], "usage": usage,
@@ -227,7 +320,7 @@ class Api:
                 "choices": out, "usage": usage}
 
     async def _stream(self, request: web.Request, flights: list[Flight], choices: list[replies.Choice],
-                      g: protocol.Generation, chat: bool) -> web.StreamResponse:
+                      g: protocol.Generation, chat: bool, model: str) -> web.StreamResponse:
         response = web.StreamResponse(headers=SSE_HEADERS)
         await response.prepare(request)
         response_id = flights[0].response_id
@@ -235,7 +328,7 @@ class Api:
         head = b"data: " + orjson.dumps(
             {"id": f"{'chatcmpl' if chat else 'cmpl'}-{response_id}",
              "object": "chat.completion.chunk" if chat else "text_completion",
-             "created": int(time.time()), "model": self.config.served_name})[:-1]
+             "created": int(time.time()), "model": model})[:-1]
         sent = [0] * len(flights)
         try:
             while any(s < len(c.pieces) for s, c in zip(sent, choices)):
@@ -262,22 +355,24 @@ class Api:
         return response
 
 
-    def _submit(self, prompt_ids: list[int], c: replies.Choice, stream: bool, request_id: str | None) -> Flight:
+    def _submit(self, prompt_ids: list[int], c: replies.Choice, stream: bool, request_id: str | None,
+                lora: Lora | None) -> Flight:
         # the engine knows only stop and length (a tool call is the parser's reading of a stopped sequence)
-        return self.engine.submit(prompt_ids, len(c.pieces), request_id,
+        return self.engine.submit(prompt_ids, len(c.pieces), request_id, lora=lora,
                                   finish_reason="length" if c.finish_reason == "length" else "stop", stream=stream)
 
     async def responses(self, request: web.Request) -> web.StreamResponse:
         try:
-            r = protocol.parse_responses(await _body(request), self.config.served_model_names)
+            r = protocol.parse_responses(await _body(request), self.models.served)
             max_tokens = protocol.output_budget(r.generation, self.config.max_model_len)
         except protocol.ApiError as e:
             return _error(e)
         g = r.generation
         choice = replies.plan(g, 0, max_tokens, self.writer)
-        flight = self._submit(g.prompt_ids, choice, g.stream, request.headers.get("X-Request-Id"))
-        base = responses_api.base(f"resp_{flight.response_id}", int(time.time()), self.config.served_name, r.echoed,
-                                  max_tokens)
+        flight = self._submit(g.prompt_ids, choice, g.stream, request.headers.get("X-Request-Id"),
+                              self.models.lora_of(g.model))
+        base = responses_api.base(f"resp_{flight.response_id}", int(time.time()), self.models.response_name(g.model),
+                                  r.echoed, max_tokens)
         item_id = f"msg_{flight.seq.id}"
         # the reply is planned, so its final form is known before the engine has generated it
         done = responses_api.finished(base, item_id, "".join(choice.pieces), choice.finish_reason == "length",
@@ -316,14 +411,14 @@ class Api:
 
     async def embeddings(self, request: web.Request) -> web.Response:
         try:
-            e = protocol.parse_embeddings(await _body(request), self.config.served_model_names,
-                                          self.config.max_model_len)
+            e = protocol.parse_embeddings(await _body(request), self.models.served, self.config.max_model_len)
         except protocol.ApiError as error:
             return _error(error)
         # each input is a prefill-only request, as vLLM fans a batch out; the engine has no sequence without an
         # output token, so each is one step longer than its prefill (and counts one generation token)
         nothing = replies.Choice([""], [], "stop", None)
-        flights = [self._submit(ids, nothing, False, request.headers.get("X-Request-Id")) for ids in e.inputs]
+        lora, model = self.models.lora_of(e.model), self.models.response_name(e.model)
+        flights = [self._submit(ids, nothing, False, request.headers.get("X-Request-Id"), lora) for ids in e.inputs]
         try:
             for flight in flights:
                 while flight.seq.state != "finished":
@@ -332,7 +427,7 @@ class Api:
             for flight in flights:
                 self.engine.release(flight)
         vectors = [embeddings.encode(embeddings.vector(ids, e.dimensions), e.encoding_format) for ids in e.inputs]
-        return _json(embeddings.answer(flights[0].response_id, int(time.time()), self.config.served_name, vectors,
+        return _json(embeddings.answer(flights[0].response_id, int(time.time()), model, vectors,
                                        sum(len(ids) for ids in e.inputs)))
 
 
@@ -412,17 +507,27 @@ async def bad_requests_stay_small(request: web.Request, handler):
 
 
 ENGINE = web.AppKey("engine", Engine)
+MODELS = web.AppKey("models", Models)
 
 
-def create_app(config: SimConfig) -> web.Application:
+def create_app(config: SimConfig, adapters: Seq[Adapter] = ()) -> web.Application:
+    """The server; `adapters`: those --lora-modules loaded at start (read already), in order."""
     middlewares = [bad_requests_stay_small] + ([_require_api_key(config.api_key)] if config.api_key else [])
     app = web.Application(middlewares=middlewares, client_max_size=64 * 1024 * 1024)
     engine = app[ENGINE] = Engine(config)
-    api = Api(engine)
+    models = app[MODELS] = Models(config, adapters)
+    for adapter in adapters:
+        engine.scheduler.load_lora(adapter.lora)
+    api = Api(engine, models)
     app.router.add_get("/health", api.health)
     app.router.add_get("/metrics", api.metrics)
-    app.router.add_get("/v1/models", api.models)
+    app.router.add_get("/v1/models", api.list_models)
     app.router.add_get("/v1/models/{model}", api.model)
+    if config.runtime_lora_updating:
+        log.warning("LoRA dynamic loading & unloading is enabled in the API server. "
+                    "This should ONLY be used for local development!")
+        app.router.add_post("/v1/load_lora_adapter", api.load_lora_adapter)
+        app.router.add_post("/v1/unload_lora_adapter", api.unload_lora_adapter)
     app.router.add_post("/tokenize", api.tokenize)
     app.router.add_post("/detokenize", api.detokenize)
     # vLLM registers the routes of the model's tasks only: the other runner's routes are a 404

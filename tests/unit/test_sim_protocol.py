@@ -3,7 +3,7 @@ import pytest
 
 from cxygpt_sim import protocol, text
 
-SERVED = ("qwen3-14b", "Qwen/Qwen3-14B")
+SERVED = protocol.Served(("qwen3-14b", "Qwen/Qwen3-14B"))
 
 
 def chat(**body):

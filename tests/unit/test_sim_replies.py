@@ -6,7 +6,7 @@ import pytest
 
 from cxygpt_sim import protocol, replies, text
 
-SERVED = ("m",)
+SERVED = protocol.Served(("m",))
 WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
     "type": "object", "required": ["city", "unit", "days"], "additionalProperties": False,
     "properties": {"city": {"type": "string", "minLength": 2}, "unit": {"enum": ["celsius", "fahrenheit"]},

@@ -6,7 +6,7 @@ import pytest
 from cxygpt_sim import embeddings, protocol, responses_api, text
 from cxygpt_sim.config import parse_config
 
-SERVED = ("qwen3-14b",)
+SERVED = protocol.Served(("qwen3-14b",))
 
 
 def error_of(call, *args):
