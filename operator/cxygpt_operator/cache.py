@@ -5,6 +5,7 @@ import hashlib
 import json
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cxygpt_profiles.table import CacheConstants
@@ -155,7 +156,7 @@ def _labels(key: CacheKey) -> dict[str, str]:
 
 def claim_metadata(key: CacheKey, users: list[CacheUser]) -> dict:
     """The metadata the operator keeps up to date on a cache's claim and Job (their specs never change)."""
-    annotations = {SOURCE_ANNOTATION: key.source, REVISION_ANNOTATION: key.revision,
+    annotations: dict[str, str | None] = {SOURCE_ANNOTATION: key.source, REVISION_ANNOTATION: key.revision,
                    USERS_ANNOTATION: ",".join(sorted({u.name for u in users}))}
     annotations[RETAIN_ANNOTATION] = "true" if any(u.retain for u in users) else None
     return {"labels": _labels(key), "annotations": annotations, "ownerReferences": owner_references(users)}
@@ -198,7 +199,7 @@ def build_job(key: CacheKey, namespace: str, cache: CacheSpec, size: str, users:
     """The download: huggingface_hub's snapshot_download into the claim (the loader), verified, retried with
     resume. It runs where the engines will (their node affinity, no GPU requested), so a zonal or node-local
     volume is provisioned where the engines can mount it."""
-    env = [{"name": "HF_HOME", "value": f"{JOB_MOUNT}/.hf-home"},  # the root filesystem is read-only
+    env: list[dict] = [{"name": "HF_HOME", "value": f"{JOB_MOUNT}/.hf-home"},  # the root filesystem is read-only
            {"name": "HF_HUB_DISABLE_TELEMETRY", "value": "1"},
            {"name": "HF_HUB_DISABLE_PROGRESS_BARS", "value": "1"},  # the loader prints its own progress lines
            # the HTTP download path: partial files resume with Range requests and progress is bytes on disk
@@ -355,7 +356,7 @@ def gib(n: int | None) -> str:
 
 
 def cache_state(key: CacheKey, pvc: dict | None, job: dict | None, pods: list[dict], *,
-                storage_problem: tuple[str, str] | None = None, claim_events: list[dict] = (),
+                storage_problem: tuple[str, str] | None = None, claim_events: Sequence[dict] = (),
                 progress: dict | None = None) -> CacheState:
     """The cache's phase from its claim, Job and the Job's pods: Ready once verified, Failed when only a change
     (a fixed spec, a Secret, a deleted Job to retry) helps, Pending while waiting for a volume or a node,

@@ -61,6 +61,7 @@ CACHE_PROGRESS_S = 5
 # While a cache waits for a volume, a node or a StorageClass (events of those do not wake a model): this often.
 CACHE_PENDING_S = 15
 LOG_TAIL_LINES = 20
+Log = logging.Logger | logging.LoggerAdapter
 DEFAULT_CLASS_ANNOTATION = "storageclass.kubernetes.io/is-default-class"
 
 
@@ -293,7 +294,7 @@ async def _release(ctx: Context, owner: Owner, pvc: dict, users: list[CacheUser]
                 raise
 
 
-async def reconcile(body: dict, nodes: list[GpuNode], ctx: Context, logger: logging.Logger,
+async def reconcile(body: dict, nodes: list[GpuNode], ctx: Context, logger: Log,
                     claims: list[NameClaim] = (), cache_users: dict[str, list[CacheUser]] | None = None) -> dict:
     """Returns the status written (or kept). `claims` are every ModelDeployment's claim on this one's served
     name, `cache_users` the users of each cache claim in its namespace. Raises NotYet (a kopf.TemporaryError)

@@ -32,8 +32,8 @@ class Strict(BaseModel):
 
 class GpuRequirement(Strict):
     min_memory_mib: int = Field(gt=0, description="memory of each GPU, MiB")
-    min_count: int = Field(1, ge=1)
-    max_count: int = Field(1, ge=1)
+    min_count: int = Field(default=1, ge=1)
+    max_count: int = Field(default=1, ge=1)
 
     @model_validator(mode="after")
     def _count_range(self):
@@ -62,7 +62,7 @@ class DegradeThresholds(Strict):
     p95_ttft_ms: float = Field(gt=0)
     queue_depth: int = Field(ge=1)
     # the share of arrivals refused for capacity (queue full or queue timeout) over the window
-    shed_share: float = Field(0.25, gt=0, le=1)
+    shed_share: float = Field(default=0.25, gt=0, le=1)
     hold_s: float = Field(ge=0)
     recover_s: float = Field(ge=0)
 
@@ -77,8 +77,8 @@ class Limits(Strict):
     max_concurrency: int = Field(ge=1)
     # what one request may ask for: choices (`n`) and prompts or inputs in one batch; each choice is a sequence
     # the engine runs, each prompt one /tokenize call, so a request past these is refused (400), not queued
-    max_n: int = Field(8, ge=1, le=128)
-    max_batch: int = Field(64, ge=1, le=2048)
+    max_n: int = Field(default=8, ge=1, le=128)
+    max_batch: int = Field(default=64, ge=1, le=2048)
     timeouts: Timeouts
     degrade: DegradeThresholds
 
@@ -129,11 +129,11 @@ class FitConstants(Strict):
 
 class CacheConstants(Strict):
     """The model cache (spec.model.cache): how big a claim is made and how long its download may take."""
-    size_margin: float = Field(0.2, ge=0, description="claim size = weight estimate x (1 + margin) + extra")
-    size_extra_mib: int = Field(1024, ge=0, description="tokenizer, config and other files beside the weights")
-    download_deadline_base_s: int = Field(3600, gt=0, description="the Job's activeDeadlineSeconds, plus...")
-    download_min_mib_per_s: float = Field(20, gt=0, description="...the claim's size at this (slow) rate")
-    download_retries: int = Field(4, ge=0, description="the Job's backoffLimit; each retry resumes")
+    size_margin: float = Field(default=0.2, ge=0, description="claim size = weight estimate x (1 + margin) + extra")
+    size_extra_mib: int = Field(default=1024, ge=0, description="tokenizer, config and other files beside the weights")
+    download_deadline_base_s: int = Field(default=3600, gt=0, description="the Job's activeDeadlineSeconds, plus...")
+    download_min_mib_per_s: float = Field(default=20, gt=0, description="...the claim's size at this (slow) rate")
+    download_retries: int = Field(default=4, ge=0, description="the Job's backoffLimit; each retry resumes")
 
 
 class ProfileTable(Strict):
@@ -216,7 +216,8 @@ def facts_of(entry: CatalogEntry) -> ModelFacts:
 
 def _field_path(loc: tuple, data) -> str:
     """pydantic's loc as a dotted path, with profile names shown beside list indexes."""
-    parts, node = [], data
+    parts: list[str] = []
+    node = data
     for item in loc:
         if isinstance(item, int) and isinstance(node, list) and item < len(node):
             node = node[item]
