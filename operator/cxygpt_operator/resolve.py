@@ -231,12 +231,14 @@ def _with_overrides(profile: Profile, overrides: dict) -> Profile:
     """The profile as the engine will run it: the limits follow an overridden context length (the input
     limit is what the context leaves after the output) and never admit more sequences than the engine runs."""
     engine = profile.engine.model_copy(update=overrides)
-    limits = profile.limits
+    limits, sizing = profile.limits, profile.sizing
     if "max_model_len" in overrides:
         limits = limits.model_copy(update={"max_input_tokens": max(engine.max_model_len - limits.max_output_tokens, 1)})
+        # the context is the one given, not the one the memory would allow
+        sizing = sizing.model_copy(update={"context": "fixed", "context_limit": None})
     if engine.max_num_seqs < limits.max_concurrency:
         limits = limits.model_copy(update={"max_concurrency": engine.max_num_seqs})
-    return profile.model_copy(update={"engine": engine, "limits": limits})
+    return profile.model_copy(update={"engine": engine, "limits": limits, "sizing": sizing})
 
 
 def effective_table(table: ProfileTable, spec: ModelSpec) -> ProfileTable:

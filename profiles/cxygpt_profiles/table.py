@@ -31,9 +31,11 @@ class Strict(BaseModel):
 
 
 class GpuRequirement(Strict):
+    """The GPUs a profile runs on: of at least this memory each, this many of one node (the fewest that hold the
+    model, see Sizing)."""
     min_memory_mib: int = Field(gt=0, description="memory of each GPU, MiB")
     min_count: int = Field(default=1, ge=1)
-    max_count: int = Field(default=1, ge=1)
+    max_count: int = Field(default=1, ge=1, le=8)
 
     @model_validator(mode="after")
     def _count_range(self):
@@ -48,7 +50,24 @@ class EngineSettings(Strict):
     max_model_len: int = Field(gt=0)
     gpu_memory_utilization: float = Field(gt=0, le=1)
     max_num_seqs: int = Field(gt=0)
-    tensor_parallel_size: int | Literal["gpu-count"] = 1
+
+
+class SizingRule(Strict):
+    """How an engine is sized for a model: the fewest GPUs of one node (gpu.min_count to gpu.max_count, a count that
+    divides the model's attention heads: the tensor-parallel size) whose memory holds the weights and, in the KV
+    cache, `sequences` sequences of the context. The context is engine.max_model_len (`fixed`), or (`memory`) the
+    longest the KV cache holds `sequences` of, at least engine.max_model_len and at most `context_limit` and the
+    model's own, rounded down to a multiple of `context_multiple`."""
+    sequences: int = Field(default=1, ge=1, le=1024)
+    context: Literal["fixed", "memory"] = "fixed"
+    context_limit: int | None = Field(default=None, gt=0)
+    context_multiple: int = Field(default=1024, gt=0)
+
+    @model_validator(mode="after")
+    def _limit_with_memory(self):
+        if (self.context == "memory") != (self.context_limit is not None):
+            raise ValueError("context_limit is set with context: memory, and only then")
+        return self
 
 
 class Timeouts(Strict):
@@ -97,19 +116,24 @@ class Profile(Strict):
     weights: WeightFormat
     swap_space_gib_intent: int | None = Field(None, description="recorded only: vLLM >= 0.18 has no --swap-space")
     engine: EngineSettings
+    sizing: SizingRule = SizingRule()
     limits: Limits
+
+    @property
+    def longest_context(self) -> int:
+        """The longest context this profile runs: engine.max_model_len, or sizing.context_limit with `memory`."""
+        return self.sizing.context_limit or self.engine.max_model_len
 
     @model_validator(mode="after")
     def _fits_context(self):
+        if self.sizing.context_limit is not None and self.sizing.context_limit < self.engine.max_model_len:
+            raise ValueError(f"sizing.context_limit {self.sizing.context_limit} is below engine.max_model_len "
+                             f"{self.engine.max_model_len} (the least context the profile runs)")
         total = self.limits.max_input_tokens + self.limits.max_output_tokens
-        if total > self.engine.max_model_len:
+        if total > self.longest_context:
+            where = "sizing.context_limit" if self.sizing.context_limit else "engine.max_model_len"
             raise ValueError(
-                f"limits.max_input_tokens + limits.max_output_tokens = {total} exceeds "
-                f"engine.max_model_len {self.engine.max_model_len}")
-        tp = self.engine.tensor_parallel_size
-        if isinstance(tp, int) and not self.gpu.min_count <= tp <= self.gpu.max_count:
-            raise ValueError(f"engine.tensor_parallel_size {tp} is outside gpu count "
-                             f"{self.gpu.min_count}..{self.gpu.max_count}")
+                f"limits.max_input_tokens + limits.max_output_tokens = {total} exceeds {where} {self.longest_context}")
         return self
 
 

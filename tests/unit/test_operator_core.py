@@ -168,12 +168,15 @@ def test_model_facts_from_catalog_and_spec_overrides():
 
 H100 = GpuNode(81559, 1, "h100", "NVIDIA-H100-80GB-HBM3")
 H100x2 = GpuNode(81559, 2, "h100x2", "NVIDIA-H100-80GB-HBM3")
+H100x8 = GpuNode(81559, 8, "h100x8", "NVIDIA-H100-80GB-HBM3")
 RTX = GpuNode(32607, 1, "ws", "NVIDIA-GeForce-RTX-5090")
 
 CASES = {
     "srv80g-vllm": ({**EXAMPLE["spec"]}, [H100]),
     "dev32g-int4": ({**EXAMPLE["spec"]}, [RTX]),
-    "multi80g-tp2": ({**EXAMPLE["spec"], "replicas": 2}, [H100x2]),
+    # 70B on a node of eight: the fewest that hold it, two (tensor parallel 2)
+    "multi80g-tp2": ({"model": {"name": "llama-3.1-70b", "source": "hf://meta-llama/Llama-3.1-70B-Instruct"},
+                      "replicas": 2}, [H100x8]),
     "single-sim-pvc": ({"model": {"name": "solo", "source": "pvc://models/qwen/Qwen3-14B"}, "mode": "single",
                         "engine": {"kind": "sim", "args": ["--max-model-len", "2048"], "env": [{"name": "B", "value": "2"}]},
                         "cacheClaim": "hf-cache"}, [RTX]),
