@@ -19,6 +19,7 @@ USERS_ANNOTATION = f"{GROUP}/users"           # the ModelDeployments that use it
 RETAIN_ANNOTATION = f"{GROUP}/retain"         # "true": kept when its last user goes (it has no owners then)
 STATE_ANNOTATION = f"{GROUP}/cache-state"     # written once the download was verified: revision, bytes, files
 CLAIM_UID_ANNOTATION = f"{GROUP}/claim-uid"   # on a Job: the uid of the claim it fills (a claim made again is another)
+MADE_FOR_ANNOTATION = f"{GROUP}/made-for"     # on a claim: the model whose spec.model.cache it was made with
 DEFAULT_REVISION = "main"                     # the Hub's default branch
 ACCESS_MODES = ("ReadWriteOnce", "ReadWriteMany")
 JOB_MOUNT = "/cache"
@@ -167,14 +168,39 @@ def _present(metadata: dict) -> dict:
     return {**metadata, "annotations": {k: v for k, v in metadata["annotations"].items() if v is not None}}
 
 
-def build_claim(key: CacheKey, namespace: str, cache: CacheSpec, size: str, users: list[CacheUser]) -> dict:
-    spec = {"accessModes": [cache.access_mode], "volumeMode": "Filesystem",
-            "resources": {"requests": {"storage": size}}}
+def build_claim(key: CacheKey, namespace: str, cache: CacheSpec, size: str, users: list[CacheUser],
+                made_for: str) -> dict:
+    """The claim, with the settings of `made_for`'s spec.model.cache (the model that needed it first)."""
+    spec: dict = {"accessModes": [cache.access_mode], "volumeMode": "Filesystem",
+                  "resources": {"requests": {"storage": size}}}
     if cache.storage_class:
         spec["storageClassName"] = cache.storage_class
+    metadata = _present(claim_metadata(key, users))
+    metadata["annotations"][MADE_FOR_ANNOTATION] = made_for
     return {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
-            "metadata": {"name": key.claim, "namespace": namespace, **_present(claim_metadata(key, users))},
-            "spec": spec}
+            "metadata": {"name": key.claim, "namespace": namespace, **metadata}, "spec": spec}
+
+
+def claim_size(pvc: dict) -> str:
+    """The storage a claim requests (the API server requires it)."""
+    return str(pvc["spec"]["resources"]["requests"]["storage"])
+
+
+def claim_differences(pvc: dict, cache: CacheSpec) -> list[str]:
+    """What spec.model.cache asks that the claim was not made with: its StorageClass (when the spec names one: a
+    claim made without one has the default's), its access mode, its size (when the spec sets one)."""
+    spec = pvc.get("spec") or {}
+    differences = []
+    have_class = spec.get("storageClassName")
+    if cache.storage_class and have_class != cache.storage_class:
+        differences.append(f"storageClassName {have_class or '(none)'}, not {cache.storage_class}")
+    have_mode = (spec.get("accessModes") or [""])[0]
+    if have_mode != cache.access_mode:
+        differences.append(f"accessMode {have_mode or '(none)'}, not {cache.access_mode}")
+    have_size = ((spec.get("resources") or {}).get("requests") or {}).get("storage") or ""
+    if cache.size and quantity_bytes(str(have_size)) != quantity_bytes(cache.size):
+        differences.append(f"size {have_size or '(none)'}, not {cache.size}")
+    return differences
 
 
 def metadata_differs(obj: dict, desired: dict) -> bool:
@@ -195,7 +221,7 @@ def weights_path(key: CacheKey, root: str) -> str:
 
 def build_job(key: CacheKey, namespace: str, cache: CacheSpec, size: str, users: list[CacheUser], *, image: str,
               affinity: dict, tolerations: list[dict], consts: CacheConstants, hf_endpoint: str | None,
-              claim_uid: str) -> dict:
+              claim_uid: str, node_selector: dict[str, str] | None = None) -> dict:
     """The download: huggingface_hub's snapshot_download into the claim (the loader), verified, retried with
     resume. It runs where the engines will (their node affinity, no GPU requested), so a zonal or node-local
     volume is provisioned where the engines can mount it."""
@@ -227,7 +253,7 @@ def build_job(key: CacheKey, namespace: str, cache: CacheSpec, size: str, users:
         "automountServiceAccountToken": False,  # the loader never calls the Kubernetes API
         "securityContext": {"runAsUser": LOADER_UID, "runAsGroup": LOADER_UID, "fsGroup": LOADER_UID,
                             "fsGroupChangePolicy": "OnRootMismatch", "seccompProfile": {"type": "RuntimeDefault"}},
-        "affinity": affinity, "tolerations": tolerations,
+        "affinity": affinity, "tolerations": tolerations, **({"nodeSelector": node_selector} if node_selector else {}),
     }
     metadata = _present(claim_metadata(key, users))
     metadata["annotations"][CLAIM_UID_ANNOTATION] = claim_uid  # what it fills: this claim, not one of its name

@@ -18,7 +18,7 @@ from .autoscaling.step import Scaler, autoscale, scale_target
 from .cache import CACHE_LABEL, CacheUser
 from .manifests import MODEL_DEPLOYMENT_LABEL
 from .metrics import OperatorMetrics
-from .nodes import gpu_node
+from .nodes import GPU_RESOURCE, NodeGpus, node_gpus
 from .reconcile import CannotRun, Context, NotYet, as_written, recheck_after, reconcile
 from .resolve import NameClaim, claimed_since
 from .status import failure_of
@@ -119,14 +119,15 @@ def configure(settings: kopf.OperatorSettings, **_):
 
 @kopf.index("nodes")
 def gpu_nodes(body: kopf.Body, name: str, **_):
-    node = gpu_node(dict(body))
+    found = node_gpus(dict(body))
     # an empty mapping, not None: kopf keeps an object's old entry when its indexer returns None, so a node
     # cordoned or turned NotReady would have stayed in the inventory
-    return {name: node} if node else {}
+    return {name: tuple(found)} if found else {}
 
 
-def _inventory(index) -> list:
-    return sorted(node for nodes in index.values() for node in nodes)
+def _inventory(index) -> list[NodeGpus]:
+    """Every node's GPUs of each kind (a node with MIG slices has a kind per slice profile)."""
+    return sorted(kind for entries in index.values() for kinds in entries for kind in kinds)
 
 
 @kopf.on.event("nodes")  # type: ignore[arg-type]
@@ -134,8 +135,11 @@ def node_changed(memo: kopf.Memo, gpu_nodes: kopf.Index, **_):
     shared: Shared = memo.shared
     inventory = _inventory(gpu_nodes)
     if inventory != shared.inventory:
-        shared.inventory = shared.metrics.observed.gpu_nodes = inventory
-        log.info("GPU inventory: %s", ", ".join(f"{n.name}={n.count}x{n.memory_mib}MiB" for n in inventory) or "none")
+        shared.inventory = inventory
+        shared.metrics.observed.gpu_nodes = [n.gpus for n in inventory]
+        log.info("GPU inventory: %s", ", ".join(
+            f"{n.gpus.name}={n.gpus.count}x{n.gpus.memory_mib}MiB"
+            f"{'' if n.gpus.resource == GPU_RESOURCE else f' ({n.gpus.resource})'}" for n in inventory) or "none")
         for key in list(shared.wakeups):
             shared.wake(key)
 
