@@ -10,6 +10,8 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 CRD = REPO / "deploy/crds/modeldeployments.cxygpt.io.yaml"
 OUT = REPO / "docs/crd-reference.md"
+# fields whose schema is Kubernetes' own type (scripts/crd_pod_schemas.py): one row, not one per field of the type
+KUBERNETES_TYPES = {"spec.engine.affinity": "core/v1 Affinity", "spec.engine.tolerations": "core/v1 Toleration"}
 
 
 def _type(schema: dict) -> str:
@@ -27,18 +29,22 @@ def _rows(schema: dict, path: str, required: set[str]):
         if "default" in sub:
             rules.append(f"default `{json.dumps(sub['default'])}`")
         for key, word in (("minimum", "min"), ("maximum", "max"), ("maxLength", "max length"),
-                          ("maxItems", "max items"), ("pattern", "pattern")):
+                          ("maxItems", "max items"), ("maxProperties", "max entries"), ("pattern", "pattern")):
             if key in sub:
                 exclusive = key in ("minimum", "maximum") and sub.get(f"exclusive{key.title()}") is True
                 rules.append(f"{word} `{sub[key]}`{' (exclusive)' if exclusive else ''}")
         rules += [rule["message"] for rule in sub.get("x-kubernetes-validations") or []]
         description = " ".join((sub.get("description") or "").split())
+        if field in KUBERNETES_TYPES:
+            rules.append(f"Kubernetes' {KUBERNETES_TYPES[field]}: `kubectl explain modeldeployment.{field}`")
         yield (f"| `{field}` | {_type(sub)} | {'yes' if name in required else ''} | "
                f"{description}{' — ' + '; '.join(rules) if rules else ''} |")
+        if field in KUBERNETES_TYPES:
+            continue
         target = sub.get("items") if sub.get("type") == "array" else sub
         if isinstance(target, dict) and target.get("properties"):
-            path = f"{field}[]" if sub.get("type") == "array" else field
-            yield from _rows(target, path, set(target.get("required", [])))
+            inner = f"{field}[]" if sub.get("type") == "array" else field
+            yield from _rows(target, inner, set(target.get("required", [])))
 
 
 def render() -> str:

@@ -15,7 +15,7 @@ import ssl
 import sys
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
@@ -55,15 +55,18 @@ class Node:
     labels: dict[str, str]
     address: str
     gpus: int = 0
+    # other extended resources, as a device plugin advertises them (e.g. MIG slices: {"nvidia.com/mig-3g.40gb": "2"})
+    resources: dict[str, str] = field(default_factory=dict)
+    taints: list[dict] = field(default_factory=list)  # registered with them, as kubelet's --register-with-taints
 
     def object(self) -> dict:
         return {"apiVersion": "v1", "kind": "Node", "metadata": {"name": self.name, "labels": {
             "kubernetes.io/hostname": self.name, "kubernetes.io/os": "linux", "kubernetes.io/arch": "amd64",
-            **self.labels}}}
+            **self.labels}}, **({"spec": {"taints": self.taints}} if self.taints else {})}
 
     def status(self, version: str) -> dict:
         capacity = {"cpu": NODE_CPU, "memory": NODE_MEMORY, "pods": NODE_PODS, "ephemeral-storage": "1Ti",
-                    **({"nvidia.com/gpu": str(self.gpus)} if self.gpus else {})}
+                    **({"nvidia.com/gpu": str(self.gpus)} if self.gpus else {}), **self.resources}
         stamp = now()
         conditions = [{"type": kind, "status": "False", "reason": f"KubeletHasNo{kind}", "message": "",
                        "lastHeartbeatTime": stamp, "lastTransitionTime": stamp}
@@ -573,7 +576,9 @@ class Kubelet:
         except RuntimeError as e:
             if " 409 " not in str(e):
                 raise
-            await self.request("PATCH", f"/api/v1/nodes/{self.node.name}", self.node.object(), MERGE)
+            # a node may not change its own taints (NodeRestriction): its labels only
+            await self.request("PATCH", f"/api/v1/nodes/{self.node.name}",
+                               {"metadata": self.node.object()["metadata"]}, MERGE)
         node = await self.request("PATCH", f"/api/v1/nodes/{self.node.name}/status",
                                   {"status": self.node.status(self.version)}, STRATEGIC)
         log.info("node %s registered (%s, %d GPU)", self.node.name, self.node.address, self.node.gpus)

@@ -5,6 +5,7 @@ import hashlib
 import json
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cxygpt_profiles.table import CacheConstants
@@ -18,6 +19,7 @@ USERS_ANNOTATION = f"{GROUP}/users"           # the ModelDeployments that use it
 RETAIN_ANNOTATION = f"{GROUP}/retain"         # "true": kept when its last user goes (it has no owners then)
 STATE_ANNOTATION = f"{GROUP}/cache-state"     # written once the download was verified: revision, bytes, files
 CLAIM_UID_ANNOTATION = f"{GROUP}/claim-uid"   # on a Job: the uid of the claim it fills (a claim made again is another)
+MADE_FOR_ANNOTATION = f"{GROUP}/made-for"     # on a claim: the model whose spec.model.cache it was made with
 DEFAULT_REVISION = "main"                     # the Hub's default branch
 ACCESS_MODES = ("ReadWriteOnce", "ReadWriteMany")
 JOB_MOUNT = "/cache"
@@ -155,7 +157,7 @@ def _labels(key: CacheKey) -> dict[str, str]:
 
 def claim_metadata(key: CacheKey, users: list[CacheUser]) -> dict:
     """The metadata the operator keeps up to date on a cache's claim and Job (their specs never change)."""
-    annotations = {SOURCE_ANNOTATION: key.source, REVISION_ANNOTATION: key.revision,
+    annotations: dict[str, str | None] = {SOURCE_ANNOTATION: key.source, REVISION_ANNOTATION: key.revision,
                    USERS_ANNOTATION: ",".join(sorted({u.name for u in users}))}
     annotations[RETAIN_ANNOTATION] = "true" if any(u.retain for u in users) else None
     return {"labels": _labels(key), "annotations": annotations, "ownerReferences": owner_references(users)}
@@ -166,14 +168,39 @@ def _present(metadata: dict) -> dict:
     return {**metadata, "annotations": {k: v for k, v in metadata["annotations"].items() if v is not None}}
 
 
-def build_claim(key: CacheKey, namespace: str, cache: CacheSpec, size: str, users: list[CacheUser]) -> dict:
-    spec = {"accessModes": [cache.access_mode], "volumeMode": "Filesystem",
-            "resources": {"requests": {"storage": size}}}
+def build_claim(key: CacheKey, namespace: str, cache: CacheSpec, size: str, users: list[CacheUser],
+                made_for: str) -> dict:
+    """The claim, with the settings of `made_for`'s spec.model.cache (the model that needed it first)."""
+    spec: dict = {"accessModes": [cache.access_mode], "volumeMode": "Filesystem",
+                  "resources": {"requests": {"storage": size}}}
     if cache.storage_class:
         spec["storageClassName"] = cache.storage_class
+    metadata = _present(claim_metadata(key, users))
+    metadata["annotations"][MADE_FOR_ANNOTATION] = made_for
     return {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
-            "metadata": {"name": key.claim, "namespace": namespace, **_present(claim_metadata(key, users))},
-            "spec": spec}
+            "metadata": {"name": key.claim, "namespace": namespace, **metadata}, "spec": spec}
+
+
+def claim_size(pvc: dict) -> str:
+    """The storage a claim requests (the API server requires it)."""
+    return str(pvc["spec"]["resources"]["requests"]["storage"])
+
+
+def claim_differences(pvc: dict, cache: CacheSpec) -> list[str]:
+    """What spec.model.cache asks that the claim was not made with: its StorageClass (when the spec names one: a
+    claim made without one has the default's), its access mode, its size (when the spec sets one)."""
+    spec = pvc.get("spec") or {}
+    differences = []
+    have_class = spec.get("storageClassName")
+    if cache.storage_class and have_class != cache.storage_class:
+        differences.append(f"storageClassName {have_class or '(none)'}, not {cache.storage_class}")
+    have_mode = (spec.get("accessModes") or [""])[0]
+    if have_mode != cache.access_mode:
+        differences.append(f"accessMode {have_mode or '(none)'}, not {cache.access_mode}")
+    have_size = ((spec.get("resources") or {}).get("requests") or {}).get("storage") or ""
+    if cache.size and quantity_bytes(str(have_size)) != quantity_bytes(cache.size):
+        differences.append(f"size {have_size or '(none)'}, not {cache.size}")
+    return differences
 
 
 def metadata_differs(obj: dict, desired: dict) -> bool:
@@ -194,11 +221,11 @@ def weights_path(key: CacheKey, root: str) -> str:
 
 def build_job(key: CacheKey, namespace: str, cache: CacheSpec, size: str, users: list[CacheUser], *, image: str,
               affinity: dict, tolerations: list[dict], consts: CacheConstants, hf_endpoint: str | None,
-              claim_uid: str) -> dict:
+              claim_uid: str, node_selector: dict[str, str] | None = None) -> dict:
     """The download: huggingface_hub's snapshot_download into the claim (the loader), verified, retried with
     resume. It runs where the engines will (their node affinity, no GPU requested), so a zonal or node-local
     volume is provisioned where the engines can mount it."""
-    env = [{"name": "HF_HOME", "value": f"{JOB_MOUNT}/.hf-home"},  # the root filesystem is read-only
+    env: list[dict] = [{"name": "HF_HOME", "value": f"{JOB_MOUNT}/.hf-home"},  # the root filesystem is read-only
            {"name": "HF_HUB_DISABLE_TELEMETRY", "value": "1"},
            {"name": "HF_HUB_DISABLE_PROGRESS_BARS", "value": "1"},  # the loader prints its own progress lines
            # the HTTP download path: partial files resume with Range requests and progress is bytes on disk
@@ -226,7 +253,7 @@ def build_job(key: CacheKey, namespace: str, cache: CacheSpec, size: str, users:
         "automountServiceAccountToken": False,  # the loader never calls the Kubernetes API
         "securityContext": {"runAsUser": LOADER_UID, "runAsGroup": LOADER_UID, "fsGroup": LOADER_UID,
                             "fsGroupChangePolicy": "OnRootMismatch", "seccompProfile": {"type": "RuntimeDefault"}},
-        "affinity": affinity, "tolerations": tolerations,
+        "affinity": affinity, "tolerations": tolerations, **({"nodeSelector": node_selector} if node_selector else {}),
     }
     metadata = _present(claim_metadata(key, users))
     metadata["annotations"][CLAIM_UID_ANNOTATION] = claim_uid  # what it fills: this claim, not one of its name
@@ -355,7 +382,7 @@ def gib(n: int | None) -> str:
 
 
 def cache_state(key: CacheKey, pvc: dict | None, job: dict | None, pods: list[dict], *,
-                storage_problem: tuple[str, str] | None = None, claim_events: list[dict] = (),
+                storage_problem: tuple[str, str] | None = None, claim_events: Sequence[dict] = (),
                 progress: dict | None = None) -> CacheState:
     """The cache's phase from its claim, Job and the Job's pods: Ready once verified, Failed when only a change
     (a fixed spec, a Secret, a deleted Job to retry) helps, Pending while waiting for a volume or a node,

@@ -18,11 +18,13 @@ from .autoscaling.step import Scaler, autoscale, scale_target
 from .cache import CACHE_LABEL, CacheUser
 from .manifests import MODEL_DEPLOYMENT_LABEL
 from .metrics import OperatorMetrics
-from .nodes import gpu_node
+from .nodes import GPU_RESOURCE, NodeGpus, node_gpus
 from .reconcile import CannotRun, Context, NotYet, as_written, recheck_after, reconcile
 from .resolve import NameClaim, claimed_since
 from .status import failure_of
 
+# The `type: ignore[arg-type]` on kopf's decorators: kopf's handler protocols know neither the indexes it passes by
+# name (gpu_nodes=..., model_names=...) nor that a namespaced object's namespace is a str.
 RETRY_BACKOFF_S = (1, 2, 5, 10, 30, 60)
 log = logging.getLogger("cxygpt.operator")
 
@@ -86,8 +88,12 @@ class ObjectLog(logging.LoggerAdapter):
     """Our own messages about one object: its namespace/name and the generation being reconciled go with each
     line as fields (logs.py renders them; kopf's per-object logger also reports every handler run)."""
 
+    def __init__(self, logger: logging.Logger, fields: dict[str, object]):
+        super().__init__(logger, fields)
+        self.fields = fields
+
     def process(self, msg, kwargs):
-        kwargs["extra"] = {**kwargs.get("extra", {}), "fields": dict(self.extra)}
+        kwargs["extra"] = {**kwargs.get("extra", {}), "fields": dict(self.fields)}
         return msg, kwargs
 
 
@@ -113,28 +119,32 @@ def configure(settings: kopf.OperatorSettings, **_):
 
 @kopf.index("nodes")
 def gpu_nodes(body: kopf.Body, name: str, **_):
-    node = gpu_node(dict(body))
+    found = node_gpus(dict(body))
     # an empty mapping, not None: kopf keeps an object's old entry when its indexer returns None, so a node
     # cordoned or turned NotReady would have stayed in the inventory
-    return {name: node} if node else {}
+    return {name: tuple(found)} if found else {}
 
 
-def _inventory(index) -> list:
-    return sorted(node for nodes in index.values() for node in nodes)
+def _inventory(index) -> list[NodeGpus]:
+    """Every node's GPUs of each kind (a node with MIG slices has a kind per slice profile)."""
+    return sorted(kind for entries in index.values() for kinds in entries for kind in kinds)
 
 
-@kopf.on.event("nodes")
+@kopf.on.event("nodes")  # type: ignore[arg-type]
 def node_changed(memo: kopf.Memo, gpu_nodes: kopf.Index, **_):
     shared: Shared = memo.shared
     inventory = _inventory(gpu_nodes)
     if inventory != shared.inventory:
-        shared.inventory = shared.metrics.observed.gpu_nodes = inventory
-        log.info("GPU inventory: %s", ", ".join(f"{n.name}={n.count}x{n.memory_mib}MiB" for n in inventory) or "none")
+        shared.inventory = inventory
+        shared.metrics.observed.gpu_nodes = [n.gpus for n in inventory]
+        log.info("GPU inventory: %s", ", ".join(
+            f"{n.gpus.name}={n.gpus.count}x{n.gpus.memory_mib}MiB"
+            f"{'' if n.gpus.resource == GPU_RESOURCE else f' ({n.gpus.resource})'}" for n in inventory) or "none")
         for key in list(shared.wakeups):
             shared.wake(key)
 
 
-@kopf.index(GROUP, VERSION, PLURAL)
+@kopf.index(GROUP, VERSION, PLURAL)  # type: ignore[arg-type]
 def model_names(body: kopf.Body, meta, spec, namespace: str, name: str, **_):
     """Served name → the claims on it. A model being deleted claims nothing: its name passes to the next."""
     served = (spec.get("model") or {}).get("name")
@@ -143,14 +153,14 @@ def model_names(body: kopf.Body, meta, spec, namespace: str, name: str, **_):
     return {served: NameClaim(claimed_since(dict(body)), meta.get("uid") or "", namespace, name)}
 
 
-@kopf.on.event("apps", "v1", "deployments", labels={"app.kubernetes.io/managed-by": MANAGER})
+@kopf.on.event("apps", "v1", "deployments", labels={"app.kubernetes.io/managed-by": MANAGER})  # type: ignore[arg-type]
 def engine_deployment_changed(memo: kopf.Memo, namespace: str, labels, **_):
     owner = labels.get(MODEL_DEPLOYMENT_LABEL)
     if owner:
         memo.shared.wake((namespace, owner))
 
 
-@kopf.on.event("", "v1", "pods", labels={"app.kubernetes.io/name": "cxygpt-engine"})
+@kopf.on.event("", "v1", "pods", labels={"app.kubernetes.io/name": "cxygpt-engine"})  # type: ignore[arg-type]
 def engine_pod_changed(memo: kopf.Memo, namespace: str, labels, **_):
     owner = labels.get("app.kubernetes.io/instance")
     if owner:
@@ -159,13 +169,13 @@ def engine_pod_changed(memo: kopf.Memo, namespace: str, labels, **_):
 
 @kopf.on.event("", "v1", "persistentvolumeclaims", labels={CACHE_LABEL: kopf.PRESENT})
 @kopf.on.event("batch", "v1", "jobs", labels={CACHE_LABEL: kopf.PRESENT})
-@kopf.on.event("", "v1", "pods", labels={CACHE_LABEL: kopf.PRESENT})
+@kopf.on.event("", "v1", "pods", labels={CACHE_LABEL: kopf.PRESENT})  # type: ignore[arg-type]
 def cache_object_changed(memo: kopf.Memo, namespace: str, labels, **_):
     """A cache's claim, download Job or download pod changed: its users look again."""
     memo.shared.wake_cache_users(namespace, {labels.get(CACHE_LABEL)})
 
 
-@kopf.on.event(GROUP, VERSION, PLURAL)
+@kopf.on.event(GROUP, VERSION, PLURAL)  # type: ignore[arg-type]
 def model_deployment_changed(memo: kopf.Memo, event, body, namespace: str, name: str, meta, spec, **_):
     # Status-only events (our own writes) keep the generation: they need no reconcile.
     shared: Shared = memo.shared
@@ -248,7 +258,7 @@ async def follow(stopped, body: kopf.Body, wake: asyncio.Event, step, logger, wh
         await _sleep(wake, stopped, delay)
 
 
-@kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=10)
+@kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=10)  # type: ignore[arg-type]
 async def keep_reconciled(stopped, namespace: str, name: str, body: kopf.Body, memo: kopf.Memo,
                           gpu_nodes: kopf.Index, model_names: kopf.Index, **_):
     """Level-triggered: reconcile now, then whenever the spec, the GPU inventory, the engine Deployment or its
@@ -266,7 +276,7 @@ async def keep_reconciled(stopped, namespace: str, name: str, body: kopf.Body, m
         nonlocal written
         snapshot = as_written(snapshot, written)  # decide with the status as we last wrote it
         shared.reconciled_generation[key] = generation = snapshot["metadata"].get("generation")
-        logger.extra["generation"] = generation
+        logger.fields["generation"] = generation
         delay, result, status = None, "ok", None
         served = ((snapshot.get("spec") or {}).get("model") or {}).get("name")
         claims = list(model_names.get(served, [])) if served else []
@@ -301,18 +311,18 @@ async def keep_reconciled(stopped, namespace: str, name: str, body: kopf.Body, m
 
 # Who else sets a ModelDeployment's count: (namespace, name) → "Kind ns/name". Watched, not polled; KEDA's resource
 # is served only where KEDA is installed (kopf then says once that it cannot watch it, and picks it up if it comes).
-@kopf.index("autoscaling", "v2", "horizontalpodautoscalers")
+@kopf.index("autoscaling", "v2", "horizontalpodautoscalers")  # type: ignore[arg-type]
 def hpa_targets(namespace: str, name: str, spec, **_):
     return scale_target("HorizontalPodAutoscaler", namespace, name, dict(spec))
 
 
-@kopf.index("keda.sh", "v1alpha1", "scaledobjects")
+@kopf.index("keda.sh", "v1alpha1", "scaledobjects")  # type: ignore[arg-type]
 def keda_targets(namespace: str, name: str, spec, **_):
     return scale_target("ScaledObject", namespace, name, dict(spec))
 
 
 @kopf.on.event("autoscaling", "v2", "horizontalpodautoscalers")
-@kopf.on.event("keda.sh", "v1alpha1", "scaledobjects")
+@kopf.on.event("keda.sh", "v1alpha1", "scaledobjects")  # type: ignore[arg-type]
 def scaler_changed(memo: kopf.Memo, namespace: str, **_):
     """An HPA or a ScaledObject came, went or changed its target: the models of its namespace look again."""
     for key, wake in list(memo.shared.scale_wakeups.items()):
@@ -320,7 +330,7 @@ def scaler_changed(memo: kopf.Memo, namespace: str, **_):
             wake.set()
 
 
-@kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=10)
+@kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=10)  # type: ignore[arg-type]
 async def keep_scaled(stopped, namespace: str, name: str, body: kopf.Body, memo: kopf.Memo,
                       hpa_targets: kopf.Index, keda_targets: kopf.Index, **_):
     """One autoscaling step every interval for a model with spec.autoscaling (or that a KEDA ScaledObject
@@ -363,6 +373,6 @@ async def close_scaler(memo: kopf.Memo, **_):
     await memo.scaler.reader.close()
 
 
-@kopf.on.probe(id="gpuNodes")
+@kopf.on.probe(id="gpuNodes")  # type: ignore[arg-type]
 def gpu_node_count(gpu_nodes: kopf.Index, **_):
     return len(gpu_nodes)

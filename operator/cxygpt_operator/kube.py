@@ -73,12 +73,13 @@ class Kube:
 
     def create_claim(self, body: dict) -> dict:
         """Created once: a claim's spec is (but for its size) immutable, and the first user's settings make it."""
+        # the client serializes a dict as it does its models (its type hints name only the models)
         return _raw(self.core.create_namespaced_persistent_volume_claim(
-            body["metadata"]["namespace"], body, field_manager=MANAGER, _preload_content=False))
+            body["metadata"]["namespace"], body, field_manager=MANAGER, _preload_content=False))  # type: ignore[arg-type]
 
     def create_job(self, body: dict) -> dict:
         return _raw(self.batch.create_namespaced_job(
-            body["metadata"]["namespace"], body, field_manager=MANAGER, _preload_content=False))
+            body["metadata"]["namespace"], body, field_manager=MANAGER, _preload_content=False))  # type: ignore[arg-type]
 
     def patch_metadata(self, kind: str, namespace: str, name: str, metadata: dict) -> dict:
         """A merge patch of a claim's or Job's metadata (users, owners, the recorded download)."""
@@ -112,7 +113,8 @@ class Kube:
             if e.status in (400, 404):  # not started yet, or gone
                 return ""
             raise
-        return response.data.decode(errors="replace")
+        # _preload_content=False answers the raw HTTP response (the client's hints name the decoded str)
+        return response.data.decode(errors="replace")  # type: ignore[attr-defined]
 
     def list_pods(self, namespace: str, selector: dict[str, str]) -> list[dict]:
         label_selector = ",".join(f"{k}={v}" for k, v in sorted(selector.items()))

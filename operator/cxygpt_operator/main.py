@@ -11,6 +11,7 @@ from cxygpt_profiles import ProfileTableError, load_catalog, load_table
 from . import logs
 from .autoscaling.policy import DEFAULT_INTERVAL_S
 from .logs import FORMATS
+from .placement import PodSettings, SettingsError, load_defaults
 
 DEFAULT_SIM_IMAGE = "cxygpt/cxygpt-sim:0.1.0"
 
@@ -42,6 +43,10 @@ def parse_args(argv):
     ap.add_argument("--hf-endpoint", default=os.environ.get("HF_ENDPOINT"),
                     help="the Hugging Face Hub (or a mirror of it) that the cache's download Jobs and engines that "
                          "download their own weights use (HF_ENDPOINT; default the public Hub)")
+    ap.add_argument("--engine-defaults", metavar="FILE",
+                    help="YAML of the engine pods' default settings (nodeSelector, affinity, tolerations, "
+                    "runtimeClassName, priorityClassName, resources, podLabels, podAnnotations), which each "
+                    "ModelDeployment's spec.engine overrides (the chart renders it from engines.*)")
     ap.add_argument("--metrics-namespace", action="append", default=[], metavar="NS",
                     help="a namespace whose pods may scrape engine metrics through each model's NetworkPolicy "
                     "(repeatable; e.g. Prometheus'); the gateway's pods are let in by their label")
@@ -71,9 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     if a.autoscale_interval <= 0:
         print("cxygpt-operator: --autoscale-interval must be above 0", file=sys.stderr)
         return 2
-    try:  # a broken table stops the operator here, with the field named
+    try:  # a broken table or defaults file stops the operator here, with the field named
         table, catalog = load_table(a.profiles), load_catalog(a.models)
-    except ProfileTableError as e:
+        engine_defaults = load_defaults(a.engine_defaults) if a.engine_defaults else PodSettings()
+    except (ProfileTableError, SettingsError) as e:
         print(f"cxygpt-operator: {e}", file=sys.stderr)
         return 2
     if a.kubeconfig:
@@ -96,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
                       images=EngineImages(vllm=a.vllm_image or table.vllm.image, sim=a.sim_image,
                                           loader=a.loader_image or DEFAULT_LOADER_IMAGE),
                       network_policy=not a.no_network_policy, metrics_namespaces=tuple(a.metrics_namespace),
-                      gateway_namespaces=tuple(a.gateway_namespace), hf_endpoint=a.hf_endpoint or None)
+                      gateway_namespaces=tuple(a.gateway_namespace), hf_endpoint=a.hf_endpoint or None,
+                      engine_defaults=engine_defaults)
     shared = Shared()
     if a.metrics_port:
         start_http_server(a.metrics_port, addr=a.metrics_host, registry=shared.metrics.registry)

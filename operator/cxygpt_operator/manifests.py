@@ -9,7 +9,7 @@ from cxygpt_profiles import ProfileTable, Selection, engine_args
 
 from . import GROUP, KIND, MANAGER, VERSION
 from .cache import CacheKey, build_job, cache_key, hf_source, weights_path
-from .nodes import GPU_COUNT_LABEL, GPU_MEMORY_LABEL, GPU_RESOURCE, MEMORY_OVERRIDE_LABEL
+from .nodes import GPU_COUNT_LABEL, GPU_MEMORY_LABEL, GPU_PRODUCT_LABEL, GPU_RESOURCE, MEMORY_OVERRIDE_LABEL
 from .resolve import ModelSpec
 
 CONFIG_HASH = f"{GROUP}/config-hash"
@@ -43,7 +43,8 @@ class Owner:
 
 
 DEFAULT_LOADER_IMAGE = "cxygpt/cxygpt-operator:0.1.0"  # the operator's image runs the cache's download Job
-GPU_TOLERATIONS = ({"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"},)
+PREFERRED_SIZE_WEIGHT = 100     # nodes like the one the engine was sized for
+PREFERRED_PRODUCT_WEIGHT = 50   # spec.gpu.products with productPolicy Prefer
 
 
 @dataclass(frozen=True)
@@ -89,8 +90,9 @@ def _storage(spec: ModelSpec, weights: str) -> tuple[str, list[dict], list[dict]
     key = cache_key(uri) if spec.cache.enabled else None
     cache = ({"name": "model-cache", "persistentVolumeClaim": {"claimName": spec.cache_claim}} if spec.cache_claim
              else {"name": "model-cache", "emptyDir": {}})
-    volumes, mounts = [cache], [{"name": "model-cache", "mountPath": CACHE_MOUNT}]
-    env = [{"name": "HF_HOME", "value": f"{CACHE_MOUNT}/huggingface"}]
+    volumes: list[dict] = [cache]
+    mounts: list[dict] = [{"name": "model-cache", "mountPath": CACHE_MOUNT}]
+    env: list[dict] = [{"name": "HF_HOME", "value": f"{CACHE_MOUNT}/huggingface"}]
     if spec.engine_kind == "vllm":
         # HOME holds the caches vLLM's libraries write (compile, Triton, FlashInfer), so a non-root uid can run it
         volumes.append({"name": "engine-home", "emptyDir": {}})
@@ -108,7 +110,8 @@ def _storage(spec: ModelSpec, weights: str) -> tuple[str, list[dict], list[dict]
         mounts.append({"name": "model-weights", "mountPath": WEIGHTS_MOUNT, "readOnly": True})
         env.append({"name": "HF_HUB_OFFLINE", "value": "1"})  # the weights are local: never reach for the Hub
         return f"{WEIGHTS_MOUNT}/{path}", volumes, mounts, env
-    return hf_source(uri)[0] if hf_source(uri) else rest, volumes, mounts, env
+    hub = hf_source(uri)
+    return hub[0] if hub else rest, volumes, mounts, env
 
 
 def _revision(spec: ModelSpec, weights: str) -> str | None:
@@ -145,33 +148,65 @@ def progress_deadline_s(kind: str) -> int:
     return STARTUP_PERIOD_S * _startup_failures(kind) + PULL_MARGIN_S
 
 
-def _affinity(sel: Selection) -> dict:
-    """Nodes whose GPUs meet the profile: GFD labels or the override label (terms are ORed)."""
-    gpu = sel.profile.gpu
-    def term(memory_label: str) -> dict:
-        expressions = [{"key": memory_label, "operator": "Gt", "values": [str(gpu.min_memory_mib - 1)]}]
-        if sel.gpu_count > 1:
-            expressions.append({"key": GPU_COUNT_LABEL, "operator": "Gt", "values": [str(sel.gpu_count - 1)]})
-        return {"matchExpressions": expressions}
-    terms = [term(GPU_MEMORY_LABEL), term(MEMORY_OVERRIDE_LABEL)]
-    # preferred: nodes like the one the engine was sized for (its GPU memory and count), so a small engine does not
-    # take a GPU of a larger node that another model needs whole (the scheduler otherwise spreads pods)
-    sized = sel.node
-    preferred = [{"weight": 100, "preference": {"matchExpressions": [
-        {"key": label, "operator": "In", "values": [str(sized.memory_mib)]},
-        {"key": GPU_COUNT_LABEL, "operator": "In", "values": [str(sized.count)]}]}}
-        for label in (GPU_MEMORY_LABEL, MEMORY_OVERRIDE_LABEL)]
-    return {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": terms},
-                             "preferredDuringSchedulingIgnoredDuringExecution": preferred}}
+def _gpu_terms(spec: ModelSpec, sel: Selection) -> list[dict]:
+    """The operator's required node selector terms (ORed): nodes whose GPUs meet the profile and spec.gpu, by GPU
+    Feature Discovery's labels or the override label; for MIG slices of the mixed strategy, their kind's labels."""
+    node, least = sel.node, max(sel.profile.gpu.min_memory_mib, spec.gpu.min_memory_mib or 0)
+    labels: list[tuple[str, str, str | None]]
+    if node.resource != GPU_RESOURCE:
+        labels = [(f"{node.resource}.memory", f"{node.resource}.product", None)]
+    else:
+        labels = [(GPU_MEMORY_LABEL, GPU_PRODUCT_LABEL, GPU_COUNT_LABEL),
+                  (MEMORY_OVERRIDE_LABEL, GPU_PRODUCT_LABEL, GPU_COUNT_LABEL)]
+    terms = []
+    for memory, product, count in labels:
+        expressions = [{"key": memory, "operator": "Gt", "values": [str(least - 1)]}]
+        if sel.gpu_count > 1 and count:
+            expressions.append({"key": count, "operator": "Gt", "values": [str(sel.gpu_count - 1)]})
+        if spec.gpu.require:
+            expressions.append({"key": product, "operator": "In", "values": sorted(spec.gpu.products)})
+        terms.append({"matchExpressions": expressions})
+    return terms
+
+
+def _joined(ours: list[dict], theirs: list[dict]) -> list[dict]:
+    """Both sets of ORed terms must hold: each of theirs joined to each of ours."""
+    if not theirs:
+        return ours
+    return [{"matchExpressions": [*mine["matchExpressions"], *(other.get("matchExpressions") or [])],
+             **({"matchFields": other["matchFields"]} if other.get("matchFields") else {})}
+            for other in theirs for mine in ours]
+
+
+def node_affinity(spec: ModelSpec, sel: Selection) -> dict:
+    """The operator's node affinity joined with spec.engine's: required, the GPUs sizing chose (and spec.gpu's);
+    preferred, nodes like the one it was sized for (its GPU memory and count, so a small engine does not take a GPU
+    of a larger node that another model needs whole: the scheduler otherwise spreads pods), preferred products."""
+    node = sel.node
+    memory_labels = [f"{node.resource}.memory"] if node.resource != GPU_RESOURCE else [GPU_MEMORY_LABEL,
+                                                                                        MEMORY_OVERRIDE_LABEL]
+    preferred = [{"weight": PREFERRED_SIZE_WEIGHT, "preference": {"matchExpressions": [
+        {"key": label, "operator": "In", "values": [str(node.memory_mib)]},
+        *([{"key": GPU_COUNT_LABEL, "operator": "In", "values": [str(node.count)]}] if not node.mig else [])]}}
+        for label in memory_labels]
+    if spec.gpu.preferred:
+        product = f"{node.resource}.product" if node.resource != GPU_RESOURCE else GPU_PRODUCT_LABEL
+        preferred.append({"weight": PREFERRED_PRODUCT_WEIGHT, "preference": {"matchExpressions": [
+            {"key": product, "operator": "In", "values": sorted(spec.gpu.preferred)}]}})
+    terms = _joined(_gpu_terms(spec, sel), spec.pod.required_node_terms)
+    return {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": terms},
+            "preferredDuringSchedulingIgnoredDuringExecution": [*preferred, *spec.pod.preferred_node_terms]}
 
 
 def build_cache_job(key: CacheKey, namespace: str, spec: ModelSpec, sel: Selection, size: str, users: list,
                     table: ProfileTable, images: EngineImages, hf_endpoint: str | None = None, *,
                     claim_uid: str) -> dict:
-    """The cache's download Job, placed like the engines (see cache.build_job)."""
-    return build_job(key, namespace, spec.cache, size, users, image=images.loader, affinity=_affinity(sel),
-                     tolerations=[dict(t) for t in GPU_TOLERATIONS], consts=table.cache, hf_endpoint=hf_endpoint,
-                     claim_uid=claim_uid)
+    """The cache's download Job, placed like the engines (see cache.build_job): their node affinity, node selector
+    and tolerations."""
+    return build_job(key, namespace, spec.cache, size, users, image=images.loader,
+                     affinity={"nodeAffinity": node_affinity(spec, sel)}, tolerations=spec.tolerations,
+                     consts=table.cache, hf_endpoint=hf_endpoint, claim_uid=claim_uid,
+                     node_selector=dict(spec.pod.node_selector))
 
 
 def claims_of(deployment: dict | None) -> set[str]:
@@ -190,13 +225,18 @@ def drain_seconds(sel: Selection) -> int:
 
 
 def _resources(spec: ModelSpec, sel: Selection) -> dict:
+    """The operator's requests and limits, spec.engine.resources' over them key by key (never the GPUs)."""
     if spec.engine_kind == "sim":
-        return {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}}
-    gpus = sel.gpu_count
-    # no CPU limit: throttling an engine shows up as latency; memory is requested, not capped (loading peaks)
-    return {"requests": {GPU_RESOURCE: str(gpus), "cpu": str(VLLM_CPU_PER_GPU * gpus),
-                         "memory": f"{VLLM_MEMORY_GIB_PER_GPU * gpus}Gi"},
-            "limits": {GPU_RESOURCE: str(gpus)}}
+        requests, limits = {"cpu": "100m", "memory": "128Mi"}, {"memory": "512Mi"}
+    else:
+        gpus, resource = sel.gpu_count, sel.node.resource
+        # no CPU limit: throttling an engine shows up as latency; memory is requested, not capped (loading peaks)
+        requests = {resource: str(gpus), "cpu": str(VLLM_CPU_PER_GPU * gpus),
+                    "memory": f"{VLLM_MEMORY_GIB_PER_GPU * gpus}Gi"}
+        limits = {resource: str(gpus)}
+    requests.update({k: str(v) for k, v in spec.pod.requests.items()})
+    limits.update({k: str(v) for k, v in spec.pod.limits.items()})
+    return {"requests": requests, "limits": limits}
 
 
 def build_deployment(owner: Owner, spec: ModelSpec, sel: Selection, table: ProfileTable, images: EngineImages,
@@ -223,8 +263,9 @@ def build_deployment(owner: Owner, spec: ModelSpec, sel: Selection, table: Profi
         volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": table.vllm.shm_size}})
         mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
     labels = object_labels(owner, spec, sel)
-    hardening = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}, "runAsNonRoot": True}
-    pod_security = {"seccompProfile": {"type": "RuntimeDefault"}}
+    hardening: dict[str, object] = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
+                                    "runAsNonRoot": True}
+    pod_security: dict[str, object] = {"seccompProfile": {"type": "RuntimeDefault"}}
     if spec.engine_kind == "sim":
         # the simulator's image has its own user and writes nothing
         hardening["readOnlyRootFilesystem"] = True
@@ -250,22 +291,28 @@ def build_deployment(owner: Owner, spec: ModelSpec, sel: Selection, table: Profi
         "lifecycle": {"preStop": {"sleep": {"seconds": drain}}},
         **_probes(spec.engine_kind),
     }
+    pod = spec.pod
+    # vLLM's metrics (the simulator's too), for annotation-based scraping (the chart's PodMonitor otherwise); the
+    # spec's annotations may turn it off
+    annotations: dict[str, str] = {"prometheus.io/scrape": "true", "prometheus.io/port": str(port),
+                                   "prometheus.io/path": "/metrics", **pod.annotations}
     template = {
-        # vLLM's metrics (the simulator's too), for annotation-based scraping; the chart's PodMonitor otherwise
-        "metadata": {"labels": dict(labels), "annotations": {"prometheus.io/scrape": "true",
-                                                              "prometheus.io/port": str(port),
-                                                              "prometheus.io/path": "/metrics"}},
+        "metadata": {"labels": {**pod.labels, **labels}, "annotations": annotations},
         "spec": {
             "containers": [container],
             "volumes": sorted(volumes, key=lambda v: v["name"]),
-            "affinity": _affinity(sel),
-            "tolerations": [dict(t) for t in GPU_TOLERATIONS],
+            "affinity": {"nodeAffinity": node_affinity(spec, sel), **{
+                part: value for part, value in pod.affinity.items() if part != "nodeAffinity"}},
+            "tolerations": spec.tolerations,
             "securityContext": pod_security,
             "terminationGracePeriodSeconds": drain + 30,
+            **({"nodeSelector": dict(pod.node_selector)} if pod.node_selector else {}),
+            **({"runtimeClassName": pod.runtime_class} if pod.runtime_class else {}),
+            **({"priorityClassName": pod.priority_class} if pod.priority_class else {}),
         },
     }
     digest = config_hash(template)
-    template["metadata"]["annotations"][CONFIG_HASH] = digest
+    annotations[CONFIG_HASH] = digest
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -283,7 +330,7 @@ def build_deployment(owner: Owner, spec: ModelSpec, sel: Selection, table: Profi
 
 def build_service(owner: Owner, spec: ModelSpec, sel: Selection, table: ProfileTable) -> dict:
     labels = object_labels(owner, spec, sel)
-    body = {
+    body: dict = {
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": {"name": owner.name, "namespace": owner.namespace, "labels": labels,
@@ -306,7 +353,7 @@ def build_network_policy(owner: Owner, spec: ModelSpec, sel: Selection, table: P
                else [{"namespaceSelector": {}, **gateway_pods}])
     sources += [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}}}
                 for ns in sorted(set(metrics_namespaces))]
-    body = {
+    body: dict = {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
         "metadata": {"name": owner.name, "namespace": owner.namespace, "labels": object_labels(owner, spec, sel),

@@ -5,16 +5,18 @@ import asyncio
 import datetime
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from kubernetes.client.rest import ApiException
 
-from cxygpt_profiles import GpuNode, ModelCatalog, NoFit, ProfileTable, Selection
+from cxygpt_profiles import ModelCatalog, NoFit, ProfileTable, Selection
 
 from .autoscaling.policy import AUTOSCALING_STATUS
 from .cache import (
     CACHE_LABEL,
     CONTAINER,
+    MADE_FOR_ANNOTATION,
     RETAIN_ANNOTATION,
     REVISION_ANNOTATION,
     SOURCE_ANNOTATION,
@@ -26,7 +28,9 @@ from .cache import (
     build_claim,
     cache_key,
     cache_state,
+    claim_differences,
     claim_metadata,
+    claim_size,
     default_size,
     fills,
     metadata_differs,
@@ -47,7 +51,19 @@ from .manifests import (
     engine_cache,
     selector_labels,
 )
-from .resolve import NameClaim, SpecError, name_claim, name_owner, parse_spec, resolve, schedulable_replicas
+from .nodes import NodeGpus
+from .placement import PodSettings
+from .resolve import (
+    ModelSpec,
+    NameClaim,
+    SpecError,
+    candidates,
+    name_claim,
+    name_owner,
+    parse_spec,
+    resolve,
+    schedulable_replicas,
+)
 from .status import build_failed_status, build_status
 
 # Pending models are re-evaluated on every node change; this slow retry is only a safety net.
@@ -61,6 +77,7 @@ CACHE_PROGRESS_S = 5
 # While a cache waits for a volume, a node or a StorageClass (events of those do not wake a model): this often.
 CACHE_PENDING_S = 15
 LOG_TAIL_LINES = 20
+Log = logging.Logger | logging.LoggerAdapter
 DEFAULT_CLASS_ANNOTATION = "storageclass.kubernetes.io/is-default-class"
 
 
@@ -91,14 +108,16 @@ class Context:
     metrics_namespaces: tuple[str, ...] = field(default=())
     gateway_namespaces: tuple[str, ...] = field(default=())
     hf_endpoint: str | None = None  # where downloads go (a Hub mirror), for the cache's Jobs and the engines
+    engine_defaults: PodSettings = field(default_factory=PodSettings)  # the engines' pod settings spec.engine overrides
 
 
 @dataclass(frozen=True)
 class Cache:
-    """This reconcile's view of the model's cache."""
+    """This reconcile's view of the model's cache; `note`: how its claim differs from the spec, when it does."""
     key: CacheKey
     state: CacheState
     size: str | None
+    note: str | None = None
 
 
 def recheck_after(status: dict) -> float | None:
@@ -134,11 +153,11 @@ def status_patch(previous: dict, desired: dict) -> dict:
 
 async def _apply_if_changed(current: dict | None, desired: dict, apply, logger) -> dict:
     """The object as stored: unchanged, or as the apply answered (status included)."""
-    annotations = (current or {}).get("metadata", {}).get("annotations") or {}
-    same = (current is not None and annotations.get(CONFIG_HASH) == desired["metadata"]["annotations"][CONFIG_HASH]
-            and (current.get("spec") or {}).get("replicas") == desired["spec"].get("replicas"))
-    if same:
-        return current
+    if current is not None:
+        annotations = current.get("metadata", {}).get("annotations") or {}
+        if annotations.get(CONFIG_HASH) == desired["metadata"]["annotations"][CONFIG_HASH] and \
+                (current.get("spec") or {}).get("replicas") == desired["spec"].get("replicas"):
+            return current
     logger.info("applying %s %s (config %s)", desired["kind"], desired["metadata"]["name"],
                 desired["metadata"]["annotations"][CONFIG_HASH])
     return await asyncio.to_thread(apply, desired)
@@ -146,7 +165,7 @@ async def _apply_if_changed(current: dict | None, desired: dict, apply, logger) 
 
 def _api_message(error: ApiException) -> str:
     try:
-        return json.loads(error.body).get("message") or error.reason
+        return json.loads(error.body or "").get("message") or str(error.reason)
     except (TypeError, ValueError, AttributeError):
         return str(error.body or error.reason)
 
@@ -173,7 +192,39 @@ async def _storage_problem(ctx: Context, storage_class: str | None) -> tuple[str
     return None
 
 
-async def _cache(ctx: Context, owner: Owner, spec, sel: Selection, users: list[CacheUser], logger) -> Cache | None:
+def _claim_note(key: CacheKey, namespace: str, pvc: dict, differences: list[str]) -> str:
+    """How a claim made with other settings than the spec's is moved to them."""
+    made_for = ((pvc.get("metadata") or {}).get("annotations") or {}).get(MADE_FOR_ANNOTATION)
+    made = f"with {made_for}'s spec.model.cache" if made_for else "earlier"
+    if (pvc.get("status") or {}).get("phase") == "Bound":
+        why = "a Bound claim keeps them"
+    else:
+        why = "it is replaced while Pending only for the model it was made for"
+    return (f"the claim {key.claim} was made {made}: {'; '.join(differences)} ({why}). To move the cache: scale its "
+            f"models to 0 replicas, then kubectl -n {namespace} delete pvc,job -l {CACHE_LABEL}={key.claim}; it is "
+            "made again with these settings and downloaded anew")
+
+
+async def _replace_pending_claim(ctx: Context, owner: Owner, key: CacheKey, pvc: dict, users: list[CacheUser],
+                                 differences: list[str], logger: Log) -> Cache | None:
+    """A claim still Pending that was made for this model (or for one that no longer uses it) and differs from its
+    spec (e.g. a StorageClass that did not exist) is deleted with its Job, to be made again with the spec's
+    settings; None when it is kept."""
+    md = pvc.get("metadata") or {}
+    made_for = (md.get("annotations") or {}).get(MADE_FOR_ANNOTATION)
+    mine = made_for is None or made_for == owner.name or made_for not in {u.name for u in users}
+    if (pvc.get("status") or {}).get("phase") == "Bound" or md.get("deletionTimestamp") or not mine:
+        return None
+    logger.info("replacing the cache claim %s, still Pending with %s", key.claim, "; ".join(differences))
+    await asyncio.to_thread(ctx.kube.delete, "Job", owner.namespace, key.claim)
+    await asyncio.to_thread(ctx.kube.delete, "PersistentVolumeClaim", owner.namespace, key.claim)
+    return Cache(key, CacheState("Pending", "ClaimReplaced", f"the claim {key.claim} was still Pending with "
+                                 f"{'; '.join(differences)}: deleted, to be made again with the spec's settings"),
+                 None)
+
+
+async def _cache(ctx: Context, owner: Owner, spec: ModelSpec, sel: Selection, users: list[CacheUser],
+                 logger: Log) -> Cache | None:
     """The model's cache: its claim and download Job made (once) and their users and owners kept up to date,
     its state read from them; None when the model has no managed cache."""
     key = engine_cache(spec, sel)
@@ -185,34 +236,41 @@ async def _cache(ctx: Context, owner: Owner, spec, sel: Selection, users: list[C
     everyone = sorted({u for u in users if u.name != owner.name} | {me})
     metadata = claim_metadata(key, everyone)
     pvc = await asyncio.to_thread(ctx.kube.get_claim, ns, key.claim)
+    note = None
+    if pvc is not None and (differences := claim_differences(pvc, spec.cache)):
+        replaced = await _replace_pending_claim(ctx, owner, key, pvc, everyone, differences, logger)
+        if replaced is not None:
+            return replaced
+        note = _claim_note(key, ns, pvc, differences)
     if pvc is None:
         if size is None:
             return Cache(key, CacheState("Failed", "CacheSizeUnknown", f"{key.repo} has no weight estimate (not in "
                                          "the model catalog, no spec.model.facts): set spec.model.cache.size"), None)
         try:
-            pvc = await asyncio.to_thread(ctx.kube.create_claim, build_claim(key, ns, spec.cache, size, everyone))
+            pvc = await asyncio.to_thread(ctx.kube.create_claim,
+                                          build_claim(key, ns, spec.cache, size, everyone, made_for=owner.name))
             logger.info("created the cache claim %s for %s (%s)", key.claim, key.describe, size)
         except ApiException as e:
-            if e.status == 409:  # another user made it meanwhile
-                pvc = await asyncio.to_thread(ctx.kube.get_claim, ns, key.claim)
-            elif e.status in (*REJECTION_STATUSES, 403):  # e.g. over a ResourceQuota
+            if e.status in (*REJECTION_STATUSES, 403):  # e.g. over a ResourceQuota
                 return Cache(key, CacheState("Failed", "ClaimRejected", f"the API server refused the claim "
                                              f"{key.claim}: {_api_message(e)}"), size)
-            else:
+            if e.status != 409:
                 raise
+            pvc = await asyncio.to_thread(ctx.kube.get_claim, ns, key.claim)  # another user made it meanwhile
+            if pvc is None:  # and it is gone again: the next reconcile makes it
+                return Cache(key, CacheState("Pending", "CreatingClaim", f"creating the claim {key.claim}"), size)
     elif metadata_differs(pvc, metadata):
         pvc = await asyncio.to_thread(ctx.kube.patch_metadata, "PersistentVolumeClaim", ns, key.claim, metadata)
-    # the size it was made with (perhaps by another user)
-    size = ((pvc.get("spec") or {}).get("resources") or {}).get("requests", {}).get("storage") or size
+    size = claim_size(pvc)  # the size it was made with (perhaps by another user)
     job = await asyncio.to_thread(ctx.kube.get_job, ns, key.claim)
     if job is not None and metadata_differs(job, metadata):
         job = await asyncio.to_thread(ctx.kube.patch_metadata, "Job", ns, key.claim, metadata)
     if recorded(pvc) or (pvc.get("metadata") or {}).get("deletionTimestamp"):
-        return Cache(key, cache_state(key, pvc, job, []), size)
+        return Cache(key, cache_state(key, pvc, job, []), size, note)
     if job is not None and not fills(job, pvc):  # the claim was deleted and made again: its Job filled the old one
         await asyncio.to_thread(ctx.kube.delete, "Job", ns, key.claim)
         logger.info("deleted the download Job %s: it filled an earlier claim of that name", key.claim)
-        return Cache(key, cache_state(key, pvc, job, []), size)
+        return Cache(key, cache_state(key, pvc, job, []), size, note)
     if job is None:
         try:
             job = await asyncio.to_thread(ctx.kube.create_job, build_cache_job(
@@ -246,7 +304,7 @@ async def _cache(ctx: Context, owner: Owner, spec, sel: Selection, users: list[C
         await asyncio.to_thread(ctx.kube.patch_metadata, "PersistentVolumeClaim", ns, key.claim,
                                 {"annotations": {STATE_ANNOTATION: value}})
         logger.info("cache %s is Ready: %s", key.claim, state.message)
-    return Cache(key, state, size)
+    return Cache(key, state, size, note)
 
 
 async def _release_stale(ctx: Context, owner: Owner, current: str | None, mounted: set[str],
@@ -270,6 +328,8 @@ async def _release(ctx: Context, owner: Owner, pvc: dict, users: list[CacheUser]
     if not annotations.get(SOURCE_ANNOTATION):
         return  # not a cache the operator made
     key = cache_key(f"{annotations[SOURCE_ANNOTATION]}@{annotations.get(REVISION_ANNOTATION) or 'main'}")
+    if key is None:
+        return  # a source the operator never caches
     # the users this operator knows of, and those the claim still names whose owner reference Kubernetes keeps
     # (one that just started using it may not be known here yet; the garbage collector drops a deleted one's)
     listed = set((annotations.get(USERS_ANNOTATION) or "").split(","))
@@ -293,8 +353,8 @@ async def _release(ctx: Context, owner: Owner, pvc: dict, users: list[CacheUser]
                 raise
 
 
-async def reconcile(body: dict, nodes: list[GpuNode], ctx: Context, logger: logging.Logger,
-                    claims: list[NameClaim] = (), cache_users: dict[str, list[CacheUser]] | None = None) -> dict:
+async def reconcile(body: dict, nodes: Sequence[NodeGpus], ctx: Context, logger: Log,
+                    claims: Sequence[NameClaim] = (), cache_users: dict[str, list[CacheUser]] | None = None) -> dict:
     """Returns the status written (or kept). `claims` are every ModelDeployment's claim on this one's served
     name, `cache_users` the users of each cache claim in its namespace. Raises NotYet (a kopf.TemporaryError)
     when no GPU fits yet and CannotRun (a kopf.PermanentError) when only a spec change can help."""
@@ -304,7 +364,7 @@ async def reconcile(body: dict, nodes: list[GpuNode], ctx: Context, logger: logg
     previous = {k: v for k, v in (body.get("status") or {}).items() if k != AUTOSCALING_STATUS}
     owner = Owner(meta["name"], meta["namespace"], meta["uid"], meta.get("generation") or 1)
     try:
-        spec = parse_spec(body.get("spec") or {})
+        spec = parse_spec(body.get("spec") or {}, ctx.engine_defaults)
     except SpecError as e:
         raise await _fail(ctx, owner, previous, "InvalidSpec", str(e)) from None
 
@@ -329,8 +389,9 @@ async def reconcile(body: dict, nodes: list[GpuNode], ctx: Context, logger: logg
                    "which claimed that name first")
         raise await _fail(ctx, owner, previous, "ModelNameConflict", message, engines_removed=True)
 
+    found = candidates(spec, nodes)
     try:
-        outcome: Selection | NoFit = resolve(spec, nodes, ctx.table, ctx.catalog)
+        outcome: Selection | NoFit = resolve(spec, found, ctx.table, ctx.catalog)
     except NoFit as e:
         outcome = e
 
@@ -368,11 +429,12 @@ async def reconcile(body: dict, nodes: list[GpuNode], ctx: Context, logger: logg
     pods = await asyncio.to_thread(ctx.kube.list_pods, owner.namespace, selector_labels(owner)) \
         if deployment is not None else []
     # the simulator requests no GPUs: any number of its replicas can be scheduled
-    schedulable = schedulable_replicas(outcome, nodes) \
+    schedulable = schedulable_replicas(outcome, found.gpus) \
         if isinstance(outcome, Selection) and spec.engine_kind == "vllm" else None
     status = build_status(owner, spec, outcome, table=ctx.table, deployment=deployment, image=image, args=args,
                           previous=previous, now=_now(), pods=pods, rejected=rejected, schedulable=schedulable,
-                          cache=(cache.key, cache.state, cache.size) if cache else None)
+                          cache=(cache.key, cache.state, cache.size) if cache else None,
+                          cache_note=cache.note if cache else None)
     status["nameClaim"] = name_claim(body, _now())  # the owner's claim, kept while the name stays
     await _write_status(ctx, owner, previous, status)
     if rejected:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from cxygpt_profiles import (
@@ -19,6 +20,8 @@ from cxygpt_profiles.select import node_matches
 
 from .autoscaling.policy import AutoscalingSpec, parse_autoscaling
 from .cache import CacheSpec, hf_source, parse_cache
+from .nodes import GPU_RESOURCE, NodeGpus
+from .placement import PodSettings, SettingsError, keeps_off, parse_pod_settings
 
 # spec.model.facts (camelCase, as in the CRD) → ModelFacts fields
 MAX_REPLICAS = 64  # the CRD's maximum, repeated for specs applied without the schema
@@ -40,9 +43,26 @@ BLOCKED_ENV_PREFIXES = ("LD_", "PYTHON")  # the dynamic loader's and the interpr
 ALLOWED_ENV = ("PYTHONUNBUFFERED",)  # harmless, and commonly set
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
+# the taint the NVIDIA device plugin's nodes often carry: every engine pod tolerates it
+GPU_TOLERATIONS = ({"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"},)
+PRODUCT_POLICIES = ("Prefer", "Require")
+MAX_PRODUCTS = 16
+
 _FACT_FIELDS = {"parameters": "parameters", "layers": "layers", "attentionHeads": "attention_heads",
                 "kvHeads": "kv_heads", "headDim": "head_dim", "hiddenSize": "hidden_size",
                 "vocabSize": "vocab_size", "tiedEmbeddings": "tied_embeddings", "maxContext": "max_context"}
+
+
+@dataclass(frozen=True)
+class GpuChoice:
+    """spec.gpu: products preferred (or required), a least memory per GPU."""
+    products: tuple[str, ...] = ()
+    require: bool = False
+    min_memory_mib: int | None = None
+
+    @property
+    def preferred(self) -> frozenset[str]:
+        return frozenset(self.products) if not self.require else frozenset()
 
 
 @dataclass(frozen=True)
@@ -66,6 +86,14 @@ class ModelSpec:
     task: str = "generate"   # embed: an embedding model (the engine's pooling runner)
     cache: CacheSpec = field(default_factory=CacheSpec)
     autoscaling: AutoscalingSpec | None = None  # on: the autoscaler sets `replicas`
+    gpu: GpuChoice = field(default_factory=GpuChoice)
+    pod: PodSettings = field(default_factory=PodSettings)  # spec.engine's over the operator's defaults
+
+    @property
+    def tolerations(self) -> list[dict]:
+        """The engine pods' tolerations: the GPU taint's, then the settings'."""
+        return [dict(t) for t in GPU_TOLERATIONS] + [dict(t) for t in self.pod.tolerations
+                                                     if t not in GPU_TOLERATIONS]
 
     def source_for(self, weights: str) -> str:
         return self.source if weights == "bf16" else self.variants[weights]
@@ -143,7 +171,28 @@ def check_source(field_name: str, uri: str) -> None:
         raise SpecError(f"{field_name}: the path inside the claim must not contain '..'")
 
 
-def parse_spec(spec: dict) -> ModelSpec:
+def parse_gpu(raw) -> GpuChoice:
+    """spec.gpu, as the schema checks it (for specs applied without it)."""
+    raw = raw or {}
+    if not isinstance(raw, dict):
+        raise SpecError("spec.gpu must be an object")
+    products = raw.get("products") or []
+    if not isinstance(products, list) or len(products) > MAX_PRODUCTS or not all(
+            isinstance(p, str) and 0 < len(p) <= 63 for p in products):
+        raise SpecError(f"spec.gpu.products: at most {MAX_PRODUCTS} product names of at most 63 characters")
+    policy = raw.get("productPolicy") or "Prefer"
+    if policy not in PRODUCT_POLICIES:
+        raise SpecError(f"spec.gpu.productPolicy must be one of {', '.join(PRODUCT_POLICIES)}, not {policy!r}")
+    if policy == "Require" and not products:
+        raise SpecError("spec.gpu.productPolicy Require needs spec.gpu.products")
+    memory = raw.get("minMemoryMiB")
+    if memory is not None and (not isinstance(memory, int) or isinstance(memory, bool) or not 0 < memory <= 2**20):
+        raise SpecError(f"spec.gpu.minMemoryMiB must be an integer from 1 to {2**20}, not {memory!r}")
+    return GpuChoice(products=tuple(products), require=policy == "Require", min_memory_mib=memory)
+
+
+def parse_spec(spec: dict, defaults: PodSettings | None = None) -> ModelSpec:
+    """The spec as the operator acts on it; spec.engine's pod settings over `defaults` (the operator's)."""
     model = spec.get("model") or {}
     if not model.get("name") or not model.get("source"):
         raise SpecError("spec.model.name and spec.model.source are required")
@@ -170,7 +219,8 @@ def parse_spec(spec: dict) -> ModelSpec:
     _check_engine(engine)
     try:
         autoscaling = parse_autoscaling(spec)
-    except ValueError as e:
+        pod = parse_pod_settings(engine).over(defaults or PodSettings())
+    except (ValueError, SettingsError) as e:
         raise SpecError(str(e)) from None
     return ModelSpec(
         served_name=model["name"], source=model["source"], variants=dict(model.get("variants") or {}),
@@ -180,7 +230,7 @@ def parse_spec(spec: dict) -> ModelSpec:
         env=tuple((e["name"], e.get("value", "")) for e in engine.get("env") or ()),
         cache_claim=spec.get("cacheClaim"), fallback_model=spec.get("fallbackModel"),
         trust_remote_code=engine.get("trustRemoteCode") is True, rollout=rollout, task=task, cache=cache,
-        autoscaling=autoscaling)
+        autoscaling=autoscaling, gpu=parse_gpu(spec.get("gpu")), pod=pod)
 
 
 def _positive_int(text: str) -> int | None:
@@ -231,12 +281,14 @@ def _with_overrides(profile: Profile, overrides: dict) -> Profile:
     """The profile as the engine will run it: the limits follow an overridden context length (the input
     limit is what the context leaves after the output) and never admit more sequences than the engine runs."""
     engine = profile.engine.model_copy(update=overrides)
-    limits = profile.limits
+    limits, sizing = profile.limits, profile.sizing
     if "max_model_len" in overrides:
         limits = limits.model_copy(update={"max_input_tokens": max(engine.max_model_len - limits.max_output_tokens, 1)})
+        # the context is the one given, not the one the memory would allow
+        sizing = sizing.model_copy(update={"context": "fixed", "context_limit": None})
     if engine.max_num_seqs < limits.max_concurrency:
         limits = limits.model_copy(update={"max_concurrency": engine.max_num_seqs})
-    return profile.model_copy(update={"engine": engine, "limits": limits})
+    return profile.model_copy(update={"engine": engine, "limits": limits, "sizing": sizing})
 
 
 def effective_table(table: ProfileTable, spec: ModelSpec) -> ProfileTable:
@@ -267,16 +319,56 @@ def model_facts(spec: ModelSpec, catalog: ModelCatalog) -> ModelFacts | None:
     return None
 
 
-def resolve(spec: ModelSpec, nodes: list[GpuNode], table: ProfileTable, catalog: ModelCatalog) -> Selection:
-    """The selection (estimated with the effective engine arguments), or NoFit (reason, permanent) explaining
-    why the model cannot run (yet)."""
-    return select_profile(effective_table(table, spec), mode=spec.mode, requested=spec.profile,
-                          nodes=sorted(nodes), facts=model_facts(spec, catalog), variants=spec.weight_formats)
+@dataclass(frozen=True)
+class Candidates:
+    """The GPUs an engine of the spec may run on, and why the others may not (`node: why`)."""
+    gpus: tuple[GpuNode, ...]
+    kept_off: tuple[str, ...] = ()
 
 
-def schedulable_replicas(sel: Selection, nodes: list[GpuNode]) -> int:
-    """Replicas the nodes that fit the profile can hold at once (each takes sel.gpu_count GPUs of one node)."""
-    return sum(n.count // sel.gpu_count for n in nodes if node_matches(sel.profile, n))
+def candidates(spec: ModelSpec, nodes: Sequence[NodeGpus]) -> Candidates:
+    """The GPU nodes the spec's pod settings (nodeSelector, required node affinity, tolerations) and spec.gpu let an
+    engine onto."""
+    gpus, kept_off = [], []
+    for node in sorted(nodes):
+        gpu = node.gpus
+        why = keeps_off(spec.pod, spec.tolerations, labels=node.label_map, name=gpu.name, taints=node.taint_maps)
+        if why is None and spec.gpu.min_memory_mib and gpu.memory_mib < spec.gpu.min_memory_mib:
+            why = f"{gpu.memory_mib} MiB per GPU, below spec.gpu.minMemoryMiB {spec.gpu.min_memory_mib}"
+        if why is None and spec.gpu.require and gpu.product not in spec.gpu.products:
+            why = f"{gpu.product} is not in spec.gpu.products (productPolicy Require)"
+        if why is None:
+            gpus.append(gpu)
+        else:
+            kept_off.append(f"{gpu.name}{'' if gpu.resource == GPU_RESOURCE else f' ({gpu.resource})'}: {why}")
+    return Candidates(tuple(gpus), tuple(kept_off))
+
+
+MAX_KEPT_OFF_SHOWN = 8
+
+
+def resolve(spec: ModelSpec, found: Candidates, table: ProfileTable, catalog: ModelCatalog) -> Selection:
+    """The selection (estimated with the effective engine arguments) among the candidate GPUs, or NoFit (reason,
+    permanent) explaining why the model cannot run (yet), with the nodes its settings keep it off."""
+    try:
+        return select_profile(effective_table(table, spec), mode=spec.mode, requested=spec.profile,
+                              nodes=list(found.gpus), facts=model_facts(spec, catalog), variants=spec.weight_formats,
+                              prefer=spec.gpu.preferred)
+    except NoFit as e:
+        if e.reason != "NoMatchingGPU" or not found.kept_off:
+            raise
+        shown = "; ".join(found.kept_off[:MAX_KEPT_OFF_SHOWN])
+        more = f" (and {len(found.kept_off) - MAX_KEPT_OFF_SHOWN} more)" if len(found.kept_off) > MAX_KEPT_OFF_SHOWN \
+            else ""
+        raise NoFit(e.reason, f"{e.message}; kept off: {shown}{more}", permanent=e.permanent, fit=e.fit,
+                    sizing=e.sizing) from None
+
+
+def schedulable_replicas(sel: Selection, gpus: Sequence[GpuNode]) -> int:
+    """Replicas the candidate GPUs that fit the profile can hold at once (each takes sel.gpu_count GPUs of one
+    node, of the kind it requests)."""
+    return sum(n.count // sel.gpu_count for n in gpus
+               if n.resource == sel.node.resource and node_matches(sel.profile, n))
 
 
 UNCONFIRMED = "~"  # sorts after every RFC 3339 time: a claim not yet confirmed loses to every confirmed one
@@ -321,6 +413,6 @@ def name_claim(md: dict, now: str) -> dict:
     return {"name": served, "since": now if since == UNCONFIRMED else since}
 
 
-__all__ = ["ModelSpec", "NameClaim", "claimed_since", "name_claim", "NoFit", "SpecError", "effective_table",
-           "engine_overrides", "model_facts", "name_owner", "parse_spec", "refused_arg", "refused_env", "resolve",
-           "schedulable_replicas"]
+__all__ = ["Candidates", "GpuChoice", "ModelSpec", "NameClaim", "claimed_since", "candidates", "name_claim", "NoFit",
+           "SpecError", "effective_table", "engine_overrides", "model_facts", "name_owner", "parse_spec", "refused_arg",
+           "refused_env", "resolve", "schedulable_replicas"]

@@ -1,6 +1,7 @@
 """Status (pure): what the engines, the cache and the decision say → the ModelDeployment's status and conditions."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cxygpt_profiles import NoFit, ProfileTable, Selection
@@ -15,17 +16,40 @@ def _condition(type_: str, ok: bool, reason: str, message: str, generation: int,
     status = "True" if ok else "False"
     before = next((c for c in previous if c.get("type") == type_), None)
     # lastTransitionTime moves only when the status flips (Kubernetes API conventions)
-    same = before and before.get("status") == status and before.get("lastTransitionTime")
-    since = before["lastTransitionTime"] if same else now
+    since = before["lastTransitionTime"] if before and before.get("status") == status and \
+        before.get("lastTransitionTime") else now
     return {"type": type_, "status": status, "reason": reason, "message": message,
             "observedGeneration": generation, "lastTransitionTime": since}
 
+
+# What an engine prints when it exits for a cause no restart fixes: (Degraded reason, what it means, what it prints:
+# vLLM 0.33's own words, those of huggingface_hub that it passes on, and the simulator's). Gated before not found:
+# vLLM wraps a gated repository's error in its "Invalid repository ID" one.
+PERMANENT_EXITS = (
+    ("ModelAccessDenied", "the repository is gated or private, and the engine has no token that may read it "
+     "(spec.engine.env HF_TOKEN from a Secret, or spec.model.cache.tokenSecretRef)",
+     ("GatedRepoError", "Cannot access gated repo", "Access to model", "Invalid credentials in Authorization header")),
+    ("ModelNotFound", "the model's repository or revision does not exist (spec.model.source)",
+     ("RepositoryNotFoundError", "Repository Not Found", "RevisionNotFoundError", "Revision Not Found",
+      "Invalid rev id", "Invalid repository ID or local directory specified",
+      "is not a local folder and is not a valid model identifier")),
+    ("ModelDoesNotFit", "the weights and the KV cache do not fit the GPUs (spec.engine.args, or a larger profile)",
+     ("CUDA out of memory", "OutOfMemoryError", "No available memory for the cache blocks",
+      "KV cache is needed, which is larger than the available KV cache memory",
+      "is larger than the maximum number of tokens that can be stored in KV cache",
+      "cannot hold one sequence of max-model-len")),
+    ("EngineArgumentRefused", "the engine refuses an argument (spec.engine.args)",
+     ("error: unrecognized arguments", "error: argument ", "error: the following arguments are required",
+      "invalid choice:", "validation error for", "User-specified max_model_len")),
+)
+QUOTED_LINE_CHARS = 300
 
 # Degraded reasons that are failures (an Event and a metric each time one appears)
 FAILURE_REASONS = ("EngineCrashLoop", "EngineCannotStart", "DeploymentRejected", "ModelNameConflict",
                    "InsufficientGPUs", "InsufficientGPUMemory", "InvalidSpec", "ResourceConflict", "EngineFailure",
                    "UnknownProfile", "MissingWeightVariant", "NoProfileForMode",
-                   "CacheDownloadFailed", "CacheClaimFailed", "CacheSizeUnknown")
+                   "CacheDownloadFailed", "CacheClaimFailed", "CacheSizeUnknown",
+                   *(reason for reason, _, _ in PERMANENT_EXITS))
 # a cache whose claim cannot get a volume: Pending (the cluster may still provide one) but a failure to report
 CLAIM_PROBLEMS = ("StorageClassNotFound", "NoDefaultStorageClass", "ProvisioningFailed")
 # waiting reasons of a container that will not start however long it waits
@@ -53,8 +77,23 @@ def _last_line(text: str | None) -> str:
     return lines[-1] if lines else ""
 
 
+def exit_cause(terminated: dict) -> tuple[str, str] | None:
+    """(reason, message) when an engine's exit says no restart can fix it (its terminated state's message: the last
+    lines of its log), else None."""
+    if not terminated.get("exitCode"):
+        return None
+    lines = [line.strip() for line in (terminated.get("message") or "").splitlines() if line.strip()]
+    for reason, meaning, marks in PERMANENT_EXITS:
+        line = next((line for line in reversed(lines) if any(mark in line for mark in marks)), None)
+        if line is not None:
+            quoted = line if len(line) <= QUOTED_LINE_CHARS else line[:QUOTED_LINE_CHARS] + "..."
+            return reason, f"{meaning}: {quoted}"
+    return None
+
+
 def pod_failure(pod: dict) -> tuple[str, str] | None:
-    """(reason, message) when the pod's engine crash-loops or cannot start; None while it runs or loads."""
+    """(reason, message) when the pod's engine exited for a cause no restart fixes (at its first exit), crash-loops
+    or cannot start; None while it runs or loads."""
     status = pod.get("status") or {}
     engine = next((c for c in status.get("containerStatuses") or [] if c.get("name") == "engine"), None)
     if engine is None:
@@ -63,6 +102,12 @@ def pod_failure(pod: dict) -> tuple[str, str] | None:
     waiting = (engine.get("state") or {}).get("waiting") or {}
     if waiting.get("reason") in CANNOT_START:
         return "EngineCannotStart", f"pod {name}: {waiting['reason']}: {waiting.get('message', '')}".rstrip(": ")
+    for state in (engine.get("state"), engine.get("lastState")):
+        terminated = (state or {}).get("terminated") or {}
+        cause = exit_cause(terminated)
+        if cause:
+            return cause[0], (f"pod {name}: the engine exited with code {terminated['exitCode']} "
+                              f"({engine.get('restartCount', 0)} restarts): {cause[1]}")
     if waiting.get("reason") == "CrashLoopBackOff" or status.get("phase") == "Failed":
         last = ((engine.get("lastState") or {}).get("terminated") or (engine.get("state") or {}).get("terminated")
                 or {})
@@ -160,8 +205,8 @@ def capacity_warning(sel: Selection, replicas: int, schedulable: int | None) -> 
 
 def build_status(owner: Owner, spec: ModelSpec, outcome: Selection | NoFit, *, table: ProfileTable,
                  deployment: dict | None, image: str | None, args: list[str] | None, previous: dict, now: str,
-                 pods: list[dict] = (), rejected: str | None = None, schedulable: int | None = None,
-                 cache: tuple[CacheKey, CacheState, str | None] | None = None) -> dict:
+                 pods: Sequence[dict] = (), rejected: str | None = None, schedulable: int | None = None,
+                 cache: tuple[CacheKey, CacheState, str | None] | None = None, cache_note: str | None = None) -> dict:
     """The whole status for this reconcile; written only when it differs from `previous`.
     `rejected` is the API server's answer to the Deployment, `schedulable` the replicas the fitting nodes hold,
     `cache` the managed cache's key, state and claim size (engines start only once it is Ready)."""
@@ -173,7 +218,8 @@ def build_status(owner: Owner, spec: ModelSpec, outcome: Selection | NoFit, *, t
         status = {**{k: previous[k] for k in ("profile", "mode", "gpu", "limits", "endpoint", "image", "engineArgs")
                      if k in previous and deployment is not None},
                   **({"cache": previous["cache"]} if "cache" in previous else {}),
-                  "phase": phase, "fit": outcome.fit.as_status() if outcome.fit else None}
+                  "phase": phase, "fit": outcome.fit.as_status() if outcome.fit else None,
+                  "sizing": outcome.sizing.as_status() if outcome.sizing else None}
         ready = engines.ready
         conditions = [
             _condition("ProfileSelected", False, outcome.reason, outcome.message, gen, before, now),
@@ -201,7 +247,7 @@ def build_status(owner: Owner, spec: ModelSpec, outcome: Selection | NoFit, *, t
         else:
             phase = "Ready"
         how = "forced by spec.profile" if sel.forced else f"auto for mode {spec.mode}"
-        gpu_text = f"{sel.gpu_count}x {sel.node.product} ({sel.node.memory_mib} MiB)"
+        gpu_text = f"{sel.gpu_count}x {sel.node.product} ({sel.node.memory_mib} MiB) of node {sel.node.name}"
         notes = "".join(f"; {n}" for n in (*sel.notes, *([f"warning: {warning}"] if warning else [])))
         status = {
             "phase": phase,
@@ -210,9 +256,11 @@ def build_status(owner: Owner, spec: ModelSpec, outcome: Selection | NoFit, *, t
             "image": image,
             "engineArgs": args,
             "gpu": {"product": sel.node.product, "memoryMiB": sel.node.memory_mib, "count": sel.gpu_count,
-                    "node": sel.node.name, "summary": f"{sel.gpu_count}x{sel.node.memory_mib // 1024}GiB"},
+                    "resource": sel.node.resource, "node": sel.node.name,
+                    "summary": f"{sel.gpu_count}x{sel.node.memory_mib // 1024}GiB"},
             "limits": sel.limits.model_dump(by_alias=True),
             "fit": sel.fit.as_status() if sel.fit else None,
+            "sizing": sel.sizing.as_status(),
             "predicted": sel.prediction.as_status() if sel.prediction else None,
             "endpoint": f"http://{owner.name}.{owner.namespace}.svc:{table.vllm.port}",
         }
@@ -234,8 +282,9 @@ def build_status(owner: Owner, spec: ModelSpec, outcome: Selection | NoFit, *, t
         cache_condition = None
         if cache is not None:
             key, state, size = cache
-            status["cache"] = cache_status(key, state, size)
-            cache_condition = _condition("CacheReady", state.ready, state.reason, state.message, gen, before, now)
+            status["cache"] = {**cache_status(key, state, size), **({"note": cache_note} if cache_note else {})}
+            cache_condition = _condition("CacheReady", state.ready, state.reason,
+                                         state.message + (f"; {cache_note}" if cache_note else ""), gen, before, now)
             if not state.ready:
                 trouble = cache_failure(state)
                 if not ready and desired:
@@ -243,13 +292,15 @@ def build_status(owner: Owner, spec: ModelSpec, outcome: Selection | NoFit, *, t
                     available = (False, trouble[0] if trouble else "CacheNotReady", state.message)
                 waiting = state.phase != "Failed"
                 progressing = waiting
-                progress_reason = ("CacheDownloading" if state.phase == "Downloading" else "CachePending") if waiting \
-                    else trouble[0]
+                if waiting:
+                    progress_reason = "CacheDownloading" if state.phase == "Downloading" else "CachePending"
+                else:
+                    progress_reason = trouble[0] if trouble else "CacheDownloadFailed"
                 progress_message = state.message
                 failure = failure or trouble
         conditions = [
             _condition("ProfileSelected", True, "Forced" if sel.forced else "AutoSelected",
-                       f"{sel.profile.name} ({how}) on {gpu_text}{notes}", gen, before, now),
+                       f"{sel.profile.name} ({how}) on {gpu_text}: {sel.sizing.reason}{notes}", gen, before, now),
             _condition("Available", *available, gen, before, now),
             _condition("Progressing", progressing, progress_reason, progress_message, gen, before, now),
             _condition("Degraded", failure is not None, failure[0] if failure else "AsExpected",

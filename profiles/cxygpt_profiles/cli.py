@@ -61,6 +61,9 @@ def describe(sel: Selection, model: str, served: str, port: int) -> dict:
         "command": ["vllm", "serve", *args],
         "limits": sel.limits.model_dump(),
         "fit": sel.fit.as_dict() if sel.fit else None,
+        "sizing": {"gpus": sel.sizing.gpus, "available": sel.sizing.available, "reason": sel.sizing.reason,
+                   "estimates": [{"gpus": e.gpus, "fits": e.fits, "max_model_len": e.max_model_len,
+                                  "message": e.message} for e in sel.sizing.estimates]},
         "predicted": sel.prediction.as_dict() if sel.prediction else None,
         "notes": list(sel.notes),
     }
@@ -78,8 +81,12 @@ def render_text(d: dict) -> str:
         f"(degraded {lim['degraded_max_output_tokens']}), {rate}, queue {lim['queue_size']}, "
         f"concurrency {lim['max_concurrency']}",
     ]
-    if d["fit"]:
-        lines.append(f"fit       {d['fit']['message']}")
+    sizing = d["sizing"]
+    lines.append(f"sizing    {sizing['gpus']} of {sizing['available']} GPU{'s' * (sizing['available'] != 1)}: "
+                 f"{sizing['reason']}")
+    for e in sizing["estimates"]:
+        mark = "chosen" if e["gpus"] == sizing["gpus"] else "fits" if e["fits"] else "no"
+        lines.append(f"  {e['gpus']} GPU{'s' if e['gpus'] != 1 else ' '}  {mark:6}  {e['message']}")
     p = d["predicted"]
     if p:
         bound = "; prefill-bound: prompts queue for longer" if p["prefill_bound"] else ""
@@ -128,14 +135,16 @@ def main(argv: list[str] | None = None) -> int:
         gpu = a.gpu_type if a.gpu_type in gpus.gpus else gpus.by_product(a.gpu_type)
         if gpu is None:
             ap.error(f"--gpu-type {a.gpu_type!r}: not one of {', '.join(gpus.gpus)} nor their product names")
-    if a.gpu_memory or gpu:
+    if gpu is not None:
         nodes = [GpuNode(memory_mib=a.gpu_memory or gpus.gpus[gpu].memory_mib, count=a.gpu_count, name="given",
-                         product=gpus.gpus[gpu].products[0] if gpu else "unknown")]
+                         product=gpus.gpus[gpu].products[0])]
+    elif a.gpu_memory:
+        nodes = [GpuNode(memory_mib=a.gpu_memory, count=a.gpu_count, name="given")]
     else:
         nodes = read_nvidia_smi()
     found = catalog.entry(a.model)
     facts = catalog.lookup(a.model)
-    int4 = a.int4 or (found[1].variants.get("int4") if found else None)
+    int4: str | None = a.int4 or (found[1].variants.get("int4") if found else None)
     variants = frozenset({"bf16", *(["int4"] if int4 else [])})
     served = a.served_model_name or (found[1].aliases[0] if found and found[1].aliases else a.model)
     try:
@@ -143,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     except NoFit as e:
         print(f"cxygpt-profile: {e.reason}: {e.message}", file=sys.stderr)
         return 1
-    model = int4 if sel.profile.weights == "int4" else a.model
+    model = int4 if sel.profile.weights == "int4" and int4 else a.model
     d = describe(sel, model, served, a.port or table.vllm.port)
     print(json.dumps(d, indent=2) if a.json else render_text(d))
     return 0

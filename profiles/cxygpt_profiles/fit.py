@@ -45,7 +45,8 @@ def kv_bytes_per_token(facts: ModelFacts, kv_cache_dtype: str, consts: FitConsta
 
 def estimate_fit(facts: ModelFacts, *, weights: str, kv_cache_dtype: str, max_model_len: int,
                  gpu_memory_utilization: float, gpu_memory_mib: int, gpu_count: int,
-                 consts: FitConstants) -> FitEstimate:
+                 consts: FitConstants, sequences: int = 1) -> FitEstimate:
+    """Fits when the weights and the engine's overhead leave a KV cache of `sequences` sequences of max_model_len."""
     usable = int(gpu_memory_mib * gpu_memory_utilization) * gpu_count
     weights_mib = -(-weight_bytes(facts, weights, consts) // MIB)
     kv_mib = usable - weights_mib - consts.engine_overhead_mib * gpu_count
@@ -56,12 +57,14 @@ def estimate_fit(facts: ModelFacts, *, weights: str, kv_cache_dtype: str, max_mo
         message = (f"{weights} weights need {weights_mib} MiB plus {consts.engine_overhead_mib * gpu_count} MiB "
                    f"engine overhead; only {usable} MiB usable on {gpu_count}x{gpu_memory_mib} MiB "
                    f"at gpu-memory-utilization {gpu_memory_utilization}")
-    elif capacity < max_model_len:
-        message = (f"KV cache holds {capacity} tokens, fewer than max-model-len {max_model_len} "
+    elif capacity < max_model_len * sequences:
+        wanted = f"max-model-len {max_model_len}" if sequences == 1 else \
+            f"{sequences} sequences of max-model-len {max_model_len}"
+        message = (f"KV cache holds {capacity} tokens, fewer than {wanted} "
                    f"({kv_mib} MiB left after {weights_mib} MiB of {weights} weights)")
     else:
         message = (f"{weights_mib} MiB weights, {kv_mib} MiB KV cache = {capacity} tokens, "
-                   f"{concurrent} sequences at {max_model_len} tokens")
-    return FitEstimate(fits=kv_mib > 0 and capacity >= max_model_len, weights_mib=weights_mib,
+                   f"{concurrent} sequence{'' if concurrent == 1 else 's'} at {max_model_len} tokens")
+    return FitEstimate(fits=kv_mib > 0 and capacity >= max_model_len * sequences, weights_mib=weights_mib,
                        usable_mib=usable, kv_cache_mib=max(kv_mib, 0), kv_bytes_per_token=per_token,
                        kv_token_capacity=capacity, max_concurrent_sequences=concurrent, message=message)

@@ -12,6 +12,7 @@ from .table import PACKAGE_DIR, Strict, _parse
 
 DEFAULT_GPUS = PACKAGE_DIR / "gpus.yaml"
 GPUS_ENV = "CXYGPT_GPUS"
+ComputeDtype = Literal["bf16", "fp8"]
 LARGE_GPU_MIB = 70 * 1024  # vLLM's threshold for its larger per-step token budget
 
 
@@ -40,7 +41,7 @@ class Gpu(Strict):
     products: list[str] = Field(min_length=1)
     memory_mib: int = Field(gt=0)
     memory_bandwidth_gbs: float = Field(gt=0)
-    peak_tflops: dict[Literal["bf16", "fp8"], float] = Field(min_length=1)
+    peak_tflops: dict[ComputeDtype, float] = Field(min_length=1)
     speed: SpeedSource
 
     @model_validator(mode="after")
@@ -53,7 +54,7 @@ class Gpu(Strict):
     def bytes_per_ms(self) -> float:
         return self.memory_bandwidth_gbs * 1e6
 
-    def flops_per_ms(self, dtype: str = "bf16") -> float:
+    def flops_per_ms(self, dtype: ComputeDtype = "bf16") -> float:
         return self.peak_tflops[dtype] * 1e9
 
     @property

@@ -6,8 +6,9 @@ from dataclasses import asdict, dataclass
 from .fit import estimate_fit
 from .gpus import GpuTable, default_gpus
 from .roofline import StepShape, Workload
+from .sizing import limits_for, size_engine
 from .speed import SpeedTable, StepModel, default_speeds, step_model
-from .table import Limits, ModelCatalog, ModelFacts, Profile, ProfileTable
+from .table import Limits, ModelCatalog, ModelFacts, Profile, ProfileTable, facts_of
 
 
 @dataclass(frozen=True)
@@ -119,10 +120,10 @@ def limit_problems(profile: Profile, p: Prediction) -> list[str]:
 
 
 def gpus_of(table: ProfileTable, profile: Profile, gpus: GpuTable) -> list[str]:
-    """The GPUs a profile is for: at least its memory, and less than the next larger profile of its mode and of its
-    kind (one GPU, or several) asks for, where selection would take that one instead."""
-    multi = profile.gpu.min_count > 1
-    larger = [p.gpu.min_memory_mib for p in table.profiles if p.mode == profile.mode and (p.gpu.min_count > 1) == multi
+    """The GPUs a profile is for: at least its memory, and less than the next larger profile of its mode, its weights
+    and its fewest GPUs asks for, where selection would take that one instead."""
+    larger = [p.gpu.min_memory_mib for p in table.profiles
+              if (p.mode, p.weights, p.gpu.min_count) == (profile.mode, profile.weights, profile.gpu.min_count)
               and p.gpu.min_memory_mib > profile.gpu.min_memory_mib]
     below = min(larger, default=float("inf"))
     return [key for key, gpu in gpus.gpus.items() if profile.gpu.min_memory_mib <= gpu.memory_mib < below]
@@ -130,26 +131,22 @@ def gpus_of(table: ProfileTable, profile: Profile, gpus: GpuTable) -> list[str]:
 
 def profile_predictions(table: ProfileTable, catalog: ModelCatalog, gpus: GpuTable | None = None,
                         speeds: SpeedTable | None = None):
-    """(profile, catalogued model, prediction) for every profile on every GPU it is for (at its fewest GPUs), with
-    every catalogued model it fits there."""
+    """(profile, catalogued model, prediction) for every profile on every GPU it is for, with every catalogued model
+    that fits there, on the GPUs and at the context sizing gives it (a node of the profile's most GPUs)."""
     gpus, speeds = gpus or default_gpus(), speeds or default_speeds()
     for profile in table.profiles:
-        count = profile.gpu.min_count
         for gpu_key in gpus_of(table, profile, gpus):
             for repo, entry in catalog.models.items():
                 if profile.weights != "bf16" and profile.weights not in entry.variants:
                     continue
-                facts = catalog.lookup(repo)
-                if facts.attention_heads % count:
-                    continue
-                max_len = min(profile.engine.max_model_len, facts.max_context)
-                fit = estimate_fit(facts, weights=profile.weights, kv_cache_dtype=profile.engine.kv_cache_dtype,
-                                   max_model_len=max_len, gpu_memory_utilization=profile.engine.gpu_memory_utilization,
-                                   gpu_memory_mib=gpus.gpus[gpu_key].memory_mib, gpu_count=count, consts=table.fit)
-                if fit.fits:
-                    yield profile, repo, predict_profile(profile, gpu=gpu_key, gpu_count=count, facts=facts,
-                                                         repo=repo, max_model_len=max_len, consts=table.fit,
-                                                         gpus=gpus, speeds=speeds)
+                facts = facts_of(entry)
+                sized = size_engine(profile, facts, table.fit, memory_mib=gpus.gpus[gpu_key].memory_mib,
+                                    available=profile.gpu.max_count)
+                if sized.gpus is not None:
+                    yield profile, repo, predict_profile(profile, gpu=gpu_key, gpu_count=sized.gpus, facts=facts,
+                                                         repo=repo, max_model_len=sized.max_model_len,
+                                                         consts=table.fit, gpus=gpus, speeds=speeds,
+                                                         limits=limits_for(profile, sized.max_model_len))
 
 
 def check_table(table: ProfileTable, catalog: ModelCatalog, gpus: GpuTable | None = None,

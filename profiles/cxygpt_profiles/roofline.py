@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .fit import kv_bytes_per_token, weight_bytes
-from .gpus import Gpu
+from .gpus import ComputeDtype, Gpu
 from .table import FitConstants, ModelFacts
 
 
@@ -61,7 +61,7 @@ class Workload:
         return kv_bytes_per_token(self.facts, self.kv_cache_dtype, self.consts)
 
     @property
-    def compute_dtype(self) -> str:
+    def compute_dtype(self) -> ComputeDtype:
         """4-bit weights are widened to bf16 for the matrix products (vLLM's W4A16 kernels)."""
         return "bf16"
 

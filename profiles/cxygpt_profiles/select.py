@@ -3,9 +3,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from .fit import FitEstimate, estimate_fit
+from .fit import FitEstimate
 from .gpus import default_gpus
 from .predict import Prediction, predict_profile
+from .sizing import Sizing, limits_for, size_engine
 from .table import Limits, ModelFacts, Profile, ProfileTable, default_catalog
 
 AUTO = "auto"
@@ -13,11 +14,19 @@ AUTO = "auto"
 
 @dataclass(frozen=True, order=True)
 class GpuNode:
-    """A schedulable node's GPUs as the operator sees them (memory per GPU, GPUs allocatable)."""
+    """A schedulable node's GPUs of one kind as the operator sees them: memory per GPU (or per MIG slice), how many
+    are allocatable, and the extended resource a pod requests them by."""
     memory_mib: int
     count: int
     name: str = ""
     product: str = "unknown"
+    resource: str = "nvidia.com/gpu"
+    mig: bool = False   # MIG slices: one engine runs on one slice (no tensor parallel across slices)
+
+    @property
+    def available(self) -> int:
+        """GPUs one engine may take here."""
+        return 1 if self.mig else self.count
 
 
 @dataclass(frozen=True)
@@ -30,6 +39,7 @@ class Selection:
     limits: Limits
     fit: FitEstimate | None
     forced: bool
+    sizing: Sizing
     notes: tuple[str, ...] = field(default=())
     prediction: Prediction | None = None   # the engine's TTFT and TPOT at the profile's concurrency and context
 
@@ -41,58 +51,22 @@ class Selection:
 class NoFit(Exception):
     """No profile can run; `reason` is a condition reason, `permanent` whether only a spec change helps."""
 
-    def __init__(self, reason: str, message: str, *, permanent: bool, fit: FitEstimate | None = None):
+    def __init__(self, reason: str, message: str, *, permanent: bool, fit: FitEstimate | None = None,
+                 sizing: Sizing | None = None):
         super().__init__(message)
-        self.reason, self.message, self.permanent, self.fit = reason, message, permanent, fit
+        self.reason, self.message, self.permanent, self.fit, self.sizing = reason, message, permanent, fit, sizing
 
 
 def node_matches(profile: Profile, node: GpuNode) -> bool:
-    return node.memory_mib >= profile.gpu.min_memory_mib and node.count >= profile.gpu.min_count
+    return node.memory_mib >= profile.gpu.min_memory_mib and node.available >= profile.gpu.min_count
 
 
-def gpu_count_for(profile: Profile, node: GpuNode, facts: ModelFacts | None) -> int | None:
-    """GPUs to use: the profile's fixed TP, or with `gpu-count` every GPU the node offers
-    (up to max_count) that evenly divides the model's attention heads."""
-    tp = profile.engine.tensor_parallel_size
-    if tp != "gpu-count":
-        return tp if node.count >= tp else None
-    for count in range(min(node.count, profile.gpu.max_count), profile.gpu.min_count - 1, -1):
-        if facts is None or facts.attention_heads % count == 0:
-            return count
-    return None
-
-
-def _limits_for(profile: Profile, max_model_len: int) -> Limits:
-    """Input limit shrinks with the context when the model's context is shorter than the profile's."""
-    room = max_model_len - profile.limits.max_output_tokens
-    if room >= profile.limits.max_input_tokens:
-        return profile.limits
-    return profile.limits.model_copy(update={"max_input_tokens": max(room, 1)})
-
-
-def _evaluate(table: ProfileTable, profile: Profile, node: GpuNode, facts: ModelFacts | None,
-              forced: bool) -> Selection | NoFit:
-    count = gpu_count_for(profile, node, facts)
-    if count is None:
-        return NoFit("NoMatchingGPU", f"node {node.name} has no GPU count usable by {profile.name}",
-                     permanent=False)
-    notes = []
-    max_len = profile.engine.max_model_len
-    if facts and facts.max_context < max_len:
-        max_len = facts.max_context
-        notes.append(f"max-model-len cut to the model's context {facts.max_context}")
-    fit = None
-    if facts:
-        fit = estimate_fit(facts, weights=profile.weights, kv_cache_dtype=profile.engine.kv_cache_dtype,
-                           max_model_len=max_len, gpu_memory_utilization=profile.engine.gpu_memory_utilization,
-                           gpu_memory_mib=node.memory_mib, gpu_count=count, consts=table.fit)
-        if not fit.fits:
-            return NoFit("InsufficientGPUMemory", f"{profile.name} on {count}x{node.memory_mib} MiB: {fit.message}",
-                         permanent=forced, fit=fit)
-    else:
-        notes.append("fit not estimated: model facts unknown (set spec.model.facts)")
-    return Selection(profile=profile, mode=profile.mode, node=node, gpu_count=count, max_model_len=max_len,
-                     limits=_limits_for(profile, max_len), fit=fit, forced=forced, notes=tuple(notes))
+def _selection(profile: Profile, node: GpuNode, sized: Sizing, facts: ModelFacts | None, forced: bool) -> Selection:
+    assert sized.gpus is not None  # a sizing that fits
+    notes = () if facts else ("fit not estimated: model facts unknown (set spec.model.facts)",)
+    return Selection(profile=profile, mode=profile.mode, node=node, gpu_count=sized.gpus,
+                     max_model_len=sized.max_model_len, limits=limits_for(profile, sized.max_model_len), fit=sized.fit,
+                     forced=forced, sizing=sized, notes=notes)
 
 
 def _with_prediction(table: ProfileTable, sel: Selection, facts: ModelFacts | None) -> Selection:
@@ -107,58 +81,68 @@ def _with_prediction(table: ProfileTable, sel: Selection, facts: ModelFacts | No
                                                    limits=sel.limits))
 
 
-def _floor_node(profile: Profile) -> GpuNode:
-    """The smallest GPU set a profile accepts, for judging a forced profile before any node exists."""
-    count = profile.gpu.min_count
-    return GpuNode(memory_mib=profile.gpu.min_memory_mib, count=count, name="(profile minimum)")
+def size_on(table: ProfileTable, profile: Profile, node: GpuNode, facts: ModelFacts | None) -> Sizing:
+    return size_engine(profile, facts, table.fit, memory_mib=node.memory_mib, available=node.available)
 
 
 def select_profile(table: ProfileTable, *, mode: str, requested: str = AUTO, nodes: list[GpuNode],
-                   facts: ModelFacts | None = None, variants: frozenset[str] = frozenset({"bf16"})) -> Selection:
-    """The profile to run. Auto: the most capable profile of `mode` (latest in the table) that fits a node,
-    on the smallest such node (bigger nodes stay free for bigger models; `gpu-count` profiles take the
-    node with the most GPUs). Forced: that profile or a NoFit explaining why not."""
+                   facts: ModelFacts | None = None, variants: frozenset[str] = frozenset({"bf16"}),
+                   prefer: frozenset[str] = frozenset()) -> Selection:
+    """The profile to run and its size. Auto: of the profiles of `mode` and the nodes that fit them, the fewest GPUs
+    (an engine takes no more of a node than the model needs: more demand is more replicas), then the most capable
+    profile (latest in the table), then the smallest node (bigger nodes stay free for bigger models); nodes of a
+    `prefer`red product first. Forced: that profile on the node where it needs the fewest GPUs, or a NoFit saying
+    why not."""
     if requested != AUTO:
         try:
-            profile = table.get(requested)
+            candidates = [table.get(requested)]
         except KeyError:
             raise NoFit("UnknownProfile", f"profile {requested!r} is not one of {', '.join(table.names)}",
                         permanent=True) from None
-        if profile.weights not in variants:
-            raise NoFit("MissingWeightVariant", f"{profile.name} runs {profile.weights} weights; "
-                        f"set spec.model.variants.{profile.weights}", permanent=True)
-        matching = sorted(n for n in nodes if node_matches(profile, n))
-        if not matching:
-            floor = _evaluate(table, profile, _floor_node(profile), facts, forced=True)
-            if isinstance(floor, NoFit) and floor.reason == "InsufficientGPUMemory":
-                raise floor
-            raise NoFit("NoMatchingGPU", f"no schedulable node has {profile.gpu.min_count}+ GPUs of "
-                        f"{profile.gpu.min_memory_mib}+ MiB for {profile.name}", permanent=False)
-        # The largest matching node: if the model does not fit there, it fits nowhere.
-        result = _evaluate(table, profile, max(matching, key=lambda n: (n.count, n.memory_mib)), facts, forced=True)
-        if isinstance(result, NoFit):
-            raise result
-        return _with_prediction(table, result, facts)
-
-    candidates = [p for p in table.profiles if p.mode == mode and p.weights in variants]
-    if not candidates:
-        raise NoFit("NoProfileForMode", f"no profile for mode {mode!r} with weights in {sorted(variants)}",
-                    permanent=True)
-    misses: list[NoFit] = []
-    for profile in reversed(candidates):
-        matching = [n for n in nodes if node_matches(profile, n)]
-        if profile.engine.tensor_parallel_size == "gpu-count":
-            matching.sort(key=lambda n: (-n.count, n.memory_mib, n.name))
-        else:
-            matching.sort(key=lambda n: (n.memory_mib, n.count, n.name))
-        for node in matching:
-            result = _evaluate(table, profile, node, facts, forced=False)
-            if isinstance(result, Selection):
-                return _with_prediction(table, result, facts)
-            misses.append(result)
+        if candidates[0].weights not in variants:
+            raise NoFit("MissingWeightVariant", f"{requested} runs {candidates[0].weights} weights; "
+                        f"set spec.model.variants.{candidates[0].weights}", permanent=True)
+    else:
+        candidates = [p for p in table.profiles if p.mode == mode and p.weights in variants]
+        if not candidates:
+            raise NoFit("NoProfileForMode", f"no profile for mode {mode!r} with weights in {sorted(variants)}",
+                        permanent=True)
+    forced = requested != AUTO
+    rank = {p.name: i for i, p in enumerate(table.profiles)}
+    fitting: list[tuple[Profile, GpuNode, Sizing]] = []
+    missing: list[tuple[Profile, GpuNode, Sizing]] = []
+    for profile in candidates:
+        for node in nodes:
+            if node_matches(profile, node):
+                sized = size_on(table, profile, node, facts)
+                (fitting if sized.fits else missing).append((profile, node, sized))
+    if fitting:
+        profile, node, sized = min(fitting, key=lambda o: (bool(prefer) and o[1].product not in prefer, o[2].gpus,
+                                                           -rank[o[0].name], o[1].memory_mib, o[1].count, o[1].name))
+        return _with_prediction(table, _selection(profile, node, sized, facts, forced), facts)
+    if forced:
+        raise _forced_miss(table, candidates[0], [n for _, n, _ in missing], facts)
     if not nodes:
         raise NoFit("NoMatchingGPU", "no schedulable GPU node is known (GPU Feature Discovery labels "
                     "nvidia.com/gpu.memory or cxygpt.io/gpu-memory-mib)", permanent=False)
-    detail = f"; closest: {misses[0].message}" if misses else ""
+    closest = min(missing, key=lambda o: (-rank[o[0].name], -o[1].memory_mib, -o[1].count), default=None)
+    detail = f"; closest: {closest[0].name} on {closest[1].name}: {closest[2].reason}" if closest else ""
     raise NoFit("NoMatchingGPU", f"no schedulable GPU node fits a {mode} profile "
-                f"({', '.join(p.name for p in candidates)}){detail}", permanent=False)
+                f"({', '.join(p.name for p in candidates)}){detail}", permanent=False,
+                fit=closest[2].fit if closest else None, sizing=closest[2] if closest else None)
+
+
+def _forced_miss(table: ProfileTable, profile: Profile, matching: list[GpuNode], facts: ModelFacts | None) -> NoFit:
+    """Why a forced profile runs on none of the nodes: permanent when even its most GPUs of the largest memory it
+    has seen (its minimum, without a node) cannot hold the model."""
+    memory = max((n.memory_mib for n in matching), default=profile.gpu.min_memory_mib)
+    most = size_engine(profile, facts, table.fit, memory_mib=memory, available=profile.gpu.max_count)
+    where = f"{profile.name} on up to {profile.gpu.max_count}x{memory} MiB"
+    if not most.fits:
+        return NoFit("InsufficientGPUMemory", f"{where}: {most.reason}", permanent=True, fit=most.fit, sizing=most)
+    if matching:
+        return NoFit("NoMatchingGPU", f"{profile.name} needs {most.gpus} GPUs of {memory} MiB on one node; the "
+                     f"schedulable nodes that fit it have fewer ({', '.join(sorted({n.name for n in matching}))})",
+                     permanent=False, sizing=most)
+    return NoFit("NoMatchingGPU", f"no schedulable node has {profile.gpu.min_count}+ GPUs of "
+                 f"{profile.gpu.min_memory_mib}+ MiB for {profile.name}", permanent=False)

@@ -22,8 +22,12 @@ KV_LAYOUT = {"auto": "bfloat16", "bfloat16": "bfloat16", "float16": "bfloat16",
 
 
 class StepModel(Protocol):
-    source: str
-    dispatch_ms: float   # a request's time on the CPU before its prefill, beside the engine's steps
+    @property
+    def source(self) -> str: ...
+
+    @property
+    def dispatch_ms(self) -> float:
+        """A request's time on the CPU before its prefill, beside the engine's steps."""
 
     def step_ms(self, shape: StepShape) -> float: ...
 
@@ -191,7 +195,7 @@ def step_model(gpu_key: str, workload: Workload, repo: str | None, *, gpus: GpuT
     layout = KV_LAYOUT.get(workload.kv_cache_dtype, "bfloat16")
     # an A100 has no FP8: vLLM keeps an fp8 KV cache there and widens it to compute, no faster than a bf16 one
     attention = table and (table.attention.get(layout) or (layout == "fp8" and table.attention.get("bfloat16")))
-    if attention:
+    if table is not None and attention:
         measured = speeds.silicon[gpu_key]
         return SiliconSpeed(table, attention, speeds.grids,
                             f"silicon: AIConfigurator {speeds.generator['aiconfigurator']}, "

@@ -31,9 +31,11 @@ class Strict(BaseModel):
 
 
 class GpuRequirement(Strict):
+    """The GPUs a profile runs on: of at least this memory each, this many of one node (the fewest that hold the
+    model, see Sizing)."""
     min_memory_mib: int = Field(gt=0, description="memory of each GPU, MiB")
-    min_count: int = Field(1, ge=1)
-    max_count: int = Field(1, ge=1)
+    min_count: int = Field(default=1, ge=1)
+    max_count: int = Field(default=1, ge=1, le=8)
 
     @model_validator(mode="after")
     def _count_range(self):
@@ -48,7 +50,24 @@ class EngineSettings(Strict):
     max_model_len: int = Field(gt=0)
     gpu_memory_utilization: float = Field(gt=0, le=1)
     max_num_seqs: int = Field(gt=0)
-    tensor_parallel_size: int | Literal["gpu-count"] = 1
+
+
+class SizingRule(Strict):
+    """How an engine is sized for a model: the fewest GPUs of one node (gpu.min_count to gpu.max_count, a count that
+    divides the model's attention heads: the tensor-parallel size) whose memory holds the weights and, in the KV
+    cache, `sequences` sequences of the context. The context is engine.max_model_len (`fixed`), or (`memory`) the
+    longest the KV cache holds `sequences` of, at least engine.max_model_len and at most `context_limit` and the
+    model's own, rounded down to a multiple of `context_multiple`."""
+    sequences: int = Field(default=1, ge=1, le=1024)
+    context: Literal["fixed", "memory"] = "fixed"
+    context_limit: int | None = Field(default=None, gt=0)
+    context_multiple: int = Field(default=1024, gt=0)
+
+    @model_validator(mode="after")
+    def _limit_with_memory(self):
+        if (self.context == "memory") != (self.context_limit is not None):
+            raise ValueError("context_limit is set with context: memory, and only then")
+        return self
 
 
 class Timeouts(Strict):
@@ -62,7 +81,7 @@ class DegradeThresholds(Strict):
     p95_ttft_ms: float = Field(gt=0)
     queue_depth: int = Field(ge=1)
     # the share of arrivals refused for capacity (queue full or queue timeout) over the window
-    shed_share: float = Field(0.25, gt=0, le=1)
+    shed_share: float = Field(default=0.25, gt=0, le=1)
     hold_s: float = Field(ge=0)
     recover_s: float = Field(ge=0)
 
@@ -77,8 +96,8 @@ class Limits(Strict):
     max_concurrency: int = Field(ge=1)
     # what one request may ask for: choices (`n`) and prompts or inputs in one batch; each choice is a sequence
     # the engine runs, each prompt one /tokenize call, so a request past these is refused (400), not queued
-    max_n: int = Field(8, ge=1, le=128)
-    max_batch: int = Field(64, ge=1, le=2048)
+    max_n: int = Field(default=8, ge=1, le=128)
+    max_batch: int = Field(default=64, ge=1, le=2048)
     timeouts: Timeouts
     degrade: DegradeThresholds
 
@@ -97,19 +116,24 @@ class Profile(Strict):
     weights: WeightFormat
     swap_space_gib_intent: int | None = Field(None, description="recorded only: vLLM >= 0.18 has no --swap-space")
     engine: EngineSettings
+    sizing: SizingRule = SizingRule()
     limits: Limits
+
+    @property
+    def longest_context(self) -> int:
+        """The longest context this profile runs: engine.max_model_len, or sizing.context_limit with `memory`."""
+        return self.sizing.context_limit or self.engine.max_model_len
 
     @model_validator(mode="after")
     def _fits_context(self):
+        if self.sizing.context_limit is not None and self.sizing.context_limit < self.engine.max_model_len:
+            raise ValueError(f"sizing.context_limit {self.sizing.context_limit} is below engine.max_model_len "
+                             f"{self.engine.max_model_len} (the least context the profile runs)")
         total = self.limits.max_input_tokens + self.limits.max_output_tokens
-        if total > self.engine.max_model_len:
+        if total > self.longest_context:
+            where = "sizing.context_limit" if self.sizing.context_limit else "engine.max_model_len"
             raise ValueError(
-                f"limits.max_input_tokens + limits.max_output_tokens = {total} exceeds "
-                f"engine.max_model_len {self.engine.max_model_len}")
-        tp = self.engine.tensor_parallel_size
-        if isinstance(tp, int) and not self.gpu.min_count <= tp <= self.gpu.max_count:
-            raise ValueError(f"engine.tensor_parallel_size {tp} is outside gpu count "
-                             f"{self.gpu.min_count}..{self.gpu.max_count}")
+                f"limits.max_input_tokens + limits.max_output_tokens = {total} exceeds {where} {self.longest_context}")
         return self
 
 
@@ -129,11 +153,11 @@ class FitConstants(Strict):
 
 class CacheConstants(Strict):
     """The model cache (spec.model.cache): how big a claim is made and how long its download may take."""
-    size_margin: float = Field(0.2, ge=0, description="claim size = weight estimate x (1 + margin) + extra")
-    size_extra_mib: int = Field(1024, ge=0, description="tokenizer, config and other files beside the weights")
-    download_deadline_base_s: int = Field(3600, gt=0, description="the Job's activeDeadlineSeconds, plus...")
-    download_min_mib_per_s: float = Field(20, gt=0, description="...the claim's size at this (slow) rate")
-    download_retries: int = Field(4, ge=0, description="the Job's backoffLimit; each retry resumes")
+    size_margin: float = Field(default=0.2, ge=0, description="claim size = weight estimate x (1 + margin) + extra")
+    size_extra_mib: int = Field(default=1024, ge=0, description="tokenizer, config and other files beside the weights")
+    download_deadline_base_s: int = Field(default=3600, gt=0, description="the Job's activeDeadlineSeconds, plus...")
+    download_min_mib_per_s: float = Field(default=20, gt=0, description="...the claim's size at this (slow) rate")
+    download_retries: int = Field(default=4, ge=0, description="the Job's backoffLimit; each retry resumes")
 
 
 class ProfileTable(Strict):
@@ -216,7 +240,8 @@ def facts_of(entry: CatalogEntry) -> ModelFacts:
 
 def _field_path(loc: tuple, data) -> str:
     """pydantic's loc as a dotted path, with profile names shown beside list indexes."""
-    parts, node = [], data
+    parts: list[str] = []
+    node = data
     for item in loc:
         if isinstance(item, int) and isinstance(node, list) and item < len(node):
             node = node[item]

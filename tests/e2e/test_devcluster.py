@@ -152,7 +152,7 @@ def test_apply_chat_and_delete(dev):
     dev.kubectl("apply", "-f", str(REPO / "deploy/crds"))  # already there: unchanged
     dev.apply(sim_md("chat", "chat-model"))
     status = dev.wait_phase("chat")
-    assert status["profile"] == "SRV_MULTI_80G" and status["ready"] == "1/1"
+    assert status["profile"] == "SRV_80G" and status["ready"] == "1/1"  # one of the 80 GB GPUs holds 14B
     wait_until(lambda: "chat-model" in dev.models(), what="chat-model routed")
 
     reply = dev.client.chat.completions.create(model="chat-model", max_tokens=16,
@@ -163,7 +163,7 @@ def test_apply_chat_and_delete(dev):
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
 
     row = dev.kubectl("get", "md", "chat", "--no-headers").stdout.split()
-    assert row[1:6] == ["chat-model", "SRV_MULTI_80G", "2x79GiB", "1/1", "Ready"]
+    assert row[1:6] == ["chat-model", "SRV_80G", "1x79GiB", "1/1", "Ready"]
 
     [pod] = dev.engines("chat").values()
     assert dev.pod_pids(pod)
@@ -176,14 +176,14 @@ def test_apply_chat_and_delete(dev):
 def test_profile_follows_hardware(dev):
     dev.apply(sim_md("hw-multi", "hw-multi"))
     dev.apply(sim_md("hw-single", "hw-single", mode="single"))
-    assert dev.wait_phase("hw-multi")["profile"] == "SRV_MULTI_80G"
-    assert dev.wait_phase("hw-single")["profile"] == "SINGLE_32G"
+    assert dev.wait_phase("hw-multi")["profile"] == "SRV_80G"
+    assert dev.wait_phase("hw-single")["profile"] == "SINGLE_80G"
 
     def engine_max_len(name):
         endpoint = sorted(wait_until(lambda: dev.engines(name), what=f"{name} endpoints"))[0]
         return dev.engine_get(endpoint, "/v1/models")["data"][0]["max_model_len"]
 
-    assert engine_max_len("hw-single") == 3072
+    assert engine_max_len("hw-single") == 40960  # one user on an 80 GB card: Qwen3-14B's whole context
     assert engine_max_len("hw-multi") == 16384
     try:
         dev.kubectl("cordon", "cxygpt-worker2", "cxygpt-worker3")  # the 80 GiB nodes take no new pods
@@ -194,6 +194,8 @@ def test_profile_follows_hardware(dev):
         assert args[0] == "Qwen/Qwen3-14B-GPTQ-Int4" and args[args.index("--max-model-len") + 1] == "4096"
         assert status["engineArgs"] == args
         wait_until(lambda: engine_max_len("hw-multi") == 4096, what="engine restarted with 4096")
+        wait_until(lambda: (dev.md("hw-single").get("status") or {}).get("profile") == "SINGLE_32G",
+                   what="SINGLE_32G on the 32 GB card")
     finally:
         dev.kubectl("uncordon", "cxygpt-worker2", "cxygpt-worker3")
         dev.kubectl("delete", "md", "hw-multi", "hw-single", "--timeout=30s")

@@ -19,13 +19,43 @@ CRD_PATH = REPO / "deploy/crds/modeldeployments.cxygpt.io.yaml"
 CRD = yaml.safe_load(CRD_PATH.read_text())
 SCHEMA = CRD["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
 GROUP, VERSION, PLURAL = "cxygpt.io", "v1alpha1", "modeldeployments"
-CONSTRAINTS = ("minimum", "maximum", "maxLength", "minLength", "maxItems", "pattern", "enum", "required", "format")
+CONSTRAINTS = ("minimum", "maximum", "maxLength", "minLength", "maxItems", "maxProperties", "pattern", "enum", "required",
+               "format")
 # a valid object where a constraint's field lives: what its required siblings need
 PARENTS = {"spec.model": {"name": "m", "source": "hf://Org/Model"}, "spec.model.cache.tokenSecretRef": {"name": "hf"},
            "spec.autoscaling": {"maxReplicas": 64}, "spec.engine.env[]": {"name": "X", "value": "1"},
            "status.conditions[]": {"type": "Ready", "status": "True"},
            "status.autoscaling.recommendations[]": {"at": "2026-12-01T00:00:00Z", "replicas": 1},
-           "status.autoscaling.upRecommendations[]": {"at": "2026-12-01T00:00:00Z", "replicas": 1}}
+           "status.autoscaling.upRecommendations[]": {"at": "2026-12-01T00:00:00Z", "replicas": 1},
+           "spec.gpu": {"products": ["NVIDIA-L40S"]}}
+
+
+def _affinity_parents() -> dict:
+    """Valid objects where Kubernetes' Affinity (spec.engine.affinity) has required fields."""
+    expression = {"key": "a", "operator": "Exists"}
+    term = {"topologyKey": "kubernetes.io/hostname"}
+    node = "spec.engine.affinity.nodeAffinity"
+    parents = {f"{node}.requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+        {"matchExpressions": [expression]}]},
+        f"{node}.preferredDuringSchedulingIgnoredDuringExecution[]": {"weight": 1, "preference": {
+            "matchExpressions": [expression]}}}
+    for where in (f"{node}.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms[]",
+                  f"{node}.preferredDuringSchedulingIgnoredDuringExecution[].preference"):
+        parents.update({f"{where}.matchExpressions[]": expression, f"{where}.matchFields[]": expression})
+    for part in ("podAffinity", "podAntiAffinity"):
+        pods = f"spec.engine.affinity.{part}"
+        parents.update({f"{pods}.requiredDuringSchedulingIgnoredDuringExecution[]": term,
+                        f"{pods}.preferredDuringSchedulingIgnoredDuringExecution[]": {"weight": 1,
+                                                                                      "podAffinityTerm": term},
+                        f"{pods}.preferredDuringSchedulingIgnoredDuringExecution[].podAffinityTerm": term})
+        for where in (f"{pods}.requiredDuringSchedulingIgnoredDuringExecution[]",
+                      f"{pods}.preferredDuringSchedulingIgnoredDuringExecution[].podAffinityTerm"):
+            parents.update({f"{where}.{selector}.matchExpressions[]": expression
+                            for selector in ("labelSelector", "namespaceSelector")})
+    return parents
+
+
+PARENTS.update(_affinity_parents())
 # a value that passes a string field's other rules (its pattern, its CEL)
 SAMPLES = {"spec.model.name": "qwen3-0.6b", "spec.model.source": "hf://Qwen/Qwen3-0.6B",
            "spec.model.variants.int4": "hf://Qwen/Qwen3-14B-GPTQ-Int4", "spec.model.cache.size": "40Gi",
@@ -148,6 +178,8 @@ def values(path: str, kind: str, schema: dict) -> tuple[object, object]:
         return sample(path, schema), "a" * (bound + 1)
     if kind == "minLength":
         return sample(path, schema), ""
+    if kind == "maxProperties":
+        return {"k0": "v"}, {f"k{i}": "v" for i in range(bound + 1)}
     if kind == "maxItems":
         item = f"{path}[]"
         many = [copy.deepcopy(PARENTS.get(item)) or sample(item, schema["items"]) for _ in range(bound + 1)]
@@ -277,6 +309,20 @@ RULES = {  # the rule's message: (specs it passes, specs it refuses)
     LOADERS: ([{"engine": {"args": ["--config-format", "auto", "--tool-call-parser", "hermes"]}}],
               [{"engine": {"args": [a]}} for a in ("--config=x.yaml", "--tool_parser_plugin=x", "--middleware",
                                                    "--worker-extension-cls=x", "--logits-processors=x")]),
+    "gpu.productPolicy Require needs gpu.products": (
+        [{"gpu": {"products": ["NVIDIA-L40S"], "productPolicy": "Require"}}, {"gpu": {"minMemoryMiB": 40000}}],
+        [{"gpu": {"productPolicy": "Require"}}, {"gpu": {"products": [], "productPolicy": "Require"}}]),
+    "resources cannot name GPUs (nvidia.com/*)": (
+        [{"engine": {"resources": {"requests": {"cpu": 8, "memory": "64Gi"}, "limits": {"memory": "96Gi"}}}}],
+        [{"engine": {"resources": r}} for r in ({"requests": {"nvidia.com/gpu": 2}},
+                                                {"limits": {"nvidia.com/mig-3g.40gb": 1}})]),
+    "podLabels cannot set the operator's labels": (
+        [{"engine": {"podLabels": {"team": "search", "app.kubernetes.io/version": "1"}}}],
+        [{"engine": {"podLabels": {k: "x"}}} for k in ("app.kubernetes.io/instance", "app.kubernetes.io/name",
+                                                        "cxygpt.io/engine-access", "pod-template-hash")]),
+    "podAnnotations cannot set cxygpt.io/* annotations": (
+        [{"engine": {"podAnnotations": {"prometheus.io/scrape": "false"}}}],
+        [{"engine": {"podAnnotations": {"cxygpt.io/config-hash": "0"}}}]),
     "env names must be unique": ([{"engine": {"env": [{"name": "A", "value": "1"}, {"name": "B", "value": "2"}]}}],
                                  [{"engine": {"env": [{"name": "A", "value": "1"}, {"name": "A", "value": "2"}]}}]),
     "HF_HOME, HF_HUB_OFFLINE, HOME and CXYGPT_SIM_GPU_MEMORY_MIB are set by the operator": (
@@ -301,7 +347,7 @@ def rules(schema: dict):
 
 def test_every_rule_of_the_crd_has_cases():
     messages = list(rules(SCHEMA))
-    assert len(messages) == 19
+    assert len(messages) == 23
     uncovered = [m for m in messages if not any(m.startswith(key) for key in RULES)]
     assert uncovered == []
 

@@ -99,7 +99,8 @@ def test_create_update_and_delete(cluster):
     status = cluster.wait_status("chat", lambda s: s.get("phase") == "Starting")
     assert status["profile"] == "SRV_80G" and status["mode"] == "multi"
     assert status["gpu"] == {"product": "NVIDIA-H100-80GB-HBM3", "memoryMiB": 81559, "count": 1,
-                             "node": "gpu-80g", "summary": "1x79GiB"}
+                             "resource": "nvidia.com/gpu", "node": "gpu-80g", "summary": "1x79GiB"}
+    assert status["sizing"]["gpus"] == 1 and status["sizing"]["estimates"][0]["fits"] is True
     assert status["fit"]["fits"] and status["fit"]["kvBytesPerToken"] == 81920
     assert status["limits"]["maxInputTokens"] == 16128 and status["endpoint"] == "http://chat.default.svc:8000"
     assert {c["type"]: c["status"] for c in status["conditions"]} == {
@@ -137,11 +138,14 @@ def test_create_update_and_delete(cluster):
     # a spec update rolls the Deployment with the new profile's args
     old_hash = dep["metadata"]["annotations"]["cxygpt.io/config-hash"]
     cluster.kubectl("patch", "md", "chat", "--type=merge", "-p", '{"spec": {"mode": "single"}}')
-    status = cluster.wait_status("chat", lambda s: s.get("observedGeneration") == 2 and s.get("profile") == "SINGLE_32G")
+    status = cluster.wait_status("chat", lambda s: s.get("observedGeneration") == 2 and s.get("profile") == "SINGLE_80G")
     dep = cluster.deployment("chat")
     assert dep["metadata"]["annotations"]["cxygpt.io/config-hash"] != old_hash
-    assert flag(cluster.args("chat"), "--max-model-len") == "3072"
+    # one user on an 80 GB card: the model's whole context, a bf16 KV cache
+    assert flag(cluster.args("chat"), "--max-model-len") == "40960"
+    assert flag(cluster.args("chat"), "--kv-cache-dtype") == "auto"
     assert flag(cluster.args("chat"), "--gpu-memory-utilization") == "0.95"
+    assert "context 40960 tokens, the model's own maximum" in status["sizing"]["reason"]
 
     # kubectl scale goes through the scale subresource's spec path
     cluster.kubectl("patch", "md", "chat", "--type=merge", "-p", '{"spec": {"replicas": 3}}')
@@ -156,7 +160,7 @@ def test_create_update_and_delete(cluster):
 
 def test_pending_until_a_node_fits_then_scheduled(cluster):
     cluster.start_operator()
-    cluster.apply(md("wait"))
+    cluster.apply(md("wait", source="hf://meta-llama/Llama-3.1-70B-Instruct", int4=False))
     status = cluster.wait_status("wait", lambda s: s.get("phase") == "Pending")
     cond = next(c for c in status["conditions"] if c["type"] == "ProfileSelected")
     assert cond["reason"] == "NoMatchingGPU" and "no schedulable GPU node" in cond["message"]
@@ -164,7 +168,7 @@ def test_pending_until_a_node_fits_then_scheduled(cluster):
 
     cluster.add_node("gpu-2x80g")  # a node event, not a timer, wakes the waiting model
     status = cluster.wait_status("wait", lambda s: s.get("phase") == "Starting", timeout=10)
-    assert status["profile"] == "SRV_MULTI_80G"
+    assert status["profile"] == "SRV_MULTI_80G"  # 70B: one 80 GB card cannot hold it, two can
     assert flag(cluster.args("wait"), "--tensor-parallel-size") == "2"
 
 
@@ -172,18 +176,27 @@ def test_profile_follows_hardware(cluster):
     for node in NODES:
         cluster.add_node(node)
     cluster.start_operator()
-    cluster.apply([md("multi"), md("single", mode="single"), md("forced", profile="SRV_48G", int4=False)])
-    cluster.wait_status("multi", lambda s: s.get("profile") == "SRV_MULTI_80G")
-    cluster.wait_status("single", lambda s: s.get("profile") == "SINGLE_32G")
+    cluster.apply([md("multi"), md("single", mode="single"), md("forced", profile="SRV_48G", int4=False),
+                   md("large", source="hf://meta-llama/Llama-3.1-70B-Instruct", int4=False)])
+    # 14B on one GPU, of the smallest node that has it; 70B on the two of the other
+    status = cluster.wait_status("multi", lambda s: s.get("profile") == "SRV_80G")
+    assert status["gpu"]["node"] == "gpu-80g" and status["gpu"]["count"] == 1
+    status = cluster.wait_status("large", lambda s: s.get("profile") == "SRV_MULTI_80G")
+    assert status["gpu"] == {**status["gpu"], "node": "gpu-2x80g", "count": 2}
+    cluster.wait_status("single", lambda s: s.get("profile") == "SINGLE_80G")
     # a forced profile needs a matching node: no 48 GB node, but 80 GB ones satisfy its minimum
     cluster.wait_status("forced", lambda s: s.get("profile") == "SRV_48G")
 
     cluster.kubectl("delete", "node", "gpu-2x80g")
-    cluster.wait_status("multi", lambda s: s.get("profile") == "SRV_80G")
+    status = cluster.wait_status("large", lambda s: s.get("phase") == "Pending")
+    message = next(c for c in status["conditions"] if c["type"] == "ProfileSelected")["message"]
+    assert "closest: SRV_80G on gpu-80g: not on 1 GPU of 81559 MiB: bf16 weights need 134571 MiB" in message
+    assert status["sizing"]["estimates"][0]["fits"] is False
     cluster.kubectl("delete", "node", "gpu-80g")
     status = cluster.wait_status("multi", lambda s: s.get("profile") == "DEV_32G")
     assert status["engineArgs"][0] == "Qwen/Qwen3-14B-GPTQ-Int4"
     assert flag(status["engineArgs"], "--max-model-len") == "4096"
+    cluster.wait_status("single", lambda s: s.get("profile") == "SINGLE_32G")
     # the forced 48 GB profile has nowhere to go: Pending, its running engine left alone
     status = cluster.wait_status("forced", lambda s: s.get("phase") == "Pending")
     assert status["profile"] == "SRV_48G"
@@ -230,8 +243,8 @@ def test_bad_specs_are_rejected_or_explained(cluster):
     assert "spec.replicas: Invalid value: 100000 is greater than the maximum of 64" in \
         cluster.apply(md("many", replicas=100000), check=False).stderr
 
-    # valid but impossible: a forced profile the weights cannot fit
-    cluster.apply(md("huge", mode="single", profile="SINGLE_32G", source="hf://Qwen/Qwen3-32B", int4=False))
+    # valid but impossible: a forced profile the weights cannot fit (SRV_80G runs on one GPU; 70B needs two)
+    cluster.apply(md("huge", profile="SRV_80G", source="hf://meta-llama/Llama-3.1-70B-Instruct", int4=False))
     status = cluster.wait_status("huge", lambda s: s.get("phase") == "Failed")
     cond = next(c for c in status["conditions"] if c["type"] == "ProfileSelected")
     assert cond["reason"] == "InsufficientGPUMemory" and "weights need" in cond["message"]
@@ -285,13 +298,13 @@ def test_namespaced_operator_leaves_other_namespaces_alone(cluster):
 
 def test_broken_profile_table_stops_the_operator_with_the_field_named(tmp_path):
     table = yaml.safe_load((REPO / "profiles/profiles.yaml").read_text())
-    table["profiles"][2]["engine"]["max_model_len"] = -5
+    table["profiles"][5]["engine"]["max_model_len"] = -5
     path = tmp_path / "profiles.yaml"
     path.write_text(yaml.safe_dump(table))
     out = subprocess.run([console_script("cxygpt-operator"), "--profiles", str(path)], capture_output=True, text=True,
                          timeout=30)
     assert out.returncode == 2
-    assert "profiles[2](SRV_48G).engine.max_model_len: Input should be greater than 0" in out.stderr
+    assert "profiles[5](SRV_48G).engine.max_model_len: Input should be greater than 0" in out.stderr
 
 
 def engine_pod(cluster, md_name, pod_name, *, ready=False, crash_exit=None, ns="default"):

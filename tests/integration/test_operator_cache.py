@@ -189,6 +189,44 @@ def test_missing_storage_is_pending_with_the_reason_never_starting(cluster):
     wait_until(lambda: names(cluster, "pvc,job") == [], what="the caches gone with their users")
 
 
+def test_a_pending_claim_is_made_again_when_the_spec_is_fixed_and_a_bound_one_is_kept_with_a_note(cluster):
+    cluster.start_operator()
+    cluster.apply([STANDARD, cached("fix", storageClassName="fast-sdd")])  # a typo'd class
+    status = cluster.wait_status("fix", lambda s: s.get("cache", {}).get("reason") == "StorageClassNotFound")
+    name = status["cache"]["claimName"]
+    first = claim(cluster, name)
+    assert first["metadata"]["annotations"]["cxygpt.io/made-for"] == "fix"
+    # fixed: the claim, still Pending, is made again with the class the spec names now (and its Job with it)
+    cluster.kubectl("patch", "md", "fix", "--type=merge", "-p",
+                    json.dumps({"spec": {"model": {"cache": {"storageClassName": "standard"}}}}))
+    made = wait_until(lambda: (c := claim_or_none(cluster, name)) and c["metadata"]["uid"] != first["metadata"]["uid"]
+                      and c, timeout=20, what="the claim made again")
+    assert made["spec"]["storageClassName"] == "standard"
+    status = cluster.wait_status("fix", lambda s: s.get("cache", {}).get("reason") not in (
+        "StorageClassNotFound", "ClaimReplaced", "ClaimDeleting", "CreatingClaim"))
+    assert "note" not in status["cache"]
+    # Bound: a later change keeps it, and the status says how to move it
+    bind(cluster, name)
+    cluster.kubectl("patch", "md", "fix", "--type=merge", "-p",
+                    json.dumps({"spec": {"model": {"cache": {"accessMode": "ReadWriteMany"}}}}))
+    status = cluster.wait_status("fix", lambda s: "note" in s.get("cache", {}))
+    note = status["cache"]["note"]
+    assert "accessMode ReadWriteOnce, not ReadWriteMany (a Bound claim keeps them)" in note
+    assert f"kubectl -n default delete pvc,job -l cxygpt.io/cache={name}" in note
+    assert note in condition(status, "CacheReady")["message"]
+    assert claim(cluster, name)["metadata"]["uid"] == made["metadata"]["uid"]
+    cluster.kubectl("delete", "md", "fix", "--timeout=20s")
+
+
+def claim_or_none(cluster, name) -> dict | None:
+    try:
+        return claim(cluster, name)
+    except client.ApiException as e:
+        if e.status == 404:
+            return None
+        raise
+
+
 def test_a_retained_cache_outlives_its_users_and_a_restart_mid_download_keeps_everything(cluster):
     cluster.apply(STANDARD)
     cluster.start_operator()

@@ -27,7 +27,7 @@ from cxygpt_operator.cache import (
     record,
 )
 from cxygpt_operator.manifests import EngineImages, Owner, build_cache_job, build_deployment, claims_of, engine_cache
-from cxygpt_operator.resolve import SpecError, parse_spec, resolve
+from cxygpt_operator.resolve import Candidates, SpecError, parse_spec, resolve
 from cxygpt_operator.status import build_status
 from cxygpt_profiles import GpuNode, default_catalog, default_table
 
@@ -46,7 +46,7 @@ KEY = CacheKey("Qwen/Qwen3-14B", "main")
 
 def _selected(raw=SPEC, nodes=(H100,)):
     spec = parse_spec(raw)
-    return spec, resolve(spec, list(nodes), TABLE, CATALOG)
+    return spec, resolve(spec, Candidates(tuple(nodes)), TABLE, CATALOG)
 
 
 def _engine(dep):
@@ -120,7 +120,7 @@ def test_every_user_owns_the_cache_unless_one_retains_it():
     assert owner_references([*users, CacheUser("c", "uid-c", retain=True)]) == []
     metadata = claim_metadata(KEY, users)
     assert metadata["annotations"]["cxygpt.io/users"] == "a,b" and metadata["annotations"]["cxygpt.io/retain"] is None
-    claim = build_claim(KEY, "llm", parse_spec(SPEC).cache, "35Gi", users)
+    claim = build_claim(KEY, "llm", parse_spec(SPEC).cache, "35Gi", users, made_for="qwen3-14b")
     assert not metadata_differs(claim, metadata)
     assert metadata_differs(claim, claim_metadata(KEY, users[:1]))
     assert metadata_differs(claim, claim_metadata(KEY, [*users, CacheUser("c", "uid-c", retain=True)]))
@@ -136,7 +136,7 @@ class _NoAliases(yaml.SafeDumper):
 def _manifests():
     spec, sel = _selected()
     users = [CacheUser("qwen3-14b", "0000-uid")]
-    return [build_claim(KEY, "llm", spec.cache, "35Gi", users),
+    return [build_claim(KEY, "llm", spec.cache, "35Gi", users, made_for="qwen3-14b"),
             build_cache_job(KEY, "llm", spec, sel, "35Gi", users, TABLE, IMAGES, hf_endpoint="http://hub.local",
                             claim_uid="1111-claim-uid"),
             build_deployment(OWNER, spec, sel, TABLE, IMAGES, hf_endpoint="http://hub.local")]

@@ -24,7 +24,7 @@ MONITORING_APIS = ("monitoring.coreos.com/v1/ServiceMonitor", "monitoring.coreos
 # custom resources kubernetes-validate has no schema for (it only warns): checked by the tests below
 CUSTOM_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule", "KopfPeering", "ClusterKopfPeering", "ScaledObject"}
 REQUIRED_SCENARIOS = {"defaults", "ha", "redis-apikeys", "servicemonitor", "openwebui", "watch-namespace", "tenants",
-                      "network-policy", "keda"}
+                      "network-policy", "keda", "engines"}
 
 
 def helm_binary() -> str:
@@ -148,6 +148,14 @@ def test_every_rendered_object_passes_kubernetes_validate(scenario, tmp_path):
     ({"console": {"auth": {"mode": "password"}}}, "mode"),                        # not an enum value
     ({"console": {"prometheusUrl": "prometheus:9090"}}, "prometheusUrl"),         # not an http(s) URL
     ({"console": {"replicaCount": 2}}, "replicaCount"),                           # one replica: not a value
+    ({"engines": {"podLabels": {"app.kubernetes.io/instance": "x"}}}, "app.kubernetes.io/instance"),  # the operator's selector label
+    ({"engines": {"podAnnotations": {"cxygpt.io/config-hash": "x"}}}, "cxygpt.io/config-hash"),
+    ({"engines": {"resources": {"requests": {"nvidia.com/gpu": 2}}}}, "nvidia.com/gpu"),  # GPUs are the operator's
+    ({"engines": {"resources": {"claims": [{"name": "gpu"}]}}}, "claims"),
+    ({"engines": {"affinity": {"nodeAfinity": {}}}}, "nodeAfinity"),              # typo'd part
+    ({"engines": {"runtimeClassName": "NVIDIA runtime"}}, "runtimeClassName"),
+    ({"engines": {"tolerations": [{"key": "a", "operator": "Matches"}]}}, "operator"),
+    ({"engines": {"nodeSelectr": {}}}, "nodeSelectr"),
 ])
 def test_bad_values_fail_on_the_schema(values, complaint, tmp_path):
     out = render_values(tmp_path, values, check=False)
@@ -476,6 +484,33 @@ def test_operator_args_are_flags_the_operator_has():
     op = container(render(), "operator")
     assert op["command"] == ["cxygpt-operator"]
     assert {"mountPath": "/etc/cxygpt/profiles", "name": "profiles", "readOnly": True} in op["volumeMounts"]
+    assert {"mountPath": "/etc/cxygpt/engines", "name": "engine-defaults", "readOnly": True} in op["volumeMounts"]
+    assert "--engine-defaults=/etc/cxygpt/engines/engines.yaml" in op["args"]
+
+
+def test_engine_defaults_reach_the_operator_as_it_reads_them(tmp_path):
+    from cxygpt_operator.placement import PodSettings, load_defaults
+    from cxygpt_operator.resolve import parse_spec
+
+    def defaults(docs) -> PodSettings:
+        path = tmp_path / "engines.yaml"
+        path.write_text(one(docs, "ConfigMap", f"{RELEASE}-engine-defaults")["data"]["engines.yaml"])
+        return load_defaults(path)
+
+    assert defaults(render()) == PodSettings()  # none given: none rendered
+    given = defaults(render("engines"))
+    assert given.runtime_class == "nvidia" and given.priority_class == "llm-serving"
+    assert given.node_selector == {"cloud.example.com/pool": "gpu"} and given.labels == {"cost-center": "ml-platform"}
+    assert given.requests == {"ephemeral-storage": "50Gi"} and list(given.affinity) == ["podAntiAffinity"]
+    # a ModelDeployment overrides them
+    spec = parse_spec({"model": {"name": "m", "source": "hf://a/b"},
+                       "engine": {"runtimeClassName": "nvidia-cdi", "nodeSelector": {"zone": "a"}}}, given)
+    assert spec.pod.runtime_class == "nvidia-cdi" and spec.pod.priority_class == "llm-serving"
+    assert spec.pod.node_selector == {"cloud.example.com/pool": "gpu", "zone": "a"}
+    # a change restarts the operator, which reads them once
+    before = one(render(), "Deployment", f"{RELEASE}-operator")["spec"]["template"]["metadata"]["annotations"]
+    after = one(render("engines"), "Deployment", f"{RELEASE}-operator")["spec"]["template"]["metadata"]["annotations"]
+    assert before["checksum/engine-defaults"] != after["checksum/engine-defaults"]
     assert one(render(), "Deployment", f"{RELEASE}-operator")["spec"]["strategy"] == {"type": "Recreate"}
 
 

@@ -16,18 +16,19 @@ from cxygpt_operator.manifests import (
     build_network_policy,
     build_service,
 )
-from cxygpt_operator.nodes import gpu_node
+from cxygpt_operator.nodes import NodeGpus, node_gpus
 from cxygpt_operator.reconcile import status_patch
 from cxygpt_operator.resolve import (
+    Candidates,
     NameClaim,
     SpecError,
     engine_overrides,
     model_facts,
     name_owner,
     parse_spec,
-    resolve,
     schedulable_replicas,
 )
+from cxygpt_operator.resolve import resolve as resolve_among
 from cxygpt_operator.status import build_failed_status, build_status, failure_of
 from cxygpt_profiles import GpuNode, NoFit, default_catalog, default_table
 
@@ -38,10 +39,22 @@ OWNER = Owner(name="qwen3-14b", namespace="llm", uid="0000-uid", generation=3)
 NOW = "2026-11-21T00:00:00Z"
 
 
-def _node(name, labels, allocatable=None, ready="True", unschedulable=False):
+def resolve(spec, gpus, table, catalog):
+    """The decision among these GPUs, every one a candidate."""
+    return resolve_among(spec, Candidates(tuple(gpus)), table, catalog)
+
+
+def _node(name, labels, allocatable=None, ready="True", unschedulable=False, taints=()):
     return {"metadata": {"name": name, "labels": labels},
-            "spec": {"unschedulable": unschedulable},
+            "spec": {"unschedulable": unschedulable, "taints": list(taints)},
             "status": {"allocatable": allocatable or {}, "conditions": [{"type": "Ready", "status": ready}]}}
+
+
+def gpu_node(node):
+    """The node's only kind of GPU, or None."""
+    found = node_gpus(node)
+    assert len(found) <= 1
+    return found[0].gpus if found else None
 
 
 GFD_H100 = {"nvidia.com/gpu.memory": "81559", "nvidia.com/gpu.count": "8", "nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
@@ -168,12 +181,44 @@ def test_model_facts_from_catalog_and_spec_overrides():
 
 H100 = GpuNode(81559, 1, "h100", "NVIDIA-H100-80GB-HBM3")
 H100x2 = GpuNode(81559, 2, "h100x2", "NVIDIA-H100-80GB-HBM3")
+H100x8 = GpuNode(81559, 8, "h100x8", "NVIDIA-H100-80GB-HBM3")
 RTX = GpuNode(32607, 1, "ws", "NVIDIA-GeForce-RTX-5090")
 
 CASES = {
     "srv80g-vllm": ({**EXAMPLE["spec"]}, [H100]),
     "dev32g-int4": ({**EXAMPLE["spec"]}, [RTX]),
-    "multi80g-tp2": ({**EXAMPLE["spec"], "replicas": 2}, [H100x2]),
+    # 70B on a node of eight: the fewest that hold it, two (tensor parallel 2)
+    "multi80g-tp2": ({"model": {"name": "llama-3.1-70b", "source": "hf://meta-llama/Llama-3.1-70B-Instruct"},
+                      "replicas": 2}, [H100x8]),
+    # every pod setting, over the operator's: joined node affinity, added tolerations, resources key by key
+    "pod-settings": ({**EXAMPLE["spec"], "gpu": {"products": ["NVIDIA-H100-80GB-HBM3"], "productPolicy": "Require",
+                                                  "minMemoryMiB": 80000},
+                      "engine": {"nodeSelector": {"pool": "llm"},
+                                 "affinity": {
+                                     "nodeAffinity": {
+                                         "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+                                             {"matchExpressions": [{"key": "topology.kubernetes.io/zone",
+                                                                    "operator": "In", "values": ["a", "b"]}]}]},
+                                         "preferredDuringSchedulingIgnoredDuringExecution": [
+                                             {"weight": 10, "preference": {"matchExpressions": [
+                                                 {"key": "spot", "operator": "DoesNotExist"}]}}]},
+                                     "podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+                                         {"weight": 100, "podAffinityTerm": {
+                                             "topologyKey": "topology.kubernetes.io/zone",
+                                             "labelSelector": {"matchLabels": {"app.kubernetes.io/instance":
+                                                                               "qwen3-14b"}}}}]}},
+                                 "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "llm",
+                                                  "effect": "NoSchedule"}],
+                                 "runtimeClassName": "nvidia", "priorityClassName": "llm-serving",
+                                 "resources": {"requests": {"cpu": 8, "memory": "64Gi", "ephemeral-storage": "50Gi"},
+                                               "limits": {"memory": "96Gi"}},
+                                 "podLabels": {"team": "search", "cost-center": "1234"},
+                                 "podAnnotations": {"sidecar.istio.io/inject": "false",
+                                                    "prometheus.io/scrape": "false"}}}, [H100x2]),
+    # a MIG slice (GPU Feature Discovery's mixed strategy): its own resource and labels
+    "mig-slice": ({"model": {"name": "qwen3-0.6b", "source": "hf://Qwen/Qwen3-0.6B"},
+                   "gpu": {"products": ["NVIDIA-A100-SXM4-80GB-MIG-3g.40gb"], "productPolicy": "Require"}},
+                  [GpuNode(40192, 2, "a100-mig", "NVIDIA-A100-SXM4-80GB-MIG-3g.40gb", "nvidia.com/mig-3g.40gb", True)]),
     "single-sim-pvc": ({"model": {"name": "solo", "source": "pvc://models/qwen/Qwen3-14B"}, "mode": "single",
                         "engine": {"kind": "sim", "args": ["--max-model-len", "2048"], "env": [{"name": "B", "value": "2"}]},
                         "cacheClaim": "hf-cache"}, [RTX]),
@@ -517,7 +562,7 @@ def test_a_rejected_deployment_fails_with_the_api_servers_message():
             "spec": EXAMPLE["spec"]}
     ctx = Context(table=TABLE, catalog=CATALOG, kube=kube, images=IMAGES)
     with pytest.raises(CannotRun) as failed:
-        asyncio.run(reconcile(body, [H100], ctx, logging.getLogger("test")))
+        asyncio.run(reconcile(body, [NodeGpus(H100)], ctx, logging.getLogger("test")))
     status = failed.value.status
     assert status["phase"] == "Failed" and failed.value.retry == 300
     assert _cond(status, "Degraded")["reason"] == "DeploymentRejected"
@@ -570,7 +615,7 @@ def test_a_wake_up_before_the_event_of_our_own_status_write_writes_nothing_again
         stopped = Stopped()
         daemon = asyncio.create_task(handlers.keep_reconciled(
             stopped, namespace=OWNER.namespace, name=OWNER.name, body=body, memo=memo,
-            gpu_nodes={"node": [H100]}, model_names={}))
+            gpu_nodes={"node": [(NodeGpus(H100),)]}, model_names={}))
         for woken in range(3):
             while len(runs) <= woken:
                 await asyncio.sleep(0.01)

@@ -32,18 +32,36 @@ def test_single_user_on_32gib_prints_profile_limits_and_command():
     out = run("--gpu-memory", "32GiB", "--mode", "single")
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("profile   SINGLE_32G (single-user)")
-    assert "input 2560 tokens, output 512" in out.stdout and "no rate limit" in out.stdout
+    # 32 GiB, a bf16 KV cache: 5120 tokens of context beside Qwen3-14B's weights
+    assert "input 4608 tokens, output 512" in out.stdout and "no rate limit" in out.stdout
     assert ("vllm serve Qwen/Qwen3-14B --served-model-name qwen3-14b --host 0.0.0.0 --port 8000 --dtype bfloat16 "
-            "--kv-cache-dtype fp8 --max-model-len 3072 --gpu-memory-utilization 0.95 --max-num-seqs 2 "
+            "--kv-cache-dtype auto --max-model-len 5120 --gpu-memory-utilization 0.95 --max-num-seqs 2 "
             "--tensor-parallel-size 1") in out.stdout
+    assert "sizing    1 of 1 GPU: 1 GPU holds 28169 MiB of bf16 weights" in out.stdout
+    assert "context 5120 tokens, what the KV cache holds for one sequence of it" in out.stdout
 
 
 def test_json_for_machines():
     out = run("--gpu-memory", "81559", "--gpu-count", "4", "--json")
     data = json.loads(out.stdout)
-    assert data["profile"] == "SRV_MULTI_80G" and data["gpu"]["count"] == 4
+    assert data["profile"] == "SRV_80G" and data["gpu"]["count"] == 1  # 14B needs one of the four
     assert data["command"][:3] == ["vllm", "serve", "Qwen/Qwen3-14B"]
-    assert data["limits"]["rate_qps"] == 40 and data["fit"]["fits"] is True
+    assert data["limits"]["rate_qps"] == 20 and data["fit"]["fits"] is True
+    assert data["sizing"]["gpus"] == 1 and data["sizing"]["available"] == 4
+    data = json.loads(run("--gpu-memory", "81559", "--gpu-count", "8", "--json", "--model", "llama-3.1-70b").stdout)
+    assert (data["profile"], data["gpu"]["count"]) == ("SRV_MULTI_80G", 2)
+    assert "--tensor-parallel-size 2" in " ".join(data["command"])
+    assert [(e["gpus"], e["fits"]) for e in data["sizing"]["estimates"]][:3] == [(2, True), (3, False), (4, True)]
+
+
+def test_the_text_lists_the_estimate_for_each_gpu_count():
+    out = run("--gpu-type", "h100-80g", "--gpu-count", "2", "--mode", "single", "--model", "Qwen/Qwen3-14B")
+    lines = out.stdout.splitlines()
+    sizing = next(i for i, line in enumerate(lines) if line.startswith("sizing"))
+    assert lines[sizing].startswith("sizing    1 of 2 GPUs: 1 GPU holds 28169 MiB")
+    assert "context 40960 tokens, the model's own maximum" in lines[sizing]
+    assert lines[sizing + 1].startswith("  1 GPU   chosen  28169 MiB weights")
+    assert lines[sizing + 2].startswith("  2 GPUs  fits    28169 MiB weights")
 
 
 def test_int4_profile_uses_the_variant():
@@ -70,8 +88,9 @@ def test_reads_nvidia_smi_when_present(tmp_path):
                    "printf '81559, NVIDIA H100 80GB HBM3\\n81559, NVIDIA H100 80GB HBM3\\n'\n")
     smi.chmod(0o755)
     data = json.loads(run("--json", env={"PATH": f"{tmp_path}:{os.environ['PATH']}"}).stdout)
-    assert data["profile"] == "SRV_MULTI_80G" and data["gpu"] == {
-        "memory_mib": 81559, "count": 2, "product": "NVIDIA H100 80GB HBM3"}
+    assert data["profile"] == "SRV_80G" and data["gpu"] == {
+        "memory_mib": 81559, "count": 1, "product": "NVIDIA H100 80GB HBM3"}
+    assert data["sizing"]["available"] == 2
     # nvidia-smi's name is the GPU's product: the speed is predicted for two H100s
     assert data["predicted"]["gpu"] == "h100-80g" and data["predicted"]["source"] == "silicon"
 

@@ -198,9 +198,12 @@ def test_a_selection_on_a_known_gpu_carries_its_prediction():
 
 def test_profiles_are_checked_on_the_gpus_they_are_for():
     names = {p.name: gpus_of(TABLE, p, GPUS) for p in TABLE.profiles}
-    assert names["DEV_32G"] == ["rtx5090-32g"] and names["SRV_48G"] == ["l40s-48g"]
-    assert set(names["SRV_80G"]) == set(names["SRV_MULTI_80G"]) == {"h100-80g", "h200-141g", "a100-80g"}
-    assert set(names["SINGLE_32G"]) == set(GPUS.gpus)
+    big = {"h100-80g", "h200-141g", "a100-80g"}
+    assert names["SRV_24G"] == ["rtx5090-32g"] and names["SRV_48G"] == ["l40s-48g"]
+    assert set(names["SRV_80G"]) == set(names["SRV_MULTI_80G"]) == big
+    assert set(names["DEV_32G"]) == set(GPUS.gpus)  # no larger profile runs 4-bit weights
+    assert (names["SINGLE_32G"], names["SINGLE_48G"], set(names["SINGLE_80G"])) == (
+        ["rtx5090-32g"], ["l40s-48g"], big)
     assert check_table(TABLE, CATALOG) == []
 
 

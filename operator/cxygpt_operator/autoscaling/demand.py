@@ -96,7 +96,8 @@ class DemandReader:
             return Snapshot(now, why=f"gateway endpoints not read: {e}")
         if self.session is None:
             self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=SCRAPE_TIMEOUT_S))
-        answers = await asyncio.gather(*(self._scrape(url) for url in urls))
+        session = self.session
+        answers = await asyncio.gather(*(self._scrape(session, url) for url in urls))
         readings = {}
         for url, answer in zip(urls, answers):
             if answer is not None:
@@ -108,9 +109,10 @@ class DemandReader:
             del self.last_good[url]
         return Snapshot(now, readings, known=len(urls), why="" if urls else "the gateway Service has no ready endpoint")
 
-    async def _scrape(self, url: str) -> dict[str, float] | None:
+    @staticmethod
+    async def _scrape(session: aiohttp.ClientSession, url: str) -> dict[str, float] | None:
         try:
-            async with self.session.get(f"{url}/metrics") as r:
+            async with session.get(f"{url}/metrics") as r:
                 if r.status != 200:
                     raise ValueError(f"HTTP {r.status}")
                 return parse_demand(await r.text())

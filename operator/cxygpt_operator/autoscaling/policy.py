@@ -48,8 +48,12 @@ class AutoscalingSpec:
     scale_down_delay_s: int = DEFAULT_SCALE_DOWN_DELAY_S
     scale_up_window_s: int = DEFAULT_SCALE_UP_WINDOW_S
 
-    def policy(self, default_target: float) -> Policy:
-        return Policy(self.min_replicas, self.max_replicas, float(self.target or default_target),
+    def policy(self, default_target: float | None) -> Policy:
+        """The policy in force; `default_target` (the profile's max concurrency) is needed without a target."""
+        target = self.target or default_target
+        if not target:
+            raise ValueError("spec.autoscaling has no targetInFlightPerReplica and there is no default")
+        return Policy(self.min_replicas, self.max_replicas, float(target),
                       self.scale_down_delay_s, self.scale_up_window_s)
 
 
@@ -177,8 +181,11 @@ def decide(demand: Demand, current: int, policy: Policy, history: History | None
     if outside or history is None:
         history = (history or History()).record(current, now, policy)
     history = history.record(wanted, now, policy)
+    # the recommendation just recorded is in both windows unless its time step ends exactly now
     down = history.highest(now - policy.scale_down_delay_s)
+    down = wanted if down is None else down
     up = history.lowest(now - policy.scale_up_window_s) if policy.scale_up_window_s > 0 else wanted
+    up = wanted if up is None else up
     replicas = min(max(current, up), down)
     if current == 0 and wanted > 0:
         replicas = wanted  # requests are waiting: no stabilization from zero

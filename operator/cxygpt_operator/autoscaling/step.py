@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .. import GROUP, KIND
@@ -52,7 +53,7 @@ def _patch(previous: dict, desired: dict) -> dict:
     return {**{k: None for k in previous if k not in desired}, **desired}
 
 
-async def autoscale(body: dict, wanted: AutoscalingSpec | None, scaler: Scaler, *, others: list[str] = (),
+async def autoscale(body: dict, wanted: AutoscalingSpec | None, scaler: Scaler, *, others: Sequence[str] = (),
                     written: dict | None = None, now: float | None = None) -> Step:
     """One decision for the ModelDeployment `body` (a snapshot) and its spec.autoscaling as parsed (`wanted`); writes
     what changed. `others`: the ScaledObjects, then the HPAs, that target it. `written`: the status.autoscaling this
@@ -81,7 +82,7 @@ async def autoscale(body: dict, wanted: AutoscalingSpec | None, scaler: Scaler, 
         desired = None
     else:
         default_target = (status.get("limits") or {}).get("maxConcurrency")
-        if not wanted.target and not default_target:
+        if default_target is None and not wanted.target:
             return await _write(scaler, namespace, name, previous, {
                 **{k: previous[k] for k in ("recommendations", "desiredReplicas", "lastScaleTime") if k in previous},
                 "scaler": "Operator", "active": True, "scaleFromZero": True, "reason": "WaitingForProfile",

@@ -84,6 +84,7 @@ helm.sh/chart: {{ printf "%s-%s" $root.Chart.Name $root.Chart.Version | replace 
 
 {{/* Where the profile table ConfigMap is mounted in the operator and gateway containers. */}}
 {{- define "cxygpt.profilesDir" -}}/etc/cxygpt/profiles{{- end }}
+{{- define "cxygpt.engineDefaultsDir" -}}/etc/cxygpt/engines{{- end }}
 
 {{- define "cxygpt.podSecurityContext" -}}
 {{- toYaml .Values.podSecurityContext }}
