@@ -91,7 +91,9 @@ def test_a_cached_model_downloads_once_through_the_hub_and_serves_from_the_claim
     assert reply.choices[0].message.content
 
     dev.kubectl("delete", "md", "chat", "--timeout=30s")
-    wait_until(lambda: not dev.kubectl("get", "pvc,job", "-o", "name").stdout.strip(), what="the cache deleted")
+    # the garbage collector's work, and the claim's protection waits for the engine pods to have stopped
+    wait_until(lambda: not dev.kubectl("get", "pvc,job", "-o", "name").stdout.strip(), timeout=60, interval=0.5,
+               what="the cache deleted")
     wait_until(lambda: not claim_dir.exists(), what="its directory removed")
 
 
