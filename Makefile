@@ -28,7 +28,7 @@ lint: bootstrap-test
 
 # two workers, each taking whole files (their module-scoped dev clusters stay in one process): half the time of
 # one on 2 cores, since most tests wait on the servers and clusters they start
-test: bootstrap-test kube
+test: bootstrap-test kube lint
 	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15
 
 test-unit: bootstrap-test

@@ -214,9 +214,9 @@ def check_tensors(directory: str, tensors: dict[str, list[int]], config: dict, b
     for _, kind, module in placed:
         in_features, out_features = base.dims(BaseLayers.MODULES[kind])
         for is_a, dim, size in ((True, 1, in_features), (False, 0, out_features)):
-            shape = modules[module].get(is_a)
-            if shape and len(shape) == 2 and shape[dim] > size:
-                raise AdapterError(f"The size of tensor a ({size}) must match the size of tensor b ({shape[dim]}) "
+            found = modules[module].get(is_a)
+            if found and len(found) == 2 and found[dim] > size:
+                raise AdapterError(f"The size of tensor a ({size}) must match the size of tensor b ({found[dim]}) "
                                    f"at non-singleton dimension {dim}")
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -331,27 +332,28 @@ def kv_budget(*, model: str, served_name: str, max_model_len: int | None, dtype:
     if max_model_len is None:
         max_model_len = facts.max_context if facts else DEFAULT_MAX_MODEL_LEN
     vocab_size = facts.vocab_size if facts else DEFAULT_VOCAB_SIZE
-    variant_int4 = bool(found) and found[1].variants.get("int4", "").lower() in (keys[0].lower(), keys[1].lower())
+    variant_int4 = found is not None and found[1].variants.get("int4", "").lower() in (keys[0].lower(), keys[1].lower())
     weights = "int4" if quantization or variant_int4 else "bf16"
     kv_dtype = kv_cache_dtype if consts and kv_cache_dtype in consts.kv_bytes_per_element else "auto"
-    model_is = dict(repo=found[0] if found else None, facts=facts, weights=weights, kv_cache_dtype=kv_dtype,
-                    layers=base_layers(found[1]) if found else None)
+    layers = base_layers(found[1]) if found else None
+    budget = functools.partial(KvBudget, repo=found[0] if found else None, facts=facts, weights=weights,
+                               kv_cache_dtype=kv_dtype, layers=layers)
     if num_gpu_blocks_override:
-        return KvBudget(max_model_len, num_gpu_blocks_override * block_size, vocab_size,
-                        f"--num-gpu-blocks-override {num_gpu_blocks_override} x --block-size {block_size}", **model_is)
+        return budget(max_model_len, num_gpu_blocks_override * block_size, vocab_size,
+                        f"--num-gpu-blocks-override {num_gpu_blocks_override} x --block-size {block_size}")
     if facts is None:
         reason = problem or f"model {model!r} is not in the catalog"
-        return KvBudget(max_model_len, max_num_seqs * max_model_len, vocab_size,
-                        f"{reason}: --max-num-seqs {max_num_seqs} x --max-model-len {max_model_len}", **model_is)
+        return budget(max_model_len, max_num_seqs * max_model_len, vocab_size,
+                        f"{reason}: --max-num-seqs {max_num_seqs} x --max-model-len {max_model_len}")
     fit = estimate_fit(facts, weights=weights, kv_cache_dtype=kv_dtype, max_model_len=max_model_len,
                        gpu_memory_utilization=gpu_memory_utilization, gpu_memory_mib=gpu_memory_mib,
                        gpu_count=gpu_count, consts=consts)
     tokens = fit.kv_token_capacity
     note = (f"fit estimate on {gpu_count}x{gpu_memory_mib} MiB ({dtype}, {weights} weights, kv {kv_dtype}): "
             f"{fit.message}")
-    if lora_slots:
+    if lora_slots and layers:
         max_loras, rank, tp = lora_slots
-        slots = max_loras * model_is["layers"].slot_bytes(rank, tp)
+        slots = max_loras * layers.slot_bytes(rank, tp)
         fewer = -(-slots // kv_bytes_per_token(facts, kv_dtype, consts))
         tokens = max(tokens - fewer, 0)
         note += f"; {max_loras} LoRA slots of rank {rank} take {slots / 2**20:.0f} MiB: {fewer} tokens fewer"
@@ -359,7 +361,7 @@ def kv_budget(*, model: str, served_name: str, max_model_len: int | None, dtype:
         # vLLM would refuse to start; the simulator keeps serving so demos and tests still run
         tokens = max(tokens, max_model_len)
         note += f"; WOULD NOT FIT on real GPUs, budget raised to max-model-len {max_model_len}"
-    return KvBudget(max_model_len, tokens, vocab_size, note, **model_is)
+    return budget(max_model_len, tokens, vocab_size, note)
 
 
 def speed_profiles() -> list[str]:
@@ -380,6 +382,8 @@ def engine_speed(profile: str, budget: KvBudget, tp: int, knobs: dict, jitter: f
         catalog, consts = default_catalog(), default_table().fit
         repo, facts = (budget.repo, budget.facts) if budget.facts else (REFERENCE_MODEL,
                                                                         catalog.lookup(REFERENCE_MODEL))
+        if facts is None:
+            raise ProfileTableError(f"the reference model {REFERENCE_MODEL} is not in the catalog")
         workload = Workload(facts, budget.weights, budget.kv_cache_dtype, tp, consts)
         model = step_model(profile, workload, repo)
     except ProfileTableError as e:

@@ -163,7 +163,7 @@ class Scheduler:
         # vLLM admits nobody in a step that had to preempt: the blocks are short already
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.capacity.max_num_seqs:
             seq = self.waiting[0]
-            if self.lora and not admissible(seq.lora and seq.lora.id, active, self.lora.max_loras):
+            if self.lora and not admissible(seq.lora.id if seq.lora else None, active, self.lora.max_loras):
                 # its adapter would be one too many in the batch: it waits this step, those behind it may go
                 skipped.append(self.waiting.popleft())
                 continue
@@ -195,6 +195,7 @@ class Scheduler:
         loras = {seq.lora.id: seq.lora for seq in scheduled if seq.lora}
         load_s = 0.0
         if loras:
+            assert self.lora and self.lora_cache  # a sequence has an adapter only when LoRA is enabled
             duration *= 1 + self.lora.step_overhead
             load_s = self.lora_cache.use(loras.values())
         return Step(duration + load_s, admitted, shape.tokens, shape.prefill_tokens, shape.decode_count,
@@ -202,6 +203,7 @@ class Scheduler:
 
     def load_lora(self, lora: Lora, inplace: bool = False) -> float:
         """An adapter loaded into the worker's CPU cache (vLLM's add_lora): the seconds reading it takes."""
+        assert self.lora_cache, "LoRA is not enabled"  # the server refuses loads first
         return self.lora_cache.load(lora, inplace)
 
     def end_step(self, now: float) -> list[Progress]:

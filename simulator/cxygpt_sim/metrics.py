@@ -91,6 +91,7 @@ class EngineMetrics:
             seq = p.seq
             generated += p.new_tokens
             if p.gap_s is None:
+                assert seq.scheduled_at is not None  # its first token: it was scheduled
                 self.ttft.observe(now - seq.arrived)
                 self.queue_time.observe(seq.scheduled_at - seq.arrived)
                 self.prompt_tokens += seq.prompt_tokens
@@ -100,22 +101,22 @@ class EngineMetrics:
                 self._inter_token(0.0, p.new_tokens - 1)  # instant decode: the rest arrive in the same step
             if p.done:
                 self.e2e.observe(now - seq.arrived)
-                if seq.generated > 1:
+                if seq.generated > 1 and seq.first_token_at is not None:
                     self.request_tpot.observe((now - seq.first_token_at) / (seq.generated - 1))
             if seq.lora:
-                self._lora_request(seq, ended=p.done)
+                self._lora_request(seq.lora.name, seq.id, ended=p.done)
         self.generation_tokens += generated
         if self.max_loras is not None:
             self._lora_info()
 
-    def _lora_request(self, seq: Sequence, ended: bool) -> None:
-        held = self.lora_requests.setdefault(seq.lora.name, set())
+    def _lora_request(self, name: str, seq_id: str, ended: bool) -> None:
+        held = self.lora_requests.setdefault(name, set())
         if ended:
-            held.discard(seq.id)
+            held.discard(seq_id)
         else:
-            held.add(seq.id)
+            held.add(seq_id)
         if not held:
-            del self.lora_requests[seq.lora.name]
+            del self.lora_requests[name]
 
     def _lora_info(self) -> None:
         """Each step sets the series of its labels to now. vLLM 0.33 puts the same list into both labels: every
@@ -135,7 +136,7 @@ class EngineMetrics:
         self.success["abort"] += 1
         self.e2e.observe(now - seq.arrived)
         if seq.lora and seq.lora.name in self.lora_requests:
-            self._lora_request(seq, ended=True)
+            self._lora_request(seq.lora.name, seq.id, ended=True)
 
     def _inter_token(self, value: float, n: int) -> None:
         self.inter_token.observe(value, n)

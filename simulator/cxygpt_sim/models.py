@@ -55,7 +55,7 @@ class Models:
 
     def cards(self) -> list[dict]:
         now = int(time.time())
-        return [self.card(name, now) for name in (*self.config.served_model_names, *self.adapters)]
+        return [card for name in (*self.config.served_model_names, *self.adapters) if (card := self.card(name, now))]
 
     def card(self, name: str, created: int | None = None) -> dict | None:
         """vLLM's ModelCard: the base's with max_model_len, an adapter's with its parent and its path as root."""

@@ -356,10 +356,10 @@ class ResponsesRequest:
 
 
 # what a response repeats of its request when the request leaves it out (vLLM's ResponsesRequest defaults)
-RESPONSE_DEFAULTS = {"instructions": None, "metadata": None, "parallel_tool_calls": True, "temperature": 1.0,
-                     "tool_choice": "auto", "tools": [], "top_p": 1.0, "background": False, "max_tool_calls": None,
-                     "previous_response_id": None, "prompt": None, "reasoning": None, "service_tier": "auto",
-                     "text": None, "truncation": "disabled", "user": None}
+RESPONSE_DEFAULTS: dict[str, object] = {
+    "instructions": None, "metadata": None, "parallel_tool_calls": True, "temperature": 1.0, "tool_choice": "auto",
+    "tools": [], "top_p": 1.0, "background": False, "max_tool_calls": None, "previous_response_id": None,
+    "prompt": None, "reasoning": None, "service_tier": "auto", "text": None, "truncation": "disabled", "user": None}
 
 
 def _input_text(content, loc: str):

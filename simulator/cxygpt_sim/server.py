@@ -333,7 +333,7 @@ class Api:
         try:
             while any(s < len(c.pieces) for s, c in zip(sent, choices)):
                 await _any_progress(flights)
-                out = []
+                out: list[bytes] = []
                 for i, (flight, c) in enumerate(zip(flights, choices)):
                     ready = flight.seq.generated
                     for pos in range(sent[i], ready):
@@ -460,7 +460,7 @@ def _chat_delta(i: int, c: replies.Choice, pos: int, g: protocol.Generation) -> 
     """The chunk choices for output token pos of choice i: an opening one first, as vLLM streams."""
     out = []
     if pos == 0:
-        opening = {"role": "assistant", "content": ""}
+        opening: dict[str, object] = {"role": "assistant", "content": ""}
         if c.tool:
             # vLLM's streamed tool call: id, type and name first, then the arguments piece by piece
             opening = {"role": "assistant", "content": None, "tool_calls": [

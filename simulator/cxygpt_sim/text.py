@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 import zlib
+from collections.abc import Iterator
 
 import quicktok
 
@@ -142,6 +143,7 @@ class ReplyWriter:
         """The reply's pieces (at most max_tokens) and the finish reason, "stop" or "length"."""
         digest = zlib.crc32(source_text.encode(), self.seed & 0xFFFFFFFF)
         echoed = pieces(source_text.strip()) if self.mode == "echo" else []
+        endless: Iterator[str]
         if echoed:
             natural, endless = echoed, itertools.cycle([*echoed, "\n"])
         else:

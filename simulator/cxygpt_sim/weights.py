@@ -58,10 +58,10 @@ def fetch(model: str, revision: str | None, env: Mapping[str, str]) -> tuple[str
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
     began = time.monotonic()
     try:
-        path = snapshot_download(model, revision=revision, local_files_only=offline)
+        snapshot = snapshot_download(model, revision=revision, local_files_only=offline)
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as e:
         raise WeightsError(f"cannot get the weights of {model}: {type(e).__name__}: {e}".splitlines()[0]) from None
-    return ("hub-cache" if offline else "hub"), Path(path), time.monotonic() - began
+    return ("hub-cache" if offline else "hub"), Path(snapshot), time.monotonic() - began
 
 
 def load(model: str, revision: str | None, gib_per_s: float, env: Mapping[str, str] | None = None) -> Loaded:
