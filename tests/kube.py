@@ -41,6 +41,14 @@ class Kubectl:
     def wait_for(self, predicate, what: str, timeout: float = 60):
         return wait_until(predicate, timeout=timeout, interval=0.2, what=what)
 
+    def wait_established(self, crd: str, timeout: float = 30) -> None:
+        """Until the API server serves the CRD. Not `kubectl wait --for=condition=Established`: right after the
+        create its status.conditions is null, and kubectl wait fails on that (an accessor error) instead of waiting."""
+        def established():
+            conditions = self.get("crd", crd).get("status", {}).get("conditions") or []
+            return any(c["type"] == "Established" and c["status"] == "True" for c in conditions)
+        wait_until(established, timeout=timeout, interval=0.2, what=f"{crd} Established")
+
 
 def new_namespace(admin: Kubectl, prefix: str = "t") -> str:
     name = f"{prefix}-{uuid.uuid4().hex[:8]}"

@@ -109,7 +109,7 @@ def test_readme_real_control_plane_commands_run_as_printed(tmp_path):
         pinned = re.search(r"^\s*k8s.io/kubernetes (v\S+)", (REPO / "devcluster/kube/go.mod").read_text(), re.M)[1]
         assert f"Server Version: {pinned}" in out.stdout and "on the real control plane" in out.stdout
         assert len(re.findall(r"^cxygpt-worker\d?\s+Ready\s", out.stdout, re.M)) == 3, out.stdout
-        assert re.search(r"qwen3-small\s+qwen3-0.6b\s+SRV_MULTI_80G\s+2x79GiB\s+2/2\s+Ready", out.stdout), out.stdout
+        assert re.search(r"qwen3-small\s+qwen3-0.6b\s+SRV_80G\s+1x79GiB\s+2/2\s+Ready", out.stdout), out.stdout
         assert out.stdout.rstrip().endswith("cxygpt-dev: stopped")
     finally:
         subprocess.run([console_script("cxygpt-dev"), "down", "--state-dir", str(tmp_path / ".cxygpt-dev")],

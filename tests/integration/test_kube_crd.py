@@ -96,7 +96,7 @@ def errors_of(e: ApiException) -> list[str]:
 def server(cluster, tmp_path_factory):
     admin = Kubectl(cluster.kubeconfig, cache=tmp_path_factory.mktemp("kubectl"))
     admin("apply", "-f", str(CRD_PATH))
-    admin("wait", "--for=condition=Established", f"crd/{PLURAL}.{GROUP}", "--timeout=30s")
+    admin.wait_established(f"{PLURAL}.{GROUP}")
     namespace = new_namespace(admin, "crd")
     yield Server(cluster.kubeconfig, namespace)
     admin("delete", "namespace", namespace, "--wait=false")

@@ -36,7 +36,7 @@ def one_gpu(tmp_path_factory):
                               "--log-format", "text"], port=port, health="/healthz", log_path=root / "operator.log")
     try:
         kube("apply", "-f", str(REPO / "deploy" / "crds"))
-        kube("wait", "--for=condition=Established", "crd/modeldeployments.cxygpt.io", "--timeout=30s")
+        kube.wait_established("modeldeployments.cxygpt.io")
         operator.start()
         yield cluster, kube, operator
     finally:

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from cxygpt_dev import network
-from cxygpt_dev.cluster import Cluster, node_address
+from cxygpt_dev.cluster import Cluster
 from cxygpt_dev.controlplane import free_port
 from cxygpt_dev.kubelet import Node
 from harness import REPO, ServerProcess, console_script, wait_until
@@ -31,15 +31,16 @@ def placed(tmp_path_factory):
     """A cluster of a node of two H100s, an A100 in two MIG slices and a tainted node of two H100s kept for some
     models; a Hub the engines download from; the CRD; the operator with engine defaults, as the chart gives them."""
     root = tmp_path_factory.mktemp("placement")
-    cluster = Cluster(root=root, nodes=[
-        Node("gpu-2x80g", {**H100, "pool": "shared"}, node_address(0), gpus=2),
-        Node("a100-mig", A100_MIG, node_address(1), resources={"nvidia.com/gpu": "0", "nvidia.com/mig-3g.40gb": "2"}),
-        Node("premium", {**H100, "pool": "premium"}, node_address(2), gpus=2, taints=PREMIUM)]).start()
+    plan = network.next_plan()
+    cluster = Cluster(root=root, plan=plan, nodes=[
+        Node("gpu-2x80g", {**H100, "pool": "shared"}, plan.node(0), gpus=2),
+        Node("a100-mig", A100_MIG, plan.node(1), resources={"nvidia.com/gpu": "0", "nvidia.com/mig-3g.40gb": "2"}),
+        Node("premium", {**H100, "pool": "premium"}, plan.node(2), gpus=2, taints=PREMIUM)]).start()
     kube = Kubectl(cluster.kubeconfig, "default", cache=root / "kubectl-cache")
-    hub_port = free_port(network.HOST_ADDRESS)  # where the pods reach it: the cluster's host address
+    hub_port = free_port(plan.host)  # where the pods reach it: the cluster's host address
     hub = ServerProcess([sys.executable, "-m", "cxygpt_dev.hub", "--root", str(root / "hub"), "--host",
-                         network.HOST_ADDRESS, "--port", str(hub_port), "--catalog-stand-ins", "1"], port=hub_port,
-                        host=network.HOST_ADDRESS, log_path=root / "hub.log")
+                         plan.host, "--port", str(hub_port), "--catalog-stand-ins", "1"], port=hub_port,
+                        host=plan.host, log_path=root / "hub.log")
     defaults = root / "engines.yaml"
     defaults.write_text("podLabels: {cost-center: ml}\npriorityClassName: llm-serving\n")
     port = free_port()
@@ -50,7 +51,7 @@ def placed(tmp_path_factory):
     try:
         hub.start()
         kube("apply", "-f", str(REPO / "deploy" / "crds"))
-        kube("wait", "--for=condition=Established", "crd/modeldeployments.cxygpt.io", "--timeout=30s")
+        kube.wait_established("modeldeployments.cxygpt.io")
         kube.apply({"apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass", "metadata": {"name": "llm-serving"},
                     "value": 1000, "description": "model serving"})
         operator.start()
