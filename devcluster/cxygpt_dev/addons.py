@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 import ssl
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ import aiohttp
 import orjson
 
 from . import services
+from .processes import run_until_signalled
 from .provisioner import Provisioner
 
 
@@ -55,16 +55,7 @@ def main(argv=None) -> None:
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stdout)
 
-    async def guarded():
-        task = asyncio.create_task(run(a))
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            asyncio.get_running_loop().add_signal_handler(sig, task.cancel)
-        try:
-            await task
-        except asyncio.CancelledError:
-            pass
-
-    asyncio.run(guarded())
+    run_until_signalled(run(a))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ import datetime
 import json
 import logging
 import os
-import signal
 import ssl
 import sys
 import time
@@ -27,6 +26,7 @@ from .certs import Pair
 from .containers import Run, local_program, now, probe_once, requests_in_flight
 from .network import DEV_CLUSTER_MARK
 from .podvolumes import CannotStart, PodVolumes
+from .processes import run_until_signalled
 from .volumes import rewrite, rewrite_all
 from .watching import follow
 
@@ -776,17 +776,7 @@ def main(argv=None) -> None:
                       node=Node(**a.node), state_dir=a.state_dir, dns=a.dns,
                       output=lambda label, line: print(f"[{label}] {line}", flush=True))
 
-    async def run():
-        task = asyncio.create_task(kubelet.run())
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, task.cancel)
-        try:
-            await task
-        except asyncio.CancelledError:
-            pass
-
-    asyncio.run(run())
+    run_until_signalled(kubelet.run())
 
 
 if __name__ == "__main__":

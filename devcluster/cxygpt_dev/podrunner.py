@@ -10,7 +10,6 @@ import logging
 import os
 import secrets
 import shutil
-import signal
 import string
 import sys
 import tempfile
@@ -23,7 +22,7 @@ import orjson
 
 from .containers import TAIL_LINES, requests_in_flight, tail_message
 from .jobs import Jobs
-from .processes import forward_lines, stop_group
+from .processes import forward_lines, run_until_signalled, stop_group
 from .rollout import PodView, rollout_step, strategy_of
 from .volumes import Unbound, Volumes, rewrite, rewrite_all
 from .watching import follow
@@ -584,17 +583,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
-    async def run():
-        runner = asyncio.create_task(PodRunner(a.api, max_engines=a.max_engines, state_dir=a.state_dir).run())
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, runner.cancel)
-        try:
-            await runner
-        except asyncio.CancelledError:
-            pass
-
-    asyncio.run(run())
+    run_until_signalled(PodRunner(a.api, max_engines=a.max_engines, state_dir=a.state_dir).run())
 
 
 if __name__ == "__main__":

@@ -1,11 +1,12 @@
-"""Child processes of the dev cluster: their output lines forwarded, their process groups stopped."""
+"""Processes of the dev cluster: children's output lines forwarded, their process groups stopped; our own run until
+SIGTERM or SIGINT."""
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 
 # what one forwarded line keeps of a longer one (the rest is counted, not kept)
 LINE_LIMIT = 16 * 1024
@@ -52,3 +53,15 @@ async def stop_group(process: asyncio.subprocess.Process | None, grace_s: float 
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
         await process.wait()
+
+
+def run_until_signalled(work: Coroutine) -> None:
+    """Runs `work` until it ends or SIGTERM or SIGINT cancels it (how each of the cluster's processes is stopped)."""
+    async def guarded():
+        task = asyncio.create_task(work)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            asyncio.get_running_loop().add_signal_handler(sig, task.cancel)
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    asyncio.run(guarded())
