@@ -4,13 +4,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import aiohttp
 import orjson
-
-from cxygpt_gateway.discovery.kubernetes import ApiServer  # the same kubeconfig or in-cluster access
 
 from .logs import MAX_LINE_CHARS, after_overlap
 
@@ -43,6 +42,48 @@ KINDS = {
     "endpointslices": Kind("/apis/discovery.k8s.io/v1", "endpointslices", True, ENGINE_SLICES, 5000),
 }
 EVENT_KINDS = {"ModelDeployment", "Pod"}     # the Events the model page shows
+
+
+class ApiServer:
+    """Where and how to reach the API server: a kubeconfig (file or $KUBECONFIG) or in-cluster, loaded by the
+    kubernetes client's loader so every auth method it knows works here too. The gateway's discovery has the same
+    class: the console's image holds the console and the profiles only, not the gateway's code."""
+
+    def __init__(self, kubeconfig: str | None):
+        from kubernetes import client, config
+        self.configuration = client.Configuration()
+        try:
+            try:
+                config.load_kube_config(config_file=kubeconfig, client_configuration=self.configuration)
+            except (config.ConfigException, OSError, TypeError):
+                if kubeconfig:
+                    raise
+                config.load_incluster_config(client_configuration=self.configuration)
+        except (config.ConfigException, OSError, TypeError) as e:
+            where = kubeconfig or "$KUBECONFIG"
+            raise ValueError(f"no Kubernetes API (kubeconfig {where} or in-cluster): {e}") from None
+
+    @property
+    def host(self) -> str:
+        return self.configuration.host.rstrip("/")
+
+    def headers(self) -> dict:
+        c = self.configuration
+        if c.refresh_api_key_hook is not None:
+            c.refresh_api_key_hook(c)  # in-cluster tokens rotate
+        token = c.get_api_key_with_prefix("authorization") or c.get_api_key_with_prefix("BearerToken")
+        return {"Authorization": token} if token else {}
+
+    def ssl_context(self) -> ssl.SSLContext | bool:
+        c = self.configuration
+        if not self.host.startswith("https"):
+            return True
+        if not c.verify_ssl:
+            return False
+        context = ssl.create_default_context(cafile=c.ssl_ca_cert)
+        if c.cert_file:
+            context.load_cert_chain(c.cert_file, c.key_file)
+        return context
 
 
 class Changes:
