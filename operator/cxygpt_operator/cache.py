@@ -5,7 +5,7 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from cxygpt_profiles.table import CacheConstants
@@ -209,8 +209,8 @@ def metadata_differs(obj: dict, desired: dict) -> bool:
     have = md.get("annotations") or {}
     if any(have.get(k) != v for k, v in desired["annotations"].items()):
         return True
-    def refs(items):
-        return sorted((r.get("uid"), r.get("name")) for r in items or [])
+    def refs(items: list[dict] | None) -> list[tuple[str, str]]:
+        return sorted((r.get("uid") or "", r.get("name") or "") for r in items or [])
     return refs(md.get("ownerReferences")) != refs(desired["ownerReferences"])
 
 
@@ -296,7 +296,7 @@ def fills(job: dict | None, pvc: dict | None) -> bool:
     job_md, pvc_md = job.get("metadata") or {}, pvc.get("metadata") or {}
     uid = (job_md.get("annotations") or {}).get(CLAIM_UID_ANNOTATION)
     if uid is not None:
-        return uid == pvc_md.get("uid")
+        return bool(uid == pvc_md.get("uid"))
     return (job_md.get("creationTimestamp") or "") >= (pvc_md.get("creationTimestamp") or "")
 
 
@@ -316,7 +316,7 @@ def record(result: dict) -> str:
     return json.dumps({"phase": "Ready", **keep}, sort_keys=True, separators=(",", ":"))
 
 
-def _json(text: str | None, accept=lambda value: True) -> dict | None:
+def _json(text: str | None, accept: Callable[[dict], bool] = lambda value: True) -> dict | None:
     """The last line of `text` that is a JSON object `accept` takes."""
     for line in reversed((text or "").strip().splitlines()):
         try:

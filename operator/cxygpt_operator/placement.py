@@ -60,7 +60,7 @@ class PodSettings:
                     or [])
 
 
-def _strings(value, where: str, *, max_value: int) -> dict[str, str]:
+def _strings(value: object, where: str, *, max_value: int) -> dict[str, str]:
     if value is None:
         return {}
     if not isinstance(value, dict) or len(value) > MAX_ENTRIES:
@@ -71,7 +71,7 @@ def _strings(value, where: str, *, max_value: int) -> dict[str, str]:
     return dict(value)
 
 
-def _quantities(value, where: str) -> dict[str, object]:
+def _quantities(value: object, where: str) -> dict[str, object]:
     if value is None:
         return {}
     if not isinstance(value, dict) or len(value) > MAX_RESOURCES:
@@ -85,7 +85,7 @@ def _quantities(value, where: str) -> dict[str, object]:
     return dict(value)
 
 
-def _class_name(value, where: str) -> str | None:
+def _class_name(value: object, where: str) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str) or len(value) > 253 or not NAME.match(value):

@@ -171,7 +171,7 @@ def check_source(field_name: str, uri: str) -> None:
         raise SpecError(f"{field_name}: the path inside the claim must not contain '..'")
 
 
-def parse_gpu(raw) -> GpuChoice:
+def parse_gpu(raw: object) -> GpuChoice:
     """spec.gpu, as the schema checks it (for specs applied without it)."""
     raw = raw or {}
     if not isinstance(raw, dict):
@@ -382,9 +382,9 @@ def claimed_since(md: dict) -> str:
     served = ((md.get("spec") or {}).get("model") or {}).get("name")
     claim = status.get("nameClaim") or {}
     if served and claim.get("name") == served and claim.get("since"):
-        return claim["since"]
+        return str(claim["since"])
     if (meta.get("generation") or 1) == 1 and meta.get("creationTimestamp"):
-        return meta["creationTimestamp"]
+        return str(meta["creationTimestamp"])
     return UNCONFIRMED
 
 

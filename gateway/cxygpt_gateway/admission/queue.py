@@ -28,7 +28,7 @@ class Backend:
         self.url, self.outstanding, self.healthy = url, 0, True
         self.others, self.waiting, self.kv_usage = 0, 0, 0.0
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"Backend({self.url!r}, outstanding={self.outstanding}, healthy={self.healthy})"
 
 

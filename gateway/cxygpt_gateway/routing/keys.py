@@ -40,7 +40,7 @@ def stable_hash(data: bytes) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
 
 
-def _text(content) -> str:
+def _text(content: object) -> str:
     """A message's content as text: a string, or a list of parts (their texts; other parts as JSON)."""
     if isinstance(content, str):
         return content
@@ -79,7 +79,7 @@ def _messages_key(messages: list) -> bytes:
     return digest
 
 
-def _prompt_key(prompt) -> bytes:
+def _prompt_key(prompt: object) -> bytes:
     """A completion's prompt (or an embedding's input): its leading characters, of the first of a batch; token
     ids as JSON."""
     if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):

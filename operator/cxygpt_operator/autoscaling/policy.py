@@ -234,10 +234,10 @@ def parse_time(text: str | None) -> float | None:
         return None
 
 
-def _entries(items) -> tuple[Recommendation, ...]:
+def _entries(items: object) -> tuple[Recommendation, ...]:
     out = []
-    for item in items or ():
-        at = parse_time((item or {}).get("at")) if isinstance(item, dict) else None
+    for item in items if isinstance(items, list) else ():  # what a status holds may be anything
+        at = parse_time(item.get("at")) if isinstance(item, dict) else None
         replicas = item.get("replicas") if isinstance(item, dict) else None
         if at is not None and isinstance(replicas, int) and replicas >= 0:
             out.append(Recommendation(at, replicas))
