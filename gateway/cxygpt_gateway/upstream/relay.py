@@ -235,25 +235,28 @@ class Relay:
             eject(target.queue, backend, restore_after=None if checked else EJECT_S)
             tried += (backend,)
             queued_s, key = a.slot.queued_s, a.slot.key
-            other = target.queue.take_other(tried, queued_s=queued_s, key=key)  # the next in the request's order
+            # the next in the request's order
+            other = target.queue.take_other(tried, queued_s=queued_s, key=key, adapter=a.slot.adapter)
             a.slot.release(served=False)
             if other is None:
                 if not target.queue.routable():
                     raise GatewayError(503, f"model {target.name}: replica {backend.url} {failure}, and no other "
                                             "replica is left; nothing of the request was sent, so it is safe to retry",
                                        code="no_ready_replica", reason="replica_unreachable", retry_after=1)
-                other = await self._wait_ahead(target, key, failure=f"replica {backend.url} {failure}")
+                other = await self._wait_ahead(target, key, a.slot.adapter,
+                                               failure=f"replica {backend.url} {failure}")
                 other.queued_s += queued_s
                 other.choice = OTHER
             a.slot = other
             child(up.metrics.failovers, target.name).inc()
 
-    async def _wait_ahead(self, target: ModelRoute, key: RouteKey | None, failure: str) -> Slot:
+    async def _wait_ahead(self, target: ModelRoute, key: RouteKey | None, adapter: str | None,
+                          failure: str) -> Slot:
         """Back in line, ahead of everyone (this request was admitted before them), for the next free replica."""
         queue_s = target.limits.timeouts.queue_s
         try:
             with self.ex.deadline(queue_s):
-                return await target.queue.wait(FAILOVER_PRIORITY, key)
+                return await target.queue.wait(FAILOVER_PRIORITY, key, adapter)
         except TimeoutError:
             raise GatewayError(503, f"model {target.name}: {failure}, and no other replica was free within "
                                     f"{queue_s:g} s; nothing of the request was sent, so it is safe to retry",
