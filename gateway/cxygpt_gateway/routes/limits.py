@@ -26,7 +26,9 @@ def model_view(route) -> dict:
             "queue_depth": route.queue.waiting, "in_flight": route.queue.in_flight,
             "routing": {"policy": route.routing.policy, "epsilon": route.routing.epsilon},
             "state": route.state(), "scale_from_zero": route.spec.scale_from_zero is not None,
-            **({"parent": route.parent} if route.parent is not None else {})}
+            # an adapter: its base, and on how many of the ready replicas it is loaded
+            **({"parent": route.parent, "loaded_on": len(route.queue.serving(route.name))}
+               if route.parent is not None else {})}
 
 
 def router(registry: Registry, keys: KeyStore) -> APIRouter:
