@@ -65,7 +65,7 @@ def test_a_replica_where_the_adapter_is_active_comes_first_then_one_with_a_free_
     assert adapter_rank(rs[0], "a") == 1
 
 
-def test_among_equal_replicas_the_prefix_order_holds_and_the_load_bound_moves_the_active_one_last():
+def test_among_equal_replicas_the_prefix_order_holds_and_only_where_it_is_active_the_bound_does_not():
     rs = replicas(4, loaded=[{"a"}] * 4)
     ring_order = urls(order(PREFIX, rs, RouteKey(12345)))
     assert urls(order(PREFIX, rs, RouteKey(12345), adapter="a")) == ring_order  # nobody active: the ring's
@@ -73,12 +73,17 @@ def test_among_equal_replicas_the_prefix_order_holds_and_the_load_bound_moves_th
     active.lora_active = frozenset({"a"})
     ranked = urls(order(PREFIX, rs, RouteKey(12345), adapter="a"))
     assert ranked[0] == ring_order[2] and ranked[1:] == [u for u in ring_order if u != ring_order[2]]
-    # above the load bound (⌈1.25 × 9 / 4⌉ = 3): after every replica within it
+    # above the load bound (⌈1.25 × 9 / 4⌉ = 3) where it is active: still first (its slots bound it, in pick)
     active.outstanding = 5
     for r in rs:
         if r is not active:
             r.outstanding = 1
-    assert urls(order(PREFIX, rs, RouteKey(12345), adapter="a"))[-1] == ring_order[2]
+    assert urls(order(PREFIX, rs, RouteKey(12345), adapter="a"))[0] == ring_order[2]
+    # one with a free adapter slot above the bound: after those within it
+    spare = rs[int(ring_order[0])]
+    active.outstanding, spare.outstanding = 1, 5
+    ranked = urls(order(PREFIX, rs, RouteKey(12345), adapter="a"))
+    assert ranked[0] == ring_order[2] and ranked[-1] == ring_order[0]
 
 
 def test_the_first_choice_for_an_adapter_is_its_active_replica_and_a_spill_is_said():

@@ -95,7 +95,9 @@ def _prefix(routing: Routing, healthy: list[R], key: RouteKey, ring: Ring,
     on the ring, alike in every gateway). What every request of a home shares (a tenant's system prompt) moves
     nothing: the home keeps its requests together, and gateways that have seen different requests still agree.
     For an adapter, the replicas where it is active come first, then those with a free adapter slot (adapter_rank),
-    each in that order: a request that would wait for an adapter slot loses more than a cached prefix saves."""
+    each in that order: a request that would wait for an adapter slot loses more than a cached prefix saves; and
+    where it is active the load bound does not hold (only the replica's slots): spilling it to a replica where it
+    is not would make a third adapter wait there for one of the batch's."""
     by_url = {r.url: r for r in healthy}
     walk = [by_url[url] for url in ring.walk(key.home) if url in by_url]
     if len(walk) < len(healthy):  # a replica the ring was not built with: after the others
@@ -105,14 +107,16 @@ def _prefix(routing: Routing, healthy: list[R], key: RouteKey, ring: Ring,
         held = {url: depth for url, depth in index.depths(key.chain, by_url).items() if depth > key.identity}
         if held:  # the deepest first, stable: equals keep the ring's order
             walk.sort(key=lambda r: -held.get(r.url, 0))
+    ranks: dict[str, int] = {}
     if adapter is not None:
-        walk.sort(key=lambda r: adapter_rank(r, adapter))
+        ranks = {r.url: adapter_rank(r, adapter) for r in walk}
+        walk.sort(key=lambda r: ranks[r.url])
     # the bound balances this gateway's own requests: another gateway's, read up to an interval ago, would move a
     # conversation off its home at low load for a request that has ended (every gateway balancing its share
     # balances the sum); the engine's slots count everybody's (pick)
     bound = load_bound(routing.epsilon, sum(r.outstanding for r in healthy), len(healthy))
-    within = [r for r in walk if r.outstanding < bound]
-    return within + sorted((r for r in walk if r.outstanding >= bound), key=load_rank), walk[0]
+    within = [r for r in walk if r.outstanding < bound or ranks.get(r.url) == 0]
+    return within + sorted((r for r in walk if r not in within), key=load_rank), walk[0]
 
 
 def order(routing: Routing, replicas: Collection[R], key: RouteKey | None = None, *, ring: Ring | None = None,
