@@ -160,6 +160,7 @@ def test_an_adapter_loaded_at_runtime_takes_requests_there_and_an_unloaded_one_s
 
 def test_an_adapter_no_replica_has_is_a_503_after_a_short_wait_never_a_404(fleet, client):
     _, gateway, _ = fleet
+    wait_until(lambda: loaded_on(gateway, "tight") == 0, timeout=10, what="every replica read: none has tight")
     with pytest.raises(openai.APIStatusError) as e:
         client.chat.completions.create(model="tight", messages=MESSAGES, max_tokens=4)
     assert e.value.status_code == 503 and e.value.response.headers["retry-after"] == "5"

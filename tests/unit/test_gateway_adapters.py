@@ -137,6 +137,9 @@ async def test_a_waiter_for_an_adapter_goes_as_soon_as_a_replica_has_it_loaded()
     for b in q.backends.values():
         b.adapters = frozenset()
     assert q.try_take(adapter="new") is None and q.serving("new") == []
+    q.backends["http://a"].adapters = None                          # never read: it may have it
+    assert q.serving("new") == [q.backends["http://a"]]
+    q.backends["http://a"].adapters = frozenset()
     waiting = asyncio.ensure_future(q.wait(adapter="new"))
     await asyncio.sleep(0)
     assert not waiting.done()

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable
 
 from ..errors import GatewayError
 from ..routing.keys import RouteKey
-from ..routing.policies import AFFINITY, DEFAULT_ROUTING, SPILL, Router, Routing
+from ..routing.policies import AFFINITY, DEFAULT_ROUTING, SPILL, Router, Routing, serves
 
 # A slot that frees on a replica which is not the head of the line's first choice goes to the first of the next
 # LOOKAHEAD waiters (of the head's priority) whose first choice it is: their prefixes are cached there, and a full
@@ -131,8 +131,9 @@ class ModelQueue:
         return [b for b in self.backends.values() if b.healthy]
 
     def serving(self, adapter: str) -> list[Backend]:
-        """The healthy replicas known to have `adapter` loaded."""
-        return [b for b in self.backends.values() if b.healthy and b.adapters is not None and adapter in b.adapters]
+        """The healthy replicas that may take a request for `adapter`: it is loaded there, or their adapters were
+        never read (as routing takes them: policies.serves)."""
+        return [b for b in self.backends.values() if b.healthy and serves(b, adapter)]
 
     def adapter_requests(self, adapter: str) -> int:
         """This gateway's requests of `adapter` in flight or waiting in line."""
