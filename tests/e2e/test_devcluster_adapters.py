@@ -4,6 +4,7 @@ server's pod proxy) an adapter is added and another removed: nothing restarts, n
 within seconds, the removed one is refused only after the change; a bad adapter is Failed with the engine's own
 message while the base keeps serving."""
 import base64
+import ssl
 import threading
 import time
 from pathlib import Path
@@ -48,7 +49,11 @@ def proxy_clients(dev, tmp: Path, pods) -> dict[str, openai.OpenAI]:
                        ("key", user["client-key-data"])):
         files[key] = tmp / f"admin.{key}"
         files[key].write_bytes(base64.b64decode(field))
-    http = httpx.Client(cert=(str(files["crt"]), str(files["key"])), verify=str(files["ca"]), timeout=30)
+    # the API server authenticates the certificate; the SDK's bearer key (the engines ask for none) would be refused
+    tls = ssl.create_default_context(cafile=str(files["ca"]))
+    tls.load_cert_chain(str(files["crt"]), str(files["key"]))
+    http = httpx.Client(verify=tls, timeout=30,
+                        event_hooks={"request": [lambda request: request.headers.pop("Authorization", None)]})
     return {pod: openai.OpenAI(base_url=f"{dev.api}/api/v1/namespaces/default/pods/{pod}:8000/proxy/v1",
                                api_key="none", max_retries=0, http_client=http) for pod in pods}
 
