@@ -15,6 +15,9 @@ MAX_NAME = 128          # a served model name's bound, as spec.model.name
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
 ADAPTERS_MOUNT = "/models/adapters"
 RUNTIME_LORA_ENV = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"
+# the engine pods' readiness gate: the operator sets it once the pod's engine has every adapter loaded (or refused),
+# so a new replica takes no traffic before it serves its adapters
+ADAPTERS_GATE = "cxygpt.io/adapters-loaded"
 # the engine flags spec.adapters derives: spec.engine.args may not set them beside it
 LORA_ARGS = ("enable-lora", "max-loras", "max-lora-rank", "max-cpu-loras", "lora-modules")
 MESSAGE_CHARS = 300     # an engine's answer quoted in status and Events at most this long
@@ -136,6 +139,7 @@ class Plan:
     calls: tuple[Call, ...]
     status: list[dict]
     settled: bool           # nothing left to do that a later pass could do sooner than a retry
+    complete: tuple[str, ...] = ()  # pods (uids) with every adapter loaded or refused: their readiness gate opens
 
 
 @dataclass(frozen=True)
@@ -176,10 +180,12 @@ def plan(adapters: Sequence[Adapter], engines: Sequence[Engine], failures: Mappi
     engine's refusal; a failed load is not tried again on that engine before FAILED_RETRY_S, nor for another
     path. Engines that did not answer count as replicas that do not have the adapter yet."""
     wanted = {a.name: a.path for a in adapters if a.name not in blocked and a.path}
-    unloads, loads = [], []
+    unloads, loads, complete = [], [], []
     for engine in engines:
         if engine.loaded is None:
             continue
+        if all(engine.loaded.get(n) == p or (engine.uid, n, p) in failures for n, p in wanted.items()):
+            complete.append(engine.uid)
         for name in sorted(set(engine.loaded) - set(wanted)):
             unloads.append(Call(engine.uid, engine.name, "unload", name))
         for name, path in sorted(wanted.items()):
@@ -210,7 +216,7 @@ def plan(adapters: Sequence[Adapter], engines: Sequence[Engine], failures: Mappi
                          message=f"loaded on {len(done)}/{len(engines)} replicas" if engines
                          else "no engine replica is running")
         status.append(entry)
-    return Plan(tuple(calls), status, settled=not unloads and not loads)
+    return Plan(tuple(calls), status, settled=not unloads and not loads, complete=tuple(complete))
 
 
 @dataclass

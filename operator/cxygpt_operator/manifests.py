@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from cxygpt_profiles import ProfileTable, Selection, engine_args
 
 from . import GROUP, KIND, MANAGER, VERSION
-from .adapters import RUNTIME_LORA_ENV, claim_mount
+from .adapters import ADAPTERS_GATE, RUNTIME_LORA_ENV, claim_mount
 from .cache import CacheKey, build_job, cache_key, hf_source, weights_path
 from .nodes import GPU_COUNT_LABEL, GPU_MEMORY_LABEL, GPU_PRODUCT_LABEL, GPU_RESOURCE, MEMORY_OVERRIDE_LABEL
 from .resolve import ModelSpec, lora_slots
@@ -321,6 +321,8 @@ def build_deployment(owner: Owner, spec: ModelSpec, sel: Selection, table: Profi
             **({"nodeSelector": dict(pod.node_selector)} if pod.node_selector else {}),
             **({"runtimeClassName": pod.runtime_class} if pod.runtime_class else {}),
             **({"priorityClassName": pod.priority_class} if pod.priority_class else {}),
+            # with adapters: Ready only once the operator loaded them into this pod's engine
+            **({"readinessGates": [{"conditionType": ADAPTERS_GATE}]} if spec.adapters else {}),
         },
     }
     digest = config_hash(template)

@@ -2,7 +2,7 @@
 adapters of the dev Hub on two engine replicas; under steady load (the openai SDK at each engine pod, through the API
 server's pod proxy) an adapter is added and another removed: nothing restarts, no request fails, the new one answers
 within seconds, the removed one is refused only after the change; a bad adapter is Failed with the engine's own
-message while the base keeps serving."""
+message while the base keeps serving; a replica added later is Ready only with its adapters loaded."""
 import base64
 import ssl
 import threading
@@ -69,9 +69,9 @@ def adapters_status(dev) -> dict[str, dict]:
     return {a["name"]: a for a in (dev.md("lora").get("status") or {}).get("adapters") or []}
 
 
-def all_loaded(dev, names, replicas=2):
+def all_loaded(dev, names, replicas=2, exact=True):
     found = adapters_status(dev)
-    return set(found) == set(names) and all(
+    return (set(found) == set(names) if exact else set(found) >= set(names)) and all(
         found[n]["phase"] == "Loaded" and found[n]["loadedReplicas"] == replicas == found[n]["replicas"]
         for n in names) and found
 
@@ -169,3 +169,28 @@ def test_adapters_are_loaded_added_and_removed_under_load_without_restarts(dev, 
                          "-o", "json").stdout
     assert any("lora-bad" in e["message"] for e in yaml.safe_load(events)["items"])
     assert engine_pods(dev) == before
+
+    # a replica that starts later is Ready only once its engine has them all (the pods' readiness gate)
+    dev.kubectl("scale", "md", "lora", "--replicas=3")
+    new = wait_until(lambda: [p for p in pod_objects(dev) if p["metadata"]["uid"] not in {u for u, _ in
+                                                                                          before.values()}
+                              and condition(p, "Ready") == "True"], timeout=60, interval=0.2, what="a third pod Ready")
+    [pod] = new
+    cards = proxy_clients(dev, tmp_path, [pod["metadata"]["name"]])[pod["metadata"]["name"]].models.list().data
+    assert {m.id for m in cards} == {"lora-base", "lora-sql", "lora-sql-2"}
+    gate = next(c for c in pod["status"]["conditions"] if c["type"] == "cxygpt.io/adapters-loaded")
+    ready = next(c for c in pod["status"]["conditions"] if c["type"] == "Ready")
+    assert gate["status"] == "True" and ready["lastTransitionTime"] >= gate["lastTransitionTime"]
+    wait_until(lambda: all_loaded(dev, ["lora-sql", "lora-sql-2"], replicas=3, exact=False), timeout=30, interval=0.5,
+               what="status 3/3")
+    assert adapters_status(dev)["lora-bad"]["phase"] == "Failed"
+    assert {k: v for k, v in engine_pods(dev).items() if k in before} == before
+
+
+def pod_objects(dev) -> list[dict]:
+    return yaml.safe_load(dev.kubectl("get", "pods", "-l", "app.kubernetes.io/instance=lora", "-o", "json").stdout
+                          )["items"]
+
+
+def condition(pod, kind):
+    return next((c["status"] for c in (pod.get("status") or {}).get("conditions") or [] if c["type"] == kind), None)

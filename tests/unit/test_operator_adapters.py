@@ -181,6 +181,23 @@ def test_every_engine_gets_what_it_lacks_and_loses_what_was_removed():
         ("sql", "Loading", 1, 2), ("support", "Loading", 0, 2)]
 
 
+def test_a_pods_readiness_gate_opens_once_it_has_every_adapter_loaded_or_refused():
+    failures = {("u3", "support", "demo/support"): Failure("404: No adapter found", at=0.0)}
+    engines = [Engine("u1", "p1", {"sql": "demo/sql", "support": "demo/support", "old": "x"}),
+               Engine("u2", "p2", {"sql": "demo/sql"}), Engine("u3", "p3", {"sql": "demo/sql"}),
+               Engine("u4", "p4", None)]
+    assert plan([A, B], engines, failures, {}, now=1, max_calls=9).complete == ("u1", "u3")
+    # an adapter that is not to be loaded anywhere holds no pod back
+    blocked = blocked_adapters([B], base_names={"support": "ns/other"}, other_adapters={})
+    assert plan([A, B], engines, {}, blocked, now=1, max_calls=9).complete == ("u1", "u2", "u3")
+
+
+def test_the_pod_template_has_the_adapters_readiness_gate():
+    assert _deployment(spec(adapters=[SQL]))["spec"]["template"]["spec"]["readinessGates"] == [
+        {"conditionType": "cxygpt.io/adapters-loaded"}]
+    assert "readinessGates" not in _deployment(spec())["spec"]["template"]["spec"]
+
+
 def test_calls_are_bounded_per_pass_unloads_first():
     engines = [Engine(f"u{i}", f"p{i}", {"gone": "x"}) for i in range(5)]
     done = plan([A, B], engines, {}, {}, now=0, max_calls=3)
