@@ -92,8 +92,9 @@ async def sync(body: dict, *, kube: Kube, session: aiohttp.ClientSession, port: 
     offline = bool((model.get("cache") or {}).get("enabled")) or str(model.get("source", "")).startswith("pvc://")
     blocked = blocked_adapters(adapters, base_names=bases, other_adapters=others, offline=offline)
     pods = await asyncio.to_thread(kube.list_pods, owner.namespace, selector_labels(owner))
+    published = engines.slice_urls(await asyncio.to_thread(kube.list_endpoint_slices, owner.namespace, owner.name))
     urls = {p["metadata"]["uid"]: (p["metadata"]["name"], url) for p in pods
-            if (url := engines.base_url(p, port)) is not None}
+            if (url := engines.base_url(p, port, published)) is not None}
 
     async def look(uid: str) -> Engine:
         name, url = urls[uid]

@@ -20,13 +20,33 @@ class EngineUnreachable(Exception):
     """The engine did not answer (starting, gone, or an answer past the bounds)."""
 
 
-def base_url(pod: dict, port: int) -> str | None:
-    """http://<pod IP>:<port> of a running engine pod, or None (not running, no address, terminating)."""
-    status = pod.get("status") or {}
-    ip = status.get("podIP")
-    if not ip or status.get("phase") != "Running" or (pod.get("metadata") or {}).get("deletionTimestamp"):
-        return None
+def _url(ip: str, port: int) -> str:
     return f"http://[{ip}]:{port}" if ":" in ip else f"http://{ip}:{port}"
+
+
+def slice_urls(slices: list[dict]) -> dict[str, str]:
+    """pod uid → the engine's URL as its Service's EndpointSlices publish it (ready or not yet): the address and
+    port the Service reaches it on."""
+    found = {}
+    for s in slices:
+        port = next((p.get("port") for p in s.get("ports") or [] if p.get("name") == "http"), None)
+        if not isinstance(port, int):
+            continue
+        for e in s.get("endpoints") or []:
+            uid, addresses = (e.get("targetRef") or {}).get("uid"), e.get("addresses") or []
+            if uid and addresses:
+                found[uid] = _url(addresses[0], port)
+    return found
+
+
+def base_url(pod: dict, port: int, published: dict[str, str]) -> str | None:
+    """The URL of a running engine pod: its EndpointSlice's, else its pod IP and the engine's port; None when it is
+    not running, has no address or terminates."""
+    status, meta = pod.get("status") or {}, pod.get("metadata") or {}
+    ip = status.get("podIP")
+    if not ip or status.get("phase") != "Running" or meta.get("deletionTimestamp"):
+        return None
+    return published.get(meta.get("uid", "")) or _url(ip, port)
 
 
 async def _read(response: aiohttp.ClientResponse) -> str:

@@ -15,6 +15,7 @@ from cxygpt_operator.adapters import (
     parse_adapters,
     plan,
 )
+from cxygpt_operator.engines import adapters_of, base_url, slice_urls
 from cxygpt_operator.manifests import CONFIG_HASH, EngineImages, Owner, build_deployment
 from cxygpt_operator.resolve import Candidates, SpecError, lora_slots, parse_spec, resolve
 from cxygpt_profiles import GpuNode, default_catalog, default_table
@@ -260,6 +261,28 @@ def test_a_long_engine_message_is_cut():
     failures = {("u1", "sql", "demo/sql"): Failure("x" * 5000, at=0.0)}
     entry = plan([A], [Engine("u1", "p1", {})], failures, {}, now=1, max_calls=9).status[0]
     assert len(entry["message"]) < 400
+
+
+def test_an_engine_is_reached_where_its_service_publishes_it_else_at_its_pod_ip():
+    slices = [{"ports": [{"name": "http", "port": 41234}], "endpoints": [
+        {"addresses": ["127.0.0.1"], "conditions": {"ready": False}, "targetRef": {"uid": "u1"}}]},
+        {"ports": [], "endpoints": [{"addresses": ["10.0.0.9"], "targetRef": {"uid": "u9"}}]}]
+    published = slice_urls(slices)
+    assert published == {"u1": "http://127.0.0.1:41234"}
+
+    def pod(uid, ip="10.1.0.5", phase="Running", **meta):
+        return {"metadata": {"uid": uid, **meta}, "status": {"podIP": ip, "phase": phase}}
+    assert base_url(pod("u1"), 8000, published) == "http://127.0.0.1:41234"
+    assert base_url(pod("u2"), 8000, published) == "http://10.1.0.5:8000"
+    assert base_url(pod("u3", ip="fd00::5"), 8000, {}) == "http://[fd00::5]:8000"
+    assert base_url(pod("u4", phase="Pending"), 8000, {}) is None
+    assert base_url(pod("u5", deletionTimestamp="2026-12-06T00:00:00Z"), 8000, {}) is None
+
+
+def test_the_adapters_of_an_engine_are_the_cards_with_a_parent():
+    models = {"data": [{"id": "base", "root": "Qwen/Qwen3-0.6B", "parent": None},
+                       {"id": "sql", "root": "demo/sql", "parent": "base"}, "junk"]}
+    assert adapters_of(models) == {"sql": "demo/sql"}
 
 
 def test_the_example_parses():
