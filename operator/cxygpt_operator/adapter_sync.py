@@ -25,7 +25,7 @@ IDLE_RECHECK_S = 30.0       # every adapter where it should be: a slow look for 
 @dataclass(frozen=True)
 class Pass:
     status: list[dict] | None       # status.adapters (None: none)
-    calls: int
+    calls: int                      # loads and unloads made
     delay: float | None
     failed: list[tuple[str, str, str]]     # (adapter, reason, message) newly Failed, for Events
 
@@ -106,6 +106,7 @@ async def sync(body: dict, *, kube: Kube, session: aiohttp.ClientSession, port: 
     seen = list(await asyncio.gather(*(look(uid) for uid in sorted(urls))))
     memory.keep_only(seen, adapters)
     step = plan(adapters, seen, memory.failures, blocked, now=time.monotonic(), max_calls=MAX_CALLS_PER_PASS)
+    made = len(step.calls)
     if step.calls:
         async def act(pod_uid: str) -> None:
             # one engine's calls in turn (its engine loop runs them one by one anyway), engines at once
@@ -133,4 +134,4 @@ async def sync(body: dict, *, kube: Kube, session: aiohttp.ClientSession, port: 
     failed = [(s["name"], s["reason"], s["message"]) for s in step.status if s["phase"] == "Failed"
               and (shown.get(s["name"], {}).get("phase") != "Failed" or shown[s["name"]].get("reason") != s["reason"])]
     busy = not step.settled or any(s["phase"] == "Loading" for s in step.status)
-    return Pass(step.status, len(step.calls), BUSY_RECHECK_S if busy else IDLE_RECHECK_S, failed)
+    return Pass(step.status, made, BUSY_RECHECK_S if busy else IDLE_RECHECK_S, failed)

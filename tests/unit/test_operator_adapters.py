@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cxygpt_operator.adapter_sync import adapter_claims, conflicts
 from cxygpt_operator.adapters import (
     FAILED_RETRY_S,
     Adapter,
@@ -17,7 +18,7 @@ from cxygpt_operator.adapters import (
 )
 from cxygpt_operator.engines import adapters_of, base_url, slice_urls
 from cxygpt_operator.manifests import CONFIG_HASH, EngineImages, Owner, build_deployment
-from cxygpt_operator.resolve import Candidates, SpecError, lora_slots, parse_spec, resolve
+from cxygpt_operator.resolve import Candidates, NameClaim, SpecError, lora_slots, parse_spec, resolve
 from cxygpt_profiles import GpuNode, default_catalog, default_table
 from cxygpt_profiles.fit import estimate_fit, lora_slot_bytes
 from cxygpt_sim.config import base_layers, kv_budget
@@ -250,6 +251,23 @@ def test_a_name_another_model_serves_is_failed_and_never_loaded():
     assert [(c.action, c.name) for c in done.calls] == [("unload", "sql")]
     assert [(s["phase"], s["reason"]) for s in done.status] == [("Failed", "ModelNameConflict")] * 2
     assert "llm/other" in done.status[0]["message"]
+
+
+def test_an_adapters_name_belongs_to_another_models_base_or_to_the_older_models_adapter():
+    def body(name, uid, created):
+        return {"metadata": {"name": name, "namespace": "ns", "uid": uid, "creationTimestamp": created},
+                "spec": {"adapters": [{"name": "sql", "source": "hf://o/sql"}, {"name": "x", "source": "hf://o/x"}]}}
+    older, mine = body("older", "u0", "2026-01-01T00:00:00Z"), body("mine", "u1", "2026-02-01T00:00:00Z")
+    index: dict = {}
+    for each in (older, mine):
+        for name, claim in adapter_claims(each).items():
+            index.setdefault(name, []).append(claim)
+    me = adapter_claims(mine)["sql"]
+    bases = {"x": [NameClaim("2026-03-01T00:00:00Z", "u9", "other", "x-model")], "sql": [me]}
+    found = conflicts([A, Adapter("x", "hf://o/x")], me, bases, index)
+    assert found == ({"x": "other/x-model"}, {"sql": "ns/older", "x": "ns/older"})
+    # the older model keeps its adapters' names
+    assert conflicts([A], adapter_claims(older)["sql"], {}, index) == ({}, {})
 
 
 def test_a_hub_adapter_on_offline_engines_is_failed():
