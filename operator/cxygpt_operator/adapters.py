@@ -64,7 +64,7 @@ class LoraSpec:
     max_loras: int | None = None
 
 
-def parse_adapters(raw, base_name: str) -> tuple[Adapter, ...]:
+def parse_adapters(raw: object, base_name: str) -> tuple[Adapter, ...]:
     """spec.adapters as the schema checks it; the sources are checked by the caller (resolve.check_source)."""
     if raw is None:
         return ()
@@ -88,7 +88,7 @@ def parse_adapters(raw, base_name: str) -> tuple[Adapter, ...]:
     return tuple(adapters)
 
 
-def parse_lora(raw) -> LoraSpec:
+def parse_lora(raw: object) -> LoraSpec:
     raw = raw or {}
     if not isinstance(raw, dict):
         raise AdapterError("spec.lora must be an object")
