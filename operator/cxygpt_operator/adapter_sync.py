@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import aiohttp
 
 from . import engines
-from .adapters import ADAPTERS_GATE, Adapter, Engine, Failure, Memory, blocked_adapters, parse_adapters, plan
+from .adapters import Adapter, Engine, Failure, Memory, blocked_adapters, gate_condition, parse_adapters, plan
 from .kube import Kube
 from .manifests import Owner, selector_labels
 from .resolve import NameClaim, check_source
@@ -51,15 +51,6 @@ def conflicts(adapters: Sequence[Adapter], me: NameClaim, base_claims: Mapping[s
         if older:
             others[a.name] = min(older).ref
     return bases, others
-
-
-def _gate_open(pod: dict) -> bool:
-    return any(c.get("type") == ADAPTERS_GATE and c.get("status") == "True"
-               for c in (pod.get("status") or {}).get("conditions") or [])
-
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _adapters(spec: dict) -> tuple[Adapter, ...]:
@@ -120,14 +111,10 @@ async def sync(body: dict, *, kube: Kube, session: aiohttp.ClientSession, port: 
         await asyncio.gather(*(act(uid) for uid in sorted({c.pod_uid for c in step.calls})))
         seen = list(await asyncio.gather(*(look(uid) for uid in sorted(urls))))
         step = plan(adapters, seen, memory.failures, blocked, now=time.monotonic(), max_calls=MAX_CALLS_PER_PASS)
-    gated = {p["metadata"]["uid"]: p for p in pods if any(g.get("conditionType") == ADAPTERS_GATE
-                                                          for g in (p.get("spec") or {}).get("readinessGates") or [])}
-    for uid in step.complete:
-        if uid in gated and not _gate_open(gated[uid]):
-            await asyncio.to_thread(kube.set_pod_condition, owner.namespace, gated[uid]["metadata"]["name"], {
-                "type": ADAPTERS_GATE, "status": "True", "reason": "AdaptersLoaded",
-                "message": "every adapter of spec.adapters is loaded or refused", "lastProbeTime": None,
-                "lastTransitionTime": _now()})
+    now = datetime.datetime.now(datetime.UTC)
+    for pod in pods:
+        if condition := gate_condition(pod, pod["metadata"]["uid"] in step.complete, now):
+            await asyncio.to_thread(kube.set_pod_condition, owner.namespace, pod["metadata"]["name"], condition)
     if step.status != before:
         await asyncio.to_thread(kube.patch_status, owner.namespace, owner.name, {ADAPTERS_STATUS: step.status})
     shown = {s["name"]: s for s in before or []}

@@ -2,6 +2,7 @@
 → the calls to make and status.adapters."""
 from __future__ import annotations
 
+import datetime
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -21,6 +22,9 @@ ADAPTERS_GATE = "cxygpt.io/adapters-loaded"
 # the engine flags spec.adapters derives: spec.engine.args may not set them beside it
 LORA_ARGS = ("enable-lora", "max-loras", "max-lora-rank", "max-cpu-loras", "lora-modules")
 MESSAGE_CHARS = 300     # an engine's answer quoted in status and Events at most this long
+# a pod whose containers are ready but whose adapters are not all in after this long takes traffic for its base anyway
+# (an engine the operator cannot reach, a load that hangs): an adapter never keeps the base from serving
+GATE_TIMEOUT_S = 120.0
 FAILED_RETRY_S = 300.0  # a load that failed is tried again on that engine after this long (a Hub outage ends)
 
 
@@ -217,6 +221,36 @@ def plan(adapters: Sequence[Adapter], engines: Sequence[Engine], failures: Mappi
                          else "no engine replica is running")
         status.append(entry)
     return Plan(tuple(calls), status, settled=not unloads and not loads, complete=tuple(complete))
+
+
+def _since(pod: dict, kind: str) -> datetime.datetime | None:
+    """When the pod's condition `kind` turned True, or None while it is not True."""
+    found = next((c for c in (pod.get("status") or {}).get("conditions") or [] if c.get("type") == kind), None)
+    if not found or found.get("status") != "True" or not found.get("lastTransitionTime"):
+        return None
+    try:
+        return datetime.datetime.fromisoformat(str(found["lastTransitionTime"]).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def gate_condition(pod: dict, complete: bool, now: datetime.datetime) -> dict | None:
+    """The readiness gate's condition to set on an engine pod now, or None: True once its engine has every adapter
+    loaded or refused (`complete`), or once its containers have been ready GATE_TIMEOUT_S without that (it then
+    serves its base; status.adapters says which adapters it lacks)."""
+    gated = any(g.get("conditionType") == ADAPTERS_GATE for g in (pod.get("spec") or {}).get("readinessGates") or [])
+    if not gated or _since(pod, ADAPTERS_GATE) is not None:
+        return None
+    stamp = now.strftime("%Y-%m-%dT%H:%M:%SZ")
+    if complete:
+        return {"type": ADAPTERS_GATE, "status": "True", "reason": "AdaptersLoaded", "lastProbeTime": None,
+                "message": "every adapter of spec.adapters is loaded or refused", "lastTransitionTime": stamp}
+    ready = _since(pod, "ContainersReady")
+    if ready is not None and (now - ready).total_seconds() >= GATE_TIMEOUT_S:
+        return {"type": ADAPTERS_GATE, "status": "True", "reason": "AdaptersNotLoaded", "lastProbeTime": None,
+                "message": f"the engine did not have every adapter {GATE_TIMEOUT_S:.0f} s after it was ready: it "
+                "serves its base and the adapters it has (status.adapters)", "lastTransitionTime": stamp}
+    return None
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """LoRA adapters in the operator's pure core: spec.adapters parsed, the engine's LoRA arguments (the same whatever the
 adapters), the fit estimate's adapter slots (as the simulator counts them), and the load/unload plan with
 status.adapters."""
+import datetime
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from cxygpt_operator.adapters import (
     Engine,
     Failure,
     blocked_adapters,
+    gate_condition,
     parse_adapters,
     plan,
 )
@@ -192,6 +194,23 @@ def test_a_pods_readiness_gate_opens_once_it_has_every_adapter_loaded_or_refused
     # an adapter that is not to be loaded anywhere holds no pod back
     blocked = blocked_adapters([B], base_names={"support": "ns/other"}, other_adapters={})
     assert plan([A, B], engines, {}, blocked, now=1, max_calls=9).complete == ("u1", "u2", "u3")
+
+
+def test_the_gate_opens_when_the_adapters_are_in_or_the_containers_have_waited_long_enough():
+    now = datetime.datetime(2026, 12, 6, 10, 0, 0, tzinfo=datetime.UTC)
+
+    def pod(*conditions, gated=True):
+        return {"spec": {"readinessGates": [{"conditionType": "cxygpt.io/adapters-loaded"}] if gated else []},
+                "status": {"conditions": [{"type": t, "status": v, "lastTransitionTime": at} for t, v, at in conditions]}}
+    ready_since = ("ContainersReady", "True", "2026-12-06T09:58:01Z")  # 119 s before now
+    assert gate_condition(pod(), True, now)["reason"] == "AdaptersLoaded"
+    assert gate_condition(pod(ready_since), False, now) is None
+    later = now + datetime.timedelta(seconds=1)
+    opened = gate_condition(pod(ready_since), False, later)
+    assert opened["status"] == "True" and opened["reason"] == "AdaptersNotLoaded"
+    assert opened["lastTransitionTime"] == "2026-12-06T10:00:01Z"
+    assert gate_condition(pod(("cxygpt.io/adapters-loaded", "True", "2026-12-06T09:00:00Z")), True, now) is None
+    assert gate_condition(pod(gated=False), True, now) is None
 
 
 def test_the_pod_template_has_the_adapters_readiness_gate():
