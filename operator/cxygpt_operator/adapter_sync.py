@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import time
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 import aiohttp
@@ -66,9 +66,10 @@ def _adapters(spec: dict) -> tuple[Adapter, ...]:
 
 async def sync(body: dict, *, kube: Kube, session: aiohttp.ClientSession, port: int, memory: Memory,
                base_claims: Mapping[str, Collection[NameClaim]], adapter_index: Mapping[str, Collection[NameClaim]],
-               written: list[dict] | None) -> Pass:
+               written: list[dict] | None, counted: Callable[[str, bool], None] = lambda action, ok: None) -> Pass:
     """One pass: every running engine pod of the model asked for its adapters, the plan's calls made, the status
-    as the engines show it after them (written when it changed; `written` is the one this loop wrote last)."""
+    as the engines show it after them (written when it changed; `written` is the one this loop wrote last); each
+    call's action and success go to `counted`."""
     meta, spec = body["metadata"], body.get("spec") or {}
     owner = Owner(meta["name"], meta["namespace"], meta["uid"])
     adapters = _adapters(spec)
@@ -103,6 +104,7 @@ async def sync(body: dict, *, kube: Kube, session: aiohttp.ClientSession, port: 
             # one engine's calls in turn (its engine loop runs them one by one anyway), engines at once
             for c in (c for c in step.calls if c.pod_uid == pod_uid):
                 why = await engines.call(session, urls[pod_uid][1], c.action, c.name, c.path, c.inplace)
+                counted(c.action, why is None)
                 if c.action == "load":
                     if why is None:
                         memory.failures.pop((c.pod_uid, c.name, c.path), None)

@@ -404,7 +404,9 @@ async def keep_adapters(stopped, namespace: str, name: str, body: kopf.Body, mem
         if snapshot["metadata"].get("deletionTimestamp"):
             return None
         done = await sync(snapshot, kube=ctx.kube, session=session, port=ctx.table.vllm.port, memory=memory,
-                          base_claims=model_names, adapter_index=adapter_names, written=written)
+                          base_claims=model_names, adapter_index=adapter_names, written=written,
+                          counted=lambda action, ok: shared.metrics.adapter_calls.labels(action, "ok" if ok else
+                                                                                         "failed").inc())
         written = done.status
         if done.calls:
             logger.info("adapters: %d loads or unloads; %s", done.calls,

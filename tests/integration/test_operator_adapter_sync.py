@@ -76,14 +76,12 @@ def md(kube, adapters):
     return kube.get("md", "lora")
 
 
-async def passes(kube, memory, body, base_claims=None, rounds=1):
+async def passes(kube, memory, body, base_claims=None, calls=None):
     client = Kube(api_client(str(kube.kubeconfig)))
     async with aiohttp.ClientSession() as session:
-        done = None
-        for _ in range(rounds):
-            done = await sync(body, kube=client, session=session, port=1, memory=memory,
-                              base_claims=base_claims or {}, adapter_index={}, written=None)
-        return done
+        return await sync(body, kube=client, session=session, port=1, memory=memory, base_claims=base_claims or {},
+                          adapter_index={}, written=None,
+                          counted=lambda action, ok: (calls if calls is not None else []).append((action, ok)))
 
 
 def engine_adapters(host, port):
@@ -92,8 +90,10 @@ def engine_adapters(host, port):
 
 def test_one_pass_loads_refuses_unloads_and_opens_the_gates(model, engines):
     kube, memory, (host, ports) = model, Memory(), engines
-    done = asyncio.run(passes(kube, memory, md(kube, [SQL, SUPPORT])))
+    calls = []
+    done = asyncio.run(passes(kube, memory, md(kube, [SQL, SUPPORT]), calls=calls))
     assert done.calls == 4  # each adapter on each engine
+    assert sorted(calls) == [("load", False), ("load", False), ("load", True), ("load", True)]
     assert [engine_adapters(host, p) for p in ports] == [{"sql"}, {"sql"}]
     status = {a["name"]: a for a in kube.get("md", "lora")["status"]["adapters"]}
     assert (status["sql"]["phase"], status["sql"]["loadedReplicas"], status["sql"]["replicas"]) == ("Loaded", 2, 2)
