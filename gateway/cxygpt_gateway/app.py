@@ -90,7 +90,7 @@ def build(settings: GatewaySettings, table: ProfileTable, discovery: Discovery |
                         auto_degrade=settings.auto_degrade, degrade_window_s=settings.degrade_window_s,
                         routing_policy=settings.routing.policy, routing_epsilon=settings.routing.epsilon,
                         on_degrade=on_degrade, demand_window_s=settings.demand_window_s,
-                        gateways=settings.gateway_replicas)
+                        gateways=settings.gateway_replicas, max_adapters=settings.max_adapters_per_model)
     keys = KeyStore.from_file(settings.keys_file)
     discovery = discovery or make_discovery(settings, table)
     limiter = RateLimiter(open_windows(settings.redis_url), on_storage_error=metrics.ratelimit_storage_errors.inc)

@@ -25,6 +25,15 @@ class RoutingConfig(BaseModel):
                                   "floor(epsilon x max_concurrency) more than its slots; default 0.25")
 
 
+class AdapterConfig(BaseModel):
+    """A LoRA adapter on a static model's replicas, served under its own name."""
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=256, description="the adapter's served name (the engines' lora_name)")
+    limits: dict = Field(default_factory=dict, description="overrides of the model's limits for this adapter's "
+                                                           "requests (rate budgets are its own either way)")
+
+
 class ModelConfig(BaseModel):
     """One model of the static backend file."""
     model_config = ConfigDict(extra="forbid")
@@ -43,6 +52,8 @@ class ModelConfig(BaseModel):
     external: bool = Field(False, description="an external OpenAI-compatible provider: no /tokenize, no /health")
     routing: RoutingConfig = Field(default_factory=RoutingConfig,
                                    description="this model's routing; unset keys come from the top-level routing")
+    adapters: list[str | AdapterConfig] = Field(
+        default_factory=list, description="LoRA adapters its replicas may load: a name, or {name, limits}")
 
     @model_validator(mode="after")
     def _has_upstream(self):
@@ -99,6 +110,12 @@ class GatewaySettings(BaseSettings):
     demand_window_s: float = Field(
         10.0, gt=0, description="the window of cxygpt_gateway_demand (in flight + waiting, averaged), which the "
                                 "operator's autoscaler reads")
+    max_adapters_per_model: int = Field(
+        32, ge=0, le=1000, description="LoRA adapters served per model (the first ones its config or "
+                                       "ModelDeployment lists): bounds the metrics' model labels")
+    adapter_wait_s: float = Field(
+        5.0, ge=0, le=600, description="how long a request for an adapter that no ready replica has loaded waits "
+                                       "for one (it may be loading) before a 503")
     cold_start_timeout_s: float = Field(
         600.0, gt=0, description="how long a request for an autoscaled model with no ready replica (at zero: "
                                  "woken by it) waits for the first one")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import httpx
+import pytest
 from kubernetes import client
 from test_gateway_support import start_gateway, start_sim, wait_until
 
@@ -199,3 +200,54 @@ def test_the_gateways_sharing_the_engines_are_counted_from_their_services_ready_
     finally:
         api.close()
         gateway.stop()
+
+
+def crd_has_adapters() -> bool:
+    """Whether the CRD declares spec.adapters (the operator's side of issue 27: until it is merged, the API refuses a
+    ModelDeployment with adapters)."""
+    import yaml
+
+    from harness import REPO
+    crd = yaml.safe_load((REPO / "deploy/crds/modeldeployments.cxygpt.io.yaml").read_text())
+    return all("adapters" in v["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+               for v in crd["spec"]["versions"])
+
+
+@pytest.mark.skipif(not crd_has_adapters(), reason="the CRD has no spec.adapters yet (issue 27's operator side)")
+def test_a_modeldeployments_adapters_are_served_as_models_and_a_removed_one_goes(tmp_path, kube_api):
+    from cxygpt_dev.hub import make_adapter_repo
+    repo = make_adapter_repo(tmp_path / "repos", "t/sql", base_model="Qwen/Qwen3-14B")
+    sim = start_sim(tmp_path, "qwen3-14b", ttft_ms=5, itl_ms=1,
+                    extra_args=("--enable-lora", "--max-loras", "2", "--lora-modules", f"sql={repo}"))
+    gateway = start_gateway(tmp_path, {"engine_metrics_interval_s": 0.2, "adapter_wait_s": 1},
+                            extra_args=("--kubernetes", "--kubeconfig", str(kube_api.kubeconfig)))
+    api = kube_api.api_client()
+    k = Cluster(api)
+    try:
+        k.custom.create_namespaced_custom_object(GROUP, VERSION, "default", PLURAL, {
+            "apiVersion": f"{GROUP}/{VERSION}", "kind": "ModelDeployment", "metadata": {"name": "qwen3-14b"},
+            "spec": {"model": {"name": "qwen3-14b", "source": "hf://Qwen/Qwen3-14B"}, "mode": "multi",
+                     "adapters": [{"name": "sql", "source": "hf://t/sql@main"},
+                                  {"name": "support", "source": "hf://t/support@main"}]}})
+        r = answered(gateway.url, "sql", 503, "adapter sql of model qwen3-14b")  # no status yet: 503, not 404
+        assert r.json()["error"]["code"] == "no_ready_replica"
+        k.status("default", "qwen3-14b", phase="Ready", ready="1/1")
+        k.endpoints("default", "qwen3-14b", sim.port)
+        wait_until(lambda: set(model_ids(gateway.url)) == {"qwen3-14b", "sql", "support"}, timeout=10,
+                   what="the base and its adapters listed")
+        cards = {m["id"]: m for m in httpx.get(gateway.url + "/v1/models", timeout=5).json()["data"]}
+        assert (cards["sql"]["parent"], cards["sql"]["root"]) == ("qwen3-14b", "hf://t/sql@main")
+        r = answered(gateway.url, "sql", 200)
+        assert r.json()["model"] == "sql" and r.headers["x-cxygpt-model"] == "sql"
+        # listed, not loaded on the engine (the operator loads it): a 503 that says so, never a 404
+        r = answered(gateway.url, "support", 503, "not loaded on any ready replica")
+        assert r.json()["error"]["code"] == "adapter_not_loaded"
+
+        k.custom.patch_namespaced_custom_object(GROUP, VERSION, "default", PLURAL, "qwen3-14b",
+                                                {"spec": {"adapters": [{"name": "support", "source": "hf://t/support@main"}]}})
+        answered(gateway.url, "sql", 404, "does not exist")   # removed, nothing of it in flight: unknown now
+        assert "sql" not in model_ids(gateway.url)
+    finally:
+        api.close()
+        gateway.stop()
+        sim.stop()

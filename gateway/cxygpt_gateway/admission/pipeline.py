@@ -10,7 +10,7 @@ import orjson
 
 from ..errors import GatewayError
 from ..exchange.port import ClientLeft, Exchange, body_too_large
-from ..routing.keys import RouteKey, route_key
+from ..routing.keys import RouteKey, for_adapter, route_key
 from ..routing.policies import load
 from ..routing.registry import Registry, no_ready_replica
 from .auth import Caller, KeyStore
@@ -103,20 +103,32 @@ def _output_cap(target: ModelRoute, caller: Caller, degraded: bool, requested: i
     return min(requested or cap, cap)
 
 
+def adapter_not_loaded(target: ModelRoute, waited_s: float) -> GatewayError:
+    return GatewayError(503, f"adapter {target.name} of model {target.parent} is not loaded on any ready replica "
+                             f"(waited {waited_s:g} s: it may be loading, or failed to load); retry later",
+                        code="adapter_not_loaded", reason="adapter_not_loaded", retry_after=5)
+
+
 async def _wait_in_line(ex: Exchange, target: ModelRoute, priority: int, key: RouteKey | None,
-                        cold_start_s: float) -> Slot:
+                        cold_start_s: float, adapter_wait_s: float) -> Slot:
     """The next free slot, within the queue timeout (the cold-start timeout while the model has no replica that
-    could ever free one: it is starting from zero); a client that leaves meanwhile leaves the line at once."""
+    could ever free one: it is starting from zero; `adapter_wait_s` while none that is ready has the adapter asked
+    for loaded: it may be loading); a client that leaves meanwhile leaves the line at once."""
     cold = not target.queue.routable()
     wait_s = cold_start_s if cold else target.limits.timeouts.queue_s
+    unloaded = target.adapter is not None and not cold and not target.queue.serving(target.adapter)
+    if unloaded:
+        wait_s = min(wait_s, adapter_wait_s)
     try:
         with ex.watched():
             with ex.deadline(wait_s):
-                return await target.queue.wait(priority, key)
+                return await target.queue.wait(priority, key, target.adapter)
     except ClientLeft:
         raise GatewayError(499, "client closed the request while it waited in the queue",
                            code="client_closed_request", reason="client_gone_while_queued") from None
     except TimeoutError:
+        if unloaded and target.adapter is not None and not target.queue.serving(target.adapter):
+            raise adapter_not_loaded(target, wait_s) from None
         if cold and not target.queue.routable():
             why = target.spec.unavailable.message if target.spec.unavailable else "no replica is ready"
             raise GatewayError(503, f"model {target.name} got no ready replica within {wait_s:g} s of this request "
@@ -132,19 +144,21 @@ SHED_REASONS = frozenset({"queue_full", "queue_timeout"})
 
 
 def _routing_key(target: ModelRoute, req: OpenAIRequest, session: str | None) -> RouteKey | None:
-    """The request's home on the model's hash ring and its prefix chain; none for a policy without them, or a single
-    replica."""
+    """The request's home on the model's hash ring and its prefix chain (an adapter's own: the engines cache each
+    adapter's prefixes apart); none for a policy without them, or a single replica."""
     queue = target.queue
     if not queue.router.uses_key or len(queue.backends) < 2:
         return None
-    return route_key(req.kind, req.body, session)
+    key = route_key(req.kind, req.body, session)
+    return key if target.adapter is None else for_adapter(key, target.adapter)
 
 
 async def _take_slot(ex: Exchange, target: ModelRoute, priority: int, key: RouteKey | None,
-                     cold_start_s: float) -> Slot:
+                     cold_start_s: float, adapter_wait_s: float) -> Slot:
     """A slot now or after a wait in line; each outcome is an arrival for the degradation monitor."""
     try:
-        slot = target.queue.try_take(key) or await _wait_in_line(ex, target, priority, key, cold_start_s)
+        slot = target.queue.try_take(key, target.adapter) or await _wait_in_line(ex, target, priority, key,
+                                                                                  cold_start_s, adapter_wait_s)
     except GatewayError as e:
         if target.degrade_enabled and e.reason in SHED_REASONS:
             target.degrade.observe_arrival(shed=True)
@@ -185,7 +199,7 @@ class Admission:
         backends = target.queue.routable()
         if not backends:
             return estimate_tokens(req)
-        payloads = tokenize_payloads(req, target.spec.served_name)
+        payloads = tokenize_payloads(req, target.tokenizer_name)
         if mode == "auto" and len(payloads) > 1:  # only the prompts that could be over it are counted
             payloads = [p for p in payloads if prompt_bytes(p) + margin > limit]
             if not payloads:
@@ -257,6 +271,9 @@ class Admission:
         unknown names is a flood still)."""
         if caller.scope.requests is not None:
             await self.limiter.admit([caller.scope])
+        removed = self.registry.removed_adapter(name)
+        if removed is not None:
+            return removed
         why = self.registry.reserved.get(name)
         if why is not None:
             return no_ready_replica(name, why)
@@ -324,7 +341,8 @@ class Admission:
 
         key = _routing_key(target, req, headers.get(SESSION_HEADER))
         try:
-            slot = await _take_slot(ex, target, caller.tier.priority, key, self.settings.cold_start_timeout_s)
+            slot = await _take_slot(ex, target, caller.tier.priority, key, self.settings.cold_start_timeout_s,
+                                    self.settings.adapter_wait_s)
         except GatewayError:
             await self.limiter.settle(reservation, 0)  # nothing reached an engine: every token comes back
             raise

@@ -23,6 +23,15 @@ class ScaleTarget:
 
 
 @dataclass(frozen=True)
+class AdapterSpec:
+    """A LoRA adapter served on a model's replicas under its own name (the engines load it; their /v1/models say
+    where). `limits`: its own, when set (static config), else the base model's."""
+    name: str
+    source: str | None = None      # where the engines load it from (a ModelDeployment's spec.adapters[].source)
+    limits: Limits | None = None
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     name: str                                  # the OpenAI model name clients send
     urls: tuple[str, ...]                      # base URLs of the replicas (no /v1)
@@ -40,6 +49,7 @@ class ModelSpec:
     scale_from_zero: ScaleTarget | None = None  # autoscaled: with no ready replica, requests wait and wake it
     namespace: str | None = None               # its ModelDeployment's (None: a static model)
     accept_fallback_from: tuple[str, ...] = ()  # other namespaces whose models may fall back to it ("*": any)
+    adapters: tuple[AdapterSpec, ...] = ()     # LoRA adapters on its replicas, each a model name of its own
 
     @property
     def served_name(self) -> str:

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from cxygpt_profiles import Limits
 
 from ..routing.policies import MAX_EPSILON, POLICIES
-from .base import ModelSink, ModelSpec, ScaleTarget, Unavailable
+from .base import AdapterSpec, ModelSink, ModelSpec, ScaleTarget, Unavailable
 
 log = logging.getLogger("cxygpt.gateway.kubernetes")
 GROUP_VERSION = "cxygpt.io/v1alpha1"
@@ -171,7 +171,25 @@ def spec_from_modeldeployment(md: dict, slices: list[dict]) -> ModelSpec | Unava
                      task="embed" if (spec.get("model") or {}).get("task") == "embed" else "generate",
                      routing_policy=policy, routing_epsilon=epsilon, scale_from_zero=scale_target(md),
                      namespace=(md.get("metadata") or {}).get("namespace"),
-                     accept_fallback_from=accepted_fallbacks(spec))
+                     accept_fallback_from=accepted_fallbacks(spec), adapters=adapters_of(spec))
+
+
+# adapters read from one ModelDeployment (its schema bounds them lower; the registry serves max_adapters_per_model)
+MAX_ADAPTERS = 1000
+
+
+def adapters_of(spec: dict) -> tuple[AdapterSpec, ...]:
+    """spec.adapters: each one's served name and source, in order; an entry without a string name is skipped."""
+    given = spec.get("adapters")
+    if not isinstance(given, list):
+        return ()
+    found: dict[str, AdapterSpec] = {}
+    for entry in given[:MAX_ADAPTERS]:
+        name = entry.get("name") if isinstance(entry, dict) else None
+        if isinstance(name, str) and name and name not in found:
+            source = entry.get("source")
+            found[name] = AdapterSpec(name, source=source if isinstance(source, str) else None)
+    return tuple(found.values())
 
 
 def accepted_fallbacks(spec: dict) -> tuple[str, ...]:
@@ -198,8 +216,15 @@ def desired_routes(mds: dict[tuple[str, str], dict],
     for (namespace, _), s in slices.items():
         service = ((s.get("metadata") or {}).get("labels") or {}).get(SERVICE_NAME_LABEL) or ""
         by_service.setdefault((namespace, service), []).append(s)
-    return {name: spec_from_modeldeployment(mds[key], by_service.get(key, []))
-            for name, key in sorted(name_owners(mds).items())}
+    owners = name_owners(mds)
+    routes: dict[str, ModelSpec | Unavailable] = {
+        name: spec_from_modeldeployment(mds[key], by_service.get(key, [])) for name, key in sorted(owners.items())}
+    for name, route in list(routes.items()):  # a model with no route yet: its adapters' names are 503 too, not 404
+        if isinstance(route, Unavailable):
+            for adapter in adapters_of(mds[owners[name]].get("spec") or {}):
+                routes.setdefault(adapter.name, Unavailable(f"adapter {adapter.name} of model {name}: "
+                                                            f"{route.message}", route.retry_after_s))
+    return routes
 
 
 class ApiServer:

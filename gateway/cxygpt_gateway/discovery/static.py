@@ -8,8 +8,8 @@ from pydantic import BaseModel, ValidationError
 
 from cxygpt_profiles import Limits, ProfileTable
 
-from ..settings import ModelConfig
-from .base import ModelSink, ModelSpec
+from ..settings import AdapterConfig, ModelConfig
+from .base import AdapterSpec, ModelSink, ModelSpec
 
 
 def _merge(base: dict, override: dict) -> dict:
@@ -63,10 +63,22 @@ def spec_from_config(cfg: ModelConfig, table: ProfileTable) -> ModelSpec:
         parsed = Limits.model_validate(_merge(limits, overrides))
     except ValidationError as e:
         raise ValueError(f"model {cfg.name!r}: limits: {e}") from None
+    adapters = []
+    for given in cfg.adapters:
+        adapter = given if isinstance(given, AdapterConfig) else AdapterConfig(name=given)
+        own = None
+        if adapter.limits:
+            try:
+                own = Limits.model_validate(_merge(_merge(limits, overrides), snake_keys(Limits, adapter.limits)))
+            except ValidationError as e:
+                raise ValueError(f"model {cfg.name!r}: adapter {adapter.name!r}: limits: {e}") from None
+        adapters.append(AdapterSpec(adapter.name, limits=own))
+    if len({a.name for a in adapters}) != len(adapters):
+        raise ValueError(f"model {cfg.name!r}: adapter names must be unique")
     return ModelSpec(name=cfg.name, urls=tuple(cfg.base_urls), limits=parsed, mode=mode or "multi",
                      profile=cfg.profile, fallback=cfg.fallback, upstream_model=cfg.upstream_model, task=cfg.task,
                      api_key=_api_key(cfg), external=cfg.external, routing_policy=cfg.routing.policy,
-                     routing_epsilon=cfg.routing.epsilon)
+                     routing_epsilon=cfg.routing.epsilon, adapters=tuple(adapters))
 
 
 class StaticDiscovery:

@@ -25,7 +25,10 @@ def model_view(route) -> dict:
             "auto_degrade": route.degrade_enabled, "routable": route.routable(), "fallback": route.spec.fallback,
             "queue_depth": route.queue.waiting, "in_flight": route.queue.in_flight,
             "routing": {"policy": route.routing.policy, "epsilon": route.routing.epsilon},
-            "state": route.state(), "scale_from_zero": route.spec.scale_from_zero is not None}
+            "state": route.state(), "scale_from_zero": route.spec.scale_from_zero is not None,
+            # an adapter: its base, and on how many of the ready replicas it is loaded
+            **({"parent": route.parent, "loaded_on": len(route.queue.serving(route.name))}
+               if route.parent is not None else {})}
 
 
 def router(registry: Registry, keys: KeyStore) -> APIRouter:
@@ -40,7 +43,7 @@ def router(registry: Registry, keys: KeyStore) -> APIRouter:
 
 
 def limits_view(registry: Registry, model: str | None, caller: Caller) -> dict:
-    routes = registry.routes
+    routes = {**registry.routes, **registry.adapters}
     if model is not None and model not in routes:
         raise GatewayError(404, f"model {echo(model)} is not served here", code="model_not_found", param="model",
                            reason="unknown_model")

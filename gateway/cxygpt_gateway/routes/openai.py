@@ -34,9 +34,14 @@ EMBEDDINGS_EXAMPLE = {"model": "bge-m3", "input": ["first text", "second text"]}
 
 
 def _model(route) -> dict:
-    return {"id": route.name, "object": "model", "created": STARTED, "owned_by": "cxygpt",
+    """A model's card; a LoRA adapter's, as vLLM's, names its base model as `parent` and where it comes from as
+    `root` (its name when that is not known here)."""
+    card = {"id": route.name, "object": "model", "created": STARTED, "owned_by": "cxygpt",
             "max_input_tokens": route.limits.max_input_tokens, "max_output_tokens": route.limits.max_output_tokens,
             "state": route.state()}
+    if route.parent is not None:
+        card |= {"root": route.source or route.name, "parent": route.parent}
+    return card
 
 
 def _listed(route) -> bool:
@@ -71,7 +76,8 @@ def router(registry: Registry, keys: KeyStore) -> APIRouter:
     @routes.get("/v1/models", summary="Models that take requests: a routable backend, or autoscaled from zero "
                                       "(state says which)", dependencies=[caller])
     async def models():
-        return json_response({"object": "list", "data": [_model(r) for r in registry.routes.values() if _listed(r)]})
+        listed = [*registry.routes.values(), *registry.adapters.values()]
+        return json_response({"object": "list", "data": [_model(r) for r in listed if _listed(r)]})
 
     @routes.get("/v1/models/{model:path}", summary="One model, as listed by GET /v1/models",
                 dependencies=[caller])

@@ -172,3 +172,12 @@ def route_key(kind: str, body: dict, session: str | None = None) -> RouteKey:
     """The request's home (request_key), its prefix chain and how much of it the home covers."""
     text, identity = _rendered(kind, body, CHUNK_CHARS * MAX_CHUNKS)
     return RouteKey(request_key(kind, body, session), chunk_chain(text), identity // CHUNK_CHARS)
+
+
+def for_adapter(key: RouteKey, adapter: str) -> RouteKey:
+    """A request's key when it asks for a LoRA adapter: the engines cache its prefixes apart from the base model's
+    and other adapters' (vLLM's block hashes include the adapter), so its home and chain are its own; the home alike
+    in every gateway."""
+    salt = stable_hash(adapter.encode())
+    home = stable_hash(salt.to_bytes(8, "big") + key.home.to_bytes(8, "big"))
+    return RouteKey(home, tuple(hash((salt, chunk)) for chunk in key.chain), key.identity)

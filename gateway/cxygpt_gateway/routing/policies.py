@@ -1,5 +1,5 @@
 """Which replica a request goes to (pure): the longest cached prefix with bounded loads, least load, or round
-robin."""
+robin; a request for a LoRA adapter only to replicas that have it loaded, by prefix where it is active first."""
 from __future__ import annotations
 
 import math
@@ -28,6 +28,10 @@ class Replica(Protocol):
     others: int         # requests the engine holds that are not this gateway's (as last read), 0 when unknown
     waiting: int        # the engine's waiting requests (vllm:num_requests_waiting), 0 when unknown
     kv_usage: float     # the engine's KV-cache usage 0..1 (vllm:kv_cache_usage_perc), 0 when unknown
+    adapters: frozenset[str] | None  # the LoRA adapters loaded there (its /v1/models), None when never read
+    lora_active: frozenset[str]      # adapters with requests running or waiting (vllm:lora_requests_info)
+    max_lora: int                    # adapters one batch may run (its max_lora label), 0 when unknown
+    own_adapters: dict[str, int]     # this gateway's requests in flight there, per adapter
 
 
 R = TypeVar("R", bound=Replica)
@@ -58,6 +62,23 @@ def load_rank(r: Replica) -> tuple[int, int, float]:
     return load(r), r.waiting, r.kv_usage
 
 
+def serves(r: Replica, adapter: str | None) -> bool:
+    """Whether the replica can take a request for `adapter` (None: the base model): it has it loaded, or its
+    adapters were never read (the engine says no if it has not)."""
+    return adapter is None or r.adapters is None or adapter in r.adapters
+
+
+def adapter_rank(r: Replica, adapter: str) -> int:
+    """0: the adapter is active there (running or waiting in the engine, or this gateway's requests of it are in
+    flight there): no wait for an adapter slot; 1: a free adapter slot (fewer active than max_lora, or max_lora
+    unknown); 2: every slot taken by other adapters, so vLLM's scheduler holds the request until one of them has no
+    request running (the LoRA-affinity scorer of the Gateway API Inference Extension ranks alike)."""
+    own = {name for name, n in r.own_adapters.items() if n}
+    if adapter in own or adapter in r.lora_active:
+        return 0
+    return 1 if not r.max_lora or len(own | r.lora_active) < r.max_lora else 2
+
+
 def load_bound(epsilon: float, in_flight: int, replicas: int) -> int:
     """Consistent hashing with bounded loads (Mirrokni, Thorup, Zadimoghaddam 2018): a replica takes the request
     only if it then holds at most ⌈(1 + ε) × the mean in flight⌉, the mean counting the request being placed.
@@ -66,13 +87,17 @@ def load_bound(epsilon: float, in_flight: int, replicas: int) -> int:
 
 
 def _prefix(routing: Routing, healthy: list[R], key: RouteKey, ring: Ring,
-            index: PrefixIndex | None = None) -> tuple[list[R], R]:
+            index: PrefixIndex | None = None, adapter: str | None = None) -> tuple[list[R], R]:
     """(the order, the first choice). Within the load bound: the replicas that hold more of the request's prefix
     than its home key covers (as far as this gateway sent it there: a conversation or a document the load bound
     sent elsewhere before), the longest first, then the rest, each in the ring's order from the key's home; beyond
     the bound, by load. The first choice: the one holding the longest part, or the home (the first healthy replica
     on the ring, alike in every gateway). What every request of a home shares (a tenant's system prompt) moves
-    nothing: the home keeps its requests together, and gateways that have seen different requests still agree."""
+    nothing: the home keeps its requests together, and gateways that have seen different requests still agree.
+    For an adapter, the replicas where it is active come first, then those with a free adapter slot (adapter_rank),
+    each in that order: a request that would wait for an adapter slot loses more than a cached prefix saves; and
+    where it is active the load bound does not hold (only the replica's slots): spilling it to a replica where it
+    is not would make a third adapter wait there for one of the batch's."""
     by_url = {r.url: r for r in healthy}
     walk = [by_url[url] for url in ring.walk(key.home) if url in by_url]
     if len(walk) < len(healthy):  # a replica the ring was not built with: after the others
@@ -82,31 +107,36 @@ def _prefix(routing: Routing, healthy: list[R], key: RouteKey, ring: Ring,
         held = {url: depth for url, depth in index.depths(key.chain, by_url).items() if depth > key.identity}
         if held:  # the deepest first, stable: equals keep the ring's order
             walk.sort(key=lambda r: -held.get(r.url, 0))
+    ranks: dict[str, int] = {}
+    if adapter is not None:
+        ranks = {r.url: adapter_rank(r, adapter) for r in walk}
+        walk.sort(key=lambda r: ranks[r.url])
     # the bound balances this gateway's own requests: another gateway's, read up to an interval ago, would move a
     # conversation off its home at low load for a request that has ended (every gateway balancing its share
     # balances the sum); the engine's slots count everybody's (pick)
     bound = load_bound(routing.epsilon, sum(r.outstanding for r in healthy), len(healthy))
-    within = [r for r in walk if r.outstanding < bound]
-    return within + sorted((r for r in walk if r.outstanding >= bound), key=load_rank), walk[0]
+    within = [r for r in walk if r.outstanding < bound or ranks.get(r.url) == 0]
+    return within + sorted((r for r in walk if r not in within), key=load_rank), walk[0]
 
 
 def order(routing: Routing, replicas: Collection[R], key: RouteKey | None = None, *, ring: Ring | None = None,
-          turn: int = 0, index: PrefixIndex | None = None) -> list[R]:
+          turn: int = 0, index: PrefixIndex | None = None, adapter: str | None = None) -> list[R]:
     """The healthy replicas in the order the policy offers them the request (the queue takes the first one with
     a free slot; a failover the next):
     - `prefix`: from the key's home along the hash ring, skipping (to the end, by load) those that would go
       above the load bound; a request without a key is ordered by load;
     - `least-load`: by load_rank; equals keep the replicas' given order;
     - `round-robin`: the replicas' given order, rotated by `turn`.
-    `ring` is the ring of the replicas' URLs (built here when not given), `index` where prefixes were sent."""
-    healthy = [r for r in replicas if r.healthy]
+    `ring` is the ring of the replicas' URLs (built here when not given), `index` where prefixes were sent. For
+    an `adapter`, only the replicas that serve it, and by prefix (with a key) those where it is active first."""
+    healthy = [r for r in replicas if r.healthy and serves(r, adapter)]
     if not healthy:
         return []
     if routing.policy == "round-robin":
         at = turn % len(healthy)
         return healthy[at:] + healthy[:at]
     if routing.policy == "prefix" and key is not None:
-        return _prefix(routing, healthy, key, ring or Ring(r.url for r in replicas), index)[0]
+        return _prefix(routing, healthy, key, ring or Ring(r.url for r in replicas), index, adapter)[0]
     return sorted(healthy, key=load_rank)
 
 
@@ -141,15 +171,18 @@ class Router:
             self.index.record(key.chain, url)
 
     def pick(self, key: RouteKey | None, replicas: Collection[R], limit: int,
-             exclude: tuple = (), share: int = 0) -> tuple[R | None, str]:
+             exclude: tuple = (), share: int = 0, adapter: str | None = None) -> tuple[R | None, str]:
         """The first healthy replica in the policy's order with a free slot, not in `exclude`; (None, "") when
         none has one. A slot is free while the replica's load is under `limit` (prefix: its key's home within
         the load bound, under `limit` + ⌊ε × limit⌋), or while this gateway's own requests there are fewer than
         `share` (its part of the engine's slots, which it may always use: a freed slot goes first to the gateway
         that freed it, the others learn of it at their next read, so without a share a gateway whose line fell
         behind would stay behind). The choice: `affinity` when it is the policy's first choice, `spill`
-        when the load bound or a full replica moved the request on, `other` for a failover (`exclude` given)."""
+        when the load bound or a full replica moved the request on, `other` for a failover (`exclude` given).
+        For an `adapter`, only the replicas that serve it (`serves`)."""
         home_limit = limit
+        if adapter is not None:
+            replicas = [r for r in replicas if serves(r, adapter)]
         if self.ring is None or key is None:
             if self.routing.policy != "round-robin":
                 return self._least_load(replicas, limit, exclude, share)
@@ -159,7 +192,7 @@ class Router:
             healthy = [r for r in replicas if r.healthy]
             if not healthy:
                 return None, ""
-            ranked, first = _prefix(self.routing, healthy, key, self.ring, self.index)
+            ranked, first = _prefix(self.routing, healthy, key, self.ring, self.index, adapter)
             if ranked[0] is first:
                 # the first choice, within the load bound, may hold ⌊ε × limit⌋ more than its slots: those few
                 # wait in its engine, where their prefix is cached, rather than a free replica computing it all

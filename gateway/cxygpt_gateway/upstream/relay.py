@@ -15,7 +15,7 @@ from ..exchange.port import ClientLeft, Exchange
 from ..logs import RequestLog, rounded
 from ..routing.policies import OTHER
 from .client import JSON_HEADERS
-from .pool import UpstreamConnectTimeout, UpstreamPool, UpstreamResponse, UpstreamUnreachable
+from .pool import AnswerTooLarge, UpstreamConnectTimeout, UpstreamPool, UpstreamResponse, UpstreamUnreachable
 
 if TYPE_CHECKING:
     from ..admission.queue import Backend, ModelQueue, Slot
@@ -32,9 +32,18 @@ EJECT_S = 5.0
 # a request none of which reached its replica goes back in line ahead of every tier (they are 0 and up)
 FAILOVER_PRIORITY = -1
 # failures that mean no engine read the request: it used no tokens
-UNSENT_REASONS = frozenset({"replica_unreachable"})
+UNSENT_REASONS = frozenset({"replica_unreachable", "adapter_not_loaded"})
 # how much of an upstream's error message is relayed (an engine may quote the prompt in it)
 UPSTREAM_MESSAGE_CHARS = 1000
+
+
+async def _drain(resp: UpstreamResponse) -> None:
+    """Read a refusal to its end (its connection is then reused), or drop its connection."""
+    async with resp:
+        try:
+            await resp.read(1 << 16)
+        except (AnswerTooLarge, ConnectionError):
+            resp.close()
 
 
 def eject(queue: ModelQueue, backend: Backend, *, restore_after: float | None) -> None:
@@ -213,7 +222,8 @@ class Relay:
 
     async def _open(self) -> UpstreamResponse:
         """The answer's head from the slot's replica; a replica that nothing of the request reached (connection
-        refused or not accepted in time) is taken out of rotation and the next free one is tried."""
+        refused or not accepted in time) is taken out of rotation and the next free one is tried; so is the next
+        replica with the adapter for an adapter's request that the engine refused with a 404 (no such model there)."""
         a = self.admitted
         up, target = self.up, a.target
         timeouts = target.limits.timeouts
@@ -223,37 +233,54 @@ class Relay:
             headers["Authorization"] = f"Bearer {target.spec.api_key}"
         tried: tuple[Backend, ...] = ()
         while True:
-            backend = a.slot.backend
+            backend, adapter, missing = a.slot.backend, a.slot.adapter, False
             try:
-                return await up.pool.post(backend.url, PATHS[a.req.kind], a.upstream_body, headers,
-                                                   timeouts.connect_s)
+                resp = await up.pool.post(backend.url, PATHS[a.req.kind], a.upstream_body, headers,
+                                          timeouts.connect_s)
+                if resp.status != 404 or adapter is None:
+                    return resp
+                # the engine has not got the adapter (unloaded since its /v1/models was read): vLLM refuses an
+                # unknown model before any work, so the request goes to a replica that has it, not back as a 404
+                await _drain(resp)
+                failure, missing = f"does not have adapter {adapter} loaded", True
+                if backend.adapters is not None:
+                    backend.adapters -= {adapter}
             except UpstreamUnreachable as e:
                 failure = f"unreachable: {e.strerror or e}"
             except UpstreamConnectTimeout:
                 failure = f"did not accept the connection within {timeouts.connect_s:g} s"
-            checked = up.health_checked and not target.spec.external  # a health check restores it
-            eject(target.queue, backend, restore_after=None if checked else EJECT_S)
+            if not missing:
+                checked = up.health_checked and not target.spec.external  # a health check restores it
+                eject(target.queue, backend, restore_after=None if checked else EJECT_S)
             tried += (backend,)
             queued_s, key = a.slot.queued_s, a.slot.key
-            other = target.queue.take_other(tried, queued_s=queued_s, key=key)  # the next in the request's order
+            # the next in the request's order
+            other = target.queue.take_other(tried, queued_s=queued_s, key=key, adapter=a.slot.adapter)
             a.slot.release(served=False)
             if other is None:
+                if adapter is not None and not any(b not in tried for b in target.queue.serving(adapter)):
+                    raise GatewayError(503, f"adapter {adapter} of model {target.parent}: replica {backend.url} "
+                                            f"{failure}, and no other ready replica has it; nothing of the request "
+                                            "was done, so it is safe to retry", code="adapter_not_loaded",
+                                       reason="adapter_not_loaded", retry_after=5)
                 if not target.queue.routable():
                     raise GatewayError(503, f"model {target.name}: replica {backend.url} {failure}, and no other "
                                             "replica is left; nothing of the request was sent, so it is safe to retry",
                                        code="no_ready_replica", reason="replica_unreachable", retry_after=1)
-                other = await self._wait_ahead(target, key, failure=f"replica {backend.url} {failure}")
+                other = await self._wait_ahead(target, key, a.slot.adapter,
+                                               failure=f"replica {backend.url} {failure}")
                 other.queued_s += queued_s
                 other.choice = OTHER
             a.slot = other
             child(up.metrics.failovers, target.name).inc()
 
-    async def _wait_ahead(self, target: ModelRoute, key: RouteKey | None, failure: str) -> Slot:
+    async def _wait_ahead(self, target: ModelRoute, key: RouteKey | None, adapter: str | None,
+                          failure: str) -> Slot:
         """Back in line, ahead of everyone (this request was admitted before them), for the next free replica."""
         queue_s = target.limits.timeouts.queue_s
         try:
             with self.ex.deadline(queue_s):
-                return await target.queue.wait(FAILOVER_PRIORITY, key)
+                return await target.queue.wait(FAILOVER_PRIORITY, key, adapter)
         except TimeoutError:
             raise GatewayError(503, f"model {target.name}: {failure}, and no other replica was free within "
                                     f"{queue_s:g} s; nothing of the request was sent, so it is safe to retry",
