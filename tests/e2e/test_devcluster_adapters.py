@@ -194,3 +194,36 @@ def pod_objects(dev) -> list[dict]:
 
 def condition(pod, kind):
     return next((c["status"] for c in (pod.get("status") or {}).get("conditions") or [] if c["type"] == kind), None)
+
+
+def test_through_the_gateway_adapters_are_served_added_and_removed_under_load(dev):
+    """The gateway routes each adapter to the replicas that have it loaded: the same changes under load through it
+    lose no request and restart nothing."""
+    dev.apply({**adapters_md([SQL, SUPPORT]), "metadata": {"name": "lora", "namespace": "default"}})
+    wait_until(lambda: all_loaded(dev, ["lora-sql", "lora-support"], replicas=adapters_md([])["spec"]["replicas"]),
+               timeout=90, interval=0.5, what="both adapters Loaded")
+    wait_until(lambda: {"lora-base", "lora-sql", "lora-support"} <= dev.models(), timeout=30,
+               what="the gateway lists the base and its adapters")
+    before = engine_pods(dev)
+    load = Load({"gateway": dev.client}, ["lora-base", "lora-sql", "lora-support", "lora-sql-2"])
+    try:
+        wait_until(lambda: sum(r[3] == "ok" for r in load.of("lora-support")) >= 4, timeout=60, what="load flowing")
+        changed = time.monotonic()
+        dev.apply(adapters_md([SQL, SQL2]))
+        wait_until(lambda: any(r[3] == "ok" and r[0] > changed for r in load.of("lora-sql-2")), timeout=30,
+                   what="the new adapter answering through the gateway")
+        answered = time.monotonic() - changed
+        wait_until(lambda: any(r[3] == 404 and r[0] > changed for r in load.of("lora-support")), timeout=30,
+                   what="the removed adapter unknown to the gateway")
+        settled = time.monotonic()
+        wait_until(lambda: sum(r[0] > settled and r[3] == "ok" for r in load.of("lora-sql-2")) >= 4, timeout=30,
+                   what="load after the change")
+    finally:
+        load.end()
+    print(f"through the gateway: lora-sql-2 answered {answered:.1f} s after the apply")
+    for model in ("lora-base", "lora-sql"):
+        assert {r[3] for r in load.of(model)} == {"ok"}, [r for r in load.of(model) if r[3] != "ok"][:3]
+    support = load.of("lora-support")
+    assert all(r[3] == "ok" for r in support if r[0] < changed) and {r[3] for r in support} <= {"ok", 404}
+    assert {r[3] for r in load.of("lora-sql-2") if r[0] > settled} == {"ok"}
+    assert {k: v for k, v in engine_pods(dev).items() if k in before} == before
