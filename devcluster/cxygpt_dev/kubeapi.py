@@ -337,6 +337,13 @@ class KubeAPI(kmock.KubernetesEmulator):
             for field in list(data):  # the status subresource changes status only
                 if field != "status":
                     del data[field]
+            conditions = (data.get("status") or {}).get("conditions")
+            if key == ("", "v1", "pods") and isinstance(conditions, list):
+                # a pod's conditions merge by type (its strategic merge key), as the API server merges them: a
+                # readiness gate's condition set by a controller outlives the pod runner's own writes
+                merged = {c.get("type"): c for c in (current.get("status") or {}).get("conditions") or []}
+                merged.update({c.get("type"): c for c in conditions if isinstance(c, dict)})
+                data["status"]["conditions"] = list(merged.values())
         elif key in self.status_subresources:
             data.pop("status", None)  # ...and the main resource never changes status
         if key in self.validators and not status_only:

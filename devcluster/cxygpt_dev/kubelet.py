@@ -160,6 +160,10 @@ class PodWorker:
 
     def status(self) -> dict:
         ready = all(c.ready for c in self.containers.values()) and self.phase == "Running"
+        # readiness gates: Ready also waits for each gate's condition, which someone else sets in the pod's status
+        conditions = (self.pod.get("status") or {}).get("conditions") or []
+        gates_open = all(any(c.get("type") == gate.get("conditionType") and c.get("status") == "True"
+                             for c in conditions) for gate in self.pod["spec"].get("readinessGates") or [])
         stamp = now()
 
         def condition(kind: str, value: bool, reason: str = "") -> dict:
@@ -176,7 +180,8 @@ class PodWorker:
                   "conditions": [condition("PodReadyToStartContainers", self.sandbox is not None),
                                  condition("Initialized", self.initialized, "ContainersNotInitialized"),
                                  condition("ContainersReady", ready, "ContainersNotReady"),
-                                 condition("Ready", ready, "ContainersNotReady")],
+                                 condition("Ready", ready and gates_open,
+                                           "ContainersNotReady" if not ready else "ReadinessGatesNotReady")],
                   "containerStatuses": [c.status(self.uid) for c in self.containers.values()]}
         if self.init:
             status["initContainerStatuses"] = [c.status(self.uid) for c in self.init]
@@ -436,6 +441,7 @@ class PodWorker:
 
     def update(self, pod: dict) -> None:
         self.pod = pod
+        self.report()  # a readiness gate's condition may have changed
         if pod["metadata"].get("deletionTimestamp") and not self.terminating.is_set():
             self.terminating.set()
             asyncio.create_task(self._terminate())

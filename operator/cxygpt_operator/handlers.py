@@ -8,11 +8,14 @@ import logging
 import os
 from dataclasses import dataclass, field
 
+import aiohttp
 import kopf
 import urllib3
 from kubernetes.client.rest import ApiException
 
 from . import GROUP, MANAGER, PLURAL, VERSION
+from .adapter_sync import adapter_claims, sync
+from .adapters import Memory
 from .autoscaling.policy import autoscaling_of
 from .autoscaling.step import Scaler, autoscale, scale_target
 from .cache import CACHE_LABEL, CacheUser
@@ -44,6 +47,7 @@ class Shared:
     cache_claims: dict = field(default_factory=dict)
     scale_wakeups: dict = field(default_factory=dict)
     scaled_generation: dict = field(default_factory=dict)
+    adapter_wakeups: dict = field(default_factory=dict)   # (namespace, name) -> its adapter loop's wake-up
 
     def wake(self, key) -> None:
         if key in self.wakeups:
@@ -153,6 +157,12 @@ def model_names(body: kopf.Body, meta, spec, namespace: str, name: str, **_):
     return {served: NameClaim(claimed_since(dict(body)), meta.get("uid") or "", namespace, name)}
 
 
+@kopf.index(GROUP, VERSION, PLURAL)  # type: ignore[arg-type]
+def adapter_names(body: kopf.Body, meta, **_):
+    """Adapter name → the claims of the models that serve an adapter of that name (the older keeps it)."""
+    return {} if meta.get("deletionTimestamp") else adapter_claims(dict(body))
+
+
 @kopf.on.event("apps", "v1", "deployments", labels={"app.kubernetes.io/managed-by": MANAGER})  # type: ignore[arg-type]
 def engine_deployment_changed(memo: kopf.Memo, namespace: str, labels, **_):
     owner = labels.get(MODEL_DEPLOYMENT_LABEL)
@@ -165,6 +175,9 @@ def engine_pod_changed(memo: kopf.Memo, namespace: str, labels, **_):
     owner = labels.get("app.kubernetes.io/instance")
     if owner:
         memo.shared.wake((namespace, owner))
+        # a pod that started, restarted or went: its adapters are looked at now
+        if (namespace, owner) in memo.shared.adapter_wakeups:
+            memo.shared.adapter_wakeups[(namespace, owner)].set()
 
 
 @kopf.on.event("", "v1", "persistentvolumeclaims", labels={CACHE_LABEL: kopf.PRESENT})
@@ -182,6 +195,9 @@ def model_deployment_changed(memo: kopf.Memo, event, body, namespace: str, name:
     key = (namespace, name)
     if meta.get("generation") != shared.reconciled_generation.get(key):
         shared.wake(key)
+        # a spec change may add or remove adapters, here or (a name taken or freed) in another model
+        for wake in list(shared.adapter_wakeups.values()):
+            wake.set()
     # the spec or the count changed (a gateway woke the model, kubectl scale): the autoscaler looks at once
     if meta.get("generation") != shared.scaled_generation.get(key) and key in shared.scale_wakeups:
         shared.scale_wakeups[key].set()
@@ -366,6 +382,49 @@ async def keep_scaled(stopped, namespace: str, name: str, body: kopf.Body, memo:
     finally:
         shared.scale_wakeups.pop(key, None)
         shared.scaled_generation.pop(key, None)
+
+
+@kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=10)  # type: ignore[arg-type]
+async def keep_adapters(stopped, namespace: str, name: str, body: kopf.Body, memo: kopf.Memo,
+                        model_names: kopf.Index, adapter_names: kopf.Index, **_):
+    """The model's LoRA adapters on its running engines: loaded where missing, unloaded where removed, through the
+    engines' runtime endpoints (no restart); status.adapters as the engines show them. Woken by the spec and the
+    engine pods; while engines lack an adapter, again within seconds."""
+    ctx: Context = memo.context
+    shared: Shared = memo.shared
+    key = (namespace, name)
+    logger = ObjectLog(log, {"object": f"{namespace}/{name}"})
+    wake = shared.adapter_wakeups.setdefault(key, asyncio.Event())
+    memory = Memory()
+    written: list | None = None
+    session = aiohttp.ClientSession()
+
+    async def step(snapshot: dict) -> float | None:
+        nonlocal written
+        if snapshot["metadata"].get("deletionTimestamp"):
+            return None
+        done = await sync(snapshot, kube=ctx.kube, session=session, port=ctx.table.vllm.port, memory=memory,
+                          base_claims=model_names, adapter_index=adapter_names, written=written,
+                          counted=lambda action, ok: shared.metrics.adapter_calls.labels(action, "ok" if ok else
+                                                                                         "failed").inc())
+        written = done.status
+        if done.calls:
+            logger.info("adapters: %d loads or unloads; %s", done.calls,
+                        ", ".join(f"{s['name']} {s['phase']} {s['loadedReplicas']}/{s['replicas']}"
+                                  for s in done.status or []))
+        for adapter, reason, message in done.failed:
+            kopf.warn(body, reason=reason, message=f"adapter {adapter}: {message}")
+        return done.delay
+
+    def forget() -> None:
+        nonlocal written
+        written = None
+
+    try:
+        await follow(stopped, body, wake, step, logger, "adapter pass", on_failure=forget)
+    finally:
+        await session.close()
+        shared.adapter_wakeups.pop(key, None)
 
 
 @kopf.on.cleanup()

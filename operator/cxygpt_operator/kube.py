@@ -11,6 +11,7 @@ from kubernetes.client.rest import ApiException
 from . import GROUP, MANAGER, PLURAL, VERSION
 
 MERGE_PATCH = "application/merge-patch+json"
+STRATEGIC_PATCH = "application/strategic-merge-patch+json"
 JSON_PATCH = "application/json-patch+json"
 APPLY_PATCH = "application/apply-patch+yaml"
 
@@ -120,6 +121,11 @@ class Kube:
         label_selector = ",".join(f"{k}={v}" for k, v in sorted(selector.items()))
         return _raw(self.core.list_namespaced_pod(namespace, label_selector=label_selector,
                                                   _preload_content=False)).get("items") or []
+
+    def set_pod_condition(self, namespace: str, name: str, condition: dict) -> None:
+        """One condition of a pod's status (a readiness gate's), the others kept: conditions merge by type."""
+        self.core.patch_namespaced_pod_status(name, namespace, {"status": {"conditions": [condition]}},
+                                              _content_type=STRATEGIC_PATCH, _preload_content=False)
 
     def apply_deployment(self, body: dict) -> dict:
         md = body["metadata"]

@@ -8,9 +8,10 @@ from dataclasses import dataclass
 from cxygpt_profiles import ProfileTable, Selection, engine_args
 
 from . import GROUP, KIND, MANAGER, VERSION
+from .adapters import ADAPTERS_GATE, RUNTIME_LORA_ENV, claim_mount
 from .cache import CacheKey, build_job, cache_key, hf_source, weights_path
 from .nodes import GPU_COUNT_LABEL, GPU_MEMORY_LABEL, GPU_PRODUCT_LABEL, GPU_RESOURCE, MEMORY_OVERRIDE_LABEL
-from .resolve import ModelSpec
+from .resolve import ModelSpec, lora_slots
 
 CONFIG_HASH = f"{GROUP}/config-hash"
 MODEL_DEPLOYMENT_LABEL = f"{GROUP}/model-deployment"
@@ -253,6 +254,17 @@ def build_deployment(owner: Owner, spec: ModelSpec, sel: Selection, table: Profi
         args += ["--runner", "pooling"]
     if spec.trust_remote_code:
         args.append("--trust-remote-code")
+    if slots := lora_slots(spec, table):
+        # the adapters themselves are loaded at runtime (the operator's adapter loop): none of them is named here,
+        # so adding or removing one never changes the pod template
+        max_loras, max_rank, max_cpu = slots
+        args += ["--enable-lora", "--max-loras", str(max_loras), "--max-lora-rank", str(max_rank),
+                 "--max-cpu-loras", str(max_cpu)]
+        env.append({"name": RUNTIME_LORA_ENV, "value": "True"})
+        for claim in sorted({a.claim for a in spec.adapters if a.claim}):
+            volume = f"adapters-{hashlib.sha256(claim.encode()).hexdigest()[:12]}"
+            volumes.append({"name": volume, "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
+            mounts.append({"name": volume, "mountPath": claim_mount(claim), "readOnly": True})
     args += list(spec.extra_args)
     if spec.engine_kind == "sim":
         # the simulator sizes its KV budget like the GPU it stands in for
@@ -309,6 +321,8 @@ def build_deployment(owner: Owner, spec: ModelSpec, sel: Selection, table: Profi
             **({"nodeSelector": dict(pod.node_selector)} if pod.node_selector else {}),
             **({"runtimeClassName": pod.runtime_class} if pod.runtime_class else {}),
             **({"priorityClassName": pod.priority_class} if pod.priority_class else {}),
+            # with adapters: Ready only once the operator loaded them into this pod's engine
+            **({"readinessGates": [{"conditionType": ADAPTERS_GATE}]} if spec.adapters else {}),
         },
     }
     digest = config_hash(template)

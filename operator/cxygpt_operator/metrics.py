@@ -1,4 +1,5 @@
-"""Operator metrics: reconciles, models by phase and profile, failures by reason, GPU nodes, time to Ready."""
+"""Operator metrics: reconciles, models by phase and profile, failures by reason, GPU nodes, time to Ready, calls to
+the engines' LoRA endpoints."""
 from __future__ import annotations
 
 import datetime
@@ -49,6 +50,13 @@ class OperatorMetrics:
                                        "From ModelDeployment creation to its first Ready",
                                        buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600),
                                        registry=self.registry)
+        self.adapter_calls = Counter("cxygpt_operator_adapter_calls_total",
+                                     "Calls to the engines' runtime LoRA endpoints by action (load, unload) and result "
+                                     "(ok, failed: refused or no answer in time)", ["action", "result"],
+                                     registry=self.registry)
+        for action in ("load", "unload"):
+            for result in ("ok", "failed"):
+                self.adapter_calls.labels(action, result)
         self.registry.register(self)
 
     def collect(self):

@@ -12,6 +12,7 @@ from kubernetes.client.rest import ApiException
 
 from cxygpt_profiles import ModelCatalog, NoFit, ProfileTable, Selection
 
+from .adapter_sync import ADAPTERS_STATUS
 from .autoscaling.policy import AUTOSCALING_STATUS
 from .cache import (
     CACHE_LABEL,
@@ -79,6 +80,7 @@ CACHE_PENDING_S = 15
 LOG_TAIL_LINES = 20
 Log = logging.Logger | logging.LoggerAdapter
 DEFAULT_CLASS_ANNOTATION = "storageclass.kubernetes.io/is-default-class"
+OTHER_LOOPS_STATUS = (AUTOSCALING_STATUS, ADAPTERS_STATUS)  # status the model's other loops write
 
 
 class NotYet(Exception):
@@ -129,13 +131,13 @@ def recheck_after(status: dict) -> float | None:
 def as_written(body: dict, written: dict | None) -> dict:
     """The body to decide on: with its status as this operator last wrote (or kept) it, when it has. A wake-up can
     come before the watch event of that write, and deciding on the older status would move the conditions'
-    lastTransitionTime and write the status again for nothing. status.autoscaling stays the body's (the
-    autoscaler's, never written here)."""
+    lastTransitionTime and write the status again for nothing. status.autoscaling and status.adapters stay the
+    body's (the autoscaler's and the adapter loop's, never written here)."""
     if written is None:
         return body
     status = body.get("status") or {}
-    autoscaling = {AUTOSCALING_STATUS: status[AUTOSCALING_STATUS]} if AUTOSCALING_STATUS in status else {}
-    return {**body, "status": {**autoscaling, **written}}
+    others = {k: status[k] for k in OTHER_LOOPS_STATUS if k in status}
+    return {**body, "status": {**others, **written}}
 
 
 def _now() -> str:
@@ -360,8 +362,9 @@ async def reconcile(body: dict, nodes: Sequence[NodeGpus], ctx: Context, logger:
     when no GPU fits yet and CannotRun (a kopf.PermanentError) when only a spec change can help."""
     cache_users = cache_users or {}
     meta = body["metadata"]
-    # status.autoscaling is the autoscaler's: never written here, not even back from an older snapshot
-    previous = {k: v for k, v in (body.get("status") or {}).items() if k != AUTOSCALING_STATUS}
+    # status.autoscaling and status.adapters are the other loops': never written here, not even back from an older
+    # snapshot
+    previous = {k: v for k, v in (body.get("status") or {}).items() if k not in OTHER_LOOPS_STATUS}
     owner = Owner(meta["name"], meta["namespace"], meta["uid"], meta.get("generation") or 1)
     try:
         spec = parse_spec(body.get("spec") or {}, ctx.engine_defaults)

@@ -18,6 +18,7 @@ from cxygpt_profiles import (
 )
 from cxygpt_profiles.select import node_matches
 
+from .adapters import LORA_ARGS, RUNTIME_LORA_ENV, Adapter, AdapterError, LoraSpec, parse_adapters, parse_lora
 from .autoscaling.policy import AutoscalingSpec, parse_autoscaling
 from .cache import CacheSpec, hf_source, parse_cache
 from .nodes import GPU_RESOURCE, NodeGpus
@@ -37,7 +38,7 @@ CODE_ARGS = ("config", "tool-parser-plugin", "middleware", "worker-extension-cls
 REMOTE_CODE_ARG = "trust-remote-code"
 # Environment the operator sets itself, and variables that change what code the process loads (the dynamic
 # loader's LD_*, the interpreter's module path), or that put a key between the gateway and the engine.
-OWNED_ENV = ("HF_HOME", "HF_HUB_OFFLINE", "HOME", "CXYGPT_SIM_GPU_MEMORY_MIB")
+OWNED_ENV = ("HF_HOME", "HF_HUB_OFFLINE", "HOME", "CXYGPT_SIM_GPU_MEMORY_MIB", RUNTIME_LORA_ENV)
 BLOCKED_ENV = ("GCONV_PATH", "HF_ENDPOINT", "VLLM_API_KEY")
 BLOCKED_ENV_PREFIXES = ("LD_", "PYTHON")  # the dynamic loader's and the interpreter's
 ALLOWED_ENV = ("PYTHONUNBUFFERED",)  # harmless, and commonly set
@@ -88,6 +89,8 @@ class ModelSpec:
     autoscaling: AutoscalingSpec | None = None  # on: the autoscaler sets `replicas`
     gpu: GpuChoice = field(default_factory=GpuChoice)
     pod: PodSettings = field(default_factory=PodSettings)  # spec.engine's over the operator's defaults
+    adapters: tuple[Adapter, ...] = ()   # LoRA adapters on this base, loaded at runtime
+    lora: LoraSpec = field(default_factory=LoraSpec)
 
     @property
     def tolerations(self) -> list[dict]:
@@ -139,12 +142,15 @@ def refused_env(name: str) -> str | None:
     return None
 
 
-def _check_engine(engine: dict) -> None:
-    """The schema's engine rules, for specs applied without it."""
+def _check_engine(engine: dict, adapters: bool) -> None:
+    """The schema's engine rules, for specs applied without it; with adapters, the LoRA flags are derived."""
     trust = engine.get("trustRemoteCode") is True
     for arg in engine.get("args") or ():
         if why := refused_arg(str(arg), trust):
             raise SpecError(f"spec.engine.args: {why}")
+        name = _flag_name(str(arg))
+        if adapters and name and (flag := next((f for f in LORA_ARGS if f.startswith(name)), None)):
+            raise SpecError(f"spec.engine.args: --{flag} is derived from spec.adapters and spec.lora")
     names = [str(e.get("name", "")) for e in engine.get("env") or ()]
     for name in names:
         if why := refused_env(name):
@@ -216,7 +222,14 @@ def parse_spec(spec: dict, defaults: PodSettings | None = None) -> ModelSpec:
     task = model.get("task") or "generate"
     if task not in TASKS:
         raise SpecError(f"spec.model.task must be one of {', '.join(TASKS)}, not {task!r}")
-    _check_engine(engine)
+    try:
+        adapters = parse_adapters(spec.get("adapters"), model["name"])
+        lora = parse_lora(spec.get("lora"))
+    except AdapterError as e:
+        raise SpecError(str(e)) from None
+    for i, adapter in enumerate(adapters):
+        check_source(f"spec.adapters[{i}].source", adapter.source)
+    _check_engine(engine, bool(adapters))
     try:
         autoscaling = parse_autoscaling(spec)
         pod = parse_pod_settings(engine).over(defaults or PodSettings())
@@ -230,7 +243,7 @@ def parse_spec(spec: dict, defaults: PodSettings | None = None) -> ModelSpec:
         env=tuple((e["name"], e.get("value", "")) for e in engine.get("env") or ()),
         cache_claim=spec.get("cacheClaim"), fallback_model=spec.get("fallbackModel"),
         trust_remote_code=engine.get("trustRemoteCode") is True, rollout=rollout, task=task, cache=cache,
-        autoscaling=autoscaling, gpu=parse_gpu(spec.get("gpu")), pod=pod)
+        autoscaling=autoscaling, gpu=parse_gpu(spec.get("gpu")), pod=pod, adapters=adapters, lora=lora)
 
 
 def _positive_int(text: str) -> int | None:
@@ -347,13 +360,25 @@ def candidates(spec: ModelSpec, nodes: Sequence[NodeGpus]) -> Candidates:
 MAX_KEPT_OFF_SHOWN = 8
 
 
+def lora_slots(spec: ModelSpec, table: ProfileTable) -> tuple[int, int, int] | None:
+    """(--max-loras, --max-lora-rank, --max-cpu-loras) with adapters, else None: the table's, spec.lora's over them,
+    never the number of adapters (adding one must not change the engine's arguments: that restarts it)."""
+    if not spec.adapters:
+        return None
+    consts = table.lora
+    max_loras = spec.lora.max_loras or consts.max_loras
+    return max_loras, spec.lora.max_rank or consts.max_lora_rank, max(consts.max_cpu_loras, max_loras)
+
+
 def resolve(spec: ModelSpec, found: Candidates, table: ProfileTable, catalog: ModelCatalog) -> Selection:
-    """The selection (estimated with the effective engine arguments) among the candidate GPUs, or NoFit (reason,
-    permanent) explaining why the model cannot run (yet), with the nodes its settings keep it off."""
+    """The selection (estimated with the effective engine arguments and the adapter slots) among the candidate GPUs,
+    or NoFit (reason, permanent) explaining why the model cannot run (yet), with the nodes its settings keep it
+    off."""
+    slots = lora_slots(spec, table)
     try:
         return select_profile(effective_table(table, spec), mode=spec.mode, requested=spec.profile,
                               nodes=list(found.gpus), facts=model_facts(spec, catalog), variants=spec.weight_formats,
-                              prefer=spec.gpu.preferred)
+                              prefer=spec.gpu.preferred, lora_slots=(slots[0], slots[1]) if slots else None)
     except NoFit as e:
         if e.reason != "NoMatchingGPU" or not found.kept_off:
             raise
@@ -414,5 +439,6 @@ def name_claim(md: dict, now: str) -> dict:
 
 
 __all__ = ["Candidates", "GpuChoice", "ModelSpec", "NameClaim", "claimed_since", "candidates", "name_claim", "NoFit",
-           "SpecError", "effective_table", "engine_overrides", "model_facts", "name_owner", "parse_spec", "refused_arg",
+           "SpecError", "effective_table", "engine_overrides", "lora_slots", "model_facts", "name_owner", "parse_spec",
+           "refused_arg",
            "refused_env", "resolve", "schedulable_replicas"]

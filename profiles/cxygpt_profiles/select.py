@@ -81,18 +81,20 @@ def _with_prediction(table: ProfileTable, sel: Selection, facts: ModelFacts | No
                                                    limits=sel.limits))
 
 
-def size_on(table: ProfileTable, profile: Profile, node: GpuNode, facts: ModelFacts | None) -> Sizing:
-    return size_engine(profile, facts, table.fit, memory_mib=node.memory_mib, available=node.available)
+def size_on(table: ProfileTable, profile: Profile, node: GpuNode, facts: ModelFacts | None,
+            lora_slots: tuple[int, int] | None = None) -> Sizing:
+    return size_engine(profile, facts, table.fit, memory_mib=node.memory_mib, available=node.available,
+                       lora_slots=lora_slots)
 
 
 def select_profile(table: ProfileTable, *, mode: str, requested: str = AUTO, nodes: list[GpuNode],
                    facts: ModelFacts | None = None, variants: frozenset[str] = frozenset({"bf16"}),
-                   prefer: frozenset[str] = frozenset()) -> Selection:
+                   prefer: frozenset[str] = frozenset(), lora_slots: tuple[int, int] | None = None) -> Selection:
     """The profile to run and its size. Auto: of the profiles of `mode` and the nodes that fit them, the fewest GPUs
     (an engine takes no more of a node than the model needs: more demand is more replicas), then the most capable
     profile (latest in the table), then the smallest node (bigger nodes stay free for bigger models); nodes of a
-    `prefer`red product first. Forced: that profile on the node where it needs the fewest GPUs, or a NoFit saying
-    why not."""
+    `prefer`red product first; the adapter slots of lora_slots = (max_loras, max_lora_rank) counted. Forced: that
+    profile on the node where it needs the fewest GPUs, or a NoFit saying why not."""
     if requested != AUTO:
         try:
             candidates = [table.get(requested)]
@@ -114,14 +116,14 @@ def select_profile(table: ProfileTable, *, mode: str, requested: str = AUTO, nod
     for profile in candidates:
         for node in nodes:
             if node_matches(profile, node):
-                sized = size_on(table, profile, node, facts)
+                sized = size_on(table, profile, node, facts, lora_slots)
                 (fitting if sized.fits else missing).append((profile, node, sized))
     if fitting:
         profile, node, sized = min(fitting, key=lambda o: (bool(prefer) and o[1].product not in prefer, o[2].gpus,
                                                            -rank[o[0].name], o[1].memory_mib, o[1].count, o[1].name))
         return _with_prediction(table, _selection(profile, node, sized, facts, forced), facts)
     if forced:
-        raise _forced_miss(table, candidates[0], [n for _, n, _ in missing], facts)
+        raise _forced_miss(table, candidates[0], [n for _, n, _ in missing], facts, lora_slots)
     if not nodes:
         raise NoFit("NoMatchingGPU", "no schedulable GPU node is known (GPU Feature Discovery labels "
                     "nvidia.com/gpu.memory or cxygpt.io/gpu-memory-mib)", permanent=False)
@@ -132,11 +134,13 @@ def select_profile(table: ProfileTable, *, mode: str, requested: str = AUTO, nod
                 fit=closest[2].fit if closest else None, sizing=closest[2] if closest else None)
 
 
-def _forced_miss(table: ProfileTable, profile: Profile, matching: list[GpuNode], facts: ModelFacts | None) -> NoFit:
+def _forced_miss(table: ProfileTable, profile: Profile, matching: list[GpuNode], facts: ModelFacts | None,
+                 lora_slots: tuple[int, int] | None) -> NoFit:
     """Why a forced profile runs on none of the nodes: permanent when even its most GPUs of the largest memory it
     has seen (its minimum, without a node) cannot hold the model."""
     memory = max((n.memory_mib for n in matching), default=profile.gpu.min_memory_mib)
-    most = size_engine(profile, facts, table.fit, memory_mib=memory, available=profile.gpu.max_count)
+    most = size_engine(profile, facts, table.fit, memory_mib=memory, available=profile.gpu.max_count,
+                       lora_slots=lora_slots)
     where = f"{profile.name} on up to {profile.gpu.max_count}x{memory} MiB"
     if not most.fits:
         return NoFit("InsufficientGPUMemory", f"{where}: {most.reason}", permanent=True, fit=most.fit, sizing=most)

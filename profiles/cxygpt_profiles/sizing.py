@@ -55,7 +55,8 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 
 
-def _estimate(profile: Profile, facts: ModelFacts, consts: FitConstants, memory_mib: int, gpus: int) -> GpuEstimate:
+def _estimate(profile: Profile, facts: ModelFacts, consts: FitConstants, memory_mib: int, gpus: int,
+              lora_slots: tuple[int, int] | None = None) -> GpuEstimate:
     rule, engine = profile.sizing, profile.engine
     least = min(engine.max_model_len, facts.max_context)
     if facts.attention_heads % gpus:
@@ -65,7 +66,7 @@ def _estimate(profile: Profile, facts: ModelFacts, consts: FitConstants, memory_
     def fit_at(length: int) -> FitEstimate:
         return estimate_fit(facts, weights=profile.weights, kv_cache_dtype=engine.kv_cache_dtype, max_model_len=length,
                             gpu_memory_utilization=engine.gpu_memory_utilization, gpu_memory_mib=memory_mib,
-                            gpu_count=gpus, consts=consts, sequences=rule.sequences)
+                            gpu_count=gpus, consts=consts, sequences=rule.sequences, lora_slots=lora_slots)
 
     fit = fit_at(least)
     if rule.context == "fixed" or not fit.fits or rule.context_limit is None:
@@ -93,9 +94,10 @@ def _context_reason(profile: Profile, facts: ModelFacts, chosen: GpuEstimate) ->
 
 
 def size_engine(profile: Profile, facts: ModelFacts | None, consts: FitConstants, *, memory_mib: int,
-                available: int) -> Sizing:
+                available: int, lora_slots: tuple[int, int] | None = None) -> Sizing:
     """The fewest of the `available` GPUs (of `memory_mib` each) that the profile's rule is met with, from
-    gpu.min_count to gpu.max_count. Without the model's facts: the profile's fewest, at its context."""
+    gpu.min_count to gpu.max_count, with the adapter slots of lora_slots = (max_loras, max_lora_rank) taken from the
+    KV cache. Without the model's facts: the profile's fewest, at its context."""
     gpu, engine = profile.gpu, profile.engine
     most = min(gpu.max_count, available)
     if most < gpu.min_count:
@@ -106,7 +108,8 @@ def size_engine(profile: Profile, facts: ModelFacts | None, consts: FitConstants
         return Sizing(gpu.min_count, available, engine.max_model_len, None, (),
                       f"{_plural(gpu.min_count, 'GPU')}, the profile's fewest: the model's facts are unknown "
                       "(set spec.model.facts)")
-    estimates = tuple(_estimate(profile, facts, consts, memory_mib, n) for n in range(gpu.min_count, most + 1))
+    estimates = tuple(_estimate(profile, facts, consts, memory_mib, n, lora_slots)
+                      for n in range(gpu.min_count, most + 1))
     chosen = next((e for e in estimates if e.fits), None)
     if chosen is None:
         last = estimates[-1]

@@ -160,10 +160,31 @@ class CacheConstants(Strict):
     download_retries: int = Field(default=4, ge=0, description="the Job's backoffLimit; each retry resumes")
 
 
+# vLLM's MaxLoRARanks: --max-lora-rank takes one of these
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+class LoraConstants(Strict):
+    """LoRA adapters (spec.adapters): the engine's adapter slots, whatever the number of adapters (so adding one
+    never changes the engine's arguments, which would restart it)."""
+    max_loras: int = Field(default=4, ge=1, le=16, description="--max-loras: distinct adapters in one batch")
+    max_lora_rank: int = Field(default=16, description="--max-lora-rank unless spec.lora.maxRank says otherwise")
+    max_cpu_loras: int = Field(default=16, ge=1, le=64, description="--max-cpu-loras: adapters kept in CPU memory")
+
+    @model_validator(mode="after")
+    def _valid(self):
+        if self.max_lora_rank not in LORA_RANKS:
+            raise ValueError(f"max_lora_rank {self.max_lora_rank} is not one of vLLM's {LORA_RANKS}")
+        if self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"max_cpu_loras {self.max_cpu_loras} is below max_loras {self.max_loras} (vLLM refuses)")
+        return self
+
+
 class ProfileTable(Strict):
     vllm: VllmPin
     fit: FitConstants
     cache: CacheConstants = CacheConstants()
+    lora: LoraConstants = LoraConstants()
     profiles: list[Profile] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -201,6 +222,8 @@ class ModelFacts(Strict):
     vocab_size: int = Field(gt=0)
     tied_embeddings: bool = False
     max_context: int = Field(gt=0)
+    # config.json's: the MLP's width (LoRA slots' size; scripts/gen_speeds.py); unknown: derived from the counts
+    intermediate_size: int | None = Field(None, gt=0)
 
 
 class CatalogEntry(ModelFacts):
@@ -208,7 +231,6 @@ class CatalogEntry(ModelFacts):
     variants: dict[WeightFormat, str] = {}
     # config.json's, for scripts/gen_speeds.py (AIConfigurator rebuilds the model's layers from them)
     architecture: str | None = None
-    intermediate_size: int | None = Field(None, gt=0)
 
 
 class ModelCatalog(Strict):

@@ -27,7 +27,8 @@ PARENTS = {"spec.model": {"name": "m", "source": "hf://Org/Model"}, "spec.model.
            "status.conditions[]": {"type": "Ready", "status": "True"},
            "status.autoscaling.recommendations[]": {"at": "2026-12-01T00:00:00Z", "replicas": 1},
            "status.autoscaling.upRecommendations[]": {"at": "2026-12-01T00:00:00Z", "replicas": 1},
-           "spec.gpu": {"products": ["NVIDIA-L40S"]}}
+           "spec.gpu": {"products": ["NVIDIA-L40S"]},
+           "spec.adapters[]": {"name": "sql", "source": "hf://cxygpt-demo/qwen3-0.6b-sql-lora"}}
 
 
 def _affinity_parents() -> dict:
@@ -59,7 +60,8 @@ PARENTS.update(_affinity_parents())
 # a value that passes a string field's other rules (its pattern, its CEL)
 SAMPLES = {"spec.model.name": "qwen3-0.6b", "spec.model.source": "hf://Qwen/Qwen3-0.6B",
            "spec.model.variants.int4": "hf://Qwen/Qwen3-14B-GPTQ-Int4", "spec.model.cache.size": "40Gi",
-           "spec.engine.env[].name": "CXYGPT_SIM_ITL_MS", "spec.engine.args[]": "--seed"}
+           "spec.engine.env[].name": "CXYGPT_SIM_ITL_MS", "spec.engine.args[]": "--seed",
+           "spec.adapters[].name": "qwen3-sql", "spec.adapters[].source": "pvc://adapters/sql"}
 
 
 class Server:
@@ -277,9 +279,10 @@ RULES = {  # the rule's message: (specs it passes, specs it refuses)
                                                          "hf://a/b@v1.2-rc")],
         [{"model": {"name": "m", "source": s}} for s in ("s3://b/k", "pvc://Bad_Claim/x", "hf://a/b@")]),
     "a pvc:// source names a claim of at most 253 characters and a path inside it with no '..' segment": (
-        [{"model": {"name": "m", "source": "pvc://m/a..b"}}],
+        [{"model": {"name": "m", "source": "pvc://m/a..b"}}, {"adapters": [{"name": "a", "source": "pvc://m/a..b"}]}],
         [{"model": {"name": "m", "source": s}} for s in ("pvc://models/a/../../etc", "pvc://models/..",
-                                                         "pvc://" + "a" * 254 + "/x")]),
+                                                         "pvc://" + "a" * 254 + "/x")]
+        + [{"adapters": [{"name": "a", "source": "pvc://loras/../x"}]}]),
     "variants.int4 must be hf://<org>/<repo>[@<revision>] or pvc://<claim>/<path>": (
         [{"model": {"name": "m", "source": "hf://a/b", "variants": {"int4": "hf://a/b-int4"}}}],
         [{"model": {"name": "m", "source": "hf://a/b", "variants": {"int4": "ftp://x"}}}]),
@@ -325,9 +328,22 @@ RULES = {  # the rule's message: (specs it passes, specs it refuses)
         [{"engine": {"podAnnotations": {"cxygpt.io/config-hash": "0"}}}]),
     "env names must be unique": ([{"engine": {"env": [{"name": "A", "value": "1"}, {"name": "B", "value": "2"}]}}],
                                  [{"engine": {"env": [{"name": "A", "value": "1"}, {"name": "A", "value": "2"}]}}]),
-    "HF_HOME, HF_HUB_OFFLINE, HOME and CXYGPT_SIM_GPU_MEMORY_MIB are set by the operator": (
+    "HF_HOME, HF_HUB_OFFLINE, HOME, CXYGPT_SIM_GPU_MEMORY_MIB and VLLM_ALLOW_RUNTIME_LORA_UPDATING are set by the "
+    "operator": (
         [{"engine": {"env": [{"name": "HF_TOKEN", "value": "x"}]}}],
-        [{"engine": {"env": [{"name": n, "value": "/x"}]}} for n in ("HF_HOME", "HOME", "CXYGPT_SIM_GPU_MEMORY_MIB")]),
+        [{"engine": {"env": [{"name": n, "value": "/x"}]}} for n in ("HF_HOME", "HOME", "CXYGPT_SIM_GPU_MEMORY_MIB",
+                                                                     "VLLM_ALLOW_RUNTIME_LORA_UPDATING")]),
+    "an adapter's name must differ from spec.model.name": (
+        [{"model": {"name": "m", "source": "hf://a/b"}, "adapters": [{"name": "m-sql", "source": "hf://a/sql"}]}],
+        [{"model": {"name": "m", "source": "hf://a/b"}, "adapters": [{"name": "m-sql", "source": "hf://a/sql"},
+                                                                      {"name": "m", "source": "hf://a/m"}]}]),
+    "adapter names must be unique": (
+        [{"adapters": [{"name": "a", "source": "hf://o/a"}, {"name": "b", "source": "hf://o/a"}]}],
+        # the list's map type refuses the duplicate first ("Duplicate value"); the rule says it in words too
+        []),
+    "an adapter's source must be hf://<org>/<repo>[@<revision>] or pvc://<claim>/<path>": (
+        [{"adapters": [{"name": "a", "source": s}]} for s in ("hf://o/a@v2", "pvc://loras/sql/v1")],
+        [{"adapters": [{"name": "a", "source": s}]} for s in ("s3://b/k", "hf://o", "/tmp/a", "pvc://Bad/x")]),
     "LD_* loader variables, PYTHON* interpreter variables but PYTHONUNBUFFERED": (
         [{"engine": {"env": [{"name": "PYTHONUNBUFFERED", "value": "1"}, {"name": "_X"}]}}],
         [{"engine": {"env": [{"name": n, "value": "/x"}]}} for n in ("LD_PRELOAD", "LD_AUDIT", "PYTHONPATH",
@@ -347,7 +363,7 @@ def rules(schema: dict):
 
 def test_every_rule_of_the_crd_has_cases():
     messages = list(rules(SCHEMA))
-    assert len(messages) == 23
+    assert len(messages) == 27
     uncovered = [m for m in messages if not any(m.startswith(key) for key in RULES)]
     assert uncovered == []
 
@@ -399,6 +415,12 @@ def test_a_full_autoscaling_status_fits(server, stored):
                               "lastScaleTime": "2026-12-01T00:00:00Z", "reason": "ScaledUp", "message": "1 -> 2",
                               "recommendations": [{"at": "2026-12-01T00:00:00Z", "replicas": 2}]}}
     assert server.check_status(stored, status) == []
+
+
+def test_a_duplicate_adapter_name_is_refused(server):
+    """The list is a map keyed by name: a second entry of a name is refused whatever its source."""
+    _, errors = server.check(md(adapters=[{"name": "a", "source": "hf://o/a"}, {"name": "a", "source": "hf://o/b"}]))
+    assert any("spec.adapters[1]" in e and "Duplicate value" in e for e in errors), errors
 
 
 def test_an_unknown_field_is_refused(server):

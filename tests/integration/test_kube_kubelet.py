@@ -91,6 +91,22 @@ def test_readiness_follows_the_probe_and_deletion_runs_the_pre_stop_hook(kube, t
     assert stopped.exists()
 
 
+def test_a_readiness_gate_holds_a_ready_container_until_its_condition_is_set(kube):
+    """As the real kubelet: Ready needs the containers ready and every readiness gate's condition True (which
+    another controller sets in the pod's status, here as the operator sets cxygpt.io/adapters-loaded)."""
+    kube.apply({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "gated"}, "spec": {
+        "readinessGates": [{"conditionType": "example.com/warmed"}],
+        "containers": [{"name": "main", "image": "python:3", "command": PYTHON_SERVER}]}})
+    kube.wait_for(lambda: condition(kube.get("pod", "gated"), "ContainersReady") == "True", "containers ready")
+    pod = kube.get("pod", "gated")
+    assert condition(pod, "Ready") == "False"
+    assert next(c for c in pod["status"]["conditions"] if c["type"] == "Ready")["reason"] == "ReadinessGatesNotReady"
+    kube("patch", "pod", "gated", "--subresource=status", "--type=strategic", "-p",
+         '{"status": {"conditions": [{"type": "example.com/warmed", "status": "True"}]}}')
+    kube("wait", "--for=condition=Ready", "pod/gated", "--timeout=30s")
+    assert condition(kube.get("pod", "gated"), "example.com/warmed") == "True"  # the kubelet's writes keep it
+
+
 def test_a_claim_is_provisioned_bound_mounted_and_released(kube):
     # the path as an argument: the kubelet makes a mount's path in arguments and environment the volume's directory
     writer = job("writer", ["python", "-c", "import sys; open(sys.argv[1], 'w').write('hi')", "/data/hello"])

@@ -265,7 +265,7 @@ def test_examples_apply_with_kubectl(cluster):
         cluster.add_node(node)
     cluster.start_operator()
     cluster.kubectl("apply", "-f", str(REPO / "examples"))
-    names = {"llm": ["my-llm", "qwen3-14b", "qwen3-14b-solo"], "default": ["qwen3-small"]}
+    names = {"llm": ["my-llm", "qwen3-14b", "qwen3-14b-solo"], "default": ["qwen3-small", "qwen3-adapters"]}
     for ns, items in names.items():
         for name in items:
             cluster.wait_status(name, lambda s: s.get("phase") == "Starting", ns=ns)
@@ -273,7 +273,7 @@ def test_examples_apply_with_kubectl(cluster):
     status = cluster.wait_status("qwen3-cached", lambda s: s.get("cache", {}).get("reason") == "NoDefaultStorageClass")
     assert status["phase"] == "Pending"
     rows = cluster.kubectl("get", "md", "-A", "--no-headers").stdout.strip().split("\n")
-    assert len(rows) == 5 and sum("Starting" in r for r in rows) == 4 and sum("Pending" in r for r in rows) == 1
+    assert len(rows) == 6 and sum("Starting" in r for r in rows) == 5 and sum("Pending" in r for r in rows) == 1
 
 
 def test_namespaced_operator_leaves_other_namespaces_alone(cluster):

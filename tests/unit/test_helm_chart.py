@@ -548,7 +548,11 @@ def test_gateway_pods_carry_the_engine_access_label_outside_the_selector():
         gw = one(render(scenario), "Deployment", f"{RELEASE}-gateway")
         assert gw["spec"]["template"]["metadata"]["labels"]["cxygpt.io/engine-access"] == "true"
         assert "cxygpt.io/engine-access" not in gw["spec"]["selector"]["matchLabels"]
-        for name in (f"{RELEASE}-operator", f"{RELEASE}-openwebui", f"{RELEASE}-test"):  # nobody else but the console
+        # the operator's too: it loads LoRA adapters through the engines' runtime endpoints
+        op = one(render(scenario), "Deployment", f"{RELEASE}-operator")
+        assert op["spec"]["template"]["metadata"]["labels"]["cxygpt.io/engine-access"] == "true"
+        assert "cxygpt.io/engine-access" not in op["spec"]["selector"]["matchLabels"]
+        for name in (f"{RELEASE}-openwebui", f"{RELEASE}-test"):  # nobody else but the console
             for doc in find(render(scenario), "Deployment", name) + find(render(scenario), "Pod", name):
                 labels = (doc["spec"].get("template") or doc)["metadata"]["labels"]
                 assert "cxygpt.io/engine-access" not in labels, name

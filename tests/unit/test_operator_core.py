@@ -222,6 +222,10 @@ CASES = {
     "single-sim-pvc": ({"model": {"name": "solo", "source": "pvc://models/qwen/Qwen3-14B"}, "mode": "single",
                         "engine": {"kind": "sim", "args": ["--max-model-len", "2048"], "env": [{"name": "B", "value": "2"}]},
                         "cacheClaim": "hf-cache"}, [RTX]),
+    # LoRA adapters: the engine's LoRA limits and the runtime endpoints; a pvc:// adapter's claim mounted read-only
+    "srv80g-adapters": ({**EXAMPLE["spec"], "adapters": [
+        {"name": "qwen3-sql", "source": "hf://cxygpt-demo/qwen3-0.6b-sql-lora"},
+        {"name": "qwen3-support", "source": "pvc://loras/support/v1"}], "lora": {"maxRank": 32}}, [H100]),
 }
 
 
