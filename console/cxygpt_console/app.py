@@ -290,7 +290,7 @@ def create_app(settings: Settings) -> FastAPI:
                                            "shortly", "type": "console_error", "code": "console_busy", "param": None}},
                                 status_code=503, headers={"Retry-After": "5"})
 
-        async def stream():
+        async def stream() -> AsyncIterator[str]:
             console.log_followers += 1
             console.live += 1
             lines = console.cluster.follow_log(namespace, pod, container)

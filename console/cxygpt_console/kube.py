@@ -5,7 +5,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 
 import aiohttp
@@ -246,7 +246,7 @@ class Cluster:
                     continue  # BOOKMARK
                 self.changes.bump()
 
-    async def follow_log(self, namespace: str, pod: str, container: str) -> AsyncIterator[list[str]]:
+    async def follow_log(self, namespace: str, pod: str, container: str) -> AsyncGenerator[list[str], None]:
         """The container's log: its last LOG_TAIL_LINES lines, then each new batch of lines as it comes. A read
         the API server ends (it does not stream follow, the container restarted) is resumed after LOG_RESUME_S,
         without repeating lines already given. Problems come as one line starting with '[console] '."""

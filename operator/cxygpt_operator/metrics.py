@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 from collections import Counter as Tally
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -59,7 +60,7 @@ class OperatorMetrics:
                 self.adapter_calls.labels(action, result)
         self.registry.register(self)
 
-    def collect(self):
+    def collect(self) -> Iterator[GaugeMetricFamily]:
         phases = GaugeMetricFamily("cxygpt_operator_model_deployments", "ModelDeployments by phase and profile",
                                    labels=["phase", "profile"])
         counts = Tally(self.observed.models.values())
@@ -74,9 +75,9 @@ class OperatorMetrics:
         by_class: dict[str, list[int]] = {}
         for node in self.observed.gpu_nodes:
             by_class.setdefault(memory_class(node.memory_mib), []).append(node.count)
-        for cls, counts in sorted(by_class.items()):
-            nodes.add_metric([cls], len(counts))
-            gpus.add_metric([cls], sum(counts))
+        for cls, per_node in sorted(by_class.items()):
+            nodes.add_metric([cls], len(per_node))
+            gpus.add_metric([cls], sum(per_node))
         yield nodes
         yield gpus
         caches = GaugeMetricFamily("cxygpt_operator_model_caches", "Model caches (claims) by phase",

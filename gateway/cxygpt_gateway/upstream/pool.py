@@ -212,7 +212,7 @@ class UpstreamPool:
     """Keep-alive connections per upstream (scheme, host, port); unlimited, like the aiohttp connector it replaced:
     the per-model queue is what bounds concurrency."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._idle_conns: dict[tuple, list[_Connection]] = {}
         self._targets: dict[str, tuple] = {}
         self._ssl: ssl.SSLContext | None = None
