@@ -239,8 +239,10 @@ def scenario_steps(cluster: Cluster, hub: str, kube: Kubectl, scenario: str) -> 
     for namespace in namespaces:
         kube("delete", "md", "--all", "-n", namespace, "--timeout=90s")
     helm(cluster.kubeconfig, "uninstall", RELEASE, "-n", NAMESPACE, "--wait", "--timeout", "120s")
-    wait_until(lambda: not json.loads(kube("get", "pods", "-n", NAMESPACE, "-o", "json"))["items"] or scenario == "ha",
-               timeout=60, what="the release's pods gone")
+    # the release's pods, not the HA scenario's Redis (a Deployment of the test's own): the next scenario counts the
+    # operator pods it installs
+    wait_until(lambda: not json.loads(kube("get", "pods", "-n", NAMESPACE, "-l", f"app.kubernetes.io/instance={RELEASE}",
+                                           "-o", "json"))["items"], timeout=60, what="the release's pods gone")
     assert kube.run("get", "crd", "modeldeployments.cxygpt.io", check=False).returncode == 0  # crds.keep
     if scenario == "ha":
         kube("delete", "-f", "-", stdin=yaml.safe_dump_all(redis()))
