@@ -324,6 +324,21 @@ def read_metrics(urls: list[str]) -> list[dict[str, float]]:
         return [metrics(c.get(u + "/metrics").content) for u in urls]
 
 
+def stage_judge(client: Client, a: argparse.Namespace, label) -> None:
+    """Hands `client` the sweep's judge of each stage it ends: the stage logged under `label(k)`, and whether the
+    sweep goes on (within the SLO, or every stage with --full-sweep)."""
+    slo_ms = a.slo_ttft_s * 1000
+
+    def judge(k: int, now: float) -> bool:
+        p = fleet.summarize(client.results, start=client.bounds[k], end=client.bounds[k + 1], stopped_at=now,
+                            slo_s=a.slo_ttft_s, samples=client.samples)
+        log(f"{label(k)}: TTFT p90 {fleet.fmt(p['ttft_p90_ms'])} ms, {p['errors']} errors: "
+            f"{'within the SLO' if fleet.passes(p, slo_ms) else 'MISSED'}")
+        return a.full_sweep or fleet.passes(p, slo_ms)
+
+    client.judge = judge
+
+
 def run_client(coro_owner) -> float:
     """The client's run in a fresh event loop (uvloop when installed), with no garbage collection during it: the
     collector's gen-2 passes (~100 ms over a large heap) would count as the fronts' latency; what the run leaves is
@@ -482,19 +497,11 @@ def sweep_front(front: str, procs: list[Proc], shape: str, spec, cap: float, sal
         sends, load.conversations = shapes.chat_schedule(spec, times, salt, 1)
     else:
         load.extend(len(times))
-    slo_ms = a.slo_ttft_s * 1000
     client = Client(load, picker(procs), stages=stages, lead=a.lead, grace=a.grace, timeout=a.timeout, sims=fl.urls,
                     sample_s=a.sample_s, pids={"sims": [s.pid for s in fl.sims], "front": [p.pid for p in procs]},
                     judge=None, times=None if load.chat else times, sends=sends)
 
-    def judge(k: int, now: float) -> bool:
-        p = fleet.summarize(client.results, start=client.bounds[k], end=client.bounds[k + 1], stopped_at=now,
-                            slo_s=a.slo_ttft_s, samples=client.samples)
-        log(f"{shape:11s} {front:18s} {a.grid[k]:4g}× ({rates[k]:5.1f}/s): TTFT p90 {fleet.fmt(p['ttft_p90_ms'])} ms, "
-            f"{p['errors']} errors: {'within the SLO' if fleet.passes(p, slo_ms) else 'MISSED'}")
-        return a.full_sweep or fleet.passes(p, slo_ms)
-
-    client.judge = judge
+    stage_judge(client, a, lambda k: f"{shape:11s} {front:18s} {a.grid[k]:4g}× ({rates[k]:5.1f}/s)")
     loadavg = os.getloadavg()[0]
     elapsed = run_client(client)
     # the ideal cache over everything sent, in order; each request's share counted in its stage

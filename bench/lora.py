@@ -114,19 +114,11 @@ def sweep_front(front: str, proc: run.Proc, sims: list[run.Proc], a, notes: list
     stages = [(r, a.duration) for r in a.grid]
     times = [t for t, _ in shapes.ramp(f"lora:{a.seed}", [(a.grid[0], a.lead)] + stages)]
     load = AdapterLoad([f"lora-{i}" for i in range(ADAPTERS)], a.seed)
-    slo_ms = a.slo_ttft_s * 1000
     client = sweeps.Client(load, sweeps.picker([proc]), stages=stages, lead=a.lead, grace=a.grace,
                            timeout=a.timeout, sims=[s.url for s in sims], sample_s=0.25,
                            pids={"sims": [s.pid for s in sims], "front": [proc.pid]}, judge=None, times=times)
 
-    def judge(k: int, now: float) -> bool:
-        p = fleet.summarize(client.results, start=client.bounds[k], end=client.bounds[k + 1], stopped_at=now,
-                            slo_s=a.slo_ttft_s, samples=client.samples)
-        log(f"{front:18s} {a.grid[k]:5.1f}/s: TTFT p90 {fleet.fmt(p['ttft_p90_ms'])} ms, {p['errors']} errors: "
-            f"{'within the SLO' if fleet.passes(p, slo_ms) else 'MISSED'}")
-        return a.full_sweep or fleet.passes(p, slo_ms)
-
-    client.judge = judge
+    sweeps.stage_judge(client, a, lambda k: f"{front:18s} {a.grid[k]:5.1f}/s")
     loadavg = os.getloadavg()[0]
     elapsed = sweeps.run_client(client)
     points = []
