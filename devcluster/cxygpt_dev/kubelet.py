@@ -27,7 +27,7 @@ from .containers import Run, local_program, now, probe_once, requests_in_flight
 from .network import DEV_CLUSTER_MARK
 from .podvolumes import CannotStart, PodVolumes
 from .processes import run_until_signalled
-from .volumes import rewrite, rewrite_all
+from .volumes import MOUNTS_ENV, rewrite, rewrite_all
 from .watching import follow
 
 log = logging.getLogger("cxygpt.kubelet")
@@ -298,7 +298,8 @@ class PodWorker:
         argv = [local_program(command[0]), *rewrite_all(command[1:] + list(spec.get("args") or []), mapping)]
         # of this machine's environment only what a container image would set, and the dev cluster's mark
         base = {k: v for k, v in os.environ.items() if k in ("PATH", "LANG", "LC_ALL", "TZ", DEV_CLUSTER_MARK)}
-        environment = {**base, "HOSTNAME": self.name, **self.kubelet.service_env, **env}
+        environment = {**base, "HOSTNAME": self.name, **self.kubelet.service_env, **env,
+                       MOUNTS_ENV: json.dumps(mapping, sort_keys=True)}
         return self.sandbox.enter(argv), environment, termination
 
     def _log_file(self, container: Container) -> Path:

@@ -6,6 +6,7 @@ import asyncio
 import collections
 import datetime
 import hashlib
+import json
 import logging
 import os
 import secrets
@@ -24,7 +25,7 @@ from .containers import TAIL_LINES, requests_in_flight, tail_message
 from .jobs import Jobs
 from .processes import forward_lines, run_until_signalled, stop_group
 from .rollout import PodView, rollout_step, strategy_of
-from .volumes import Unbound, Volumes, rewrite, rewrite_all
+from .volumes import MOUNTS_ENV, Unbound, Volumes, rewrite, rewrite_all
 from .watching import follow
 
 log = logging.getLogger("cxygpt.pods")
@@ -252,7 +253,8 @@ class PodRunner:
         mapping = await self._mounts(workload, pod, container)
         if mapping is None:
             return
-        env = {**os.environ, **{e["name"]: rewrite(e.get("value", ""), mapping) for e in container.get("env", [])}}
+        env = {**os.environ, **{e["name"]: rewrite(e.get("value", ""), mapping) for e in container.get("env", [])},
+               MOUNTS_ENV: json.dumps(mapping, sort_keys=True)}
         log_file = self.logs / workload.namespace / pod.name / f"{container.get('name', 'engine')}.log"
         log_file.parent.mkdir(parents=True, exist_ok=True)
         while not pod.terminating:

@@ -16,6 +16,9 @@ PROVISIONER = "cxygpt.io/local-directory"
 DEFAULT_CLASS = "standard"  # as kind names its local-path class
 DEFAULT_CLASS_ANNOTATION = "storageclass.kubernetes.io/is-default-class"
 RETRY_S = 1.0
+# the mount table a container's process is given (JSON, mount path → directory here): it shares this machine's root
+# filesystem, so a path it is sent at runtime (an engine's adapter to load) is mapped by the simulator with it
+MOUNTS_ENV = "CXYGPT_CONTAINER_MOUNTS"
 
 
 def default_storage_class() -> dict:

@@ -3,16 +3,29 @@ status.adapters."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 import aiohttp
+from kubernetes.client.rest import ApiException
 
-from . import engines
-from .adapters import Adapter, Engine, Failure, Memory, blocked_adapters, gate_condition, parse_adapters, plan
-from .kube import Kube
+from . import adapter_cache, engines
+from .adapters import (
+    Adapter,
+    Blocked,
+    Engine,
+    Failure,
+    Memory,
+    blocked_adapters,
+    gate_condition,
+    parse_adapters,
+    plan,
+)
+from .cache import cache_key, parse_cache
+from .kube import Kube, api_message
 from .manifests import Owner, selector_labels
 from .resolve import NameClaim, check_source
 
@@ -64,9 +77,71 @@ def _adapters(spec: dict) -> tuple[Adapter, ...]:
         return ()
 
 
+async def downloads(kube: Kube, owner: Owner, spec: dict, adapters: Sequence[Adapter], loader: adapter_cache.Loader
+                    ) -> tuple[Sequence[Adapter], dict[str, Blocked], dict[str, str]] | None:
+    """Hub adapters through the adapter cache, when the engines mount one: its claim and a download Job per adapter
+    revision made, the Jobs of adapters no longer asked for deleted → (the adapters, each downloaded one with its
+    files' path; the failed downloads; the running ones: name → what they say); None without the cache."""
+    ns = owner.namespace
+    deployment = await asyncio.to_thread(kube.get_deployment, ns, owner.name)
+    template = ((deployment or {}).get("spec") or {}).get("template") or {}
+    claim = adapter_cache.mounted_claim(template.get("spec") or {})
+    if claim is None:
+        return None
+    model = spec.get("model") or {}
+    try:
+        cache = parse_cache(model.get("cache"))
+    except ValueError as e:  # the reconcile loop reports the spec
+        return adapters, {a.name: Blocked("InvalidSpec", str(e)) for a in adapters if not a.claim}, {}
+    hub = {a.name: key for a in adapters if not a.claim and (key := cache_key(a.source))}
+    failed: dict[str, Blocked] = {}
+    try:
+        if await asyncio.to_thread(kube.get_claim, ns, claim) is None:
+            await asyncio.to_thread(kube.create_claim, adapter_cache.build_claim(
+                claim, ns, owner.name, owner.uid, cache, loader.size))
+        jobs = {j["metadata"]["name"]: j for j in await asyncio.to_thread(
+            kube.list_jobs, ns, {adapter_cache.ADAPTER_CACHE_LABEL: claim})}
+        wanted = {adapter_cache.job_name(claim, key) for key in hub.values()}
+        for stale in sorted(set(jobs) - wanted):  # its files stay on the claim: asked for again, it checks them
+            await asyncio.to_thread(kube.delete, "Job", ns, stale)
+        for key in sorted(set(hub.values()), key=lambda k: k.describe):
+            made = adapter_cache.job_name(claim, key)
+            if made not in jobs:
+                jobs[made] = await asyncio.to_thread(kube.create_job, adapter_cache.build_job(
+                    key, claim, ns, owner.name, owner.uid, cache, loader, template_spec=template.get("spec") or {},
+                    engine_labels=selector_labels(owner)))
+    except ApiException as e:
+        if e.status == 409:  # made meanwhile (an earlier pass's answer was lost): the next pass reads it
+            return adapters, {}, {n: f"creating the download of {k.describe}" for n, k in hub.items()}
+        if e.status not in (400, 403, 413, 422):
+            raise
+        why = Blocked("AdapterCacheRejected", f"the API server refused the adapter cache {claim}: {api_message(e)}")
+        return adapters, {n: why for n in hub}, {}
+    out, running = [], {}
+    for a in adapters:
+        key = hub.get(a.name)
+        if key is None:
+            out.append(a)
+            continue
+        job = jobs[adapter_cache.job_name(claim, key)]
+        done = adapter_cache.download_state(key, job, [])
+        if done.phase != "Ready":  # its pods tell why it waits or failed
+            pods = await asyncio.to_thread(kube.list_pods, ns, {adapter_cache.DOWNLOAD_LABEL: job["metadata"]["name"]})
+            done = adapter_cache.download_state(key, job, pods)
+        if done.phase == "Ready":
+            a = dataclasses.replace(a, cached=adapter_cache.files_dir(claim, key))
+        elif done.phase == "Failed":
+            failed[a.name] = Blocked(done.reason, done.message)
+        else:
+            running[a.name] = done.message
+        out.append(a)
+    return tuple(out), failed, running
+
+
 async def sync(body: dict, *, kube: Kube, session: aiohttp.ClientSession, port: int, memory: Memory,
                base_claims: Mapping[str, Collection[NameClaim]], adapter_index: Mapping[str, Collection[NameClaim]],
-               written: list[dict] | None, counted: Callable[[str, bool], None] = lambda action, ok: None) -> Pass:
+               written: list[dict] | None, loader: adapter_cache.Loader,
+               counted: Callable[[str, bool], None] = lambda action, ok: None) -> Pass:
     """One pass: every running engine pod of the model asked for its adapters, the plan's calls made, the status
     as the engines show it after them (written when it changed; `written` is the one this loop wrote last); each
     call's action and success go to `counted`."""
@@ -82,7 +157,11 @@ async def sync(body: dict, *, kube: Kube, session: aiohttp.ClientSession, port: 
     me = adapter_claims(body).get(adapters[0].name) or NameClaim("~", owner.uid, owner.namespace, owner.name)
     bases, others = conflicts(adapters, me, base_claims, adapter_index)
     offline = bool((model.get("cache") or {}).get("enabled")) or str(model.get("source", "")).startswith("pvc://")
-    blocked = blocked_adapters(adapters, base_names=bases, other_adapters=others, offline=offline)
+    cached = await downloads(kube, owner, spec, adapters, loader)
+    found, failed_downloads, waiting = cached if cached is not None else (adapters, {}, {})
+    adapters = tuple(found)
+    blocked = {**failed_downloads, **blocked_adapters(adapters, base_names=bases, other_adapters=others,
+                                                      offline=offline, cache=cached is not None)}
     pods = await asyncio.to_thread(kube.list_pods, owner.namespace, selector_labels(owner))
     published = engines.slice_urls(await asyncio.to_thread(kube.list_endpoint_slices, owner.namespace, owner.name))
     urls = {p["metadata"]["uid"]: (p["metadata"]["name"], url) for p in pods
@@ -97,7 +176,8 @@ async def sync(body: dict, *, kube: Kube, session: aiohttp.ClientSession, port: 
 
     seen = list(await asyncio.gather(*(look(uid) for uid in sorted(urls))))
     memory.keep_only(seen, adapters)
-    step = plan(adapters, seen, memory.failures, blocked, now=time.monotonic(), max_calls=MAX_CALLS_PER_PASS)
+    step = plan(adapters, seen, memory.failures, blocked, now=time.monotonic(), max_calls=MAX_CALLS_PER_PASS,
+                waiting=waiting)
     made = len(step.calls)
     if step.calls:
         async def act(pod_uid: str) -> None:
@@ -112,7 +192,8 @@ async def sync(body: dict, *, kube: Kube, session: aiohttp.ClientSession, port: 
                         memory.failures[(c.pod_uid, c.name, c.path)] = Failure(why, time.monotonic())
         await asyncio.gather(*(act(uid) for uid in sorted({c.pod_uid for c in step.calls})))
         seen = list(await asyncio.gather(*(look(uid) for uid in sorted(urls))))
-        step = plan(adapters, seen, memory.failures, blocked, now=time.monotonic(), max_calls=MAX_CALLS_PER_PASS)
+        step = plan(adapters, seen, memory.failures, blocked, now=time.monotonic(), max_calls=MAX_CALLS_PER_PASS,
+                waiting=waiting)
     now = datetime.datetime.now(datetime.UTC)
     for pod in pods:
         if condition := gate_condition(pod, pod["metadata"]["uid"] in step.complete, now):

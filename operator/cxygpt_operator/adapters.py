@@ -37,6 +37,7 @@ class Adapter:
     """One entry of spec.adapters: the served name requests use, and where its files come from."""
     name: str
     source: str
+    cached: str | None = None   # where the adapter cache holds a Hub adapter's files, once they are downloaded
 
     @property
     def claim(self) -> str | None:
@@ -46,13 +47,15 @@ class Adapter:
 
     @property
     def path(self) -> str | None:
-        """The lora_path the engine loads it from: a Hub repository id (the engine downloads it) or the claim's
-        mount; None for a Hub revision other than the default branch, which vLLM cannot download (it passes no
-        revision)."""
+        """The lora_path the engine loads it from: the claim's mount, the adapter cache's files, or a Hub repository
+        id (the engine downloads it); None for a Hub revision other than the default branch outside the adapter
+        cache, which vLLM cannot download (it passes no revision)."""
         scheme, _, rest = self.source.partition("://")
         if scheme == "pvc":
             claim, _, inside = rest.partition("/")
             return f"{claim_mount(claim)}/{inside}"
+        if self.cached:
+            return self.cached
         repo, revision = hf_source(self.source) or (rest, None)
         return repo if revision in (None, "main") else None
 
@@ -154,11 +157,13 @@ class Blocked:
 
 
 def blocked_adapters(adapters: Sequence[Adapter], *, base_names: Mapping[str, str],
-                     other_adapters: Mapping[str, str], offline: bool = False) -> dict[str, Blocked]:
+                     other_adapters: Mapping[str, str], offline: bool = False,
+                     cache: bool = False) -> dict[str, Blocked]:
     """Adapters that must not be loaded: one named like another model's served name (`base_names`: name → that
-    ModelDeployment, namespace/name) or like an adapter an older ModelDeployment serves (`other_adapters`), one
-    whose Hub revision the engine cannot download, and a Hub one on engines that run offline (`offline`: the base's
-    weights are local, HF_HUB_OFFLINE=1)."""
+    ModelDeployment, namespace/name) or like an adapter an older ModelDeployment serves (`other_adapters`), and
+    without the adapter cache (`cache`: Hub adapters are downloaded into it) one whose Hub revision the engine
+    cannot download or a Hub one on engines that run offline (`offline`: the base's weights are local,
+    HF_HUB_OFFLINE=1)."""
     found = {}
     for a in adapters:
         if a.name in base_names:
@@ -166,31 +171,37 @@ def blocked_adapters(adapters: Sequence[Adapter], *, base_names: Mapping[str, st
         elif a.name in other_adapters:
             found[a.name] = Blocked("ModelNameConflict", f"{a.name!r} is an adapter of {other_adapters[a.name]}, "
                                     "which named it first")
+        elif cache and not a.claim:
+            continue
         elif offline and not a.claim:
             found[a.name] = Blocked("HubOffline", f"{a.source}: the engines run offline (HF_HUB_OFFLINE=1: the base's "
-                                    "weights come from a claim or the model cache), so they cannot download it: put "
-                                    "its files on a claim and use pvc://<claim>/<path>")
+                                    "weights come from a claim), so they cannot download it: put its files on a claim "
+                                    "and use pvc://<claim>/<path>")
         elif a.path is None:
             found[a.name] = Blocked("RevisionNotSupported", f"{a.source}: the engine downloads an adapter's default "
-                                    "branch only (vLLM passes no revision): drop the @revision, or put the files on a "
-                                    "claim and use pvc://<claim>/<path>")
+                                    "branch only (vLLM passes no revision): set spec.model.cache.enabled (the "
+                                    "adapter is then downloaded at that revision into the model's adapter cache), "
+                                    "drop the @revision, or put the files on a claim and use pvc://<claim>/<path>")
     return found
 
 
 def plan(adapters: Sequence[Adapter], engines: Sequence[Engine], failures: Mapping[tuple[str, str, str], Failure],
-         blocked: Mapping[str, Blocked], *, now: float, max_calls: int) -> Plan:
+         blocked: Mapping[str, Blocked], *, now: float, max_calls: int,
+         waiting: Mapping[str, str] | None = None) -> Plan:
     """The calls that bring every answering engine to spec.adapters (at most `max_calls`, unloads first: they are
     quick and free slots), and status.adapters as the engines are now. `failures`: (pod uid, name, path) → the
     engine's refusal; a failed load is not tried again on that engine before FAILED_RETRY_S, nor for another
-    path. Engines that did not answer count as replicas that do not have the adapter yet."""
-    wanted = {a.name: a.path for a in adapters if a.name not in blocked and a.path}
+    path. Engines that did not answer count as replicas that do not have the adapter yet. `waiting`: adapters whose
+    files are still downloading (name → what the download says): not loaded yet, and not unloaded where loaded."""
+    waiting = waiting or {}
+    wanted = {a.name: a.path for a in adapters if a.name not in blocked and a.name not in waiting and a.path}
     unloads, loads, complete = [], [], []
     for engine in engines:
         if engine.loaded is None:
             continue
         if all(engine.loaded.get(n) == p or (engine.uid, n, p) in failures for n, p in wanted.items()):
             complete.append(engine.uid)
-        for name in sorted(set(engine.loaded) - set(wanted)):
+        for name in sorted(set(engine.loaded) - set(wanted) - set(waiting)):
             unloads.append(Call(engine.uid, engine.name, "unload", name))
         for name, path in sorted(wanted.items()):
             if engine.loaded.get(name) == path:
@@ -213,6 +224,8 @@ def plan(adapters: Sequence[Adapter], engines: Sequence[Engine], failures: Mappi
             pod, failure = min(refused, key=lambda f: f[1].at)
             entry.update(phase="Failed", reason="AdapterLoadFailed",
                          message=cut(f"pod {pod}: {failure.message}") + f" ({len(done)}/{len(engines)} replicas)")
+        elif a.name in waiting:
+            entry.update(phase="Loading", reason="Downloading", message=cut(waiting[a.name]))
         elif engines and len(done) == len(engines):
             entry.update(phase="Loaded", reason="Loaded", message=f"loaded on {len(done)}/{len(engines)} replicas")
         else:

@@ -225,6 +225,19 @@ def build_job(key: CacheKey, namespace: str, cache: CacheSpec, size: str, users:
     """The download: huggingface_hub's snapshot_download into the claim (the loader), verified, retried with
     resume. It runs where the engines will (their node affinity, no GPU requested), so a zonal or node-local
     volume is provisioned where the engines can mount it."""
+    metadata = _present(claim_metadata(key, users))
+    metadata["annotations"][CLAIM_UID_ANNOTATION] = claim_uid  # what it fills: this claim, not one of its name
+    return download_job(key, name=key.claim, namespace=namespace, claim=key.claim, into=JOB_MOUNT, cache=cache,
+                        metadata=metadata, pod_labels=_labels(key), image=image, affinity=affinity,
+                        tolerations=tolerations, node_selector=node_selector, hf_endpoint=hf_endpoint,
+                        deadline_s=download_deadline_s(size, consts), retries=consts.download_retries)
+
+
+def download_job(key: CacheKey, *, name: str, namespace: str, claim: str, into: str, cache: CacheSpec, metadata: dict,
+                 pod_labels: dict[str, str], image: str, affinity: dict, tolerations: list[dict],
+                 node_selector: dict[str, str] | None, hf_endpoint: str | None, deadline_s: int, retries: int) -> dict:
+    """A Job that downloads `key` with the loader into `into` (a directory of `claim`, mounted at JOB_MOUNT): its
+    files go to <into>/<Org>/<Name>."""
     env: list[dict] = [{"name": "HF_HOME", "value": f"{JOB_MOUNT}/.hf-home"},  # the root filesystem is read-only
            {"name": "HF_HUB_DISABLE_TELEMETRY", "value": "1"},
            {"name": "HF_HUB_DISABLE_PROGRESS_BARS", "value": "1"},  # the loader prints its own progress lines
@@ -237,7 +250,7 @@ def build_job(key: CacheKey, namespace: str, cache: CacheSpec, size: str, users:
                                                                        "key": cache.token_key}}})
     container = {
         "name": CONTAINER, "image": image, "command": [LOADER],
-        "args": ["--repo", key.repo, "--revision", key.revision, "--dir", JOB_MOUNT,
+        "args": ["--repo", key.repo, "--revision", key.revision, "--dir", into,
                  "--termination-log", TERMINATION_LOG],
         "env": sorted(env, key=lambda e: e["name"]),
         "volumeMounts": [{"name": "cache", "mountPath": JOB_MOUNT}],
@@ -249,24 +262,22 @@ def build_job(key: CacheKey, namespace: str, cache: CacheSpec, size: str, users:
     }
     pod_spec = {
         "restartPolicy": "Never", "containers": [container],
-        "volumes": [{"name": "cache", "persistentVolumeClaim": {"claimName": key.claim}}],
+        "volumes": [{"name": "cache", "persistentVolumeClaim": {"claimName": claim}}],
         "automountServiceAccountToken": False,  # the loader never calls the Kubernetes API
         "securityContext": {"runAsUser": LOADER_UID, "runAsGroup": LOADER_UID, "fsGroup": LOADER_UID,
                             "fsGroupChangePolicy": "OnRootMismatch", "seccompProfile": {"type": "RuntimeDefault"}},
         "affinity": affinity, "tolerations": tolerations, **({"nodeSelector": node_selector} if node_selector else {}),
     }
-    metadata = _present(claim_metadata(key, users))
-    metadata["annotations"][CLAIM_UID_ANNOTATION] = claim_uid  # what it fills: this claim, not one of its name
     return {
         "apiVersion": "batch/v1", "kind": "Job",
-        "metadata": {"name": key.claim, "namespace": namespace, **metadata},
+        "metadata": {"name": name, "namespace": namespace, **metadata},
         "spec": {
-            "backoffLimit": consts.download_retries,
-            "activeDeadlineSeconds": download_deadline_s(size, consts),
+            "backoffLimit": retries,
+            "activeDeadlineSeconds": deadline_s,
             # what no retry can fix (no such repository or revision, no access) fails the Job at once
             "podFailurePolicy": {"rules": [{"action": "FailJob", "onExitCodes": {
                 "containerName": CONTAINER, "operator": "In", "values": [PERMANENT_EXIT]}}]},
-            "template": {"metadata": {"labels": _labels(key)}, "spec": pod_spec},
+            "template": {"metadata": {"labels": pod_labels}, "spec": pod_spec},
         },
     }
 
@@ -340,14 +351,14 @@ def _terminated(pod: dict) -> dict | None:
     return None
 
 
-def _waiting(pod: dict) -> dict:
+def waiting_state(pod: dict) -> dict:
     for c in (pod.get("status") or {}).get("containerStatuses") or []:
         if c.get("name") == CONTAINER:
             return (c.get("state") or {}).get("waiting") or {}
     return {}
 
 
-def _condition(obj: dict, type_: str) -> dict | None:
+def true_condition(obj: dict, type_: str) -> dict | None:
     return next((c for c in (obj.get("status") or {}).get("conditions") or []
                  if c.get("type") == type_ and c.get("status") == "True"), None)
 
@@ -365,7 +376,7 @@ def job_result(pods: list[dict]) -> dict | None:
     return None
 
 
-def _failure(pods: list[dict]) -> tuple[str, str]:
+def failed_attempt(pods: list[dict]) -> tuple[str, str]:
     """The newest failed attempt's reason and message, from the loader's termination log."""
     for pod in reversed(_by_age(pods)):
         terminated = _terminated(pod)
@@ -401,14 +412,14 @@ def cache_state(key: CacheKey, pvc: dict | None, job: dict | None, pods: list[di
         return CacheState("Pending", "ReplacingJob", f"claim {key.claim} was made again: the download Job of the "
                           "claim before it is replaced, to fill this one")
     job = job or {}
-    if _condition(job, "Complete"):
+    if true_condition(job, "Complete"):
         result = job_result(pods) or {}
         return CacheState("Ready", "Downloaded", f"{key.describe} downloaded and verified: "
                           f"{gib(result.get('bytes'))} in {result.get('files', '?')} files",
                           result.get("revision"), result.get("bytes"), result.get("bytes"), result.get("files"))
-    failed = _condition(job, "Failed")
+    failed = true_condition(job, "Failed")
     if failed:
-        reason, message = _failure(pods)
+        reason, message = failed_attempt(pods)
         attempts = (job.get("status") or {}).get("failed") or 0
         return CacheState("Failed", reason, f"the download Job {key.claim} failed ({failed.get('reason', 'Failed')}"
                           f" after {attempts} attempt{'s' * (attempts != 1)}): {message}; delete the Job to retry")
@@ -425,7 +436,7 @@ def cache_state(key: CacheKey, pvc: dict | None, job: dict | None, pods: list[di
             and (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed")]
     pod = live[-1] if live else None
     if pod is not None:
-        waiting = _waiting(pod)
+        waiting = waiting_state(pod)
         name = pod["metadata"].get("name", "")
         if waiting.get("reason") in CANNOT_START:
             return CacheState("Failed", "DownloadCannotStart",

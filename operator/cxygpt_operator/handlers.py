@@ -14,11 +14,12 @@ import urllib3
 from kubernetes.client.rest import ApiException
 
 from . import GROUP, MANAGER, PLURAL, VERSION
+from .adapter_cache import Loader
 from .adapter_sync import adapter_claims, sync
 from .adapters import Memory
 from .autoscaling.policy import autoscaling_of
 from .autoscaling.step import Scaler, autoscale, scale_target
-from .cache import CACHE_LABEL, CacheUser
+from .cache import CACHE_LABEL, CacheUser, download_deadline_s
 from .manifests import MODEL_DEPLOYMENT_LABEL
 from .metrics import OperatorMetrics
 from .nodes import GPU_RESOURCE, NodeGpus, node_gpus
@@ -398,13 +399,16 @@ async def keep_adapters(stopped, namespace: str, name: str, body: kopf.Body, mem
     memory = Memory()
     written: list | None = None
     session = aiohttp.ClientSession()
+    size = ctx.table.lora.cache_size
+    loader = Loader(ctx.images.loader, ctx.hf_endpoint, size, download_deadline_s(size, ctx.table.cache),
+                    ctx.table.cache.download_retries)
 
     async def step(snapshot: dict) -> float | None:
         nonlocal written
         if snapshot["metadata"].get("deletionTimestamp"):
             return None
         done = await sync(snapshot, kube=ctx.kube, session=session, port=ctx.table.vllm.port, memory=memory,
-                          base_claims=model_names, adapter_index=adapter_names, written=written,
+                          base_claims=model_names, adapter_index=adapter_names, written=written, loader=loader,
                           counted=lambda action, ok: shared.metrics.adapter_calls.labels(action, "ok" if ok else
                                                                                          "failed").inc())
         written = done.status

@@ -27,6 +27,14 @@ def api_client(kubeconfig: str | None = None) -> client.ApiClient:
     return config.new_client_from_config(config_file=path)
 
 
+def api_message(error: ApiException) -> str:
+    """What the API server said when it refused a call."""
+    try:
+        return json.loads(error.body or "").get("message") or str(error.reason)
+    except (TypeError, ValueError, AttributeError):
+        return str(error.body or error.reason)
+
+
 def _raw(response) -> dict:
     return json.loads(response.data)
 
@@ -71,6 +79,11 @@ class Kube:
 
     def get_job(self, namespace: str, name: str) -> dict | None:
         return self._read(self.batch.read_namespaced_job, namespace, name)
+
+    def list_jobs(self, namespace: str, selector: dict[str, str]) -> list[dict]:
+        label_selector = ",".join(f"{k}={v}" for k, v in sorted(selector.items()))
+        return _raw(self.batch.list_namespaced_job(namespace, label_selector=label_selector,
+                                                   _preload_content=False)).get("items") or []
 
     def create_claim(self, body: dict) -> dict:
         """Created once: a claim's spec is (but for its size) immutable, and the first user's settings make it."""

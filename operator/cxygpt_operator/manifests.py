@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from cxygpt_profiles import ProfileTable, Selection, engine_args
 
 from . import GROUP, KIND, MANAGER, VERSION
+from .adapter_cache import ADAPTER_CACHE_MOUNT, ADAPTER_CACHE_VOLUME
+from .adapter_cache import claim_name as adapter_cache_claim
 from .adapters import ADAPTERS_GATE, RUNTIME_LORA_ENV, claim_mount
 from .cache import CacheKey, build_job, cache_key, hf_source, weights_path
 from .nodes import GPU_COUNT_LABEL, GPU_MEMORY_LABEL, GPU_PRODUCT_LABEL, GPU_RESOURCE, MEMORY_OVERRIDE_LABEL
@@ -265,6 +267,13 @@ def build_deployment(owner: Owner, spec: ModelSpec, sel: Selection, table: Profi
             volume = f"adapters-{hashlib.sha256(claim.encode()).hexdigest()[:12]}"
             volumes.append({"name": volume, "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
             mounts.append({"name": volume, "mountPath": claim_mount(claim), "readOnly": True})
+        if engine_cache(spec, sel) is not None:
+            # the engines run offline: Hub adapters are downloaded into the model's adapter cache (the adapter
+            # loop makes it and fills it, one Job per adapter revision), mounted whatever the adapters are, so
+            # adding one never changes the pod template
+            volumes.append({"name": ADAPTER_CACHE_VOLUME, "persistentVolumeClaim": {
+                "claimName": adapter_cache_claim(owner.name, owner.uid), "readOnly": True}})
+            mounts.append({"name": ADAPTER_CACHE_VOLUME, "mountPath": ADAPTER_CACHE_MOUNT, "readOnly": True})
     args += list(spec.extra_args)
     if spec.engine_kind == "sim":
         # the simulator sizes its KV budget like the GPU it stands in for

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -39,7 +38,7 @@ from .cache import (
     record,
     recorded,
 )
-from .kube import Kube
+from .kube import Kube, api_message
 from .manifests import (
     CONFIG_HASH,
     EngineImages,
@@ -165,13 +164,6 @@ async def _apply_if_changed(current: dict | None, desired: dict, apply, logger) 
     return await asyncio.to_thread(apply, desired)
 
 
-def _api_message(error: ApiException) -> str:
-    try:
-        return json.loads(error.body or "").get("message") or str(error.reason)
-    except (TypeError, ValueError, AttributeError):
-        return str(error.body or error.reason)
-
-
 async def _fail(ctx: Context, owner: Owner, previous: dict, reason: str, message: str, **kw) -> CannotRun:
     status = build_failed_status(owner, previous, reason, message, now=_now(), **kw)
     await _write_status(ctx, owner, previous, status)
@@ -255,7 +247,7 @@ async def _cache(ctx: Context, owner: Owner, spec: ModelSpec, sel: Selection, us
         except ApiException as e:
             if e.status in (*REJECTION_STATUSES, 403):  # e.g. over a ResourceQuota
                 return Cache(key, CacheState("Failed", "ClaimRejected", f"the API server refused the claim "
-                                             f"{key.claim}: {_api_message(e)}"), size)
+                                             f"{key.claim}: {api_message(e)}"), size)
             if e.status != 409:
                 raise
             pvc = await asyncio.to_thread(ctx.kube.get_claim, ns, key.claim)  # another user made it meanwhile
@@ -284,7 +276,7 @@ async def _cache(ctx: Context, owner: Owner, spec: ModelSpec, sel: Selection, us
                 job = await asyncio.to_thread(ctx.kube.get_job, ns, key.claim)
             elif e.status in (*REJECTION_STATUSES, 403):
                 return Cache(key, CacheState("Failed", "JobRejected", f"the API server refused the download Job "
-                                             f"{key.claim}: {_api_message(e)}"), size)
+                                             f"{key.claim}: {api_message(e)}"), size)
             else:
                 raise
     pods = await asyncio.to_thread(ctx.kube.list_pods, ns, {CACHE_LABEL: key.claim})
@@ -413,7 +405,7 @@ async def reconcile(body: dict, nodes: Sequence[NodeGpus], ctx: Context, logger:
         except ApiException as e:
             if e.status not in REJECTION_STATUSES:
                 raise
-            rejected = _api_message(e)
+            rejected = api_message(e)
             logger.warning("the API server rejected the engine Deployment: %s", rejected)
         if cache is not None or previous.get("cache"):
             await _release_stale(ctx, owner, cache.key.claim if cache else None, claims_of(deployment), cache_users,

@@ -170,6 +170,8 @@ class LoraConstants(Strict):
     max_loras: int = Field(default=4, ge=1, le=16, description="--max-loras: distinct adapters in one batch")
     max_lora_rank: int = Field(default=16, description="--max-lora-rank unless spec.lora.maxRank says otherwise")
     max_cpu_loras: int = Field(default=16, ge=1, le=64, description="--max-cpu-loras: adapters kept in CPU memory")
+    cache_size: str = Field(default="16Gi", pattern=r"^[1-9][0-9]{0,5}(Mi|Gi|Ti)$",
+                            description="the adapter cache's claim (spec.model.cache on: Hub adapters go through it)")
 
     @model_validator(mode="after")
     def _valid(self):

@@ -12,6 +12,9 @@ from pathlib import Path
 
 from .lora import BaseLayers
 
+# set by the dev cluster's kubelet, whose containers share this machine's root filesystem: {mount path in the
+# container: directory here}. It maps the arguments it starts a process with; a path sent at runtime is mapped here.
+MOUNTS_ENV = "CXYGPT_CONTAINER_MOUNTS"
 MAX_HEADER_BYTES = 16 * 2**20   # a safetensors header past this is refused (the format's own bound is 100 MB)
 TENSOR_FILES = ("adapter_model.safetensors", "adapter_model.bin", "adapter_model.pt")
 REQUIRED_FIELDS = ("r", "lora_alpha", "target_modules")     # PEFTHelper's fields without a default
@@ -44,12 +47,26 @@ class AdapterFiles:
 
 # --- reading (I/O) ----------------------------------------------------------------------------------------------
 
+def mounted(path: str, env: Mapping[str, str]) -> str:
+    """An absolute path in the container where it is on this machine (MOUNTS_ENV's longest mount holding it)."""
+    try:
+        mounts = json.loads(env.get(MOUNTS_ENV) or "{}")
+    except ValueError:
+        return path
+    mounts = mounts if isinstance(mounts, dict) else {}
+    inside = [m for m in mounts if path == m or path.startswith(m.rstrip("/") + "/")]
+    if not inside:
+        return path
+    mount = max(inside, key=len)
+    return str(mounts[mount]) + path[len(mount.rstrip("/")):]
+
+
 def resolve(path: str, env: Mapping[str, str]) -> str:
     """vLLM's get_adapter_absolute_path: an absolute path as it is, ~ expanded, an existing relative path made
     absolute, anything else a Hub repository id downloaded (HF_ENDPOINT or the offline cache; the simulator never
     reaches the internet). A failed download leaves the path as it was, so it is then not found."""
     if os.path.isabs(path):
-        return path
+        return mounted(path, env)
     if path.startswith("~"):
         return os.path.expanduser(path)
     if os.path.exists(path):

@@ -227,3 +227,87 @@ def test_through_the_gateway_adapters_are_served_added_and_removed_under_load(de
     assert all(r[3] == "ok" for r in support if r[0] < changed) and {r[3] for r in support} <= {"ok", 404}
     assert {r[3] for r in load.of("lora-sql-2") if r[0] > settled} == {"ok"}
     assert {k: v for k, v in engine_pods(dev).items() if k in before} == before
+
+
+def inside_hub(dev) -> str:
+    """The Hub as pods reach it: the operator's --hf-endpoint."""
+    deployments = yaml.safe_load(dev.kubectl("get", "deployments", "-A", "-o", "json").stdout)["items"]
+    args = [a for d in deployments for c in d["spec"]["template"]["spec"]["containers"] for a in c.get("args") or []]
+    return next(a.split("=", 1)[1] for a in args if a.startswith("--hf-endpoint="))
+
+
+def fill_claim(dev, claim: str, repo: str):
+    """A user's claim with an adapter's files on it, put there by a Job of their own (here the operator image's
+    loader, as any download would)."""
+    dev.apply({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": claim, "namespace": "default"},
+               "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}})
+    dev.apply({"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": f"fill-{claim}", "namespace": "default"},
+               "spec": {"backoffLimit": 0, "template": {"spec": {
+                   "restartPolicy": "Never",
+                   "containers": [{"name": "fill", "image": "cxygpt/cxygpt-operator:0.1.0",
+                                   "command": ["cxygpt-cache-load"], "args": ["--repo", repo, "--dir", "/data"],
+                                   "env": [{"name": "HF_ENDPOINT", "value": inside_hub(dev)},
+                                           {"name": "HF_HOME", "value": "/data/.hf-home"}],
+                                   "volumeMounts": [{"name": "data", "mountPath": "/data"}]}],
+                   "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": claim}}]}}}})
+    dev.kubectl("wait", "--for=condition=Complete", f"job/fill-{claim}", "--timeout=60s")
+
+
+def test_pinned_and_claim_adapters_on_offline_engines_load_without_restarts(dev):
+    """With the model cache on, the engines run offline. An adapter on a user's claim loads from its pvc:// path; a
+    Hub adapter pinned to a commit, added later, is downloaded once into the model's adapter cache by a Job and
+    loaded from there without a restart; a revision the Hub does not have is Failed with the download's reason while
+    the rest serve; removing an adapter deletes its Job; the model's deletion takes the adapter cache with it."""
+    dev.kubectl("delete", "md", "lora", "--ignore-not-found", "--wait=false")
+    repo = "cxygpt-demo/qwen3-0.6b-sql-lora"
+    sha = httpx.get(f"{dev.hub}/api/models/{repo}/revision/main", timeout=10).json()["sha"]
+    fill_claim(dev, "team-adapters", "cxygpt-demo/qwen3-0.6b-support-lora")
+    on_claim = {"name": "cached-support", "source": "pvc://team-adapters/cxygpt-demo/qwen3-0.6b-support-lora"}
+    pinned = {"name": "cached-sql", "source": f"hf://{repo}@{sha}"}
+    missing = {"name": "cached-missing", "source": f"hf://{repo}@{'0' * 40}"}
+    body = {"apiVersion": "cxygpt.io/v1alpha1", "kind": "ModelDeployment",
+            "metadata": {"name": "cached", "namespace": "default"},
+            "spec": {"model": {"name": "cached-base", "source": "hf://Qwen/Qwen3-0.6B", "cache": {"enabled": True}},
+                     "adapters": [on_claim], "engine": {"kind": "sim"}}}
+    dev.apply(body)
+    dev.wait_phase("cached", timeout=120)
+
+    def status():
+        return {a["name"]: a for a in (dev.md("cached").get("status") or {}).get("adapters") or []}
+
+    wait_until(lambda: status().get("cached-support", {}).get("phase") == "Loaded", timeout=60, interval=0.5,
+               what="the claim's adapter Loaded")
+    pods = {p["metadata"]["uid"]: p["status"]["containerStatuses"][0]["restartCount"]
+            for p in yaml.safe_load(dev.kubectl("get", "pods", "-l", "app.kubernetes.io/instance=cached", "-o",
+                                                "json").stdout)["items"]}
+    body["spec"]["adapters"] = [on_claim, pinned, missing]
+    dev.apply(body)
+    found = wait_until(lambda: (s := status()).get("cached-sql", {}).get("phase") == "Loaded"
+                       and s.get("cached-missing", {}).get("phase") == "Failed" and s, timeout=90, interval=0.5,
+                       what="the pinned adapter Loaded, the missing revision Failed")
+    assert found["cached-missing"]["reason"] == "RevisionNotFound", found["cached-missing"]
+    assert found["cached-support"]["phase"] == "Loaded"
+    for model in ("cached-base", "cached-sql", "cached-support"):
+        wait_until(lambda m=model: m in dev.models(), timeout=30, what=f"the gateway lists {model}")
+        reply = dev.client.chat.completions.create(model=model, max_tokens=4,
+                                                   messages=[{"role": "user", "content": "hi"}])
+        assert reply.model == model and reply.choices[0].message.content
+    after = {p["metadata"]["uid"]: p["status"]["containerStatuses"][0]["restartCount"]
+             for p in yaml.safe_load(dev.kubectl("get", "pods", "-l", "app.kubernetes.io/instance=cached", "-o",
+                                                 "json").stdout)["items"] if not p["metadata"].get("deletionTimestamp")}
+    assert after == pods  # the same pods, not restarted
+
+    def jobs():
+        listed = dev.kubectl("get", "jobs", "-l", "cxygpt.io/adapter-cache", "-o", "json").stdout
+        return {j["metadata"]["annotations"]["cxygpt.io/revision"]: j for j in yaml.safe_load(listed)["items"]}
+
+    assert set(jobs()) == {sha, "0" * 40}
+    body["spec"]["adapters"] = [on_claim, pinned]
+    dev.apply(body)
+    wait_until(lambda: set(jobs()) == {sha} and set(status()) == {"cached-support", "cached-sql"}, timeout=30,
+               what="the missing revision's Job deleted")
+    claims = dev.kubectl("get", "pvc", "-l", "cxygpt.io/adapter-cache", "-o", "name").stdout.split()
+    assert len(claims) == 1
+    dev.kubectl("delete", "md", "cached", "--wait=false")
+    wait_until(lambda: not dev.kubectl("get", "pvc,jobs", "-l", "cxygpt.io/adapter-cache", "-o", "name"
+                                       ).stdout.split(), timeout=90, what="the adapter cache collected with its model")

@@ -12,6 +12,7 @@ import aiohttp
 import httpx
 import pytest
 
+from cxygpt_operator.adapter_cache import Loader
 from cxygpt_operator.adapter_sync import sync
 from cxygpt_operator.adapters import ADAPTERS_GATE, Memory
 from cxygpt_operator.kube import Kube, api_client
@@ -80,7 +81,7 @@ async def passes(kube, memory, body, base_claims=None, calls=None):
     client = Kube(api_client(str(kube.kubeconfig)))
     async with aiohttp.ClientSession() as session:
         return await sync(body, kube=client, session=session, port=1, memory=memory, base_claims=base_claims or {},
-                          adapter_index={}, written=None,
+                          adapter_index={}, written=None, loader=Loader("loader", None, "1Gi", 600, 0),
                           counted=lambda action, ok: (calls if calls is not None else []).append((action, ok)))
 
 

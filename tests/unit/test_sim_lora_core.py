@@ -335,3 +335,13 @@ def test_a_written_stand_in_has_the_shapes_of_its_base(tmp_path):
     assert len(shapes) == 28 * 3 * 2
     assert shapes["base_model.model.model.layers.27.mlp.down_proj.lora_A.weight"] == [16, 3072]
     assert shapes["base_model.model.model.layers.0.self_attn.k_proj.lora_B.weight"] == [1024, 16]
+
+
+def test_an_absolute_path_is_read_where_the_dev_kubelet_mounted_it():
+    from cxygpt_sim.adapters import MOUNTS_ENV, resolve
+    env = {MOUNTS_ENV: '{"/models/adapters/loras": "/srv/claims/loras", "/models": "/srv/pod"}'}
+    assert resolve("/models/adapters/loras/sql", env) == "/srv/claims/loras/sql"  # the longest mount
+    assert resolve("/models/other", env) == "/srv/pod/other"
+    assert resolve("/models-x/sql", env) == "/models-x/sql"  # not under a mount
+    assert resolve("/models/adapters/loras/sql", {}) == "/models/adapters/loras/sql"  # vLLM's own: as it is
+    assert resolve("/a", {MOUNTS_ENV: "[1]"}) == resolve("/a", {MOUNTS_ENV: "{"}) == "/a"
