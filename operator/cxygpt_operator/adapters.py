@@ -15,7 +15,6 @@ MAX_ADAPTERS = 16       # the CRD's maxItems
 MAX_NAME = 128          # a served model name's bound, as spec.model.name
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
 ADAPTERS_MOUNT = "/models/adapters"
-RUNTIME_LORA_ENV = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"
 # the engine pods' readiness gate: the operator sets it once the pod's engine has every adapter loaded (or refused),
 # so a new replica takes no traffic before it serves its adapters
 ADAPTERS_GATE = "cxygpt.io/adapters-loaded"

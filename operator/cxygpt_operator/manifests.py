@@ -6,11 +6,12 @@ import json
 from dataclasses import dataclass
 
 from cxygpt_profiles import ProfileTable, Selection, engine_args
+from cxygpt_profiles.engine import RUNTIME_LORA_ENV, lora_args
 
 from . import GROUP, KIND, MANAGER, VERSION
 from .adapter_cache import ADAPTER_CACHE_MOUNT, ADAPTER_CACHE_VOLUME
 from .adapter_cache import claim_name as adapter_cache_claim
-from .adapters import ADAPTERS_GATE, RUNTIME_LORA_ENV, claim_mount
+from .adapters import ADAPTERS_GATE, claim_mount
 from .cache import CacheKey, build_job, cache_key, hf_source, weights_path
 from .nodes import GPU_COUNT_LABEL, GPU_MEMORY_LABEL, GPU_PRODUCT_LABEL, GPU_RESOURCE, MEMORY_OVERRIDE_LABEL
 from .resolve import ModelSpec, lora_slots
@@ -259,9 +260,7 @@ def build_deployment(owner: Owner, spec: ModelSpec, sel: Selection, table: Profi
     if slots := lora_slots(spec, table):
         # the adapters themselves are loaded at runtime (the operator's adapter loop): none of them is named here,
         # so adding or removing one never changes the pod template
-        max_loras, max_rank, max_cpu = slots
-        args += ["--enable-lora", "--max-loras", str(max_loras), "--max-lora-rank", str(max_rank),
-                 "--max-cpu-loras", str(max_cpu)]
+        args += lora_args(slots)
         env.append({"name": RUNTIME_LORA_ENV, "value": "True"})
         for claim in sorted({a.claim for a in spec.adapters if a.claim}):
             volume = f"adapters-{hashlib.sha256(claim.encode()).hexdigest()[:12]}"

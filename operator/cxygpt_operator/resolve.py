@@ -16,9 +16,10 @@ from cxygpt_profiles import (
     Selection,
     select_profile,
 )
+from cxygpt_profiles.engine import RUNTIME_LORA_ENV, lora_limits
 from cxygpt_profiles.select import node_matches
 
-from .adapters import LORA_ARGS, RUNTIME_LORA_ENV, Adapter, AdapterError, LoraSpec, parse_adapters, parse_lora
+from .adapters import LORA_ARGS, Adapter, AdapterError, LoraSpec, parse_adapters, parse_lora
 from .autoscaling.policy import AutoscalingSpec, parse_autoscaling
 from .cache import CacheSpec, hf_source, parse_cache
 from .nodes import GPU_RESOURCE, NodeGpus
@@ -363,11 +364,7 @@ MAX_KEPT_OFF_SHOWN = 8
 def lora_slots(spec: ModelSpec, table: ProfileTable) -> tuple[int, int, int] | None:
     """(--max-loras, --max-lora-rank, --max-cpu-loras) with adapters, else None: the table's, spec.lora's over them,
     never the number of adapters (adding one must not change the engine's arguments: that restarts it)."""
-    if not spec.adapters:
-        return None
-    consts = table.lora
-    max_loras = spec.lora.max_loras or consts.max_loras
-    return max_loras, spec.lora.max_rank or consts.max_lora_rank, max(consts.max_cpu_loras, max_loras)
+    return lora_limits(table.lora, spec.lora.max_loras, spec.lora.max_rank) if spec.adapters else None
 
 
 def resolve(spec: ModelSpec, found: Candidates, table: ProfileTable, catalog: ModelCatalog) -> Selection:

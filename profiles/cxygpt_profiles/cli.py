@@ -9,11 +9,11 @@ import shutil
 import subprocess
 import sys
 
-from .engine import engine_args
+from .engine import RUNTIME_LORA_ENV, engine_args, lora_args, lora_limits
 from .gpus import default_gpus
 from .load import load_table
 from .select import AUTO, GpuNode, NoFit, Selection, select_profile
-from .table import ProfileTableError, load_catalog
+from .table import LORA_RANKS, ProfileTableError, load_catalog
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(gib|gb|g|mib|mb|m)?\s*$", re.IGNORECASE)
 
@@ -46,8 +46,9 @@ def read_nvidia_smi() -> list[GpuNode]:
     return [GpuNode(memory_mib=memory, count=len(gpus), name="nvidia-smi", product=gpus[0][1].strip())]
 
 
-def describe(sel: Selection, model: str, served: str, port: int) -> dict:
-    args = engine_args(sel, model=model, served_name=served, port=port)
+def describe(sel: Selection, model: str, served: str, port: int,
+             lora: tuple[int, int, int] | None = None) -> dict:
+    args = engine_args(sel, model=model, served_name=served, port=port) + (lora_args(lora) if lora else [])
     return {
         "profile": sel.profile.name,
         "description": sel.profile.description,
@@ -59,6 +60,9 @@ def describe(sel: Selection, model: str, served: str, port: int) -> dict:
         "served_model_name": served,
         "engine_args": args,
         "command": ["vllm", "serve", *args],
+        "env": {RUNTIME_LORA_ENV: "True"} if lora else {},
+        "lora": {"max_loras": lora[0], "max_lora_rank": lora[1], "max_cpu_loras": lora[2],
+                 "slots_mib": sel.fit.lora_mib if sel.fit else None} if lora else None,
         "limits": sel.limits.model_dump(),
         "fit": sel.fit.as_dict() if sel.fit else None,
         "sizing": {"gpus": sel.sizing.gpus, "available": sel.sizing.available, "reason": sel.sizing.reason,
@@ -97,8 +101,14 @@ def render_text(d: dict) -> str:
         product = d["gpu"]["product"]
         which = "which GPU is not known" if product == "unknown" else f"{product} is not in profiles/gpus.yaml"
         lines.append(f"speed     not predicted: {which} (--gpu-type {'|'.join(default_gpus().gpus)})")
+    lora = d["lora"]
+    if lora:
+        lines.append(f"lora      {lora['max_loras']} adapters in a batch, rank at most {lora['max_lora_rank']}, "
+                     f"{lora['max_cpu_loras']} in CPU memory; the slots take {lora['slots_mib']} MiB of the KV "
+                     f"cache; adapters are loaded at runtime ({RUNTIME_LORA_ENV}=True)")
     lines += [f"note      {n}" for n in d["notes"]]
-    lines += ["command", "  " + shlex.join(d["command"])]
+    env = "".join(f"{k}={shlex.quote(v)} " for k, v in d["env"].items())
+    lines += ["command", "  " + env + shlex.join(d["command"])]
     return "\n".join(lines)
 
 
@@ -118,6 +128,12 @@ def main(argv: list[str] | None = None) -> int:
                     "(default: the catalog's variant of --model)")
     ap.add_argument("--served-model-name", help="OpenAI model name (default: the catalog alias or --model)")
     ap.add_argument("--port", type=int, default=None, help="engine port (default: the table's)")
+    ap.add_argument("--lora", action="store_true", help="with LoRA adapters: the table's adapter slots (as "
+                    "spec.adapters makes the operator derive them), counted in the fit")
+    ap.add_argument("--max-loras", type=int, choices=range(1, 17), metavar="N", help="adapters in one batch "
+                    "(spec.lora.maxLoras; implies --lora)")
+    ap.add_argument("--max-lora-rank", type=int, choices=LORA_RANKS, metavar="R", help="the highest adapter rank "
+                    f"(spec.lora.maxRank, one of {', '.join(map(str, LORA_RANKS))}; implies --lora)")
     ap.add_argument("--table", help="profiles.yaml to use")
     ap.add_argument("--json", action="store_true", help="machine-readable output")
     a = ap.parse_args(argv)
@@ -147,13 +163,16 @@ def main(argv: list[str] | None = None) -> int:
     int4: str | None = a.int4 or (found[1].variants.get("int4") if found else None)
     variants = frozenset({"bf16", *(["int4"] if int4 else [])})
     served = a.served_model_name or (found[1].aliases[0] if found and found[1].aliases else a.model)
+    lora = (lora_limits(table.lora, a.max_loras, a.max_lora_rank)
+            if a.lora or a.max_loras or a.max_lora_rank else None)
     try:
-        sel = select_profile(table, mode=a.mode, requested=a.profile, nodes=nodes, facts=facts, variants=variants)
+        sel = select_profile(table, mode=a.mode, requested=a.profile, nodes=nodes, facts=facts, variants=variants,
+                             lora_slots=lora[:2] if lora else None)
     except NoFit as e:
         print(f"cxygpt-profile: {e.reason}: {e.message}", file=sys.stderr)
         return 1
     model = int4 if sel.profile.weights == "int4" and int4 else a.model
-    d = describe(sel, model, served, a.port or table.vllm.port)
+    d = describe(sel, model, served, a.port or table.vllm.port, lora)
     print(json.dumps(d, indent=2) if a.json else render_text(d))
     return 0
 

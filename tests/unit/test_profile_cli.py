@@ -108,3 +108,22 @@ def test_the_predicted_speed_at_the_profiles_concurrency_and_context():
     assert "speed     not predicted: which GPU is not known (--gpu-type h100-80g|" in run("--gpu-memory", "80G").stdout
     out = run("--gpu-type", "v100")
     assert out.returncode == 2 and "--gpu-type 'v100': not one of h100-80g" in out.stderr
+
+
+def test_lora_adds_the_operators_flags_and_counts_the_slots_in_the_fit():
+    plain = json.loads(run("--gpu-type", "h100-80g", "--json").stdout)
+    lora = json.loads(run("--gpu-type", "h100-80g", "--lora", "--json").stdout)
+    ranked = json.loads(run("--gpu-type", "h100-80g", "--max-lora-rank", "64", "--max-loras", "2", "--json").stdout)
+    assert lora["engine_args"][-7:] == ["--enable-lora", "--max-loras", "4", "--max-lora-rank", "16",
+                                        "--max-cpu-loras", "16"]
+    assert ranked["engine_args"][-7:] == ["--enable-lora", "--max-loras", "2", "--max-lora-rank", "64",
+                                          "--max-cpu-loras", "16"]
+    assert lora["env"] == {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"} and plain["env"] == {} and not plain["lora"]
+    # the slots come out of the KV cache: 4 of rank 16 on Qwen3-14B, as the simulator and vLLM allocate them
+    assert lora["fit"]["lora_mib"] == lora["lora"]["slots_mib"] == 490
+    assert plain["fit"]["kv_cache_mib"] - lora["fit"]["kv_cache_mib"] == 490
+    text = run("--gpu-type", "h100-80g", "--lora").stdout
+    assert "lora      4 adapters in a batch, rank at most 16" in text
+    assert "  VLLM_ALLOW_RUNTIME_LORA_UPDATING=True vllm serve Qwen/Qwen3-14B" in text
+    refused = run("--gpu-type", "h100-80g", "--max-lora-rank", "63")
+    assert refused.returncode == 2 and "invalid choice: 63" in refused.stderr
