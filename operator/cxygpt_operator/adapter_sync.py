@@ -21,6 +21,7 @@ from .adapters import (
     Memory,
     blocked_adapters,
     gate_condition,
+    loaded_summary,
     parse_adapters,
     plan,
 )
@@ -30,6 +31,7 @@ from .manifests import Owner, selector_labels
 from .resolve import NameClaim, check_source
 
 ADAPTERS_STATUS = "adapters"
+LOADED_STATUS = "adaptersLoaded"
 MAX_CALLS_PER_PASS = 8      # loads and unloads one pass makes (each bounded in time); the rest the next pass
 BUSY_RECHECK_S = 2.0        # while loads are under way or engines lack adapters
 IDLE_RECHECK_S = 30.0       # every adapter where it should be: a slow look for what no event shows
@@ -151,7 +153,8 @@ async def sync(body: dict, *, kube: Kube, session: aiohttp.ClientSession, port: 
     before = written if written is not None else (body.get("status") or {}).get(ADAPTERS_STATUS)
     if not adapters:
         if before:
-            await asyncio.to_thread(kube.patch_status, owner.namespace, owner.name, {ADAPTERS_STATUS: None})
+            await asyncio.to_thread(kube.patch_status, owner.namespace, owner.name,
+                                    {ADAPTERS_STATUS: None, LOADED_STATUS: None})
         return Pass(None, 0, None, [])
     model = spec.get("model") or {}
     me = adapter_claims(body).get(adapters[0].name) or NameClaim("~", owner.uid, owner.namespace, owner.name)
@@ -198,8 +201,9 @@ async def sync(body: dict, *, kube: Kube, session: aiohttp.ClientSession, port: 
     for pod in pods:
         if condition := gate_condition(pod, pod["metadata"]["uid"] in step.complete, now):
             await asyncio.to_thread(kube.set_pod_condition, owner.namespace, pod["metadata"]["name"], condition)
-    if step.status != before:
-        await asyncio.to_thread(kube.patch_status, owner.namespace, owner.name, {ADAPTERS_STATUS: step.status})
+    if step.status != before or LOADED_STATUS not in (body.get("status") or {}):
+        await asyncio.to_thread(kube.patch_status, owner.namespace, owner.name,
+                                {ADAPTERS_STATUS: step.status, LOADED_STATUS: loaded_summary(step.status)})
     shown = {s["name"]: s for s in before or []}
     failed = [(s["name"], s["reason"], s["message"]) for s in step.status if s["phase"] == "Failed"
               and (shown.get(s["name"], {}).get("phase") != "Failed" or shown[s["name"]].get("reason") != s["reason"])]

@@ -106,6 +106,11 @@ def parse_lora(raw: object) -> LoraSpec:
     return LoraSpec(rank, loras)
 
 
+def loaded_summary(status: Sequence[Mapping[str, object]]) -> str:
+    """status.adaptersLoaded: "<Loaded>/<adapters>"."""
+    return f"{sum(s.get('phase') == 'Loaded' for s in status)}/{len(status)}"
+
+
 def cut(text: str, bound: int = MESSAGE_CHARS) -> str:
     text = " ".join(str(text).split())
     return text if len(text) <= bound else text[:bound] + "..."

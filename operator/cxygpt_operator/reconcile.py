@@ -11,7 +11,7 @@ from kubernetes.client.rest import ApiException
 
 from cxygpt_profiles import ModelCatalog, NoFit, ProfileTable, Selection
 
-from .adapter_sync import ADAPTERS_STATUS
+from .adapter_sync import ADAPTERS_STATUS, LOADED_STATUS
 from .autoscaling.policy import AUTOSCALING_STATUS
 from .cache import (
     CACHE_LABEL,
@@ -79,7 +79,7 @@ CACHE_PENDING_S = 15
 LOG_TAIL_LINES = 20
 Log = logging.Logger | logging.LoggerAdapter
 DEFAULT_CLASS_ANNOTATION = "storageclass.kubernetes.io/is-default-class"
-OTHER_LOOPS_STATUS = (AUTOSCALING_STATUS, ADAPTERS_STATUS)  # status the model's other loops write
+OTHER_LOOPS_STATUS = (AUTOSCALING_STATUS, ADAPTERS_STATUS, LOADED_STATUS)  # status the model's other loops write
 
 
 class NotYet(Exception):

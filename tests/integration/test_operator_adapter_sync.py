@@ -101,6 +101,9 @@ def test_one_pass_loads_refuses_unloads_and_opens_the_gates(model, engines):
     assert status["support"]["phase"] == "Failed" and status["support"]["reason"] == "AdapterLoadFailed"
     assert "LoRA rank 16 is greater than max_lora_rank 8." in status["support"]["message"], status
     assert [f[0] for f in done.failed] == ["support"]  # reported once, as an Event by the loop
+    assert kube.get("md", "lora")["status"]["adaptersLoaded"] == "1/2"
+    wide = kube("get", "md", "lora", "-o", "wide").splitlines()
+    assert wide[1][wide[0].index("ADAPTERS"):].split()[0] == "1/2", wide  # kubectl get -o wide's column
     for i in range(2):  # every adapter loaded or refused: the gate opens; the others' conditions (the scheduler's) stay
         conditions = {c["type"]: c["status"] for c in kube.get("pod", f"lora-{i}")["status"].get("conditions") or []}
         assert conditions.get(ADAPTERS_GATE) == "True" and conditions.get("PodScheduled") == "False"
@@ -118,4 +121,4 @@ def test_one_pass_loads_refuses_unloads_and_opens_the_gates(model, engines):
 
     md(kube, [])  # no adapters: status.adapters goes
     asyncio.run(passes(kube, memory, kube.get("md", "lora")))
-    assert "adapters" not in (kube.get("md", "lora").get("status") or {})
+    assert not {"adapters", "adaptersLoaded"} & set(kube.get("md", "lora").get("status") or {})

@@ -51,7 +51,9 @@ def test_kubernetes_own_types_are_kubernetes_schemas():
 def test_subresources_printer_columns_and_short_name():
     assert VERSION["subresources"]["status"] == {}
     assert VERSION["subresources"]["scale"]["specReplicasPath"] == ".spec.replicas"
-    assert [c["name"] for c in VERSION["additionalPrinterColumns"]] == ["Model", "Profile", "GPU", "Ready", "Phase", "Age"]
+    columns = VERSION["additionalPrinterColumns"]
+    assert [c["name"] for c in columns if not c.get("priority")] == ["Model", "Profile", "GPU", "Ready", "Phase", "Age"]
+    assert [c["name"] for c in columns if c.get("priority")] == ["Adapters"]  # kubectl get -o wide
     assert CRD["spec"]["names"]["shortNames"] == ["md"]
 
 
