@@ -51,11 +51,13 @@ def render() -> str:
     crd = yaml.safe_load(CRD.read_text())
     version = crd["spec"]["versions"][0]
     schema = version["schema"]["openAPIV3Schema"]
+    columns = version["additionalPrinterColumns"]
     lines = [f"# {crd['spec']['names']['kind']} ({crd['spec']['group']}/{version['name']}) reference", "",
              "Generated from `deploy/crds/` by `python scripts/crd_reference.py`; do not edit by hand.", "",
              " ".join(schema["description"].split()), "",
              f"Short name: `{crd['spec']['names']['shortNames'][0]}`. `kubectl get md` columns: "
-             + ", ".join(c["name"].upper() for c in version["additionalPrinterColumns"]) + ".", ""]
+             + ", ".join(c["name"].upper() for c in columns if not c.get("priority")) + "; with `-o wide` also "
+             + ", ".join(c["name"].upper() for c in columns if c.get("priority")) + ".", ""]
     for part in ("spec", "status"):
         sub = schema["properties"][part]
         lines += [f"## {part}", "", " ".join(sub.get("description", "").split()), "",
