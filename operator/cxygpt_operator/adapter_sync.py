@@ -81,26 +81,41 @@ def _adapters(spec: dict) -> tuple[Adapter, ...]:
 
 async def downloads(kube: Kube, owner: Owner, spec: dict, adapters: Sequence[Adapter], loader: adapter_cache.Loader
                     ) -> tuple[Sequence[Adapter], dict[str, Blocked], dict[str, str]] | None:
-    """Hub adapters through the adapter cache, when the engines mount one: its claim and a download Job per adapter
-    revision made, the Jobs of adapters no longer asked for deleted → (the adapters, each downloaded one with its
-    files' path; the failed downloads; the running ones: name → what they say); None without the cache."""
-    ns = owner.namespace
-    deployment = await asyncio.to_thread(kube.get_deployment, ns, owner.name)
-    template = ((deployment or {}).get("spec") or {}).get("template") or {}
-    claim = adapter_cache.mounted_claim(template.get("spec") or {})
-    if claim is None:
-        return None
+    """Hub adapters through the adapter cache of a model whose engines use the model cache: its claim (made by the
+    reconcile loop before the engines) and a download Job per adapter revision made, the Jobs of adapters no
+    longer asked for deleted → (the adapters, each downloaded one with its files' path; the failed downloads; the
+    running ones: name → what they say); None without the cache."""
     model = spec.get("model") or {}
+    if not (model.get("cache") or {}).get("enabled") or not cache_key(str(model.get("source") or "")):
+        return None
     try:
         cache = parse_cache(model.get("cache"))
     except ValueError as e:  # the reconcile loop reports the spec
         return adapters, {a.name: Blocked("InvalidSpec", str(e)) for a in adapters if not a.claim}, {}
+    ns = owner.namespace
+    deployment = await asyncio.to_thread(kube.get_deployment, ns, owner.name)
+    template = ((deployment or {}).get("spec") or {}).get("template") or {}
+    claim = adapter_cache.claim_name(owner.name, owner.uid)
     hub = {a.name: key for a in adapters if not a.claim and (key := cache_key(a.source))}
+    if adapter_cache.mounted_claim(template.get("spec") or {}) != claim:
+        if deployment is None:  # the reconcile loop makes the claim, then the engines (after the weights' download)
+            return adapters, {}, {n: "waiting for the engines (and their adapter cache)" for n in hub}
+        # engines without it: the API server refused the claim (a quota). A dry run says why, and whether it would
+        # take it now (the reconcile loop makes it then, and the engines' next rollout mounts it); never made here,
+        # where it could take a quota's last claim before the weights' one
+        try:
+            await asyncio.to_thread(kube.create_claim, adapter_cache.build_claim(
+                claim, ns, owner.name, owner.uid, cache, loader.size), dry_run=True)
+        except ApiException as e:
+            if e.status not in (400, 403, 409, 413, 422):
+                raise
+            if e.status != 409:
+                why = Blocked("AdapterCacheRejected", f"the API server refused the adapter cache {claim}: "
+                              f"{api_message(e)}")
+                return adapters, {n: why for n in hub}, {}
+        return adapters, {}, {n: f"waiting for engines that mount the adapter cache {claim}" for n in hub}
     failed: dict[str, Blocked] = {}
     try:
-        if await asyncio.to_thread(kube.get_claim, ns, claim) is None:
-            await asyncio.to_thread(kube.create_claim, adapter_cache.build_claim(
-                claim, ns, owner.name, owner.uid, cache, loader.size))
         jobs = {j["metadata"]["name"]: j for j in await asyncio.to_thread(
             kube.list_jobs, ns, {adapter_cache.ADAPTER_CACHE_LABEL: claim})}
         wanted = {adapter_cache.job_name(claim, key) for key in hub.values()}
@@ -117,7 +132,8 @@ async def downloads(kube: Kube, owner: Owner, spec: dict, adapters: Sequence[Ada
             return adapters, {}, {n: f"creating the download of {k.describe}" for n, k in hub.items()}
         if e.status not in (400, 403, 413, 422):
             raise
-        why = Blocked("AdapterCacheRejected", f"the API server refused the adapter cache {claim}: {api_message(e)}")
+        why = Blocked("AdapterCacheRejected", f"the API server refused a download Job of the adapter cache {claim}: "
+                      f"{api_message(e)}")
         return adapters, {n: why for n in hub}, {}
     out, running = [], {}
     for a in adapters:

@@ -85,11 +85,13 @@ class Kube:
         return _raw(self.batch.list_namespaced_job(namespace, label_selector=label_selector,
                                                    _preload_content=False)).get("items") or []
 
-    def create_claim(self, body: dict) -> dict:
-        """Created once: a claim's spec is (but for its size) immutable, and the first user's settings make it."""
+    def create_claim(self, body: dict, dry_run: bool = False) -> dict:
+        """Created once: a claim's spec is (but for its size) immutable, and the first user's settings make it.
+        `dry_run`: admitted (quotas, policies) but not made."""
         # the client serializes a dict as it does its models (its type hints name only the models)
         return _raw(self.core.create_namespaced_persistent_volume_claim(
-            body["metadata"]["namespace"], body, field_manager=MANAGER, _preload_content=False))  # type: ignore[arg-type]
+            body["metadata"]["namespace"], body, field_manager=MANAGER, _preload_content=False,  # type: ignore[arg-type]
+            dry_run="All" if dry_run else None))
 
     def create_job(self, body: dict) -> dict:
         return _raw(self.batch.create_namespaced_job(

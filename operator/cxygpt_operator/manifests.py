@@ -10,7 +10,6 @@ from cxygpt_profiles.engine import RUNTIME_LORA_ENV, lora_args
 
 from . import GROUP, KIND, MANAGER, VERSION
 from .adapter_cache import ADAPTER_CACHE_MOUNT, ADAPTER_CACHE_VOLUME
-from .adapter_cache import claim_name as adapter_cache_claim
 from .adapters import ADAPTERS_GATE, claim_mount
 from .cache import CacheKey, build_job, cache_key, hf_source, weights_path
 from .nodes import GPU_COUNT_LABEL, GPU_MEMORY_LABEL, GPU_PRODUCT_LABEL, GPU_RESOURCE, MEMORY_OVERRIDE_LABEL
@@ -244,8 +243,9 @@ def _resources(spec: ModelSpec, sel: Selection) -> dict:
 
 
 def build_deployment(owner: Owner, spec: ModelSpec, sel: Selection, table: ProfileTable, images: EngineImages,
-                     hf_endpoint: str | None = None) -> dict:
-    """`hf_endpoint`: the Hub (mirror) an engine downloads from when it downloads its weights itself."""
+                     hf_endpoint: str | None = None, adapter_cache: str | None = None) -> dict:
+    """`hf_endpoint`: the Hub (mirror) an engine downloads from when it downloads its weights itself;
+    `adapter_cache`: the claim of the model's adapter cache, which the engines mount when they have adapters."""
     port = table.vllm.port
     model, volumes, mounts, env = _storage(spec, sel.profile.weights)
     if hf_endpoint and not any(e["name"] == "HF_HUB_OFFLINE" for e in env):
@@ -266,12 +266,12 @@ def build_deployment(owner: Owner, spec: ModelSpec, sel: Selection, table: Profi
             volume = f"adapters-{hashlib.sha256(claim.encode()).hexdigest()[:12]}"
             volumes.append({"name": volume, "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
             mounts.append({"name": volume, "mountPath": claim_mount(claim), "readOnly": True})
-        if engine_cache(spec, sel) is not None:
+        if adapter_cache is not None:
             # the engines run offline: Hub adapters are downloaded into the model's adapter cache (the adapter
-            # loop makes it and fills it, one Job per adapter revision), mounted whatever the adapters are, so
-            # adding one never changes the pod template
+            # loop fills it, one Job per adapter revision), mounted whatever the adapters are, so adding one never
+            # changes the pod template
             volumes.append({"name": ADAPTER_CACHE_VOLUME, "persistentVolumeClaim": {
-                "claimName": adapter_cache_claim(owner.name, owner.uid), "readOnly": True}})
+                "claimName": adapter_cache, "readOnly": True}})
             mounts.append({"name": ADAPTER_CACHE_VOLUME, "mountPath": ADAPTER_CACHE_MOUNT, "readOnly": True})
     args += list(spec.extra_args)
     if spec.engine_kind == "sim":

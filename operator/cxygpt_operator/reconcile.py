@@ -11,6 +11,7 @@ from kubernetes.client.rest import ApiException
 
 from cxygpt_profiles import ModelCatalog, NoFit, ProfileTable, Selection
 
+from . import adapter_cache
 from .adapter_sync import ADAPTERS_STATUS, LOADED_STATUS
 from .autoscaling.policy import AUTOSCALING_STATUS
 from .cache import (
@@ -301,6 +302,25 @@ async def _cache(ctx: Context, owner: Owner, spec: ModelSpec, sel: Selection, us
     return Cache(key, state, size, note)
 
 
+async def _adapter_cache(ctx: Context, owner: Owner, spec: ModelSpec, logger: Log) -> str | None:
+    """The model's adapter cache, made before the engines that mount it; None when the API server refuses it (the
+    engines then start without it: an adapter never keeps the base from serving; the adapter loop shows why)."""
+    claim = adapter_cache.claim_name(owner.name, owner.uid)
+    if await asyncio.to_thread(ctx.kube.get_claim, owner.namespace, claim) is not None:
+        return claim
+    try:
+        await asyncio.to_thread(ctx.kube.create_claim, adapter_cache.build_claim(
+            claim, owner.namespace, owner.name, owner.uid, spec.cache, ctx.table.lora.cache_size))
+        logger.info("created the adapter cache claim %s (%s)", claim, ctx.table.lora.cache_size)
+    except ApiException as e:
+        if e.status in (*REJECTION_STATUSES, 403):
+            logger.warning("the API server refused the adapter cache claim %s: %s", claim, api_message(e))
+            return None
+        if e.status != 409:
+            raise
+    return claim
+
+
 async def _release_stale(ctx: Context, owner: Owner, current: str | None, mounted: set[str],
                          cache_users: dict[str, list[CacheUser]], logger) -> None:
     """Caches that name this model as a user but that it no longer uses (its source, revision or cache setting
@@ -394,7 +414,9 @@ async def reconcile(body: dict, nodes: Sequence[NodeGpus], ctx: Context, logger:
     if isinstance(outcome, Selection):
         key = engine_cache(spec, outcome)
         cache = await _cache(ctx, owner, spec, outcome, cache_users.get(key.claim, []) if key else [], logger)
-        desired = build_deployment(owner, spec, outcome, ctx.table, ctx.images, hf_endpoint=ctx.hf_endpoint)
+        adapters = await _adapter_cache(ctx, owner, spec, logger) if key is not None and spec.adapters else None
+        desired = build_deployment(owner, spec, outcome, ctx.table, ctx.images, hf_endpoint=ctx.hf_endpoint,
+                                   adapter_cache=adapters)
         container = desired["spec"]["template"]["spec"]["containers"][0]
         image, args = container["image"], container["args"]
         try:

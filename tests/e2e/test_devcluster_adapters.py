@@ -311,3 +311,31 @@ def test_pinned_and_claim_adapters_on_offline_engines_load_without_restarts(dev)
     dev.kubectl("delete", "md", "cached", "--wait=false")
     wait_until(lambda: not dev.kubectl("get", "pvc,jobs", "-l", "cxygpt.io/adapter-cache", "-o", "name"
                                        ).stdout.split(), timeout=90, what="the adapter cache collected with its model")
+
+
+def test_an_adapter_cache_over_the_namespaces_quota_never_keeps_the_base_from_serving(dev):
+    """A ResourceQuota that allows the weights' claim but not the adapter cache's: the engines start without the
+    adapter cache, the base is Ready, and the Hub adapter is Failed with the API server's refusal."""
+    ns = "lora-quota"
+    dev.kubectl("create", "namespace", ns)
+    dev.apply({"apiVersion": "v1", "kind": "ResourceQuota", "metadata": {"name": "one-claim", "namespace": ns},
+               "spec": {"hard": {"persistentvolumeclaims": "1"}}})
+    wait_until(lambda: "persistentvolumeclaims" in (yaml.safe_load(dev.kubectl(
+        "get", "resourcequota", "one-claim", "-n", ns, "-o", "json").stdout).get("status") or {}).get("used", {}),
+               timeout=30, what="the quota counted by its controller")
+    dev.apply({"apiVersion": "cxygpt.io/v1alpha1", "kind": "ModelDeployment",
+               "metadata": {"name": "quota", "namespace": ns},
+               "spec": {"model": {"name": "quota-base", "source": "hf://Qwen/Qwen3-0.6B", "cache": {"enabled": True}},
+                        "adapters": [{"name": "quota-sql", "source": SQL["source"]}], "engine": {"kind": "sim"}}})
+
+    def md():
+        return yaml.safe_load(dev.kubectl("get", "md", "quota", "-n", ns, "-o", "json").stdout)
+
+    try:
+        wait_until(lambda: (md().get("status") or {}).get("phase") == "Ready", timeout=120, what="the base Ready")
+    except AssertionError:
+        raise AssertionError(f"not Ready: {md().get('status')}") from None
+    [entry] = wait_until(lambda: [a for a in md()["status"].get("adapters") or [] if a["phase"] == "Failed"],
+                         timeout=30, what="the adapter Failed")
+    assert entry["reason"] == "AdapterCacheRejected" and "exceeded quota" in entry["message"], entry
+    dev.kubectl("delete", "namespace", ns, "--wait=false")

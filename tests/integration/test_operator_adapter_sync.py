@@ -50,7 +50,7 @@ def model(kube, engines):
     """A ModelDeployment and two engine pods (that no node takes: their status is written here, as a kubelet would) that
     its Service's EndpointSlice publishes at the simulators' ports."""
     kube("apply", "-f", str(REPO / "deploy" / "crds"))
-    kube("wait", "--for=condition=Established", "crd/modeldeployments.cxygpt.io", "--timeout=30s")
+    kube.wait_established("modeldeployments.cxygpt.io")
     pods = []
     for i in range(2):
         kube.apply({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": f"lora-{i}", "labels": LABELS},

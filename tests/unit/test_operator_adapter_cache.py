@@ -30,25 +30,26 @@ LOADER = Loader("cxygpt/cxygpt-operator:test", "http://hub.local", "16Gi", 4000,
 SQL = {"name": "sql", "source": "hf://cxygpt-demo/sql-lora@0123abcd"}
 
 
-def deployment(cache: bool, adapters=(SQL,)):
+def deployment(cache: bool, adapters=(SQL,), adapter_cache=None):
     raw = {"model": {"name": "qwen3-0.6b", "source": "hf://Qwen/Qwen3-0.6B", "cache": {"enabled": cache}},
            "engine": {"kind": "sim"}, "adapters": list(adapters)}
     parsed = parse_spec(raw)
-    return build_deployment(OWNER, parsed, resolve(parsed, Candidates((H100,)), TABLE, CATALOG), TABLE, IMAGES)
+    return build_deployment(OWNER, parsed, resolve(parsed, Candidates((H100,)), TABLE, CATALOG), TABLE, IMAGES,
+                            adapter_cache=adapter_cache)
 
 
-def test_engines_with_the_model_cache_mount_the_adapter_cache_whatever_the_adapters():
-    with_one = deployment(True)["spec"]["template"]
+def test_engines_mount_the_adapter_cache_they_are_given_whatever_the_adapters():
     claim = claim_name(OWNER.name, OWNER.uid)
+    with_one = deployment(True, adapter_cache=claim)["spec"]["template"]
     assert mounted_claim(with_one["spec"]) == claim
     [mount] = [m for m in with_one["spec"]["containers"][0]["volumeMounts"] if m["name"] == "adapter-cache"]
     assert mount == {"name": "adapter-cache", "mountPath": "/models/adapter-cache", "readOnly": True}
     # another adapter, or another revision, changes nothing in the pod template: no restart
     other = {"name": "support", "source": "hf://cxygpt-demo/support-lora@v2"}
-    assert deployment(True, [SQL, other])["spec"]["template"] == with_one
-    # without the model cache the engines download their adapters themselves: no adapter cache
-    assert mounted_claim(deployment(False)["spec"]["template"]["spec"]) is None
-    assert mounted_claim(deployment(True, [])["spec"]["template"]["spec"]) is None
+    assert deployment(True, [SQL, other], adapter_cache=claim)["spec"]["template"] == with_one
+    # none given (no model cache, or the API server refused the claim): the engines start without it
+    assert mounted_claim(deployment(True)["spec"]["template"]["spec"]) is None
+    assert mounted_claim(deployment(True, [], adapter_cache=claim)["spec"]["template"]["spec"]) is None
 
 
 def test_names_are_dns_labels_another_for_each_model_and_revision():
@@ -70,7 +71,7 @@ def test_the_claim_and_jobs_belong_to_the_model_only():
 
 
 def test_the_download_job_is_the_loaders_into_its_own_directory_placed_with_the_engines():
-    template = deployment(True)["spec"]["template"]["spec"]
+    template = deployment(True, adapter_cache="c")["spec"]["template"]["spec"]
     template["tolerations"] = [{"key": "gpu", "operator": "Exists"}]
     cache = CacheSpec(enabled=True, token_secret="hf", token_key="t")
     job = build_job(KEY, "c", "llm", "qwen3", "uid-1", cache, LOADER, template_spec=template,
