@@ -226,8 +226,11 @@ def plan(adapters: Sequence[Adapter], engines: Sequence[Engine], failures: Mappi
             entry.update(phase="Failed", reason=blocked[a.name].reason, message=cut(blocked[a.name].message))
         elif refused:
             pod, failure = min(refused, key=lambda f: f[1].at)
+            # vLLM's words, and what to change when it is the engine's rank limit (a restart: the engines' flag)
+            hint = "; raise spec.lora.maxRank to its rank" if "max_lora_rank" in failure.message else ""
             entry.update(phase="Failed", reason="AdapterLoadFailed",
-                         message=cut(f"pod {pod}: {failure.message}") + f" ({len(done)}/{len(engines)} replicas)")
+                         message=cut(f"pod {pod}: {failure.message}") + f" ({len(done)}/{len(engines)} replicas)"
+                         + hint)
         elif a.name in waiting:
             entry.update(phase="Loading", reason="Downloading", message=cut(waiting[a.name]))
         elif engines and len(done) == len(engines):

@@ -294,6 +294,13 @@ def test_a_hub_adapter_on_offline_engines_is_failed():
     assert {k: v.reason for k, v in blocked.items()} == {"sql": "HubOffline"}
 
 
+def test_a_rank_above_the_engines_says_which_setting_raises_it():
+    failures = {("u1", "sql", "demo/sql"): Failure("500: Call to add_lora method failed: LoRA rank 64 is greater "
+                                                   "than max_lora_rank 16.", at=0.0)}
+    entry = plan([A], [Engine("u1", "p1", {})], failures, {}, now=1, max_calls=9).status[0]
+    assert entry["message"].endswith("(0/1 replicas); raise spec.lora.maxRank to its rank"), entry
+
+
 def test_a_long_engine_message_is_cut():
     failures = {("u1", "sql", "demo/sql"): Failure("x" * 5000, at=0.0)}
     entry = plan([A], [Engine("u1", "p1", {})], failures, {}, now=1, max_calls=9).status[0]
