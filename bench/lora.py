@@ -42,20 +42,36 @@ FRONTS = {"gw-adapter-aware": "prefix", "gw-least-load": "least-load", "gw-round
 GRID = (4.0, 6.0, 8.0, 10.0, 12.0, 14.0, 16.0, 18.0, 20.0)
 PROMPT_TOKENS = (100, 400)
 OUTPUT_TOKENS = 48
+ZIPF_S = 1.0  # --popularity zipf: the i-th adapter asked for in proportion to 1 / i^s (the first: 37 % of requests)
+
+
+def marks(popularity: str) -> tuple[str, str]:
+    """BENCHMARKS.md's section of a popularity (the uniform one's marks are the first run's)."""
+    if popularity == "uniform":
+        return MARK_BEGIN, MARK_END
+    return (f"<!-- lora-sweep {popularity}:begin (bench/lora.py writes this section) -->",
+            f"<!-- lora-sweep {popularity}:end -->")
+
+
+def popularity_weights(popularity: str, n: int) -> list[float]:
+    return [1.0] * n if popularity == "uniform" else [1 / (i + 1) ** ZIPF_S for i in range(n)]
 
 
 class AdapterLoad:
-    """Independent streamed chat requests, each for one of the adapters (uniformly, seeded by its index: every front
-    gets the same ones), a prompt of its own (so that requests have homes of their own) and a fixed output length."""
+    """Independent streamed chat requests, each for one of the adapters (uniformly or by Zipf's law, seeded by its
+    index: every front gets the same ones), a prompt of its own (so that requests have homes of their own) and a
+    fixed output length."""
     chat = False
 
-    def __init__(self, adapters: list[str], seed: int):
+    def __init__(self, adapters: list[str], seed: int, popularity: str = "uniform"):
         self.adapters, self.seed = adapters, seed
+        self.weights = None if popularity == "uniform" else popularity_weights(popularity, len(adapters))
         self.asked: dict[int, str] = {}
 
     def body(self, index: int) -> tuple[str, bytes, dict]:
         rng = random.Random(f"{self.seed}:{index}")
-        adapter = self.asked[index] = rng.choice(self.adapters)
+        adapter = self.asked[index] = (rng.choices(self.adapters, self.weights)[0] if self.weights
+                                       else rng.choice(self.adapters))
         text = f"Request {index} of {self.seed}: " + prompt_of(rng.randint(*PROMPT_TOKENS))
         body = {"model": adapter, "stream": True, "stream_options": {"include_usage": True},
                 "max_tokens": OUTPUT_TOKENS, "ignore_eos": True, "temperature": 0,
@@ -113,7 +129,7 @@ def sweep_front(front: str, proc: run.Proc, sims: list[run.Proc], a, notes: list
     first that misses the SLO (all of them with --full-sweep)."""
     stages = [(r, a.duration) for r in a.grid]
     times = [t for t, _ in shapes.ramp(f"lora:{a.seed}", [(a.grid[0], a.lead)] + stages)]
-    load = AdapterLoad([f"lora-{i}" for i in range(ADAPTERS)], a.seed)
+    load = AdapterLoad([f"lora-{i}" for i in range(ADAPTERS)], a.seed, a.popularity)
     client = sweeps.Client(load, sweeps.picker([proc]), stages=stages, lead=a.lead, grace=a.grace,
                            timeout=a.timeout, sims=[s.url for s in sims], sample_s=0.25,
                            pids={"sims": [s.pid for s in sims], "front": [proc.pid]}, judge=None, times=times)
@@ -145,9 +161,13 @@ def sweep_front(front: str, proc: run.Proc, sims: list[run.Proc], a, notes: list
 
 def render(r: dict) -> str:
     """BENCHMARKS.md's section: the command, the set-up, each front's throughput at the SLO and its points."""
-    lines = [MARK_BEGIN, "", f"Run {r['started']} on {r['machine']} (revision {r['revision']}; {r['load_before']} "
+    begin, end = marks(r.get("popularity", "uniform"))
+    hottest = 100 / sum(popularity_weights("zipf", ADAPTERS))
+    asked = ("uniformly" if r.get("popularity", "uniform") == "uniform"
+             else f"by Zipf's law (s = {ZIPF_S:g}: the first adapter {hottest:.0f} % of requests)")
+    lines = [begin, "", f"Run {r['started']} on {r['machine']} (revision {r['revision']}; {r['load_before']} "
              f"before, {r['load_during']} during), {r['elapsed_s']:.0f} s:", "", "```sh", r["command"], "```", "",
-             f"{REPLICAS} replicas, `{' '.join(SIM_ARGS)}`, {ADAPTERS} adapters on each, requests for them uniformly "
+             f"{REPLICAS} replicas, `{' '.join(SIM_ARGS)}`, {ADAPTERS} adapters on each, requests for them {asked} "
              f"(prompts of {PROMPT_TOKENS[0]}–{PROMPT_TOKENS[1]} tokens, {OUTPUT_TOKENS} out); Poisson arrivals, the "
              f"same for every front, in stages of {r['duration_s']:g} s at {', '.join(f'{x:g}' for x in r['grid'])} "
              f"req/s; SLO: p90 TTFT ≤ {r['slo_ttft_s']:g} s and no error.", "",
@@ -162,7 +182,7 @@ def render(r: dict) -> str:
         lines.append(f"| {front} | {value} | {miss} | {p90} | {sum(p['errors'] for p in points)} |")
     if r["notes"]:
         lines += ["", "Notes: " + "; ".join(r["notes"])]
-    lines += ["", MARK_END]
+    lines += ["", end]
     return "\n".join(lines)
 
 
@@ -178,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lead", type=float, default=2.0, help="seconds at the first rate before the first stage")
     ap.add_argument("--timeout", type=float, default=60.0, help="seconds per request (more is an error)")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--popularity", choices=["uniform", "zipf"], default="uniform",
+                    help="how requests spread over the adapters (default uniform; zipf: a few hot adapters)")
     ap.add_argument("--no-write", action="store_true", help="print, do not write results or BENCHMARKS.md")
     a = ap.parse_args(argv)
     a.grid = sorted(a.grid or GRID)
@@ -194,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
                "load_before": sweeps.loadavg(), "revision": sweeps.revision(), "notes": notes, "replicas": REPLICAS,
                "sim_args": list(SIM_ARGS), "adapters": ADAPTERS, "gateway_limits": LIMITS,
                "slo_ttft_s": a.slo_ttft_s, "duration_s": a.duration, "lead_s": a.lead, "grid": a.grid,
-               "full_sweep": a.full_sweep, "fronts": fronts, "points": {}}
+               "full_sweep": a.full_sweep, "fronts": fronts, "popularity": a.popularity, "points": {}}
     log(f"LoRA benchmark started ({r['load_before']})")
     with tempfile.TemporaryDirectory(prefix="cxygpt-lora-") as tmp:
         logs = Path(tmp)
@@ -223,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
         RESULTS.mkdir(parents=True, exist_ok=True)
         path = RESULTS / f"lora-{dt.datetime.now(dt.UTC).strftime('%Y%m%d-%H%M%S')}.json"
         path.write_text(json.dumps(r, indent=1, default=str))
-        run.write_benchmarks(render(r), (MARK_BEGIN, MARK_END), "LoRA adapters (issue 27): latest results")
+        run.write_benchmarks(render(r), marks(a.popularity),
+                             f"LoRA adapters (issue 27): latest results, {a.popularity} popularity")
         log(f"wrote {path} and BENCHMARKS.md")
     return 0
 

@@ -25,6 +25,14 @@ def test_every_front_gets_the_same_requests_spread_over_the_adapters():
     assert len({orjson.loads(body)["messages"][0]["content"][:40] for _, body, _ in bodies}) == 800  # own homes
 
 
+def test_zipf_popularity_makes_a_few_adapters_hot_on_the_same_requests():
+    adapters = [f"lora-{i}" for i in range(lora.ADAPTERS)]
+    zipf = lora.AdapterLoad(adapters, seed=1, popularity="zipf")
+    asked = Counter(orjson.loads(zipf.body(i)[1])["model"] for i in range(4000))
+    assert 0.33 < asked["lora-0"] / 4000 < 0.41 and asked["lora-0"] > 1.7 * asked["lora-1"] > asked["lora-7"]
+    assert lora.marks("zipf") != lora.marks("uniform") == (lora.MARK_BEGIN, lora.MARK_END)
+
+
 def test_the_report_names_the_command_and_each_fronts_throughput_at_the_slo():
     point = {"offered_rps": 4.0, "ttft_p90_ms": 150.0, "errors": 0}
     miss = {"offered_rps": 8.0, "ttft_p90_ms": 2500.0, "errors": 0}

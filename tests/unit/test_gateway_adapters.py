@@ -98,6 +98,24 @@ def test_the_first_choice_for_an_adapter_is_its_active_replica_and_a_spill_is_sa
     assert router.pick(key, rs, limit=2, adapter="a") == (home, SPILL)
 
 
+def test_a_full_active_replica_is_waited_for_rather_than_one_whose_adapter_slots_others_hold():
+    rs = replicas(3, loaded=[{"a", "b", "c", "d"}] * 3)
+    rs[0].lora_active = frozenset({"a"})            # active, full (its slots and the first choice's ⌊ε × 4⌋ more)
+    rs[0].outstanding = 5
+    rs[1].lora_active = frozenset({"b", "c"})       # free engine slots, but both adapter slots held by others
+    rs[2].lora_active = frozenset({"c", "d"})
+    router = Router(PREFIX, [r.url for r in rs])
+    assert router.pick(RouteKey(5), rs, limit=4, adapter="a") == (None, "")  # it waits in the queue
+    rs[2].lora_active = frozenset({"c"})            # a free adapter slot: it may run there at once
+    assert router.pick(RouteKey(5), rs, limit=4, adapter="a") == (rs[2], SPILL)
+    # active nowhere and no free adapter slot anywhere: it goes where it can, and waits there
+    rs[0].lora_active, rs[2].lora_active = frozenset({"b", "d"}), frozenset({"c", "d"})
+    assert router.pick(RouteKey(5), rs, limit=4, adapter="a")[0] in rs[1:]
+    # a failover takes any replica but the one that failed
+    rs[0].lora_active, rs[0].outstanding = frozenset({"a"}), 0
+    assert router.pick(RouteKey(5), rs, limit=4, exclude=(rs[0],), adapter="a")[0] in rs[1:]
+
+
 def test_an_adapters_key_is_its_own_and_alike_in_every_gateway():
     body = {"model": "sql", "messages": [{"role": "user", "content": "x" * 3000}]}
     base = route_key("chat", body, None)
