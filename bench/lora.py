@@ -164,7 +164,7 @@ def render(r: dict) -> str:
     begin, end = marks(r.get("popularity", "uniform"))
     hottest = 100 / sum(popularity_weights("zipf", ADAPTERS))
     asked = ("uniformly" if r.get("popularity", "uniform") == "uniform"
-             else f"by Zipf's law (s = {ZIPF_S:g}: the first adapter {hottest:.0f} % of requests)")
+             else f"by Zipf's law with s = {ZIPF_S:g}, the first adapter {hottest:.0f} % of requests")
     lines = [begin, "", f"Run {r['started']} on {r['machine']} (revision {r['revision']}; {r['load_before']} "
              f"before, {r['load_during']} during), {r['elapsed_s']:.0f} s:", "", "```sh", r["command"], "```", "",
              f"{REPLICAS} replicas, `{' '.join(SIM_ARGS)}`, {ADAPTERS} adapters on each, requests for them {asked} "
