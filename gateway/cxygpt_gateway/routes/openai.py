@@ -6,7 +6,7 @@ import time
 from fastapi import APIRouter, Depends
 
 from ..admission.auth import KeyStore
-from ..admission.request import echo
+from ..admission.request import RELAYED, Kind, echo
 from ..errors import GatewayError
 from ..routing.registry import Registry
 from . import authenticated, json_response
@@ -20,17 +20,24 @@ def _body_doc(example: dict) -> dict:
         "schema": {"type": "object", "required": ["model"], "additionalProperties": True}, "example": example}}}}
 
 
-def _served_before_routing() -> RuntimeError:
-    """The relayed routes are declared here for the OpenAPI document and the 405 on other methods; their POSTs
-    are served before routing (servers/asgi.py, servers/uvicorn_native.py)."""
-    return RuntimeError("POST /v1/(chat/)completions is served by GatewayApp before FastAPI's routing")
+# The relayed routes are declared here for the OpenAPI document and the 405 on other methods; their POSTs are served
+# before routing (servers/asgi.py, servers/uvicorn_native.py). (No docstring: FastAPI would show it as each one's.)
+async def _served_before_routing() -> None:
+    raise RuntimeError("the relayed POSTs are served by GatewayApp before FastAPI's routing")
 
 
-CHAT_EXAMPLE = {"model": "qwen3-14b", "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 64,
-                "stream": False}
-COMPLETION_EXAMPLE = {"model": "qwen3-14b", "prompt": "Once upon a time", "max_tokens": 64, "stream": False}
-RESPONSES_EXAMPLE = {"model": "qwen3-14b", "input": "Hello!", "max_output_tokens": 64, "stream": False}
-EMBEDDINGS_EXAMPLE = {"model": "bge-m3", "input": ["first text", "second text"]}
+# each relayed kind's OpenAPI entry: (operation name, summary, example body)
+RELAYED_DOCS: dict[Kind, tuple[str, str, dict]] = {
+    "chat": ("chat_completions", "Chat completion (stream or not), relayed to the model's engine",
+             {"model": "qwen3-14b", "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 64,
+              "stream": False}),
+    "completions": ("completions", "Text completion (stream or not), relayed to the model's engine",
+                    {"model": "qwen3-14b", "prompt": "Once upon a time", "max_tokens": 64, "stream": False}),
+    "responses": ("responses", "Response (Responses API, stream or not), relayed to the model's engine",
+                  {"model": "qwen3-14b", "input": "Hello!", "max_output_tokens": 64, "stream": False}),
+    "embeddings": ("embeddings", "Embeddings, relayed to an embedding model's engine",
+                   {"model": "bge-m3", "input": ["first text", "second text"]}),
+}
 
 
 def _model(route) -> dict:
@@ -53,25 +60,10 @@ def router(registry: Registry, keys: KeyStore) -> APIRouter:
     routes = APIRouter(tags=["openai"])
     caller = Depends(authenticated(keys))
 
-    @routes.post("/v1/chat/completions", summary="Chat completion (stream or not), relayed to the model's engine",
-                 openapi_extra=_body_doc(CHAT_EXAMPLE))
-    async def chat_completions():
-        raise _served_before_routing()
-
-    @routes.post("/v1/completions", summary="Text completion (stream or not), relayed to the model's engine",
-                 openapi_extra=_body_doc(COMPLETION_EXAMPLE))
-    async def completions():
-        raise _served_before_routing()
-
-    @routes.post("/v1/responses", summary="Response (Responses API, stream or not), relayed to the model's engine",
-                 openapi_extra=_body_doc(RESPONSES_EXAMPLE))
-    async def responses():
-        raise _served_before_routing()
-
-    @routes.post("/v1/embeddings", summary="Embeddings, relayed to an embedding model's engine",
-                 openapi_extra=_body_doc(EMBEDDINGS_EXAMPLE))
-    async def embeddings():
-        raise _served_before_routing()
+    for path, kind in RELAYED.items():
+        name, summary, example = RELAYED_DOCS[kind]
+        routes.add_api_route(path, _served_before_routing, methods=["POST"], name=name, summary=summary,
+                             openapi_extra=_body_doc(example))
 
     @routes.get("/v1/models", summary="Models that take requests: a routable backend, or autoscaled from zero "
                                       "(state says which)", dependencies=[caller])
