@@ -175,7 +175,8 @@ def download(repo: str, revision: str, root: Path, max_workers: int) -> dict:
     have, free = on_disk(target), shutil.disk_usage(root).free
     if total - have > free:
         raise Failure("InsufficientStorage", f"{repo}@{sha[:12]} is {gib(total)}; the claim has {gib(free)} free and "
-                      f"{gib(have)} downloaded: raise spec.model.cache.size", permanent=True)
+                      f"{gib(have)} downloaded: raise spec.model.cache.size (weights) or the profile table's "
+                      "lora.cache_size (adapters)", permanent=True)
     stop = threading.Event()
 
     def report():
