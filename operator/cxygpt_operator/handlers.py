@@ -20,6 +20,7 @@ from .adapters import Memory
 from .autoscaling.policy import autoscaling_of
 from .autoscaling.step import Scaler, autoscale, scale_target
 from .cache import CACHE_LABEL, CacheUser, download_deadline_s
+from .kube import api_message
 from .manifests import MODEL_DEPLOYMENT_LABEL
 from .metrics import OperatorMetrics
 from .nodes import GPU_RESOURCE, NodeGpus, node_gpus
@@ -266,7 +267,9 @@ async def follow(stopped, body: kopf.Body, wake: asyncio.Event, step, logger, wh
             failures = 0
         except (ApiException, OSError, urllib3.exceptions.HTTPError) as e:
             delay, failures = _backoff(failures), failures + 1
-            logger.warning("%s failed (retry in %ss): %s", what, delay, getattr(e, "reason", e))
+            # the API server's own words name the verb and the resource (a 403 says which permission is missing)
+            logger.warning("%s failed (retry in %ss): %s", what, delay,
+                           f"{e.reason}: {api_message(e)}" if isinstance(e, ApiException) else e)
             on_failure()
         except Exception:
             delay, failures = _backoff(failures), failures + 1

@@ -123,6 +123,23 @@ def diagnosis(kube: Kubectl) -> str:
     return "\n".join(parts)[-12000:]
 
 
+def wait_for_owner_kind(kube: Kubectl, namespace: str) -> None:
+    """Until the API server's admission knows the chart's new kind. Its RESTMapper learns a CRD some seconds after
+    the install, and until then OwnerReferencesPermissionEnforcement refuses (403) an ownerReference with
+    blockOwnerDeletion to a ModelDeployment, as the operator's first Deployment would meet it: the operator retries,
+    and this test, whose "nothing forbidden" check is about RBAC, waits (a server-side dry run as the operator)."""
+    probe = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {
+        "name": "owner-probe", "namespace": namespace, "ownerReferences": [{
+            "apiVersion": "cxygpt.io/v1alpha1", "kind": "ModelDeployment", "name": "probe",
+            "uid": "00000000-0000-0000-0000-000000000000", "controller": True, "blockOwnerDeletion": True}]},
+        "spec": {"selector": {"matchLabels": {"probe": "x"}}, "template": {
+            "metadata": {"labels": {"probe": "x"}}, "spec": {"containers": [{"name": "x", "image": "x"}]}}}}
+    wait_until(lambda: kube.run("apply", "--server-side", "--dry-run=server", "--field-manager=probe",
+                                f"--as=system:serviceaccount:{NAMESPACE}:{RELEASE}-operator", "-f", "-",
+                                stdin=json.dumps(probe), check=False).returncode == 0,
+               timeout=60, interval=0.5, what="the API server's admission to know ModelDeployment owners")
+
+
 @pytest.mark.parametrize("scenario", ["defaults", "ha", "watch-namespaces-ha"])
 def test_install_test_upgrade_and_uninstall_with_the_charts_rbac_enforced(chart_cluster, tmp_path, scenario):
     cluster, hub = chart_cluster
@@ -157,6 +174,7 @@ def scenario_steps(cluster: Cluster, hub: str, kube: Kubectl, scenario: str) -> 
     assert kube.run("auth", "can-i", "create", "deployments", "-n", namespaces[0],
                     f"--as=system:serviceaccount:{NAMESPACE}:{RELEASE}-gateway", check=False).stdout.strip() == "no"
     assert console_can(kube, namespaces) == CONSOLE_GRANTS
+    wait_for_owner_kind(kube, namespaces[0])
 
     # helm test: the hook pod reaches the gateway by its Service's name
     out = helm(cluster.kubeconfig, "test", RELEASE, "-n", NAMESPACE, "--logs")
