@@ -15,11 +15,11 @@ from .cache import (
     SOURCE_ANNOTATION,
     CacheKey,
     CacheSpec,
+    download_job,
     failed_attempt,
     true_condition,
     waiting_state,
 )
-from .cache import download_job as _download_job
 
 ADAPTER_CACHE_MOUNT = "/models/adapter-cache"   # where the engines mount it, read-only
 ADAPTER_CACHE_VOLUME = "adapter-cache"          # the engine pod's volume: its claim is the cache (the loop reads it)
@@ -108,7 +108,7 @@ def build_job(key: CacheKey, claim: str, namespace: str, model: str, uid: str, c
     affinity, tolerations, node_selector = placement(template_spec, engine_labels)
     metadata = {"labels": _labels(claim), "ownerReferences": _owned_by(model, uid),
                 "annotations": {SOURCE_ANNOTATION: key.source, REVISION_ANNOTATION: key.revision}}
-    return _download_job(key, name=job, namespace=namespace, claim=claim, into=f"{JOB_MOUNT}/{job}", cache=cache,
+    return download_job(key, name=job, namespace=namespace, claim=claim, into=f"{JOB_MOUNT}/{job}", cache=cache,
                          metadata=metadata, pod_labels={**_labels(claim), DOWNLOAD_LABEL: job}, image=loader.image,
                          affinity=affinity, tolerations=tolerations, node_selector=node_selector or None,
                          hf_endpoint=loader.hf_endpoint, deadline_s=loader.deadline_s, retries=loader.retries)

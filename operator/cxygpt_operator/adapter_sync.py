@@ -35,6 +35,7 @@ LOADED_STATUS = "adaptersLoaded"
 MAX_CALLS_PER_PASS = 8      # loads and unloads one pass makes (each bounded in time); the rest the next pass
 BUSY_RECHECK_S = 2.0        # while loads are under way or engines lack adapters
 IDLE_RECHECK_S = 30.0       # every adapter where it should be: a slow look for what no event shows
+REFUSED = (400, 403, 413, 422)  # the API server's refusals that asking again will not change (a quota, a policy)
 
 
 @dataclass(frozen=True)
@@ -107,14 +108,13 @@ async def downloads(kube: Kube, owner: Owner, spec: dict, adapters: Sequence[Ada
             await asyncio.to_thread(kube.create_claim, adapter_cache.build_claim(
                 claim, ns, owner.name, owner.uid, cache, loader.size), dry_run=True)
         except ApiException as e:
-            if e.status not in (400, 403, 409, 413, 422):
+            if e.status not in (*REFUSED, 409):
                 raise
             if e.status != 409:
                 why = Blocked("AdapterCacheRejected", f"the API server refused the adapter cache {claim}: "
                               f"{api_message(e)}")
                 return adapters, {n: why for n in hub}, {}
         return adapters, {}, {n: f"waiting for engines that mount the adapter cache {claim}" for n in hub}
-    failed: dict[str, Blocked] = {}
     try:
         jobs = {j["metadata"]["name"]: j for j in await asyncio.to_thread(
             kube.list_jobs, ns, {adapter_cache.ADAPTER_CACHE_LABEL: claim})}
@@ -130,12 +130,12 @@ async def downloads(kube: Kube, owner: Owner, spec: dict, adapters: Sequence[Ada
     except ApiException as e:
         if e.status == 409:  # made meanwhile (an earlier pass's answer was lost): the next pass reads it
             return adapters, {}, {n: f"creating the download of {k.describe}" for n, k in hub.items()}
-        if e.status not in (400, 403, 413, 422):
+        if e.status not in REFUSED:
             raise
         why = Blocked("AdapterCacheRejected", f"the API server refused a download Job of the adapter cache {claim}: "
                       f"{api_message(e)}")
         return adapters, {n: why for n in hub}, {}
-    out, running = [], {}
+    out, failed, running = [], {}, {}
     for a in adapters:
         key = hub.get(a.name)
         if key is None:
@@ -217,7 +217,9 @@ async def sync(body: dict, *, kube: Kube, session: aiohttp.ClientSession, port: 
     for pod in pods:
         if condition := gate_condition(pod, pod["metadata"]["uid"] in step.complete, now):
             await asyncio.to_thread(kube.set_pod_condition, owner.namespace, pod["metadata"]["name"], condition)
-    if step.status != before or LOADED_STATUS not in (body.get("status") or {}):
+    # the summary is written with the list; once more only for a status written before it existed (the body's, when
+    # this loop has written nothing yet: what it wrote, the body may not show yet)
+    if step.status != before or written is None and LOADED_STATUS not in (body.get("status") or {}):
         await asyncio.to_thread(kube.patch_status, owner.namespace, owner.name,
                                 {ADAPTERS_STATUS: step.status, LOADED_STATUS: loaded_summary(step.status)})
     shown = {s["name"]: s for s in before or []}
