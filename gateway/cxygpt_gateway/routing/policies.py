@@ -193,11 +193,11 @@ class Router:
             if not healthy:
                 return None, ""
             ranked, first = _prefix(self.routing, healthy, key, self.ring, self.index, adapter)
-            if adapter is not None and not exclude and any(adapter_rank(r, adapter) < 2 for r in ranked):
+            if adapter is not None and not exclude:
                 # a replica whose adapter slots other adapters hold would make the request wait there until one of
                 # them has no request running (under load: long); it waits in the queue for a replica where it runs
                 # or can run instead (measured in BENCHMARKS.md, "LoRA adapters"). A failover takes any replica.
-                ranked = [r for r in ranked if adapter_rank(r, adapter) < 2]
+                ranked = [r for r in ranked if adapter_rank(r, adapter) < 2] or ranked
             if ranked[0] is first:
                 # the first choice, within the load bound, may hold ⌊ε × limit⌋ more than its slots: those few
                 # wait in its engine, where their prefix is cached, rather than a free replica computing it all
